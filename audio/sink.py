@@ -1,0 +1,20 @@
+"""The seam between the player and whatever carries its frames (the voice client, or a test)."""
+
+from __future__ import annotations
+
+from typing import Final, Protocol
+
+#: One Opus frame of silence; five of them are sent before speaking goes off so that the
+#: receiver's decoder does not interpolate from the last audible frame.
+OPUS_SILENCE: Final = b"\xf8\xff\xfe"
+SILENCE_FRAMES: Final = 5
+
+
+class FrameSink(Protocol):
+    """Receives the player's output, in order, on the event loop."""
+
+    async def set_speaking(self, speaking: bool) -> None:
+        """Announce speaking on or off; awaited before the first frame that follows it."""
+
+    def send_frame(self, opus: bytes) -> None:
+        """Send one 20 ms Opus frame now. Must not block; a dropped frame is the sink's to count."""

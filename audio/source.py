@@ -1,0 +1,47 @@
+"""The seam between the decoder/encoder and the player: a pull source of 20 ms Opus frames."""
+
+from __future__ import annotations
+
+from typing import Final, Protocol
+
+SAMPLE_RATE: Final = 48_000
+CHANNELS: Final = 2
+FRAME_MS: Final = 20
+FRAME_SAMPLES: Final = SAMPLE_RATE * FRAME_MS // 1000  # 960 per channel
+FRAME_BYTES: Final = FRAME_SAMPLES * CHANNELS * 2  # s16 interleaved PCM, 3840 bytes
+
+
+class FrameSource(Protocol):
+    """An opened track producing Opus frames.
+
+    Every method but ``close`` may block (network, decode, encode) and is called off the event
+    loop, from one worker at a time; the player never calls two methods concurrently.
+    """
+
+    @property
+    def passthrough(self) -> bool:
+        """True while the source's own Opus packets are sent unchanged."""
+
+    @property
+    def position(self) -> float:
+        """Seconds of audio produced so far (of the next frame to be read)."""
+
+    @property
+    def duration(self) -> float | None:
+        """Length in seconds when the container knows it."""
+
+    def read(self, max_frames: int) -> list[bytes]:
+        """Return up to ``max_frames`` Opus frames; an empty list means the track has ended.
+
+        Raises:
+            DecodeError: the stream failed; the player reports it and moves on.
+        """
+
+    def seek(self, seconds: float) -> None:
+        """Move so that the next frame read starts at ``seconds``."""
+
+    def set_volume(self, volume: float) -> None:
+        """Scale the output; anything but 1.0 forces the decode-and-encode path."""
+
+    def close(self) -> None:
+        """Release the stream; safe to call twice."""

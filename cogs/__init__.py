@@ -1,0 +1,1 @@
+"""Discord-facing cogs: the only layer that talks to users."""

@@ -1,0 +1,1 @@
+"""Media transports: plain UDP/RTP and WebRTC (aiortc)."""
