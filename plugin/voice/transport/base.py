@@ -1,0 +1,64 @@
+"""The media transport seam: what the voice client needs from `udp` and `webrtc` alike.
+
+The gateway core decides *what* to send; a transport supplies the transport-specific halves of
+op1 (select protocol) and consumes op4 (session description), then carries Opus frames.
+
+Lifecycle, driven by the client:
+1. ``await prepare(ready)`` after op2; returns the ``d`` of op1 (``protocol``, ``data``...).
+2. ``await start(session)`` with op4's ``d``; returns once media can flow (keys set, DTLS up).
+3. ``send_frame(opus)`` for every 20 ms frame; never blocks, never raises for a lost packet.
+4. ``await close()``; safe to call at any point and twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """Counters a transport keeps; read by the player's stats and the benchmarks."""
+
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    send_errors: int = 0
+    malformed_received: int = 0
+
+
+class Transport(Protocol):
+    """One media path to the voice server."""
+
+    @property
+    def name(self) -> str:
+        """``"udp"`` or ``"webrtc"``: the op1 ``protocol`` value."""
+
+    @property
+    def ssrc(self) -> int:
+        """The audio SSRC we send with (op2's ``ssrc``)."""
+
+    @property
+    def mode(self) -> str | None:
+        """The negotiated encryption mode (``udp``) or ``"dtls-srtp"`` (``webrtc``)."""
+
+    @property
+    def stats(self) -> TransportStats: ...
+
+    async def prepare(self, ready: dict[str, Any]) -> dict[str, Any]:
+        """Set up from op2's ``d`` and return op1's ``d``.
+
+        Raises:
+            TransportError: IP discovery or peer set-up failed.
+        """
+
+    async def start(self, session: dict[str, Any]) -> None:
+        """Apply op4's ``d``; return when frames can be sent.
+
+        Raises:
+            TransportError: the mode is not the one asked for, or DTLS/ICE failed.
+        """
+
+    def send_frame(self, opus: bytes) -> None:
+        """Packetize, encrypt and send one 20 ms Opus frame."""
+
+    async def close(self) -> None: ...
