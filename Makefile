@@ -21,6 +21,7 @@ relink: $(STAMP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 
 test: relink
+	bash scripts/system-deps.sh test
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: relink

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system libraries Legato needs when they are missing: libopus for opuslib, and for
+# `make test` Chromium (a real browser WebRTC stack checks the sandbox's `webrtc` side), and for
 # `make bench` ffmpeg (the peer, discord.py's FFmpegPCMAudio, runs it) and gcc (the C floor).
 set -euo pipefail
 want=(libopus0)
-if [[ "${1:-}" == bench ]]; then want+=(ffmpeg gcc libopus-dev); fi
+case "${1:-}" in
+    test) want+=(chromium) ;;
+    bench) want+=(ffmpeg gcc libopus-dev) ;;
+esac
 missing=()
 for pkg in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
