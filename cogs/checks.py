@@ -1,0 +1,133 @@
+"""Who may do what: voice-channel presence and the DJ rules of ``[permissions]``.
+
+These are plain functions the commands call with the state they already hold; a refusal raises
+:class:`Denied`, whose ``user_message`` the cog sends ephemerally.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import discord
+
+from legato.config import PermissionsConfig
+from legato.errors import LegatoError
+
+__all__ = [
+    "Denied",
+    "NotPlaying",
+    "is_dj",
+    "listeners",
+    "require_may",
+    "require_same_channel",
+    "require_voice",
+    "voice_channel_of",
+]
+
+VoiceLike = discord.VoiceChannel | discord.StageChannel
+
+
+class Denied(LegatoError):
+    """The caller may not do this (not in voice, not a DJ, ...); ``user_message`` says why."""
+
+    default_user_message = "You can't do that right now."
+
+
+class NotPlaying(LegatoError):
+    """A command needs a player (or a current track) and there is none."""
+
+    default_user_message = "Nothing is playing."
+
+
+def voice_channel_of(member: discord.Member | discord.User) -> VoiceLike | None:
+    """The voice channel ``member`` is in, or ``None``."""
+    state = getattr(member, "voice", None)
+    channel = state.channel if state is not None else None
+    if isinstance(channel, (discord.VoiceChannel, discord.StageChannel)):
+        return channel
+    return None
+
+
+def require_voice(member: discord.Member | discord.User) -> VoiceLike:
+    """The caller's voice channel.
+
+    Raises:
+        Denied: The caller is in no voice channel.
+    """
+    channel = voice_channel_of(member)
+    if channel is None:
+        raise Denied("caller not in voice", user_message="Join a voice channel first.")
+    return channel
+
+
+def require_same_channel(member: discord.Member | discord.User, bot_channel: VoiceLike) -> None:
+    """Refuse unless ``member`` listens in ``bot_channel``.
+
+    Raises:
+        Denied: The caller is elsewhere or in no voice channel.
+    """
+    channel = voice_channel_of(member)
+    if channel is None or channel.id != bot_channel.id:
+        raise Denied(
+            f"caller in {channel and channel.id}, bot in {bot_channel.id}",
+            user_message=f"You need to be in {bot_channel.mention} with me to do that.",
+        )
+
+
+def listeners(channel: VoiceLike) -> list[discord.Member]:
+    """Members in ``channel`` other than bots."""
+    return [m for m in channel.members if not m.bot]
+
+
+def is_dj(member: discord.Member, perms: PermissionsConfig, channel: VoiceLike | None) -> bool:
+    """Whether ``member`` counts as a DJ.
+
+    With no ``dj_role`` configured there are no DJ rules and everyone counts. Otherwise: members
+    with the role (by id, or by name ignoring case), members who may manage channels, and a
+    listener alone with the bot.
+    """
+    role = perms.dj_role
+    if role in ("", 0):
+        return True
+    if member.guild_permissions.manage_channels or member.guild_permissions.administrator:
+        return True
+    for r in member.roles:
+        if (isinstance(role, int) and r.id == role) or (
+            isinstance(role, str) and r.name.casefold() == role.casefold()
+        ):
+            return True
+    return channel is not None and [m.id for m in listeners(channel)] == [member.id]
+
+
+def require_may(
+    who: Literal["requester", "dj", "everyone"],
+    member: discord.Member,
+    perms: PermissionsConfig,
+    *,
+    action: str,
+    requester_id: int | None = None,
+    channel: VoiceLike | None = None,
+) -> None:
+    """Refuse ``action`` unless the rule ``who`` lets ``member`` do it.
+
+    Args:
+        who: The configured rule: ``everyone``; ``dj``; ``requester`` (DJs, or whoever asked for
+            the track concerned).
+        member: The caller.
+        perms: The ``[permissions]`` section.
+        action: Verb phrase for the message ("skip", "clear the queue").
+        requester_id: Who asked for the track concerned (for ``requester``).
+        channel: The bot's voice channel (a listener alone there counts as DJ).
+
+    Raises:
+        Denied: The rule refuses the caller.
+    """
+    if who == "everyone" or is_dj(member, perms, channel):
+        return
+    if who == "requester" and requester_id is not None and requester_id == member.id:
+        return
+    needed = "the DJ role" if who == "dj" else "the DJ role or to have requested the track"
+    raise Denied(
+        f"{member.id} may not {action} (rule {who})",
+        user_message=f"You need {needed} to {action}.",
+    )

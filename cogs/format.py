@@ -1,0 +1,334 @@
+"""What the Music cog shows: times, progress bars, safe titles and embeds.
+
+Titles come from the internet: they may be megabytes long, carry Discord markdown, mentions,
+bidirectional overrides, zero-width characters or a stack of combining marks. Everything shown
+goes through :func:`safe_text`, which cleans and truncates it to a Discord limit without splitting
+a character from its marks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Final
+
+import discord
+
+from legato.audio.track import Track
+from legato.errors import LegatoError
+
+__all__ = [
+    "EMBED_DESCRIPTION_LIMIT",
+    "EMBED_FIELD_LIMIT",
+    "EMBED_TITLE_LIMIT",
+    "EMBED_TOTAL_LIMIT",
+    "QUEUE_PAGE_SIZE",
+    "BadInput",
+    "embed_length",
+    "format_time",
+    "now_playing_embed",
+    "parse_position",
+    "progress_bar",
+    "queue_embed",
+    "queue_pages",
+    "safe_text",
+    "track_line",
+    "utf16_len",
+]
+
+# Discord's embed limits (https://discord.com/developers/docs/resources/message#embed-object-
+# embed-limits), counted here in UTF-16 code units, which is never fewer than Discord counts.
+EMBED_TITLE_LIMIT: Final = 256
+EMBED_DESCRIPTION_LIMIT: Final = 4096
+EMBED_FIELD_LIMIT: Final = 1024
+EMBED_FOOTER_LIMIT: Final = 2048
+EMBED_TOTAL_LIMIT: Final = 6000
+#: Tracks on one page of /queue.
+QUEUE_PAGE_SIZE: Final = 10
+#: Longest title on a queue line: ten lines stay far below the description limit.
+LINE_TITLE_LIMIT: Final = 80
+#: Combining marks kept on one base character ("Zalgo" text stacks hundreds).
+MAX_MARKS: Final = 3
+
+_ELLIPSIS: Final = "…"
+_ZWJ: Final = "\u200d"
+
+
+class BadInput(LegatoError):
+    """A command argument the user typed cannot be used; ``user_message`` says why."""
+
+    default_user_message = "That input is not valid."
+
+
+# --- time -------------------------------------------------------------------------------------
+
+_CLOCK: Final = re.compile(r"(?:(\d{1,3}):)?(\d{1,3}):(\d{1,2}(?:\.\d+)?)")
+_SECONDS: Final = re.compile(r"\d{1,6}(?:\.\d+)?")
+
+
+def format_time(seconds: float | None) -> str:
+    """Format ``seconds`` as ``m:ss`` or ``h:mm:ss``; ``None`` (unknown, live) as ``live``."""
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        return "live"
+    total = max(0, int(seconds))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def parse_position(text: str, *, current: float, duration: float | None) -> float:
+    """Turn what a user typed for /seek into an absolute position in seconds.
+
+    Accepts ``83`` (seconds), ``1:23``, ``1:02:03``, and relative ``+10`` / ``-5`` (also
+    ``+1:00``). The result is clamped at 0; a target at or past the end is refused.
+
+    Args:
+        text: The user's input.
+        current: The current position in seconds (for relative input).
+        duration: The track's length, or ``None`` when unknown (then only clamping at 0).
+
+    Returns:
+        The target position in seconds.
+
+    Raises:
+        BadInput: The text is not a position, or is past the end of the track.
+    """
+    raw = text.strip()
+    sign = 0
+    if raw and raw[0] in "+-":
+        sign = 1 if raw[0] == "+" else -1
+        raw = raw[1:].strip()
+    value = _parse_clock(raw)
+    if value is None:
+        shown = safe_text(text, 40) or "nothing"
+        raise BadInput(
+            f"unparsable position {text!r}",
+            user_message=(
+                f"`{shown}` is not a position. Use seconds (`83`), minutes:seconds (`1:23`), "
+                "hours:minutes:seconds (`1:02:03`) or a step such as `+10` or `-5`."
+            ),
+        )
+    target = current + sign * value if sign else value
+    target = max(0.0, target)
+    if duration is not None and target >= duration:
+        raise BadInput(
+            f"position {target} past duration {duration}",
+            user_message=(
+                f"{format_time(target)} is past the end of the track "
+                f"({format_time(duration)} long)."
+            ),
+        )
+    return target
+
+
+def _parse_clock(raw: str) -> float | None:
+    if _SECONDS.fullmatch(raw):
+        return float(raw)
+    match = _CLOCK.fullmatch(raw)
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    if float(seconds) >= 60 or (hours is not None and int(minutes) >= 60):
+        return None
+    return int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def progress_bar(position: float, duration: float | None, *, width: int = 20) -> str:
+    """Draw ``position`` within ``duration`` as ``━━━●────────`` followed by the times.
+
+    A track of unknown length (a live stream) shows only the elapsed time.
+    """
+    if duration is None or duration <= 0 or not math.isfinite(duration):
+        return f"🔴 live · {format_time(position)}"
+    fraction = min(1.0, max(0.0, position / duration))
+    head = min(width - 1, int(fraction * width))
+    bar = "━" * head + "●" + "─" * (width - head - 1)
+    return f"{bar} {format_time(min(position, duration))} / {format_time(duration)}"
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+def utf16_len(text: str) -> int:
+    """Length in UTF-16 code units (astral characters count two)."""
+    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+
+
+def _is_mark(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Mn", "Me", "Mc")
+
+
+def _clean(text: str) -> str:
+    out: list[str] = []
+    marks = 0
+    for ch in unicodedata.normalize("NFC", text):
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Zl", "Zp") or ch.isspace():
+            ch = " "
+        elif cat == "Cf" and ch != _ZWJ:
+            continue  # bidi overrides, zero-width spaces, soft hyphens, tags
+        elif cat in ("Co", "Cn", "Cs"):
+            continue
+        if _is_mark(ch):
+            marks += 1
+            if marks > MAX_MARKS or not out or out[-1] == " ":
+                continue
+        else:
+            marks = 0
+        out.append(ch)
+    return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
+def _cut(text: str, limit: int) -> str:
+    """Cut ``text`` to at most ``limit`` UTF-16 units, ending on a whole character cluster."""
+    if utf16_len(text) <= limit:
+        return text
+    budget = limit - 1  # the ellipsis
+    units = 0
+    end = 0
+    for i, ch in enumerate(text):
+        units += 2 if ord(ch) > 0xFFFF else 1
+        if units > budget:
+            break
+        end = i + 1
+    # Drop the cluster the cut landed in: marks (and joiners) belong to the character before.
+    while end < len(text) and end > 0 and (_is_mark(text[end]) or text[end] == _ZWJ):
+        end -= 1
+    while end > 0 and text[end - 1] == _ZWJ:
+        end -= 1
+    head = text[:end].rstrip()
+    # An odd run of backslashes at the end would escape the ellipsis.
+    trailing = len(head) - len(head.rstrip("\\"))
+    if trailing % 2:
+        head = head[:-1]
+    return head + _ELLIPSIS
+
+
+def safe_text(text: str, limit: int, *, markdown: bool = True) -> str:
+    """Make untrusted text safe to show and fit it in ``limit`` UTF-16 units.
+
+    Control, format (bidi, zero-width) and unassigned characters are removed, whitespace is
+    collapsed, runs of combining marks are capped, markdown and mentions are escaped (unless
+    ``markdown`` is false) and the result is truncated with ``…`` without splitting a character
+    from its marks.
+    """
+    cleaned = _clean(text)
+    if markdown:
+        # escape_markdown leaves "]" alone, which would end a masked link's text early.
+        cleaned = discord.utils.escape_markdown(cleaned).replace("]", "\\]")
+        cleaned = discord.utils.escape_mentions(cleaned)
+    return _cut(cleaned, limit)
+
+
+def track_title(track: Track, limit: int) -> str:
+    """The track's title made safe, or its URL when the title is empty after cleaning."""
+    title = safe_text(track.title, limit)
+    return title or safe_text(track.url, limit) or "untitled"
+
+
+def track_line(index: int | None, track: Track) -> str:
+    """One line of the queue: ``3. [title](url) · 3:45 · <@requester>``."""
+    title = track_title(track, LINE_TITLE_LIMIT)
+    url = _link(track)
+    label = f"[{title}]({url})" if url else title
+    prefix = f"`{index}.` " if index is not None else ""
+    who = f" · <@{track.requester_id}>" if track.requester_id else ""
+    return f"{prefix}{label} · {format_time(track.duration)}{who}"
+
+
+def _link(track: Track) -> str | None:
+    url = track.page_url or track.url
+    if re.fullmatch(r"https?://[^\s()<>]{1,500}", url or ""):
+        return url
+    return None
+
+
+# --- embeds -----------------------------------------------------------------------------------
+
+
+def embed_length(embed: discord.Embed) -> int:
+    """Characters of ``embed`` that count against Discord's 6000 total, in UTF-16 units."""
+    total = utf16_len(embed.title or "") + utf16_len(embed.description or "")
+    total += utf16_len(embed.footer.text or "") + utf16_len(embed.author.name or "")
+    for f in embed.fields:
+        total += utf16_len(f.name or "") + utf16_len(f.value or "")
+    return total
+
+
+def now_playing_embed(
+    track: Track,
+    *,
+    position: float,
+    volume: int,
+    loop: str,
+    paused: bool = False,
+) -> discord.Embed:
+    """The /nowplaying embed: title (linked), requester, thumbnail, progress, loop and volume."""
+    embed = discord.Embed(
+        title=track_title(track, EMBED_TITLE_LIMIT),
+        url=_link(track),
+        description=progress_bar(position, track.duration),
+        colour=discord.Colour.blurple(),
+    )
+    embed.set_author(name="Paused" if paused else "Now playing")
+    if track.requester_id:
+        embed.add_field(name="Requested by", value=f"<@{track.requester_id}>")
+    embed.add_field(name="Loop", value=loop)
+    embed.add_field(name="Volume", value=f"{volume}%")
+    if track.thumbnail and _is_http(track.thumbnail):
+        embed.set_thumbnail(url=track.thumbnail)
+    return embed
+
+
+def announce_embed(track: Track) -> discord.Embed:
+    """The short "now playing" post sent to the channel where /play ran."""
+    embed = discord.Embed(
+        description=f"Now playing {track_line(None, track)}",
+        colour=discord.Colour.blurple(),
+    )
+    if track.thumbnail and _is_http(track.thumbnail):
+        embed.set_thumbnail(url=track.thumbnail)
+    return embed
+
+
+def queue_pages(count: int, per_page: int = QUEUE_PAGE_SIZE) -> int:
+    """How many pages ``count`` upcoming tracks fill (at least one)."""
+    return max(1, math.ceil(count / per_page))
+
+
+def queue_embed(
+    current: Track | None,
+    upcoming: Sequence[Track],
+    *,
+    page: int,
+    loop: str,
+    per_page: int = QUEUE_PAGE_SIZE,
+) -> discord.Embed:
+    """One page of /queue: what plays now, up to ``per_page`` upcoming tracks and totals.
+
+    ``page`` counts from 0 and is clamped to the pages that exist.
+    """
+    pages = queue_pages(len(upcoming), per_page)
+    page = min(max(0, page), pages - 1)
+    start = page * per_page
+    lines = [track_line(start + i + 1, t) for i, t in enumerate(upcoming[start : start + per_page])]
+    body = "\n".join(lines) if lines else "Nothing queued."
+    if current is not None:
+        body = f"**Now:** {track_line(None, current)}\n\n{body}"
+    known = [t.duration for t in upcoming if t.duration is not None]
+    total = format_time(sum(known)) if len(known) == len(upcoming) else "unknown"
+    embed = discord.Embed(
+        title="Queue",
+        description=_cut(body, EMBED_DESCRIPTION_LIMIT),
+        colour=discord.Colour.blurple(),
+    )
+    embed.set_footer(
+        text=f"Page {page + 1}/{pages} · {len(upcoming)} queued · {total} · loop: {loop}"
+    )
+    return embed
+
+
+def _is_http(url: str) -> bool:
+    return re.fullmatch(r"https?://\S{1,2000}", url) is not None

@@ -1,0 +1,578 @@
+"""Legato's configuration: a TOML file read into frozen dataclasses, overridden by the environment.
+
+Where the file is: an explicit path (``load_config(path)``, ``bot.legato_config_path`` or
+:func:`legato.configure`), else ``$LEGATO_CONFIG``, else ``legato.toml`` in the working directory.
+A missing file means defaults.
+
+Every key may be overridden by ``LEGATO_<SECTION>_<KEY>`` (``LEGATO_PLAYBACK_MAX_VOLUME=150``),
+parsed to the key's type. Every bad value raises :class:`~legato.errors.ConfigError` naming the
+file (or variable), the dotted key, the value and what was expected; unknown keys are errors with
+a "did you mean". The bot token is never read from the file: only ``DISCORD_TOKEN`` holds it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final, Literal, TypeAlias, cast
+
+from legato.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PATH",
+    "ENV_CONFIG",
+    "ENV_PREFIX",
+    "ENV_TOKEN",
+    "BotConfig",
+    "Config",
+    "PermissionsConfig",
+    "PlaybackConfig",
+    "SandboxConfig",
+    "VoiceConfig",
+    "WhoMay",
+    "config_path",
+    "load_config",
+    "parse_config",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Read when no explicit path and no ``LEGATO_CONFIG`` is given.
+DEFAULT_PATH: Final = "legato.toml"
+#: Environment variable naming the configuration file.
+ENV_CONFIG: Final = "LEGATO_CONFIG"
+#: Prefix of the per-key override variables: ``LEGATO_<SECTION>_<KEY>``.
+ENV_PREFIX: Final = "LEGATO_"
+#: The only place the bot token is read from.
+ENV_TOKEN: Final = "DISCORD_TOKEN"
+
+#: Who may run a command that affects everyone listening.
+WhoMay: TypeAlias = Literal["requester", "dj", "everyone"]
+
+_TOKEN_KEYS: Final = frozenset({"token", "bot_token", "discord_token"})
+_TOKEN_HINT: Final = (
+    "the bot token must not be in the configuration file; set the DISCORD_TOKEN environment "
+    "variable instead (and remove the key, and rotate the token if the file was shared)"
+)
+
+
+class _Bad(Exception):
+    """Raised by a converter: ``expected`` says what a good value looks like."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+@dataclass(frozen=True, slots=True)
+class _Conv:
+    """How one key is read: from a TOML value and from an environment string."""
+
+    from_toml: Callable[[object], object]
+    from_env: Callable[[str], object]
+
+
+def _key(default: object, conv: _Conv, doc: str) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")  # pragma: no cover - a programming error
+    return field(default=default, metadata={"conv": conv, "doc": doc})
+
+
+# --- converters -------------------------------------------------------------------------------
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean() -> _Conv:
+    expected = "true or false"
+
+    def from_toml(v: object) -> bool:
+        if isinstance(v, bool):
+            return v
+        raise _Bad(expected)
+
+    def from_env(s: str) -> bool:
+        low = s.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise _Bad("true/false, yes/no, on/off or 1/0")
+
+    return _Conv(from_toml, from_env)
+
+
+def _integer(lo: int, hi: int, unit: str = "") -> _Conv:
+    suffix = f" ({unit})" if unit else ""
+    expected = f"an integer from {lo} to {hi}{suffix}"
+
+    def check(v: int) -> int:
+        if not lo <= v <= hi:
+            raise _Bad(expected)
+        return v
+
+    def from_toml(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad(expected)
+        return check(v)
+
+    def from_env(s: str) -> int:
+        try:
+            return check(int(s.strip().replace("_", "")))
+        except ValueError:
+            raise _Bad(expected) from None
+
+    return _Conv(from_toml, from_env)
+
+
+def _number(lo: float, hi: float, unit: str = "") -> _Conv:
+    suffix = f" {unit}" if unit else ""
+    expected = f"a number from {lo:g} to {hi:g}{suffix}"
+
+    def check(v: float) -> float:
+        if v != v or not lo <= v <= hi:  # NaN compares false with everything
+            raise _Bad(expected)
+        return float(v)
+
+    def from_toml(v: object) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _Bad(expected)
+        return check(v)
+
+    def from_env(s: str) -> float:
+        try:
+            return check(float(s.strip()))
+        except ValueError:
+            raise _Bad(expected) from None
+
+    return _Conv(from_toml, from_env)
+
+
+def _choice(*options: str | int) -> _Conv:
+    expected = "one of " + ", ".join(repr(o) for o in options)
+
+    def from_toml(v: object) -> str | int:
+        for o in options:
+            if type(v) is type(o) and v == o:
+                return o
+        raise _Bad(expected)
+
+    def from_env(s: str) -> str | int:
+        for o in options:
+            if str(o) == s.strip():
+                return o
+        raise _Bad(expected)
+
+    return _Conv(from_toml, from_env)
+
+
+def _text(pattern: str | None = None, expected: str = "a string") -> _Conv:
+    rx = re.compile(pattern) if pattern else None
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str) or (rx is not None and not rx.fullmatch(v)):
+            raise _Bad(expected)
+        return v
+
+    return _Conv(from_toml, from_toml)
+
+
+def _role() -> _Conv:
+    expected = 'a role name, a role id (integer) or "" for none'
+
+    def from_toml(v: object) -> str | int:
+        if isinstance(v, bool):
+            raise _Bad(expected)
+        if isinstance(v, int):
+            if v <= 0:
+                raise _Bad(expected)
+            return v
+        if isinstance(v, str):
+            return v.strip()
+        raise _Bad(expected)
+
+    def from_env(s: str) -> str | int:
+        s = s.strip()
+        return int(s) if s.isdigit() else s
+
+    return _Conv(from_toml, from_env)
+
+
+_DOMAIN: Final = re.compile(
+    r"(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}"
+)
+
+
+def _domains() -> _Conv:
+    expected = 'a list of bare domain names such as ["youtube.com", "soundcloud.com"]'
+
+    def one(v: object) -> str:
+        if not isinstance(v, str):
+            raise _Bad(expected)
+        d = v.strip().lower().rstrip(".")
+        if not _DOMAIN.fullmatch(d):
+            raise _Bad(expected)
+        return d
+
+    def from_toml(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise _Bad(expected)
+        return tuple(one(x) for x in v)
+
+    def from_env(s: str) -> tuple[str, ...]:
+        return tuple(one(x) for x in s.split(",") if x.strip())
+
+    return _Conv(from_toml, from_env)
+
+
+def _loopback_host() -> _Conv:
+    expected = 'a loopback address such as "127.0.0.1", "::1" or "localhost"'
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str):
+            raise _Bad(expected)
+        if v == "localhost":
+            return v
+        try:
+            if ipaddress.ip_address(v).is_loopback:
+                return v
+        except ValueError:
+            pass
+        raise _Bad(expected)
+
+    return _Conv(from_toml, from_toml)
+
+
+def _names() -> _Conv:
+    expected = "a list of 1 to 10 names of 1 to 32 letters, digits, '_' or '-'"
+    rx = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+    def check(items: list[object]) -> tuple[str, ...]:
+        if not 1 <= len(items) <= 10 or not all(isinstance(x, str) for x in items):
+            raise _Bad(expected)
+        names = tuple(cast(str, x) for x in items)
+        if not all(rx.fullmatch(n) for n in names) or len(set(names)) != len(names):
+            raise _Bad(expected)
+        return names
+
+    def from_toml(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise _Bad(expected)
+        return check(v)
+
+    def from_env(s: str) -> tuple[str, ...]:
+        return check([x.strip() for x in s.split(",") if x.strip()])
+
+    return _Conv(from_toml, from_env)
+
+
+def _port() -> _Conv:
+    return _integer(0, 65535, "0 picks a free port")
+
+
+_WHO: Final = _choice("requester", "dj", "everyone")
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceConfig:
+    """``[voice]``: how Legato connects to voice and encodes audio."""
+
+    transport: Literal["webrtc", "udp", "auto"] = _key(
+        "auto", _choice("webrtc", "udp", "auto"), "media transport; auto tries webrtc then udp"
+    )
+    gateway_version: Literal[6, 8, "auto"] = _key(
+        "auto", _choice(6, 8, "auto"), "voice gateway version; auto negotiates the newest"
+    )
+    bitrate: int = _key(128_000, _integer(8_000, 512_000, "bits per second"), "Opus bitrate")
+    self_deaf: bool = _key(True, _boolean(), "join deafened (Legato never listens)")
+    opus_complexity: int = _key(10, _integer(0, 10), "Opus encoder effort, 0 fastest, 10 best")
+    fec: bool = _key(False, _boolean(), "Opus in-band forward error correction")
+    expected_packet_loss: int = _key(0, _integer(0, 100, "percent"), "steers FEC")
+    connect_timeout: float = _key(
+        30.0, _number(1, 300, "seconds"), "give up connecting to voice after this long"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackConfig:
+    """``[playback]``: what may be played and how the player behaves."""
+
+    default_volume: int = _key(100, _integer(0, 1000, "percent"), "volume of a new player")
+    max_volume: int = _key(150, _integer(1, 1000, "percent"), "highest /volume accepted")
+    announce_now_playing: bool = _key(True, _boolean(), "post each new track where /play ran")
+    idle_timeout: float = _key(
+        300.0, _number(0, 86_400, "seconds"), "leave after this long with nothing playing; 0 never"
+    )
+    leave_when_alone_after: float = _key(
+        60.0, _number(0, 86_400, "seconds"), "leave after this long alone in the channel; 0 never"
+    )
+    max_queue_length: int = _key(500, _integer(1, 100_000), "tracks a guild's queue may hold")
+    max_track_duration: float = _key(
+        10_800.0, _number(0, 604_800, "seconds"), "longest track accepted; 0 no limit"
+    )
+    max_playlist_size: int = _key(100, _integer(1, 10_000), "tracks taken from one playlist")
+    allowed_domains: tuple[str, ...] = _key(
+        (), _domains(), "URL hosts accepted (subdomains included); empty allows all"
+    )
+    allow_local_files: bool = _key(False, _boolean(), "accept paths on the bot's disk")
+    search_provider: Literal["youtube", "soundcloud", "none"] = _key(
+        "youtube", _choice("youtube", "soundcloud", "none"), "what a non-URL query searches"
+    )
+    search_results: int = _key(5, _integer(1, 25), "suggestions offered by /play autocomplete")
+    resolve_timeout: float = _key(
+        20.0, _number(1, 300, "seconds"), "give up resolving a query after this long"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionsConfig:
+    """``[permissions]``: who may change what others hear."""
+
+    dj_role: str | int = _key("", _role(), 'role (name or id) that counts as DJ; "" for none')
+    skip: Literal["requester", "dj", "everyone"] = _key(
+        "everyone", _WHO, "who may skip outright (others vote)"
+    )
+    stop: Literal["requester", "dj", "everyone"] = _key("dj", _WHO, "who may /stop")
+    clear: Literal["requester", "dj", "everyone"] = _key("dj", _WHO, "who may /clear")
+    vote_skip_ratio: float = _key(
+        0.5, _number(0, 1), "share of listeners whose votes skip; 0 turns voting off"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """``[sandbox]``: the local Discord stand-in used by tests and ``make demo``."""
+
+    host: str = _key("127.0.0.1", _loopback_host(), "address every sandbox server binds")
+    gateway_port: int = _key(0, _port(), "gateway WebSocket port")
+    rest_port: int = _key(0, _port(), "REST port")
+    voice_port: int = _key(0, _port(), "voice gateway and media port")
+    media_port: int = _key(0, _port(), "local media server port")
+    demo_guild: str = _key(
+        "Legato Demo", _text(r"[^\x00-\x1f]{2,100}", "a name of 2 to 100 characters"), "guild name"
+    )
+    demo_listeners: tuple[str, ...] = _key(("alice", "bob"), _names(), "scripted users")
+    demo_tone_hz: float = _key(440.0, _number(20, 20_000, "Hz"), "tone the demo plays")
+    demo_seconds: float = _key(10.0, _number(1, 3600, "seconds"), "length of the demo's tone")
+
+
+@dataclass(frozen=True, slots=True)
+class BotConfig:
+    """``[bot]``: the ready-made bot of ``python -m legato run``. The token is not here."""
+
+    sync_commands: bool = _key(True, _boolean(), "sync the slash commands on start")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _key(
+        "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "logging level"
+    )
+
+
+_SECTIONS: Final[dict[str, type[Any]]] = {
+    "voice": VoiceConfig,
+    "playback": PlaybackConfig,
+    "permissions": PermissionsConfig,
+    "sandbox": SandboxConfig,
+    "bot": BotConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration.
+
+    Attributes:
+        source: The file it was read from, or ``None`` when no file existed (defaults).
+    """
+
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
+    playback: PlaybackConfig = field(default_factory=PlaybackConfig)
+    permissions: PermissionsConfig = field(default_factory=PermissionsConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    bot: BotConfig = field(default_factory=BotConfig)
+    source: str | None = None
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None, *, env: Mapping[str, str]) -> Path:
+    """Return the file to read: ``explicit``, else ``$LEGATO_CONFIG``, else ``legato.toml``."""
+    if explicit is not None and str(explicit) != "":
+        return Path(explicit)
+    named = env.get(ENV_CONFIG, "")
+    if named:
+        return Path(named)
+    return Path(DEFAULT_PATH)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read the configuration file and apply ``LEGATO_*`` overrides.
+
+    Args:
+        path: The file; ``None`` means ``$LEGATO_CONFIG``, else ``legato.toml``.
+        env: The environment (default ``os.environ``).
+
+    Returns:
+        The configuration; defaults (plus overrides) when the file does not exist.
+
+    Raises:
+        ConfigError: The file cannot be read or parsed, a key is unknown, a value is bad, or
+            an override variable is.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    file = config_path(path, env=environ)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        if path is not None or environ.get(ENV_CONFIG):
+            _log.warning("configuration file %s does not exist; using defaults", file)
+        return parse_config({}, source=None, env=environ)
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: is not UTF-8 text (byte {exc.start})") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: is not valid TOML: {exc}") from exc
+    return parse_config(data, source=str(file), env=environ)
+
+
+def parse_config(
+    data: Mapping[str, object], *, source: str | None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Build a :class:`Config` from parsed TOML and the environment.
+
+    Args:
+        data: What ``tomllib`` returned.
+        source: File name used in error messages (``None``: no file).
+        env: Environment with ``LEGATO_<SECTION>_<KEY>`` overrides (default: none).
+
+    Raises:
+        ConfigError: As :func:`load_config`.
+    """
+    where = source or "configuration"
+    _refuse_token(data, where, prefix="")
+    sections: dict[str, dict[str, object]] = {}
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{name}]{_did_you_mean(name, _SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{where}: {name} = {_show(table)} is invalid: expected a table [{name}]"
+            )
+        sections[name] = _read_section(name, table, where)
+    _apply_env(sections, env or {})
+    built = {name: _SECTIONS[name](**sections.get(name, {})) for name in _SECTIONS}
+    cfg = Config(**built, source=source)
+    _cross_check(cfg, where)
+    return cfg
+
+
+def _read_section(name: str, table: dict[str, object], where: str) -> dict[str, object]:
+    cls = _SECTIONS[name]
+    known = {f.name: f for f in fields(cls)}
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        dotted = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{dotted}'{_did_you_mean(key, known, name)}")
+        conv: _Conv = known[key].metadata["conv"]
+        try:
+            out[key] = conv.from_toml(value)
+        except _Bad as bad:
+            raise ConfigError(
+                f"{where}: {dotted} = {_show(value)} is invalid: expected {bad.expected}"
+            ) from None
+    return out
+
+
+def _apply_env(sections: dict[str, dict[str, object]], env: Mapping[str, str]) -> None:
+    if env.get(ENV_PREFIX + "BOT_TOKEN") is not None:
+        raise ConfigError(f"environment variable {ENV_PREFIX}BOT_TOKEN: {_TOKEN_HINT}")
+    for var, value in sorted(env.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+            continue
+        rest = var[len(ENV_PREFIX) :]
+        section = next((s for s in _SECTIONS if rest.startswith(s.upper() + "_")), None)
+        if section is None:
+            continue  # LEGATO_* variables of other tools are not ours to judge
+        key = rest[len(section) + 1 :].lower()
+        known = {f.name: f for f in fields(_SECTIONS[section])}
+        if key not in known:
+            hint = _did_you_mean(key, known, section, env_style=True)
+            raise ConfigError(
+                f"environment variable {var}: no key '{section}.{key}' to override{hint}"
+            )
+        conv: _Conv = known[key].metadata["conv"]
+        try:
+            sections.setdefault(section, {})[key] = conv.from_env(value)
+        except _Bad as bad:
+            raise ConfigError(
+                f"environment variable {var} = {_show(value)} ({section}.{key}) is invalid: "
+                f"expected {bad.expected}"
+            ) from None
+
+
+def _cross_check(cfg: Config, where: str) -> None:
+    pb = cfg.playback
+    if pb.default_volume > pb.max_volume:
+        raise ConfigError(
+            f"{where}: playback.default_volume = {pb.default_volume} is invalid: expected at most "
+            f"playback.max_volume ({pb.max_volume})"
+        )
+    sb = cfg.sandbox
+    ports = [(n, getattr(sb, n)) for n in ("gateway_port", "rest_port", "voice_port", "media_port")]
+    seen: dict[int, str] = {}
+    for name, port in ports:
+        if port and port in seen:
+            raise ConfigError(
+                f"{where}: sandbox.{name} = {port} is invalid: expected a port other than "
+                f"sandbox.{seen[port]}'s (or 0)"
+            )
+        seen[port] = name
+
+
+def _refuse_token(data: Mapping[str, object], where: str, *, prefix: str) -> None:
+    for key, value in data.items():
+        if key.lower() in _TOKEN_KEYS:
+            # The value is never echoed: it may be a live token.
+            raise ConfigError(f"{where}: key '{prefix}{key}' is refused: {_TOKEN_HINT}")
+        if isinstance(value, dict):
+            _refuse_token(value, where, prefix=f"{prefix}{key}.")
+
+
+def _did_you_mean(
+    word: str,
+    known: Mapping[str, object],
+    section: str | None = None,
+    *,
+    env_style: bool = False,
+) -> str:
+    close = difflib.get_close_matches(word.lower(), list(known), n=1, cutoff=0.6)
+    if not close:
+        options = ", ".join(sorted(known))
+        return f" (known: {options})"
+    if env_style and section is not None:
+        return f"; did you mean {ENV_PREFIX}{section.upper()}_{close[0].upper()}?"
+    dotted = f"{section}.{close[0]}" if section else f"[{close[0]}]"
+    return f"; did you mean '{dotted}'?"
+
+
+def _show(value: object) -> str:
+    shown = repr(value) if not isinstance(value, bool) else str(value).lower()
+    return shown if len(shown) <= 80 else shown[:77] + "..."
