@@ -1,0 +1,308 @@
+"""Discord's RTP encryption modes, as pure objects over PyNaCl and ``cryptography``.
+
+Layouts (PROTOCOL.md "Transport udp", discord.py 2.7.1 ``voice_client.py``):
+
+``aead_aes256_gcm_rtpsize`` / ``aead_xchacha20_poly1305_rtpsize``
+    ``header | ciphertext | tag(16) | counter u32 BE``. The header (fixed 12 bytes, CSRCs and,
+    when X is set, the 4-byte extension preamble) is sent in clear and authenticated as AAD;
+    the extension body is encrypted with the media. The nonce is the counter padded with zeros
+    to 12 bytes (GCM) or 24 bytes (XChaCha20).
+``xsalsa20_poly1305_lite``
+    ``header | secretbox | counter u32 BE``; nonce = counter padded to 24 bytes.
+``xsalsa20_poly1305_suffix``
+    ``header | secretbox | nonce(24)``; a random nonce per packet.
+``xsalsa20_poly1305``
+    ``header | secretbox``; nonce = the 12-byte header padded to 24 bytes.
+
+In the three legacy modes everything after the fixed header and CSRCs is encrypted, the
+extension preamble included (discord.py encrypted the whole payload after 12 bytes); their
+header is not authenticated except as the nonce of plain ``xsalsa20_poly1305``.
+
+Decryptors face untrusted datagrams: they raise :class:`~legato.voice.rtp.MalformedPacket` or
+:class:`DecryptionFailed` (both ``ValueError``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.secret
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from legato.voice.rtp import (
+    RTP_HEADER_SIZE,
+    MalformedPacket,
+    RtpPacket,
+    parse_rtp,
+    parse_rtp_header,
+)
+
+__all__ = [
+    "AEAD_AES256_GCM_RTPSIZE",
+    "AEAD_XCHACHA20_POLY1305_RTPSIZE",
+    "KEY_SIZE",
+    "SUPPORTED_MODES",
+    "TAG_SIZE",
+    "XSALSA20_POLY1305",
+    "XSALSA20_POLY1305_LITE",
+    "XSALSA20_POLY1305_SUFFIX",
+    "DecryptionFailed",
+    "PacketDecryptor",
+    "PacketEncryptor",
+    "UnsupportedMode",
+    "choose_mode",
+    "overhead",
+]
+
+AEAD_AES256_GCM_RTPSIZE: Final = "aead_aes256_gcm_rtpsize"
+AEAD_XCHACHA20_POLY1305_RTPSIZE: Final = "aead_xchacha20_poly1305_rtpsize"
+XSALSA20_POLY1305_LITE: Final = "xsalsa20_poly1305_lite"
+XSALSA20_POLY1305_SUFFIX: Final = "xsalsa20_poly1305_suffix"
+XSALSA20_POLY1305: Final = "xsalsa20_poly1305"
+
+# Preference order. AES-GCM first: Discord offers it only on AES hardware and prefers it there;
+# XChaCha20 is always offered. The xsalsa20 family was removed by Discord on 2024-11-18 and is
+# only picked when a server (an old or self-hosted one) offers nothing better.
+SUPPORTED_MODES: Final[tuple[str, ...]] = (
+    AEAD_AES256_GCM_RTPSIZE,
+    AEAD_XCHACHA20_POLY1305_RTPSIZE,
+    XSALSA20_POLY1305_LITE,
+    XSALSA20_POLY1305_SUFFIX,
+    XSALSA20_POLY1305,
+)
+_RTPSIZE_MODES: Final = frozenset({AEAD_AES256_GCM_RTPSIZE, AEAD_XCHACHA20_POLY1305_RTPSIZE})
+
+KEY_SIZE: Final = 32
+TAG_SIZE: Final = 16
+_COUNTER_SIZE: Final = 4
+_NONCE24: Final = 24
+_COUNTER_MODULO: Final = 1 << 32
+_U32 = struct.Struct(">I")
+
+
+class UnsupportedMode(ValueError):
+    """No encryption mode the server offers is one we implement."""
+
+
+class DecryptionFailed(ValueError):
+    """A packet's authentication tag did not verify (wrong key, tampering, corruption)."""
+
+
+def choose_mode(offered: Sequence[str]) -> str:
+    """Pick our most preferred mode among ``offered`` (op2's ``modes``).
+
+    Raises:
+        UnsupportedMode: none of the offered modes is in :data:`SUPPORTED_MODES`.
+    """
+    offered_set = {mode for mode in offered if isinstance(mode, str)}
+    for mode in SUPPORTED_MODES:
+        if mode in offered_set:
+            return mode
+    raise UnsupportedMode(f"no supported encryption mode among {list(offered)!r}")
+
+
+def overhead(mode: str) -> int:
+    """Bytes a mode adds to each packet on top of the header and payload.
+
+    Raises:
+        UnsupportedMode: unknown mode.
+    """
+    if mode in _RTPSIZE_MODES or mode == XSALSA20_POLY1305_LITE:
+        return TAG_SIZE + _COUNTER_SIZE
+    if mode == XSALSA20_POLY1305_SUFFIX:
+        return TAG_SIZE + _NONCE24
+    if mode == XSALSA20_POLY1305:
+        return TAG_SIZE
+    raise UnsupportedMode(f"unknown encryption mode {mode!r}")
+
+
+def _check(mode: str, secret_key: bytes) -> bytes:
+    if mode not in SUPPORTED_MODES:
+        raise UnsupportedMode(f"unknown encryption mode {mode!r}")
+    key = bytes(secret_key)
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"secret key must be {KEY_SIZE} bytes, got {len(key)}")
+    return key
+
+
+def _clear_size(header: bytes) -> int:
+    """Length of the part a legacy mode leaves in clear: fixed header and CSRCs."""
+    return RTP_HEADER_SIZE + 4 * (header[0] & 0x0F)
+
+
+class PacketEncryptor:
+    """Encrypts outgoing RTP packets for one session key and mode.
+
+    Args:
+        mode: one of :data:`SUPPORTED_MODES` (op4's ``mode``).
+        secret_key: op4's ``secret_key`` (32 bytes; a list of ints is accepted too).
+        counter: the first nonce counter of the counter-based modes.
+
+    Raises:
+        UnsupportedMode: unknown mode.
+        ValueError: the key is not 32 bytes.
+    """
+
+    __slots__ = ("_aes", "_box", "_encrypt", "_key", "counter", "mode")
+
+    def __init__(self, mode: str, secret_key: bytes | Sequence[int], *, counter: int = 0) -> None:
+        self.mode = mode
+        self._key = _check(mode, bytes(secret_key))
+        self.counter = counter % _COUNTER_MODULO
+        self._aes = AESGCM(self._key) if mode == AEAD_AES256_GCM_RTPSIZE else None
+        self._box = nacl.secret.SecretBox(self._key)
+        encrypt: dict[str, Callable[[bytes, bytes], bytes]] = {
+            AEAD_AES256_GCM_RTPSIZE: self._gcm,
+            AEAD_XCHACHA20_POLY1305_RTPSIZE: self._xchacha,
+            XSALSA20_POLY1305_LITE: self._lite,
+            XSALSA20_POLY1305_SUFFIX: self._suffix,
+            XSALSA20_POLY1305: self._plain,
+        }
+        self._encrypt = encrypt[mode]
+
+    def encrypt(self, header: bytes, payload: bytes) -> bytes:
+        """Return the whole packet to send.
+
+        Args:
+            header: the RTP header: 12 bytes, plus CSRCs and the extension preamble if its
+                CC/X fields say so (``RtpPacket.header_bytes``).
+            payload: the media (preceded by the extension body when X is set).
+
+        Raises:
+            MalformedPacket: the header is not a valid RTP header of the length its fields
+                announce.
+        """
+        header = bytes(header)
+        _parsed, size = parse_rtp_header(header)
+        if size != len(header):
+            raise MalformedPacket(f"header of {len(header)} bytes, its fields say {size}")
+        return self._encrypt(header, bytes(payload))
+
+    def _next_counter(self) -> bytes:
+        counter = _U32.pack(self.counter)
+        # Wraps like discord.py's checked_add: 2**32 packets is 2.7 years at 50 packets/s.
+        self.counter = (self.counter + 1) % _COUNTER_MODULO
+        return counter
+
+    def _gcm(self, header: bytes, payload: bytes) -> bytes:
+        assert self._aes is not None  # built in __init__ for this mode
+        counter = self._next_counter()
+        return header + self._aes.encrypt(counter + bytes(8), payload, header) + counter
+
+    def _xchacha(self, header: bytes, payload: bytes) -> bytes:
+        counter = self._next_counter()
+        sealed = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            payload, header, counter + bytes(_NONCE24 - _COUNTER_SIZE), self._key
+        )
+        return header + sealed + counter
+
+    def _legacy_split(self, header: bytes, payload: bytes) -> tuple[bytes, bytes]:
+        clear = _clear_size(header)
+        return header[:clear], header[clear:] + payload
+
+    def _lite(self, header: bytes, payload: bytes) -> bytes:
+        clear, plain = self._legacy_split(header, payload)
+        counter = self._next_counter()
+        nonce = counter + bytes(_NONCE24 - _COUNTER_SIZE)
+        return clear + self._box.encrypt(plain, nonce).ciphertext + counter
+
+    def _suffix(self, header: bytes, payload: bytes) -> bytes:
+        clear, plain = self._legacy_split(header, payload)
+        nonce = os.urandom(_NONCE24)
+        return clear + self._box.encrypt(plain, nonce).ciphertext + nonce
+
+    def _plain(self, header: bytes, payload: bytes) -> bytes:
+        clear, plain = self._legacy_split(header, payload)
+        nonce = header[:RTP_HEADER_SIZE] + bytes(_NONCE24 - RTP_HEADER_SIZE)
+        return clear + self._box.encrypt(plain, nonce).ciphertext
+
+
+class PacketDecryptor:
+    """Decrypts incoming RTP packets (the sandbox server's side, or a receiving client).
+
+    Args:
+        mode: one of :data:`SUPPORTED_MODES`.
+        secret_key: the 32-byte session key.
+
+    Raises:
+        UnsupportedMode: unknown mode.
+        ValueError: the key is not 32 bytes.
+    """
+
+    __slots__ = ("_aes", "_box", "_key", "mode")
+
+    def __init__(self, mode: str, secret_key: bytes | Sequence[int]) -> None:
+        self.mode = mode
+        self._key = _check(mode, bytes(secret_key))
+        self._aes = AESGCM(self._key) if mode == AEAD_AES256_GCM_RTPSIZE else None
+        self._box = nacl.secret.SecretBox(self._key)
+
+    def decrypt(self, packet: bytes) -> tuple[RtpPacket, bytes]:
+        """Authenticate and decrypt one packet.
+
+        Returns:
+            ``(rtp, media)``: ``rtp`` is the packet as if it had been sent in clear (its
+            ``payload`` is the plaintext after the header and extension preamble); ``media`` is
+            the Opus payload, without the extension body and RTP padding.
+
+        Raises:
+            MalformedPacket: not RTP, truncated, or a plaintext whose extension/padding does
+                not fit.
+            DecryptionFailed: the tag does not verify.
+        """
+        data = bytes(packet)
+        if self.mode in _RTPSIZE_MODES:
+            outer = parse_rtp(data)
+            header = outer.header_bytes
+            body = outer.payload
+            if len(body) < TAG_SIZE + _COUNTER_SIZE:
+                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
+            counter = body[-_COUNTER_SIZE:]
+            sealed = body[:-_COUNTER_SIZE]
+            plain = self._open_aead(header, sealed, counter)
+            rtp = parse_rtp(header + plain)
+        else:
+            parse_rtp(data)  # validates version, CSRCs, and that it is not RTCP
+            clear = _clear_size(data)
+            plain = self._open_legacy(data, clear)
+            rtp = parse_rtp(data[:clear] + plain)
+        return rtp, rtp.media()
+
+    def _open_aead(self, header: bytes, sealed: bytes, counter: bytes) -> bytes:
+        try:
+            if self._aes is not None:
+                return self._aes.decrypt(counter + bytes(8), sealed, header)
+            result: bytes = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed, header, counter + bytes(_NONCE24 - _COUNTER_SIZE), self._key
+            )
+            return result
+        except (InvalidTag, nacl.exceptions.CryptoError) as exc:
+            raise DecryptionFailed(f"{self.mode}: authentication failed") from exc
+
+    def _open_legacy(self, data: bytes, clear: int) -> bytes:
+        body = data[clear:]
+        if self.mode == XSALSA20_POLY1305_LITE:
+            if len(body) < TAG_SIZE + _COUNTER_SIZE:
+                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
+            nonce = body[-_COUNTER_SIZE:] + bytes(_NONCE24 - _COUNTER_SIZE)
+            sealed = body[:-_COUNTER_SIZE]
+        elif self.mode == XSALSA20_POLY1305_SUFFIX:
+            if len(body) < TAG_SIZE + _NONCE24:
+                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
+            nonce = body[-_NONCE24:]
+            sealed = body[:-_NONCE24]
+        else:
+            if len(body) < TAG_SIZE:
+                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag")
+            nonce = data[:RTP_HEADER_SIZE] + bytes(_NONCE24 - RTP_HEADER_SIZE)
+            sealed = body
+        try:
+            return self._box.decrypt(sealed, nonce)
+        except nacl.exceptions.CryptoError as exc:
+            raise DecryptionFailed(f"{self.mode}: authentication failed") from exc
