@@ -1,0 +1,156 @@
+"""The sandbox voice server's side of the ``webrtc`` transport: one aiortc peer per client.
+
+:meth:`WebRtcServerPeer.accept` turns op1's offer fragment into a full offer, answers it with
+aiortc and returns op4's ``sdp`` fragment. The peer is ICE controlled and the DTLS server; its
+one host candidate is on ``host``. The client's op1 carries no candidates, so the client's
+connectivity checks introduce its address (aioice learns a peer-reflexive candidate from the
+first authenticated check and answers with a triggered check, RFC 8445 section 7.3.1.3; with no
+remote candidates and no end-of-candidates it keeps waiting for them instead of failing).
+
+Received audio is reported at the RTP level, undecoded: ``on_rtp(ssrc, sequence, timestamp,
+opus)`` for every packet. aiortc has no public hook for that and builds its receivers itself,
+so the peer replaces the ``_handle_rtp_packet`` coroutine of its one receiver *instance* (the
+DTLS transport's RTP router calls it after SRTP decryption). aiortc's own depacketizing,
+jitter buffer and decoder never run: nobody would read their output, and the sandbox records
+the exact bytes the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.rtp import RtpPacket
+
+from legato.errors import TransportError
+from legato.voice import sdp
+from legato.voice.transport.aiortc_compat import (
+    DtlsCertificate,
+    KeyType,
+    host_addresses,
+    use_certificate,
+)
+
+_log = logging.getLogger(__name__)
+
+RtpCallback = Callable[[int, int, int, bytes], None]
+
+
+class WebRtcServerPeer:
+    """The server end of one client's WebRTC connection.
+
+    Args:
+        host: The address to gather the one host candidate on (``127.0.0.1`` in tests).
+        on_rtp: Called with ``(ssrc, sequence, timestamp, opus_payload)`` for every audio RTP
+            packet received, in arrival order. Exceptions it raises are logged, not propagated
+            into aiortc.
+        key_type: The DTLS certificate's key: ``"ecdsa"`` (browsers, aiortc) or ``"rsa"``
+            (medooze-based servers; only clients offering RSA suites can connect).
+    """
+
+    def __init__(self, host: str, on_rtp: RtpCallback, *, key_type: KeyType = "ecdsa") -> None:
+        self._host = host
+        self._on_rtp = on_rtp
+        self._key_type: KeyType = key_type
+        self._pc: RTCPeerConnection | None = None
+        self._payload_type: int | None = None
+        self._connected = asyncio.Event()
+        self._state = "new"
+        self._closed = False
+
+    @property
+    def connection_state(self) -> str:
+        """aiortc's connection state: ``new``, ``connecting``, ``connected``, ``failed``..."""
+        return self._state
+
+    @property
+    def payload_type(self) -> int | None:
+        """The client's Opus payload type, once :meth:`accept` has run."""
+        return self._payload_type
+
+    async def accept(self, offer_fragment: str, codecs: list[dict[str, Any]]) -> str:
+        """Answer op1: return the ``sdp`` fragment for op4.
+
+        Args:
+            offer_fragment: op1's ``sdp`` (or ``data``).
+            codecs: op1's ``codecs``; the Opus entry's payload type is used. When empty, the
+                fragment's ``opus`` rtpmap decides.
+
+        Raises:
+            TransportError: the fragment is unusable, or aiortc refused the offer.
+        """
+        if self._pc is not None or self._closed:
+            raise TransportError("accept() called twice or after close()")
+        try:
+            fragment = sdp.OfferFragment.parse(offer_fragment)
+            pt = self._opus_payload_type(fragment, codecs)
+            offer = sdp.build_remote_offer(fragment, opus_payload_type=pt)
+        except sdp.SdpError as exc:
+            raise TransportError(f"bad webrtc offer fragment: {exc}") from exc
+        self._payload_type = pt
+        loop = asyncio.get_running_loop()
+        # Key generation (RSA especially) is CPU work: keep it off the event loop.
+        certificate = await loop.run_in_executor(None, DtlsCertificate.generate, self._key_type)
+        pc = RTCPeerConnection()
+        use_certificate(pc, certificate)
+        self._pc = pc
+        pc.on("connectionstatechange", self._on_state)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            (transceiver,) = pc.getTransceivers()
+            # See the module docstring: raw payloads straight from the RTP router.
+            transceiver.receiver._handle_rtp_packet = self._handle_rtp_packet  # type: ignore[method-assign]  # deliberate, see module docstring
+            answer = await pc.createAnswer()
+            with host_addresses(lambda _found: [self._host]):
+                await pc.setLocalDescription(answer)
+            return sdp.ServerFragment.from_answer(pc.localDescription.sdp).render()
+        except (ValueError, OSError, sdp.SdpError) as exc:
+            raise TransportError(f"cannot answer the webrtc offer: {exc}") from exc
+
+    @staticmethod
+    def _opus_payload_type(fragment: sdp.OfferFragment, codecs: list[dict[str, Any]]) -> int:
+        if codecs:
+            return sdp.opus_payload_type(codecs)
+        for pt, encoding in fragment.rtpmaps:
+            if encoding.lower().startswith("opus/") and pt != sdp.RESERVED_PAYLOAD_TYPE:
+                return pt
+        raise sdp.SdpError("no opus codec offered")
+
+    async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        if packet.payload_type != self._payload_type:
+            return
+        try:
+            self._on_rtp(packet.ssrc, packet.sequence_number, packet.timestamp, packet.payload)
+        except Exception:  # noqa: BLE001 - a callback bug must not stop aiortc's receive loop
+            _log.exception("on_rtp failed for ssrc %d seq %d", packet.ssrc, packet.sequence_number)
+
+    def _on_state(self) -> None:
+        if self._pc is None:
+            return
+        self._state = self._pc.connectionState
+        _log.debug("server peer connection state %s", self._state)
+        if self._state in ("connected", "failed", "closed"):
+            self._connected.set()
+
+    async def wait_connected(self) -> None:
+        """Return once ICE and DTLS are up (callers bound it with ``asyncio.timeout``).
+
+        Raises:
+            TransportError: the connection failed or was closed instead.
+        """
+        await self._connected.wait()
+        if self._state != "connected":
+            raise TransportError(f"webrtc connection {self._state}")
+
+    async def close(self) -> None:
+        """Close the peer connection; safe twice and before :meth:`accept`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._state = "closed"
+        self._connected.set()
+        if self._pc is not None:
+            await self._pc.close()
