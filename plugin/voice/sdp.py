@@ -159,14 +159,16 @@ class OfferFragment:
     Attributes:
         ice_ufrag: The client's ICE username fragment.
         ice_pwd: The client's ICE password.
-        fingerprint: The sha-256 digest of the client's DTLS certificate (``AB:CD:...``).
+        fingerprint: The sha-256 digest of the client's DTLS certificate (``AB:CD:...``), or
+            ``None``: the seed capture's Firefox op1 carried none (Firefox writes it at session
+            level), so a parsed fragment may lack it.
         extmaps: ``a=extmap`` values, e.g. ``"1 urn:ietf:params:rtp-hdrext:ssrc-audio-level"``.
         rtpmaps: Payload type -> ``a=rtpmap`` encoding, e.g. ``{111: "opus/48000/2"}``.
     """
 
     ice_ufrag: str
     ice_pwd: str
-    fingerprint: str
+    fingerprint: str | None
     extmaps: tuple[str, ...]
     rtpmaps: tuple[tuple[int, str], ...]
 
@@ -219,7 +221,7 @@ class OfferFragment:
         """Read a fragment as op1 carries it (``\\n``-separated attribute lines).
 
         Raises:
-            SdpError: credentials or the sha-256 fingerprint are missing.
+            SdpError: the ICE credentials are missing.
         """
         ufrag = pwd = fingerprint = None
         extmaps: list[str] = []
@@ -242,17 +244,13 @@ class OfferFragment:
                     rtpmaps.append((int(pt_text), encoding))
         if not ufrag or not pwd:
             raise SdpError("the fragment has no ICE credentials")
-        if not fingerprint:
-            raise SdpError("the fragment has no sha-256 fingerprint")
         return cls(ufrag, pwd, fingerprint, tuple(extmaps), tuple(rtpmaps))
 
     def render(self) -> str:
         """The fragment text for op1's ``data`` and ``sdp``."""
-        lines = [
-            f"a=ice-ufrag:{self.ice_ufrag}",
-            f"a=ice-pwd:{self.ice_pwd}",
-            f"a=fingerprint:sha-256 {self.fingerprint}",
-        ]
+        lines = [f"a=ice-ufrag:{self.ice_ufrag}", f"a=ice-pwd:{self.ice_pwd}"]
+        if self.fingerprint is not None:
+            lines.append(f"a=fingerprint:sha-256 {self.fingerprint}")
         lines += [f"a=extmap:{value}" for value in self.extmaps]
         lines += [f"a=rtpmap:{pt} {encoding}" for pt, encoding in self.rtpmaps]
         return "\n".join(lines)
@@ -435,8 +433,11 @@ def build_remote_offer(fragment: OfferFragment, *, opus_payload_type: int, mid: 
     reveal its address (peer-reflexive candidates, RFC 8445 section 7.3.1.3).
 
     Raises:
-        SdpError: the fragment maps no Opus on ``opus_payload_type``.
+        SdpError: the fragment has no fingerprint (DTLS could not authenticate the client) or
+            maps something else than Opus on ``opus_payload_type``.
     """
+    if fragment.fingerprint is None:
+        raise SdpError("the fragment has no sha-256 fingerprint")
     encodings = dict(fragment.rtpmaps)
     encoding = encodings.get(opus_payload_type, "opus/48000/2")
     if not encoding.lower().startswith("opus/"):

@@ -45,6 +45,24 @@ QUEUE_FRAMES: Final = 10
 LOOPBACK: Final = "127.0.0.1"
 
 
+def remap_opus_payload_type(offer_sdp: str, payload_type: int) -> str:
+    """Move Opus in an aiortc offer from its payload type 96 to ``payload_type``.
+
+    aiortc offers from its codec table, where Opus is 96, and has no API to change that. The
+    rewritten offer is what we apply with ``setLocalDescription``; aiortc takes the payload
+    type it then sends with from the answer, which echoes ours.
+    """
+    description = SessionDescription.parse(offer_sdp)
+    for media in description.media:
+        if media.kind != "audio":
+            continue
+        for codec in media.rtp.codecs:
+            if codec.mimeType.lower() == "audio/opus":
+                codec.payloadType = payload_type
+        media.fmt = [c.payloadType for c in media.rtp.codecs]
+    return str(description)
+
+
 class OpusPacketTrack(MediaStreamTrack):
     """An audio track whose ``recv()`` returns the Opus frames pushed into it, as packets.
 
@@ -181,7 +199,7 @@ class WebRtcTransport:
         self._ssrc = int(transceiver.sender._ssrc)
         try:
             offer = await pc.createOffer()
-            offer_sdp = self._remap_opus(offer.sdp)
+            offer_sdp = remap_opus_payload_type(offer.sdp, self.payload_type)
             if self._allow_loopback:
                 with host_addresses(lambda found: [*found, LOOPBACK]):
                     await pc.setLocalDescription(RTCSessionDescription(offer_sdp, "offer"))
@@ -204,18 +222,6 @@ class WebRtcTransport:
             "codecs": [dict(self._codec)],
             "rtc_connection_id": str(uuid.uuid4()),
         }
-
-    def _remap_opus(self, offer_sdp: str) -> str:
-        """aiortc registers Opus on payload type 96; offer it on ours instead."""
-        description = SessionDescription.parse(offer_sdp)
-        for media in description.media:
-            if media.kind != "audio":
-                continue
-            for codec in media.rtp.codecs:
-                if codec.mimeType.lower() == "audio/opus":
-                    codec.payloadType = self.payload_type
-            media.fmt = [c.payloadType for c in media.rtp.codecs]
-        return str(description)
 
     async def start(self, session: dict[str, Any]) -> None:
         """Build the full answer from op4's ``sdp``, apply it, wait for DTLS.
