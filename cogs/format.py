@@ -64,8 +64,8 @@ class BadInput(LegatoError):
 
 # --- time -------------------------------------------------------------------------------------
 
-_CLOCK: Final = re.compile(r"(?:(\d{1,3}):)?(\d{1,3}):(\d{1,2}(?:\.\d+)?)")
-_SECONDS: Final = re.compile(r"\d{1,6}(?:\.\d+)?")
+_CLOCK: Final = re.compile(r"(?:(\d{1,3}):)?(\d{1,3}):(\d{1,2}(?:\.\d+)?)", re.ASCII)
+_SECONDS: Final = re.compile(r"\d{1,6}(?:\.\d+)?", re.ASCII)
 
 
 def format_time(seconds: float | None) -> str:
@@ -156,6 +156,11 @@ def utf16_len(text: str) -> int:
     return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
 
 
+# Backslash before ASCII punctuation shows it literally. discord.utils.escape_markdown leaves a
+# lone "[" or "]" alone, which would end a masked link's text early, so this set is our own.
+_MARKDOWN: Final = re.compile(r"[\\*_~`|>#\[\]<]")
+
+
 def _is_mark(ch: str) -> bool:
     return unicodedata.category(ch) in ("Mn", "Me", "Mc")
 
@@ -216,8 +221,7 @@ def safe_text(text: str, limit: int, *, markdown: bool = True) -> str:
     """
     cleaned = _clean(text)
     if markdown:
-        # escape_markdown leaves "]" alone, which would end a masked link's text early.
-        cleaned = discord.utils.escape_markdown(cleaned).replace("]", "\\]")
+        cleaned = _MARKDOWN.sub(r"\\\g<0>", cleaned)
         cleaned = discord.utils.escape_mentions(cleaned)
     return _cut(cleaned, limit)
 

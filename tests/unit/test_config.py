@@ -1,0 +1,418 @@
+"""The configuration file: defaults, every key's validation, error wording, env overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from legato.config import (
+    BotConfig,
+    Config,
+    PermissionsConfig,
+    PlaybackConfig,
+    SandboxConfig,
+    VoiceConfig,
+    config_path,
+    load_config,
+)
+from legato.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "legato.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env or {})
+    return str(info.value)
+
+
+def test_missing_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(env={})
+    assert cfg == Config()
+    assert cfg.source is None
+    assert cfg.playback.default_volume == 100
+    assert cfg.voice.transport == "auto"
+    assert cfg.voice.gateway_version == "auto"
+    assert cfg.permissions.dj_role == ""
+
+
+def test_explicit_missing_file_means_defaults(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "nope.toml", env={}).playback == PlaybackConfig()
+
+
+def test_path_order_explicit_then_env_then_default(tmp_path: Path) -> None:
+    env = {"LEGATO_CONFIG": str(tmp_path / "from-env.toml")}
+    assert config_path(tmp_path / "x.toml", env=env) == tmp_path / "x.toml"
+    assert config_path(None, env=env) == tmp_path / "from-env.toml"
+    assert config_path(None, env={}) == Path("legato.toml")
+
+
+def test_env_named_file_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path, "[playback]\nmax_volume = 300\n", "other.toml")
+    cfg = load_config(env={"LEGATO_CONFIG": str(path)})
+    assert cfg.playback.max_volume == 300
+    assert cfg.source == str(path)
+
+
+def test_default_file_in_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, '[voice]\ntransport = "udp"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config(env={}).voice.transport == "udp"
+
+
+FULL = """
+[voice]
+transport = "webrtc"
+gateway_version = 8
+bitrate = 96000
+self_deaf = false
+opus_complexity = 5
+fec = true
+expected_packet_loss = 10
+connect_timeout = 12.5
+
+[playback]
+default_volume = 80
+max_volume = 200
+announce_now_playing = false
+idle_timeout = 30
+leave_when_alone_after = 0
+max_queue_length = 20
+max_track_duration = 600
+max_playlist_size = 7
+allowed_domains = ["Example.COM", "media.test."]
+allow_local_files = true
+search_provider = "soundcloud"
+search_results = 3
+resolve_timeout = 5
+
+[permissions]
+dj_role = "DJ"
+skip = "requester"
+stop = "everyone"
+clear = "requester"
+vote_skip_ratio = 0.75
+
+[sandbox]
+host = "::1"
+gateway_port = 5001
+rest_port = 5002
+voice_port = 5003
+media_port = 5004
+demo_guild = "My Demo"
+demo_listeners = ["carol"]
+demo_tone_hz = 880
+demo_seconds = 3
+
+[bot]
+sync_commands = false
+log_level = "DEBUG"
+"""
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, FULL), env={})
+    assert cfg.voice == VoiceConfig(
+        transport="webrtc",
+        gateway_version=8,
+        bitrate=96000,
+        self_deaf=False,
+        opus_complexity=5,
+        fec=True,
+        expected_packet_loss=10,
+        connect_timeout=12.5,
+    )
+    assert cfg.playback == PlaybackConfig(
+        default_volume=80,
+        max_volume=200,
+        announce_now_playing=False,
+        idle_timeout=30.0,
+        leave_when_alone_after=0.0,
+        max_queue_length=20,
+        max_track_duration=600.0,
+        max_playlist_size=7,
+        allowed_domains=("example.com", "media.test"),
+        allow_local_files=True,
+        search_provider="soundcloud",
+        search_results=3,
+        resolve_timeout=5.0,
+    )
+    assert cfg.permissions == PermissionsConfig(
+        dj_role="DJ", skip="requester", stop="everyone", clear="requester", vote_skip_ratio=0.75
+    )
+    assert cfg.sandbox == SandboxConfig(
+        host="::1",
+        gateway_port=5001,
+        rest_port=5002,
+        voice_port=5003,
+        media_port=5004,
+        demo_guild="My Demo",
+        demo_listeners=("carol",),
+        demo_tone_hz=880.0,
+        demo_seconds=3.0,
+    )
+    assert cfg.bot == BotConfig(sync_commands=False, log_level="DEBUG")
+
+
+def test_example_file_has_every_key_and_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "legato.toml"
+    cfg = load_config(example, env={})
+    text = example.read_text(encoding="utf-8")
+    for section in ("voice", "playback", "permissions", "sandbox", "bot"):
+        assert f"[{section}]" in text
+        for f in dataclasses.fields(getattr(cfg, section)):
+            assert f"\n{f.name} = " in text, f"examples/legato.toml lacks {section}.{f.name}"
+    # The example documents the defaults, so loading it changes nothing.
+    assert dataclasses.replace(cfg, source=None) == Config()
+
+
+def test_config_is_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.playback.max_volume = 5  # type: ignore[misc]  # the point: assignment is refused
+
+
+# (section, key, bad TOML value, words the expectation must contain)
+BAD: list[tuple[str, str, str, str]] = [
+    ("voice", "transport", '"tcp"', "'webrtc', 'udp', 'auto'"),
+    ("voice", "gateway_version", "7", "6, 8, 'auto'"),
+    ("voice", "gateway_version", '"8"', "6, 8, 'auto'"),
+    ("voice", "bitrate", "1000", "an integer from 8000 to 512000"),
+    ("voice", "bitrate", "96000.5", "an integer from 8000 to 512000"),
+    ("voice", "self_deaf", '"yes"', "true or false"),
+    ("voice", "opus_complexity", "11", "an integer from 0 to 10"),
+    ("voice", "fec", "1", "true or false"),
+    ("voice", "expected_packet_loss", "-1", "an integer from 0 to 100"),
+    ("voice", "connect_timeout", "0", "a number from 1 to 300"),
+    ("playback", "default_volume", "true", "an integer from 0 to 1000"),
+    ("playback", "max_volume", "0", "an integer from 1 to 1000"),
+    ("playback", "announce_now_playing", '"no"', "true or false"),
+    ("playback", "idle_timeout", "-1", "a number from 0 to 86400"),
+    ("playback", "idle_timeout", "nan", "a number from 0 to 86400"),
+    ("playback", "leave_when_alone_after", '"1m"', "a number from 0 to 86400"),
+    ("playback", "max_queue_length", "0", "an integer from 1 to 100000"),
+    ("playback", "max_track_duration", "inf", "a number from 0 to 604800"),
+    ("playback", "max_playlist_size", "10001", "an integer from 1 to 10000"),
+    ("playback", "allowed_domains", '"example.com"', "a list of bare domain names"),
+    ("playback", "allowed_domains", '["https://example.com"]', "a list of bare domain names"),
+    ("playback", "allow_local_files", "0", "true or false"),
+    ("playback", "search_provider", '"google"', "'youtube', 'soundcloud', 'none'"),
+    ("playback", "search_results", "26", "an integer from 1 to 25"),
+    ("playback", "resolve_timeout", "0.5", "a number from 1 to 300"),
+    ("permissions", "dj_role", "[1]", "a role name, a role id"),
+    ("permissions", "dj_role", "-3", "a role name, a role id"),
+    ("permissions", "skip", '"admins"', "'requester', 'dj', 'everyone'"),
+    ("permissions", "stop", '"DJ"', "'requester', 'dj', 'everyone'"),
+    ("permissions", "clear", "1", "'requester', 'dj', 'everyone'"),
+    ("permissions", "vote_skip_ratio", "1.5", "a number from 0 to 1"),
+    ("sandbox", "host", '"0.0.0.0"', "a loopback address"),
+    ("sandbox", "host", '"10.0.0.1"', "a loopback address"),
+    ("sandbox", "gateway_port", "70000", "an integer from 0 to 65535"),
+    ("sandbox", "rest_port", "-1", "an integer from 0 to 65535"),
+    ("sandbox", "voice_port", '"80"', "an integer from 0 to 65535"),
+    ("sandbox", "media_port", "1.5", "an integer from 0 to 65535"),
+    ("sandbox", "demo_guild", '"x"', "a name of 2 to 100 characters"),
+    ("sandbox", "demo_listeners", "[]", "a list of 1 to 10 names"),
+    ("sandbox", "demo_listeners", '["a b"]', "a list of 1 to 10 names"),
+    ("sandbox", "demo_listeners", '["a", "a"]', "a list of 1 to 10 names"),
+    ("sandbox", "demo_tone_hz", "5", "a number from 20 to 20000"),
+    ("sandbox", "demo_seconds", "0", "a number from 1 to 3600"),
+    ("bot", "sync_commands", '"true"', "true or false"),
+    ("bot", "log_level", '"debug"', "'DEBUG', 'INFO', 'WARNING', 'ERROR'"),
+]
+
+
+def test_bad_table_covers_every_key() -> None:
+    covered = {(s, k) for s, k, _, _ in BAD}
+    for section, cls in [
+        ("voice", VoiceConfig),
+        ("playback", PlaybackConfig),
+        ("permissions", PermissionsConfig),
+        ("sandbox", SandboxConfig),
+        ("bot", BotConfig),
+    ]:
+        for f in dataclasses.fields(cls):
+            assert (section, f.name) in covered, f"no bad-value test for {section}.{f.name}"
+
+
+@pytest.mark.parametrize(("section", "key", "value", "expected"), BAD)
+def test_bad_value_names_file_key_value_and_expectation(
+    tmp_path: Path, section: str, key: str, value: str, expected: str
+) -> None:
+    message = error_of(tmp_path, f"[{section}]\n{key} = {value}\n")
+    assert message.startswith(str(tmp_path / "legato.toml") + ": ")
+    assert f"{section}.{key} = " in message
+    assert "is invalid: expected " in message
+    assert expected in message
+
+
+def test_bad_value_is_shown(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[playback]\nmax_volume = 5000\n")
+    assert message == (
+        f"{tmp_path / 'legato.toml'}: playback.max_volume = 5000 is invalid: "
+        "expected an integer from 1 to 1000 (percent)"
+    )
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[playback]\nmax_volum = 100\n")
+    assert "unknown key 'playback.max_volum'" in message
+    assert "did you mean 'playback.max_volume'?" in message
+    assert str(tmp_path / "legato.toml") in message
+
+
+def test_unknown_key_without_close_match_lists_known(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[bot]\nzzzzzz = 1\n")
+    assert "unknown key 'bot.zzzzzz'" in message
+    assert "known: log_level, sync_commands" in message
+
+
+def test_unknown_section_suggests(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[playbak]\nmax_volume = 100\n")
+    assert "unknown section [playbak]; did you mean '[playback]'?" in message
+
+
+def test_section_must_be_a_table(tmp_path: Path) -> None:
+    assert "voice = 3 is invalid: expected a table [voice]" in error_of(tmp_path, "voice = 3\n")
+
+
+def test_default_volume_above_max_names_both(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[playback]\ndefault_volume = 200\nmax_volume = 150\n")
+    assert "playback.default_volume = 200" in message
+    assert "playback.max_volume (150)" in message
+
+
+def test_duplicate_sandbox_ports(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[sandbox]\nrest_port = 5000\nvoice_port = 5000\n")
+    assert "sandbox.voice_port = 5000" in message
+    assert "sandbox.rest_port" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'token = "MTIz.secret.value"\n',
+        '[bot]\ntoken = "MTIz.secret.value"\n',
+        '[voice]\ndiscord_token = "MTIz.secret.value"\n',
+    ],
+)
+def test_token_in_file_is_refused_without_echoing_it(tmp_path: Path, text: str) -> None:
+    message = error_of(tmp_path, text)
+    assert "token" in message
+    assert "DISCORD_TOKEN" in message
+    assert "secret" not in message
+
+
+def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[voice]\ntransport = \n")
+    assert message.startswith(str(tmp_path / "legato.toml") + ": is not valid TOML")
+    assert "line 2" in message
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "legato.toml"
+    path.write_bytes(b"[voice]\ntransport = '\xff'\n")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_config(path, env={})
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path, env={})
+
+
+def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
+    path = write(tmp_path, "[playback]\nmax_volume = 5000\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "5000" not in info.value.user_message
+    assert "misconfigured" in info.value.user_message
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "section", "key", "parsed"),
+    [
+        ("LEGATO_VOICE_TRANSPORT", "udp", "voice", "transport", "udp"),
+        ("LEGATO_VOICE_GATEWAY_VERSION", "6", "voice", "gateway_version", 6),
+        ("LEGATO_VOICE_GATEWAY_VERSION", "auto", "voice", "gateway_version", "auto"),
+        ("LEGATO_VOICE_BITRATE", "64_000", "voice", "bitrate", 64000),
+        ("LEGATO_VOICE_SELF_DEAF", "off", "voice", "self_deaf", False),
+        ("LEGATO_VOICE_FEC", "Yes", "voice", "fec", True),
+        ("LEGATO_PLAYBACK_MAX_VOLUME", "300", "playback", "max_volume", 300),
+        ("LEGATO_PLAYBACK_IDLE_TIMEOUT", "2.5", "playback", "idle_timeout", 2.5),
+        (
+            "LEGATO_PLAYBACK_ALLOWED_DOMAINS",
+            "a.test, B.test",
+            "playback",
+            "allowed_domains",
+            ("a.test", "b.test"),
+        ),
+        ("LEGATO_PERMISSIONS_DJ_ROLE", "1234", "permissions", "dj_role", 1234),
+        ("LEGATO_PERMISSIONS_DJ_ROLE", "Music", "permissions", "dj_role", "Music"),
+        ("LEGATO_PERMISSIONS_VOTE_SKIP_RATIO", "0", "permissions", "vote_skip_ratio", 0.0),
+        ("LEGATO_SANDBOX_HOST", "localhost", "sandbox", "host", "localhost"),
+        ("LEGATO_SANDBOX_DEMO_LISTENERS", "x,y", "sandbox", "demo_listeners", ("x", "y")),
+        ("LEGATO_BOT_LOG_LEVEL", "WARNING", "bot", "log_level", "WARNING"),
+    ],
+)
+def test_env_overrides(
+    tmp_path: Path, var: str, value: str, section: str, key: str, parsed: Any
+) -> None:
+    path = write(tmp_path, "[playback]\nmax_volume = 150\n[voice]\ntransport = 'webrtc'\n")
+    cfg = load_config(path, env={var: value})
+    assert getattr(getattr(cfg, section), key) == parsed
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "key", "expected"),
+    [
+        ("LEGATO_PLAYBACK_MAX_VOLUME", "loud", "playback.max_volume", "an integer from 1 to 1000"),
+        ("LEGATO_VOICE_SELF_DEAF", "maybe", "voice.self_deaf", "true/false, yes/no"),
+        ("LEGATO_VOICE_GATEWAY_VERSION", "7", "voice.gateway_version", "6, 8, 'auto'"),
+        ("LEGATO_PERMISSIONS_VOTE_SKIP_RATIO", "2", "permissions.vote_skip_ratio", "0 to 1"),
+        ("LEGATO_SANDBOX_HOST", "0.0.0.0", "sandbox.host", "a loopback address"),
+    ],
+)
+def test_bad_env_value_names_the_variable(var: str, value: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("/nonexistent/legato.toml", env={var: value})
+    message = str(info.value)
+    assert message.startswith(f"environment variable {var} = '{value}' ({key}) is invalid")
+    assert expected in message
+
+
+def test_unknown_env_key_suggests_the_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("/nonexistent/legato.toml", env={"LEGATO_PLAYBACK_MAX_VOLUM": "3"})
+    assert "LEGATO_PLAYBACK_MAX_VOLUM" in str(info.value)
+    assert "did you mean LEGATO_PLAYBACK_MAX_VOLUME?" in str(info.value)
+
+
+def test_unrelated_legato_variables_are_ignored() -> None:
+    cfg = load_config("/nonexistent/legato.toml", env={"LEGATO_BENCH_SECONDS": "3"})
+    assert cfg == Config()
+
+
+def test_token_override_variable_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("/nonexistent/legato.toml", env={"LEGATO_BOT_TOKEN": "MTIz.secret"})
+    assert "DISCORD_TOKEN" in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_env_override_is_checked_against_file_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "[playback]\nmax_volume = 150\n")
+    with pytest.raises(ConfigError, match=r"playback\.default_volume = 200"):
+        load_config(path, env={"LEGATO_PLAYBACK_DEFAULT_VOLUME": "200"})
