@@ -1,0 +1,1058 @@
+"""A Discord-compatible voice server on loopback: the voice gateway (websocket) and the UDP media
+server, recording what each user sends.
+
+It speaks what Discord's voice servers speak (PROTOCOL.md "Voice gateway"), versions 4 to 8, both
+transports (``udp`` here, ``webrtc`` through :mod:`legato.sandbox.webrtc` when it is installed),
+and records every user's audio into a :class:`~legato.sandbox.recording.Recording`. Tests drive it
+through awaitable helpers (:meth:`SandboxVoiceServer.wait_identified` and friends) and break it on
+purpose through the fault injectors (:meth:`~SandboxVoiceServer.inject_close`,
+:meth:`~SandboxVoiceServer.inject_drop`, :meth:`~SandboxVoiceServer.stop_heartbeat_acks`,
+:meth:`~SandboxVoiceServer.move`).
+
+Choices where Discord's behaviour is not public:
+
+- ``seq`` (v8) is carried by every server message except op8 Hello and op6 Heartbeat ACK, which
+  are per-connection and never replayed. A v8 resume replays the buffered messages whose ``seq``
+  is above the client's ``seq_ack`` (the last 256 kept), then sends op9.
+- Heartbeats: v8 acks ``{t}`` from ``{t, seq_ack}``; earlier versions echo the bare nonce. A
+  pre-v8 client sending the v8 object is acked too (Discord does), unless ``strict_v6=True``:
+  then it is closed with 4002, which is what Spacebar does (named for the v6 that Spacebar's
+  clients use; it applies to every version below 8, none of which defines the object form).
+- A missing heartbeat closes the connection with 4009 after ``heartbeat_timeout`` seconds
+  (default: three intervals, at least 5 s, so a loaded test machine does not trip it).
+- A client closing with 1000 leaves the channel (op13 to the others); any other end of the
+  connection (drop, 4xxx) keeps the session resumable until the user identifies again.
+- Session-ending codes sent by the server (4006, 4009, 4014, ...) make a later op7 fail with
+  4006; 4015 and the 1xxx codes but 1000 leave it resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import json
+import logging
+import secrets
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from aiohttp import WSMsgType, web
+
+from legato.sandbox.recording import Recording, Waiters
+from legato.sandbox.tls import SelfSignedCert, make_self_signed_cert
+from legato.voice.crypto import (
+    KEY_SIZE,
+    SUPPORTED_MODES,
+    DecryptionFailed,
+    PacketDecryptor,
+)
+from legato.voice.rtp import (
+    DISCOVERY_PACKET_SIZE,
+    MalformedPacket,
+    discovery_response,
+    is_rtcp,
+    parse_discovery_request,
+    parse_rtcp,
+    parse_rtp,
+)
+
+_log = logging.getLogger(__name__)
+
+#: Offered in op2, in Discord's order of preference.
+DEFAULT_MODES: Final = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
+MIN_VERSION: Final = 4
+MAX_VERSION: Final = 8
+#: Discord's voice servers ask for 13.75 s.
+DEFAULT_HEARTBEAT_INTERVAL: Final = 13.75
+BACKEND_VERSION: Final = {"voice": "legato-sandbox-0.1.0", "rtc_worker": "legato-sandbox-0.1.0"}
+_REPLAY_BUFFER: Final = 256
+
+# Close codes (PROTOCOL.md; discord-api-docs "Voice Close Event Codes").
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_UNKNOWN_OPCODE: Final = 4001
+CLOSE_DECODE_ERROR: Final = 4002
+CLOSE_NOT_AUTHENTICATED: Final = 4003
+CLOSE_AUTHENTICATION_FAILED: Final = 4004
+CLOSE_ALREADY_AUTHENTICATED: Final = 4005
+CLOSE_SESSION_INVALID: Final = 4006
+CLOSE_SESSION_TIMEOUT: Final = 4009
+CLOSE_UNKNOWN_PROTOCOL: Final = 4012
+CLOSE_DISCONNECTED: Final = 4014
+CLOSE_SERVER_CRASHED: Final = 4015
+CLOSE_UNKNOWN_MODE: Final = 4016
+CLOSE_BAD_REQUEST: Final = 4020
+CLOSE_CALL_TERMINATED: Final = 4022
+
+#: Server closes after which the session cannot be resumed.
+_SESSION_ENDING_CLOSES: Final = frozenset(
+    {1000, 4003, 4004, 4005, 4006, 4009, 4011, 4012, 4014, 4016, 4017, 4020, 4021, 4022}
+)
+#: Server closes that also take the user out of the channel (op13 to the others).
+_LEAVING_CLOSES: Final = frozenset({4014, 4022})
+#: Client ops the sandbox accepts and ignores: session update, media sink wants, DAVE replies.
+_IGNORED_OPS: Final = frozenset({14, 15, 17, 23, 31})
+
+
+@dataclass
+class ServerStats:
+    """Counters over the server's life: what arrived that it could not use, and what it could.
+
+    Attributes:
+        connections: Websocket connections accepted.
+        bad_json: Text frames that were not a JSON object with an integer ``op`` (closed 4002).
+        bad_payloads: Known ops with unusable data (closed 4002).
+        unknown_opcodes: Frames with an op the server does not know (closed 4001).
+        binary_frames: Binary frames (DAVE MLS; closed 4002 when DAVE is off).
+        heartbeats: Heartbeats received.
+        heartbeat_acks_withheld: Heartbeats not acked because of :meth:`stop_heartbeat_acks`.
+        udp_datagrams: Every datagram on the media socket.
+        discovery_requests: IP discovery requests answered.
+        rtp_packets: RTP packets decrypted and recorded (udp), or handed over by WebRTC.
+        rtcp_packets: RTCP packets received (parsed, otherwise ignored).
+        malformed_packets: Datagrams that are neither discovery, RTP nor RTCP.
+        undecryptable_packets: RTP packets whose tag did not verify.
+        unknown_ssrc_packets: RTP packets from an SSRC with no session key yet.
+    """
+
+    connections: int = 0
+    bad_json: int = 0
+    bad_payloads: int = 0
+    unknown_opcodes: int = 0
+    binary_frames: int = 0
+    heartbeats: int = 0
+    heartbeat_acks_withheld: int = 0
+    udp_datagrams: int = 0
+    discovery_requests: int = 0
+    rtp_packets: int = 0
+    rtcp_packets: int = 0
+    malformed_packets: int = 0
+    undecryptable_packets: int = 0
+    unknown_ssrc_packets: int = 0
+
+
+@dataclass(frozen=True)
+class VoiceEvent:
+    """Something that happened on the voice gateway, in order.
+
+    ``kind`` is one of ``"identify"``, ``"resume"``, ``"select_protocol"``, ``"closed"`` (``code``
+    is the close code, None when the TCP connection just ended) and ``"left"``.
+    ``by_server`` says who closed (``"closed"`` only).
+    """
+
+    kind: str
+    user_id: int | None
+    server_id: int | None
+    code: int | None = None
+    by_server: bool = False
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A snapshot of one user's voice session (no token, no key)."""
+
+    server_id: int
+    user_id: int
+    session_id: str
+    ssrc: int
+    version: int
+    protocol: str | None
+    mode: str | None
+    connected: bool
+    endpoint: str | None
+    resumable: bool
+    dave_protocol_version: int
+
+
+@dataclass(frozen=True)
+class _Grant:
+    server_id: int
+    user_id: int
+    session_id: str
+
+
+@dataclass(eq=False)
+class _Connection:
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport | None
+    version: int
+    endpoint: str
+    session: _Session | None = None
+    server_close_code: int | None = None
+    watchdog: asyncio.TimerHandle | None = None
+    dropped: bool = False
+
+
+@dataclass(eq=False)
+class _Session:
+    grant: _Grant
+    ssrc: int
+    recording: Recording
+    conn: _Connection | None = None
+    version: int = MAX_VERSION
+    protocol: str | None = None
+    mode: str | None = None
+    decryptor: PacketDecryptor | None = None
+    media_session_id: str = ""
+    seq: int = 0
+    outbox: deque[tuple[int, dict[str, Any]]] = field(
+        default_factory=lambda: deque(maxlen=_REPLAY_BUFFER)
+    )
+    resumable: bool = True
+    ended: bool = False
+    client_address: tuple[str, int] | None = None
+    peer: Any = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.grant.server_id, self.grant.user_id)
+
+
+class _MediaProtocol(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._on_datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable after a client went away: nothing to do but note it.
+        _log.debug("media socket error: %s", exc)
+
+
+class SandboxVoiceServer:
+    """A voice server (gateway websocket + UDP media) on a loopback address.
+
+    Args:
+        host: Address to listen on (TCP and UDP).
+        port: Websocket port; 0 picks a free one.
+        tls: Serve ``wss://`` with a self-signed certificate made at start
+            (:attr:`certificate` gives it to clients to trust).
+        modes: Encryption modes offered in op2, in order; default :data:`DEFAULT_MODES`.
+        dave_protocol_version: Sent in op4. DAVE itself is not implemented: keep it 0 for clients
+            that would start the MLS handshake.
+        heartbeat_interval: Seconds, sent in op8 (in milliseconds). Small in tests.
+        heartbeat_timeout: Seconds without a heartbeat before closing 4009; None picks
+            ``max(3 * heartbeat_interval, 5.0)``; ``float("inf")`` never closes.
+        strict_v6: Close with 4002 a pre-v8 connection that sends a v8 heartbeat object.
+
+    Raises:
+        ValueError: a mode is not one :mod:`legato.voice.crypto` implements.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        port: int = 0,
+        tls: bool = False,
+        modes: Sequence[str] | None = None,
+        dave_protocol_version: int = 0,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float | None = None,
+        strict_v6: bool = False,
+    ) -> None:
+        self.host = host
+        self.tls = tls
+        self.modes: tuple[str, ...] = tuple(DEFAULT_MODES if modes is None else modes)
+        unknown = [m for m in self.modes if m not in SUPPORTED_MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"cannot offer encryption modes {unknown or self.modes!r}")
+        self.dave_protocol_version = dave_protocol_version
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = (
+            max(3 * heartbeat_interval, 5.0) if heartbeat_timeout is None else heartbeat_timeout
+        )
+        self.strict_v6 = strict_v6
+        self.stats = ServerStats()
+        #: Every gateway event in order (see :class:`VoiceEvent`).
+        self.events: list[VoiceEvent] = []
+        self.certificate: SelfSignedCert | None = None
+
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._listeners: list[tuple[str, web.SockSite]] = []
+        self._ssl: Any = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._udp_port = 0
+        self._grants: dict[str, _Grant] = {}
+        self._sessions: dict[tuple[int, int], _Session] = {}
+        self._recordings: dict[tuple[int, int], Recording] = {}
+        self._by_ssrc: dict[int, _Session] = {}
+        self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._silenced: set[int] = set()
+        self._ssrcs = itertools.count(secrets.randbelow(1 << 20) + 1000)
+        self._waiters = Waiters()
+
+    # -- life ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the websocket listener and the UDP socket."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _MediaProtocol(self._on_datagram), local_addr=(self.host, 0)
+        )
+        self._udp = transport
+        self._udp_port = int(transport.get_extra_info("sockname")[1])
+        if self.tls:
+            self.certificate = make_self_signed_cert((self.host, "localhost"))
+            self._ssl = self.certificate.server_context()
+        app = web.Application()
+        app.router.add_get("/", self._handle_ws)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        await self._add_listener(self._port)
+        _log.info("voice sandbox on %s (udp %s:%d)", self.url, self.host, self._udp_port)
+
+    async def _add_listener(self, port: int) -> str:
+        assert self._runner is not None, "start() first"
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, port))
+        site = web.SockSite(self._runner, sock, ssl_context=self._ssl)
+        await site.start()
+        endpoint = f"{self.host}:{sock.getsockname()[1]}"
+        self._listeners.append((endpoint, site))
+        return endpoint
+
+    async def close(self) -> None:
+        """Close every connection (1001), the listeners and the UDP socket."""
+        for conn in list(self._connections):
+            await self._close(conn, CLOSE_GOING_AWAY, "server shutting down")
+        for session in list(self._sessions.values()):
+            await self._close_peer(session)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._listeners.clear()
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the first listener, as VOICE_SERVER_UPDATE hands it out."""
+        if not self._listeners:
+            raise RuntimeError("the voice sandbox is not started")
+        return self._listeners[0][0]
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` or ``wss://host:port`` of the first listener."""
+        return f"{'wss' if self.tls else 'ws'}://{self.endpoint}"
+
+    @property
+    def udp_port(self) -> int:
+        """The media socket's port (op2's ``port``)."""
+        return self._udp_port
+
+    # -- what the Discord gateway side calls -----------------------------------------------------
+
+    def register_session(self, *, server_id: int, user_id: int, session_id: str) -> str:
+        """Allow one user to identify for one guild; return the token for VOICE_SERVER_UPDATE.
+
+        A later registration for the same guild and user replaces the earlier token.
+        """
+        for token, grant in list(self._grants.items()):
+            if (grant.server_id, grant.user_id) == (server_id, user_id):
+                del self._grants[token]
+        token = secrets.token_hex(16)
+        self._grants[token] = _Grant(int(server_id), int(user_id), str(session_id))
+        return token
+
+    async def disconnect_user(
+        self, user_id: int, *, server_id: int | None = None, code: int = CLOSE_DISCONNECTED
+    ) -> None:
+        """Take a user out of voice (they left the channel): revoke the token, close, op13."""
+        for token, grant in list(self._grants.items()):
+            if grant.user_id == user_id and server_id in (None, grant.server_id):
+                del self._grants[token]
+        session = self._find_session(user_id, server_id, required=False)
+        if session is None:
+            return
+        session.resumable = False
+        if session.conn is not None:
+            await self._close(session.conn, code, "disconnected")
+        await self._end_session(session)
+
+    # -- inspection ------------------------------------------------------------------------------
+
+    def recording(self, user_id: int, server_id: int | None = None) -> Recording:
+        """The recording of ``user_id`` (in ``server_id``, needed only if they used several).
+
+        Raises:
+            KeyError: the user never identified (or is ambiguous without ``server_id``).
+        """
+        matches = [
+            rec
+            for (sid, uid), rec in self._recordings.items()
+            if uid == user_id and server_id in (None, sid)
+        ]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} recordings for user {user_id} in {server_id}")
+        return matches[0]
+
+    def session(self, user_id: int, server_id: int | None = None) -> SessionInfo:
+        """A snapshot of the user's current session.
+
+        Raises:
+            KeyError: the user has no session.
+        """
+        s = self._find_session(user_id, server_id, required=True)
+        assert s is not None
+        return SessionInfo(
+            server_id=s.grant.server_id,
+            user_id=s.grant.user_id,
+            session_id=s.grant.session_id,
+            ssrc=s.ssrc,
+            version=s.version,
+            protocol=s.protocol,
+            mode=s.mode,
+            connected=s.conn is not None,
+            endpoint=s.conn.endpoint if s.conn is not None else None,
+            resumable=s.resumable,
+            dave_protocol_version=self.dave_protocol_version,
+        )
+
+    def close_codes(self, user_id: int) -> list[int | None]:
+        """Close codes of the user's connections so far, in order (None: TCP just ended)."""
+        return [e.code for e in self.events if e.kind == "closed" and e.user_id == user_id]
+
+    # -- waiting ---------------------------------------------------------------------------------
+
+    def _count(self, kind: str, user_id: int) -> int:
+        return sum(1 for e in self.events if e.kind == kind and e.user_id == user_id)
+
+    async def wait_event(
+        self,
+        kind: str,
+        user_id: int,
+        *,
+        count: int = 1,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> VoiceEvent:
+        """Return the ``count``-th event of ``kind`` for ``user_id`` once it has happened.
+
+        Raises:
+            TimeoutError: it did not happen in time.
+        """
+        await self._waiters.wait_for(
+            lambda: self._count(kind, user_id) >= count,
+            timeout,
+            f"{kind} #{count} of user {user_id}",
+        )
+        return [e for e in self.events if e.kind == kind and e.user_id == user_id][count - 1]
+
+    async def wait_identified(self, user_id: int, *, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Return once ``user_id`` has identified ``count`` times."""
+        await self.wait_event("identify", user_id, count=count, timeout=timeout)
+
+    async def wait_resumed(self, user_id: int, *, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Return once ``user_id`` has resumed ``count`` times."""
+        await self.wait_event("resume", user_id, count=count, timeout=timeout)
+
+    async def wait_session_description(
+        self,
+        user_id: int,
+        *,
+        count: int = 1,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> None:
+        """Return once op4 has been sent to ``user_id`` ``count`` times (media may flow)."""
+        await self.wait_event("select_protocol", user_id, count=count, timeout=timeout)
+
+    async def wait_closed(
+        self,
+        user_id: int,
+        *,
+        count: int = 1,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> int | None:
+        """Return the close code of ``user_id``'s ``count``-th ended connection."""
+        event = await self.wait_event("closed", user_id, count=count, timeout=timeout)
+        return event.code
+
+    # -- faults ----------------------------------------------------------------------------------
+
+    async def inject_close(self, user_id: int, code: int, *, server_id: int | None = None) -> None:
+        """Close the user's websocket with ``code``, as a voice server would.
+
+        4015 and 1xxx but 1000 leave the session resumable; 4014 and 4022 also take the user
+        out of the channel; every other 4xxx makes a later resume fail with 4006.
+
+        Raises:
+            KeyError: the user has no connected session.
+        """
+        session = self._find_session(user_id, server_id, required=True)
+        assert session is not None
+        if session.conn is None:
+            raise KeyError(f"user {user_id} is not connected")
+        await self._close(session.conn, code, "injected")
+        if code in _LEAVING_CLOSES:
+            await self._end_session(session)
+
+    async def inject_drop(self, user_id: int, *, server_id: int | None = None) -> None:
+        """Abort the user's TCP connection without a close frame; the session stays resumable.
+
+        Raises:
+            KeyError: the user has no connected session.
+        """
+        session = self._find_session(user_id, server_id, required=True)
+        assert session is not None
+        conn = session.conn
+        if conn is None or conn.transport is None:
+            raise KeyError(f"user {user_id} is not connected")
+        conn.dropped = True
+        self._detach(conn)
+        conn.transport.abort()
+
+    def stop_heartbeat_acks(self, user_id: int) -> None:
+        """Stop answering the user's heartbeats (this and later connections)."""
+        self._silenced.add(user_id)
+
+    def resume_heartbeat_acks(self, user_id: int) -> None:
+        """Answer the user's heartbeats again."""
+        self._silenced.discard(user_id)
+
+    async def move(
+        self, user_id: int, *, server_id: int | None = None, close_code: int | None = None
+    ) -> str:
+        """Move the user to another voice server: a second listener of this one.
+
+        Returns the new endpoint for a VOICE_SERVER_UPDATE (the user's token stays valid
+        there). The session cannot be resumed any more, as on a real move: the client must
+        identify at the new endpoint, which gives it a new SSRC and key; its recording goes on.
+        The current connection is left open (discord.py closes it itself when the update
+        arrives) unless ``close_code`` is given.
+
+        Raises:
+            KeyError: the user has no session.
+        """
+        session = self._find_session(user_id, server_id, required=True)
+        assert session is not None
+        session.resumable = False
+        current = session.conn.endpoint if session.conn is not None else self.endpoint
+        target = next((ep for ep, _site in self._listeners if ep != current), None)
+        if target is None:
+            target = await self._add_listener(0)
+        if close_code is not None and session.conn is not None:
+            await self._close(session.conn, close_code, "moved")
+        return target
+
+    # -- websocket -------------------------------------------------------------------------------
+
+    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True, heartbeat=None, max_msg_size=1 << 20)
+        await ws.prepare(request)
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        endpoint = f"{self.host}:{sockname[1]}" if sockname else self.endpoint
+        version = _parse_version(request.query.get("v"))
+        conn = _Connection(ws, request.transport, version or 0, endpoint)
+        self._connections.add(conn)
+        self.stats.connections += 1
+        try:
+            if version is None:
+                await self._close(conn, CLOSE_BAD_REQUEST, "unsupported gateway version")
+                return ws
+            await self._send_raw(
+                conn,
+                {"op": 8, "d": {"v": version, "heartbeat_interval": self.heartbeat_interval * 1e3}},
+            )
+            self._arm_watchdog(conn)
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    await self._on_text(conn, msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self.stats.binary_frames += 1
+                    if self.dave_protocol_version == 0:
+                        await self._close(conn, CLOSE_DECODE_ERROR, "binary frame without DAVE")
+                if conn.server_close_code is not None or conn.dropped:
+                    break
+        finally:
+            await self._connection_ended(conn)
+        return ws
+
+    async def _connection_ended(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if conn.watchdog is not None:
+            conn.watchdog.cancel()
+        session = conn.session
+        if conn.dropped:
+            code = None
+        elif conn.server_close_code is not None:
+            code = conn.server_close_code
+        else:
+            code = conn.ws.close_code
+        grant = session.grant if session is not None else None
+        self._event(
+            "closed",
+            grant,
+            code=code,
+            by_server=conn.server_close_code is not None,
+            endpoint=conn.endpoint,
+        )
+        if session is not None and session.conn is conn:
+            session.conn = None
+            if conn.server_close_code is None and code == CLOSE_NORMAL:
+                # The client hung up on purpose: it left the channel.
+                session.resumable = False
+                await self._end_session(session)
+
+    def _detach(self, conn: _Connection) -> None:
+        if conn.session is not None and conn.session.conn is conn:
+            conn.session.conn = None
+
+    async def _close(self, conn: _Connection, code: int, reason: str) -> None:
+        if conn.server_close_code is not None or conn.ws.closed:
+            return
+        conn.server_close_code = code
+        if conn.session is not None and code in _SESSION_ENDING_CLOSES:
+            conn.session.resumable = False
+        _log.info("closing voice connection with %d (%s)", code, reason)
+        await conn.ws.close(code=code, message=reason.encode()[:120])
+
+    async def _send_raw(self, conn: _Connection, msg: dict[str, Any]) -> None:
+        if conn.ws.closed:
+            return
+        try:
+            await conn.ws.send_str(json.dumps(msg))
+        except ConnectionResetError:
+            _log.debug("voice client went away before op %s", msg.get("op"))
+
+    async def _send(self, session: _Session, op: int, d: Any) -> None:
+        """Send a buffered (v8: sequenced) message to the session, now or on its resume."""
+        session.seq += 1
+        msg: dict[str, Any] = {"op": op, "d": d}
+        if session.version >= 8:
+            msg["seq"] = session.seq
+        session.outbox.append((session.seq, msg))
+        if session.conn is not None:
+            await self._send_raw(session.conn, msg)
+
+    def _arm_watchdog(self, conn: _Connection) -> None:
+        if conn.watchdog is not None:
+            conn.watchdog.cancel()
+        if self.heartbeat_timeout == float("inf"):
+            return
+        loop = asyncio.get_running_loop()
+        conn.watchdog = loop.call_later(self.heartbeat_timeout, self._heartbeat_missed, conn)
+
+    def _heartbeat_missed(self, conn: _Connection) -> None:
+        self._spawn(self._close(conn, CLOSE_SESSION_TIMEOUT, "no heartbeat"))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_text(self, conn: _Connection, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or type(msg.get("op")) is not int:
+            self.stats.bad_json += 1
+            await self._close(conn, CLOSE_DECODE_ERROR, "undecodable payload")
+            return
+        op: int = msg["op"]
+        d = msg.get("d")
+        handler = self._handlers.get(op)
+        if handler is None:
+            if op in _IGNORED_OPS and conn.session is not None:
+                _log.debug("ignoring client op %d", op)
+                return
+            self.stats.unknown_opcodes += 1
+            await self._close(conn, CLOSE_UNKNOWN_OPCODE, f"unknown opcode {op}")
+            return
+        if op not in (0, 3, 7, 16) and conn.session is None:
+            await self._close(conn, CLOSE_NOT_AUTHENTICATED, f"op {op} before identify")
+            return
+        try:
+            await handler(self, conn, d)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.stats.bad_payloads += 1
+            _log.info("bad op %d payload: %s", op, type(exc).__name__)
+            await self._close(conn, CLOSE_DECODE_ERROR, f"invalid op {op} payload")
+
+    # -- ops -------------------------------------------------------------------------------------
+
+    async def _op_identify(self, conn: _Connection, d: Any) -> None:
+        if conn.session is not None:
+            await self._close(conn, CLOSE_ALREADY_AUTHENTICATED, "already identified")
+            return
+        server_id, user_id = int(d["server_id"]), int(d["user_id"])
+        session_id, token = str(d["session_id"]), str(d["token"])
+        grant = self._grants.get(token)
+        if grant is None or grant != _Grant(server_id, user_id, session_id):
+            await self._close(conn, CLOSE_AUTHENTICATION_FAILED, "authentication failed")
+            return
+        key = (server_id, user_id)
+        previous = self._sessions.get(key)
+        if previous is not None:
+            await self._retire(previous)
+        recording = self._recordings.get(key)
+        if recording is None:
+            recording = self._recordings[key] = Recording(server_id, user_id)
+        session = _Session(grant, next(self._ssrcs), recording, conn, version=conn.version)
+        recording.note_ssrc(session.ssrc)
+        self._sessions[key] = session
+        self._by_ssrc[session.ssrc] = session
+        conn.session = session
+        streams = []
+        for stream in d.get("streams") or []:
+            if isinstance(stream, dict):
+                ssrc = next(self._ssrcs)
+                streams.append({**stream, "ssrc": ssrc, "rtx_ssrc": ssrc + 1, "active": False})
+                next(self._ssrcs)
+        await self._send(
+            session,
+            2,
+            {
+                "ssrc": session.ssrc,
+                "ip": self.host,
+                "port": self._udp_port,
+                "modes": list(self.modes),
+                "experiments": [],
+                "streams": streams,
+            },
+        )
+        others = self._members(server_id, exclude=session)
+        if others:
+            await self._send(session, 11, {"user_ids": [str(o.grant.user_id) for o in others]})
+        if previous is None:
+            for other in others:
+                await self._send(other, 11, {"user_ids": [str(user_id)]})
+        self._event("identify", grant, endpoint=conn.endpoint)
+
+    async def _op_resume(self, conn: _Connection, d: Any) -> None:
+        if conn.session is not None:
+            await self._close(conn, CLOSE_ALREADY_AUTHENTICATED, "already identified")
+            return
+        server_id, session_id, token = int(d["server_id"]), str(d["session_id"]), str(d["token"])
+        raw_ack = d.get("seq_ack", -1)
+        seq_ack = raw_ack if type(raw_ack) is int else -1
+        grant = self._grants.get(token)
+        session = self._sessions.get((grant.server_id, grant.user_id)) if grant else None
+        if (
+            grant is None
+            or session is None
+            or grant.server_id != server_id
+            or grant.session_id != session_id
+            or not session.resumable
+        ):
+            await self._close(conn, CLOSE_SESSION_INVALID, "session no longer valid")
+            return
+        old = session.conn
+        if old is not None:
+            # The client gave up on that connection; it gets no close frame, as after a drop.
+            old.dropped = True
+            self._detach(old)
+            if old.transport is not None:
+                old.transport.abort()
+        session.conn = conn
+        session.version = conn.version
+        conn.session = session
+        if conn.version >= 8:
+            for seq, msg in list(session.outbox):
+                if seq > seq_ack:
+                    await self._send_raw(conn, msg)
+        await self._send(session, 9, None)
+        self._event("resume", grant, endpoint=conn.endpoint)
+
+    async def _op_heartbeat(self, conn: _Connection, d: Any) -> None:
+        self.stats.heartbeats += 1
+        if isinstance(d, dict):
+            if conn.version < 8 and self.strict_v6:
+                await self._close(conn, CLOSE_DECODE_ERROR, "heartbeat object before v8")
+                return
+            ack: Any = {"t": d["t"]}
+        elif type(d) is int:
+            ack = d
+        else:
+            raise TypeError("heartbeat nonce")
+        self._arm_watchdog(conn)
+        session = conn.session
+        if session is not None and session.grant.user_id in self._silenced:
+            self.stats.heartbeat_acks_withheld += 1
+            return
+        await self._send_raw(conn, {"op": 6, "d": ack})
+
+    async def _op_backend_version(self, conn: _Connection, d: Any) -> None:
+        msg: dict[str, Any] = {"op": 16, "d": dict(BACKEND_VERSION)}
+        if conn.session is not None:
+            await self._send(conn.session, 16, dict(BACKEND_VERSION))
+        else:
+            await self._send_raw(conn, msg)
+
+    async def _op_select_protocol(self, conn: _Connection, d: Any) -> None:
+        session = conn.session
+        assert session is not None
+        protocol = d["protocol"]
+        if protocol == "udp":
+            data = d["data"]
+            mode = data.get("mode") or d.get("mode")
+            if mode not in self.modes:
+                await self._close(conn, CLOSE_UNKNOWN_MODE, "unknown encryption mode")
+                return
+            address, port = str(data["address"]), int(data["port"])
+            key = secrets.token_bytes(KEY_SIZE)
+            session.protocol, session.mode = "udp", mode
+            session.decryptor = PacketDecryptor(mode, key)
+            session.client_address = (address, port)
+            session.media_session_id = secrets.token_hex(16)
+            await self._send(
+                session,
+                4,
+                {
+                    "mode": mode,
+                    "secret_key": list(key),
+                    "audio_codec": "opus",
+                    "media_session_id": session.media_session_id,
+                    "dave_protocol_version": self.dave_protocol_version,
+                },
+            )
+        elif protocol == "webrtc":
+            if not await self._select_webrtc(conn, session, d):
+                return
+        else:
+            await self._close(conn, CLOSE_UNKNOWN_PROTOCOL, "unknown protocol")
+            return
+        self._event("select_protocol", session.grant, endpoint=conn.endpoint)
+
+    async def _select_webrtc(self, conn: _Connection, session: _Session, d: Any) -> bool:
+        fragment = d.get("sdp") or d.get("data")
+        if not isinstance(fragment, str):
+            raise TypeError("webrtc offer fragment")
+        codecs = d.get("codecs") or []
+        try:
+            module = importlib.import_module("legato.sandbox.webrtc")
+        except ImportError:
+            _log.warning("webrtc asked for but legato.sandbox.webrtc is not available")
+            await self._close(conn, CLOSE_UNKNOWN_PROTOCOL, "webrtc unavailable")
+            return False
+        await self._close_peer(session)
+
+        def on_rtp(ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
+            self.stats.rtp_packets += 1
+            session.recording.add_packet(
+                arrival=asyncio.get_running_loop().time(),
+                ssrc=ssrc,
+                sequence=sequence,
+                timestamp=timestamp,
+                opus=opus,
+            )
+
+        peer = module.WebRtcServerPeer(self.host, on_rtp=on_rtp)
+        session.peer = peer
+        await self._send(session, 15, {"any": 100})
+        try:
+            sdp = await peer.accept(fragment, list(codecs))
+        except Exception:  # noqa: BLE001 - any failure of the peer ends this connection, logged
+            _log.exception("the WebRTC peer refused the offer")
+            await self._close(conn, CLOSE_INTERNAL_ERROR, "webrtc negotiation failed")
+            return False
+        session.protocol, session.mode = "webrtc", None
+        session.media_session_id = secrets.token_hex(16)
+        await self._send(
+            session,
+            4,
+            {
+                "sdp": sdp,
+                "audio_codec": "opus",
+                "video_codec": "H264",
+                "media_session_id": session.media_session_id,
+            },
+        )
+        return True
+
+    async def _op_speaking(self, conn: _Connection, d: Any) -> None:
+        session = conn.session
+        assert session is not None
+        speaking = int(d["speaking"])
+        ssrc = d.get("ssrc")
+        ssrc = int(ssrc) if ssrc is not None else None
+        if ssrc is not None and ssrc != session.ssrc:
+            self._by_ssrc.setdefault(ssrc, session)
+        session.recording.add_speaking(
+            arrival=asyncio.get_running_loop().time(), speaking=speaking, ssrc=ssrc
+        )
+        relay = {"user_id": str(session.grant.user_id), "ssrc": ssrc or session.ssrc}
+        relay["speaking"] = speaking
+        for other in self._members(session.grant.server_id, exclude=session):
+            await self._send(other, 5, relay)
+
+    async def _op_video(self, conn: _Connection, d: Any) -> None:
+        session = conn.session
+        assert session is not None
+        audio_ssrc = int(d.get("audio_ssrc") or 0)
+        if audio_ssrc:
+            session.recording.note_ssrc(audio_ssrc)
+            if audio_ssrc != session.ssrc:
+                self._by_ssrc.setdefault(audio_ssrc, session)
+        relay = {**d, "user_id": str(session.grant.user_id)}
+        for other in self._members(session.grant.server_id, exclude=session):
+            await self._send(other, 12, relay)
+
+    _handlers: Final[dict[int, Callable[[SandboxVoiceServer, _Connection, Any], Any]]] = {
+        0: _op_identify,
+        1: _op_select_protocol,
+        3: _op_heartbeat,
+        5: _op_speaking,
+        7: _op_resume,
+        12: _op_video,
+        16: _op_backend_version,
+    }
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def _find_session(
+        self, user_id: int, server_id: int | None, *, required: bool
+    ) -> _Session | None:
+        matches = [
+            s
+            for s in self._sessions.values()
+            if s.grant.user_id == user_id and server_id in (None, s.grant.server_id)
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if required:
+            raise KeyError(f"{len(matches)} voice sessions for user {user_id} in {server_id}")
+        return None
+
+    def _members(self, server_id: int, *, exclude: _Session) -> list[_Session]:
+        return [
+            s
+            for s in self._sessions.values()
+            if s.grant.server_id == server_id and s is not exclude and not s.ended
+        ]
+
+    async def _retire(self, session: _Session) -> None:
+        """A fresh identify replaced this session: forget it without telling the others."""
+        session.ended = True
+        session.resumable = False
+        self._forget(session)
+        await self._close_peer(session)
+        if session.conn is not None:
+            conn = session.conn
+            self._detach(conn)
+            await self._close(conn, CLOSE_SESSION_INVALID, "replaced by a new session")
+
+    async def _end_session(self, session: _Session) -> None:
+        if session.ended:
+            return
+        session.ended = True
+        self._forget(session)
+        await self._close_peer(session)
+        for other in self._members(session.grant.server_id, exclude=session):
+            await self._send(other, 13, {"user_id": str(session.grant.user_id)})
+        self._event("left", session.grant)
+
+    def _forget(self, session: _Session) -> None:
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+        for ssrc in [k for k, v in self._by_ssrc.items() if v is session]:
+            del self._by_ssrc[ssrc]
+
+    async def _close_peer(self, session: _Session) -> None:
+        peer, session.peer = session.peer, None
+        if peer is not None:
+            await peer.close()
+
+    def _event(
+        self,
+        kind: str,
+        grant: _Grant | None,
+        *,
+        code: int | None = None,
+        by_server: bool = False,
+        endpoint: str = "",
+    ) -> None:
+        self.events.append(
+            VoiceEvent(
+                kind,
+                grant.user_id if grant else None,
+                grant.server_id if grant else None,
+                code,
+                by_server,
+                endpoint,
+            )
+        )
+        _log.debug("voice event %s user=%s code=%s", kind, grant.user_id if grant else None, code)
+        self._waiters.notify()
+
+    # -- media -----------------------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.stats.udp_datagrams += 1
+        try:
+            if len(data) == DISCOVERY_PACKET_SIZE and data[:2] == b"\x00\x01":
+                ssrc = parse_discovery_request(data)
+                self.stats.discovery_requests += 1
+                if self._udp is not None:
+                    self._udp.sendto(discovery_response(ssrc, addr[0], addr[1]), addr)
+                return
+            if is_rtcp(data):
+                parse_rtcp(data)
+                self.stats.rtcp_packets += 1
+                return
+            header = parse_rtp(data).header
+        except MalformedPacket:
+            self.stats.malformed_packets += 1
+            return
+        session = self._by_ssrc.get(header.ssrc)
+        if session is None or session.decryptor is None:
+            self.stats.unknown_ssrc_packets += 1
+            return
+        try:
+            rtp, opus = session.decryptor.decrypt(data)
+        except DecryptionFailed:
+            self.stats.undecryptable_packets += 1
+            return
+        except MalformedPacket:
+            self.stats.malformed_packets += 1
+            return
+        self.stats.rtp_packets += 1
+        session.recording.add_packet(
+            arrival=asyncio.get_running_loop().time(),
+            ssrc=rtp.header.ssrc,
+            sequence=rtp.header.sequence,
+            timestamp=rtp.header.timestamp,
+            opus=opus,
+        )
+
+
+def _parse_version(raw: str | None) -> int | None:
+    """``?v=`` as an int in 4..8; absent means 4 (Discord's oldest still accepted); else None."""
+    if raw is None:
+        return MIN_VERSION
+    try:
+        version = int(raw)
+    except ValueError:
+        return None
+    return version if MIN_VERSION <= version <= MAX_VERSION else None
