@@ -1,0 +1,198 @@
+"""When each 20 ms frame goes out: a pure scheduler with time passed in (STYLE.md section 2).
+
+Deadlines are absolute, ``anchor + k * 20 ms``, so sleeping late never accumulates drift. What
+this pacer does not do is catch up: discord.py's ``AudioPlayer`` keeps its schedule after a stall
+and clamps the sleep to zero, so a 200 ms stall comes out as ten frames 0.1 ms apart (discord.py
+issue #9120). A receiver's jitter buffer overflows on such a burst. Here a frame more than one
+frame late re-anchors the grid at "now" (the lost time is lost, as it is for a live stream), and
+no two frames are ever sent closer than ``min_gap`` (10 ms): a frame a little late keeps the grid,
+and the next one waits at least ``min_gap``, so the grid is caught up gradually.
+
+The player drives it::
+
+    while (action := pacer.poll(now, audio_ready=bool(buffer))) is not PacerAction.WAIT: ...
+    sleep until pacer.next_deadline() (None: until something changes)
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from legato.audio.sink import SILENCE_FRAMES
+
+#: One Opus frame.
+FRAME_INTERVAL: Final = 0.020
+#: No two frames closer than this, whatever happened before.
+MIN_GAP: Final = 0.010
+#: A frame may go out this much before its deadline (timer and float rounding).
+EARLY: Final = 0.0005
+
+
+class PacerAction(enum.Enum):
+    """What the player must do now."""
+
+    WAIT = "wait"
+    """Nothing is due; sleep until ``next_deadline()`` (or until audio arrives)."""
+    SPEAKING_ON = "speaking_on"
+    """Announce speaking (await it), then poll again."""
+    SEND_AUDIO = "send_audio"
+    """Send the next audio frame now."""
+    SEND_SILENCE = "send_silence"
+    """Send one ``OPUS_SILENCE`` frame now."""
+    SPEAKING_OFF = "speaking_off"
+    """Announce speaking off (await it), then poll again."""
+    UNDERRUN = "underrun"
+    """A frame is due but no audio is ready; poll again when it is (nothing was sent)."""
+
+
+class Pacer:
+    """Schedule audio frames, speaking changes and the trailing silence for one stream.
+
+    Args:
+        interval: Seconds between frames.
+        silence_frames: Silence frames sent after audio stops, before speaking goes off.
+        min_gap: Smallest interval ever allowed between two frames.
+        stall: A frame later than this re-anchors the grid instead of keeping it (default: one
+            interval).
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = FRAME_INTERVAL,
+        silence_frames: int = SILENCE_FRAMES,
+        min_gap: float = MIN_GAP,
+        stall: float | None = None,
+    ) -> None:
+        if interval <= 0 or not 0 <= min_gap <= interval:
+            raise ValueError("need interval > 0 and 0 <= min_gap <= interval")
+        self.interval = interval
+        self.min_gap = min_gap
+        self.stall = interval if stall is None else stall
+        self._silence_frames = silence_frames
+        self._want_audio = False
+        self._speaking = False
+        self._silence_left = 0
+        self._anchor: float | None = None
+        self._k = 0
+        self._last_sent: float | None = None
+        #: Lateness of the last frame sent, against its deadline (after any re-anchor: 0).
+        self.last_lateness = 0.0
+        #: Frames that re-anchored the grid because they were more than ``stall`` late.
+        self.reanchors = 0
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def play(self) -> None:
+        """Audio is wanted from now on (start or resume); speaking goes on before the first frame.
+
+        A play during the trailing silence cancels the rest of it and keeps the grid.
+        """
+        self._want_audio = True
+        self._silence_left = 0
+
+    def stop(self) -> None:
+        """Audio stops (pause, stop, queue end, loading): trailing silence, then speaking off."""
+        if not self._want_audio:
+            return
+        self._want_audio = False
+        self._silence_left = self._silence_frames if self._speaking else 0
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def speaking(self) -> bool:
+        """Whether speaking is (being) announced as on."""
+        return self._speaking
+
+    @property
+    def playing(self) -> bool:
+        """Whether audio is wanted."""
+        return self._want_audio
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to send and nothing to announce."""
+        return not self._want_audio and not self._speaking
+
+    def next_deadline(self) -> float | None:
+        """When the next frame is due, or ``None`` when only new audio (or ``play``) can start it.
+
+        An action that is due immediately (speaking on or off) returns ``-inf``.
+        """
+        if self._want_audio:
+            if not self._speaking:
+                return None  # speaking on waits for audio, not for time
+            if self._anchor is None:
+                return None  # the first frame goes out as soon as audio is ready
+            return self._deadline()
+        if self._speaking:
+            if self._silence_left == 0:
+                return float("-inf")
+            if self._anchor is None:
+                return float("-inf")
+            return self._deadline()
+        return None
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def poll(self, now: float, *, audio_ready: bool = True) -> PacerAction:
+        """Say what to do at ``now``; the action is taken to be done once returned.
+
+        Args:
+            now: The current time in seconds on the clock all deadlines are on.
+            audio_ready: Whether an audio frame is buffered and could be sent now.
+
+        Returns:
+            The action; call again until it is ``WAIT`` or ``UNDERRUN``.
+        """
+        if self._want_audio:
+            if not self._speaking:
+                if not audio_ready:
+                    return PacerAction.UNDERRUN
+                self._speaking = True
+                self._anchor = None  # the grid starts with the first frame after speaking on
+                return PacerAction.SPEAKING_ON
+            if not self._is_due(now):
+                return PacerAction.WAIT
+            if not audio_ready:
+                return PacerAction.UNDERRUN
+            self._sent(now)
+            return PacerAction.SEND_AUDIO
+        if self._speaking:
+            if self._silence_left == 0:
+                self._speaking = False
+                self._anchor = None
+                return PacerAction.SPEAKING_OFF
+            if not self._is_due(now):
+                return PacerAction.WAIT
+            self._silence_left -= 1
+            self._sent(now)
+            return PacerAction.SEND_SILENCE
+        return PacerAction.WAIT
+
+    def _deadline(self) -> float:
+        assert self._anchor is not None
+        grid = self._anchor + self._k * self.interval
+        if self._last_sent is not None:
+            return max(grid, self._last_sent + self.min_gap)
+        return grid
+
+    def _is_due(self, now: float) -> bool:
+        return self._anchor is None or now >= self._deadline() - EARLY
+
+    def _sent(self, now: float) -> None:
+        if self._anchor is None:
+            self._anchor, self._k = now, 0
+            self.last_lateness = 0.0
+        else:
+            lateness = now - (self._anchor + self._k * self.interval)
+            if lateness > self.stall:
+                # Re-anchor rather than send the backlog in a burst (discord.py #9120).
+                self._anchor, self._k = now, 0
+                self.reanchors += 1
+                lateness = 0.0
+            self.last_lateness = lateness
+        self._last_sent = now
+        self._k += 1

@@ -1,0 +1,224 @@
+"""Pacer: exact frame times, speaking order, trailing silence and what happens after a stall."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from legato.audio.pacer import MIN_GAP, Pacer, PacerAction
+
+A = PacerAction
+T0 = 1000.0
+
+
+def drain(pacer: Pacer, now: float, *, audio: bool = True) -> list[PacerAction]:
+    """Poll until the pacer waits, as the player does after every wake-up."""
+    out: list[PacerAction] = []
+    while (action := pacer.poll(now, audio_ready=audio)) not in (A.WAIT, A.UNDERRUN):
+        out.append(action)
+        assert len(out) < 50, "pacer never settles"
+    out.append(action)
+    return out
+
+
+def run(
+    pacer: Pacer,
+    start: float,
+    end: float,
+    *,
+    audio: bool = True,
+    wake_late: float = 0.0,
+    log: list[tuple[float, PacerAction]] | None = None,
+) -> list[tuple[float, PacerAction]]:
+    """Drive the pacer as a timer-driven player would: wake at each deadline (plus lateness)."""
+    log = [] if log is None else log
+    now = start
+    while now <= end + 1e-9:
+        for action in drain(pacer, now, audio=audio):
+            if action not in (A.WAIT, A.UNDERRUN):
+                log.append((round(now - T0, 6), action))
+        deadline = pacer.next_deadline()
+        if deadline is None:
+            break
+        now = max(now, deadline) + wake_late
+    return log
+
+
+def sends(log: list[tuple[float, PacerAction]]) -> list[float]:
+    return [t for t, a in log if a in (A.SEND_AUDIO, A.SEND_SILENCE)]
+
+
+def test_idle_pacer_does_nothing() -> None:
+    p = Pacer()
+    assert p.idle
+    assert p.poll(T0) is A.WAIT
+    assert p.next_deadline() is None
+
+
+def test_speaking_on_comes_before_first_frame_and_frames_are_on_a_grid() -> None:
+    p = Pacer()
+    p.play()
+    assert p.next_deadline() is None  # speaking waits for audio
+    assert drain(p, T0, audio=False) == [A.UNDERRUN]
+    assert not p.speaking
+    assert drain(p, T0) == [A.SPEAKING_ON, A.SEND_AUDIO, A.WAIT]
+    assert p.next_deadline() == pytest.approx(T0 + 0.020)
+    log = run(p, T0 + 0.020, T0 + 0.100)
+    assert log == [(round(0.020 * k, 6), A.SEND_AUDIO) for k in range(1, 6)]
+
+
+def test_deadlines_are_absolute_no_drift_when_woken_slightly_late() -> None:
+    p = Pacer()
+    p.play()
+    drain(p, T0)
+    log = run(p, T0 + 0.0207, T0 + 2.001, wake_late=0.0007)
+    times = sends(log)
+    assert len(times) == 100
+    # Each frame is 0.7 ms late against its own grid point: the lateness never accumulates.
+    for k, t in enumerate(times, start=1):
+        assert t == pytest.approx(0.020 * k + 0.0007, abs=1e-6)
+    assert p.last_lateness == pytest.approx(0.0007, abs=1e-6)
+    assert p.reanchors == 0
+
+
+def test_pause_sends_five_silence_frames_on_the_grid_then_speaking_off() -> None:
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.040)
+    p.stop()
+    assert p.next_deadline() == pytest.approx(T0 + 0.060)
+    run(p, T0 + 0.060, T0 + 1.0, log=log)
+    assert [a for _, a in log] == [
+        A.SPEAKING_ON,
+        A.SEND_AUDIO,
+        A.SEND_AUDIO,
+        A.SEND_AUDIO,
+        *[A.SEND_SILENCE] * 5,
+        A.SPEAKING_OFF,
+    ]
+    assert sends(log) == [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14]
+    assert log[-1] == (0.14, A.SPEAKING_OFF)
+    assert p.idle
+    assert p.next_deadline() is None
+
+
+def test_resume_after_speaking_off_announces_again_and_re_anchors() -> None:
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.020)
+    p.stop()
+    run(p, T0 + 0.040, T0 + 1.0)
+    assert p.idle
+    p.play()
+    later = T0 + 5.0013
+    assert drain(p, later) == [A.SPEAKING_ON, A.SEND_AUDIO, A.WAIT]
+    assert p.next_deadline() == pytest.approx(later + 0.020)
+    assert p.reanchors == 0  # a new grid after speaking on is not a stall
+
+
+def test_play_during_trailing_silence_keeps_speaking_and_grid() -> None:
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.020)
+    p.stop()
+    run(p, T0 + 0.040, T0 + 0.060, log=log)  # two silence frames
+    p.play()
+    run(p, T0 + 0.080, T0 + 0.120, log=log)
+    assert [a for _, a in log] == [
+        A.SPEAKING_ON,
+        A.SEND_AUDIO,
+        A.SEND_AUDIO,
+        A.SEND_SILENCE,
+        A.SEND_SILENCE,
+        A.SEND_AUDIO,
+        A.SEND_AUDIO,
+        A.SEND_AUDIO,
+    ]
+    assert sends(log) == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12])
+
+
+def test_stop_before_any_frame_after_speaking_on_still_sends_silence_then_off() -> None:
+    p = Pacer()
+    p.play()
+    assert p.poll(T0) is A.SPEAKING_ON
+    p.stop()
+    log = run(p, T0 + 0.001, T0 + 1.0)
+    assert [a for _, a in log] == [*[A.SEND_SILENCE] * 5, A.SPEAKING_OFF]
+
+
+def test_stop_when_never_speaking_is_silent() -> None:
+    p = Pacer()
+    p.play()
+    p.stop()
+    assert drain(p, T0) == [A.WAIT]
+    assert p.idle
+
+
+def test_stall_re_anchors_instead_of_bursting() -> None:
+    """discord.py #9120: after a 200 ms stall the stock player sends 10 frames 0.1 ms apart."""
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.100)
+    # The loop is blocked for 200 ms: the next wake-up happens at 0.320 instead of 0.120.
+    run(p, T0 + 0.320, T0 + 0.500, log=log)
+    times = sends(log)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.020 - 1e-9
+    assert times[:6] == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.10])
+    assert times[6:9] == pytest.approx([0.32, 0.34, 0.36])
+    assert p.reanchors == 1
+
+
+def test_underrun_longer_than_a_frame_re_anchors() -> None:
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert drain(p, T0 + 0.060, audio=False) == [A.UNDERRUN]
+    assert drain(p, T0 + 0.090, audio=False) == [A.UNDERRUN]
+    # Audio arrives 75 ms after the frame was due: sent now, the grid moves here.
+    assert drain(p, T0 + 0.135) == [A.SEND_AUDIO, A.WAIT]
+    assert p.reanchors == 1
+    assert p.next_deadline() == pytest.approx(T0 + 0.155)
+
+
+def test_slightly_late_frame_keeps_grid_but_never_closer_than_min_gap() -> None:
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.020)
+    # Frame 2 (due 0.040) goes out 15 ms late; frame 3 stays on the grid only as far as the
+    # minimum gap allows: 0.055 + 10 ms = 0.065 instead of 0.060; frame 4 is back on 0.080.
+    assert drain(p, T0 + 0.055) == [A.SEND_AUDIO, A.WAIT]
+    assert p.last_lateness == pytest.approx(0.015)
+    assert p.next_deadline() == pytest.approx(T0 + 0.055 + MIN_GAP)
+    log = run(p, p.next_deadline() or 0.0, T0 + 0.100)
+    assert sends(log) == pytest.approx([0.065, 0.080, 0.100])
+    assert p.reanchors == 0
+
+
+def test_no_two_frames_closer_than_min_gap_under_random_wakeups() -> None:
+    import random
+
+    rng = random.Random(3)
+    p = Pacer()
+    p.play()
+    now, times = T0, list[float]()
+    for _ in range(3000):
+        actions = drain(p, now, audio=rng.random() > 0.05)
+        times.extend(now for action in actions if action is A.SEND_AUDIO)
+        deadline = p.next_deadline()
+        base = deadline if deadline is not None else now
+        # Wake up late by 0-30 ms (sometimes), or early polls caused by other events.
+        now = max(now, base) + rng.choice([0.0, 0.0, 0.0005, 0.004, 0.012, 0.030])
+        if rng.random() < 0.1:
+            now = max(now - 0.015, times[-1] if times else now)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(times) > 1000
+    assert min(gaps) >= MIN_GAP - 1e-9
+
+
+def test_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="interval"):
+        Pacer(interval=0.0)
+    with pytest.raises(ValueError, match="min_gap"):
+        Pacer(min_gap=0.05)
