@@ -99,6 +99,12 @@ class PageReports:
     def of(self, kind: str) -> list[Any]:
         return [detail for k, detail in self.items if k == kind]
 
+    async def wait(self, kind: str, detail: Any = None) -> None:
+        """Return once a report of ``kind`` (with ``detail``, if given) has arrived."""
+        while not any(k == kind and detail in (None, d) for k, d in self.items):
+            self.changed.clear()
+            await self.changed.wait()
+
     def summary(self) -> str:
         return "; ".join(f"{k}={d!r}" for k, d in self.items if k != "op")[-3000:]
 
@@ -212,8 +218,14 @@ async def test_chromium_sends_its_microphone_through_the_sandbox(browser: Browse
         browser, recording.wait_speaking(True, timeout=GUARD), "op5 after DTLS"
     )
 
+    # The page reports over HTTP, asynchronously: wait for the reports rather than assume them.
+    await wait_for_page_or_fail(
+        browser, asyncio.wait_for(reports.wait("connection", "connected"), GUARD), "'connected'"
+    )
+    await wait_for_page_or_fail(
+        browser, asyncio.wait_for(reports.wait("offer"), GUARD), "the offer report"
+    )
     (offer,) = reports.of("offer")
-    assert "connected" in reports.of("connection")
     assert offer["pt"] != 96
     fragment_lines = offer["fragment"].split("\n")
     assert sum(line.startswith("a=fingerprint:sha-256 ") for line in fragment_lines) == 1
