@@ -1,10 +1,18 @@
 """Legato: a discord.py music extension with its own voice stack.
 
-Load it with ``await bot.load_extension("legato")``.
+Load it with ``await bot.load_extension("legato")``. The configuration file is, in order:
+``bot.legato_config`` (a ready :class:`~legato.config.Config`), ``bot.legato_config_path``, the
+path given to :func:`configure`, ``$LEGATO_CONFIG``, ``legato.toml``; a missing file means
+defaults.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from legato.config import Config, load_config
 from legato.errors import (
     AudioError,
     ConfigError,
@@ -21,10 +29,14 @@ from legato.errors import (
     VoiceError,
 )
 
+if TYPE_CHECKING:
+    from discord.ext import commands
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AudioError",
+    "Config",
     "ConfigError",
     "DecodeError",
     "InvalidTransition",
@@ -38,4 +50,57 @@ __all__ = [
     "VoiceConnectError",
     "VoiceError",
     "__version__",
+    "configure",
+    "load_config",
+    "setup",
+    "teardown",
 ]
+
+_log = logging.getLogger(__name__)
+
+#: Set by :func:`configure`; read by :func:`setup`.
+_configured_path: str | None = None
+
+
+def configure(path: str | os.PathLike[str] | None) -> None:
+    """Name the configuration file the next ``load_extension("legato")`` reads.
+
+    ``bot.legato_config_path`` takes precedence; ``None`` goes back to ``$LEGATO_CONFIG`` /
+    ``legato.toml``.
+    """
+    global _configured_path
+    _configured_path = None if path is None else os.fspath(path)
+
+
+def resolve_config(bot: object) -> Config:
+    """The configuration for ``bot``: its ``legato_config``, or the file it or :func:`configure`
+    names, else ``$LEGATO_CONFIG``, else ``legato.toml``.
+
+    Raises:
+        ConfigError: The file or an override is bad.
+    """
+    ready = getattr(bot, "legato_config", None)
+    if isinstance(ready, Config):
+        return ready
+    path = getattr(bot, "legato_config_path", None) or _configured_path
+    return load_config(path)
+
+
+async def setup(bot: commands.Bot) -> None:
+    """The extension entry point: read the configuration and add the Music cog.
+
+    Raises:
+        ConfigError: The configuration is bad (discord.py wraps it in ``ExtensionFailed``);
+            nothing is added.
+    """
+    from legato.cogs.music import MusicCog  # the cog pulls in discord and the audio stack
+
+    config = resolve_config(bot)
+    _log.info("Legato %s loading (configuration: %s)", __version__, config.source or "defaults")
+    await bot.add_cog(MusicCog(bot, config))
+
+
+async def teardown(bot: commands.Bot) -> None:
+    """The extension exit point: remove the Music cog, which leaves every voice channel."""
+    if bot.get_cog("Music") is not None:
+        await bot.remove_cog("Music")

@@ -274,6 +274,25 @@ def _names() -> _Conv:
     return _Conv(from_toml, from_env)
 
 
+def _provider() -> _Conv:
+    expected = (
+        "one of 'youtube', 'soundcloud', 'none', or an http(s) URL template containing {query}"
+    )
+
+    def from_toml(v: object) -> str:
+        if isinstance(v, str) and v in ("youtube", "soundcloud", "none"):
+            return v
+        if (
+            isinstance(v, str)
+            and re.fullmatch(r"https?://[^\s]+", v) is not None
+            and "{query}" in v
+        ):
+            return v
+        raise _Bad(expected)
+
+    return _Conv(from_toml, from_toml)
+
+
 def _port() -> _Conv:
     return _integer(0, 65535, "0 picks a free port")
 
@@ -308,8 +327,8 @@ class VoiceConfig:
 class PlaybackConfig:
     """``[playback]``: what may be played and how the player behaves."""
 
-    default_volume: int = _key(100, _integer(0, 1000, "percent"), "volume of a new player")
-    max_volume: int = _key(150, _integer(1, 1000, "percent"), "highest /volume accepted")
+    default_volume: int = _key(100, _integer(0, 200, "percent"), "volume of a new player")
+    max_volume: int = _key(150, _integer(1, 200, "percent"), "highest /volume accepted")
     announce_now_playing: bool = _key(True, _boolean(), "post each new track where /play ran")
     idle_timeout: float = _key(
         300.0, _number(0, 86_400, "seconds"), "leave after this long with nothing playing; 0 never"
@@ -326,8 +345,8 @@ class PlaybackConfig:
         (), _domains(), "URL hosts accepted (subdomains included); empty allows all"
     )
     allow_local_files: bool = _key(False, _boolean(), "accept paths on the bot's disk")
-    search_provider: Literal["youtube", "soundcloud", "none"] = _key(
-        "youtube", _choice("youtube", "soundcloud", "none"), "what a non-URL query searches"
+    search_provider: str = _key(
+        "youtube", _provider(), "what a non-URL query searches; a URL template with {query} works"
     )
     search_results: int = _key(5, _integer(1, 25), "suggestions offered by /play autocomplete")
     resolve_timeout: float = _key(

@@ -57,9 +57,9 @@ def test_path_order_explicit_then_env_then_default(tmp_path: Path) -> None:
 
 
 def test_env_named_file_is_read(tmp_path: Path) -> None:
-    path = write(tmp_path, "[playback]\nmax_volume = 300\n", "other.toml")
+    path = write(tmp_path, "[playback]\nmax_volume = 180\n", "other.toml")
     cfg = load_config(env={"LEGATO_CONFIG": str(path)})
-    assert cfg.playback.max_volume == 300
+    assert cfg.playback.max_volume == 180
     assert cfg.source == str(path)
 
 
@@ -91,7 +91,7 @@ max_track_duration = 600
 max_playlist_size = 7
 allowed_domains = ["Example.COM", "media.test."]
 allow_local_files = true
-search_provider = "soundcloud"
+search_provider = "http://127.0.0.1:9/search?q={query}"
 search_results = 3
 resolve_timeout = 5
 
@@ -142,7 +142,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         max_playlist_size=7,
         allowed_domains=("example.com", "media.test"),
         allow_local_files=True,
-        search_provider="soundcloud",
+        search_provider="http://127.0.0.1:9/search?q={query}",
         search_results=3,
         resolve_timeout=5.0,
     )
@@ -193,8 +193,8 @@ BAD: list[tuple[str, str, str, str]] = [
     ("voice", "fec", "1", "true or false"),
     ("voice", "expected_packet_loss", "-1", "an integer from 0 to 100"),
     ("voice", "connect_timeout", "0", "a number from 1 to 300"),
-    ("playback", "default_volume", "true", "an integer from 0 to 1000"),
-    ("playback", "max_volume", "0", "an integer from 1 to 1000"),
+    ("playback", "default_volume", "true", "an integer from 0 to 200"),
+    ("playback", "max_volume", "0", "an integer from 1 to 200"),
     ("playback", "announce_now_playing", '"no"', "true or false"),
     ("playback", "idle_timeout", "-1", "a number from 0 to 86400"),
     ("playback", "idle_timeout", "nan", "a number from 0 to 86400"),
@@ -206,6 +206,7 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "allowed_domains", '["https://example.com"]', "a list of bare domain names"),
     ("playback", "allow_local_files", "0", "true or false"),
     ("playback", "search_provider", '"google"', "'youtube', 'soundcloud', 'none'"),
+    ("playback", "search_provider", '"http://x.test/s"', "URL template containing {query}"),
     ("playback", "search_results", "26", "an integer from 1 to 25"),
     ("playback", "resolve_timeout", "0.5", "a number from 1 to 300"),
     ("permissions", "dj_role", "[1]", "a role name, a role id"),
@@ -259,7 +260,7 @@ def test_bad_value_is_shown(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[playback]\nmax_volume = 5000\n")
     assert message == (
         f"{tmp_path / 'legato.toml'}: playback.max_volume = 5000 is invalid: "
-        "expected an integer from 1 to 1000 (percent)"
+        "expected an integer from 1 to 200 (percent)"
     )
 
 
@@ -350,7 +351,7 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
         ("LEGATO_VOICE_BITRATE", "64_000", "voice", "bitrate", 64000),
         ("LEGATO_VOICE_SELF_DEAF", "off", "voice", "self_deaf", False),
         ("LEGATO_VOICE_FEC", "Yes", "voice", "fec", True),
-        ("LEGATO_PLAYBACK_MAX_VOLUME", "300", "playback", "max_volume", 300),
+        ("LEGATO_PLAYBACK_MAX_VOLUME", "180", "playback", "max_volume", 180),
         ("LEGATO_PLAYBACK_IDLE_TIMEOUT", "2.5", "playback", "idle_timeout", 2.5),
         (
             "LEGATO_PLAYBACK_ALLOWED_DOMAINS",
@@ -378,7 +379,7 @@ def test_env_overrides(
 @pytest.mark.parametrize(
     ("var", "value", "key", "expected"),
     [
-        ("LEGATO_PLAYBACK_MAX_VOLUME", "loud", "playback.max_volume", "an integer from 1 to 1000"),
+        ("LEGATO_PLAYBACK_MAX_VOLUME", "loud", "playback.max_volume", "an integer from 1 to 200"),
         ("LEGATO_VOICE_SELF_DEAF", "maybe", "voice.self_deaf", "true/false, yes/no"),
         ("LEGATO_VOICE_GATEWAY_VERSION", "7", "voice.gateway_version", "6, 8, 'auto'"),
         ("LEGATO_PERMISSIONS_VOTE_SKIP_RATIO", "2", "permissions.vote_skip_ratio", "0 to 1"),

@@ -1,0 +1,934 @@
+"""The Music cog: slash commands mapped onto a per-guild player, queue and voice client.
+
+The cog is thin. Each guild with the bot in voice has one :class:`GuildSession` (voice client,
+player, queue, the text channel for announcements, skip votes and the idle/alone timers); the
+commands check who may do what, then call the player or the queue. The cog is the only place that
+writes replies: failures are :class:`~legato.errors.LegatoError` raised from anywhere below and
+answered here, ephemerally, with their ``user_message``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from legato.audio.encode import OpusSettings
+from legato.audio.player import (
+    GuildPlayer,
+    PlayerEvent,
+    PlayerState,
+    QueueEnded,
+    TrackFailed,
+    TrackStarted,
+    make_opener,
+)
+from legato.audio.queue import LoopMode, TrackQueue
+from legato.audio.resolve import Resolver, ResolverSettings
+from legato.audio.track import Track
+from legato.cogs.checks import (
+    Denied,
+    NotPlaying,
+    VoiceLike,
+    listeners,
+    require_may,
+    require_same_channel,
+    require_voice,
+)
+from legato.cogs.format import (
+    BadInput,
+    announce_embed,
+    format_time,
+    now_playing_embed,
+    parse_position,
+    queue_embed,
+    queue_pages,
+    safe_text,
+    track_title,
+)
+from legato.cogs.views import QueuePager
+from legato.config import Config
+from legato.errors import LegatoError, QueueEmpty, QueueError, QueueFull, VoiceConnectError
+from legato.log import guild_logger
+from legato.voice.client import LegatoVoiceClient, VoiceOptions
+
+if TYPE_CHECKING:
+    from legato.errors import VoiceError
+
+__all__ = ["AUTOCOMPLETE_BUDGET", "GuildSession", "MusicCog"]
+
+_log = logging.getLogger(__name__)
+
+#: Discord drops an autocomplete answer after 3 s; answer with what is ready by then.
+AUTOCOMPLETE_BUDGET: Final = 2.5
+_SUGGESTION_TTL: Final = 600.0
+_SUGGESTION_CACHE: Final = 256
+_PROVIDERS: Final = {"youtube": "ytsearch", "soundcloud": "scsearch", "none": "ytsearch"}
+_NO_MENTIONS: Final = discord.AllowedMentions.none()
+_TITLE: Final = 100  # title length in one-line replies
+
+Interaction = discord.Interaction[Any]
+
+
+class GuildSession:
+    """Everything Legato holds for one guild while it is in voice there.
+
+    Owns its tasks (announcements, the idle and alone timers); :meth:`close` cancels them, closes
+    the player and, when asked, leaves the channel.
+    """
+
+    def __init__(
+        self,
+        cog: MusicCog,
+        guild: discord.Guild,
+        voice: LegatoVoiceClient,
+        text_channel: discord.abc.Messageable | None,
+    ) -> None:
+        config = cog.config.playback
+        self.cog = cog
+        self.guild_id = guild.id
+        self.voice = voice
+        self.text_channel = text_channel
+        self.log = guild_logger(__name__, guild.id)
+        self.queue = TrackQueue(max_length=config.max_queue_length)
+        self.player = GuildPlayer(
+            voice,
+            cog.opener,
+            queue=self.queue,
+            executor=cog.executor,
+            on_event=self._on_event,
+            volume=config.default_volume / 100,
+            guild_id=guild.id,
+        )
+        self.votes: set[int] = set()
+        self.closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle: asyncio.Task[None] | None = None
+        self._alone: asyncio.Task[None] | None = None
+
+    @property
+    def channel(self) -> VoiceLike:
+        """The voice channel the bot is in."""
+        channel = self.voice.channel
+        assert isinstance(channel, (discord.VoiceChannel, discord.StageChannel))
+        return channel
+
+    @property
+    def volume_percent(self) -> int:
+        """The player's volume in percent."""
+        return round(self.player.volume * 100)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run ``coro`` as a task this session owns (cancelled by :meth:`close`)."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"legato-{name}-{self.guild_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- player events -------------------------------------------------------------------------
+
+    def _on_event(self, event: PlayerEvent) -> None:
+        if isinstance(event, TrackStarted):
+            self.votes.clear()
+            self.cancel_idle()
+            self.log.info("playing %r", event.track.title)
+            if self.cog.config.playback.announce_now_playing:
+                self.post(embed=announce_embed(event.track))
+        elif isinstance(event, TrackFailed):
+            self.votes.clear()
+            self.log.warning("track %r failed: %s", event.track.title, event.error)
+            title = track_title(event.track, _TITLE)
+            self.post(content=f"Skipped **{title}**: {event.error.user_message}")
+        elif isinstance(event, QueueEnded):
+            self.arm_idle()
+
+    def post(self, *, content: str | None = None, embed: discord.Embed | None = None) -> None:
+        """Send a message to the channel where /play was last used (if any), in the background."""
+        channel = self.text_channel
+        if channel is None or self.closed:
+            return
+
+        async def send() -> None:
+            try:
+                if embed is not None:
+                    await channel.send(content=content, embed=embed, allowed_mentions=_NO_MENTIONS)
+                else:
+                    await channel.send(content=content, allowed_mentions=_NO_MENTIONS)
+            except discord.HTTPException as exc:
+                # Missing permissions or a deleted channel must not stop the music.
+                self.log.warning("could not post to channel %s: %s", channel, exc)
+
+        self.spawn(send(), "post")
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def arm_idle(self) -> None:
+        """Leave after ``idle_timeout`` seconds unless something starts playing."""
+        delay = self.cog.config.playback.idle_timeout
+        if delay <= 0 or self.closed or self._idle is not None:
+            return
+        self._idle = self._timer(delay, "idle", f"Nothing played for {format_time(delay)}.")
+
+    def cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def check_alone(self) -> None:
+        """Start or stop the "left alone" timer from who is in the channel now."""
+        delay = self.cog.config.playback.leave_when_alone_after
+        if delay <= 0 or self.closed:
+            return
+        alone = not listeners(self.channel)
+        if alone and self._alone is None:
+            self._alone = self._timer(delay, "alone", "Everyone left the voice channel.")
+        elif not alone and self._alone is not None:
+            self._alone.cancel()
+            self._alone = None
+
+    def _timer(self, delay: float, kind: str, why: str) -> asyncio.Task[None]:
+        async def fire() -> None:
+            await asyncio.sleep(delay)
+            self.log.info("leaving: %s timer fired after %.1f s", kind, delay)
+            await self.cog.end_session(self.guild_id, leave=True, notice=f"{why} Leaving.")
+
+        task = asyncio.get_running_loop().create_task(fire(), name=f"legato-{kind}-{self.guild_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def close(self, *, leave: bool) -> None:
+        """Cancel every task, close the player and (when ``leave``) disconnect. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        me = asyncio.current_task()
+        pending = [t for t in self._tasks if t is not me]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self.player.close()
+        if leave:
+            await self.voice.disconnect(force=True)
+
+
+class _Suggestions:
+    """Autocomplete results by query: answered from cache, shared while a search runs."""
+
+    def __init__(self, search: Callable[[str], Coroutine[Any, Any, list[Track]]]) -> None:
+        self._search = search
+        self._done: OrderedDict[str, tuple[float, list[Track]]] = OrderedDict()
+        self._running: dict[str, asyncio.Task[list[Track]]] = {}
+
+    def cached(self, query: str) -> list[Track] | None:
+        hit = self._done.get(query)
+        if hit is None or time.monotonic() - hit[0] > _SUGGESTION_TTL:
+            return None
+        self._done.move_to_end(query)
+        return hit[1]
+
+    def nearest(self, query: str) -> list[Track]:
+        """Results of the longest cached prefix of ``query`` (what is ready while typing)."""
+        best: list[Track] = []
+        best_len = 0
+        for key, (_, tracks) in self._done.items():
+            if query.startswith(key) and len(key) > best_len:
+                best, best_len = tracks, len(key)
+        return best
+
+    async def get(self, query: str, budget: float) -> list[Track]:
+        hit = self.cached(query)
+        if hit is not None:
+            return hit
+        task = self._running.get(query)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._search(query), name="legato-autocomplete"
+            )
+            self._running[query] = task
+            task.add_done_callback(lambda t: self._store(query, t))
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, budget))
+        if task in done and not task.cancelled() and task.exception() is None:
+            return task.result()
+        return self.nearest(query)
+
+    def _store(self, query: str, task: asyncio.Task[list[Track]]) -> None:
+        self._running.pop(query, None)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            if not isinstance(error, LegatoError):
+                _log.warning("autocomplete search failed", exc_info=error)
+            return
+        self._done[query] = (time.monotonic(), task.result())
+        while len(self._done) > _SUGGESTION_CACHE:
+            self._done.popitem(last=False)
+
+    async def close(self) -> None:
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class MusicCog(commands.Cog, name="Music"):
+    """Play audio in voice channels: /join, /play, /queue and friends.
+
+    Args:
+        bot: The bot.
+        config: Legato's configuration.
+    """
+
+    def __init__(self, bot: commands.Bot, config: Config) -> None:
+        self.bot = bot
+        self.config = config
+        pb = config.playback
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="legato")
+        provider = pb.search_provider
+        self.resolver = Resolver(
+            ResolverSettings(
+                max_playlist=pb.max_playlist_size,
+                search_provider=_PROVIDERS.get(provider, provider),
+                search_results=pb.search_results,
+                allow_local_files=pb.allow_local_files,
+                timeout=pb.resolve_timeout,
+            ),
+            executor=self.executor,
+        )
+        voice = config.voice
+        self.opus = OpusSettings(
+            bitrate=voice.bitrate,
+            complexity=voice.opus_complexity,
+            fec=voice.fec,
+            expected_loss=voice.expected_packet_loss,
+        )
+        self.opener = make_opener(self.resolver, opus=self.opus, executor=self.executor)
+        self.voice_options = VoiceOptions.from_config(voice)
+        self.sessions: dict[int, GuildSession] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._suggestions = _Suggestions(self._search)
+        self._pagers: set[QueuePager] = set()
+        self._ending: set[asyncio.Task[None]] = set()
+
+    async def cog_unload(self) -> None:
+        """Leave every voice channel and stop every task this cog started."""
+        for pager in list(self._pagers):
+            pager.stop()
+        self._pagers.clear()
+        await self._suggestions.close()
+        await asyncio.gather(
+            *(self.end_session(gid, leave=True) for gid in list(self.sessions)),
+            return_exceptions=True,
+        )
+        for task in list(self._ending):
+            task.cancel()
+        await asyncio.gather(*self._ending, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def session(self, guild_id: int) -> GuildSession | None:
+        """The live session of a guild, if the bot is in voice there."""
+        session = self.sessions.get(guild_id)
+        return session if session is not None and not session.closed else None
+
+    def _lock(self, guild_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(guild_id, asyncio.Lock())
+
+    async def _connect(
+        self, guild: discord.Guild, channel: VoiceLike, text: discord.abc.Messageable | None
+    ) -> GuildSession:
+        """Join ``channel`` with Legato's voice client and make the guild's session."""
+        async with self._lock(guild.id):
+            existing = self.session(guild.id)
+            if existing is not None:
+                return existing
+            stale = guild.voice_client
+            if stale is not None:
+                # Not ours (or left over from a crash): Legato's client must be the only one.
+                await stale.disconnect(force=True)
+            try:
+                voice = await channel.connect(
+                    cls=LegatoVoiceClient.configured(self.voice_options),
+                    timeout=self.config.voice.connect_timeout,
+                    self_deaf=self.config.voice.self_deaf,
+                )
+            except discord.ClientException as exc:
+                raise VoiceConnectError(f"connect to {channel.id}: {exc}") from exc
+            assert isinstance(voice, LegatoVoiceClient)
+            session = GuildSession(self, guild, voice, text)
+            self.sessions[guild.id] = session
+            voice.add_disconnect_listener(self._voice_gone)
+            session.arm_idle()
+            session.check_alone()
+            session.log.info("joined voice channel %s", channel.id)
+            return session
+
+    def _voice_gone(self, voice: LegatoVoiceClient, error: VoiceError | None) -> None:
+        guild_id = voice.guild.id
+        session = self.sessions.get(guild_id)
+        if session is None or session.voice is not voice or session.closed:
+            return
+        session.log.info("voice connection ended: %s", error or "disconnected")
+        notice = None if error is None else f"I was disconnected from voice: {error.user_message}"
+        self._end_soon(guild_id, leave=False, notice=notice)
+
+    def _end_soon(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.end_session(guild_id, leave=leave, notice=notice), name=f"legato-end-{guild_id}"
+        )
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def end_session(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
+        """Close a guild's session (player, timers) and, when ``leave``, its voice connection."""
+        session = self.sessions.pop(guild_id, None)
+        if session is None:
+            return
+        if notice:
+            text = session.text_channel
+            if text is not None:
+                try:
+                    await text.send(notice, allowed_mentions=_NO_MENTIONS)
+                except discord.HTTPException as exc:
+                    session.log.warning("could not post the leave notice: %s", exc)
+        await session.close(leave=leave)
+        session.log.info("session ended (leave=%s)", leave)
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_voice_state_update(
+        self, member: discord.Member, before: discord.VoiceState, after: discord.VoiceState
+    ) -> None:
+        session = self.session(member.guild.id)
+        if session is None:
+            return
+        if self.bot.user is not None and member.id == self.bot.user.id and after.channel is None:
+            self._end_soon(member.guild.id, leave=False)
+            return
+        ours = session.channel.id
+        if (before.channel and before.channel.id == ours) or (
+            after.channel and after.channel.id == ours
+        ):
+            session.check_alone()
+            if before.channel and before.channel.id == ours and after.channel != before.channel:
+                session.votes.discard(member.id)
+
+    @commands.Cog.listener()
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        session = self.session(channel.guild.id)
+        if session is None:
+            return
+        if channel.id == session.channel.id:
+            self._end_soon(channel.guild.id, leave=True)
+        elif session.text_channel is not None and getattr(session.text_channel, "id", 0) == (
+            channel.id
+        ):
+            session.text_channel = None
+
+    @commands.Cog.listener()
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        await self.end_session(guild.id, leave=False)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    async def cog_app_command_error(
+        self, interaction: Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        original: BaseException = error
+        if isinstance(error, app_commands.CommandInvokeError):
+            original = error.original
+        if isinstance(original, LegatoError):
+            message = original.user_message
+            _log.info(
+                "guild %s: /%s refused: %s",
+                interaction.guild_id,
+                interaction.command.name if interaction.command else "?",
+                original,
+            )
+        elif isinstance(original, app_commands.NoPrivateMessage):
+            message = "Music commands work in servers only."
+        elif isinstance(original, app_commands.CheckFailure):
+            message = "You can't use that command here."
+        else:
+            _log.error(
+                "guild %s: /%s failed",
+                interaction.guild_id,
+                interaction.command.name if interaction.command else "?",
+                exc_info=original,
+            )
+            message = "Something went wrong on my side; the error has been logged."
+        await self._say(interaction, message, ephemeral=True)
+
+    async def _say(
+        self,
+        interaction: Interaction,
+        content: str | None = None,
+        *,
+        embed: discord.Embed | None = None,
+        ephemeral: bool = False,
+    ) -> None:
+        """Answer, or follow up a deferred answer (whose visibility the deferral chose)."""
+        kwargs: dict[str, Any] = {"allowed_mentions": _NO_MENTIONS, "ephemeral": ephemeral}
+        if embed is not None:
+            kwargs["embed"] = embed
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(content or "", **kwargs)
+            else:
+                await interaction.response.send_message(content, **kwargs)
+        except discord.HTTPException as exc:
+            _log.warning("could not answer interaction %s: %s", interaction.id, exc)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _member(interaction: Interaction) -> discord.Member:
+        user = interaction.user
+        if not isinstance(user, discord.Member):
+            raise Denied("not a member", user_message="Music commands work in servers only.")
+        return user
+
+    def _playing_session(self, interaction: Interaction) -> tuple[GuildSession, discord.Member]:
+        """The session the caller may control: bot in voice, caller in the same channel."""
+        member = self._member(interaction)
+        session = self.session(member.guild.id)
+        if session is None:
+            raise NotPlaying("no session", user_message="I'm not in a voice channel.")
+        require_same_channel(member, session.channel)
+        return session, member
+
+    def _check_query(self, query: str) -> None:
+        pb = self.config.playback
+        query = query.strip()
+        if not query:
+            raise BadInput("empty query", user_message="Tell me what to play.")
+        if "://" in query:
+            host = (urllib.parse.urlsplit(query).hostname or "").lower().rstrip(".")
+            allowed = pb.allowed_domains
+            if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
+                raise BadInput(
+                    f"host {host!r} not allowed",
+                    user_message=(
+                        "Links from that site are not allowed here. Allowed: "
+                        + ", ".join(allowed[:10])
+                        + "."
+                    ),
+                )
+        elif pb.search_provider == "none" and not pb.allow_local_files:
+            raise BadInput("search is off", user_message="Searching is turned off; give me a link.")
+
+    def _check_tracks(self, tracks: list[Track], *, search: bool) -> list[Track]:
+        """Apply the length limit; a search keeps its first playable result."""
+        limit = self.config.playback.max_track_duration
+        if search:
+            tracks = tracks[:1]
+        if limit > 0:
+            fitting = [t for t in tracks if t.duration is None or t.duration <= limit]
+            if not fitting:
+                longest = max(t.duration or 0.0 for t in tracks)
+                raise BadInput(
+                    f"track {longest}s over limit {limit}s",
+                    user_message=(
+                        f"That is {format_time(longest)} long; the limit is {format_time(limit)}."
+                    ),
+                )
+            tracks = fitting
+        return tracks
+
+    async def _search(self, query: str) -> list[Track]:
+        return await self.resolver.resolve(query)
+
+    # -- commands: joining and leaving ---------------------------------------------------------
+
+    @app_commands.guild_only()
+    @app_commands.command(name="join", description="Join your voice channel (or the one given).")
+    @app_commands.describe(channel="The voice channel to join (default: yours)")
+    async def join(self, interaction: Interaction, channel: VoiceLike | None = None) -> None:
+        member = self._member(interaction)
+        target = channel or require_voice(member)
+        session = self.session(member.guild.id)
+        if session is not None:
+            if session.channel.id == target.id:
+                await self._say(interaction, f"I'm already in {target.mention}.", ephemeral=True)
+                return
+            require_may(
+                self.config.permissions.stop,
+                member,
+                self.config.permissions,
+                action="move me to another channel",
+                channel=session.channel,
+            )
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if session is not None:
+            await session.voice.move_to(target, timeout=self.config.voice.connect_timeout)
+            session.check_alone()
+        else:
+            await self._connect(member.guild, target, _text_channel(interaction))
+        await self._say(interaction, f"Joined {target.mention}.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="leave", description="Stop playing and leave the voice channel.")
+    async def leave(self, interaction: Interaction) -> None:
+        session, member = self._playing_session(interaction)
+        require_may(
+            self.config.permissions.stop,
+            member,
+            self.config.permissions,
+            action="make me leave",
+            channel=session.channel,
+        )
+        channel = session.channel
+        await self.end_session(member.guild.id, leave=True)
+        await self._say(interaction, f"Left {channel.mention}.")
+
+    # -- commands: adding ----------------------------------------------------------------------
+
+    @app_commands.guild_only()
+    @app_commands.command(name="play", description="Play a link or search, or queue it.")
+    @app_commands.describe(query="A link (video, audio file, playlist) or words to search for")
+    async def play(self, interaction: Interaction, query: str) -> None:
+        await self._enqueue(interaction, query, next_up=False)
+
+    @app_commands.guild_only()
+    @app_commands.command(name="playnext", description="Queue a link or search to play next.")
+    @app_commands.describe(query="A link (video, audio file, playlist) or words to search for")
+    async def playnext(self, interaction: Interaction, query: str) -> None:
+        await self._enqueue(interaction, query, next_up=True)
+
+    @play.autocomplete("query")
+    @playnext.autocomplete("query")
+    async def _query_autocomplete(
+        self, interaction: Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self.suggest(current, started=time.monotonic())
+
+    async def suggest(self, current: str, *, started: float) -> list[app_commands.Choice[str]]:
+        """Search suggestions for what the user typed, answered within the 3 s budget."""
+        query = current.strip()
+        pb = self.config.playback
+        if len(query) < 2 or "://" in query or pb.search_provider == "none":
+            return []
+        budget = AUTOCOMPLETE_BUDGET - (time.monotonic() - started)
+        tracks = await self._suggestions.get(query, budget)
+        choices: list[app_commands.Choice[str]] = []
+        for track in tracks[: pb.search_results]:
+            value = track.page_url or track.url
+            if len(value) > 100:
+                value = query[:100]
+            name = safe_text(f"{track.title} · {format_time(track.duration)}", 100, markdown=False)
+            choices.append(app_commands.Choice(name=name or value[:100], value=value))
+        return choices
+
+    async def _enqueue(self, interaction: Interaction, query: str, *, next_up: bool) -> None:
+        member = self._member(interaction)
+        channel = require_voice(member)
+        session = self.session(member.guild.id)
+        if session is not None:
+            require_same_channel(member, session.channel)
+            room = _room(session.queue)
+            if room == 0:
+                raise QueueFull("queue full", user_message=_full_message(session.queue))
+        self._check_query(query)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        is_search = "://" not in query and not query.strip().startswith(("/", "~"))
+        tracks = await self.resolver.resolve(query, requester_id=member.id)
+        tracks = self._check_tracks(tracks, search=is_search)
+        if session is None:
+            session = await self._connect(member.guild, channel, _text_channel(interaction))
+        if len(tracks) > _room(session.queue):
+            raise QueueFull(
+                f"{len(tracks)} tracks, room {_room(session.queue)}",
+                user_message=_full_message(session.queue, adding=len(tracks)),
+            )
+        positions = session.queue.add_next(tracks) if next_up else session.queue.add(tracks)
+        text = _text_channel(interaction)
+        if text is not None:
+            session.text_channel = text
+        started = session.player.state is PlayerState.IDLE and session.player.start()
+        first = track_title(tracks[0], _TITLE)
+        if len(tracks) > 1:
+            message = f"Queued {len(tracks)} tracks, starting with **{first}**."
+        elif started:
+            message = f"Playing **{first}**."
+        else:
+            message = f"Queued **{first}** at position {positions[0] + 1}."
+        session.log.info("queued %d track(s) for user %s", len(tracks), member.id)
+        await self._say(interaction, message)
+
+    # -- commands: transport -------------------------------------------------------------------
+
+    @app_commands.guild_only()
+    @app_commands.command(name="pause", description="Pause playback.")
+    async def pause(self, interaction: Interaction) -> None:
+        session, _ = self._playing_session(interaction)
+        if not session.player.pause():
+            raise NotPlaying("pause while not playing")
+        await self._say(interaction, "Paused.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="resume", description="Resume playback.")
+    async def resume(self, interaction: Interaction) -> None:
+        session, _ = self._playing_session(interaction)
+        if not session.player.resume():
+            raise NotPlaying("resume while not paused", user_message="I'm not paused.")
+        await self._say(interaction, "Resumed.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="skip", description="Skip the current track (or vote to).")
+    async def skip(self, interaction: Interaction) -> None:
+        session, member = self._playing_session(interaction)
+        current = session.player.current
+        if current is None:
+            raise NotPlaying("skip with nothing playing")
+        perms = self.config.permissions
+        try:
+            require_may(
+                perms.skip,
+                member,
+                perms,
+                action="skip",
+                requester_id=current.requester_id,
+                channel=session.channel,
+            )
+        except Denied:
+            if perms.vote_skip_ratio <= 0:
+                raise
+            session.votes.add(member.id)
+            present = {m.id for m in listeners(session.channel)}
+            votes = len(session.votes & present)
+            needed = max(1, math.ceil(perms.vote_skip_ratio * len(present)))
+            if votes < needed:
+                await self._say(interaction, f"Vote to skip recorded: {votes}/{needed}.")
+                return
+        title = track_title(current, _TITLE)
+        session.player.skip()
+        await self._say(interaction, f"Skipped **{title}**.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="previous", description="Go back to the previous track.")
+    async def previous(self, interaction: Interaction) -> None:
+        session, member = self._playing_session(interaction)
+        perms = self.config.permissions
+        current = session.player.current
+        require_may(
+            perms.skip,
+            member,
+            perms,
+            action="go back",
+            requester_id=current.requester_id if current else None,
+            channel=session.channel,
+        )
+        track = session.player.previous()
+        await self._say(interaction, f"Back to **{track_title(track, _TITLE)}**.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="stop", description="Stop playing and empty the queue.")
+    async def stop(self, interaction: Interaction) -> None:
+        session, member = self._playing_session(interaction)
+        perms = self.config.permissions
+        require_may(perms.stop, member, perms, action="stop the music", channel=session.channel)
+        if session.player.current is None and len(session.queue) == 0:
+            raise NotPlaying("stop with nothing playing")
+        session.queue.clear()
+        session.player.stop()
+        session.arm_idle()
+        await self._say(interaction, "Stopped and cleared the queue.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="seek", description="Jump to a position in the current track.")
+    @app_commands.describe(position="Like 1:23, 83 (seconds), +10 or -5")
+    async def seek(self, interaction: Interaction, position: str) -> None:
+        session, _ = self._playing_session(interaction)
+        current = session.player.current
+        if current is None:
+            raise NotPlaying("seek with nothing playing")
+        target = parse_position(
+            position, current=session.player.position, duration=current.duration
+        )
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await session.player.seek(target)
+        await self._say(interaction, f"Jumped to {format_time(target)}.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="volume", description="Show or set the volume.")
+    @app_commands.describe(percent="New volume in percent")
+    async def volume(
+        self, interaction: Interaction, percent: app_commands.Range[int, 0, 200] | None = None
+    ) -> None:
+        session, _ = self._playing_session(interaction)
+        if percent is None:
+            await self._say(interaction, f"Volume: {session.volume_percent}%.")
+            return
+        top = self.config.playback.max_volume
+        if percent > top:
+            raise BadInput(f"volume {percent} > {top}", user_message=f"The maximum is {top}%.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await session.player.set_volume(percent / 100)
+        await self._say(interaction, f"Volume set to {percent}%.")
+
+    # -- commands: the queue -------------------------------------------------------------------
+
+    @app_commands.guild_only()
+    @app_commands.command(name="loop", description="Loop nothing, the current track or the queue.")
+    @app_commands.describe(mode="off, track or queue (default: the next one in that order)")
+    async def loop(
+        self, interaction: Interaction, mode: Literal["off", "track", "queue"] | None = None
+    ) -> None:
+        session, _ = self._playing_session(interaction)
+        order = [LoopMode.OFF, LoopMode.TRACK, LoopMode.QUEUE]
+        if mode is None:
+            new = order[(order.index(session.queue.loop) + 1) % len(order)]
+        else:
+            new = LoopMode(mode)
+        session.queue.loop = new
+        await self._say(interaction, f"Loop: {new.value}.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="shuffle", description="Shuffle the upcoming tracks.")
+    async def shuffle(self, interaction: Interaction) -> None:
+        session, _ = self._playing_session(interaction)
+        if len(session.queue) < 2:
+            raise QueueError("shuffle < 2", user_message="There is nothing to shuffle.")
+        session.queue.shuffle()
+        await self._say(interaction, f"Shuffled {len(session.queue)} tracks.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="remove", description="Remove a track from the queue.")
+    @app_commands.describe(position="Its number in /queue")
+    async def remove(
+        self, interaction: Interaction, position: app_commands.Range[int, 1, 100_000]
+    ) -> None:
+        session, member = self._playing_session(interaction)
+        upcoming = session.queue.upcoming
+        if not 1 <= position <= len(upcoming):
+            raise QueueError(
+                f"remove {position} of {len(upcoming)}",
+                user_message=f"There is no track {position} in the queue ({len(upcoming)} queued).",
+            )
+        track = upcoming[position - 1]
+        if track.requester_id != member.id:
+            perms = self.config.permissions
+            require_may(
+                perms.clear,
+                member,
+                perms,
+                action="remove other people's tracks",
+                channel=session.channel,
+            )
+        session.queue.remove(position - 1)
+        await self._say(interaction, f"Removed **{track_title(track, _TITLE)}**.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="move", description="Move a track to another place in the queue.")
+    @app_commands.describe(position="Its number in /queue", to="The number it should have")
+    async def move(
+        self,
+        interaction: Interaction,
+        position: app_commands.Range[int, 1, 100_000],
+        to: app_commands.Range[int, 1, 100_000],
+    ) -> None:
+        session, member = self._playing_session(interaction)
+        perms = self.config.permissions
+        require_may(perms.clear, member, perms, action="reorder the queue", channel=session.channel)
+        count = len(session.queue)
+        for n in (position, to):
+            if not 1 <= n <= count:
+                raise QueueError(
+                    f"move {position}->{to} of {count}",
+                    user_message=f"There is no track {n} in the queue ({count} queued).",
+                )
+        track = session.queue.move(position - 1, to - 1)
+        await self._say(interaction, f"Moved **{track_title(track, _TITLE)}** to position {to}.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="clear", description="Remove every upcoming track.")
+    async def clear(self, interaction: Interaction) -> None:
+        session, member = self._playing_session(interaction)
+        perms = self.config.permissions
+        require_may(perms.clear, member, perms, action="clear the queue", channel=session.channel)
+        if len(session.queue) == 0:
+            raise QueueEmpty("clear empty", user_message="The queue is already empty.")
+        removed = session.queue.clear()
+        await self._say(interaction, f"Cleared {len(removed)} tracks from the queue.")
+
+    @app_commands.guild_only()
+    @app_commands.command(name="queue", description="Show the queue.")
+    async def queue(self, interaction: Interaction) -> None:
+        member = self._member(interaction)
+        session = self.session(member.guild.id)
+        if session is None:
+            raise NotPlaying("no session", user_message="I'm not in a voice channel.")
+
+        def render(page: int) -> tuple[discord.Embed, int]:
+            upcoming = session.queue.upcoming
+            embed = queue_embed(
+                session.player.current, upcoming, page=page, loop=session.queue.loop.value
+            )
+            return embed, queue_pages(len(upcoming))
+
+        embed, pages = render(0)
+        if pages <= 1:
+            await self._say(interaction, embed=embed)
+            return
+        pager = QueuePager(member.id, render, pages)
+        self._pagers.add(pager)
+        await interaction.response.send_message(
+            embed=embed, view=pager, allowed_mentions=_NO_MENTIONS
+        )
+        pager.message = await interaction.original_response()
+
+    @app_commands.guild_only()
+    @app_commands.command(name="nowplaying", description="Show what is playing.")
+    async def nowplaying(self, interaction: Interaction) -> None:
+        member = self._member(interaction)
+        session = self.session(member.guild.id)
+        current = session.player.current if session is not None else None
+        if session is None or current is None:
+            raise NotPlaying("nowplaying with nothing playing")
+        embed = now_playing_embed(
+            current,
+            position=session.player.position,
+            volume=session.volume_percent,
+            loop=session.queue.loop.value,
+            paused=session.player.state is PlayerState.PAUSED,
+        )
+        await self._say(interaction, embed=embed)
+
+
+def _text_channel(interaction: Interaction) -> discord.abc.Messageable | None:
+    channel = interaction.channel
+    if isinstance(channel, discord.abc.Messageable):
+        return channel
+    return None
+
+
+def _room(queue: TrackQueue) -> int:
+    limit = queue.max_length
+    return 1 << 30 if limit is None else max(0, limit - len(queue))
+
+
+def _full_message(queue: TrackQueue, *, adding: int | None = None) -> str:
+    limit = queue.max_length
+    room = _room(queue)
+    if adding is None or room == 0:
+        return f"The queue is full ({limit} tracks)."
+    return f"That adds {adding} tracks but the queue has room for {room} more (limit {limit})."

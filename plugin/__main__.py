@@ -1,0 +1,102 @@
+"""``python -m legato run``: a ready-made bot with the Music extension, for owners without one.
+
+Reads the configuration like the extension does (``--config``, ``$LEGATO_CONFIG``,
+``legato.toml``) and the token from ``DISCORD_TOKEN`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from legato.config import ENV_TOKEN, Config, load_config
+from legato.errors import ConfigError
+
+__all__ = ["NO_TOKEN_MESSAGE", "main"]
+
+#: What ``run`` prints, with exit code 2, when ``DISCORD_TOKEN`` is not set.
+NO_TOKEN_MESSAGE: Final = f"""\
+legato: {ENV_TOKEN} is not set, so there is no bot to log in as.
+
+To run your own bot:
+  1. Open the Discord developer portal (https://discord.com/developers/applications),
+     create an application, open its "Bot" page and press "Reset Token" to get the token.
+  2. Invite it with the "bot" and "applications.commands" scopes and the Connect and Speak
+     permissions (OAuth2 -> URL Generator).
+  3. Run:  {ENV_TOKEN}=<your token> python -m legato run
+
+No bot yet? `make demo` runs Legato against a local Discord sandbox: no token, no account.
+"""
+
+_EXIT_USAGE: Final = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m legato", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start a ready-made bot with the Music extension")
+    run.add_argument(
+        "--config", metavar="PATH", help="configuration file (default: $LEGATO_CONFIG, legato.toml)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command != "run":  # pragma: no cover - argparse refuses other commands
+        return _EXIT_USAGE
+    token = os.environ.get(ENV_TOKEN, "").strip()
+    if not token:
+        print(NO_TOKEN_MESSAGE, file=sys.stderr, end="")
+        return _EXIT_USAGE
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"legato: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
+    return asyncio.run(_run(config, token))
+
+
+async def _run(config: Config, token: str) -> int:
+    import discord
+    from discord.ext import commands
+
+    from legato.log import RedactToken
+
+    discord.utils.setup_logging(level=getattr(logging, config.bot.log_level), root=True)
+    redact = RedactToken(token)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
+
+    class LegatoBot(commands.Bot):
+        legato_config: Config
+
+        async def setup_hook(self) -> None:
+            await self.load_extension("legato")
+            if config.bot.sync_commands:
+                synced = await self.tree.sync()
+                logging.getLogger("legato").info("synced %d application commands", len(synced))
+
+    intents = discord.Intents.default()  # guilds and voice_states; nothing privileged
+    bot = LegatoBot(command_prefix=commands.when_mentioned, intents=intents, help_command=None)
+    bot.legato_config = config
+    try:
+        async with bot:
+            await bot.start(token)
+    except discord.LoginFailure:
+        print(
+            f"legato: Discord refused the token in {ENV_TOKEN}; reset it in the developer portal.",
+            file=sys.stderr,
+        )
+        return _EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
