@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -170,6 +171,32 @@ async def test_close_is_idempotent_and_start_after_close_fails() -> None:
     assert client.stats.send_errors == 1
     with pytest.raises(TransportError):
         await client.start({"sdp": "m=audio 1 ICE/SDP"})
+
+
+@pytest.mark.integration
+async def test_start_raises_transport_error_when_the_server_never_answers() -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never reads
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    client = WebRtcTransport(host_candidates_allow_loopback=True, connect_timeout=1.0)
+    try:
+        await client.prepare({"ssrc": 9})
+        with pytest.raises(TransportError, match="no webrtc sdp"):
+            await client.start({"audio_codec": "opus"})
+        op4_sdp = sdp.ServerFragment(
+            port=port,
+            address="127.0.0.1",
+            ice_ufrag="abcd",
+            ice_pwd="0123456789abcdefghijkl",
+            fingerprint=":".join(["AB"] * 32),
+            candidates=(f"1 1 UDP 1 127.0.0.1 {port} typ host",),
+        ).render()
+        async with asyncio.timeout(GUARD):
+            with pytest.raises(TransportError, match=r"did not connect|failed"):
+                await client.start({"sdp": op4_sdp})
+    finally:
+        await client.close()
+        silent.close()
 
 
 def cipher_names(certificate: RTCCertificate) -> list[str]:
