@@ -138,7 +138,6 @@ class WebRtcTransport:
         self._connect_timeout = connect_timeout
         self._stats = TransportStats()
         self._pc: RTCPeerConnection | None = None
-        self._sender: RTCRtpSender | None = None
         self._track: OpusPacketTrack | None = None
         self._offer_sdp: str | None = None
         self._ssrc = 0
@@ -190,7 +189,6 @@ class WebRtcTransport:
         transceiver: RTCRtpTransceiver = pc.addTransceiver(self._track, direction="sendonly")
         opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.name == "opus"]
         transceiver.setCodecPreferences(opus)
-        self._sender = transceiver.sender
         ssrc = ready.get("ssrc")
         if isinstance(ssrc, int) and 0 < ssrc < 1 << 32:
             # aiortc picks a random SSRC and has no setter; the sender reads this attribute
