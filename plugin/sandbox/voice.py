@@ -71,6 +71,7 @@ MAX_VERSION: Final = 8
 DEFAULT_HEARTBEAT_INTERVAL: Final = 13.75
 BACKEND_VERSION: Final = {"voice": "legato-sandbox-0.1.0", "rtc_worker": "legato-sandbox-0.1.0"}
 _REPLAY_BUFFER: Final = 256
+_CLOSE_TIMEOUT: Final = 2.0
 
 # Close codes (PROTOCOL.md; discord-api-docs "Voice Close Event Codes").
 CLOSE_NORMAL: Final = 1000
@@ -568,7 +569,10 @@ class SandboxVoiceServer:
     # -- websocket -------------------------------------------------------------------------------
 
     async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(autoping=True, heartbeat=None, max_msg_size=1 << 20)
+        # timeout: how long a close waits for the client's answering close frame (aiohttp: 10 s).
+        ws = web.WebSocketResponse(
+            timeout=_CLOSE_TIMEOUT, autoping=True, heartbeat=None, max_msg_size=1 << 20
+        )
         await ws.prepare(request)
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         endpoint = f"{self.host}:{sockname[1]}" if sockname else self.endpoint

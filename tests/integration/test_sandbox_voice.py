@@ -112,6 +112,8 @@ class ScriptedClient:
                 async with self._arrived:
                     self.messages.append(data)
                     self._arrived.notify_all()
+        # autoclose is off (as in discord.py): answer the server's close frame ourselves.
+        await self.ws.close()
         async with self._arrived:
             self.close_code = self.ws.close_code
             self._arrived.notify_all()
