@@ -57,19 +57,16 @@ class Received:
     """What the server peer reported through ``on_rtp``; wakes waiters on every packet."""
 
     packets: list[tuple[int, int, int, bytes]] = field(default_factory=list)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_rtp(self, ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
         self.packets.append((ssrc, sequence, timestamp, opus))
-        asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+        self.changed.set()
 
     async def wait_count(self, count: int) -> None:
-        async with self.changed:
-            await self.changed.wait_for(lambda: len(self.packets) >= count)
+        while len(self.packets) < count:
+            self.changed.clear()
+            await self.changed.wait()
 
 
 @dataclass
