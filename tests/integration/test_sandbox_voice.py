@@ -33,6 +33,7 @@ from legato.voice.rtp import (
     pack_rtp_header,
     parse_discovery_response,
 )
+from legato.voice.transport.webrtc import WebRtcTransport
 
 pytestmark = pytest.mark.integration
 
@@ -707,3 +708,53 @@ async def test_command_line_voice_server(http: aiohttp.ClientSession) -> None:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(GUARD):
             assert await proc.wait() == 0
+
+
+# -- the webrtc transport ----------------------------------------------------------------------
+
+
+async def test_webrtc_tone_is_recorded(
+    server: SandboxVoiceServer, http: aiohttp.ClientSession, tone: list[bytes]
+) -> None:
+    client = ScriptedClient(http, server.url, 8)
+    await client.open()
+    ready = await client.identify(server, ALICE)
+    transport = WebRtcTransport(host_candidates_allow_loopback=True)
+    try:
+        await client.send(1, await transport.prepare(ready["d"]))
+        assert (await client.expect(15))["d"] == {"any": 100}
+        description = (await client.expect(4))["d"]
+        assert description["audio_codec"] == "opus"
+        assert "secret_key" not in description
+        await transport.start(description)
+        assert server.session(ALICE).protocol == "webrtc"
+        await client.speak(True)
+        recording = server.recording(ALICE)
+        # Bursts no larger than the transport's queue, each once the server has the last one.
+        for start in range(0, len(tone), 5):
+            burst = tone[start : start + 5]
+            for opus in burst:
+                transport.send_frame(opus)
+            await recording.wait_frames(start + len(burst), timeout=GUARD)
+    finally:
+        await transport.close()
+    await client.close()
+
+    stats = recording.stats()
+    assert stats.frames == len(tone)
+    assert stats.gaps == 0
+    assert recording.ssrcs == [ready["d"]["ssrc"]]
+    assert {p.ssrc for p in recording.packets} == {ready["d"]["ssrc"]}
+    assert await frequency_of(server, ALICE) == pytest.approx(TONE_HZ, abs=2.0)
+
+
+async def test_webrtc_without_the_peer_module_closes_4012(
+    server: SandboxVoiceServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A None entry in sys.modules makes the server's lazy import fail, as if the module were absent.
+    monkeypatch.setitem(sys.modules, "legato.sandbox.webrtc", None)
+    client = ScriptedClient(http, server.url, 8)
+    await client.open(heartbeat=False)
+    await client.identify(server, ALICE)
+    await client.send(1, {"protocol": "webrtc", "data": "a=x", "sdp": "a=x", "codecs": []})
+    assert await client.closed() == 4012
