@@ -1,0 +1,66 @@
+"""Core modules stay sans-I/O: no event loop, sockets, clocks or I/O libraries (STYLE.md §2)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CORE_MODULES = [
+    "plugin/voice/protocol.py",
+    "plugin/voice/state.py",
+    "plugin/voice/rtp.py",
+    "plugin/voice/crypto.py",
+    "plugin/voice/payloads.py",
+    "audio/pacer.py",
+    "audio/queue.py",
+]
+FORBIDDEN = {"asyncio", "socket", "time", "websockets", "aiortc", "discord", "aiohttp"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level names of every module imported anywhere in the file (also inside functions)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    roots: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "__import__"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            roots.add(node.args[0].value.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("relative", CORE_MODULES)
+def test_core_module_is_sans_io(relative: str) -> None:
+    path = ROOT / relative
+    assert path.is_file(), f"{relative} is missing"
+    bad = imported_roots(path) & FORBIDDEN
+    assert not bad, f"{relative} imports {sorted(bad)}"
+
+
+def test_checker_catches_forbidden_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import os\nimport asyncio.events\nfrom time import monotonic\n"
+        "def f():\n    import socket\n    return __import__('websockets')\n"
+    )
+    assert imported_roots(sample) & FORBIDDEN == {"asyncio", "time", "socket", "websockets"}
+
+
+@pytest.mark.parametrize(
+    "module", ["legato.voice.protocol", "legato.voice.rtp", "legato.voice.crypto"]
+)
+def test_core_modules_import(module: str) -> None:
+    assert importlib.util.find_spec(module) is not None
