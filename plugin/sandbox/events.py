@@ -27,14 +27,14 @@ class Signal:
         self._waiters.clear()
 
     async def wait_for(self, predicate: Callable[[], T | None], *, timeout: float) -> T:  # noqa: ASYNC109
-        """Wait until `predicate()` returns something other than None or False, and return it.
+        """Wait until `predicate()` returns something truthy, and return it.
 
         Args:
             predicate: Checked now and after every `notify()`.
             timeout: Seconds before giving up (a hang guard, not a pacing tool).
 
         Returns:
-            The predicate's first truthy result.
+            The predicate's first truthy result (an empty list or 0 keeps waiting).
 
         Raises:
             TimeoutError: The predicate stayed false for `timeout` seconds.
@@ -43,7 +43,7 @@ class Signal:
         async with asyncio.timeout(timeout):
             while True:
                 result = predicate()
-                if result is not None and result is not False:
+                if result:
                     return result
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._waiters.add(waiter)

@@ -9,11 +9,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import discord
 import pytest
 from discord import app_commands
 from discord.ext import commands
 
+from legato.sandbox.events import Signal
 from legato.sandbox.server import Sandbox
 from legato.sandbox.world import CallbackType
 
@@ -93,6 +95,7 @@ class SandboxBot(commands.Bot):
         self.cog = TinyCog()
         self.ready = asyncio.Event()
         self.raw_events: list[dict[str, Any]] = []
+        self.received = Signal()
 
     async def setup_hook(self) -> None:
         await self.add_cog(self.cog)
@@ -109,9 +112,13 @@ class SandboxBot(commands.Bot):
 
     async def on_socket_raw_receive(self, msg: str) -> None:
         self.raw_events.append(json.loads(msg))
+        self.received.notify()
 
     def dispatched(self, event: str) -> list[dict[str, Any]]:
         return [m["d"] for m in self.raw_events if m.get("t") == event]
+
+    async def wait_dispatched(self, event: str) -> list[dict[str, Any]]:
+        return await self.received.wait_for(lambda: self.dispatched(event), timeout=20)
 
 
 @pytest.fixture
@@ -253,7 +260,7 @@ async def test_voice_state_and_server_updates(sandbox: Sandbox, bot: SandboxBot)
     assert bot_after.channel == general
     assert bot_after.self_deaf
     await sandbox.wait_bot_voice(sandbox.general)
-    server_updates = await sandbox.wait_for(lambda: bot.dispatched("VOICE_SERVER_UPDATE"))
+    server_updates = await bot.wait_dispatched("VOICE_SERVER_UPDATE")
     assert sandbox.voice is not None
     assert server_updates == [
         {
@@ -270,7 +277,11 @@ async def test_voice_state_and_server_updates(sandbox: Sandbox, bot: SandboxBot)
     )
     await guild.change_voice_state(channel=None)
     await bot_left
-    assert len(bot.dispatched("VOICE_SERVER_UPDATE")) == 1  # leaving sends no server update
+    session = sandbox.gateway.bot_session()
+    assert session is not None
+    # Leaving sends VOICE_STATE_UPDATE only, no VOICE_SERVER_UPDATE.
+    assert session.dispatched.count("VOICE_SERVER_UPDATE") == 1
+    assert session.dispatched[-1] == "VOICE_STATE_UPDATE"
 
     kicked = bot.wait_for(
         "voice_state_update",
@@ -291,8 +302,15 @@ async def test_channel_delete_reaches_the_bot(sandbox: Sandbox, bot: SandboxBot)
     assert channel.id == sandbox.lounge.id
     assert bot.get_channel(sandbox.lounge.id) is None
     assert alice.voice_channel is None
-    left = bot.dispatched("VOICE_STATE_UPDATE")[-1]
-    assert (left["user_id"], left["channel_id"]) == (str(alice.id), None)
+    left = await bot.received.wait_for(
+        lambda: [
+            d
+            for d in bot.dispatched("VOICE_STATE_UPDATE")
+            if d["user_id"] == str(alice.id) and d["channel_id"] is None
+        ],
+        timeout=20,
+    )
+    assert len(left) == 1
 
 
 async def test_resume_replays_missed_dispatches(sandbox: Sandbox, bot: SandboxBot) -> None:
@@ -356,3 +374,49 @@ async def test_bot_close_is_clean(sandbox: Sandbox) -> None:
     finally:
         loop.set_exception_handler(previous)
     assert [c.get("message") for c in problems] == []
+
+
+async def test_voice_server_update_lets_the_bot_identify_at_the_voice_server(
+    sandbox: Sandbox, bot: SandboxBot
+) -> None:
+    guild = bot.get_guild(sandbox.guild.id)
+    assert guild is not None
+    lounge = guild.get_channel(sandbox.lounge.id)
+    assert isinstance(lounge, discord.VoiceChannel)
+    await guild.change_voice_state(channel=lounge)
+    update = (await bot.wait_dispatched("VOICE_SERVER_UPDATE"))[0]
+    own_state = next(
+        d for d in bot.dispatched("VOICE_STATE_UPDATE") if d["user_id"] == str(sandbox.bot.id)
+    )
+    identify = {
+        "op": 0,
+        "d": {
+            "server_id": update["guild_id"],
+            "user_id": str(sandbox.bot.id),
+            "session_id": own_state["session_id"],
+            "token": update["token"],
+        },
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"ws://{update['endpoint']}/?v=8") as ws,
+        asyncio.timeout(20),
+    ):
+        hello = await ws.receive_json()
+        assert hello["op"] == 8
+        await ws.send_json(identify)
+        ready = await ws.receive_json()
+        assert ready["op"] == 2
+        assert ready["d"]["ssrc"] > 0
+
+        # A moderator disconnects the bot: the gateway says so, the voice server closes 4014.
+        kicked = bot.wait_for(
+            "voice_state_update",
+            check=lambda m, b, a: m == guild.me and a.channel is None,
+            timeout=20,
+        )
+        await sandbox.disconnect_member(sandbox.bot.id)
+        await kicked
+        while (msg := await ws.receive()).type is not aiohttp.WSMsgType.CLOSE:
+            assert msg.type is aiohttp.WSMsgType.TEXT
+        assert msg.data == 4014
