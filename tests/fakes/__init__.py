@@ -1,0 +1,21 @@
+"""Test doubles with real behaviour: a manual clock, a recording sink and scripted sources."""
+
+from __future__ import annotations
+
+from tests.fakes.clock import FakeClock, FakeTimer, settle
+from tests.fakes.executor import InlineExecutor
+from tests.fakes.sink import RecordingSink, SinkEvent
+from tests.fakes.source import ScriptedOpener, ScriptedSource, frame_id, make_frames
+
+__all__ = [
+    "FakeClock",
+    "FakeTimer",
+    "InlineExecutor",
+    "RecordingSink",
+    "ScriptedOpener",
+    "ScriptedSource",
+    "SinkEvent",
+    "frame_id",
+    "make_frames",
+    "settle",
+]

@@ -1,0 +1,908 @@
+"""One guild's player: the queue's tracks, opened and read off the loop, paced out on it.
+
+Shape (songbird's driver/track split, discord.py's absolute deadlines, @discordjs/voice's
+explicit state machine):
+
+- Each opened track is an ``_Entry`` with its own feeder task. The feeder is the only code that
+  calls the ``FrameSource``, always in the executor, in chunks of several frames, so the loop
+  does no per-frame executor round-trip and the source never sees two calls at once. It keeps
+  ``buffer_ms`` of frames ahead and applies seek and volume requests between reads.
+- The next track is opened as soon as the current one is within ``preload_s`` of its end (or
+  its end is known), so its first frames are buffered before the last frame of the current one
+  goes out: track changes leave no empty 20 ms slot.
+- Sending is a timer callback (``loop.call_at`` on absolute deadlines, the cheapest way to carry
+  hundreds of streams on one loop) that asks the pure :class:`~legato.audio.pacer.Pacer` what is
+  due. Per frame the loop pops a deque, calls ``sink.send_frame`` and re-arms one timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
+
+from legato.audio.clock import Clock
+from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
+from legato.audio.queue import LoopMode, TrackQueue
+from legato.audio.sink import OPUS_SILENCE, FrameSink
+from legato.audio.source import FrameSource
+from legato.audio.track import Track
+from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
+
+if TYPE_CHECKING:
+    from legato.audio.encode import OpusSettings
+    from legato.audio.resolve import Resolver
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: ``(track, start seconds) -> opened source``; runs blocking work in an executor itself.
+SourceOpener = Callable[[Track, float], Awaitable[FrameSource]]
+
+#: A frame sent later than this after its deadline counts as late in ``PlayerStats``.
+LATE_THRESHOLD: Final = 0.002
+#: Lateness histogram: 0.1 ms bins up to 100 ms (the last bin holds everything beyond).
+_HIST_BIN: Final = 0.0001
+_HIST_SIZE: Final = 1001
+#: Most volume accepted (2.0 = 200 %).
+MAX_VOLUME: Final = 2.0
+
+
+class PlayerState(enum.Enum):
+    """What the player is doing."""
+
+    IDLE = "idle"
+    """Nothing to play (not started, stopped, or the queue ended)."""
+    LOADING = "loading"
+    """A track should be playing but its first frames are not buffered yet."""
+    PLAYING = "playing"
+    """Frames are going out."""
+    PAUSED = "paused"
+    """Paused by the user; the current track keeps its place and its buffer."""
+    CLOSED = "closed"
+    """Closed for good."""
+
+
+_ALLOWED: Final[dict[PlayerState, frozenset[PlayerState]]] = {
+    PlayerState.IDLE: frozenset({PlayerState.LOADING, PlayerState.CLOSED}),
+    PlayerState.LOADING: frozenset(
+        {PlayerState.PLAYING, PlayerState.PAUSED, PlayerState.IDLE, PlayerState.CLOSED}
+    ),
+    PlayerState.PLAYING: frozenset(
+        {PlayerState.LOADING, PlayerState.PAUSED, PlayerState.IDLE, PlayerState.CLOSED}
+    ),
+    PlayerState.PAUSED: frozenset(
+        {PlayerState.PLAYING, PlayerState.LOADING, PlayerState.IDLE, PlayerState.CLOSED}
+    ),
+    PlayerState.CLOSED: frozenset(),
+}
+
+
+class EndReason(enum.Enum):
+    """Why a track stopped playing."""
+
+    FINISHED = "finished"
+    SKIPPED = "skipped"
+    STOPPED = "stopped"
+    REPLACED = "replaced"
+    """``previous()`` put another track in its place."""
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackStarted:
+    """The track's first frame went out."""
+
+    track: Track
+
+
+@dataclass(frozen=True, slots=True)
+class TrackEnded:
+    """The track stopped playing (its last frame went out, or it was skipped/stopped)."""
+
+    track: Track
+    reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class TrackFailed:
+    """The track could not be opened or read; the player went on with the next one."""
+
+    track: Track
+    error: LegatoError
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEnded:
+    """The queue ran out; the player is idle."""
+
+
+PlayerEvent = TrackStarted | TrackEnded | TrackFailed | QueueEnded
+
+
+@dataclass(frozen=True, slots=True)
+class PlayerStats:
+    """Counters since the player was made.
+
+    Attributes:
+        frames_sent: Audio frames sent.
+        silence_sent: Silence frames sent (trailing silence).
+        late_frames: Frames sent more than ``LATE_THRESHOLD`` after their deadline.
+        max_lateness_ms: Largest lateness of a frame against its deadline (re-anchors excluded).
+        p99_lateness_ms: 99th percentile of that lateness (0.1 ms resolution).
+        reanchors: Times the grid was moved because a frame was more than a frame late.
+        underruns: Times a frame was due mid-track and none was buffered (source too slow).
+        buffer_frames: Frames buffered now for the current track.
+        source_errors: Tracks that failed to open or to read.
+    """
+
+    frames_sent: int
+    silence_sent: int
+    late_frames: int
+    max_lateness_ms: float
+    p99_lateness_ms: float
+    reanchors: int
+    underruns: int
+    buffer_frames: int
+    source_errors: int
+
+
+@runtime_checkable
+class TimerClock(Clock, Protocol):
+    """A clock that can also run a callback at one of its times (a test's fake clock)."""
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Any: ...
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class _GuildAdapter(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return f"[guild {self.extra['guild_id'] if self.extra else '?'}] {msg}", kwargs
+
+
+@dataclass
+class _Op:
+    kind: str  # "seek" or "volume"
+    value: float
+    done: asyncio.Future[None]
+
+
+class _Entry:
+    """One opened (or opening) track: its source, its buffered frames and its feeder task."""
+
+    def __init__(self, player: GuildPlayer, track: Track, start: float) -> None:
+        self.player = player
+        self.track = track
+        self.frames: deque[bytes] = deque()
+        self.source: FrameSource | None = None
+        self.eof = False
+        self.error: LegatoError | None = None
+        self.base = start  # seconds at which the `sent` count starts
+        self.sent = 0
+        self.started = False
+        self.closed = False
+        self.flushing = False  # a seek is pending: frames read before it are stale
+        self.duration: float | None = None
+        self.read_position = start
+        self.ops: deque[_Op] = deque()
+        self.wake = asyncio.Event()
+        self.inflight: asyncio.Future[Any] | None = None
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(start), name=f"legato-feed-{track.uid}"
+        )
+
+    # -- requests from the player (on the loop) -----------------------------------------------
+
+    def request(self, kind: str, value: float) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.closed or self.task.done():
+            done.set_exception(_gone(self.track))
+            return done
+        self.ops.append(_Op(kind, value, done))
+        if kind == "seek":
+            self.frames.clear()
+            self.flushing = True
+            self.base, self.sent = value, 0
+            self.eof = False
+        self.wake.set()
+        return done
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.task.cancel()
+        self._settle_ops(_gone(self.track))
+        source = self.source
+        if source is None:
+            return
+        inflight = self.inflight
+        if inflight is not None and not inflight.done():
+            # Never call close while a read runs in the worker; close right after it instead.
+            inflight.add_done_callback(lambda _f: source.close())
+        else:
+            source.close()
+
+    # -- the feeder task ---------------------------------------------------------------------
+
+    async def _run(self, start: float) -> None:
+        player = self.player
+        try:
+            source = await player._opener(self.track, start)
+        except asyncio.CancelledError:
+            raise
+        except LegatoError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
+            player._log.exception("opening %s failed unexpectedly", self.track.url)
+            self._fail(AudioError(f"opening {self.track.url} failed: {exc!r}"))
+            return
+        if self.closed:  # closed while the opener was returning
+            source.close()
+            return
+        self.source = source
+        try:
+            if player._volume != 1.0:
+                await self._call(source.set_volume, player._volume)
+            await self._feed(source)
+        except asyncio.CancelledError:
+            raise
+        except LegatoError as exc:
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
+            player._log.exception("reading %s failed unexpectedly", self.track.url)
+            self._fail(DecodeError(f"reading {self.track.url} failed: {exc!r}"))
+
+    async def _feed(self, source: FrameSource) -> None:
+        player = self.player
+        cap, low = player._cap, player._low
+        while True:
+            while self.ops:
+                op = self.ops[0]
+                try:
+                    if op.kind == "seek":
+                        position = await self._call(_seek_and_tell, source, op.value)
+                        self.base, self.sent, self.read_position = position, 0, position
+                        self.frames.clear()
+                        self.flushing = False
+                        self.eof = False
+                    else:
+                        await self._call(source.set_volume, op.value)
+                except LegatoError as exc:
+                    self.ops.popleft()
+                    if not op.done.done():
+                        op.done.set_exception(exc)
+                    self.flushing = False
+                    continue
+                self.ops.popleft()
+                if not op.done.done():
+                    op.done.set_result(None)
+            if not self.eof and len(self.frames) <= low:
+                frames, position, duration = await self._call(
+                    _read_chunk, source, cap - len(self.frames)
+                )
+                if self.flushing:
+                    continue  # a seek came in while reading: these frames are stale
+                self.frames.extend(frames)
+                self.read_position, self.duration = position, duration
+                if not frames:
+                    self.eof = True
+                player._on_entry_update(self)
+                continue
+            self.wake.clear()
+            await self.wake.wait()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        fut = asyncio.get_running_loop().run_in_executor(self.player._executor, fn, *args)
+        self.inflight = fut
+        try:
+            # Shielded: a cancel must not abandon a running read (close waits for it).
+            return await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self.inflight = None
+
+    def _fail(self, error: LegatoError) -> None:
+        self.error = error
+        self.eof = True
+        self._settle_ops(error)
+        self.player._on_entry_update(self)
+
+    def _settle_ops(self, error: LegatoError) -> None:
+        while self.ops:
+            op = self.ops.popleft()
+            if not op.done.done():
+                op.done.set_exception(error)
+
+
+def _gone(track: Track) -> AudioError:
+    return AudioError(
+        f"track {track.uid} closed before the request ran",
+        user_message="The track changed before that could be done.",
+    )
+
+
+def _read_chunk(source: FrameSource, count: int) -> tuple[list[bytes], float, float | None]:
+    frames = source.read(count)
+    return frames, source.position, source.duration
+
+
+def _seek_and_tell(source: FrameSource, seconds: float) -> float:
+    source.seek(seconds)
+    return source.position
+
+
+class GuildPlayer:
+    """Plays a guild's ``TrackQueue`` into a ``FrameSink``.
+
+    Args:
+        sink: Where frames and speaking changes go (the voice client, or a test's sink).
+        opener: Opens a track at a start position (see :func:`make_opener`).
+        queue: The queue to play; a new unbounded one if ``None``.
+        clock: Where deadlines come from. ``None``: the running loop's clock and ``call_at``. A
+            clock with ``call_at`` (a test's fake clock) schedules the pacing timer itself.
+        executor: Runs every blocking ``FrameSource`` call; ``None``: the loop's default.
+        buffer_ms: How much audio to keep decoded ahead of the send position.
+        preload_s: Open the next track when the current one has this little left to read.
+        on_event: Called on the loop with each ``PlayerEvent``.
+        volume: Initial volume (1.0 keeps Opus passthrough possible).
+        guild_id: For log lines.
+
+    Must be made while an event loop runs.
+    """
+
+    def __init__(
+        self,
+        sink: FrameSink,
+        opener: SourceOpener,
+        *,
+        queue: TrackQueue | None = None,
+        clock: Clock | None = None,
+        executor: Executor | None = None,
+        buffer_ms: int = 300,
+        preload_s: float = 10.0,
+        on_event: Callable[[PlayerEvent], None] | None = None,
+        volume: float = 1.0,
+        guild_id: int = 0,
+    ) -> None:
+        _check_volume(volume)
+        self._loop = asyncio.get_running_loop()
+        self._sink = sink
+        self._opener = opener
+        self._queue = queue if queue is not None else TrackQueue()
+        self._executor = executor
+        self._on_event = on_event
+        self._volume = volume
+        self._preload_s = preload_s
+        self._log = _GuildAdapter(_log, {"guild_id": guild_id})
+        if clock is None:
+            self._now: Callable[[], float] = self._loop.time
+            self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = self._loop.call_at
+        elif isinstance(clock, TimerClock):
+            self._now, self._call_at = clock.now, clock.call_at
+        else:
+            other = clock
+            self._now = other.now
+            self._call_at = lambda when, cb: self._loop.call_later(when - other.now(), cb)
+        self._cap = max(2, buffer_ms // 20)
+        self._chunk = max(1, self._cap // 2)
+        self._low = self._cap - self._chunk
+        self._pacer = Pacer()
+        self._state = PlayerState.IDLE
+        self._waiters: list[tuple[PlayerState, asyncio.Future[None]]] = []
+        self._cur: _Entry | None = None
+        self._next: _Entry | None = None
+        self._timer: _Cancellable | None = None
+        self._timer_when = math.nan
+        self._speaking_task: asyncio.Task[None] | None = None
+        self._pumping = False
+        self._repump = False
+        self._in_underrun = False
+        self._fail_streak = 0
+        self._closing: list[asyncio.Task[None]] = []
+        self._inflight: list[asyncio.Future[Any]] = []
+        # stats
+        self._frames_sent = 0
+        self._silence_sent = 0
+        self._late = 0
+        self._max_late = 0.0
+        self._hist = [0] * _HIST_SIZE
+        self._underruns = 0
+        self._source_errors = 0
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> PlayerState:
+        """The current ``PlayerState``."""
+        return self._state
+
+    @property
+    def queue(self) -> TrackQueue:
+        """The queue being played (edit it directly; the player reads it at track changes)."""
+        return self._queue
+
+    @property
+    def current(self) -> Track | None:
+        """The track playing, loading or paused, if any."""
+        return self._cur.track if self._cur is not None else None
+
+    @property
+    def position(self) -> float:
+        """Seconds into the current track of what has been sent."""
+        cur = self._cur
+        return cur.base + cur.sent * FRAME_INTERVAL if cur is not None else 0.0
+
+    @property
+    def volume(self) -> float:
+        """The volume (1.0 = unchanged)."""
+        return self._volume
+
+    @property
+    def stats(self) -> PlayerStats:
+        """A snapshot of the counters."""
+        total = sum(self._hist)
+        p99 = 0.0
+        if total:
+            rank, seen = math.ceil(0.99 * total), 0
+            for i, count in enumerate(self._hist):
+                seen += count
+                if seen >= rank:
+                    p99 = i * _HIST_BIN * 1e3
+                    break
+        return PlayerStats(
+            frames_sent=self._frames_sent,
+            silence_sent=self._silence_sent,
+            late_frames=self._late,
+            max_lateness_ms=self._max_late * 1e3,
+            p99_lateness_ms=p99,
+            reanchors=self._pacer.reanchors,
+            underruns=self._underruns,
+            buffer_frames=len(self._cur.frames) if self._cur is not None else 0,
+            source_errors=self._source_errors,
+        )
+
+    async def wait_for(self, state: PlayerState) -> None:
+        """Wait until the player is in ``state`` (wrap it in ``asyncio.timeout`` to bound it).
+
+        Raises:
+            InvalidTransition: The player closed first.
+        """
+        if self._state is state:
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append((state, future))
+        try:
+            await future
+        finally:
+            self._waiters = [w for w in self._waiters if w[1] is not future]
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Start playing the queue (its current track, else the next one) if idle.
+
+        Returns:
+            False when already busy or when there is nothing to play.
+        """
+        self._check_open()
+        if self._state is not PlayerState.IDLE:
+            return False
+        track = self._queue.current or self._queue.advance()
+        if track is None:
+            return False
+        self._transition(PlayerState.LOADING, reason="start")
+        self._begin(track)
+        self._pump()
+        return True
+
+    def pause(self) -> bool:
+        """Pause; five silence frames then speaking off. Returns False if nothing is playing."""
+        self._check_open()
+        if self._state not in (PlayerState.PLAYING, PlayerState.LOADING):
+            return False
+        self._transition(PlayerState.PAUSED, reason="pause")
+        self._pump()
+        return True
+
+    def resume(self) -> bool:
+        """Resume after ``pause``. Returns False if not paused."""
+        self._check_open()
+        if self._state is not PlayerState.PAUSED:
+            return False
+        cur = self._cur
+        ready = cur is not None and bool(cur.frames)
+        self._transition(PlayerState.PLAYING if ready else PlayerState.LOADING, reason="resume")
+        self._pump()
+        return True
+
+    def stop(self) -> bool:
+        """Stop and drop the current track (to the history); the queue stays.
+
+        Returns:
+            False if nothing was playing.
+        """
+        self._check_open()
+        if self._state is PlayerState.IDLE:
+            return False
+        self._end_current(EndReason.STOPPED)
+        self._queue.finish_current()
+        self._drop_next()
+        self._transition(PlayerState.IDLE, reason="stop")
+        self._pump()
+        return True
+
+    def skip(self) -> bool:
+        """Skip to the next track (a looped track does not repeat).
+
+        Returns:
+            False if nothing was playing.
+        """
+        self._check_open()
+        if self._cur is None:
+            return False
+        self._end_current(EndReason.SKIPPED)
+        self._begin(self._queue.advance(skip=True))
+        self._pump()
+        return True
+
+    def previous(self) -> Track:
+        """Go back to the previous track; the current one returns to the front of the queue.
+
+        Returns:
+            The track now playing.
+
+        Raises:
+            QueueEmpty: There is no previous track.
+            QueueFull: The current track would not fit back into the queue.
+        """
+        self._check_open()
+        track = self._queue.previous()
+        self._end_current(EndReason.REPLACED)
+        if self._state is PlayerState.IDLE:
+            self._transition(PlayerState.LOADING, reason="previous")
+        self._begin(track)
+        self._pump()
+        return track
+
+    async def seek(self, seconds: float) -> None:
+        """Continue the current track from ``seconds`` (buffered audio is dropped).
+
+        Raises:
+            QueueEmpty: Nothing is playing.
+            AudioError: The source cannot seek there.
+        """
+        self._check_open()
+        cur = self._cur
+        if cur is None:
+            raise QueueEmpty("seek with no current track", user_message="Nothing is playing.")
+        done = cur.request("seek", max(0.0, seconds))
+        self._in_underrun = True  # the gap after a seek is not the source's fault
+        await done
+
+    async def set_volume(self, volume: float) -> None:
+        """Change the volume of this and later tracks.
+
+        Anything but 1.0 makes the source decode and re-encode (no passthrough). Frames already
+        buffered (up to ``buffer_ms``) keep the old volume.
+
+        Raises:
+            AudioError: ``volume`` is outside 0..2.
+        """
+        self._check_open()
+        _check_volume(volume)
+        self._volume = volume
+        nxt = self._next
+        if nxt is not None:
+            # The preloaded track gets it too, and drops what it buffered at the old volume (it
+            # has sent nothing yet). Nobody waits for these; an error surfaces when it plays.
+            nxt.request("volume", volume).add_done_callback(_retrieve)
+            nxt.request("seek", nxt.base).add_done_callback(_retrieve)
+        if self._cur is not None:
+            await self._cur.request("volume", volume)
+
+    async def close(self) -> None:
+        """Stop everything: cancel every task, close every source. Safe to call twice."""
+        if self._state is PlayerState.CLOSED:
+            return
+        self._end_current(EndReason.CLOSED)
+        self._drop_next()
+        self._transition(PlayerState.CLOSED, reason="close")
+        for state, future in self._waiters:
+            if not future.done():
+                future.set_exception(InvalidTransition(PlayerState.CLOSED, state))
+        self._cancel_timer()
+        tasks: list[asyncio.Future[Any]] = []
+        if self._speaking_task is not None:
+            self._speaking_task.cancel()
+            tasks.append(self._speaking_task)
+        tasks.extend(self._closing)
+        inflight = [f for f in self._inflight if not f.done()]
+        self._closing.clear()
+        self._inflight.clear()
+        if tasks or inflight:
+            await asyncio.wait([*tasks, *inflight])
+        for fut in inflight:
+            if not fut.cancelled() and fut.exception() is not None:
+                self._log.debug("read in flight at close failed: %r", fut.exception())
+
+    # -- track changes -----------------------------------------------------------------------
+
+    def _retire(self, entry: _Entry) -> None:
+        """Close an entry, keeping its task and in-flight read until ``close()`` waits for them."""
+        self._closing = [t for t in self._closing if not t.done()]
+        self._inflight = [f for f in self._inflight if not f.done()]
+        if entry.inflight is not None and not entry.inflight.done():
+            self._inflight.append(entry.inflight)
+        entry.close()
+        if not entry.task.done():
+            self._closing.append(entry.task)
+
+    def _end_current(self, reason: EndReason) -> None:
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return
+        self._retire(cur)
+        if cur.started:
+            self._emit(TrackEnded(cur.track, reason))
+
+    def _drop_next(self) -> None:
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            self._retire(nxt)
+
+    def _begin(self, track: Track | None) -> None:
+        """Make ``track`` current (the preloaded entry when it is that track), or end the queue."""
+        if track is None:
+            self._drop_next()
+            if self._state is not PlayerState.IDLE:
+                self._transition(PlayerState.IDLE, reason="queue ended")
+            self._emit(QueueEnded())
+            return
+        nxt = self._next
+        if nxt is not None and nxt.track == track:
+            self._next, entry = None, nxt
+        else:
+            self._drop_next()
+            entry = _Entry(self, track, 0.0)
+        self._cur = entry
+        self._in_underrun = False
+        if self._state in (PlayerState.PLAYING, PlayerState.LOADING):
+            target = PlayerState.PLAYING if entry.frames else PlayerState.LOADING
+            if target is not self._state:
+                self._transition(target, reason=f"track {track.uid}")
+
+    def _ensure_preload(self) -> None:
+        """Open the track that comes next, unless it is already open (or the queue changed)."""
+        predicted = self._queue.peek_next()
+        if self._next is not None and self._next.track == predicted:
+            return
+        self._drop_next()
+        if predicted is not None:
+            self._next = _Entry(self, predicted, 0.0)
+
+    def _finish_current(self) -> None:
+        """The current entry is exhausted (or failed): report it and move on."""
+        cur = self._cur
+        assert cur is not None
+        if cur.error is None:
+            self._end_current(EndReason.FINISHED)
+            self._begin(self._queue.advance())
+            return
+        self._cur = None
+        self._retire(cur)
+        self._source_errors += 1
+        self._fail_streak += 1
+        self._log.warning("track %r failed: %s", cur.track.title, cur.error)
+        self._emit(TrackFailed(cur.track, cur.error))
+        track = self._queue.advance(skip=True)
+        if self._queue.loop is LoopMode.QUEUE and self._fail_streak > len(self._queue) + 1:
+            self._log.warning("every track in the looped queue failed; stopping")
+            self._queue.finish_current()
+            track = None
+        self._begin(track)
+
+    # -- feeder callbacks ----------------------------------------------------------------------
+
+    def _on_entry_update(self, entry: _Entry) -> None:
+        if self._state is PlayerState.CLOSED or entry is not self._cur:
+            return
+        if entry.error is None and (
+            entry.eof
+            or (
+                entry.duration is not None
+                and entry.duration - entry.read_position <= self._preload_s
+            )
+        ):
+            self._ensure_preload()
+        if entry.frames and self._state is PlayerState.LOADING:
+            self._transition(PlayerState.PLAYING, reason="frames ready")
+        self._pump()
+
+    # -- the send path (timer callback; must stay cheap) -----------------------------------
+
+    def _pump(self) -> None:
+        if self._pumping:
+            self._repump = True
+            return
+        if self._speaking_task is not None or self._state is PlayerState.CLOSED:
+            return
+        self._pumping = True
+        try:
+            self._repump = True
+            while self._repump:
+                self._repump = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        pacer = self._pacer
+        sink = self._sink
+        while True:
+            cur = self._cur
+            if cur is not None and cur.eof and not cur.frames and not cur.ops:
+                self._finish_current()
+                continue
+            ready = cur is not None and bool(cur.frames)
+            now = self._now()
+            action = pacer.poll(now, audio_ready=ready)
+            if action is PacerAction.SEND_AUDIO:
+                assert cur is not None
+                frames = cur.frames
+                sink.send_frame(frames.popleft())
+                cur.sent += 1
+                self._frames_sent += 1
+                self._in_underrun = False
+                late = pacer.last_lateness
+                if late > 0.0:
+                    self._hist[min(int(late / _HIST_BIN), _HIST_SIZE - 1)] += 1
+                    if late > LATE_THRESHOLD:
+                        self._late += 1
+                    if late > self._max_late:
+                        self._max_late = late
+                else:
+                    self._hist[0] += 1
+                if len(frames) <= self._low:
+                    cur.wake.set()
+                if not cur.started:
+                    cur.started = True
+                    self._fail_streak = 0
+                    self._emit(TrackStarted(cur.track))
+            elif action is PacerAction.WAIT:
+                self._arm(pacer.next_deadline())
+                return
+            elif action is PacerAction.SEND_SILENCE:
+                sink.send_frame(OPUS_SILENCE)
+                self._silence_sent += 1
+            elif action is PacerAction.UNDERRUN:
+                if not self._in_underrun and cur is not None and cur.started:
+                    self._in_underrun = True
+                    self._underruns += 1
+                self._cancel_timer()
+                return  # the feeder calls back when frames arrive
+            else:
+                on = action is PacerAction.SPEAKING_ON
+                self._cancel_timer()
+                self._speaking_task = self._loop.create_task(self._announce(on))
+                return
+
+    async def _announce(self, speaking: bool) -> None:
+        try:
+            await self._sink.set_speaking(speaking)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - logged with traceback below
+            # The transport may be reconnecting; the frames still go to the sink, which owns
+            # what happens to them. Logged, not hidden.
+            self._log.exception("set_speaking(%s) failed", speaking)
+        self._speaking_task = None
+        self._pump()
+
+    def _arm(self, deadline: float | None) -> None:
+        if deadline is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None and deadline == self._timer_when:
+            return
+        self._cancel_timer()
+        self._timer_when = deadline
+        self._timer = self._call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = math.nan
+        self._pump()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_when = math.nan
+
+    # -- state machine ---------------------------------------------------------------------
+
+    def _transition(self, new: PlayerState, *, reason: str) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise InvalidTransition(self._state, new)
+        self._log.debug("%s -> %s (%s)", self._state.name, new.name, reason)
+        self._state = new
+        if new is PlayerState.PLAYING:
+            self._pacer.play()
+        else:
+            self._pacer.stop()
+        for state, future in self._waiters:
+            if state is new and not future.done():
+                future.set_result(None)
+
+    def _check_open(self) -> None:
+        if self._state is PlayerState.CLOSED:
+            raise InvalidTransition(self._state, "command on a closed player")
+
+    def _emit(self, event: PlayerEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:  # noqa: BLE001 - logged with traceback below
+            # A listener's bug must not stop the music; it is logged with its traceback.
+            self._log.exception("on_event handler failed for %r", event)
+
+
+def _check_volume(volume: float) -> None:
+    if not 0.0 <= volume <= MAX_VOLUME:
+        raise AudioError(
+            f"volume {volume!r} out of range",
+            user_message=f"Volume must be between 0 % and {MAX_VOLUME * 100:.0f} %.",
+        )
+
+
+def make_opener(
+    resolver: Resolver, *, opus: OpusSettings | None = None, executor: Executor | None = None
+) -> SourceOpener:
+    """A ``SourceOpener`` that resolves the track's stream URL again and opens it.
+
+    Stream URLs expire, so they are fetched at play time (``resolver.stream``), then
+    ``open_source`` runs in ``executor``; a source that finishes opening after the caller gave
+    up (the player skipped or closed) is closed, not leaked.
+
+    Args:
+        resolver: Gives ``await stream(track)`` (a ``StreamInfo``).
+        opus: Encoder settings for sources that cannot pass Opus through.
+        executor: Where ``open_source`` runs (``None``: the loop's default).
+    """
+    from legato.audio.decode import open_source
+
+    async def open_track(track: Track, start: float) -> FrameSource:
+        info = await resolver.stream(track)
+        fut = asyncio.get_running_loop().run_in_executor(
+            executor, lambda: open_source(info, start=start, opus=opus)
+        )
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_close_result)
+            raise
+
+    return open_track
+
+
+def _close_result(fut: asyncio.Future[FrameSource]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marks it retrieved: an unawaited request's error is not an error here

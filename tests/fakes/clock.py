@@ -1,0 +1,104 @@
+"""A clock that moves only when the test says so, with ``call_at`` timers on it."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+
+#: Loop iterations ``settle`` runs: enough for any chain of task wake-ups and executor hand-offs
+#: in the unit tests (each hop takes one or two iterations); no wall-clock time passes.
+SETTLE_ROUNDS = 64
+
+
+async def settle(rounds: int = SETTLE_ROUNDS) -> None:
+    """Let every ready task and callback on the loop run (no real time passes)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class FakeTimer:
+    """A timer on a :class:`FakeClock`; mirrors ``asyncio.TimerHandle.cancel``."""
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A manually advanced monotonic clock.
+
+    ``now()`` only changes in :meth:`advance` / :meth:`run_until`, which fire due timers in
+    deadline order, each at its own time, and let the event loop settle after each.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+        self._heap: list[tuple[float, int, FakeTimer]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> FakeTimer:
+        """Run ``callback`` once the clock reaches ``when``."""
+        timer = FakeTimer(when, callback)
+        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        return timer
+
+    def next_timer(self) -> float | None:
+        """When the earliest live timer is due, or ``None``."""
+        while self._heap and self._heap[0][2].cancelled:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    @property
+    def pending(self) -> int:
+        """Number of live timers."""
+        return sum(1 for _, _, t in self._heap if not t.cancelled)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, firing every timer due on the way."""
+        await self.advance_to(self._now + seconds)
+
+    async def advance_to(self, when: float) -> None:
+        """Move time forward to ``when``, firing every timer due on the way."""
+        await settle()
+        while (due := self.next_timer()) is not None and due <= when:
+            _, _, timer = heapq.heappop(self._heap)
+            self._now = max(self._now, due)
+            timer.callback()
+            await settle()
+        self._now = max(self._now, when)
+        await settle()
+
+    async def stall(self, seconds: float) -> None:
+        """The loop was blocked for ``seconds``: time jumps, then every overdue timer fires late."""
+        await settle()
+        self._now += seconds
+        while (due := self.next_timer()) is not None and due <= self._now:
+            _, _, timer = heapq.heappop(self._heap)
+            timer.callback()
+            await settle()
+
+    async def run_until(self, predicate: Callable[[], bool], *, limit: float = 600.0) -> None:
+        """Jump from timer to timer until ``predicate()`` holds.
+
+        Raises:
+            AssertionError: No timer is left and the predicate is still false, or more than
+                ``limit`` fake seconds passed.
+        """
+        end = self._now + limit
+        await settle()
+        while not predicate():
+            due = self.next_timer()
+            if due is None:
+                raise AssertionError(f"nothing scheduled and the condition is false at {self._now}")
+            if due > end:
+                raise AssertionError(f"condition still false after {limit} fake seconds")
+            await self.advance_to(due)

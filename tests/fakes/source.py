@@ -1,0 +1,172 @@
+"""Scripted FrameSources: numbered frames (``b"A:0"``, ``b"A:1"``, ...) a test can follow.
+
+A frame read after ``set_volume(v)`` with ``v != 1`` carries the volume (``b"A:3@0.5"``), so a
+test sees from which frame on a volume change took effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from legato.audio.source import FRAME_MS
+from legato.audio.track import Track
+from legato.errors import AudioError, DecodeError, LegatoError
+
+FRAME_S = FRAME_MS / 1000
+
+
+def make_frames(tag: str, count: int, start: int = 0) -> list[bytes]:
+    """The frames a ``ScriptedSource(tag, count)`` produces, from frame ``start`` on."""
+    return [f"{tag}:{i}".encode() for i in range(start, count)]
+
+
+def frame_id(frame: bytes) -> tuple[str, int]:
+    """``b"A:3@0.5"`` -> ``("A", 3)``."""
+    tag, _, rest = frame.decode().partition(":")
+    return tag, int(rest.split("@")[0])
+
+
+class ScriptedSource:
+    """A FrameSource over ``count`` numbered frames.
+
+    Args:
+        tag: Prefix of every frame.
+        count: Frames in the track.
+        fail_at: Frame index at which ``read`` raises ``DecodeError`` (once reached).
+        gate: When set, ``read`` blocks on it (a ``threading.Event``) before producing frames,
+            for tests with a real thread pool that need a slow source.
+        passthrough: What ``passthrough`` reports while the volume is 1.0.
+    """
+
+    def __init__(
+        self,
+        tag: str,
+        count: int,
+        *,
+        fail_at: int | None = None,
+        gate: threading.Event | None = None,
+        passthrough: bool = True,
+    ) -> None:
+        self.tag = tag
+        self.count = count
+        self.fail_at = fail_at
+        self.gate = gate
+        self._passthrough = passthrough
+        self.index = 0
+        self.volume = 1.0
+        self.closed = False
+        self.reads: list[int] = []
+        self.seeks: list[float] = []
+        self._busy = threading.Lock()
+
+    @property
+    def passthrough(self) -> bool:
+        return self._passthrough and self.volume == 1.0
+
+    @property
+    def position(self) -> float:
+        return self.index * FRAME_S
+
+    @property
+    def duration(self) -> float | None:
+        return self.count * FRAME_S
+
+    def _enter(self) -> None:
+        # The player promises never to call two methods at once; hold it to that.
+        if not self._busy.acquire(blocking=False):
+            raise AssertionError("two FrameSource calls at once")
+        if self.closed:
+            self._busy.release()
+            raise AssertionError("FrameSource used after close")
+
+    def read(self, max_frames: int) -> list[bytes]:
+        self._enter()
+        try:
+            self.reads.append(max_frames)
+            if self.gate is not None:
+                self.gate.wait()
+            end = min(self.count, self.index + max_frames)
+            if self.fail_at is not None and end > self.fail_at:
+                end = self.fail_at
+                if end == self.index:
+                    raise DecodeError(f"{self.tag}: corrupt packet at frame {self.fail_at}")
+            suffix = "" if self.volume == 1.0 else f"@{self.volume:g}"
+            out = [f"{self.tag}:{i}{suffix}".encode() for i in range(self.index, end)]
+            self.index = end
+            return out
+        finally:
+            self._busy.release()
+
+    def seek(self, seconds: float) -> None:
+        self._enter()
+        try:
+            self.seeks.append(seconds)
+            self.index = max(0, min(self.count, round(seconds / FRAME_S)))
+        finally:
+            self._busy.release()
+
+    def set_volume(self, volume: float) -> None:
+        self._enter()
+        try:
+            self.volume = volume
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class _Script:
+    count: int = 0
+    fail_at: int | None = None
+    error: LegatoError | None = None
+    gate: asyncio.Event | None = None
+
+
+@dataclass
+class ScriptedOpener:
+    """A SourceOpener: ``track.url`` names a script registered with :meth:`script`.
+
+    Attributes:
+        opened: ``(track title, start)`` of every open, in order.
+        sources: Every source handed out.
+    """
+
+    scripts: dict[str, _Script] = field(default_factory=dict)
+    opened: list[tuple[str, float]] = field(default_factory=list)
+    sources: list[ScriptedSource] = field(default_factory=list)
+    on_open: Callable[[ScriptedSource], None] | None = None
+
+    def script(
+        self,
+        url: str,
+        count: int = 0,
+        *,
+        fail_at: int | None = None,
+        error: LegatoError | None = None,
+        gate: asyncio.Event | None = None,
+    ) -> Track:
+        """Register what opening ``url`` gives and return a ``Track`` for it."""
+        self.scripts[url] = _Script(count, fail_at, error, gate)
+        return Track(url=url, title=url)
+
+    async def __call__(self, track: Track, start: float) -> ScriptedSource:
+        self.opened.append((track.title, start))
+        spec = self.scripts.get(track.url)
+        if spec is None:
+            raise AudioError(f"no script for {track.url}")
+        if spec.gate is not None:
+            await spec.gate.wait()
+        if spec.error is not None:
+            raise spec.error
+        source = ScriptedSource(track.title, spec.count, fail_at=spec.fail_at)
+        if start:
+            source.seek(start)
+        self.sources.append(source)
+        if self.on_open is not None:
+            self.on_open(source)
+        return source

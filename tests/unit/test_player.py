@@ -1,0 +1,513 @@
+"""GuildPlayer on a fake clock: exact frame, speaking and silence sequences, track changes,
+failures, seek, volume and clean shutdown.
+
+Sources are ``ScriptedSource``s (frames ``b"A:0"``, ``b"A:1"``, ...) run by an inline executor,
+so everything but time is real and time moves only when a test advances the ``FakeClock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+
+from legato.audio.player import (
+    EndReason,
+    GuildPlayer,
+    PlayerEvent,
+    PlayerState,
+    QueueEnded,
+    TrackEnded,
+    TrackFailed,
+    TrackStarted,
+)
+from legato.audio.queue import LoopMode, TrackQueue
+from legato.audio.source import FrameSource
+from legato.audio.track import Track
+from legato.errors import AudioError, DecodeError, InvalidTransition, QueueEmpty
+from tests.fakes import (
+    FakeClock,
+    InlineExecutor,
+    RecordingSink,
+    ScriptedOpener,
+    ScriptedSource,
+    make_frames,
+    settle,
+)
+
+F = 0.020
+S5 = ["S"] * 5
+
+
+@dataclass
+class Rig:
+    clock: FakeClock
+    sink: RecordingSink
+    opener: ScriptedOpener
+    player: GuildPlayer
+    events: list[PlayerEvent] = field(default_factory=list)
+
+    def track(self, name: str, frames: int = 0, **kw: object) -> Track:
+        return self.opener.script(name, frames, **kw)  # type: ignore[arg-type]  # test kwargs
+
+    def play(self, *tracks: Track) -> None:
+        self.player.queue.add(tracks)
+        assert self.player.start()
+
+    def names(self) -> list[str]:
+        out = []
+        for e in self.events:
+            if isinstance(e, TrackStarted):
+                out.append(f"started {e.track.title}")
+            elif isinstance(e, TrackEnded):
+                out.append(f"ended {e.track.title} {e.reason.value}")
+            elif isinstance(e, TrackFailed):
+                out.append(f"failed {e.track.title}")
+            else:
+                out.append("queue ended")
+        return out
+
+    def gaps(self) -> list[float]:
+        t = self.sink.frame_times
+        return [round(b - a, 9) for a, b in itertools.pairwise(t)]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    opener = ScriptedOpener()
+    events: list[PlayerEvent] = []
+    player = GuildPlayer(
+        sink,
+        opener,
+        clock=clock,
+        executor=InlineExecutor(),
+        buffer_ms=100,
+        on_event=events.append,
+        guild_id=42,
+    )
+    yield Rig(clock, sink, opener, player, events)
+    await player.close()
+
+
+def state_of(player: GuildPlayer) -> PlayerState:
+    """The state, read through a call (mypy would otherwise keep an earlier narrowing)."""
+    return player.state
+
+
+def others() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+async def test_play_pause_resume_stop_sequence(rig: Rig) -> None:
+    a = rig.track("A", 50)
+    rig.play(a)
+    await settle()
+    assert state_of(rig.player) is PlayerState.PLAYING
+    assert rig.sink.timeline() == ["on", "A:0"]
+    await rig.clock.advance(5 * F)
+    assert rig.player.position == pytest.approx(6 * F)
+    assert rig.player.pause()
+    assert state_of(rig.player) is PlayerState.PAUSED
+    await rig.clock.advance(1.0)
+    assert rig.player.position == pytest.approx(6 * F)
+    assert rig.player.resume()
+    await rig.clock.advance(2 * F)
+    assert rig.player.stop()
+    await rig.clock.advance(1.0)
+    assert rig.sink.timeline() == [
+        "on",
+        *(f"A:{i}" for i in range(6)),
+        *S5,
+        "off",
+        "on",
+        "A:6",
+        "A:7",
+        "A:8",
+        *S5,
+        "off",
+    ]
+    assert state_of(rig.player) is PlayerState.IDLE
+    assert rig.player.current is None
+    assert rig.names() == ["started A", "ended A stopped"]
+    assert rig.player.queue.history == (a,)
+    assert rig.opener.sources[0].closed
+    # Frames of one speaking burst (audio and its trailing silence) are exactly 20 ms apart.
+    first_burst = rig.sink.frame_times[:11]
+    assert [round(b - a, 9) for a, b in itertools.pairwise(first_burst)] == [F] * 10
+
+
+async def test_speaking_on_is_awaited_before_the_first_frame(rig: Rig) -> None:
+    gate = asyncio.Event()
+    rig.sink.speaking_gate = gate
+    rig.play(rig.track("A", 20))
+    await rig.clock.advance(0.1)
+    assert rig.sink.frames == []
+    gate.set()
+    await settle()
+    assert rig.sink.timeline() == ["on", "A:0"]
+
+
+async def test_gapless_transition_and_queue_end(rig: Rig) -> None:
+    rig.play(rig.track("A", 7), rig.track("B", 9))
+    await rig.clock.run_until(lambda: rig.sink.speaking_changes == [True, False])
+    assert rig.sink.timeline() == [
+        "on",
+        *(f.decode() for f in make_frames("A", 7)),
+        *(f.decode() for f in make_frames("B", 9)),
+        *S5,
+        "off",
+    ]
+    assert rig.gaps() == [F] * (7 + 9 + 5 - 1)
+    assert rig.names() == [
+        "started A",
+        "ended A finished",
+        "started B",
+        "ended B finished",
+        "queue ended",
+    ]
+    assert state_of(rig.player) is PlayerState.IDLE
+    # B was opened while A played (preloaded), each source exactly once.
+    assert rig.opener.opened == [("A", 0.0), ("B", 0.0)]
+    assert all(s.closed for s in rig.opener.sources)
+
+
+async def test_skip_uses_preloaded_next_without_a_gap(rig: Rig) -> None:
+    rig.play(rig.track("A", 50), rig.track("B", 3))
+    await rig.clock.advance(2 * F)
+    assert rig.player.skip()
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    await rig.clock.advance(1.0)
+    assert rig.sink.timeline() == ["on", "A:0", "A:1", "A:2", "B:0", "B:1", "B:2", *S5, "off"]
+    assert rig.gaps() == [F] * 10
+    assert rig.names()[:3] == ["started A", "ended A skipped", "started B"]
+
+
+async def test_skip_on_last_track_ends_queue(rig: Rig) -> None:
+    rig.play(rig.track("A", 50))
+    await rig.clock.advance(F)
+    assert rig.player.skip()
+    await rig.clock.advance(1.0)
+    assert rig.sink.timeline() == ["on", "A:0", "A:1", *S5, "off"]
+    assert rig.names() == ["started A", "ended A skipped", "queue ended"]
+    assert not rig.player.skip()
+
+
+async def test_failing_open_is_reported_and_next_track_plays(rig: Rig) -> None:
+    error = DecodeError("404 from http://x/bad", user_message="That track could not be opened.")
+    rig.play(rig.track("A", 3), rig.track("BAD", error=error), rig.track("C", 3))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    await rig.clock.advance(1.0)
+    assert rig.sink.audio == [*make_frames("A", 3), *make_frames("C", 3)]
+    failed = [e for e in rig.events if isinstance(e, TrackFailed)]
+    assert len(failed) == 1
+    assert failed[0].track.title == "BAD"
+    assert failed[0].error is error
+    assert rig.names() == [
+        "started A",
+        "ended A finished",
+        "failed BAD",
+        "started C",
+        "ended C finished",
+        "queue ended",
+    ]
+    assert rig.player.stats.source_errors == 1
+
+
+async def test_read_error_mid_track_plays_what_was_read_then_moves_on(rig: Rig) -> None:
+    rig.play(rig.track("A", 20, fail_at=4), rig.track("B", 2))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert rig.sink.audio == [*make_frames("A", 4), *make_frames("B", 2)]
+    failed = [e for e in rig.events if isinstance(e, TrackFailed)]
+    assert [type(e.error) for e in failed] == [DecodeError]
+    assert "frame 4" in str(failed[0].error)
+    assert rig.names()[:3] == ["started A", "failed A", "started B"]
+
+
+async def test_unexpected_opener_exception_becomes_audio_error(rig: Rig) -> None:
+    async def broken(track: Track, start: float) -> FrameSource:
+        raise RuntimeError("bug in an opener")
+
+    events: list[PlayerEvent] = []
+    player = GuildPlayer(
+        rig.sink, broken, clock=rig.clock, executor=InlineExecutor(), on_event=events.append
+    )
+    player.queue.add([Track(url="x", title="x")])
+    player.start()
+    await rig.clock.run_until(lambda: player.state is PlayerState.IDLE)
+    assert isinstance(events[0], TrackFailed)
+    assert isinstance(events[0].error, AudioError)
+    assert "bug in an opener" in str(events[0].error)
+    assert isinstance(events[1], QueueEnded)
+    await player.close()
+
+
+async def test_every_track_failing_in_a_looped_queue_stops(rig: Rig) -> None:
+    rig.player.queue.loop = LoopMode.QUEUE
+    rig.play(rig.track("X", error=DecodeError("x")), rig.track("Y", error=DecodeError("y")))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert rig.names()[-1] == "queue ended"
+    assert rig.names().count("failed X") >= 1
+    assert rig.sink.frames == []
+
+
+async def test_loop_track_repeats_gaplessly(rig: Rig) -> None:
+    rig.player.queue.loop = LoopMode.TRACK
+    rig.play(rig.track("A", 3), rig.track("B", 2))
+    await rig.clock.run_until(lambda: rig.names().count("started A") == 3)
+    await rig.clock.advance(2 * F)
+    rig.player.skip()  # a skip leaves the looped track; the loop mode stays, so B loops next
+    await rig.clock.run_until(lambda: rig.names().count("started B") == 2)
+    audio = [f.decode() for f in rig.sink.audio]
+    assert audio == ["A:0", "A:1", "A:2"] * 3 + ["B:0", "B:1", "B:0"]
+    assert rig.gaps() == [F] * (len(audio) - 1)
+    assert [t.title for t in rig.player.queue.history] == ["A"]
+
+
+async def test_previous_replays_from_history(rig: Rig) -> None:
+    a, b = rig.track("A", 40), rig.track("B", 40)
+    rig.play(a, b)
+    await rig.clock.advance(F)
+    rig.player.skip()
+    await rig.clock.advance(F)
+    assert rig.player.previous() is a
+    await rig.clock.advance(F)
+    assert rig.player.current is a
+    assert rig.player.queue.upcoming == (b,)
+    assert [f.decode() for f in rig.sink.audio] == ["A:0", "A:1", "B:0", "A:0"]
+    assert "ended B replaced" in rig.names()
+
+
+async def test_previous_without_history_raises(rig: Rig) -> None:
+    rig.play(rig.track("A", 40))
+    with pytest.raises(QueueEmpty):
+        rig.player.previous()
+    assert rig.player.current is not None
+
+
+async def test_seek_jumps_and_position_counts_sent_audio(rig: Rig) -> None:
+    rig.play(rig.track("A", 200))
+    await rig.clock.advance(4 * F)
+    await rig.player.seek(2.0)
+    assert rig.player.position == pytest.approx(2.0)
+    await rig.clock.advance(3 * F)
+    audio = [f.decode() for f in rig.sink.audio]
+    assert audio[:5] == [f"A:{i}" for i in range(5)]
+    assert audio[5] == "A:100"
+    assert audio[5:] == [f"A:{i}" for i in range(100, 100 + len(audio) - 5)]
+    assert rig.player.position == pytest.approx(2.0 + (len(audio) - 5) * F)
+    assert rig.opener.sources[0].seeks == [2.0]
+    assert rig.player.stats.underruns == 0
+
+
+async def test_seek_with_nothing_playing_is_queue_empty(rig: Rig) -> None:
+    with pytest.raises(QueueEmpty):
+        await rig.player.seek(3.0)
+
+
+async def test_volume_reaches_current_and_next_sources(rig: Rig) -> None:
+    rig.play(rig.track("A", 30), rig.track("B", 5))
+    await rig.clock.advance(F)
+    await rig.player.set_volume(0.5)
+    assert rig.player.volume == 0.5
+    sources = rig.opener.sources
+    assert [s.volume for s in sources] == [0.5, 0.5]
+    assert not sources[0].passthrough
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    audio = [f.decode() for f in rig.sink.audio]
+    # Frames buffered before the change keep the old volume; every later one carries it.
+    first_scaled = next(i for i, f in enumerate(audio) if f.endswith("@0.5"))
+    assert all(f.endswith("@0.5") for f in audio[first_scaled:])
+    assert first_scaled <= 2 + 5  # two frames sent, then at most one buffer (100 ms) late
+    assert audio[-5:] == [f"B:{i}@0.5" for i in range(5)]
+    with pytest.raises(AudioError) as info:
+        await rig.player.set_volume(3.0)
+    assert "Volume" in info.value.user_message
+
+
+async def test_volume_applies_to_tracks_opened_later(rig: Rig) -> None:
+    await rig.player.set_volume(1.5)
+    rig.play(rig.track("A", 2))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert [f.decode() for f in rig.sink.audio] == ["A:0@1.5", "A:1@1.5"]
+
+
+async def test_loading_state_while_open_is_slow_and_pause_during_loading(rig: Rig) -> None:
+    gate = asyncio.Event()
+    rig.play(rig.track("A", 10, gate=gate))
+    await rig.clock.advance(0.5)
+    assert rig.player.state is PlayerState.LOADING
+    assert rig.sink.events == []
+    assert rig.player.pause()
+    gate.set()
+    await rig.clock.advance(0.5)
+    assert state_of(rig.player) is PlayerState.PAUSED
+    assert rig.sink.events == []
+    assert rig.player.stats.buffer_frames == 5
+    assert rig.player.resume()
+    assert state_of(rig.player) is PlayerState.PLAYING
+    await settle()
+    assert rig.sink.timeline() == ["on", "A:0"]
+
+
+async def test_stall_re_anchors_without_burst(rig: Rig) -> None:
+    rig.play(rig.track("A", 100))
+    await rig.clock.advance(5 * F)
+    await rig.clock.stall(0.2)
+    await rig.clock.advance(5 * F)
+    gaps = rig.gaps()
+    assert min(gaps) >= F - 1e-9
+    assert max(gaps) == pytest.approx(0.2)
+    assert len(rig.sink.audio) == 6 + 1 + 5
+    assert rig.player.stats.reanchors == 1
+    assert [f.decode() for f in rig.sink.audio] == [f"A:{i}" for i in range(12)]
+
+
+async def test_source_slower_than_real_time_underruns_and_re_anchors() -> None:
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    gate = threading.Event()
+    gate.set()
+    holder: list[ScriptedSource] = []
+    opener = ScriptedOpener(on_open=holder.append)
+    track = opener.script("A", 100)
+    with ThreadPoolExecutor(1) as pool:
+        player = GuildPlayer(sink, opener, clock=clock, executor=pool, buffer_ms=100)
+        player.queue.add([track])
+        player.start()
+        async with asyncio.timeout(10):
+            await sink.wait_frames(1)
+            holder[0].gate = gate
+            gate.clear()  # the next read blocks: the source is stuck
+            await clock.run_until(lambda: player.stats.underruns == 1)
+            sent = len(sink.audio)
+            await clock.advance(0.2)
+            assert len(sink.audio) == sent
+            gate.set()
+            await sink.wait_for(lambda s: len(s.audio) > sent)
+            await clock.advance(3 * F)
+        await player.close()
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(sink.frame_times)]
+    assert min(gaps) >= F - 1e-9
+    assert player.stats.reanchors == 1
+    assert [f.decode() for f in sink.audio] == [f"A:{i}" for i in range(len(sink.audio))]
+
+
+async def test_close_cancels_everything_and_is_idempotent(rig: Rig) -> None:
+    gate = asyncio.Event()
+    rig.play(rig.track("A", 40), rig.track("B", 40, gate=gate))
+    await rig.clock.advance(3 * F)
+    assert others()  # feeders are alive (A's and B's, B stuck opening)
+    await rig.player.close()
+    assert rig.player.state is PlayerState.CLOSED
+    assert others() == set()
+    assert rig.clock.pending == 0
+    assert all(s.closed for s in rig.opener.sources)
+    assert rig.names() == ["started A", "ended A closed"]
+    await rig.player.close()
+    with pytest.raises(InvalidTransition):
+        rig.player.start()
+    sent = len(rig.sink.frames)
+    await rig.clock.advance(1.0)
+    assert len(rig.sink.frames) == sent
+
+
+async def test_close_while_waiting_for_a_state_fails_the_waiter(rig: Rig) -> None:
+    waiter = asyncio.ensure_future(rig.player.wait_for(PlayerState.PLAYING))
+    await settle()
+    await rig.player.close()
+    with pytest.raises(InvalidTransition):
+        await waiter
+
+
+async def test_event_handler_exception_is_logged_and_music_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    opener = ScriptedOpener()
+
+    def handler(event: PlayerEvent) -> None:
+        raise ValueError("handler bug")
+
+    player = GuildPlayer(
+        sink, opener, clock=clock, executor=InlineExecutor(), on_event=handler, guild_id=77
+    )
+    player.queue.add([opener.script("A", 3), opener.script("B", 3)])
+    with caplog.at_level(logging.ERROR, logger="legato.audio.player"):
+        player.start()
+        await clock.run_until(lambda: player.state is PlayerState.IDLE)
+    assert len(sink.audio) == 6
+    assert any("[guild 77]" in r.getMessage() for r in caplog.records)
+    await player.close()
+
+
+async def test_start_returns_false_when_busy_or_empty(rig: Rig) -> None:
+    assert not rig.player.start()
+    assert not rig.player.pause()
+    assert not rig.player.resume()
+    assert not rig.player.stop()
+    rig.play(rig.track("A", 10))
+    assert not rig.player.start()
+
+
+async def test_wait_for_state(rig: Rig) -> None:
+    rig.play(rig.track("A", 3))
+    await rig.player.wait_for(PlayerState.PLAYING)
+    waiter = asyncio.ensure_future(rig.player.wait_for(PlayerState.IDLE))
+    await rig.clock.advance(0.1)
+    assert waiter.done()
+    await waiter
+
+
+async def test_stats_count_frames_and_lateness(rig: Rig) -> None:
+    rig.play(rig.track("A", 10))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    await rig.clock.advance(1.0)
+    stats = rig.player.stats
+    assert stats.frames_sent == 10
+    assert stats.silence_sent == 5
+    assert stats.late_frames == 0
+    assert stats.max_lateness_ms == 0.0
+    assert stats.p99_lateness_ms == 0.0
+    assert stats.buffer_frames == 0
+
+
+async def test_queue_edits_after_preload_are_respected(rig: Rig) -> None:
+    queue = TrackQueue()
+    rig.player.queue.add([rig.track("A", 6), rig.track("B", 6)])
+    del queue
+    assert rig.player.start()
+    await rig.clock.advance(F)
+    # B is already preloaded; the user removes it and adds C instead.
+    removed = rig.player.queue.remove(0)
+    assert removed.title == "B"
+    rig.player.queue.add([rig.track("C", 2)])
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert [f.decode() for f in rig.sink.audio] == [*(f"A:{i}" for i in range(6)), "C:0", "C:1"]
+    assert all(s.closed for s in rig.opener.sources)
+    assert [s.tag for s in rig.opener.sources] == ["A", "B", "C"]
+    assert EndReason.FINISHED in [e.reason for e in rig.events if isinstance(e, TrackEnded)]
+
+
+async def test_frames_are_read_in_chunks_not_one_by_one() -> None:
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    opener = ScriptedOpener()
+    player = GuildPlayer(sink, opener, clock=clock, executor=InlineExecutor(), buffer_ms=300)
+    player.queue.add([opener.script("A", 100)])
+    player.start()
+    await clock.run_until(lambda: player.state is PlayerState.IDLE)
+    reads = opener.sources[0].reads
+    assert reads[0] == 15  # the whole buffer first
+    assert min(reads) >= 7  # then half a buffer at a time
+    assert len(reads) <= 2 + 100 // 7
+    assert len(sink.audio) == 100
+    await player.close()
