@@ -179,9 +179,11 @@ class PacketEncryptor:
                 announce.
         """
         header = bytes(header)
-        _parsed, size = parse_rtp_header(header)
-        if size != len(header):
-            raise MalformedPacket(f"header of {len(header)} bytes, its fields say {size}")
+        # Fast path: Discord's plain 12-byte header (0x80: v2, no padding/extension/CSRC).
+        if len(header) != RTP_HEADER_SIZE or header[0] != 0x80:
+            _parsed, size = parse_rtp_header(header)
+            if size != len(header):
+                raise MalformedPacket(f"header of {len(header)} bytes, its fields say {size}")
         return self._encrypt(header, bytes(payload))
 
     def _next_counter(self) -> bytes:
