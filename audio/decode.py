@@ -1,0 +1,602 @@
+"""Open a stream with PyAV and turn it into 20 ms Opus frames, passing Opus through when it can.
+
+Two sources implement :class:`legato.audio.source.FrameSource`:
+
+- ``_OpusSource`` for Opus (mono or stereo, Ogg or WebM/Matroska): while the volume is 1.0 it
+  returns the container's packets unchanged (*passthrough*, no decode, no encode). A volume
+  other than 1.0 switches to decode (libopus) + scale + encode on the next frame boundary; a
+  return to 1.0 switches back on a frame boundary. Both directions are gapless (one frame out per
+  source packet) and click-free: see ``_OpusSource._start_decoding``.
+- ``_TranscodeSource`` for everything else: PyAV decodes, ``av.AudioResampler`` makes 48 kHz
+  stereo s16, the PCM is cut into 960-sample frames (the last one padded with silence), scaled
+  and encoded with :class:`legato.audio.encode.OpusEncoder`.
+
+Timeline: both sources drop the encoder's lookahead (312 samples at 48 kHz) from the start of
+the PCM they encode, so a receiver's decoded frame *k* holds the source's audio at ``k * 20 ms``,
+the same as the passthrough packets give; that is what makes the switch seamless.
+
+Errors: opening failures (HTTP 404/403, not a media file, no audio stream, unsupported codec,
+timeout) raise :class:`DecodeError` with a ``user_message``. Mid-stream, a stream that ends
+early (a truncated file, a damaged tail) ends the track with the frames decoded so far, and a
+warning is logged: a listener keeps what could be played. Isolated undecodable packets are
+skipped, as FFmpeg's command line does; ``_MAX_BAD_PACKETS`` in a row, a network failure or a
+stalled read raise :class:`DecodeError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator
+from typing import Final
+
+import av
+import av.error
+import numpy as np
+
+from legato.audio.encode import OpusDecoder, OpusEncoder, OpusSettings, decode_opus_packets
+from legato.audio.resolve import StreamInfo
+from legato.audio.source import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, FrameSource
+from legato.errors import DecodeError
+
+__all__ = ["DEFAULT_TIMEOUT", "decode_opus_packets", "open_source", "opus_packet_samples"]
+
+_log = logging.getLogger(__name__)
+
+#: Seconds PyAV may wait to open a stream, and for any one read, before it gives up.
+DEFAULT_TIMEOUT: Final = 20.0
+
+#: Undecodable packets in a row after which the stream counts as broken.
+_MAX_BAD_PACKETS: Final = 8
+
+#: Passthrough packets kept to warm the decoder when switching to the decode path (>= 4).
+_WARM_PACKETS: Final = 6
+
+#: Of those, how many frames also warm the encoder before its first real frame.
+_WARM_ENCODER_FRAMES: Final = 3
+
+#: Containers whose Opus packets we send unchanged.
+_PASSTHROUGH_FORMATS: Final = frozenset({"ogg", "matroska", "webm"})
+
+_BYTES_PER_SAMPLE: Final = 2 * CHANNELS
+
+# Opus TOC byte: frame length in 48 kHz samples per configuration (RFC 6716, section 3.1).
+_SILK_SIZES: Final = (480, 960, 1920, 2880)
+_HYBRID_SIZES: Final = (480, 960)
+_CELT_SIZES: Final = (120, 240, 480, 960)
+
+
+def opus_packet_samples(packet: bytes) -> int:
+    """Samples per channel (at 48 kHz) that one Opus packet decodes to; 0 if it is malformed."""
+    if not packet:
+        return 0
+    toc = packet[0]
+    config = toc >> 3
+    if config < 12:
+        size = _SILK_SIZES[config % 4]
+    elif config < 16:
+        size = _HYBRID_SIZES[config % 2]
+    else:
+        size = _CELT_SIZES[config % 4]
+    code = toc & 0x03
+    if code == 0:
+        count = 1
+    elif code in (1, 2):
+        count = 2
+    elif len(packet) < 2:
+        return 0
+    else:
+        count = packet[1] & 0x3F
+    return size * count
+
+
+def _http_options(stream: StreamInfo, timeout: float) -> dict[str, str]:
+    options = {
+        # Reconnect when a server drops a long download; give up after a few seconds of tries.
+        "reconnect": "1",
+        "reconnect_streamed": "1",
+        "reconnect_delay_max": "5",
+        # Microseconds: a stalled server fails the read instead of hanging the worker forever.
+        "rw_timeout": str(int(timeout * 1_000_000)),
+        "timeout": str(int(timeout * 1_000_000)),
+    }
+    headers = dict(stream.http_headers)
+    user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
+    if user_agent:
+        options["user_agent"] = user_agent
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "user-agent")
+    if extra:
+        options["headers"] = extra
+    return options
+
+
+def _open_error(exc: Exception, url: str) -> DecodeError:
+    """Map an exception from opening a stream to a DecodeError with a safe sentence."""
+    detail = f"could not open {url}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, av.error.HTTPNotFoundError):
+        message = "That track was not found (the server answered 404)."
+    elif isinstance(exc, av.error.HTTPForbiddenError | av.error.HTTPUnauthorizedError):
+        message = "The server refused access to that track."
+    elif isinstance(exc, av.error.HTTPError):
+        message = "The server hosting that track returned an error."
+    elif isinstance(exc, av.error.ExitError | av.error.TimeoutError | TimeoutError):
+        message = "Opening that track took too long."
+    elif isinstance(exc, av.error.InvalidDataError):
+        message = "That is not a playable audio file, or it is damaged."
+    elif isinstance(exc, av.error.DecoderNotFoundError):
+        message = "That track's audio format is not supported."
+    elif isinstance(exc, av.error.FileNotFoundError | FileNotFoundError):
+        message = "That file does not exist."
+    else:
+        message = "That track's audio could not be opened."
+    return DecodeError(detail, user_message=message)
+
+
+def open_source(
+    stream: StreamInfo,
+    *,
+    start: float = 0.0,
+    volume: float = 1.0,
+    opus: OpusSettings | None = None,
+    allow_passthrough: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> FrameSource:
+    """Open a resolved stream as a source of 20 ms Opus frames. Blocks: call it in an executor.
+
+    Args:
+        stream: Where to read from (``Resolver.stream`` gives it).
+        start: Seconds into the track to begin at.
+        volume: Initial gain (1.0 unchanged; 0 to 10).
+        opus: Encoder settings for the decode path; ``OpusSettings()`` when ``None``.
+        allow_passthrough: Send a 48 kHz Opus stream's packets unchanged while the volume is 1.0.
+        timeout: Seconds to wait for the stream to open, and for each read.
+
+    Returns:
+        An open ``FrameSource``; the caller closes it.
+
+    Raises:
+        DecodeError: the stream could not be opened or has no decodable audio.
+    """
+    _check_volume(volume)
+    options = {} if stream.is_local else _http_options(stream, timeout)
+    try:
+        container = av.open(stream.url, options=options, timeout=(timeout, timeout))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise _open_error(exc, stream.url) from exc
+    try:
+        if not container.streams.audio:
+            raise DecodeError(
+                f"{stream.url} has no audio stream",
+                user_message="That link has no audio to play.",
+            )
+        audio = container.streams.audio[0]
+        if audio.codec_context is None or audio.codec_context.codec is None:
+            raise DecodeError(
+                f"{stream.url}: no decoder for its audio",
+                user_message="That track's audio format is not supported.",
+            )
+        source: _BaseSource
+        if _opus_direct(container, audio):
+            source = _OpusSource(container, audio, stream, opus, allow_passthrough, volume)
+        else:
+            source = _TranscodeSource(container, audio, stream, opus, volume)
+        if start > 0:
+            source.seek(start)
+    except DecodeError:
+        container.close()
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        container.close()
+        raise _open_error(exc, stream.url) from exc
+    return source
+
+
+def _opus_direct(container: av.container.InputContainer, audio: av.AudioStream) -> bool:
+    """True for Opus (mapping family 0: mono/stereo) in a container whose packets we can send."""
+    formats = set(container.format.name.split(","))
+    return (
+        audio.codec_context.name == "opus"
+        and audio.codec_context.channels <= 2
+        and bool(formats & _PASSTHROUGH_FORMATS)
+    )
+
+
+def _check_volume(volume: float) -> None:
+    if not (math.isfinite(volume) and 0.0 <= volume <= 10.0):
+        raise ValueError(f"volume must be between 0 and 10, got {volume!r}")
+
+
+class _BaseSource:
+    """What both sources share: the encoder, volume ramps, reading and closing."""
+
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        audio: av.AudioStream,
+        info: StreamInfo,
+        opus: OpusSettings | None,
+        volume: float,
+    ) -> None:
+        self._container = container
+        self._audio = audio
+        self._url = info.url
+        self._encoder = OpusEncoder(opus)
+        self._lookahead = int(self._encoder.lookahead)
+        self._gain = volume  # the gain applied at the end of the last frame
+        self._target = volume  # the gain asked for
+        self._closed = False
+        self._pending_error: DecodeError | None = None
+        self._emitted = 0
+        self._origin = 0.0
+        self._frames: Iterator[bytes] = iter(())
+        self._start_time = 0.0
+        if audio.start_time is not None and audio.time_base is not None:
+            self._start_time = float(audio.start_time * audio.time_base)
+        self._duration: float | None = None
+        if container.duration is not None and container.duration > 0:
+            self._duration = container.duration / av.time_base
+        elif audio.duration is not None and audio.time_base is not None:
+            self._duration = float(audio.duration * audio.time_base)
+        self._got_audio = False
+
+    # ---- FrameSource
+
+    @property
+    def passthrough(self) -> bool:
+        return False
+
+    @property
+    def position(self) -> float:
+        return self._origin + self._emitted * FRAME_SAMPLES / SAMPLE_RATE
+
+    @property
+    def duration(self) -> float | None:
+        return self._duration
+
+    def read(self, max_frames: int) -> list[bytes]:
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        out: list[bytes] = []
+        if self._closed:
+            return out
+        try:
+            for _ in range(max_frames):
+                frame = next(self._frames, None)
+                if frame is None:
+                    break
+                out.append(frame)
+                self._emitted += 1
+        except DecodeError as exc:
+            error = exc
+        except (av.error.FFmpegError, OSError) as exc:
+            error = self._stream_error(exc)
+        else:
+            return out
+        self._frames = iter(())
+        if out:
+            self._pending_error = error
+            return out
+        raise error
+
+    def set_volume(self, volume: float) -> None:
+        _check_volume(volume)
+        self._target = volume
+
+    def seek(self, seconds: float) -> None:
+        if self._closed:
+            raise DecodeError("seek on a closed source")
+        self._pending_error = None
+        target = max(0.0, seconds)
+        if self._duration is not None:
+            target = min(target, self._duration)
+        time_base = self._audio.time_base
+        try:
+            if time_base is None:
+                self._container.seek(int((target + self._start_time) * av.time_base))
+            else:
+                self._container.seek(
+                    int((target + self._start_time) / time_base),
+                    stream=self._audio,
+                    backward=True,
+                    any_frame=False,
+                )
+        except (av.error.FFmpegError, OSError) as exc:
+            raise DecodeError(
+                f"seek to {target:.3f}s in {self._url} failed: {exc}",
+                user_message="I could not seek in that track.",
+            ) from exc
+        self._emitted = 0
+        self._gain = self._target  # a jump needs no ramp: there is nothing to be continuous with
+        self._restart(target)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._frames = iter(())
+        self._container.close()
+
+    # ---- shared helpers
+
+    def _restart(self, target: float) -> None:
+        raise NotImplementedError
+
+    def _stream_error(self, exc: Exception) -> DecodeError:
+        if isinstance(exc, av.error.ExitError | av.error.TimeoutError | TimeoutError):
+            message = "The track's server stopped sending audio."
+        elif isinstance(exc, av.error.HTTPError):
+            message = "The server hosting that track returned an error."
+        else:
+            message = "The track's audio could not be read."
+        return DecodeError(
+            f"reading {self._url} failed: {type(exc).__name__}: {exc}", user_message=message
+        )
+
+    def _demux(self) -> Iterator[av.Packet[av.AudioStream]]:
+        """The audio stream's packets, with a truncated or damaged tail taken as the end."""
+        packets = self._container.demux(self._audio)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except (av.error.InvalidDataError, av.error.EOFError) as exc:
+                _log.warning("%s ends early (%s); ending the track there", self._url, exc)
+                return
+            if packet.size == 0:
+                continue  # the demuxer's flush packet
+            yield packet
+
+    def _scale_and_encode(self, pcm: bytes) -> bytes:
+        """Apply the volume (ramped over one frame when it changes) and encode one frame."""
+        if self._gain == self._target == 1.0:
+            return self._encoder.encode(pcm)
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32).reshape(-1, CHANNELS)
+        if self._gain == self._target:
+            samples *= self._gain
+        else:
+            # A step in gain is a click; a 20 ms linear ramp is not.
+            ramp = np.linspace(self._gain, self._target, FRAME_SAMPLES + 1, dtype=np.float32)[1:]
+            samples *= ramp[:, np.newaxis]
+            self._gain = self._target
+        np.clip(samples, -32768.0, 32767.0, out=samples)
+        return self._encoder.encode(np.rint(samples).astype("<i2").tobytes())
+
+
+class _TranscodeSource(_BaseSource):
+    """Decode anything PyAV reads, resample to 48 kHz stereo s16 and encode."""
+
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        audio: av.AudioStream,
+        info: StreamInfo,
+        opus: OpusSettings | None,
+        volume: float,
+    ) -> None:
+        super().__init__(container, audio, info, opus, volume)
+        self._frames = self._generate(0.0)
+
+    def _restart(self, target: float) -> None:
+        self._audio.codec_context.flush_buffers()
+        self._encoder.reset()
+        self._origin = target
+        self._frames = self._generate(target)
+
+    def _decoded(self) -> Iterator[av.AudioFrame]:
+        codec = self._audio.codec_context
+        bad = 0
+        for packet in self._demux():
+            try:
+                frames = codec.decode(packet)
+            except (av.error.InvalidDataError, av.error.UndefinedError) as exc:
+                bad += 1
+                if bad >= _MAX_BAD_PACKETS:
+                    raise DecodeError(
+                        f"{self._url}: {bad} undecodable packets in a row: {exc}",
+                        user_message="That track's audio is damaged.",
+                    ) from exc
+                _log.debug("%s: skipping an undecodable packet (%s)", self._url, exc)
+                continue
+            bad = 0
+            yield from frames
+        try:
+            yield from codec.decode(None)
+        except av.error.FFmpegError as exc:
+            _log.debug("%s: decoder flush failed (%s)", self._url, exc)
+
+    def _generate(self, target: float) -> Iterator[bytes]:
+        """Frames from ``target`` seconds (where the container was just seeked to) onward."""
+        pcm = bytearray()
+        # Drop the encoder's lookahead (see the module docstring), and after a seek whatever
+        # decodes before the target.
+        skip = self._lookahead
+        resampler: av.AudioResampler | None = None
+        shape: tuple[str, str, int] | None = None
+        first = True
+        for frame in self._decoded():
+            if first:
+                first = False
+                if frame.time is not None and target > 0:
+                    lead = target - (frame.time - self._start_time)
+                    skip += max(0, round(lead * SAMPLE_RATE))
+            this_shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if resampler is None or this_shape != shape:
+                if resampler is not None:
+                    for out in resampler.resample(None):
+                        pcm += _stereo_bytes(out)
+                # Mono is resampled as mono and copied to both sides at full level: FFmpeg's
+                # mono-to-stereo matrix would put it 3 dB down.
+                mono = frame.layout.nb_channels == 1
+                resampler = av.AudioResampler(
+                    format="s16", layout="mono" if mono else "stereo", rate=SAMPLE_RATE
+                )
+                shape = this_shape
+            for out in resampler.resample(frame):
+                pcm += _stereo_bytes(out)
+            if skip:
+                dropped = min(skip, len(pcm) // _BYTES_PER_SAMPLE)
+                del pcm[: dropped * _BYTES_PER_SAMPLE]
+                skip -= dropped
+            while len(pcm) >= FRAME_BYTES:
+                chunk = bytes(pcm[:FRAME_BYTES])
+                del pcm[:FRAME_BYTES]
+                self._got_audio = True
+                yield self._scale_and_encode(chunk)
+        if resampler is not None:
+            for out in resampler.resample(None):
+                pcm += _stereo_bytes(out)
+            if skip:
+                del pcm[: min(skip, len(pcm) // _BYTES_PER_SAMPLE) * _BYTES_PER_SAMPLE]
+        while pcm:
+            chunk = bytes(pcm[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\x00")
+            del pcm[:FRAME_BYTES]
+            self._got_audio = True
+            yield self._scale_and_encode(chunk)
+        if not self._got_audio and target == 0:
+            raise DecodeError(
+                f"{self._url}: no audio could be decoded",
+                user_message="That track's audio could not be decoded.",
+            )
+
+
+class _OpusSource(_BaseSource):
+    """Opus in Ogg/WebM: pass packets through at volume 1.0, else decode, scale and re-encode."""
+
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        audio: av.AudioStream,
+        info: StreamInfo,
+        opus: OpusSettings | None,
+        allow_passthrough: bool,
+        volume: float,
+    ) -> None:
+        super().__init__(container, audio, info, opus, volume)
+        self._allow = allow_passthrough
+        self._packets_ok = True  # every packet so far was 20 ms (passthrough needs that)
+        self._decoder = OpusDecoder()
+        self._decoding = False
+        self._history: deque[bytes] = deque(maxlen=_WARM_PACKETS)
+        self._ahead: deque[bytes] = deque()  # read from the container, not yet emitted
+        self._pcm = bytearray()
+        self._packets: Iterator[av.Packet[av.AudioStream]] = self._demux()
+        self._frames = self._generate()
+
+    @property
+    def passthrough(self) -> bool:
+        return self._want_passthrough() and not self._decoding
+
+    def _want_passthrough(self) -> bool:
+        return self._allow and self._packets_ok and self._gain == 1.0 and self._target == 1.0
+
+    def _packet_time(self, packet: av.Packet[av.AudioStream]) -> float | None:
+        if packet.pts is None or packet.time_base is None:
+            return None
+        # Decoded Opus starts with the pre-skip samples, so a packet's audio is its timestamp
+        # (which the container already shifted back by the pre-skip), not one pre-skip later.
+        return float(packet.pts * packet.time_base) - self._start_time
+
+    def _restart(self, target: float) -> None:
+        self._history.clear()
+        self._ahead.clear()
+        self._pcm.clear()
+        self._decoding = False
+        self._origin = target
+        self._packets = self._demux()
+        # Land on the packet that holds the target; what comes before warms the decoder.
+        for packet in self._packets:
+            start = self._packet_time(packet)
+            data = bytes(packet)
+            if start is None or start + opus_packet_samples(data) / SAMPLE_RATE > target:
+                self._origin = max(0.0, start) if start is not None else target
+                self._ahead.append(data)
+                break
+            self._history.append(data)
+        self._frames = self._generate()
+
+    def _next_packet(self) -> bytes | None:
+        for packet in self._packets:
+            return bytes(packet)
+        return None
+
+    def _generate(self) -> Iterator[bytes]:
+        while True:
+            if self._want_passthrough():
+                if self._decoding:
+                    # Back to passthrough on this frame boundary: the first packet in _ahead
+                    # is this frame's.
+                    self._decoding = False
+                    self._pcm.clear()
+                packet = self._ahead.popleft() if self._ahead else self._next_packet()
+                if packet is None:
+                    return
+                if opus_packet_samples(packet) != FRAME_SAMPLES:
+                    _log.debug("%s: Opus packets are not 20 ms; decoding instead", self._url)
+                    self._packets_ok = False
+                    self._ahead.appendleft(packet)
+                    continue
+                self._history.append(packet)
+                self._got_audio = True
+                yield packet
+                continue
+            if not self._decoding and not self._start_decoding():
+                return
+            while len(self._pcm) < FRAME_BYTES:
+                packet = self._next_packet()
+                if packet is None:
+                    break
+                if self._packets_ok:
+                    self._ahead.append(packet)
+                self._pcm += self._decoder.decode(packet)
+            if not self._pcm:
+                return
+            chunk = bytes(self._pcm[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\x00")
+            del self._pcm[:FRAME_BYTES]
+            if self._ahead:
+                self._history.append(self._ahead.popleft())
+            self._got_audio = True
+            yield self._scale_and_encode(chunk)
+
+    def _start_decoding(self) -> bool:
+        """Switch to decoding at the next frame boundary; False when the stream has ended.
+
+        The receiver's decoder has been fed the source's packets up to the previous frame. For
+        its output to continue without a click or a gap, the first re-encoded frame must carry
+        exactly the audio that the next source packet would have: so the libopus decoder is
+        warmed with the last passthrough packets (their output discarded), the encoder is warmed
+        with the PCM of the last frames (its packets discarded), and the PCM fed to the encoder
+        runs ``lookahead`` samples ahead of the frame being emitted, cancelling its delay.
+        """
+        self._decoder.reset()
+        self._encoder.reset()
+        history = list(self._history)
+        warm = b"".join(self._decoder.decode(p) for p in history)
+        if not self._ahead:
+            packet = self._next_packet()
+            if packet is None:
+                return False
+            self._ahead.append(packet)
+        pcm = warm + b"".join(self._decoder.decode(p) for p in self._ahead)
+        base = len(warm) // _BYTES_PER_SAMPLE  # sample index of the next frame in `pcm`
+        lead = self._lookahead
+        if history:
+            for j in range(max(0, len(history) - _WARM_ENCODER_FRAMES), len(history)):
+                lo = (j * FRAME_SAMPLES + lead) * _BYTES_PER_SAMPLE
+                hi = lo + FRAME_BYTES
+                if hi <= len(pcm):
+                    self._encoder.encode(pcm[lo:hi])
+        self._pcm = bytearray(pcm[(base + lead) * _BYTES_PER_SAMPLE :])
+        self._decoding = True
+        return True
+
+
+def _stereo_bytes(frame: av.AudioFrame) -> bytes:
+    """Interleaved stereo s16 bytes of a resampled (s16, mono or stereo) frame."""
+    channels = frame.layout.nb_channels
+    data = bytes(frame.planes[0])[: frame.samples * 2 * channels]
+    if channels == 2:
+        return data
+    return np.repeat(np.frombuffer(data, dtype="<i2"), 2).tobytes()

@@ -1,0 +1,413 @@
+"""Turn what a user typed into tracks, and a track into a stream URL at play time (yt-dlp).
+
+yt-dlp is blocking and slow, so it runs in an executor under a timeout. It is asked for metadata
+only (``skip_download``), quietly, without a cache directory, and playlists are read flat: their
+entries are resolved one by one in :meth:`Resolver.stream`, when each is about to play, because
+stream URLs expire. Every yt-dlp failure becomes a :class:`ResolveError` whose ``str`` keeps the
+detail and whose ``user_message`` is a safe sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import av
+import av.error
+import yt_dlp
+import yt_dlp.networking.exceptions
+import yt_dlp.utils
+
+from legato.audio.track import Track
+from legato.errors import ResolveError
+
+__all__ = ["Resolver", "ResolverSettings", "StreamInfo"]
+
+_log = logging.getLogger(__name__)
+
+#: Schemes yt-dlp may fetch. Anything else (ftp, file, data, rtmp...) is refused up front.
+_WEB_SCHEMES: Final = frozenset({"http", "https"})
+
+#: Audio-only first, Opus (the only codec we can pass through) first among them; WebM/Ogg Opus
+#: before any other audio; then the best audio in anything, then whatever is there.
+_FORMAT: Final = "bestaudio[acodec=opus]/bestaudio[ext=webm]/bestaudio/best"
+
+NOT_FOUND: Final = "I could not find that: the link answered \u201cnot found\u201d (404)."
+NO_AUDIO: Final = "There is no playable audio at that link."
+TOO_SLOW: Final = "Looking that up took too long; try again later."
+REFUSED: Final = "The site refused to let me play that."
+UNSUPPORTED_SCHEME: Final = "I can only play web links (http or https) and search terms."
+NO_LOCAL: Final = "Playing files from the bot's computer is turned off."
+NO_RESULTS: Final = "The search found nothing playable."
+GENERIC: Final = "I could not find anything playable for that."
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    """How queries are resolved.
+
+    Attributes:
+        max_playlist: The most tracks one playlist adds.
+        search_provider: A yt-dlp search prefix (``ytsearch``, ``scsearch``...) or a URL
+            template containing ``{query}`` (a self-hosted or offline search page; yt-dlp reads
+            whatever that page lists).
+        search_results: How many results a search returns.
+        allow_local_files: Whether paths and ``file://`` URLs on the bot's machine may be played.
+        timeout: Seconds one yt-dlp call (or one local probe) may take.
+    """
+
+    max_playlist: int = 100
+    search_provider: str = "ytsearch"
+    search_results: int = 5
+    allow_local_files: bool = False
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_playlist < 1:
+            raise ValueError(f"max_playlist must be at least 1, got {self.max_playlist}")
+        if self.search_results < 1:
+            raise ValueError(f"search_results must be at least 1, got {self.search_results}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}")
+        provider = self.search_provider
+        if "://" in provider:
+            if "{query}" not in provider:
+                raise ValueError(f"a search URL template needs '{{query}}': {provider!r}")
+            if urllib.parse.urlsplit(provider).scheme not in _WEB_SCHEMES:
+                raise ValueError(f"a search URL template must be http(s): {provider!r}")
+        elif not provider.isalnum():
+            raise ValueError(f"search_provider must be a yt-dlp prefix or a URL: {provider!r}")
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """Where to read a track's audio from, now (stream URLs expire: get a fresh one to play).
+
+    Attributes:
+        url: A media URL (or a local path when ``is_local``).
+        http_headers: Headers the server expects (user agent, cookies, referer).
+        codec: Audio codec name when known (``opus``, ``mp3``, ``aac``...).
+        sample_rate: Hz, when known.
+        duration: Seconds, when known.
+        is_local: ``url`` is a path on this machine.
+    """
+
+    url: str
+    http_headers: dict[str, str] = field(default_factory=dict)
+    codec: str | None = None
+    sample_rate: int | None = None
+    duration: float | None = None
+    is_local: bool = False
+
+
+class _YdlLogger:
+    """yt-dlp's messages into our log instead of stdout/stderr."""
+
+    def debug(self, msg: str) -> None:
+        _log.debug("yt-dlp: %s", msg)
+
+    def info(self, msg: str) -> None:
+        _log.debug("yt-dlp: %s", msg)
+
+    def warning(self, msg: str) -> None:
+        _log.info("yt-dlp: %s", msg)
+
+    def error(self, msg: str) -> None:
+        _log.info("yt-dlp: %s", msg)
+
+
+def _classify(exc: BaseException) -> str:
+    """A user message for a yt-dlp (or network) failure."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 8:
+        chain.append(current)
+        inner = getattr(current, "exc_info", None)
+        nxt = inner[1] if isinstance(inner, tuple) and len(inner) > 1 else None
+        current = nxt if isinstance(nxt, BaseException) else (current.__cause__ or None)
+    for item in chain:
+        if isinstance(item, yt_dlp.networking.exceptions.HTTPError):
+            if item.status == 404 or item.status == 410:
+                return NOT_FOUND
+            if item.status in (401, 403, 451):
+                return REFUSED
+        if isinstance(item, TimeoutError | yt_dlp.networking.exceptions.TransportError) and (
+            "timed out" in str(item).lower() or isinstance(item, TimeoutError)
+        ):
+            return TOO_SLOW
+        if isinstance(item, yt_dlp.utils.UnsupportedError):
+            return NO_AUDIO
+    text = " ".join(str(item) for item in chain).lower()
+    if "http error 404" in text or "404: not found" in text:
+        return NOT_FOUND
+    if "timed out" in text:
+        return TOO_SLOW
+    if "unsupported url" in text or "no video formats" in text or "no formats" in text:
+        return NO_AUDIO
+    if "http error 403" in text or "forbidden" in text:
+        return REFUSED
+    return GENERIC
+
+
+def _track_from_entry(entry: Mapping[str, Any], parent_url: str | None, requester_id: int) -> Track:
+    """A Track for one info dict (a flat playlist entry or a full extraction)."""
+    page = entry.get("webpage_url") or entry.get("original_url")
+    url = entry.get("url")
+    # Entries a page lists inline (several <audio> on one page) all name that page as theirs:
+    # their own media URL is what identifies them. A flat entry's url is its own page.
+    if page and page != parent_url:
+        target = page
+    elif url:
+        target = url
+    else:
+        target = page or parent_url or ""
+    duration = entry.get("duration")
+    title = entry.get("title") or entry.get("id") or target
+    return Track(
+        url=str(target),
+        title=str(title),
+        duration=float(duration) if isinstance(duration, int | float) else None,
+        page_url=str(page) if page else str(target),
+        thumbnail=entry.get("thumbnail") if isinstance(entry.get("thumbnail"), str) else None,
+        requester_id=requester_id,
+    )
+
+
+class Resolver:
+    """Resolve queries into tracks and tracks into stream URLs with yt-dlp, off the event loop."""
+
+    def __init__(
+        self,
+        settings: ResolverSettings | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.settings = settings or ResolverSettings()
+        self._executor = executor
+
+    # ---- public API
+
+    async def resolve(self, query: str, *, requester_id: int = 0) -> list[Track]:
+        """Turn a URL, a playlist, a local path or search terms into tracks.
+
+        Args:
+            query: What the user typed.
+            requester_id: Put on every track returned.
+
+        Returns:
+            One track, or a playlist's entries (at most ``max_playlist``), or search results.
+
+        Raises:
+            ResolveError: nothing playable, an unsupported or refused link, or a timeout.
+        """
+        query = query.strip()
+        if not query:
+            raise ResolveError("empty query", user_message="Tell me what to play.")
+        local = self._local_path(query)
+        if local is not None:
+            return [await self._resolve_local(local, requester_id)]
+        if "://" in query:
+            self._check_url(query)
+            info = await self._extract(query, flat=True)
+            return self._tracks(info, query, requester_id, limit=self.settings.max_playlist)
+        return await self._search(query, requester_id)
+
+    async def stream(self, track: Track) -> StreamInfo:
+        """Resolve ``track`` again, now, to a fresh stream URL.
+
+        Raises:
+            ResolveError: the track can no longer be found or has no playable audio.
+        """
+        local = self._local_path(track.url)
+        if local is not None:
+            return await self._stream_local(local)
+        self._check_url(track.url)
+        info = await self._extract(track.url, flat=False)
+        while info.get("_type") in ("playlist", "multi_video"):
+            entries = [e for e in info.get("entries") or [] if e]
+            if not entries:
+                raise ResolveError(f"{track.url}: playlist is empty", user_message=NO_AUDIO)
+            info = entries[0]
+        requested = info.get("requested_formats")
+        chosen: Mapping[str, Any] = info
+        if requested:
+            audio = [f for f in requested if f.get("acodec") not in (None, "none")]
+            chosen = audio[0] if audio else requested[0]
+        url = chosen.get("url") or info.get("url")
+        if not url:
+            raise ResolveError(
+                f"{track.url}: no stream URL in yt-dlp's answer", user_message=NO_AUDIO
+            )
+        acodec = chosen.get("acodec")
+        rate = chosen.get("asr")
+        duration = info.get("duration")
+        headers = chosen.get("http_headers") or info.get("http_headers") or {}
+        return StreamInfo(
+            url=str(url),
+            http_headers={str(k): str(v) for k, v in headers.items()},
+            codec=str(acodec) if acodec and acodec != "none" else None,
+            sample_rate=int(rate) if isinstance(rate, int | float) else None,
+            duration=float(duration) if isinstance(duration, int | float) else track.duration,
+            is_local=False,
+        )
+
+    # ---- queries
+
+    async def _search(self, terms: str, requester_id: int) -> list[Track]:
+        provider = self.settings.search_provider
+        count = self.settings.search_results
+        if "{query}" in provider:
+            url = provider.replace("{query}", urllib.parse.quote_plus(terms))
+            try:
+                info = await self._extract(url, flat=True)
+                tracks = self._tracks(info, url, requester_id, limit=count)
+            except ResolveError as exc:
+                if exc.user_message != NO_AUDIO:
+                    raise
+                # A results page that lists nothing is "no results", not a broken link.
+                raise ResolveError(
+                    f"search for {terms!r} found nothing: {exc}", user_message=NO_RESULTS
+                ) from exc
+        else:
+            info = await self._extract(f"{provider}{count}:{terms}", flat=True)
+            tracks = self._tracks(info, None, requester_id, limit=count)
+        if not tracks:
+            raise ResolveError(f"search for {terms!r} found nothing", user_message=NO_RESULTS)
+        return tracks
+
+    def _tracks(
+        self, info: Mapping[str, Any], url: str | None, requester_id: int, *, limit: int
+    ) -> list[Track]:
+        if info.get("_type") not in ("playlist", "multi_video"):
+            return [_track_from_entry(info, None, requester_id)]
+        parent = info.get("webpage_url") or url
+        tracks: list[Track] = []
+        for entry in info.get("entries") or []:
+            if not entry:
+                continue
+            tracks.append(_track_from_entry(entry, parent, requester_id))
+            if len(tracks) >= limit:
+                break
+        if not tracks:
+            raise ResolveError(f"{url}: the playlist has no entries", user_message=NO_AUDIO)
+        return tracks
+
+    def _check_url(self, url: str) -> None:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if scheme == "file":
+            raise ResolveError(f"local files are disabled: {url}", user_message=NO_LOCAL)
+        if scheme not in _WEB_SCHEMES:
+            raise ResolveError(
+                f"unsupported scheme {scheme!r}: {url}", user_message=UNSUPPORTED_SCHEME
+            )
+
+    # ---- yt-dlp
+
+    def _options(self, *, flat: bool) -> dict[str, Any]:
+        return {
+            "quiet": True,
+            "no_warnings": True,
+            "noprogress": True,
+            "logger": _YdlLogger(),
+            "skip_download": True,
+            "cachedir": False,
+            "noplaylist": False,
+            "extract_flat": "in_playlist" if flat else False,
+            "playlistend": self.settings.max_playlist if flat else 1,
+            "format": _FORMAT,
+            "socket_timeout": self.settings.timeout,
+            "retries": 1,
+            "extractor_retries": 0,
+            "ignoreerrors": False,
+            "check_formats": False,
+            "default_search": "error",
+        }
+
+    def _extract_blocking(self, url: str, flat: bool) -> dict[str, Any]:
+        with yt_dlp.YoutubeDL(self._options(flat=flat)) as ydl:
+            info = ydl.extract_info(url, download=False)
+        if not isinstance(info, dict):
+            raise ResolveError(f"yt-dlp returned nothing for {url}", user_message=NO_AUDIO)
+        return info
+
+    async def _extract(self, url: str, *, flat: bool) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._extract_blocking, url, flat)
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                return await loop.run_in_executor(self._executor, call)
+        except TimeoutError as exc:
+            raise ResolveError(
+                f"yt-dlp took longer than {self.settings.timeout}s for {url}", user_message=TOO_SLOW
+            ) from exc
+        except ResolveError:
+            raise
+        except (yt_dlp.utils.YoutubeDLError, OSError, ValueError, KeyError) as exc:
+            raise ResolveError(
+                f"yt-dlp failed for {url}: {exc}", user_message=_classify(exc)
+            ) from exc
+
+    # ---- local files
+
+    def _local_path(self, query: str) -> Path | None:
+        """The path a query names when it is a local file and local files are allowed."""
+        if query.lower().startswith("file://"):
+            if not self.settings.allow_local_files:
+                raise ResolveError(f"local files are disabled: {query}", user_message=NO_LOCAL)
+            return Path(urllib.parse.unquote(urllib.parse.urlsplit(query).path))
+        if "://" in query:
+            return None
+        if os.path.isabs(query) or query.startswith(("./", "../", "~")):
+            if not self.settings.allow_local_files:
+                raise ResolveError(f"local files are disabled: {query}", user_message=NO_LOCAL)
+            return Path(query).expanduser()
+        return None
+
+    async def _probe_local(self, path: Path) -> StreamInfo:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                return await loop.run_in_executor(self._executor, _probe_blocking, path)
+        except TimeoutError as exc:
+            raise ResolveError(f"probing {path} timed out", user_message=TOO_SLOW) from exc
+
+    async def _resolve_local(self, path: Path, requester_id: int) -> Track:
+        info = await self._probe_local(path)
+        return Track(
+            url=str(path),
+            title=path.stem,
+            duration=info.duration,
+            page_url=None,
+            requester_id=requester_id,
+        )
+
+    async def _stream_local(self, path: Path) -> StreamInfo:
+        return await self._probe_local(path)
+
+
+def _probe_blocking(path: Path) -> StreamInfo:
+    if not path.is_file():
+        raise ResolveError(f"no such file: {path}", user_message="That file does not exist.")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ResolveError(f"{path} has no audio stream", user_message=NO_AUDIO)
+            audio = container.streams.audio[0]
+            duration = container.duration / av.time_base if container.duration else None
+            return StreamInfo(
+                url=str(path),
+                http_headers={},
+                codec=audio.codec_context.name,
+                sample_rate=audio.rate,
+                duration=duration,
+                is_local=True,
+            )
+    except av.error.FFmpegError as exc:
+        raise ResolveError(f"{path} is not media: {exc}", user_message=NO_AUDIO) from exc

@@ -1,0 +1,196 @@
+"""The resolver: real yt-dlp against the local media server."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yt_dlp.utils
+
+from legato.audio.resolve import (
+    NO_AUDIO,
+    NO_LOCAL,
+    NO_RESULTS,
+    NOT_FOUND,
+    TOO_SLOW,
+    UNSUPPORTED_SCHEME,
+    Resolver,
+    ResolverSettings,
+)
+from legato.errors import ResolveError
+from tests.conftest import LIST_ENTRIES
+from tests.media import MediaServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="test-resolve") as pool:
+        yield pool
+
+
+@pytest.fixture
+def resolver(executor: concurrent.futures.ThreadPoolExecutor) -> Resolver:
+    return Resolver(ResolverSettings(timeout=20.0), executor)
+
+
+async def test_direct_media_url(resolver: Resolver, media_url: Callable[[str], str]) -> None:
+    url = media_url("mp3-44k-stereo.mp3")
+    tracks = await resolver.resolve(url, requester_id=42)
+    assert len(tracks) == 1
+    track = tracks[0]
+    assert track.url == url
+    assert track.title == "mp3-44k-stereo"
+    assert track.requester_id == 42
+
+
+async def test_stream_resolves_again_at_play_time(
+    resolver: Resolver, media_server: MediaServer
+) -> None:
+    name = "webm-opus-stereo.webm"
+    [track] = await resolver.resolve(media_server.url(name))
+    before = media_server.request_count(name)
+    info = await resolver.stream(track)
+    assert media_server.request_count(name) > before  # yt-dlp asked the server again
+    assert info.url == media_server.url(name)
+    assert not info.is_local
+    assert any(key.lower() == "user-agent" for key in info.http_headers)
+    again = await resolver.stream(track)
+    assert again == info
+    assert media_server.request_count(name) > before + 1
+
+
+async def test_page_with_audio_entries_is_a_playlist(
+    resolver: Resolver, media_server: MediaServer
+) -> None:
+    page = media_server.url("pages/list.html")
+    tracks = await resolver.resolve(page, requester_id=7)
+    assert [t.url for t in tracks] == [media_server.url(name) for name in LIST_ENTRIES]
+    assert all(t.requester_id == 7 for t in tracks)
+    assert all(t.page_url == page for t in tracks)
+    assert len({t.uid for t in tracks}) == len(tracks)
+    # Entries are resolved lazily: stream() gives the entry's own media.
+    info = await resolver.stream(tracks[1])
+    assert info.url == media_server.url(LIST_ENTRIES[1])
+    assert info.codec == "mp3"
+
+
+async def test_playlist_is_capped(
+    executor: concurrent.futures.ThreadPoolExecutor, media_url: Callable[[str], str]
+) -> None:
+    page = media_url("pages/long-list.html")
+    capped = Resolver(ResolverSettings(max_playlist=5), executor)
+    tracks = await capped.resolve(page)
+    assert len(tracks) == 5
+    uncapped = Resolver(ResolverSettings(max_playlist=100), executor)
+    assert len(await uncapped.resolve(page)) == 12
+
+
+async def test_search_through_a_url_template(
+    executor: concurrent.futures.ThreadPoolExecutor, media_server: MediaServer
+) -> None:
+    settings = ResolverSettings(
+        search_provider=media_server.url("search?q={query}"), search_results=2
+    )
+    resolver = Resolver(settings, executor)
+    tracks = await resolver.resolve("opus stereo", requester_id=3)
+    assert len(tracks) == 2
+    assert all("opus" in t.url and "stereo" in t.url for t in tracks)
+    assert ("GET", "/search") in media_server.requests
+    info = await resolver.stream(tracks[0])
+    assert info.url == tracks[0].url
+
+
+async def test_search_with_no_results(
+    executor: concurrent.futures.ThreadPoolExecutor, media_server: MediaServer
+) -> None:
+    settings = ResolverSettings(search_provider=media_server.url("search?q={query}"))
+    with pytest.raises(ResolveError) as caught:
+        await Resolver(settings, executor).resolve("no such thing anywhere")
+    assert caught.value.user_message == NO_RESULTS
+
+
+async def test_not_found(resolver: Resolver, media_url: Callable[[str], str]) -> None:
+    url = media_url("missing.mp3")
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(url)
+    assert caught.value.user_message == NOT_FOUND
+    assert "not found" in caught.value.user_message
+    assert "404" in str(caught.value)
+    assert url in str(caught.value)
+    assert isinstance(caught.value.__cause__, yt_dlp.utils.DownloadError)
+
+
+async def test_html_page_without_media(resolver: Resolver, media_url: Callable[[str], str]) -> None:
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(media_url("pages/nomedia.html"))
+    assert caught.value.user_message == NO_AUDIO
+    assert "no playable audio" in caught.value.user_message
+    assert "Unsupported URL" in str(caught.value)
+
+
+async def test_slow_server_takes_too_long(
+    executor: concurrent.futures.ThreadPoolExecutor, media_url: Callable[[str], str]
+) -> None:
+    resolver = Resolver(ResolverSettings(timeout=1.0), executor)
+    async with asyncio.timeout(30):
+        with pytest.raises(ResolveError) as caught:
+            await resolver.resolve(media_url("stall.html"))
+    assert caught.value.user_message == TOO_SLOW
+    assert "took too long" in caught.value.user_message
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("ftp://127.0.0.1/song.mp3", UNSUPPORTED_SCHEME),
+        ("rtmp://127.0.0.1/live", UNSUPPORTED_SCHEME),
+        ("file:///etc/passwd", NO_LOCAL),
+        ("/etc/passwd", NO_LOCAL),
+        ("./song.mp3", NO_LOCAL),
+    ],
+)
+async def test_refused_queries(resolver: Resolver, query: str, message: str) -> None:
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(query)
+    assert caught.value.user_message == message
+    assert query in str(caught.value)
+
+
+async def test_empty_query(resolver: Resolver) -> None:
+    with pytest.raises(ResolveError):
+        await resolver.resolve("   ")
+
+
+async def test_local_files_when_enabled(
+    executor: concurrent.futures.ThreadPoolExecutor, media_dir: Path
+) -> None:
+    resolver = Resolver(ResolverSettings(allow_local_files=True), executor)
+    path = media_dir / "flac-44k-mono-s16.flac"
+    [track] = await resolver.resolve(str(path), requester_id=9)
+    assert track.url == str(path)
+    assert track.duration == pytest.approx(3.0, abs=0.05)
+    [by_uri] = await resolver.resolve(path.as_uri())
+    assert by_uri.url == str(path)
+    info = await resolver.stream(track)
+    assert info.is_local
+    assert info.codec == "flac"
+    assert info.sample_rate == 44100
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(str(media_dir / "nope.mp3"))
+    assert "does not exist" in caught.value.user_message
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_playlist"):
+        ResolverSettings(max_playlist=0)
+    with pytest.raises(ValueError, match=r"\{query\}"):
+        ResolverSettings(search_provider="http://127.0.0.1/search")
+    with pytest.raises(ValueError, match="prefix"):
+        ResolverSettings(search_provider="yt search")
+    with pytest.raises(ValueError, match="timeout"):
+        ResolverSettings(timeout=0)
