@@ -554,6 +554,12 @@ async def test_members_see_each_other_join_and_leave(
     speaking = (await alice.expect(5))["d"]
     assert speaking == {"user_id": str(BOB), "ssrc": bob.ssrc, "speaking": 1}
 
+    # op12 announces Bob's audio SSRC: relayed with his user id, remembered in his recording.
+    await bob.send(12, {"audio_ssrc": bob.ssrc + 7, "video_ssrc": 0, "rtx_ssrc": 0, "streams": []})
+    video = (await alice.expect(12))["d"]
+    assert (video["user_id"], video["audio_ssrc"]) == (str(BOB), bob.ssrc + 7)
+    assert server.recording(BOB).ssrcs == [bob.ssrc, bob.ssrc + 7]
+
     await bob.close(1000)
     assert (await alice.expect(13))["d"] == {"user_id": str(BOB)}
     await alice.close()
@@ -758,3 +764,20 @@ async def test_webrtc_without_the_peer_module_closes_4012(
     await client.identify(server, ALICE)
     await client.send(1, {"protocol": "webrtc", "data": "a=x", "sdp": "a=x", "codecs": []})
     assert await client.closed() == 4012
+
+
+async def test_requested_streams_are_echoed_in_ready(
+    server: SandboxVoiceServer, http: aiohttp.ClientSession
+) -> None:
+    client = ScriptedClient(http, server.url, 8)
+    await client.open(heartbeat=False)
+    token = server.register_session(server_id=GUILD, user_id=ALICE, session_id="sA")
+    d = {"server_id": str(GUILD), "user_id": str(ALICE), "session_id": "sA", "token": token}
+    d["streams"] = [{"type": "video", "rid": "100", "quality": 100}]
+    await client.send(0, d)
+    ready = (await client.expect(2))["d"]
+    (stream,) = ready["streams"]
+    assert (stream["type"], stream["rid"], stream["quality"]) == ("video", "100", 100)
+    assert stream["ssrc"] not in (0, ready["ssrc"])
+    assert stream["rtx_ssrc"] == stream["ssrc"] + 1
+    await client.close()

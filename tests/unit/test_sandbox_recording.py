@@ -1,0 +1,157 @@
+"""The sandbox's per-user recording: sequence statistics, jitter, decoding and Ogg muxing."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from legato.audio.sink import OPUS_SILENCE
+from legato.audio.source import FRAME_BYTES
+from legato.sandbox.recording import Recording, ogg_opus_bytes, opus_packet_samples
+
+SSRC = 0xCAFE
+
+
+def fill(rec: Recording, seqs: list[int], *, ssrc: int = SSRC, step: int = 960) -> None:
+    for index, seq in enumerate(seqs):
+        rec.add_packet(
+            arrival=index * 0.02, ssrc=ssrc, sequence=seq, timestamp=seq * step, opus=OPUS_SILENCE
+        )
+
+
+def test_contiguous_packets() -> None:
+    rec = Recording(1, 2)
+    fill(rec, [10, 11, 12, 13])
+    stats = rec.stats()
+    assert (stats.frames, stats.gaps, stats.sequence_errors, stats.timestamp_errors) == (4, 0, 0, 0)
+    assert stats.jitter == 0.0
+    assert rec.duration == pytest.approx(0.08)
+
+
+def test_a_missing_packet_is_a_gap_and_silence_in_the_pcm() -> None:
+    rec = Recording(1, 2)
+    fill(rec, [0, 1, 3])
+    assert rec.stats().gaps == 1
+    assert len(rec.pcm()) == 4 * FRAME_BYTES
+
+
+def test_duplicates_and_reordering() -> None:
+    rec = Recording(1, 2)
+    fill(rec, [0, 2, 1, 1, 3])
+    stats = rec.stats()
+    assert stats.frames == 4
+    assert stats.duplicates == 1
+    assert stats.out_of_order == 1
+    assert stats.sequence_errors == 2
+    assert stats.gaps == 0
+
+
+def test_sequence_wraparound_is_contiguous() -> None:
+    rec = Recording(1, 2)
+    for index, seq in enumerate([65534, 65535, 0, 1]):
+        rec.add_packet(
+            arrival=index * 0.02, ssrc=SSRC, sequence=seq, timestamp=index * 960, opus=b"\xf8"
+        )
+    stats = rec.stats()
+    assert (stats.frames, stats.gaps, stats.sequence_errors, stats.timestamp_errors) == (4, 0, 0, 0)
+
+
+def test_timestamp_steps_other_than_960_are_counted() -> None:
+    rec = Recording(1, 2)
+    fill(rec, [0, 1, 2], step=1920)
+    assert rec.stats().timestamp_errors == 2
+
+
+def test_jitter_follows_rfc3550() -> None:
+    rec = Recording(1, 2)
+    for arrival, seq in [(0.0, 0), (0.02, 1), (0.05, 2)]:
+        rec.add_packet(arrival=arrival, ssrc=SSRC, sequence=seq, timestamp=seq * 960, opus=b"")
+    # Transit changes by 10 ms = 480 samples on the third packet: J = 480 / 16 samples.
+    assert rec.stats().jitter == pytest.approx(30 / 48_000)
+
+
+def test_a_new_ssrc_starts_a_new_stream() -> None:
+    rec = Recording(1, 2)
+    fill(rec, [100, 101])
+    fill(rec, [5, 6, 7], ssrc=0xBEEF)
+    stats = rec.stats()
+    assert stats.streams == 2
+    assert stats.frames == 5
+    assert stats.gaps == 0
+    assert stats.sequence_errors == 0
+
+
+def test_speaking_state() -> None:
+    rec = Recording(1, 2)
+    assert rec.speaking is False
+    rec.add_speaking(arrival=0.0, speaking=5, ssrc=SSRC)
+    assert rec.speaking is True
+    assert rec.speaking_changes[-1].on
+    assert rec.ssrcs == [SSRC]
+
+
+async def test_waiting_for_frames_and_speaking() -> None:
+    rec = Recording(1, 2)
+    frames = asyncio.create_task(rec.wait_frames(2, timeout=10))
+    quiet = asyncio.create_task(rec.wait_speaking(False, timeout=10))
+    await asyncio.sleep(0)  # let both park; nothing has arrived yet
+    assert not frames.done()
+    fill(rec, [0, 1])
+    rec.add_speaking(arrival=0.0, speaking=1, ssrc=SSRC)
+    await frames
+    assert not quiet.done()
+    rec.add_speaking(arrival=0.1, speaking=0, ssrc=SSRC)
+    await quiet
+    with pytest.raises(TimeoutError, match="5 frames"):
+        await rec.wait_frames(5, timeout=0.01)
+
+
+@pytest.mark.parametrize(
+    ("packet", "samples"),
+    [
+        (b"\xf8\xff\xfe", 960),  # CELT 20 ms, one frame
+        (b"\xf9\x00", 1920),  # two 20 ms frames (code 1)
+        (b"\xfb\x03", 2880),  # code 3, three 20 ms frames
+        (b"\x08", 960),  # SILK 20 ms
+        (b"\x60", 480),  # hybrid 10 ms
+        (b"", 0),
+    ],
+)
+def test_opus_packet_samples(packet: bytes, samples: int) -> None:
+    assert opus_packet_samples(packet) == samples
+
+
+def _reference_crc(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = (
+                ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF
+                if crc & 0x80000000
+                else crc << 1 & 0xFFFFFFFF
+            )
+    return crc
+
+
+def test_ogg_pages_carry_valid_crcs_and_granules() -> None:
+    assert _reference_crc(b"123456789") == 0x89A1897F  # the reference itself is right
+    data = ogg_opus_bytes([b"\xf8\xff\xfe"] * 3)
+    offset, granules, flags = 0, [], []
+    while offset < len(data):
+        assert data[offset : offset + 4] == b"OggS"
+        flag, granule = struct.unpack_from("<Bq", data, offset + 5)
+        (crc,) = struct.unpack_from("<I", data, offset + 22)
+        segments = data[offset + 26]
+        size = 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
+        page = bytearray(data[offset : offset + size])
+        page[22:26] = bytes(4)
+        assert crc == _reference_crc(bytes(page))
+        granules.append(granule)
+        flags.append(flag)
+        offset += size
+    assert granules == [0, 0, 960, 1920, 2880]
+    assert flags == [0x02, 0, 0, 0, 0x04]
+    assert data[28:36] == b"OpusHead"
