@@ -772,7 +772,8 @@ async def test_requested_streams_are_echoed_in_ready(
     client = ScriptedClient(http, server.url, 8)
     await client.open(heartbeat=False)
     token = server.register_session(server_id=GUILD, user_id=ALICE, session_id="sA")
-    d = {"server_id": str(GUILD), "user_id": str(ALICE), "session_id": "sA", "token": token}
+    d: dict[str, Any] = {"server_id": str(GUILD), "user_id": str(ALICE), "session_id": "sA"}
+    d["token"] = token
     d["streams"] = [{"type": "video", "rid": "100", "quality": 100}]
     await client.send(0, d)
     ready = (await client.expect(2))["d"]
