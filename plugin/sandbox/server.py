@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Final, Protocol, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar
 
 import discord
 import discord.gateway
@@ -109,6 +109,8 @@ class Sandbox:
             start its own `SandboxVoiceServer` unless `with_voice` is False, in which case
             VOICE_SERVER_UPDATE carries `endpoint: null`.
         with_voice: Whether to start an own voice server when `voice` is None.
+        voice_options: Keyword arguments for the own `SandboxVoiceServer` (`tls`,
+            `heartbeat_interval`, `modes` ...).
         heartbeat_interval_ms: Gateway heartbeat interval announced in HELLO.
         timeout: Default seconds scripted users wait for the bot (hang guard).
         bot_name: The bot user's name.
@@ -119,6 +121,7 @@ class Sandbox:
         *,
         voice: VoiceBackend | None = None,
         with_voice: bool = True,
+        voice_options: Mapping[str, Any] | None = None,
         heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS,
         timeout: float = DEFAULT_TIMEOUT,
         bot_name: str = "Legato",
@@ -141,7 +144,7 @@ class Sandbox:
         self.lounge: Channel = self.world.add_channel(self.guild, "Lounge", ChannelType.VOICE)
         self._own_voice: SandboxVoiceServer | None = None
         if voice is None and with_voice:
-            self._own_voice = SandboxVoiceServer(self.host)
+            self._own_voice = SandboxVoiceServer(self.host, **dict(voice_options or {}))
             voice = self._own_voice
         self.voice: VoiceBackend | None = voice
         self.gateway = GatewayServer(
@@ -199,6 +202,17 @@ class Sandbox:
         await self.stop()
 
     @property
+    def voice_server(self) -> SandboxVoiceServer:
+        """The voice server this sandbox started (recordings, fault injection).
+
+        Raises:
+            RuntimeError: The sandbox was given its voice server, or runs without one.
+        """
+        if self._own_voice is None:
+            raise RuntimeError("this sandbox did not start its own voice server")
+        return self._own_voice
+
+    @property
     def api_base(self) -> str:
         """`http://127.0.0.1:PORT/api/v10`."""
         return self.rest.api_base
@@ -224,7 +238,7 @@ class Sandbox:
         it also warns if the bot would chunk guilds at start-up (slow, and not needed here).
         """
         self.point_discord_py_here()
-        if bot._connection._chunk_guilds:  # the option has no public getter
+        if getattr(bot._connection, "_chunk_guilds", False):  # the option has no public getter
             _log.warning("bot has chunk_guilds_at_startup=True; pass False for the sandbox")
 
     # --- the world ---------------------------------------------------------------------------
