@@ -328,8 +328,9 @@ class SandboxVoiceServer:
 
     async def close(self) -> None:
         """Close every connection (1001), the listeners and the UDP socket."""
-        for conn in list(self._connections):
-            await self._close(conn, CLOSE_GOING_AWAY, "server shutting down")
+        await asyncio.gather(
+            *(self._close(c, CLOSE_GOING_AWAY, "server shutting down") for c in self._connections)
+        )
         for session in list(self._sessions.values()):
             await self._close_peer(session)
         for task in list(self._tasks):
@@ -699,7 +700,8 @@ class SandboxVoiceServer:
             return
         try:
             await handler(self, conn, d)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # A payload of the wrong shape (d missing, a list for a dict, "abc" for an id).
             self.stats.bad_payloads += 1
             _log.info("bad op %d payload: %s", op, type(exc).__name__)
             await self._close(conn, CLOSE_DECODE_ERROR, f"invalid op {op} payload")

@@ -358,6 +358,21 @@ async def test_unknown_opcode_closes_4001(
     assert await server.wait_closed(ALICE, timeout=GUARD) == 4001
 
 
+@pytest.mark.parametrize(
+    ("op", "d"),
+    [(1, {"protocol": "udp", "data": [1, 2]}), (5, {"speaking": "loud"}), (3, "nonce")],
+)
+async def test_payload_of_the_wrong_shape_closes_4002(
+    server: SandboxVoiceServer, http: aiohttp.ClientSession, op: int, d: Any
+) -> None:
+    client = ScriptedClient(http, server.url, 8)
+    await client.open(heartbeat=False)
+    await client.identify(server, ALICE)
+    await client.send(op, d)
+    assert await client.closed() == 4002
+    assert server.stats.bad_payloads == 1
+
+
 async def test_bad_token_closes_4004(
     server: SandboxVoiceServer, http: aiohttp.ClientSession
 ) -> None:
