@@ -674,6 +674,8 @@ class VoiceGatewayCore(ConnStateMachine):
         self._failed_connects = 0
         self._close_request: CloseRequested | None = None
         self._speaking: bool | None = None
+        #: The decision :meth:`closed` made last (None before the first close).
+        self.last_decision: CloseDecision | None = None
 
         self.heartbeat_interval: float | None = None
         self._next_heartbeat: float | None = None
@@ -963,6 +965,7 @@ class VoiceGatewayCore(ConnStateMachine):
             )
         if decision.action is CloseAction.NEW_SESSION:
             self._forget_session()
+        self.last_decision = decision
         self.log.info(
             "voice websocket closed (%s%s): %s -> %s",
             code,

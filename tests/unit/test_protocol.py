@@ -597,6 +597,8 @@ def test_closed_moves_state() -> None:
     core = make()
     to_ready_udp(core)
     assert core.closed(4014).action is CloseAction.AWAIT_MOVE
+    assert core.last_decision is not None
+    assert core.last_decision.code == 4014
     assert state(core) is ConnState.DISCONNECTED
     core.new_server("newtoken", session_id="s2")
     core.outgoing()
