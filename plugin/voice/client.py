@@ -1,0 +1,346 @@
+"""``LegatoVoiceClient``: Legato's voice stack behind discord.py's ``VoiceProtocol`` seam.
+
+discord.py drives a voice protocol like this (2.7.1, ``abc.Connectable.connect``):
+``cls(client, channel)``, register it in the connection state, ``await connect(...)``; then it
+feeds ``on_voice_state_update`` / ``on_voice_server_update`` as separate tasks in no fixed order
+(their exceptions are only logged), and ``Client.close()`` calls ``disconnect(force=True)``. Only
+a timeout makes the library clean up after a failed ``connect``, so ``connect`` cleans up itself.
+
+Everything past the two main-gateway events (the voice websocket, the transport, resume and
+reconnect) is :class:`legato.voice.gateway.VoiceConnection`; this class does the discord.py side:
+the op4 voice state update, collecting ``session_id``/``token``/``endpoint``, moves and kicks,
+and ``cleanup()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import discord
+
+from legato.errors import VoiceConnectError, VoiceError
+from legato.voice.gateway import VoiceConnection, VoiceOptions
+from legato.voice.transport.base import TransportStats
+
+if TYPE_CHECKING:
+    from discord.types.voice import GuildVoiceState as GuildVoiceStatePayload
+    from discord.types.voice import VoiceServerUpdate as VoiceServerUpdatePayload
+
+__all__ = ["DisconnectListener", "LegatoVoiceClient", "VoiceOptions"]
+
+_log = logging.getLogger(__name__)
+
+#: Called once when the client is gone for good: ``None`` after ``disconnect()``, else why.
+DisconnectListener = Callable[["LegatoVoiceClient", VoiceError | None], Awaitable[None] | None]
+
+
+class LegatoVoiceClient(discord.VoiceProtocol):
+    """A voice connection for one guild, usable as ``await channel.connect(cls=...)``.
+
+    It is a :class:`legato.audio.sink.FrameSink`: the player calls :meth:`set_speaking` and
+    :meth:`send_frame`. Use :meth:`configured` to pass options through discord.py's factory call.
+
+    Args:
+        client: The discord.py client.
+        channel: The voice or stage channel to join.
+        options: Transport, gateway version and timeouts; defaults when ``None``.
+    """
+
+    def __init__(
+        self,
+        client: discord.Client,
+        channel: discord.abc.Connectable,
+        *,
+        options: VoiceOptions | None = None,
+    ) -> None:
+        super().__init__(client, channel)
+        self.options = options or VoiceOptions()
+        self._session_id: str | None = None
+        self._token: str | None = None
+        self._endpoint: str | None = None
+        self._got_state = asyncio.Event()
+        self._got_server = asyncio.Event()
+        self._conn: VoiceConnection | None = None
+        self._listeners: list[DisconnectListener] = []
+        self._closing = False
+        self._teardown_task: asyncio.Task[None] | None = None
+        self._torn_down = asyncio.Event()
+        self._self_deaf = self.options.self_deaf
+        self._self_mute = self.options.self_mute
+        self._frames_dropped = 0
+
+    @classmethod
+    def configured(
+        cls, options: VoiceOptions
+    ) -> Callable[[discord.Client, discord.abc.Connectable], LegatoVoiceClient]:
+        """Return a factory for ``channel.connect(cls=...)`` that carries ``options``.
+
+        ``Connectable.connect`` calls ``cls(client, channel)``, so the options ride in a closure.
+        """
+
+        def factory(client: discord.Client, channel: discord.abc.Connectable) -> LegatoVoiceClient:
+            return cls(client, channel, options=options)
+
+        return factory
+
+    # -- what the cog and the player read -------------------------------------------------
+
+    @property
+    def guild(self) -> discord.Guild:
+        """The guild of the channel we are in."""
+        guild: discord.Guild = self.channel.guild  # type: ignore[attr-defined]  # Connectable has no .guild but every guild channel does
+        return guild
+
+    @property
+    def connection(self) -> VoiceConnection | None:
+        """The voice session, while one exists."""
+        return self._conn
+
+    def is_connected(self) -> bool:
+        """True while media can flow (handshake done, not reconnecting)."""
+        return self._conn is not None and self._conn.is_connected()
+
+    @property
+    def latency(self) -> float:
+        """Last heartbeat round trip in seconds (``inf`` before the first ACK)."""
+        return self._conn.latency if self._conn is not None else float("inf")
+
+    @property
+    def average_latency(self) -> float:
+        """Mean of the recent heartbeat round trips in seconds (``inf`` before any)."""
+        return self._conn.average_latency if self._conn is not None else float("inf")
+
+    @property
+    def transport_name(self) -> str | None:
+        """``"udp"`` or ``"webrtc"`` once connected."""
+        return self._conn.transport_name if self._conn is not None else None
+
+    @property
+    def mode(self) -> str | None:
+        """The negotiated encryption mode."""
+        return self._conn.mode if self._conn is not None else None
+
+    @property
+    def stats(self) -> TransportStats:
+        """The current transport's counters (zeros before connecting)."""
+        return self._conn.stats if self._conn is not None else TransportStats()
+
+    @property
+    def frames_dropped(self) -> int:
+        """Frames the player handed over while no media path was up."""
+        conn = self._conn.frames_dropped if self._conn is not None else 0
+        return self._frames_dropped + conn
+
+    def add_disconnect_listener(self, listener: DisconnectListener) -> None:
+        """Call ``listener(self, error)`` once when this client is gone for good.
+
+        ``error`` is ``None`` after :meth:`disconnect`, else the :class:`VoiceError` that ended
+        it (kicked, reconnect gave up, a fatal close code). The bot also receives the event
+        ``legato_voice_disconnect(voice_client, error)``.
+        """
+        self._listeners.append(listener)
+
+    # -- FrameSink ------------------------------------------------------------------------
+
+    async def set_speaking(self, speaking: bool) -> None:
+        """Send op5 (awaited, so it precedes the frames that follow)."""
+        if self._conn is not None:
+            await self._conn.set_speaking(speaking)
+
+    def send_frame(self, opus: bytes) -> None:
+        """Send one Opus frame; dropped and counted while there is no media path."""
+        if self._conn is None:
+            self._frames_dropped += 1
+            return
+        self._conn.send_frame(opus)
+
+    # -- discord.py's VoiceProtocol -------------------------------------------------------
+
+    async def connect(
+        self,
+        *,
+        timeout: float,  # noqa: ASYNC109 - discord.py's VoiceProtocol signature
+        reconnect: bool,
+        self_deaf: bool = False,
+        self_mute: bool = False,
+    ) -> None:
+        """Join the channel and bring up the voice session.
+
+        Raises:
+            VoiceConnectError: anything failed or ``timeout`` passed; this client has then
+                left the channel and unregistered itself.
+        """
+        self._self_deaf = self_deaf or self.options.self_deaf
+        self._self_mute = self_mute or self.options.self_mute
+        try:
+            async with asyncio.timeout(timeout):
+                await self._change_voice_state(self.channel)  # type: ignore[arg-type]  # a channel is a Snowflake
+                await asyncio.gather(self._got_state.wait(), self._got_server.wait())
+                conn = self._new_connection(reconnect=reconnect)
+                self._conn = conn
+                await conn.connect()
+        except BaseException as exc:
+            await self._teardown(error=None, leave=True, notify=False)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, VoiceConnectError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise VoiceConnectError(f"voice connect timed out after {timeout:g} s") from exc
+            if isinstance(exc, VoiceError | discord.DiscordException | OSError):
+                raise VoiceConnectError(f"voice connect failed: {exc}") from exc
+            raise
+        _log.info(
+            "voice connected: guild %s over %s (%s)", self.guild.id, conn.transport_name, conn.mode
+        )
+
+    async def on_voice_state_update(self, data: GuildVoiceStatePayload, /) -> None:
+        """Take ``session_id``; a ``channel_id`` of ``None`` we did not ask for is a kick."""
+        channel_id = data.get("channel_id")
+        if channel_id is None:
+            if self._closing:
+                return
+            _log.info("guild %s: removed from voice by someone else", self.guild.id)
+            self._schedule_teardown(VoiceError("removed from the voice channel"), leave=False)
+            return
+        self._session_id = data["session_id"]
+        if int(channel_id) != getattr(self.channel, "id", None):
+            moved_to = self.guild.get_channel(int(channel_id))
+            if moved_to is not None:
+                self.channel = moved_to  # type: ignore[assignment]  # a guild voice channel is Connectable
+        if self._conn is not None:
+            self._conn.update_session(data["session_id"])
+        self._got_state.set()
+
+    async def on_voice_server_update(self, data: VoiceServerUpdatePayload, /) -> None:
+        """Take ``token``/``endpoint``; a new one while connected moves the session there."""
+        endpoint = data.get("endpoint")
+        if endpoint is None:
+            # Discord is allocating a server; another update follows.
+            return
+        endpoint = endpoint.removeprefix("wss://")
+        self._token = data["token"]
+        self._endpoint = endpoint
+        if self._conn is not None:
+            self._conn.update_server(endpoint, data["token"])
+        self._got_server.set()
+
+    async def disconnect(self, *, force: bool = False) -> None:
+        """Leave the channel and close everything; safe to call twice.
+
+        Args:
+            force: Accepted for discord.py's signature; teardown is the same either way.
+        """
+        await self._teardown(error=None, leave=True, notify=True)
+
+    async def move_to(
+        self,
+        channel: discord.abc.Snowflake | None,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 - bounds the wait for the new voice server
+    ) -> None:
+        """Move to another channel of the same guild (``None`` disconnects).
+
+        Raises:
+            VoiceConnectError: the new voice server was not reached within ``timeout``.
+        """
+        if channel is None:
+            await self.disconnect()
+            return
+        if channel.id == getattr(self.channel, "id", None):
+            return
+        # Discord answers a move with a VOICE_STATE_UPDATE and a VOICE_SERVER_UPDATE again.
+        self._got_state.clear()
+        self._got_server.clear()
+        await self._change_voice_state(channel)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(self._got_state.wait(), self._got_server.wait())
+                if self._conn is not None:
+                    await self._conn.wait_connected()
+        except (TimeoutError, VoiceError) as exc:
+            raise VoiceConnectError(f"moving to channel {channel.id} failed: {exc!r}") from exc
+
+    def cleanup(self) -> None:
+        """Unregister from discord.py's state, unless another client has taken the slot."""
+        key_id, _ = self.channel._get_voice_client_key()
+        state = self.client._connection
+        if state._get_voice_client(key_id) is self:
+            state._remove_voice_client(key_id)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _new_connection(self, *, reconnect: bool) -> VoiceConnection:
+        if not (self._session_id and self._token and self._endpoint):
+            raise VoiceConnectError("the main gateway sent no voice session or server")
+        user = self.client.user
+        if user is None:
+            raise VoiceConnectError("the client is not logged in")
+        return VoiceConnection(
+            endpoint=self._endpoint,
+            token=self._token,
+            session_id=self._session_id,
+            user_id=user.id,
+            server_id=self.guild.id,
+            options=self.options if reconnect else self.options.without_reconnect(),
+            on_close=self._connection_closed,
+        )
+
+    async def _change_voice_state(self, channel: discord.abc.Snowflake | None) -> None:
+        await self.guild.change_voice_state(
+            channel=channel, self_mute=self._self_mute, self_deaf=self._self_deaf
+        )
+
+    def _connection_closed(self, error: VoiceError | None) -> None:
+        """The session ended on its own (fatal close, kicked, reconnect gave up)."""
+        if not self._closing:
+            self._schedule_teardown(error, leave=True)
+
+    def _schedule_teardown(self, error: VoiceError | None, *, leave: bool) -> None:
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.get_running_loop().create_task(
+                self._teardown(error=error, leave=leave, notify=True),
+                name=f"legato-voice-teardown-{self.guild.id}",
+            )
+
+    async def _teardown(self, *, error: VoiceError | None, leave: bool, notify: bool) -> None:
+        if self._closing:
+            # A second caller (disconnect twice, Client.close during a kick) waits for the first.
+            await self._torn_down.wait()
+            return
+        self._closing = True
+        try:
+            if self._conn is not None:
+                await self._conn.close()
+            if leave:
+                try:
+                    await self._change_voice_state(None)
+                except (discord.DiscordException, OSError, AttributeError) as exc:
+                    # The main gateway may already be gone (Client.close): leaving is best effort.
+                    _log.debug("leaving voice on guild %s failed: %r", self.guild.id, exc)
+        finally:
+            self.cleanup()
+            self._torn_down.set()
+        if notify:
+            await self._notify(error)
+
+    async def _notify(self, error: VoiceError | None) -> None:
+        self.client.dispatch("legato_voice_disconnect", self, error)
+        for listener in self._listeners:
+            try:
+                result = listener(self, error)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - logged with traceback; the rest still run
+                # One broken listener must not keep the others from hearing about it.
+                _log.exception("voice disconnect listener %r failed", listener)
+
+    def __repr__(self) -> str:
+        return (
+            f"<LegatoVoiceClient guild={getattr(self.guild, 'id', None)} "
+            f"connected={self.is_connected()} transport={self.transport_name}>"
+        )

@@ -1,0 +1,713 @@
+"""The voice gateway shell: an aiohttp websocket driving the sans-I/O core, plus one transport.
+
+:class:`VoiceConnection` is the reusable part of the voice client: given what the two main
+gateway events carry (endpoint, token, session id) it opens ``ws(s)://{endpoint}/?v=N``, feeds
+every text frame to :class:`~legato.voice.protocol.VoiceGatewayCore`, sleeps until the core's
+next deadline (heartbeats, ACK timeouts) on the loop clock, sends what the core queues, and runs
+the transport the handshake asks for. It makes no protocol decisions: the close policy is the
+core's ``closed(code)``; this module only carries it out (resume, new session, wait for a move,
+stop), with jittered backoff bounded in total time.
+
+Tasks: one supervisor per connection, and per websocket one reader (the supervisor itself) and
+one timer. All of them are cancelled and awaited by :meth:`VoiceConnection.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Final, Literal
+
+import aiohttp
+
+from legato.errors import TransportError, VoiceClosed, VoiceConnectError, VoiceError
+from legato.voice.protocol import (
+    CLOSE_RECONNECT,
+    CloseAction,
+    CloseDecision,
+    CloseRequested,
+    Event,
+    GatewayStats,
+    HeartbeatAck,
+    HeartbeatTimeout,
+    ProtocolError,
+    Ready,
+    Resumed,
+    SessionDescription,
+    VoiceGatewayCore,
+)
+from legato.voice.state import ConnState
+from legato.voice.transport.base import Transport, TransportStats
+
+if TYPE_CHECKING:
+    from legato.config import VoiceConfig
+
+__all__ = ["VoiceConnection", "VoiceOptions", "websocket_url"]
+
+_log = logging.getLogger(__name__)
+
+#: What aiohttp reports when the TCP connection went away without a close frame.
+ABNORMAL_CLOSURE: Final = 1006
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
+
+TransportName = Literal["udp", "webrtc", "auto"]
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceOptions:
+    """How a voice connection is made and kept.
+
+    Attributes:
+        transport: ``"udp"``, ``"webrtc"`` or ``"auto"`` (webrtc first, udp if it fails).
+        gateway_version: Voice gateway version (6 or 8), or ``"auto"`` (8, then 6 if the
+            server rejects it during the handshake).
+        self_deaf: Join deafened (Legato never listens).
+        self_mute: Join muted.
+        connect_timeout: Seconds for the whole first connect (main gateway events included).
+        reconnect: Resume/reconnect after a dropped link; off means any drop ends the session.
+        reconnect_timeout: Seconds a reconnect episode may last before giving up.
+        move_timeout: After close 4014, seconds to wait for a VOICE_SERVER_UPDATE (a move).
+        secure: ``wss://`` (True) or ``ws://`` (False); ``None`` decides from the endpoint:
+            loopback hosts and ports other than 443 get ``ws://``.
+        discovery_timeout: Seconds per UDP IP discovery attempt.
+        backoff_base: First retry delay in seconds; doubles per failed attempt, with jitter.
+        backoff_max: Largest retry delay in seconds.
+    """
+
+    transport: TransportName = "udp"
+    gateway_version: int | Literal["auto"] = 6
+    self_deaf: bool = True
+    self_mute: bool = False
+    connect_timeout: float = 30.0
+    reconnect: bool = True
+    reconnect_timeout: float = 60.0
+    move_timeout: float = 5.0
+    secure: bool | None = None
+    discovery_timeout: float = 2.0
+    backoff_base: float = 0.25
+    backoff_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("udp", "webrtc", "auto"):
+            raise ValueError(f"transport must be udp, webrtc or auto, got {self.transport!r}")
+        if self.gateway_version != "auto" and self.gateway_version not in (4, 5, 6, 7, 8):
+            raise ValueError(f"voice gateway version must be 4..8, got {self.gateway_version!r}")
+
+    def without_reconnect(self) -> VoiceOptions:
+        """A copy with ``reconnect=False``."""
+        return replace(self, reconnect=False)
+
+    @classmethod
+    def from_config(cls, config: VoiceConfig) -> VoiceOptions:
+        """Build options from the ``[voice]`` section of the bot's configuration."""
+        return cls(
+            transport=config.transport,
+            gateway_version=config.gateway_version,
+            self_deaf=config.self_deaf,
+            connect_timeout=config.connect_timeout,
+        )
+
+
+def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> str:
+    """Return the voice websocket URL for a VOICE_SERVER_UPDATE endpoint.
+
+    Discord's endpoints look like ``name.discord.media:443`` and need TLS; self-hosted servers
+    hand out ``127.0.0.1:3004`` and speak plain ``ws://`` (PROTOCOL.md "Voice gateway").
+
+    Args:
+        endpoint: ``host``, ``host:port`` or ``[v6]:port``; a ``wss://``/``ws://`` prefix is
+            honoured.
+        version: The ``v`` query parameter.
+        secure: Force ``wss`` (True) or ``ws`` (False); ``None`` decides from the endpoint.
+    """
+    endpoint = endpoint.strip().rstrip("/")
+    if endpoint.startswith("wss://"):
+        endpoint, secure = endpoint[6:], True if secure is None else secure
+    elif endpoint.startswith("ws://"):
+        endpoint, secure = endpoint[5:], False if secure is None else secure
+    host, port = _split_host_port(endpoint)
+    if secure is None:
+        secure = not (_is_loopback(host) or (port is not None and port != 443))
+    return f"{'wss' if secure else 'ws'}://{endpoint}/?v={version}"
+
+
+def _split_host_port(endpoint: str) -> tuple[str, int | None]:
+    if endpoint.startswith("["):
+        host, _, rest = endpoint[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    host, sep, port = endpoint.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return endpoint, None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _make_transport(name: str, endpoint_host: str, options: VoiceOptions) -> Transport:
+    if name == "udp":
+        from legato.voice.transport.udp import UdpTransport
+
+        return UdpTransport(discovery_timeout=options.discovery_timeout)
+    # Imported lazily: aiortc is heavy and only the webrtc path needs it.
+    from legato.voice.transport.webrtc import WebRtcTransport
+
+    return WebRtcTransport(host_candidates_allow_loopback=_is_loopback(endpoint_host))
+
+
+class VoiceConnection:
+    """One voice session: websocket, heartbeats, transport, and the reconnect policy.
+
+    Implements :class:`legato.audio.sink.FrameSink`. Create it, ``await connect()``, play, and
+    ``await close()``. A session that ends on its own (fatal close code, 4014 without a move,
+    reconnect gave up) calls ``on_close(error)`` once.
+
+    Args:
+        endpoint: VOICE_SERVER_UPDATE's ``endpoint``.
+        token: VOICE_SERVER_UPDATE's ``token``.
+        session_id: VOICE_STATE_UPDATE's ``session_id``.
+        user_id: Our user id.
+        server_id: The guild id (or the channel id for calls).
+        options: See :class:`VoiceOptions`.
+        on_close: Called (on the loop) when the session ends by itself, with the reason.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        token: str,
+        session_id: str,
+        user_id: int,
+        server_id: int,
+        options: VoiceOptions | None = None,
+        on_close: Callable[[VoiceError | None], None] | None = None,
+    ) -> None:
+        self.options = options or VoiceOptions()
+        self._endpoint = endpoint.removeprefix("wss://")
+        self._token = token
+        self._session_id = session_id
+        self._user_id = user_id
+        self._server_id = server_id
+        self._on_close = on_close
+        version = self.options.gateway_version
+        self._version: int = 8 if version == "auto" else version
+        self._version_fallback = version == "auto"
+        self._transports: list[str] = (
+            ["webrtc", "udp"] if self.options.transport == "auto" else [self.options.transport]
+        )
+        self._core = self._new_core()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._transport: Transport | None = None
+        self._old_stats = TransportStats()
+        self._runner: asyncio.Task[None] | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._media_ready = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._server_changed = asyncio.Event()
+        self._close_request: CloseRequested | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._fell_back = False
+        self._error: VoiceError | None = None
+        self._closing = False
+        self._speaking = False
+        self._rtts: deque[float] = deque(maxlen=20)
+        #: Frames handed to :meth:`send_frame` while no media path was up.
+        self.frames_dropped = 0
+
+    # -- what callers read ----------------------------------------------------------------
+
+    def is_connected(self) -> bool:
+        """True while frames reach the server (handshake done, not reconnecting)."""
+        return self._media_ready.is_set() and not self._finished.is_set()
+
+    @property
+    def state(self) -> ConnState:
+        """The gateway core's state."""
+        state: ConnState = self._core.state
+        return state
+
+    @property
+    def gateway_stats(self) -> GatewayStats:
+        """The gateway core's counters (heartbeats, resumes, bad input)."""
+        return self._core.stats
+
+    @property
+    def latency(self) -> float:
+        """The last heartbeat round trip in seconds (``inf`` before the first ACK)."""
+        return self._rtts[-1] if self._rtts else float("inf")
+
+    @property
+    def average_latency(self) -> float:
+        """Mean of the last 20 heartbeat round trips in seconds (``inf`` before any)."""
+        return sum(self._rtts) / len(self._rtts) if self._rtts else float("inf")
+
+    @property
+    def transport_name(self) -> str | None:
+        """``"udp"`` or ``"webrtc"`` while a transport is up."""
+        return self._transport.name if self._transport is not None else None
+
+    @property
+    def mode(self) -> str | None:
+        """The transport's encryption mode."""
+        return self._transport.mode if self._transport is not None else None
+
+    @property
+    def ssrc(self) -> int | None:
+        """Our audio SSRC while a transport is up."""
+        return self._transport.ssrc if self._transport is not None else None
+
+    @property
+    def transport(self) -> Transport | None:
+        """The current media transport (replaced on a new session)."""
+        return self._transport
+
+    @property
+    def stats(self) -> TransportStats:
+        """Counters summed over every transport this connection has used."""
+        now = self._transport.stats if self._transport is not None else TransportStats()
+        old = self._old_stats
+        return TransportStats(
+            frames_sent=old.frames_sent + now.frames_sent,
+            bytes_sent=old.bytes_sent + now.bytes_sent,
+            send_errors=old.send_errors + now.send_errors,
+            malformed_received=old.malformed_received + now.malformed_received,
+        )
+
+    @property
+    def error(self) -> VoiceError | None:
+        """Why the connection ended, once it has (``None`` after a clean close)."""
+        return self._error
+
+    @property
+    def endpoint(self) -> str:
+        """The voice server endpoint in use."""
+        return self._endpoint
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Run the handshake and bring the transport up; return once frames can flow.
+
+        Raises:
+            VoiceConnectError: it failed or took longer than ``options.connect_timeout``.
+        """
+        if self._runner is not None:
+            raise VoiceConnectError("connect() was already called")
+        self._runner = asyncio.get_running_loop().create_task(
+            self._supervise(), name=f"legato-voice-{self._server_id}"
+        )
+        try:
+            await self.wait_connected(timeout=self.options.connect_timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until frames can flow.
+
+        Raises:
+            VoiceConnectError: the connection ended first, or ``timeout`` passed.
+        """
+        ready = asyncio.ensure_future(self._media_ready.wait())
+        finished = asyncio.ensure_future(self._finished.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, finished}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            finished.cancel()
+        if self._finished.is_set():
+            raise VoiceConnectError(
+                f"voice connection to {self._endpoint} ended: {self._error}",
+                user_message=self._error.user_message if self._error else None,
+            ) from self._error
+        if not done:
+            raise VoiceConnectError(f"voice connection to {self._endpoint} timed out ({timeout} s)")
+
+    async def wait_closed(self) -> VoiceError | None:
+        """Wait until the connection has ended; return why (``None`` if closed cleanly)."""
+        await self._finished.wait()
+        return self._error
+
+    async def close(self) -> None:
+        """End the session (close code 1000), stop every task, close the transport. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._core.close("leaving")
+            ws = self._ws
+            if ws is not None and not ws.closed:
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await ws.close(code=aiohttp.WSCloseCode.OK)
+        runner = self._runner
+        if runner is not None and runner is not asyncio.current_task():
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        await self._release()
+        self._finished.set()
+
+    def update_server(self, endpoint: str, token: str) -> None:
+        """A new VOICE_SERVER_UPDATE: reconnect to ``endpoint`` with a new session.
+
+        The same endpoint and token again is ignored, unless the connection is waiting for a
+        move (after close 4014), which it then completes.
+        """
+        endpoint = endpoint.removeprefix("wss://")
+        waiting = self._core.state in (ConnState.DISCONNECTED, ConnState.CLOSED)
+        if endpoint == self._endpoint and token == self._token and not waiting:
+            return  # Discord repeats itself; nothing moved
+        _log.info("voice server %s -> %s", self._endpoint, endpoint)
+        self._endpoint = endpoint
+        self._token = token
+        self._media_ready.clear()  # the old server is being left: frames are dropped from here
+        self._server_changed.set()
+        ws = self._ws
+        if ws is not None and not ws.closed and self._closer is None:
+            # Closing wakes the reader, which then reconnects to the new endpoint.
+            self._closer = asyncio.get_running_loop().create_task(self._close_for_move(ws))
+
+    async def _close_for_move(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            await ws.close(code=CLOSE_RECONNECT)
+        except (aiohttp.ClientError, OSError) as exc:
+            _log.info("closing the voice websocket for a move failed: %r", exc)
+        finally:
+            self._closer = None
+
+    def update_session(self, session_id: str) -> None:
+        """A new VOICE_STATE_UPDATE ``session_id``: used by the next identify."""
+        self._session_id = session_id
+
+    # -- FrameSink ------------------------------------------------------------------------
+
+    async def set_speaking(self, speaking: bool) -> None:
+        """Send op5 and wait until it is written, so it precedes the frames that follow."""
+        self._speaking = speaking
+        transport = self._transport
+        if self.is_connected() and transport is not None:
+            self._core.speaking(speaking, transport.ssrc)
+            await self._pump()
+
+    def send_frame(self, opus: bytes) -> None:
+        """Send one Opus frame now; while reconnecting it is dropped and counted."""
+        transport = self._transport
+        if transport is None or not self._media_ready.is_set():
+            self.frames_dropped += 1
+            return
+        transport.send_frame(opus)
+
+    # -- supervisor -----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        error: VoiceError | None = None
+        resume = False
+        failures = 0
+        episode_start: float | None = None
+        try:
+            while True:
+                self._server_changed.clear()
+                try:
+                    code, reason, reached_ready = await self._run_websocket(resume=resume)
+                except TransportError:
+                    if not self._fell_back:
+                        raise
+                    self._fell_back = False  # "auto": identify again with the next transport
+                    await self._drop_transport()
+                    self._core = self._new_core()
+                    resume = False
+                    continue
+                self._media_ready.clear()
+                if self._closing:
+                    return
+                if reached_ready:
+                    failures, episode_start = 0, None
+                else:
+                    failures += 1
+                if episode_start is None:
+                    episode_start = loop.time()
+                if self._server_changed.is_set():
+                    # Moved: another server, a fresh session there.
+                    await self._drop_transport()
+                    self._core = self._new_core()
+                    resume = False
+                    continue
+                decision = self._core.closed(code, reason)
+                resume = await self._follow(decision, established=reached_ready)
+                if not self.options.reconnect:
+                    raise VoiceClosed(
+                        code or ABNORMAL_CLOSURE, f"{decision.reason}; reconnect is off"
+                    )
+                elapsed = loop.time() - episode_start
+                if elapsed > self.options.reconnect_timeout:
+                    raise VoiceConnectError(
+                        f"gave up reconnecting to {self._endpoint} after {elapsed:.0f} s "
+                        f"(last close {code}: {decision.reason})"
+                    )
+                if failures > 1:
+                    await asyncio.sleep(self._backoff(failures - 1))
+        except VoiceError as exc:
+            error = exc
+            _log.warning("voice connection %s ended: %s", self._server_id, exc)
+        finally:
+            self._error = error
+            await self._release()
+            self._finished.set()
+            if not self._closing and self._on_close is not None:
+                self._on_close(error)
+
+    async def _follow(self, decision: CloseDecision, *, established: bool) -> bool:
+        """Carry out the core's verdict on a close; return whether to resume.
+
+        Raises:
+            VoiceClosed: the verdict is to stop (or no move followed a 4014).
+        """
+        action = decision.action
+        if action is CloseAction.RESUME:
+            return True
+        if action is CloseAction.NEW_SESSION:
+            await self._drop_transport()
+            return False
+        if action is CloseAction.AWAIT_MOVE:
+            await self._drop_transport()
+            try:
+                async with asyncio.timeout(self.options.move_timeout):
+                    await self._server_changed.wait()
+            except TimeoutError:
+                raise decision.error() from None
+            self._core = self._new_core()
+            return False
+        # STOP. Two stops are ours to retry: an "auto" version the server refused, and an
+        # "auto" transport whose first choice failed.
+        if self._version_fallback and not established and decision.code in (4002, 4020):
+            _log.info("voice gateway v%d refused (%s); trying v6", self._version, decision.code)
+            self._version, self._version_fallback = 6, False
+            await self._drop_transport()
+            self._core = self._new_core()
+            return False
+        raise decision.error()
+
+    def _backoff(self, failures: int) -> float:
+        delay = min(self.options.backoff_max, self.options.backoff_base * 2.0 ** (failures - 1))
+        return delay * random.uniform(0.5, 1.0)  # jitter: many guilds must not retry in step
+
+    # -- one websocket --------------------------------------------------------------------
+
+    async def _run_websocket(self, *, resume: bool) -> tuple[int | None, str, bool]:
+        """Open the websocket and run it to its end.
+
+        Returns:
+            ``(close code or None for a drop, close reason, whether media flowed)``.
+        """
+        loop = asyncio.get_running_loop()
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        url = websocket_url(self._endpoint, self._version, self.options.secure)
+        self._close_request = None
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                ws = await self._http.ws_connect(
+                    url,
+                    autoping=True,
+                    heartbeat=None,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            _log.info("voice websocket %s failed to open: %r", url, exc)
+            self._core.connected(loop.time(), resume=resume)
+            return None, f"connect failed: {exc!r}", False
+        self._ws = ws
+        self._core.connected(loop.time(), resume=resume)
+        self._timer = loop.create_task(self._run_timer(), name="legato-voice-timer")
+        reached_ready = False
+        try:
+            await self._pump()
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    self._core.receive_text(msg.data, loop.time())
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    self._core.receive_binary(msg.data, loop.time())
+                else:
+                    break
+                await self._pump()
+                reached_ready = reached_ready or self._media_ready.is_set()
+        except (aiohttp.ClientError, OSError) as exc:
+            _log.info("voice websocket read failed: %r", exc)
+        finally:
+            self._media_ready.clear()
+            await self._stop_timer()
+            self._ws = None
+            if not ws.closed:
+                code = self._close_request.code if self._close_request else CLOSE_RECONNECT
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await ws.close(code=code)
+        request = self._close_request
+        if request is not None:
+            return request.code, request.reason, reached_ready
+        closed_with: int | None = ws.close_code
+        if closed_with == ABNORMAL_CLOSURE:
+            closed_with = None
+        _log.info("voice websocket %s closed with %s", self._endpoint, closed_with)
+        return closed_with, "", reached_ready
+
+    async def _run_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            deadline = self._core.next_deadline()
+            if deadline is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await self._wake.wait()
+            self._core.tick(loop.time())
+            await self._pump()
+
+    async def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+
+    def _new_core(self) -> VoiceGatewayCore:
+        name = self._transports[0]
+        return VoiceGatewayCore(
+            str(self._server_id),
+            str(self._user_id),
+            self._session_id,
+            self._token,
+            version=self._version,
+            transport_name=name,
+            # A bot on udp identifies as discord.py does; on webrtc as the capture's browser.
+            browser_like=name == "webrtc",
+            # Giving up is bounded by options.reconnect_timeout (time), not by a count.
+            max_failed_connects=1_000,
+        )
+
+    async def _pump(self) -> None:
+        """Send what the core queued, then act on its events (which may queue more)."""
+        while True:
+            await self._flush()
+            events = self._core.events()
+            if not events:
+                break
+            for event in events:
+                await self._handle(event)
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            texts = self._core.outgoing_text()
+            binaries = self._core.outgoing_binary()
+            ws = self._ws
+            if ws is None or ws.closed:
+                return
+            try:
+                for text in texts:
+                    await ws.send_str(text)
+                for data in binaries:
+                    await ws.send_bytes(data)
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                _log.info("voice websocket send failed: %r", exc)
+
+    async def _handle(self, event: Event) -> None:
+        if isinstance(event, Ready):
+            await self._on_ready(event)
+        elif isinstance(event, SessionDescription):
+            await self._on_session_description(event)
+        elif isinstance(event, Resumed):
+            self._media_ready.set()
+            self._resend_speaking()
+        elif isinstance(event, HeartbeatAck):
+            if event.rtt is not None:
+                self._rtts.append(event.rtt)
+        elif isinstance(event, CloseRequested):
+            self._close_request = event
+            ws = self._ws
+            if ws is not None and not ws.closed:
+                # From the timer task this wakes the reader, which then ends the session.
+                await ws.close(code=event.code)
+        elif isinstance(event, HeartbeatTimeout | ProtocolError):
+            _log.info("voice gateway: %s", event)
+
+    async def _on_ready(self, event: Ready) -> None:
+        await self._drop_transport()
+        name = self._transports[0]
+        transport = _make_transport(name, _split_host_port(self._endpoint)[0], self.options)
+        self._transport = transport
+        try:
+            op1 = await transport.prepare(dict(event.data))
+        except TransportError:
+            if len(self._transports) > 1:
+                # "auto": the first choice failed; the next connect identifies with the next one.
+                _log.warning("voice transport %s failed; falling back to %s", *self._transports)
+                self._transports.pop(0)
+                self._fell_back = True
+            raise
+        if name == "webrtc":
+            self._core.request_backend_version()
+            self._core.announce_streams(transport.ssrc)
+        self._core.select_protocol(op1)
+
+    async def _on_session_description(self, event: SessionDescription) -> None:
+        transport = self._transport
+        if transport is None:
+            raise TransportError("op4 arrived before op2")
+        await transport.start(dict(event.data))
+        if transport.name == "webrtc":
+            # Spacebar drops an op12 sent long before DTLS is up: announce again now.
+            self._core.announce_streams(transport.ssrc)
+        self._media_ready.set()
+        self._resend_speaking()
+
+    def _resend_speaking(self) -> None:
+        """After op4 or op9 the server's idea of our speaking state is reset: restate it."""
+        if self._speaking and self._transport is not None:
+            self._core.speaking(True, self._transport.ssrc)
+
+    async def _drop_transport(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        self._transport = None
+        old = self._old_stats
+        old.frames_sent += transport.stats.frames_sent
+        old.bytes_sent += transport.stats.bytes_sent
+        old.send_errors += transport.stats.send_errors
+        old.malformed_received += transport.stats.malformed_received
+        await transport.close()
+
+    async def _release(self) -> None:
+        self._media_ready.clear()
+        await self._stop_timer()
+        closer = self._closer
+        if closer is not None and closer is not asyncio.current_task():
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closer
+        await self._drop_transport()
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()

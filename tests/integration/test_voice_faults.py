@@ -1,0 +1,281 @@
+"""The voice client under faults: closes, drops, moves, silence from the server, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+
+from legato.errors import VoiceClosed, VoiceConnectError, VoiceError
+from legato.sandbox.voice import SandboxVoiceServer
+from legato.voice.client import LegatoVoiceClient
+from legato.voice.gateway import VoiceConnection, VoiceOptions
+from legato.voice.rtp import discovery_response, parse_discovery_request
+from legato.voice.transport.udp import UdpTransport
+from tests.integration.voice_support import (
+    BOT_ID,
+    GUILD_ID,
+    Player,
+    discord_world,
+    tone_frames,
+    voice_server,
+)
+
+pytestmark = pytest.mark.integration
+
+FAULT_AT_FRAME = 50
+
+
+@asynccontextmanager
+async def connection(server: SandboxVoiceServer, **options: Any) -> AsyncIterator[VoiceConnection]:
+    token = server.register_session(server_id=GUILD_ID, user_id=BOT_ID, session_id="sess")
+    conn = VoiceConnection(
+        endpoint=server.endpoint,
+        token=token,
+        session_id="sess",
+        user_id=BOT_ID,
+        server_id=GUILD_ID,
+        options=VoiceOptions(**options),
+    )
+    await conn.connect()
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def play_with_fault(
+    conn: VoiceConnection, fault: Callable[[], Awaitable[object]], seconds: float = 3.0
+) -> Player:
+    """Play a tone and run ``fault`` once ``FAULT_AT_FRAME`` frames have gone out."""
+    player = Player(conn, tone_frames(seconds))
+    playing = asyncio.create_task(player.play())
+    try:
+        await player.wait_sent(FAULT_AT_FRAME)
+        await fault()
+    finally:
+        await playing
+    return player
+
+
+async def assert_continuous_440(server: SandboxVoiceServer, conn: VoiceConnection) -> None:
+    """Every frame the transport sent arrived, in sequence, and the tone is intact."""
+    rec = server.recording(BOT_ID)
+    await rec.wait_frames(conn.stats.frames_sent, timeout=20)
+    stats = rec.stats()
+    assert stats.frames == conn.stats.frames_sent
+    assert stats.gaps == 0
+    assert stats.sequence_errors == 0
+    assert stats.timestamp_errors == 0
+    # Audio went on after the fault: well past the frame it struck at.
+    assert stats.frames > FAULT_AT_FRAME + 50
+    assert await asyncio.to_thread(rec.dominant_frequency) == pytest.approx(440.0, abs=2.0)
+
+
+@pytest.mark.parametrize(("fault", "version"), [("4015", 8), ("4015", 6), ("drop", 8), ("drop", 6)])
+async def test_resume_keeps_ssrc_and_sequence(fault: str, version: int) -> None:
+    async with voice_server() as server, connection(server, gateway_version=version) as conn:
+        ssrc = conn.ssrc
+
+        async def strike() -> None:
+            if fault == "drop":
+                await server.inject_drop(BOT_ID)
+            else:
+                await server.inject_close(BOT_ID, 4015)
+            await server.wait_resumed(BOT_ID)
+
+        await play_with_fault(conn, strike)
+        assert conn.ssrc == ssrc
+        assert conn.gateway_stats.resumes == 1
+        await assert_continuous_440(server, conn)
+        assert server.recording(BOT_ID).stats().streams == 1  # same SSRC throughout
+        assert conn.is_connected()
+
+
+async def test_4006_starts_a_new_session() -> None:
+    async with voice_server() as server, connection(server) as conn:
+        first_ssrc = conn.ssrc
+
+        async def strike() -> None:
+            await server.inject_close(BOT_ID, 4006)
+            await server.wait_identified(BOT_ID, count=2)
+
+        await play_with_fault(conn, strike)
+        assert conn.ssrc != first_ssrc
+        assert conn.gateway_stats.resumes == 0
+        rec = server.recording(BOT_ID)
+        await rec.wait_frames(conn.stats.frames_sent, timeout=20)
+        stats = rec.stats()
+        assert stats.streams == 2
+        assert stats.gaps == 0
+        assert stats.frames == conn.stats.frames_sent
+        assert stats.frames > FAULT_AT_FRAME + 50
+        await rec.wait_speaking(False)
+        # Speaking was restated for the new SSRC before its media.
+        assert [c.ssrc for c in rec.speaking_changes if c.on] == [first_ssrc, conn.ssrc]
+
+
+async def test_move_to_a_new_endpoint_reconnects_there() -> None:
+    async with voice_server() as server, connection(server) as conn:
+        first = server.endpoint
+
+        async def strike() -> None:
+            new_endpoint = await server.move(BOT_ID)
+            assert new_endpoint != first
+            # What the main gateway hands out on a move: the new endpoint and a new token.
+            token = server.register_session(server_id=GUILD_ID, user_id=BOT_ID, session_id="sess")
+            conn.update_server(new_endpoint, token)
+            await server.wait_identified(BOT_ID, count=2)
+
+        await play_with_fault(conn, strike)
+        assert conn.endpoint != first
+        assert server.session(BOT_ID).endpoint == conn.endpoint
+        rec = server.recording(BOT_ID)
+        await rec.wait_frames(conn.stats.frames_sent, timeout=20)
+        assert rec.stats().streams == 2
+        assert rec.stats().gaps == 0
+        assert rec.stats().frames > FAULT_AT_FRAME + 50
+
+
+async def test_missed_heartbeat_acks_resume() -> None:
+    async with (
+        voice_server(heartbeat_interval=0.2) as server,
+        connection(server) as conn,
+    ):
+
+        async def strike() -> None:
+            server.stop_heartbeat_acks(BOT_ID)
+            await server.wait_resumed(BOT_ID)
+            server.resume_heartbeat_acks(BOT_ID)
+
+        await play_with_fault(conn, strike)
+        assert conn.gateway_stats.heartbeat_timeouts >= 1
+        await assert_continuous_440(server, conn)
+        assert server.recording(BOT_ID).stats().streams == 1
+
+
+async def test_4014_without_a_move_stops_and_cleans_up() -> None:
+    async with voice_server() as server, discord_world(server) as world:
+        options = VoiceOptions(move_timeout=0.5)
+        vc = await world.channel.connect(cls=LegatoVoiceClient.configured(options), timeout=20)
+        assert isinstance(vc, LegatoVoiceClient)
+        gone: asyncio.Future[VoiceError | None] = asyncio.get_running_loop().create_future()
+        vc.add_disconnect_listener(lambda _vc, error: gone.set_result(error))
+        await server.inject_close(BOT_ID, 4014)
+        async with asyncio.timeout(20):
+            error = await gone
+        assert isinstance(error, VoiceClosed)
+        assert error.code == 4014
+        assert error.user_message == "I was disconnected from the voice channel."
+        assert world.guild.voice_client is None  # cleanup() ran
+        assert world.gateway.left.is_set()  # and we told the main gateway we left
+        assert not vc.is_connected()
+        vc.send_frame(b"\xf8\xff\xfe")  # the player may still hand over a frame: no crash
+        await vc.disconnect()  # and a late disconnect is harmless
+
+
+async def test_reconnect_gives_up_with_a_clear_error() -> None:
+    server = SandboxVoiceServer(heartbeat_interval=0.5)
+    await server.start()
+    try:
+        async with connection(server, reconnect_timeout=2.0, backoff_base=0.05) as conn:
+            await server.close()  # the voice server is gone for good
+            async with asyncio.timeout(30):
+                error = await conn.wait_closed()
+            assert isinstance(error, VoiceError)
+            assert "gave up" in str(error)
+            assert not conn.is_connected()
+            conn.send_frame(b"\xf8\xff\xfe")
+            assert conn.frames_dropped == 1
+    finally:
+        await server.close()
+
+
+async def test_garbage_datagrams_to_the_client_are_counted() -> None:
+    async with voice_server() as server, connection(server) as conn:
+        transport = conn.transport
+        assert isinstance(transport, UdpTransport)
+        assert transport.local_address is not None
+        target = ("127.0.0.1", transport.local_address[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+            for payload in (b"\x00", b"\xff" * 3, b"\x80\x78" + bytes(40), bytes(74)):
+                junk.sendto(payload, target)
+        frames = tone_frames(1.0)
+        await Player(conn, frames).play()  # the loop reads the junk while this plays
+        assert conn.stats.malformed_received == 4
+        rec = server.recording(BOT_ID)
+        await rec.wait_frames(len(frames) + 5, timeout=20)
+        assert rec.stats().gaps == 0
+
+
+# -- a scripted voice server whose op4 names a mode we did not select ----------------------
+
+
+async def test_op4_with_another_mode_is_a_clear_close() -> None:
+    loop = asyncio.get_running_loop()
+    closes: list[int | None] = []
+
+    class Discovery(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+            ssrc = parse_discovery_request(data)
+            self.transport.sendto(discovery_response(ssrc, addr[0], addr[1]), addr)  # type: ignore[attr-defined]
+
+    udp, _ = await loop.create_datagram_endpoint(Discovery, local_addr=("127.0.0.1", 0))
+    udp_port = udp.get_extra_info("sockname")[1]
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"op": 8, "d": {"heartbeat_interval": 5000}}))
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                break
+            op = json.loads(msg.data)["op"]
+            if op == 0:
+                ready = {
+                    "ssrc": 7,
+                    "ip": "127.0.0.1",
+                    "port": udp_port,
+                    "modes": ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"],
+                }
+                await ws.send_str(json.dumps({"op": 2, "d": ready}))
+            elif op == 1:
+                session = {"mode": "aead_xchacha20_poly1305_rtpsize", "secret_key": [1] * 32}
+                await ws.send_str(json.dumps({"op": 4, "d": session}))
+        closes.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        conn = VoiceConnection(
+            endpoint=f"127.0.0.1:{port}",
+            token="t",
+            session_id="s",
+            user_id=BOT_ID,
+            server_id=GUILD_ID,
+        )
+        with pytest.raises(VoiceConnectError) as info:
+            await conn.connect()
+        cause = info.value.__cause__
+        assert isinstance(cause, VoiceClosed)
+        assert cause.code == 4016
+        assert "mode" in str(cause)
+        assert closes == [4016]  # we closed with the server's own code for a bad mode
+    finally:
+        await runner.cleanup()
+        udp.close()
