@@ -25,6 +25,7 @@ stalled read raise :class:`DecodeError`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from collections import deque
@@ -46,6 +47,9 @@ _log = logging.getLogger(__name__)
 
 #: Seconds PyAV may wait to open a stream, and for any one read, before it gives up.
 DEFAULT_TIMEOUT: Final = 20.0
+
+#: Seconds between FFmpeg's reconnect attempts grow up to this; past it, it gives up.
+_RECONNECT_DELAY_MAX: Final = 4
 
 #: Undecodable packets in a row after which the stream counts as broken.
 _MAX_BAD_PACKETS: Final = 8
@@ -96,7 +100,7 @@ def _http_options(stream: StreamInfo, timeout: float) -> dict[str, str]:
         # Reconnect when a server drops a long download; give up after a few seconds of tries.
         "reconnect": "1",
         "reconnect_streamed": "1",
-        "reconnect_delay_max": "5",
+        "reconnect_delay_max": str(_RECONNECT_DELAY_MAX),
         # Microseconds: a stalled server fails the read instead of hanging the worker forever.
         "rw_timeout": str(int(timeout * 1_000_000)),
         "timeout": str(int(timeout * 1_000_000)),
@@ -326,6 +330,9 @@ class _BaseSource:
     def _stream_error(self, exc: Exception) -> DecodeError:
         if isinstance(exc, av.error.ExitError | av.error.TimeoutError | TimeoutError):
             message = "The track's server stopped sending audio."
+        elif isinstance(exc, OSError) and exc.errno == errno.EIO:
+            # What FFmpeg reports once its reconnects to a dropped download have all failed.
+            message = "The connection to the track's server was lost."
         elif isinstance(exc, av.error.HTTPError):
             message = "The server hosting that track returned an error."
         else:

@@ -8,12 +8,14 @@ the whole set is configurable through :class:`OpusSettings`.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 import opuslib
 import opuslib.api.ctl
+import opuslib.api.decoder
 import opuslib.api.encoder
 
 from legato.audio.source import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
@@ -24,6 +26,15 @@ APPLICATIONS: Final = frozenset({"audio", "voip", "restricted_lowdelay"})
 
 #: Room for the largest packet libopus can produce for one frame (RFC 6716, 1275 bytes a frame).
 _MAX_PACKET: Final = 4000
+
+#: The longest packet Opus allows: 120 ms at 48 kHz.
+_MAX_PACKET_SAMPLES: Final = 5760
+
+# libopus is called through opuslib's ctypes bindings (which find the system library), but with
+# buffers allocated once: opuslib's own decode copies every sample through a Python list, which
+# costs more than the decoding itself.
+_opus_encode = opuslib.api.encoder.libopus_encode
+_opus_decode = opuslib.api.decoder.libopus_decode
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class OpusEncoder:
     def __init__(self, settings: OpusSettings | None = None) -> None:
         self.settings = settings or OpusSettings()
         self._encoder = opuslib.Encoder(SAMPLE_RATE, CHANNELS, self.settings.application)
+        self._out = ctypes.create_string_buffer(_MAX_PACKET)
         state = self._encoder.encoder_state
         # Through the ctl API: opuslib's own ``inband_fec`` setter drops its argument.
         ctl = opuslib.api.encoder.encoder_ctl
@@ -96,10 +108,14 @@ class OpusEncoder:
         """
         if len(pcm) != FRAME_BYTES:
             raise ValueError(f"an Opus frame is {FRAME_BYTES} bytes of PCM, got {len(pcm)}")
-        packet: bytes = opuslib.api.encoder.encode(
-            self._encoder.encoder_state, pcm, FRAME_SAMPLES, _MAX_PACKET
+        # c_char_p points into the bytes object itself: no copy.
+        pcm_pointer = ctypes.cast(ctypes.c_char_p(pcm), opuslib.api.c_int16_pointer)
+        size = _opus_encode(
+            self._encoder.encoder_state, pcm_pointer, FRAME_SAMPLES, self._out, _MAX_PACKET
         )
-        return bytes(packet)
+        if size < 0:
+            raise opuslib.OpusError(size)
+        return self._out.raw[:size]
 
 
 class OpusDecoder:
@@ -107,6 +123,7 @@ class OpusDecoder:
 
     def __init__(self) -> None:
         self._decoder = opuslib.Decoder(SAMPLE_RATE, CHANNELS)
+        self._pcm = (ctypes.c_int16 * (_MAX_PACKET_SAMPLES * CHANNELS))()
 
     def decode(self, packet: bytes) -> bytes:
         """Decode one packet (of any duration up to 120 ms) to interleaved stereo s16 PCM.
@@ -114,12 +131,18 @@ class OpusDecoder:
         Raises:
             DecodeError: the packet is not valid Opus.
         """
-        try:
-            # 5760 samples is the longest packet Opus allows (120 ms at 48 kHz).
-            pcm: bytes = self._decoder.decode(packet, 5760)
-        except opuslib.OpusError as exc:
-            raise DecodeError(f"invalid Opus packet ({len(packet)} bytes): {exc}") from exc
-        return bytes(pcm)
+        samples = _opus_decode(
+            self._decoder.decoder_state,
+            packet,
+            len(packet),
+            ctypes.cast(self._pcm, opuslib.api.c_int16_pointer),
+            _MAX_PACKET_SAMPLES,
+            0,
+        )
+        if samples < 0:
+            error = opuslib.OpusError(samples)
+            raise DecodeError(f"invalid Opus packet ({len(packet)} bytes): {error}") from error
+        return ctypes.string_at(self._pcm, samples * CHANNELS * 2)
 
     def reset(self) -> None:
         """Forget all decoder state, as if freshly made."""

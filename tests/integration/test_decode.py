@@ -311,3 +311,44 @@ async def test_stream_headers_reach_the_server(media_server: MediaServer) -> Non
         h.get("User-Agent") == "LegatoTest/1.0" and h.get("Referer") == "http://127.0.0.1/page"
         for h in seen
     )
+
+
+async def test_forbidden_stream(media_server: MediaServer, media_dir: Path) -> None:
+    url = media_server.add_route(
+        "decode-test/forbidden.mp3", body=media_dir / "mp3-44k-stereo.mp3", fail_after=0
+    )
+    with pytest.raises(DecodeError) as caught:
+        await asyncio.to_thread(open_source, StreamInfo(url=url))
+    assert "refused" in caught.value.user_message
+    assert "403" in str(caught.value)
+
+
+async def test_dropped_download_gives_its_frames_then_fails(
+    media_server: MediaServer, media_dir: Path
+) -> None:
+    body = media_dir / "mp3-44k-stereo.mp3"
+    # The server closes every response at half the file: FFmpeg reconnects with a Range
+    # request from there, gets nothing more, and gives up.
+    url = media_server.add_route(
+        "decode-test/cut.mp3", body=body, truncate_at=body.stat().st_size // 2
+    )
+    source = await asyncio.to_thread(open_source, StreamInfo(url=url))
+    frames: list[bytes] = []
+
+    def drain() -> None:
+        while got := source.read(50):
+            frames.extend(got)
+
+    try:
+        async with asyncio.timeout(60):
+            with pytest.raises(DecodeError) as caught:
+                await asyncio.to_thread(drain)
+    finally:
+        source.close()
+    assert "connection" in caught.value.user_message
+    assert 60 <= len(frames) <= 90
+    ranges = [
+        r.headers.get("Range") for r in media_server.request_log if r.path == "/decode-test/cut.mp3"
+    ]
+    assert len(ranges) >= 2
+    assert ranges[1] != "bytes=0-"  # the reconnect resumed where the cut was

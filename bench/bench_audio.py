@@ -1,0 +1,152 @@
+"""CPU per stream-second of Legato's audio source: transcode (MP3, AAC) and Opus passthrough.
+
+Each case opens a 60 s 440 Hz sine (the shared harness's media: MP3 and AAC at 44.1 kHz, Opus in
+WebM at 48 kHz, amplitude 0.3) with ``legato.audio.decode.open_source`` and reads 20 ms Opus
+frames as the player does, in batches of 10. CPU is ``time.process_time`` (all threads of this
+process) over a window after a warm-up, divided by the seconds of audio produced: "% of one core
+per stream". The transcode cases run with Legato's default encoder (128 kbit/s, complexity 10,
+no FEC) and with the peer's (discord.py's ``opus.Encoder``: 131072 bit/s, in-band FEC, 15 %
+expected loss, complexity 10).
+
+    python bench/bench_audio.py [--quick] [--media-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from legato.audio.decode import open_source  # noqa: E402
+from legato.audio.encode import OpusSettings  # noqa: E402
+from legato.audio.resolve import StreamInfo  # noqa: E402
+from legato.audio.source import FRAME_MS  # noqa: E402
+from tests.media import write_tone  # noqa: E402
+
+MEDIA_DIR = Path.home() / ".cache" / "legato-bench"
+SECONDS = 60.0
+
+#: discord.py 2.7.1's ``opus.Encoder`` as ``VoiceClient.play`` builds it.
+PEER_SETTINGS = OpusSettings(bitrate=131_072, complexity=10, fec=True, expected_loss=15)
+DEFAULT_SETTINGS = OpusSettings()
+
+#: Filled by ``run``; ``bench/run.py`` reads it for its ratios (cpu in % of one core per stream).
+FIGURES: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    ext: str
+    settings: OpusSettings
+    volume: float = 1.0
+
+
+CASES = (
+    Case("mp3.defaults", "MP3 44.1 kHz transcode, Legato defaults", "mp3", DEFAULT_SETTINGS),
+    Case("mp3.peer_settings", "MP3 44.1 kHz transcode, peer's encoder", "mp3", PEER_SETTINGS),
+    Case("aac.defaults", "AAC 44.1 kHz transcode, Legato defaults", "m4a", DEFAULT_SETTINGS),
+    Case("aac.peer_settings", "AAC 44.1 kHz transcode, peer's encoder", "m4a", PEER_SETTINGS),
+    Case("passthrough", "Opus WebM passthrough", "webm", DEFAULT_SETTINGS),
+    Case("webm_volume", "Opus WebM at volume 0.5 (decode+encode)", "webm", DEFAULT_SETTINGS, 0.5),
+)
+
+
+def media(directory: Path) -> dict[str, Path]:
+    """The 60 s files, written on first use."""
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = {
+        "mp3": ("mp3", "libmp3lame", 44100),
+        "m4a": ("m4a", "aac", 44100),
+        "webm": ("webm", "libopus", 48000),
+    }
+    paths: dict[str, Path] = {}
+    for ext, (container, codec, rate) in specs.items():
+        path = directory / f"legato_tone_{int(SECONDS)}s_440hz.{ext}"
+        if not path.exists():
+            write_tone(
+                path,
+                container=container,
+                codec=codec,
+                freq=440.0,
+                seconds=SECONDS,
+                rate=rate,
+                amplitude=0.3,
+            )
+        paths[ext] = path
+    return paths
+
+
+def measure(path: Path, case: Case, window_frames: int, warmup_frames: int) -> dict[str, float]:
+    """CPU over ``window_frames`` frames after ``warmup_frames``; the open is not counted."""
+    source = open_source(
+        StreamInfo(url=str(path), is_local=True), opus=case.settings, volume=case.volume
+    )
+    try:
+        done = 0
+        while done < warmup_frames:
+            done += len(source.read(10))
+        frames = 0
+        size = 0
+        passthrough = source.passthrough
+        start = time.process_time()
+        while frames < window_frames:
+            got = source.read(10)
+            if not got:
+                break
+            frames += len(got)
+            size += sum(map(len, got))
+        cpu = time.process_time() - start
+    finally:
+        source.close()
+    audio_seconds = frames * FRAME_MS / 1000
+    return {
+        "frames": float(frames),
+        "us_per_frame": cpu / frames * 1e6,
+        "cpu_pct": cpu / audio_seconds * 100,
+        "bytes": size / frames,
+        "passthrough": float(passthrough),
+    }
+
+
+def run(quick: bool, media_dir: Path = MEDIA_DIR) -> str:
+    """Measure every case; return a Markdown table (and fill ``FIGURES``)."""
+    paths = media(media_dir)
+    warmup = 50
+    window = 1000 if quick else 2900  # 20 s or 58 s of audio
+    repeat = 1 if quick else 3
+    lines = [
+        f"### Legato audio source: CPU per stream, {window * FRAME_MS / 1000:g} s window "
+        f"after {warmup * FRAME_MS} ms, best of {repeat}",
+        "",
+        "| case | frames | us/frame | cpu %/stream | streams/core | bytes/pkt | passthrough |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in CASES:
+        results = [measure(paths[case.ext], case, window, warmup) for _ in range(repeat)]
+        best = min(results, key=lambda r: r["cpu_pct"])
+        FIGURES[f"ours.{case.key}.cpu"] = best["cpu_pct"]
+        lines.append(
+            f"| {case.label} | {best['frames']:.0f} | {best['us_per_frame']:.1f} | "
+            f"{best['cpu_pct']:.3f} | {100 / best['cpu_pct']:.0f} | {best['bytes']:.0f} | "
+            f"{'yes' if best['passthrough'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="20 s windows, one pass")
+    parser.add_argument("--media-dir", type=Path, default=MEDIA_DIR)
+    args = parser.parse_args()
+    print(run(args.quick, args.media_dir))
+
+
+if __name__ == "__main__":
+    main()
