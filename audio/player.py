@@ -445,6 +445,14 @@ class GuildPlayer:
         return cur.base + cur.sent * FRAME_INTERVAL if cur is not None else 0.0
 
     @property
+    def duration(self) -> float | None:
+        """Length of the current track as its source reports it (else its metadata's), if known."""
+        cur = self._cur
+        if cur is None:
+            return None
+        return cur.duration if cur.duration is not None else cur.track.duration
+
+    @property
     def volume(self) -> float:
         """The volume (1.0 = unchanged)."""
         return self._volume
