@@ -159,9 +159,15 @@ class Reply:
         return [world.messages[i] for i in self.interaction.followup_ids]
 
     def text(self) -> str:
-        """Content plus embed titles, descriptions and field texts: what a person reads."""
+        """Content plus every embed's author, title, description, fields and footer.
+
+        That is what a person reads; component labels are left out.
+        """
         parts = [self.content]
         for embed in self.embeds:
+            author = embed.get("author")
+            if isinstance(author, dict):
+                parts.append(str(author.get("name", "")))
             parts.extend(str(embed.get(k, "")) for k in ("title", "description"))
             for f in embed.get("fields") or []:
                 parts.extend((str(f.get("name", "")), str(f.get("value", ""))))
