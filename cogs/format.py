@@ -268,12 +268,18 @@ def now_playing_embed(
     volume: int,
     loop: str,
     paused: bool = False,
+    duration: float | None = None,
 ) -> discord.Embed:
-    """The /nowplaying embed: title (linked), requester, thumbnail, progress, loop and volume."""
+    """The /nowplaying embed: title (linked), requester, thumbnail, progress, loop and volume.
+
+    ``duration`` (what the decoder found) is used when the track's metadata has none.
+    """
+    length = track.duration if track.duration is not None else duration
+    bar = progress_bar(position, length)
     embed = discord.Embed(
         title=track_title(track, EMBED_TITLE_LIMIT),
         url=_link(track),
-        description=progress_bar(position, track.duration),
+        description=f"⏸ Paused\n{bar}" if paused else bar,
         colour=discord.Colour.blurple(),
     )
     embed.set_author(name="Paused" if paused else "Now playing")

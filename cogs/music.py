@@ -76,6 +76,7 @@ _SUGGESTION_CACHE: Final = 256
 _PROVIDERS: Final = {"youtube": "ytsearch", "soundcloud": "scsearch", "none": "ytsearch"}
 _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
+_DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
 
 Interaction = discord.Interaction[Any]
 
@@ -124,6 +125,14 @@ class GuildSession:
         return channel
 
     @property
+    def duration(self) -> float | None:
+        """Length of the current track: the metadata's, else what the decoder reports."""
+        current = self.player.current
+        if current is None:
+            return None
+        return current.duration if current.duration is not None else self.player.duration
+
+    @property
     def volume_percent(self) -> int:
         """The player's volume in percent."""
         return round(self.player.volume * 100)
@@ -146,6 +155,8 @@ class GuildSession:
             self.votes.clear()
             self.cancel_idle()
             self.log.info("playing %r", event.track.title)
+            if self._too_long(event.track):
+                return
             if self.cog.config.playback.announce_now_playing:
                 self.post(embed=announce_embed(event.track))
         elif isinstance(event, TrackFailed):
@@ -155,6 +166,27 @@ class GuildSession:
             self.post(content=f"Skipped **{title}**: {event.error.user_message}")
         elif isinstance(event, QueueEnded):
             self.arm_idle()
+
+    def _too_long(self, track: Track) -> bool:
+        """Skip a track whose length only the decoder knew (links without metadata)."""
+        limit = self.cog.config.playback.max_track_duration
+        length = self.player.duration
+        if limit <= 0 or track.duration is not None or length is None or length <= limit:
+            return False
+        self.log.info("skipping %r: %.0f s is over the %.0f s limit", track.title, length, limit)
+        # Not from inside the player's own callback: on the next loop turn.
+        asyncio.get_running_loop().call_soon(self._skip_if_current, track)
+        self.post(
+            content=(
+                f"Skipped **{track_title(track, _TITLE)}**: it is {format_time(length)} long; "
+                f"the limit is {format_time(limit)}."
+            )
+        )
+        return True
+
+    def _skip_if_current(self, track: Track) -> None:
+        if not self.closed and self.player.current is track:
+            self.player.skip()
 
     def post(self, *, content: str | None = None, embed: discord.Embed | None = None) -> None:
         """Send a message to the channel where /play was last used (if any), in the background."""
@@ -387,8 +419,7 @@ class MusicCog(commands.Cog, name="Music"):
         if session is None or session.voice is not voice or session.closed:
             return
         session.log.info("voice connection ended: %s", error or "disconnected")
-        notice = None if error is None else f"I was disconnected from voice: {error.user_message}"
-        self._end_soon(guild_id, leave=False, notice=notice)
+        self._end_soon(guild_id, leave=False, notice=None if error is None else _DISCONNECTED)
 
     def _end_soon(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -422,7 +453,9 @@ class MusicCog(commands.Cog, name="Music"):
         if session is None:
             return
         if self.bot.user is not None and member.id == self.bot.user.id and after.channel is None:
-            self._end_soon(member.guild.id, leave=False)
+            # Kicked, or the channel was deleted (whichever of this and the voice client's own
+            # notice comes first ends the session; the other finds nothing to do).
+            self._end_soon(member.guild.id, leave=False, notice=_DISCONNECTED)
             return
         ours = session.channel.id
         if (before.channel and before.channel.id == ours) or (
@@ -631,9 +664,10 @@ class MusicCog(commands.Cog, name="Music"):
         tracks = await self._suggestions.get(query, budget)
         choices: list[app_commands.Choice[str]] = []
         for track in tracks[: pb.search_results]:
-            value = track.page_url or track.url
-            if len(value) > 100:
-                value = query[:100]
+            # The value is what /play resolves again; Discord caps it at 100 characters.
+            value = next(
+                (v for v in (track.url, track.page_url) if v and len(v) <= 100), query[:100]
+            )
             name = safe_text(f"{track.title} · {format_time(track.duration)}", 100, markdown=False)
             choices.append(app_commands.Choice(name=name or value[:100], value=value))
         return choices
@@ -762,7 +796,7 @@ class MusicCog(commands.Cog, name="Music"):
         if current is None:
             raise NotPlaying("seek with nothing playing")
         target = parse_position(
-            position, current=session.player.position, duration=current.duration
+            position, current=session.player.position, duration=session.duration
         )
         await interaction.response.defer(ephemeral=True, thinking=True)
         await session.player.seek(target)
@@ -910,6 +944,7 @@ class MusicCog(commands.Cog, name="Music"):
             volume=session.volume_percent,
             loop=session.queue.loop.value,
             paused=session.player.state is PlayerState.PAUSED,
+            duration=session.duration,
         )
         await self._say(interaction, embed=embed)
 

@@ -2,8 +2,8 @@
 
 Load it with ``await bot.load_extension("legato")``. The configuration file is, in order:
 ``bot.legato_config`` (a ready :class:`~legato.config.Config`), ``bot.legato_config_path``, the
-path given to :func:`configure`, ``$LEGATO_CONFIG``, ``legato.toml``; a missing file means
-defaults.
+path given to :func:`configure` (which sets ``$LEGATO_CONFIG``), ``legato.toml``; a missing file
+means defaults.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from legato.config import Config, load_config
+from legato.config import ENV_CONFIG, Config, load_config
 from legato.errors import (
     AudioError,
     ConfigError,
@@ -58,18 +58,19 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Set by :func:`configure`; read by :func:`setup`.
-_configured_path: str | None = None
-
 
 def configure(path: str | os.PathLike[str] | None) -> None:
-    """Name the configuration file the next ``load_extension("legato")`` reads.
+    """Name the configuration file that ``load_extension("legato")`` reads.
 
-    ``bot.legato_config_path`` takes precedence; ``None`` goes back to ``$LEGATO_CONFIG`` /
-    ``legato.toml``.
+    It is kept in ``$LEGATO_CONFIG`` of this process: discord.py re-executes this package when
+    it loads the extension and drops every ``legato.*`` module when it unloads it, so module
+    state would not survive a load or a reload. ``bot.legato_config_path`` still takes
+    precedence; ``None`` unsets the variable (back to ``legato.toml``).
     """
-    global _configured_path
-    _configured_path = None if path is None else os.fspath(path)
+    if path is None:
+        os.environ.pop(ENV_CONFIG, None)
+    else:
+        os.environ[ENV_CONFIG] = os.fspath(path)
 
 
 def resolve_config(bot: object) -> Config:
@@ -80,9 +81,13 @@ def resolve_config(bot: object) -> Config:
         ConfigError: The file or an override is bad.
     """
     ready = getattr(bot, "legato_config", None)
-    if isinstance(ready, Config):
-        return ready
-    path = getattr(bot, "legato_config_path", None) or _configured_path
+    # Checked by shape, not isinstance: a reload of the extension makes new classes, and a
+    # Config built before it is still a good one.
+    if ready is not None and all(
+        hasattr(ready, s) for s in ("voice", "playback", "permissions", "sandbox", "bot")
+    ):
+        return ready  # type: ignore[no-any-return]  # duck-typed Config, see above
+    path = getattr(bot, "legato_config_path", None)
     return load_config(path)
 
 

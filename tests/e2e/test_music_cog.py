@@ -1,0 +1,545 @@
+"""The Music cog end to end: a real discord.py Bot loads ``legato`` and plays into the sandbox.
+
+Scripted users run the slash commands; the sandbox's voice server records what the bot sends,
+and the recording is decoded to check what was heard (frequency, level, silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from discord.ext import commands
+
+import legato
+from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
+from legato.audio.encode import OpusDecoder
+from legato.cogs.music import MusicCog
+from legato.config import Config, PermissionsConfig, PlaybackConfig, VoiceConfig
+from legato.errors import ConfigError
+from legato.sandbox.recording import Recording
+from legato.sandbox.server import Sandbox
+from legato.sandbox.users import Reply, ScriptedUser
+from legato.sandbox.voice import SandboxVoiceServer
+from tests.media import MediaServer, write_tone
+
+pytestmark = pytest.mark.e2e
+
+GUARD = 30.0
+A_HZ = 440.0
+B_HZ = 880.0
+
+
+class MusicBot(commands.Bot):
+    def __init__(self, config: Config, guild_id: int) -> None:
+        super().__init__(
+            command_prefix="!",
+            intents=discord.Intents.default(),
+            chunk_guilds_at_startup=False,
+            guild_ready_timeout=0.5,
+        )
+        self.legato_config = config
+        self.guild_id = guild_id
+        self.ready = asyncio.Event()
+
+    async def setup_hook(self) -> None:
+        await self.load_extension("legato")
+        guild = discord.Object(self.guild_id)
+        self.tree.copy_global_to(guild=guild)
+        await self.tree.sync(guild=guild)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        return None  # no 5 s IDENTIFY spacing against the sandbox
+
+    async def on_ready(self) -> None:
+        self.ready.set()
+
+    @property
+    def music(self) -> Any:
+        # Not isinstance(MusicCog): unloading an extension drops every legato.* module, so each
+        # load makes new classes (see legato.resolve_config).
+        cog = self.get_cog("Music")
+        assert cog is not None
+        assert type(cog).__name__ == "MusicCog"
+        return cog
+
+
+@dataclasses.dataclass
+class Tones:
+    server: MediaServer
+    root: Path
+    a: str  # 440 Hz, 20 s
+    b: str  # 880 Hz, 20 s
+    short: str  # 440 Hz, 1 s
+    playlist: str  # 23 entries
+    missing: str
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("music-cog")
+    write_tone(root / "a440.ogg", container="ogg", codec="libopus", freq=A_HZ, seconds=20)
+    write_tone(root / "b880.ogg", container="ogg", codec="libopus", freq=B_HZ, seconds=20)
+    write_tone(root / "short.ogg", container="ogg", codec="libopus", freq=A_HZ, seconds=1)
+    server = MediaServer(root).start()
+    from tests.media import audio_list_page
+
+    entries = [f"/short.ogg?n={i}" for i in range(23)]
+    server.add_route("list.html", body=audio_list_page("Twenty-three", entries))
+    try:
+        yield Tones(
+            server=server,
+            root=root,
+            a=server.url("a440.ogg"),
+            b=server.url("b880.ogg"),
+            short=server.url("short.ogg"),
+            playlist=server.url("list.html"),
+            missing=server.url("nothing-here.ogg"),
+        )
+    finally:
+        server.stop()
+
+
+def make_config(tones: Tones, **playback: Any) -> Config:
+    base = PlaybackConfig(
+        idle_timeout=0,
+        leave_when_alone_after=0,
+        search_provider=tones.server.url("search?q={query}"),
+        resolve_timeout=20,
+    )
+    permissions = playback.pop("permissions", PermissionsConfig())
+    return Config(
+        voice=VoiceConfig(transport="udp", gateway_version="auto"),
+        playback=dataclasses.replace(base, **playback),
+        permissions=permissions,
+    )
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    async with Sandbox(timeout=GUARD) as sb:
+        yield sb
+
+
+@contextlib.asynccontextmanager
+async def running(sb: Sandbox, config: Config) -> AsyncIterator[MusicBot]:
+    bot = MusicBot(config, sb.guild.id)
+    sb.configure_bot(bot)
+    task = asyncio.create_task(bot.start(sb.bot_token))
+    ready = asyncio.create_task(bot.ready.wait())
+    try:
+        async with asyncio.timeout(GUARD):
+            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            raise AssertionError("bot.start returned before ready")
+        yield bot
+    finally:
+        ready.cancel()
+        await bot.close()
+        async with asyncio.timeout(GUARD):
+            await task
+
+
+def recording(sb: Sandbox) -> Recording:
+    voice = sb.voice
+    assert isinstance(voice, SandboxVoiceServer)
+    return voice.recording(sb.bot.id)
+
+
+async def answer(reply: Reply) -> str:
+    """The text of a reply; after a deferral, wait for the message that replaces 'thinking'."""
+    if reply.deferred and not reply.text():
+        await reply.wait_edit(timeout=GUARD)
+    return reply.text()
+
+
+async def heard(rec: Recording, frames: int, *, skip: int = 0) -> tuple[float, float]:
+    """Wait for ``skip + frames`` new frames; return (dominant Hz, RMS) of the last ``frames``."""
+    base = rec.frames
+    await rec.wait_frames(base + skip + frames, timeout=GUARD)
+    packets = rec.opus_frames()[base + skip : base + skip + frames]
+
+    def analyse() -> tuple[float, float]:
+        decoder = OpusDecoder()
+        mono = pcm_to_mono(b"".join(decoder.decode(p) for p in packets))
+        return dominant_frequency(mono[4800:]), rms(mono[4800:])
+
+    return await asyncio.to_thread(analyse)
+
+
+async def refused(reply: Reply, *needles: str) -> str:
+    text = await answer(reply)
+    assert reply.ephemeral, f"not ephemeral: {text!r}"
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+    assert "Traceback" not in text
+    return text
+
+
+async def start_playing(sb: Sandbox, user: ScriptedUser, url: str) -> Reply:
+    reply = await user.invoke("play", query=url)
+    text = await answer(reply)
+    assert text.startswith(("Playing", "Queued")), text
+    return reply
+
+
+def upcoming(bot: MusicBot, sb: Sandbox) -> list[str]:
+    session = bot.music.session(sb.guild.id)
+    assert session is not None
+    return [t.url for t in session.queue.upcoming]
+
+
+# --- playback ---------------------------------------------------------------------------------
+
+
+async def test_play_pause_volume_seek_skip_loop(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+
+        joined = await alice.invoke("join")
+        assert joined.ephemeral
+        assert "Joined" in await answer(joined)
+        await sb.wait_bot_voice(sb.general)
+
+        await start_playing(sb, alice, tones.a)
+        rec = recording(sb)
+        await rec.wait_speaking(True, timeout=GUARD)
+        freq, level_full = await heard(rec, 50, skip=10)
+        assert freq == pytest.approx(A_HZ, abs=15)
+        assert level_full > 0.1
+
+        queued = await alice.invoke("play", query=tones.b)
+        assert "Queued" in await answer(queued)
+        assert "position 1" in queued.text()
+
+        # Pause: speaking goes off and no frame follows.
+        paused = await alice.invoke("pause")
+        assert paused.text() == "Paused."
+        assert not paused.ephemeral
+        await rec.wait_speaking(False, timeout=GUARD)
+        frames_at_pause = rec.frames
+        shown = await alice.invoke("nowplaying")
+        assert "Paused" in shown.text()
+        assert "a440" in shown.text()
+        assert rec.frames == frames_at_pause
+        resumed = await alice.invoke("resume")
+        assert resumed.text() == "Resumed."
+        await rec.wait_speaking(True, timeout=GUARD)
+
+        # Volume: half the level (frames buffered before the change keep the old one).
+        vol = await alice.invoke("volume", percent=50)
+        assert "Volume set to 50%" in await answer(vol)
+        freq, level_half = await heard(rec, 40, skip=25)
+        assert freq == pytest.approx(A_HZ, abs=15)
+        assert level_half == pytest.approx(level_full / 2, rel=0.2)
+
+        # Seek forward: /nowplaying shows the new position.
+        sought = await alice.invoke("seek", position="0:15")
+        assert "Jumped to 0:15" in await answer(sought)
+        shown = await alice.invoke("nowplaying")
+        description = str(shown.embeds[0]["description"])
+        match = re.search(r"(\d+):(\d\d)", description)
+        assert match is not None, description
+        assert int(match.group(1)) * 60 + int(match.group(2)) >= 13  # was about 0:02
+
+        # Loop and queue views.
+        looped = await alice.invoke("loop", mode="queue")
+        assert looped.text() == "Loop: queue."
+        q = await alice.invoke("queue")
+        assert "b880" in q.text()
+        assert "loop: queue" in q.text()
+
+        # Skip: the next track is heard.
+        skipped = await alice.invoke("skip")
+        assert "Skipped **a440**" in skipped.text()
+        freq, _ = await heard(rec, 40, skip=25)
+        assert freq == pytest.approx(B_HZ, abs=20)
+
+        # Announcements went to the channel where /play ran.
+        posts = [m for m in sb.messages(sb.music) if m.embeds]
+        assert any("Now playing" in str(m.embeds[0].get("description")) for m in posts)
+
+        left = await alice.invoke("leave")
+        assert "Left" in left.text()
+        await sb.wait_bot_voice(None)
+        assert bot.music.session(sb.guild.id) is None
+
+
+async def test_autocomplete_suggests_search_results(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    search = tones.server.add_route(
+        "find",
+        handler=_search_page([tones.a, tones.b]),
+    )
+    config = make_config(tones, search_provider=search + "?q={query}")
+    async with running(sb, config):
+        alice = sb.add_user("alice")
+        choices = await alice.autocomplete("play", "query", "tones")
+        assert [c.value for c in choices] == [tones.a, tones.b]
+        assert all(len(c.name) <= 100 for c in choices)
+        # A second keystroke with the same text is answered from the cache.
+        requests = tones.server.request_count("find")
+        again = await alice.autocomplete("play", "query", "tones")
+        assert [c.value for c in again] == [tones.a, tones.b]
+        assert tones.server.request_count("find") == requests
+        assert await alice.autocomplete("play", "query", "https://x.test/a") == []
+
+
+def _search_page(urls: list[str]) -> Callable[[Any], None]:
+    from tests.media import audio_list_page
+
+    body = audio_list_page("Results", urls)
+
+    def handler(request: Any) -> None:
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html; charset=utf-8")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    return handler
+
+
+# --- the queue --------------------------------------------------------------------------------
+
+
+async def test_queue_pages_only_for_the_caller(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        bob = sb.add_user("bob")
+        await alice.join_voice(sb.general)
+        await bob.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        added = await alice.invoke("play", query=tones.playlist)
+        assert "Queued 23 tracks" in await answer(added)
+        assert len(upcoming(bot, sb)) == 23
+
+        page = await alice.invoke("queue")
+        assert not page.ephemeral
+        footer = page.embeds[0]["footer"]["text"]
+        assert footer.startswith("Page 1/3 · 23 queued")
+        prev_id, next_id = page.custom_ids
+        assert "`1.`" in page.text()
+
+        denied = await bob.press(page, next_id)
+        assert denied.ephemeral
+        assert "Only" in denied.text()
+        assert page.embeds[0]["footer"]["text"].startswith("Page 1/3")
+
+        turned = await alice.press(page, next_id)
+        assert turned.message is not None
+        assert page.embeds[0]["footer"]["text"].startswith("Page 2/3")
+        assert "`11.`" in page.text()
+        assert "`1.`" not in page.text()
+        back = await alice.press(page, prev_id)
+        assert back.message is not None
+        assert page.embeds[0]["footer"]["text"].startswith("Page 1/3")
+
+        # Editing the queue: move, remove, shuffle, clear.
+        before = upcoming(bot, sb)
+        moved = await alice.invoke("move", position=3, to=1)
+        assert "to position 1" in moved.text()
+        after = upcoming(bot, sb)
+        assert after[0] == before[2]
+        assert sorted(after) == sorted(before)
+        removed = await alice.invoke("remove", position=1)
+        assert "Removed" in removed.text()
+        assert len(upcoming(bot, sb)) == 22
+        shuffled = await alice.invoke("shuffle")
+        assert "Shuffled 22 tracks" in shuffled.text()
+        cleared = await alice.invoke("clear")
+        assert "Cleared 22 tracks" in cleared.text()
+        assert upcoming(bot, sb) == []
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+async def test_bad_inputs_are_ephemeral_and_keep_the_queue(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    config = make_config(
+        tones, max_volume=120, max_queue_length=3, max_track_duration=10, allow_local_files=True
+    )
+    async with running(sb, config) as bot:
+        alice = sb.add_user("alice")
+        bob = sb.add_user("bob")
+
+        await refused(await alice.invoke("play", query=tones.a), "Join a voice channel first")
+        await refused(await alice.invoke("pause"), "not in a voice channel")
+        await refused(await alice.invoke("queue"), "not in a voice channel")
+
+        await alice.join_voice(sb.general)
+        # Over the length limit (20 s > 10 s; a local file's length is known before playing).
+        local = str(tones.root / "a440.ogg")
+        await refused(await alice.invoke("play", query=local), "0:20 long; the limit is 0:10")
+        assert bot.music.session(sb.guild.id) is None  # refused before joining
+        await start_playing(sb, alice, tones.short)
+        for _ in range(3):
+            await start_playing(sb, alice, tones.short)
+        queue = upcoming(bot, sb)
+        assert len(queue) == 3
+
+        await refused(await alice.invoke("play", query=tones.short), "The queue is full")
+        await refused(await alice.invoke("play", query=tones.playlist), "The queue is full")
+        await refused(await alice.invoke("seek", position="soon"), "is not a position")
+        await refused(await alice.invoke("seek", position="5:00"), "past the end")
+        await refused(await alice.invoke("volume", percent=150), "The maximum is 120%")
+        await refused(await alice.invoke("remove", position=9), "no track 9")
+        await refused(await alice.invoke("move", position=1, to=7), "no track 7")
+        await refused(await alice.invoke("resume"), "not paused")
+        await refused(await bob.invoke("skip"), "You need to be in")
+        assert upcoming(bot, sb) == queue
+
+        await alice.invoke("clear")
+        await refused(await alice.invoke("play", query=tones.missing), "not found")
+        await refused(await alice.invoke("play", query="ftp://x.test/a.ogg"), "web links")
+        assert upcoming(bot, sb) == []
+
+        # A link whose length only the decoder learns is skipped when it starts, with a notice.
+        await start_playing(sb, alice, tones.a)
+        notice = await sb.wait_for_message(sb.music, lambda m: "0:20 long" in m.content)
+        assert notice.content == "Skipped **a440**: it is 0:20 long; the limit is 0:10."
+
+
+async def test_allowed_domains(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones, allowed_domains=("example.com",))):
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await refused(await alice.invoke("play", query=tones.a), "not allowed", "example.com")
+
+
+async def test_dj_rules_and_vote_skip(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    perms = PermissionsConfig(dj_role="DJ", skip="requester", stop="dj", vote_skip_ratio=0.6)
+    async with running(sb, make_config(tones, permissions=perms)) as bot:
+        alice = sb.add_user("alice")
+        bob = sb.add_user("bob")
+        carol = sb.add_user("carol")
+        dj = sb.add_user("dora", roles=("DJ",))
+        for user in (alice, bob, carol, dj):
+            await user.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        await start_playing(sb, alice, tones.b)
+
+        await refused(await bob.invoke("stop"), "You need the DJ role")
+        await refused(await bob.invoke("clear"), "You need the DJ role")
+        await refused(await bob.invoke("remove", position=1), "You need the DJ role")
+        assert upcoming(bot, sb) == [tones.b]
+
+        # Four listeners, ratio 0.6: three votes skip.
+        vote = await bob.invoke("skip")
+        assert vote.text() == "Vote to skip recorded: 1/3."
+        again = await bob.invoke("skip")
+        assert again.text() == "Vote to skip recorded: 1/3."
+        vote = await carol.invoke("skip")
+        assert vote.text() == "Vote to skip recorded: 2/3."
+        # The requester may skip outright.
+        skipped = await alice.invoke("skip")
+        assert "Skipped **a440**" in skipped.text()
+
+        stopped = await dj.invoke("stop")
+        assert stopped.text() == "Stopped and cleared the queue."
+        assert upcoming(bot, sb) == []
+
+
+# --- leaving ----------------------------------------------------------------------------------
+
+
+async def test_kick_and_channel_delete_clean_up(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        await recording(sb).wait_speaking(True, timeout=GUARD)
+
+        await sb.disconnect_member(sb.bot.id)
+        await sb.wait_for_message(sb.music, lambda m: "disconnected" in m.content)
+        assert bot.music.session(sb.guild.id) is None
+        assert sb.guild.id not in bot.music.sessions
+
+        lounge = sb.add_channel("Temp", voice=True)
+        await alice.join_voice(lounge)
+        await start_playing(sb, alice, tones.a)
+        await sb.wait_bot_voice(lounge)
+        last = sb.messages(sb.music)[-1].id
+        await sb.delete_channel(lounge)
+        await sb.wait_for_message(sb.music, lambda m: "disconnected" in m.content, after=last)
+        assert bot.music.session(sb.guild.id) is None
+
+
+async def test_idle_and_alone_timeouts_leave(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    config = make_config(tones, idle_timeout=0.5, leave_when_alone_after=0.5)
+    async with running(sb, config) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        joined = await alice.invoke("join")
+        await answer(joined)
+        await sb.wait_for_message(sb.music, lambda m: "Nothing played" in m.content)
+        await sb.wait_bot_voice(None)
+        assert bot.music.session(sb.guild.id) is None
+
+        await start_playing(sb, alice, tones.a)
+        await sb.wait_bot_voice(sb.general)
+        await alice.leave_voice()
+        await sb.wait_for_message(sb.music, lambda m: "Everyone left" in m.content)
+        await sb.wait_bot_voice(None)
+        assert bot.music.session(sb.guild.id) is None
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+async def test_bad_config_file_is_refused_with_its_message(tmp_path: Path) -> None:
+    path = tmp_path / "legato.toml"
+    path.write_text("[playback]\nmax_volum = 100\n", encoding="utf-8")
+    bot = commands.Bot(command_prefix="!", intents=discord.Intents.default())
+    bot.legato_config_path = str(path)  # type: ignore[attr-defined]  # the documented hook
+    with pytest.raises(commands.ExtensionFailed) as info:
+        await bot.load_extension("legato")
+    original = info.value.original
+    assert type(original).__name__ == ConfigError.__name__
+    assert str(path) in str(original)
+    assert "did you mean 'playback.max_volume'?" in str(original)
+    assert bot.get_cog("Music") is None
+    await bot.close()
+
+
+async def test_configure_names_the_file_and_teardown_removes_the_cog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LEGATO_CONFIG", raising=False)  # restored after the test
+    path = tmp_path / "custom.toml"
+    path.write_text("[playback]\nmax_volume = 111\n", encoding="utf-8")
+    legato.configure(path)
+    try:
+        bot = commands.Bot(command_prefix="!", intents=discord.Intents.default())
+        await bot.load_extension("legato")
+        cog: Any = bot.get_cog("Music")
+        assert type(cog).__name__ == MusicCog.__name__
+        assert cog.config.playback.max_volume == 111
+        assert cog.config.source == str(path)
+        names = {c.name for c in bot.tree.get_commands()}
+        assert {"join", "play", "playnext", "leave", "pause", "resume", "skip"} <= names
+        assert {"previous", "stop", "queue", "nowplaying", "volume", "seek", "loop"} <= names
+        assert {"shuffle", "remove", "move", "clear"} <= names
+        await bot.unload_extension("legato")
+        assert bot.get_cog("Music") is None
+        assert bot.tree.get_commands() == []
+        await bot.close()
+    finally:
+        legato.configure(None)
