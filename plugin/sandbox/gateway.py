@@ -17,7 +17,7 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypedDict, cast
 
 from aiohttp import WSMsgType, web
 
@@ -53,6 +53,46 @@ CLOSE_ALREADY_AUTHENTICATED: Final = 4005
 DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 41_250
 # Dispatches kept per session for RESUME; Discord keeps a bounded window too.
 REPLAY_WINDOW: Final = 2_000
+
+
+class IdentifyData(TypedDict, total=False):
+    """op2's `d` as discord.py 2.7.1 sends it."""
+
+    token: str
+    properties: dict[str, str]
+    intents: int
+    shard: list[int]
+    compress: bool
+    large_threshold: int
+    presence: JSON
+
+
+class ResumeData(TypedDict):
+    """op6's `d`."""
+
+    token: str
+    session_id: str
+    seq: int | None
+
+
+class VoiceStateRequest(TypedDict, total=False):
+    """op4's `d`: join, move (a channel id) or leave (null)."""
+
+    guild_id: str
+    channel_id: str | None
+    self_mute: bool
+    self_deaf: bool
+
+
+class MemberRequest(TypedDict, total=False):
+    """op8's `d`."""
+
+    guild_id: str
+    query: str
+    limit: int
+    user_ids: list[str]
+    presences: bool
+    nonce: str
 
 
 @dataclass
@@ -136,8 +176,8 @@ class GatewayServer:
         self.identifies = 0
         self.resumes: list[ResumeRecord] = []
         self.heartbeats = 0
-        self.voice_requests: list[JSON] = []
-        self.member_requests: list[JSON] = []
+        self.voice_requests: list[VoiceStateRequest] = []
+        self.member_requests: list[MemberRequest] = []
         self._connections: set[_Connection] = set()
         self._resume_gate = asyncio.Event()
         self._resume_gate.set()
@@ -302,22 +342,22 @@ class GatewayServer:
             self.heartbeats += 1
             conn.send_op(HEARTBEAT_ACK, None)
         elif op == IDENTIFY:
-            await self._identify(conn, data)
+            await self._identify(conn, cast(IdentifyData, data))
         elif op == RESUME:
-            await self._resume(conn, data)
+            await self._resume(conn, cast(ResumeData, data))
         elif conn.session is None:
             await conn.ws.close(code=CLOSE_NOT_AUTHENTICATED)
         elif op == VOICE_STATE_UPDATE:
-            self._voice_state_update(conn.session, data)
+            self._voice_state_update(conn.session, cast(VoiceStateRequest, data))
         elif op == REQUEST_GUILD_MEMBERS:
-            self._request_members(conn.session, data)
+            self._request_members(conn.session, cast(MemberRequest, data))
         elif op == PRESENCE_UPDATE:
             _log.debug("gateway: presence update ignored")
         else:
             _log.warning("gateway: unknown opcode %s", op)
             await conn.ws.close(code=CLOSE_UNKNOWN_OPCODE)
 
-    async def _identify(self, conn: _Connection, data: JSON) -> None:
+    async def _identify(self, conn: _Connection, data: IdentifyData) -> None:
         if conn.session is not None:
             await conn.ws.close(code=CLOSE_ALREADY_AUTHENTICATED)
             return
@@ -357,7 +397,7 @@ class GatewayServer:
             self._dispatch_to(session, "GUILD_CREATE", guild.payload())
         self._signal.notify()
 
-    async def _resume(self, conn: _Connection, data: JSON) -> None:
+    async def _resume(self, conn: _Connection, data: ResumeData) -> None:
         await self._resume_gate.wait()
         session = self.sessions.get(str(data.get("session_id")))
         if data.get("token") != self._token:
@@ -389,8 +429,8 @@ class GatewayServer:
         _log.info("gateway: session resumed from seq %d, %d replayed", seq, len(replayed))
         self._signal.notify()
 
-    def _voice_state_update(self, session: GatewaySession, data: JSON) -> None:
-        self.voice_requests.append(dict(data))
+    def _voice_state_update(self, session: GatewaySession, data: VoiceStateRequest) -> None:
+        self.voice_requests.append(data)
         guild = self.world.guilds.get(int(data["guild_id"]))
         if guild is None:
             _log.warning("gateway: op4 for unknown guild %s", data.get("guild_id"))
@@ -423,8 +463,8 @@ class GatewayServer:
             self._dispatch_to(session, "VOICE_SERVER_UPDATE", server_update)
         self._signal.notify()
 
-    def _request_members(self, session: GatewaySession, data: JSON) -> None:
-        self.member_requests.append(dict(data))
+    def _request_members(self, session: GatewaySession, data: MemberRequest) -> None:
+        self.member_requests.append(data)
         guild = self.world.guilds.get(int(data["guild_id"]))
         if guild is None:
             return

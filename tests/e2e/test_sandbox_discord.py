@@ -332,6 +332,17 @@ async def test_resume_replays_missed_dispatches(sandbox: Sandbox, bot: SandboxBo
     assert pong.content == "pong"
 
 
+async def test_reconnect_opcode_makes_the_bot_resume(sandbox: Sandbox, bot: SandboxBot) -> None:
+    resumed = bot.wait_for("resumed", timeout=30)
+    sandbox.gateway.send_reconnect()
+    await resumed
+    await sandbox.wait_for(lambda: sandbox.gateway.connected_sessions)
+    assert sandbox.gateway.identifies == 1
+    assert len(sandbox.gateway.resumes) == 1
+    alice = sandbox.add_user("alice")
+    assert (await alice.invoke("echo", text="still here")).content == "still here"
+
+
 async def test_invalid_session_makes_the_bot_identify_again(
     sandbox: Sandbox, bot: SandboxBot
 ) -> None:
