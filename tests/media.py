@@ -12,6 +12,7 @@ import html
 import math
 import re
 import shutil
+import struct
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -486,8 +487,18 @@ def write_video_only(path: Path) -> Path:
     return path
 
 
+def write_unknown_codec_wav(path: Path) -> Path:
+    """A WAV whose format tag (0x1234) names no codec FFmpeg knows: an unsupported codec."""
+    data = bytes(4000)
+    fmt = struct.pack("<HHIIHH", 0x1234, 2, 48000, 48000 * 4, 4, 16)
+    riff = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    riff += b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(riff)) + riff)
+    return path
+
+
 def make_catalog(directory: Path) -> None:
-    """Write every ``CATALOG`` file, the truncated files and the video-only file."""
+    """Write every ``CATALOG`` file, the truncated files and the unplayable ones."""
     for name, spec in CATALOG.items():
         spec.write(directory / name)
     for name in ("mp3-44k-stereo.mp3", "m4a-44k-stereo.m4a"):
@@ -495,3 +506,4 @@ def make_catalog(directory: Path) -> None:
         suffix = Path(name).suffix
         (directory / f"truncated{suffix}").write_bytes(data[: len(data) // 2])
     write_video_only(directory / "video-only.mkv")
+    write_unknown_codec_wav(directory / "unknown-codec.wav")

@@ -145,6 +145,19 @@ async def test_volume_switch_is_gapless_and_click_free(
     assert rms(mono[50 * FRAME_SAMPLES : 78 * FRAME_SAMPLES]) == pytest.approx(
         0.5 * rms(mono[5 * FRAME_SAMPLES : 38 * FRAME_SAMPLES]), rel=0.05
     )
+    # Against the untouched stream times the expected gain (a one-frame ramp at each switch):
+    # the re-encoded audio is in step with the original, with no shift of the timeline. (A
+    # shift by the encoder's 312-sample delay leaves residuals of about 0.5 here.)
+    reference = mono_of(original)
+    gain = np.ones_like(reference)
+    f = FRAME_SAMPLES
+    gain[40 * f : 41 * f] = np.linspace(1.0, 0.5, f + 1)[1:]
+    gain[41 * f : 80 * f] = 0.5
+    gain[80 * f : 81 * f] = np.linspace(0.5, 1.0, f + 1)[1:]
+    residual = np.abs(mono - gain * reference)
+    assert residual[45 * f : 78 * f].max() < 0.02
+    assert residual[38 * f : 44 * f].max() < 0.2
+    assert residual[78 * f : 84 * f].max() < 0.2
 
 
 async def test_volume_on_a_transcoded_stream_scales_without_clicks(
@@ -202,6 +215,32 @@ async def test_seek_lands_within_100_ms(
     assert landed == pytest.approx(target, abs=0.1)
 
 
+async def test_seek_while_decoding_opus(media_url: Callable[[str], str]) -> None:
+    name = "chirp-opus.webm"
+    spec = CATALOG[name]
+    source = await open_url(media_url(name), volume=0.5)
+    try:
+        await asyncio.to_thread(source.read, 10)
+        await asyncio.to_thread(source.seek, 3.3)
+        assert not source.passthrough
+        frames = await asyncio.to_thread(source.read, 10)
+        source.set_volume(1.0)
+        frames += await asyncio.to_thread(source.read, 10)
+        assert source.passthrough
+    finally:
+        source.close()
+    mono = mono_of(frames)
+    window = mono[int(0.04 * SAMPLE_RATE) : int(0.14 * SAMPLE_RATE)]
+    assert spec.time_of(dominant_frequency(window)) - 0.09 == pytest.approx(3.3, abs=0.1)
+    assert rms(window) == pytest.approx(0.5 * 0.5 / np.sqrt(2), rel=0.15)
+    # Back at full level after the switch, with no click on the way.
+    assert rms(mono[12 * FRAME_SAMPLES : 20 * FRAME_SAMPLES]) == pytest.approx(
+        0.5 / np.sqrt(2), rel=0.15
+    )
+    max_step = 0.5 * 2 * np.pi * 2000.0 / SAMPLE_RATE
+    assert np.abs(np.diff(mono[2 * FRAME_SAMPLES :])).max() < 1.5 * max_step
+
+
 async def test_start_offset_and_position(media_url: Callable[[str], str]) -> None:
     name = "chirp-flac.flac"
     spec = CATALOG[name]
@@ -247,6 +286,12 @@ async def test_video_without_audio_is_refused(media_url: Callable[[str], str]) -
     with pytest.raises(DecodeError) as caught:
         await asyncio.to_thread(open_source, StreamInfo(url=media_url("video-only.mkv")))
     assert "no audio" in caught.value.user_message
+
+
+async def test_unknown_codec_is_unsupported(media_url: Callable[[str], str]) -> None:
+    with pytest.raises(DecodeError) as caught:
+        await asyncio.to_thread(open_source, StreamInfo(url=media_url("unknown-codec.wav")))
+    assert "not supported" in caught.value.user_message
 
 
 async def test_truncated_m4a_fails_to_open(media_url: Callable[[str], str]) -> None:
