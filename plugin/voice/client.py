@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import discord
 
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["DisconnectListener", "LegatoVoiceClient", "VoiceOptions"]
 
 _log = logging.getLogger(__name__)
+
+#: Seconds to wait for the VOICE_STATE_UPDATE that confirms we left (see ``_teardown``).
+LEAVE_CONFIRM_TIMEOUT: Final = 2.0
 
 #: Called once when the client is gone for good: ``None`` after ``disconnect()``, else why.
 DisconnectListener = Callable[["LegatoVoiceClient", VoiceError | None], Awaitable[None] | None]
@@ -69,6 +72,9 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         self._closing = False
         self._teardown_task: asyncio.Task[None] | None = None
         self._torn_down = asyncio.Event()
+        self._left = asyncio.Event()
+        # Until connect() returns, a failure is connect()'s to report, not the listeners'.
+        self._connected_once = False
         self._self_deaf = self.options.self_deaf
         self._self_mute = self.options.self_mute
         self._frames_dropped = 0
@@ -180,11 +186,13 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             async with asyncio.timeout(timeout):
                 await self._change_voice_state(self.channel)  # type: ignore[arg-type]  # a channel is a Snowflake
                 await asyncio.gather(self._got_state.wait(), self._got_server.wait())
+                if self._closing:
+                    raise VoiceConnectError("disconnected while connecting")
                 conn = self._new_connection(reconnect=reconnect)
                 self._conn = conn
                 await conn.connect()
         except BaseException as exc:
-            await self._teardown(error=None, leave=True, notify=False)
+            await self._teardown(error=None, leave=True, notify=False, confirm=True)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if isinstance(exc, VoiceConnectError):
@@ -194,6 +202,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             if isinstance(exc, VoiceError | discord.DiscordException | OSError):
                 raise VoiceConnectError(f"voice connect failed: {exc}") from exc
             raise
+        self._connected_once = True
         _log.info(
             "voice connected: guild %s over %s (%s)", self.guild.id, conn.transport_name, conn.mode
         )
@@ -202,7 +211,13 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         """Take ``session_id``; a ``channel_id`` of ``None`` we did not ask for is a kick."""
         channel_id = data.get("channel_id")
         if channel_id is None:
+            self._left.set()
             if self._closing:
+                return  # the confirmation of our own leave
+            if not self._got_state.is_set():
+                # Before our join was even acknowledged: the tail of an earlier leave in this
+                # guild (discord.py hits the same race), not a kick.
+                _log.debug("guild %s: ignoring a stale leave while joining", self.guild.id)
                 return
             _log.info("guild %s: removed from voice by someone else", self.guild.id)
             self._schedule_teardown(VoiceError("removed from the voice channel"), leave=False)
@@ -235,7 +250,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         Args:
             force: Accepted for discord.py's signature; teardown is the same either way.
         """
-        await self._teardown(error=None, leave=True, notify=True)
+        await self._teardown(error=None, leave=True, notify=True, confirm=not force)
 
     async def move_to(
         self,
@@ -297,7 +312,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
 
     def _connection_closed(self, error: VoiceError | None) -> None:
         """The session ended on its own (fatal close, kicked, reconnect gave up)."""
-        if not self._closing:
+        if not self._closing and self._connected_once:
             self._schedule_teardown(error, leave=True)
 
     def _schedule_teardown(self, error: VoiceError | None, *, leave: bool) -> None:
@@ -307,7 +322,15 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                 name=f"legato-voice-teardown-{self.guild.id}",
             )
 
-    async def _teardown(self, *, error: VoiceError | None, leave: bool, notify: bool) -> None:
+    async def _teardown(
+        self, *, error: VoiceError | None, leave: bool, notify: bool, confirm: bool = False
+    ) -> None:
+        """Close the session, leave the channel, unregister, then tell the listeners.
+
+        Args:
+            confirm: Wait (briefly) for the VOICE_STATE_UPDATE that confirms the leave before
+                unregistering, so it cannot reach a client created right after this one.
+        """
         if self._closing:
             # A second caller (disconnect twice, Client.close during a kick) waits for the first.
             await self._torn_down.wait()
@@ -322,6 +345,13 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                 except (discord.DiscordException, OSError, AttributeError) as exc:
                     # The main gateway may already be gone (Client.close): leaving is best effort.
                     _log.debug("leaving voice on guild %s failed: %r", self.guild.id, exc)
+                else:
+                    if confirm:
+                        try:
+                            async with asyncio.timeout(LEAVE_CONFIRM_TIMEOUT):
+                                await self._left.wait()
+                        except TimeoutError:
+                            _log.debug("guild %s: no confirmation of the leave", self.guild.id)
         finally:
             self.cleanup()
             self._torn_down.set()

@@ -424,7 +424,12 @@ class VoiceConnection:
         episode_start: float | None = None
         try:
             while True:
-                self._server_changed.clear()
+                if self._server_changed.is_set():
+                    # Moved (or a 4014 was followed by a new server): a fresh session there.
+                    self._server_changed.clear()
+                    await self._drop_transport()
+                    self._core = self._new_core()
+                    resume = False
                 try:
                     code, reason, reached_ready = await self._run_websocket(resume=resume)
                 except TransportError:
@@ -445,10 +450,6 @@ class VoiceConnection:
                 if episode_start is None:
                     episode_start = loop.time()
                 if self._server_changed.is_set():
-                    # Moved: another server, a fresh session there.
-                    await self._drop_transport()
-                    self._core = self._new_core()
-                    resume = False
                     continue
                 decision = self._core.closed(code, reason)
                 resume = await self._follow(decision, established=reached_ready)
@@ -467,6 +468,10 @@ class VoiceConnection:
         except VoiceError as exc:
             error = exc
             _log.warning("voice connection %s ended: %s", self._server_id, exc)
+        except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as VoiceError
+            # A bug in the shell or a transport: end the connection loudly, never silently.
+            _log.exception("voice connection %s crashed", self._server_id)
+            error = VoiceError(f"voice connection crashed: {exc!r}")
         finally:
             self._error = error
             await self._release()
@@ -493,8 +498,7 @@ class VoiceConnection:
                     await self._server_changed.wait()
             except TimeoutError:
                 raise decision.error() from None
-            self._core = self._new_core()
-            return False
+            return False  # the loop starts the fresh session at the new server
         # STOP. Two stops are ours to retry: an "auto" version the server refused, and an
         # "auto" transport whose first choice failed.
         if self._version_fallback and not established and decision.code in (4002, 4020):
