@@ -27,6 +27,7 @@ from legato.errors import ConfigError
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
+from legato.sandbox.world import ChannelType
 from legato.sandbox.voice import SandboxVoiceServer
 from tests.media import MediaServer, write_tone
 
@@ -51,9 +52,7 @@ class MusicBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         await self.load_extension("legato")
-        guild = discord.Object(self.guild_id)
-        self.tree.copy_global_to(guild=guild)
-        await self.tree.sync(guild=guild)
+        await self.tree.sync()  # global: every guild of the sandbox sees the commands
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         return None  # no 5 s IDENTIFY spacing against the sandbox
@@ -309,6 +308,69 @@ def _search_page(urls: list[str]) -> Callable[[Any], None]:
             request.wfile.write(body)
 
     return handler
+
+
+async def test_playnext_previous_and_unload_leaves(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        await start_playing(sb, alice, tones.short)
+        nxt = await alice.invoke("playnext", query=tones.b)
+        assert "at position 1" in await answer(nxt)
+        assert upcoming(bot, sb) == [tones.b, tones.short]
+
+        rec = recording(sb)
+        await alice.invoke("skip")
+        freq, _ = await heard(rec, 30, skip=25)
+        assert freq == pytest.approx(B_HZ, abs=20)
+        back = await alice.invoke("previous")
+        assert back.text() == "Back to **a440**."
+        freq, _ = await heard(rec, 30, skip=25)
+        assert freq == pytest.approx(A_HZ, abs=15)
+        assert upcoming(bot, sb) == [tones.b, tones.short]
+
+        # Unloading the extension leaves voice and stops the music.
+        await bot.unload_extension("legato")
+        await sb.wait_bot_voice(None)
+        assert bot.get_cog("Music") is None
+
+
+async def test_two_guilds_play_different_tracks_at_once(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    world = sb.world
+    second = world.add_guild("Second", owner=sb.owner)
+    world.add_member(second, sb.bot)
+    text2 = world.add_channel(second, "music", ChannelType.TEXT)
+    voice2 = world.add_channel(second, "Hall", ChannelType.VOICE)
+    zed_user = world.add_user("zed")
+    world.add_member(second, zed_user)
+    zed = ScriptedUser(sb, zed_user, second)
+    async with running(sb, make_config(tones)) as bot:
+        assert bot.get_guild(second.id) is not None
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await zed.join_voice(voice2)
+        await start_playing(sb, alice, tones.a)
+        reply = await zed.invoke("play", query=tones.b, channel=text2)
+        assert (await answer(reply)).startswith("Playing")
+
+        voice = sb.voice
+        assert isinstance(voice, SandboxVoiceServer)
+        first_rec = voice.recording(sb.bot.id, sb.guild.id)
+        second_rec = voice.recording(sb.bot.id, second.id)
+        (f1, _), (f2, _) = await asyncio.gather(
+            heard(first_rec, 40, skip=10), heard(second_rec, 40, skip=10)
+        )
+        assert f1 == pytest.approx(A_HZ, abs=15)
+        assert f2 == pytest.approx(B_HZ, abs=20)
+        assert {s for s in bot.music.sessions} == {sb.guild.id, second.id}
+
+        # Each guild's commands act on its own session only.
+        await zed.invoke("pause", channel=text2)
+        await second_rec.wait_speaking(False, timeout=GUARD)
+        assert first_rec.speaking
 
 
 # --- the queue --------------------------------------------------------------------------------
