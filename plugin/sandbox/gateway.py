@@ -338,6 +338,14 @@ class GatewayServer:
         except (ValueError, KeyError, TypeError):
             await conn.ws.close(code=CLOSE_DECODE_ERROR)
             return
+        try:
+            await self._handle_op(conn, op, data)
+        except (KeyError, ValueError, TypeError):
+            # A payload missing fields or with bad ids: Discord closes with 4002 too.
+            _log.warning("gateway: malformed op %s payload; closing 4002", op, exc_info=True)
+            await conn.ws.close(code=CLOSE_DECODE_ERROR)
+
+    async def _handle_op(self, conn: _Connection, op: int, data: Any) -> None:
         if op == HEARTBEAT:
             self.heartbeats += 1
             conn.send_op(HEARTBEAT_ACK, None)

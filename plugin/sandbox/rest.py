@@ -179,7 +179,14 @@ class RestServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.requests.append(f"{request.method} {request.path}")
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (KeyError, ValueError, TypeError):
+            # Non-numeric ids or bodies missing fields: Discord answers 400, not 500.
+            _log.warning(
+                "sandbox REST: bad request %s %s", request.method, request.path, exc_info=True
+            )
+            return error_response(400, 50035, "Invalid Form Body")
 
     def _guarded(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:

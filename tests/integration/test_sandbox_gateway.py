@@ -172,3 +172,16 @@ async def test_rest_content_type_auth_and_404(
         assert resp.status == 404
         assert await resp.json() == {"message": "404: Not Found", "code": 0}
     assert sandbox.rest.unknown_routes == ["GET /api/v10/no/such/route"]
+
+
+async def test_malformed_payloads_get_discord_errors(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    async with http.ws_connect(sandbox.gateway_url) as ws:
+        await _identify(ws, sandbox.bot_token)
+        await ws.send_json({"op": 4, "d": {"channel_id": None}})  # no guild_id
+        assert await _close_code(ws) == 4002
+    auth = {"Authorization": f"Bot {sandbox.bot_token}"}
+    async with http.get(sandbox.api_base + "/channels/not-a-number", headers=auth) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["code"] == 50035
