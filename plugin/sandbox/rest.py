@@ -294,6 +294,9 @@ class RestServer:
         except (KeyError, ValueError):
             return error_response(400, 50035, "Invalid Form Body")
         data: JSON = dict(body.get("data") or {})
+        if callback is CallbackType.UPDATE_MESSAGE and interaction.message_id is None:
+            # Only component interactions have a message to update.
+            return error_response(400, 50035, "Invalid Form Body")
         interaction.callback_type = callback
         interaction.callback_data = data
         message: Message | None = None
@@ -315,9 +318,7 @@ class RestServer:
             )
             interaction.original_message_id = message.id
             self._dispatch_message("MESSAGE_CREATE", message)
-        elif callback is CallbackType.UPDATE_MESSAGE:
-            if interaction.message_id is None:
-                return error_response(400, 50035, "Invalid Form Body")
+        elif callback is CallbackType.UPDATE_MESSAGE and interaction.message_id is not None:
             message = self.world.messages[interaction.message_id]
             message.apply_edit(data, edited_at=_now_iso())
             self._dispatch_message("MESSAGE_UPDATE", message)
