@@ -19,8 +19,13 @@ Errors: opening failures (HTTP 404/403, not a media file, no audio stream, unsup
 timeout) raise :class:`DecodeError` with a ``user_message``. Mid-stream, a stream that ends
 early (a truncated file, a damaged tail) ends the track with the frames decoded so far, and a
 warning is logged: a listener keeps what could be played. Isolated undecodable packets are
-skipped, as FFmpeg's command line does; ``_MAX_BAD_PACKETS`` in a row, a network failure or a
-stalled read raise :class:`DecodeError`.
+skipped, as FFmpeg's command line does; ``_MAX_BAD_PACKETS`` in a row, a network failure
+(after FFmpeg's own reconnects with Range requests gave up) or a stalled read raise
+:class:`DecodeError`. ``read`` first returns the frames it got before such an error; the error
+comes with the next call.
+
+Channels: mono is copied to both sides at full level; 5.1 and other layouts are downmixed by
+FFmpeg's resampler (which normalises its matrix, so they do not clip).
 """
 
 from __future__ import annotations
@@ -161,6 +166,7 @@ def open_source(
 
     Raises:
         DecodeError: the stream could not be opened or has no decodable audio.
+        ValueError: ``volume`` is outside 0..10.
     """
     _check_volume(volume)
     options = {} if stream.is_local else _http_options(stream, timeout)
@@ -313,7 +319,11 @@ class _BaseSource:
             ) from exc
         self._emitted = 0
         self._gain = self._target  # a jump needs no ramp: there is nothing to be continuous with
-        self._restart(target)
+        try:
+            self._restart(target)
+        except (av.error.FFmpegError, OSError) as exc:
+            self._frames = iter(())
+            raise self._stream_error(exc) from exc
 
     def close(self) -> None:
         if self._closed:
