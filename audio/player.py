@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import math
 from collections import deque
@@ -51,6 +52,8 @@ LATE_THRESHOLD: Final = 0.002
 #: Lateness histogram: 0.1 ms bins up to 100 ms (the last bin holds everything beyond).
 _HIST_BIN: Final = 0.0001
 _HIST_SIZE: Final = 1001
+#: Hands out refill chunk sizes round-robin (see ``GuildPlayer.__init__``).
+_spread = itertools.count()
 #: Most volume accepted (2.0 = 200 %).
 MAX_VOLUME: Final = 2.0
 
@@ -396,8 +399,12 @@ class GuildPlayer:
             self._now = other.now
             self._call_at = lambda when, cb: self._loop.call_later(when - other.now(), cb)
         self._cap = max(2, buffer_ms // 20)
-        self._chunk = max(1, self._cap // 2)
-        self._low = self._cap - self._chunk
+        # Refill in chunks of a third to a half of the buffer, the size varying from player to
+        # player: players started together would otherwise all refill in the same 20 ms slot,
+        # and that slot's sends would wait behind every executor hand-off at once.
+        lo = max(1, (self._cap + 2) // 3)
+        hi = max(lo, self._cap // 2)
+        self._low = self._cap - (lo + next(_spread) % (hi - lo + 1))
         self._pacer = Pacer()
         self._state = PlayerState.IDLE
         self._waiters: list[tuple[PlayerState, asyncio.Future[None]]] = []
