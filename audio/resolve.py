@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from legato.errors import ResolveError
 __all__ = ["Resolver", "ResolverSettings", "StreamInfo"]
 
 _log = logging.getLogger(__name__)
+
+#: A query that is one URL (scheme, "://", no spaces); anything else is searched for.
+_URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
 
 #: Schemes yt-dlp may fetch. Anything else (ftp, file, data, rtmp...) is refused up front.
 _WEB_SCHEMES: Final = frozenset({"http", "https"})
@@ -213,7 +217,7 @@ class Resolver:
         local = self._local_path(query)
         if local is not None:
             return [await self._resolve_local(local, requester_id)]
-        if "://" in query:
+        if _URL.match(query):
             self._check_url(query)
             info = await self._extract(query, flat=True)
             return self._tracks(info, query, requester_id, limit=self.settings.max_playlist)
@@ -362,7 +366,7 @@ class Resolver:
             if not self.settings.allow_local_files:
                 raise ResolveError(f"local files are disabled: {query}", user_message=NO_LOCAL)
             return Path(urllib.parse.unquote(urllib.parse.urlsplit(query).path))
-        if "://" in query:
+        if _URL.match(query):
             return None
         if os.path.isabs(query) or query.startswith(("./", "../", "~")):
             if not self.settings.allow_local_files:

@@ -185,6 +185,7 @@ class LoggedRequest:
     method: str
     path: str
     headers: dict[str, str]
+    target: str = ""  # the path with its query string, as requested
 
 
 class MediaServer:
@@ -279,10 +280,10 @@ class MediaServer:
 
     # ---- used by the handler
 
-    def _record(self, method: str, path: str, headers: dict[str, str]) -> Route | None:
+    def _record(self, method: str, target: str, path: str, headers: dict[str, str]) -> Route | None:
         with self._lock:
             self.requests.append((method, path))
-            self.request_log.append(LoggedRequest(method, path, headers))
+            self.request_log.append(LoggedRequest(method, path, headers, target))
             route = self.routes.get(path)
             if route is not None:
                 route.requests += 1
@@ -308,7 +309,7 @@ def _make_handler(server: MediaServer) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self, *, head: bool) -> None:
             path = urllib.parse.urlsplit(self.path).path
-            route = server._record(self.command, path, dict(self.headers.items()))
+            route = server._record(self.command, self.path, path, dict(self.headers.items()))
             if route is not None and route.handler is not None:
                 route.handler(self)
                 return

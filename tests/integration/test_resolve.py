@@ -161,6 +161,18 @@ async def test_refused_queries(resolver: Resolver, query: str, message: str) -> 
     assert query in str(caught.value)
 
 
+async def test_words_around_a_url_are_searched(
+    executor: concurrent.futures.ThreadPoolExecutor, media_server: MediaServer
+) -> None:
+    settings = ResolverSettings(search_provider=media_server.url("search?q={query}"))
+    resolver = Resolver(settings, executor)
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve("play http://example.invalid/x please")
+    assert caught.value.user_message == NO_RESULTS
+    searched = [r.target for r in media_server.request_log if r.path == "/search"]
+    assert searched[-1] == "/search?q=play+http%3A%2F%2Fexample.invalid%2Fx+please"
+
+
 async def test_empty_query(resolver: Resolver) -> None:
     with pytest.raises(ResolveError):
         await resolver.resolve("   ")
