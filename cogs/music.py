@@ -73,6 +73,7 @@ _log = logging.getLogger(__name__)
 AUTOCOMPLETE_BUDGET: Final = 2.5
 _SUGGESTION_TTL: Final = 600.0
 _SUGGESTION_CACHE: Final = 256
+_MAX_SEARCHES: Final = 3  # autocomplete searches running at once
 _PROVIDERS: Final = {"youtube": "ytsearch", "soundcloud": "scsearch", "none": "ytsearch"}
 _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
@@ -116,6 +117,7 @@ class GuildSession:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle: asyncio.Task[None] | None = None
         self._alone: asyncio.Task[None] | None = None
+        self._announced = 0  # uid of the track last announced (a looped track is told once)
 
     @property
     def channel(self) -> VoiceLike:
@@ -157,7 +159,9 @@ class GuildSession:
             self.log.info("playing %r", event.track.title)
             if self._too_long(event.track):
                 return
-            if self.cog.config.playback.announce_now_playing:
+            repeat = event.track.uid == self._announced
+            self._announced = event.track.uid
+            if self.cog.config.playback.announce_now_playing and not repeat:
                 self.post(embed=announce_embed(event.track))
         elif isinstance(event, TrackFailed):
             self.votes.clear()
@@ -290,6 +294,9 @@ class _Suggestions:
             return hit
         task = self._running.get(query)
         if task is None:
+            if len(self._running) >= _MAX_SEARCHES:
+                # Typing fast: earlier keystrokes' searches still run; answer from the cache.
+                return self.nearest(query)
             task = asyncio.get_running_loop().create_task(
                 self._search(query), name="legato-autocomplete"
             )
@@ -497,6 +504,9 @@ class MusicCog(commands.Cog, name="Music"):
                 interaction.command.name if interaction.command else "?",
                 original,
             )
+        elif isinstance(original, app_commands.TransformerError):
+            _log.info("guild %s: option not understood: %s", interaction.guild_id, original)
+            message = "I couldn't understand one of the options; check it and try again."
         elif isinstance(original, app_commands.NoPrivateMessage):
             message = "Music commands work in servers only."
         elif isinstance(original, app_commands.CheckFailure):
@@ -630,8 +640,10 @@ class MusicCog(commands.Cog, name="Music"):
             channel=session.channel,
         )
         channel = session.channel
-        await self.end_session(member.guild.id, leave=True)
+        # Answer first: leaving waits for Discord's confirmation, and cannot fail in a way the
+        # user could act on.
         await self._say(interaction, f"Left {channel.mention}.")
+        await self.end_session(member.guild.id, leave=True)
 
     # -- commands: adding ----------------------------------------------------------------------
 

@@ -12,12 +12,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
+
+import discord
+from discord.ext import commands
 
 from legato.config import ENV_TOKEN, Config, load_config
 from legato.errors import ConfigError
+from legato.log import RedactToken
 
-__all__ = ["NO_TOKEN_MESSAGE", "main"]
+__all__ = ["NO_TOKEN_MESSAGE", "LegatoBot", "main"]
+
+_log = logging.getLogger("legato")
 
 #: What ``run`` prints, with exit code 2, when ``DISCORD_TOKEN`` is not set.
 NO_TOKEN_MESSAGE: Final = f"""\
@@ -63,29 +69,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_run(config, token))
 
 
+class LegatoBot(commands.Bot):
+    """The ready-made bot: no prefix commands, the Music extension, slash commands synced.
+
+    Args:
+        config: Legato's configuration (handed to the extension as ``legato_config``).
+        **options: Passed to :class:`discord.ext.commands.Bot` (tests turn off chunking).
+    """
+
+    def __init__(self, config: Config, **options: Any) -> None:
+        options.setdefault("command_prefix", commands.when_mentioned)
+        # guilds and voice_states are all Legato needs; nothing privileged.
+        options.setdefault("intents", discord.Intents.default())
+        options.setdefault("help_command", None)
+        super().__init__(**options)
+        self.legato_config = config
+
+    async def setup_hook(self) -> None:
+        await self.load_extension("legato")
+        if self.legato_config.bot.sync_commands:
+            synced = await self.tree.sync()
+            _log.info("synced %d application commands", len(synced))
+
+
 async def _run(config: Config, token: str) -> int:
-    import discord
-    from discord.ext import commands
-
-    from legato.log import RedactToken
-
     discord.utils.setup_logging(level=getattr(logging, config.bot.log_level), root=True)
     redact = RedactToken(token)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
-
-    class LegatoBot(commands.Bot):
-        legato_config: Config
-
-        async def setup_hook(self) -> None:
-            await self.load_extension("legato")
-            if config.bot.sync_commands:
-                synced = await self.tree.sync()
-                logging.getLogger("legato").info("synced %d application commands", len(synced))
-
-    intents = discord.Intents.default()  # guilds and voice_states; nothing privileged
-    bot = LegatoBot(command_prefix=commands.when_mentioned, intents=intents, help_command=None)
-    bot.legato_config = config
+    bot = LegatoBot(config)
     try:
         async with bot:
             await bot.start(token)

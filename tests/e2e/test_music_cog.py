@@ -27,9 +27,9 @@ from legato.errors import ConfigError
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
-from legato.sandbox.world import ChannelType
 from legato.sandbox.voice import SandboxVoiceServer
-from tests.media import MediaServer, write_tone
+from legato.sandbox.world import ChannelType
+from tests.media import MediaServer, audio_list_page, write_tone
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +48,6 @@ class MusicBot(commands.Bot):
         )
         self.legato_config = config
         self.guild_id = guild_id
-        self.ready = asyncio.Event()
 
     async def setup_hook(self) -> None:
         await self.load_extension("legato")
@@ -56,9 +55,6 @@ class MusicBot(commands.Bot):
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         return None  # no 5 s IDENTIFY spacing against the sandbox
-
-    async def on_ready(self) -> None:
-        self.ready.set()
 
     @property
     def music(self) -> Any:
@@ -88,7 +84,6 @@ def tones(tmp_path_factory: pytest.TempPathFactory) -> Any:
     write_tone(root / "b880.ogg", container="ogg", codec="libopus", freq=B_HZ, seconds=20)
     write_tone(root / "short.ogg", container="ogg", codec="libopus", freq=A_HZ, seconds=1)
     server = MediaServer(root).start()
-    from tests.media import audio_list_page
 
     entries = [f"/short.ogg?n={i}" for i in range(23)]
     server.add_route("list.html", body=audio_list_page("Twenty-three", entries))
@@ -128,20 +123,29 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 
 
 @contextlib.asynccontextmanager
-async def running(sb: Sandbox, config: Config) -> AsyncIterator[MusicBot]:
-    bot = MusicBot(config, sb.guild.id)
+async def running(
+    sb: Sandbox, config: Config, bot: commands.Bot | None = None
+) -> AsyncIterator[Any]:
+    """Start ``bot`` (default: a MusicBot with ``config``) against the sandbox until ready."""
+    bot = bot or MusicBot(config, sb.guild.id)
+    ready = asyncio.Event()
+
+    async def on_ready() -> None:
+        ready.set()
+
+    bot.add_listener(on_ready, "on_ready")
     sb.configure_bot(bot)
     task = asyncio.create_task(bot.start(sb.bot_token))
-    ready = asyncio.create_task(bot.ready.wait())
+    waiter = asyncio.create_task(ready.wait())
     try:
         async with asyncio.timeout(GUARD):
-            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()
             raise AssertionError("bot.start returned before ready")
         yield bot
     finally:
-        ready.cancel()
+        waiter.cancel()
         await bot.close()
         async with asyncio.timeout(GUARD):
             await task
@@ -295,7 +299,6 @@ async def test_autocomplete_suggests_search_results(sandbox: Sandbox, tones: Ton
 
 
 def _search_page(urls: list[str]) -> Callable[[Any], None]:
-    from tests.media import audio_list_page
 
     body = audio_list_page("Results", urls)
 
@@ -561,6 +564,21 @@ async def test_idle_and_alone_timeouts_leave(sandbox: Sandbox, tones: Tones) -> 
         await sb.wait_for_message(sb.music, lambda m: "Everyone left" in m.content)
         await sb.wait_bot_voice(None)
         assert bot.music.session(sb.guild.id) is None
+
+
+async def test_ready_made_bot_of_legato_run_plays(sandbox: Sandbox, tones: Tones) -> None:
+    from legato.__main__ import LegatoBot
+
+    sb = sandbox
+    config = make_config(tones)
+    bot = LegatoBot(config, chunk_guilds_at_startup=False)
+    async with running(sb, config, bot):
+        assert {c.name for c in sb.commands(guild=False)} >= {"play", "queue", "nowplaying"}
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        freq, _ = await heard(recording(sb), 30, skip=10)
+        assert freq == pytest.approx(A_HZ, abs=15)
 
 
 # --- loading ----------------------------------------------------------------------------------
