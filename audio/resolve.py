@@ -175,11 +175,14 @@ def _track_from_entry(entry: Mapping[str, Any], parent_url: str | None, requeste
         target = page or parent_url or ""
     duration = entry.get("duration")
     title = entry.get("title") or entry.get("id") or target
+    # yt-dlp may "smuggle" data for its extractor into a URL's fragment: keep it in the URL we
+    # resolve again, but show people the plain page.
+    shown, _ = yt_dlp.utils.unsmuggle_url(str(page or target))
     return Track(
         url=str(target),
         title=str(title),
         duration=float(duration) if isinstance(duration, int | float) else None,
-        page_url=str(page) if page else str(target),
+        page_url=str(shown),
         thumbnail=entry.get("thumbnail") if isinstance(entry.get("thumbnail"), str) else None,
         requester_id=requester_id,
     )

@@ -17,6 +17,8 @@ Session-scoped, made once per test run:
   - ``/pages/list.html``: three ``<audio src>`` entries, which yt-dlp's generic extractor turns
     into a playlist of three (``LIST_ENTRIES``).
   - ``/pages/long-list.html``: twelve entries (for playlist caps).
+  - ``/pages/feed.xml``: an RSS feed of the ``FEED_ENTRIES`` files, which yt-dlp reads as a
+    flat playlist (the entries are not fetched until each is resolved).
   - ``/search?q=WORDS``: a page listing every catalog file whose name contains each word; use
     ``ResolverSettings(search_provider=media_server.url("search?q={query}"))``.
   - ``/stall.html`` and ``/stall.mp3``: headers, then nothing (after 0 and 2000 bytes) until the
@@ -46,9 +48,11 @@ from tests.media import (
     audio_list_page,
     html_page,
     make_catalog,
+    rss_feed,
 )
 
 LIST_ENTRIES = ("webm-opus-stereo.webm", "mp3-44k-stereo.mp3", "m4a-44k-stereo.m4a")
+FEED_ENTRIES = ("ogg-opus-stereo.ogg", "flac-44k-mono-s16.flac", "wav-44k-stereo-s16.wav")
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +87,8 @@ def media_server(media_dir: Path) -> Iterator[MediaServer]:
     tones = sorted(name for name in CATALOG if not name.startswith("chirp"))
     long_list = [f"/{tones[i % len(tones)]}?n={i}" for i in range(12)]
     server.add_route("pages/long-list.html", body=audio_list_page("A long list", long_list))
+    feed = [(Path(name).stem, server.url(name)) for name in FEED_ENTRIES]
+    server.add_route("pages/feed.xml", body=rss_feed("A feed", feed))
     server.add_route("search", Route(handler=_search_handler))
     server.add_route("stall.html", body=html_page("Slow", "<p>never</p>"), stall_after=0)
     server.add_route("stall.mp3", body=media_dir / "mp3-44k-stereo.mp3", stall_after=2000)

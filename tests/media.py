@@ -46,6 +46,7 @@ CONTENT_TYPES: Final = {
     ".flac": "audio/flac",
     ".wav": "audio/wav",
     ".html": "text/html; charset=utf-8",
+    ".xml": "application/rss+xml; charset=utf-8",
     ".txt": "text/plain; charset=utf-8",
     ".mkv": "video/x-matroska",
 }
@@ -134,6 +135,25 @@ def write_tone(
         out.mux(stream.encode(None))
     tmp.replace(path)
     return path
+
+
+def rss_feed(title: str, enclosures: Sequence[tuple[str, str]]) -> bytes:
+    """An RSS 2.0 feed with one ``(title, media URL)`` item each.
+
+    yt-dlp's generic extractor reads it as a flat playlist: it lists the items without fetching
+    any of them.
+    """
+    items = "".join(
+        f"<item><title>{html.escape(name)}</title><link>{html.escape(url)}</link>"
+        f"<enclosure url='{html.escape(url)}' type='audio/mpeg' length='0'/>"
+        f"<guid>{i}</guid></item>"
+        for i, (name, url) in enumerate(enclosures)
+    )
+    return (
+        "<?xml version='1.0' encoding='UTF-8'?><rss version='2.0'><channel>"
+        f"<title>{html.escape(title)}</title><link>http://127.0.0.1/</link>"
+        f"<description>{html.escape(title)}</description>{items}</channel></rss>"
+    ).encode()
 
 
 def html_page(title: str, body: str) -> bytes:

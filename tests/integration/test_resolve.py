@@ -21,7 +21,7 @@ from legato.audio.resolve import (
     ResolverSettings,
 )
 from legato.errors import ResolveError
-from tests.conftest import LIST_ENTRIES
+from tests.conftest import FEED_ENTRIES, LIST_ENTRIES
 from tests.media import MediaServer
 
 pytestmark = pytest.mark.integration
@@ -77,6 +77,21 @@ async def test_page_with_audio_entries_is_a_playlist(
     info = await resolver.stream(tracks[1])
     assert info.url == media_server.url(LIST_ENTRIES[1])
     assert info.codec == "mp3"
+
+
+async def test_feed_is_read_flat_and_entries_resolved_when_played(
+    resolver: Resolver, media_server: MediaServer
+) -> None:
+    before = len(media_server.request_log)
+    tracks = await resolver.resolve(media_server.url("pages/feed.xml"))
+    assert [t.title for t in tracks] == [Path(name).stem for name in FEED_ENTRIES]
+    assert [t.page_url for t in tracks] == [media_server.url(name) for name in FEED_ENTRIES]
+    fetched = {r.path for r in media_server.request_log[before:]}
+    assert fetched == {"/pages/feed.xml"}  # no entry was fetched to list them
+    played = media_server.request_count(FEED_ENTRIES[2])
+    info = await resolver.stream(tracks[2])
+    assert info.url == media_server.url(FEED_ENTRIES[2])
+    assert media_server.request_count(FEED_ENTRIES[2]) > played
 
 
 async def test_playlist_is_capped(
