@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import re
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -74,6 +76,19 @@ AUTOCOMPLETE_BUDGET: Final = 2.5
 _SUGGESTION_TTL: Final = 600.0
 _SUGGESTION_CACHE: Final = 256
 _MAX_SEARCHES: Final = 3  # autocomplete searches running at once
+# As legato.audio.resolve decides: a URL is the whole query; words around one are a search.
+_URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+
+
+def _is_url(query: str) -> bool:
+    return _URL.match(query.strip()) is not None
+
+
+def _is_search(query: str) -> bool:
+    q = query.strip()
+    return not _is_url(q) and not os.path.isabs(q) and not q.startswith(("./", "../", "~"))
+
+
 _PROVIDERS: Final = {"youtube": "ytsearch", "soundcloud": "scsearch", "none": "ytsearch"}
 _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
@@ -564,7 +579,7 @@ class MusicCog(commands.Cog, name="Music"):
         query = query.strip()
         if not query:
             raise BadInput("empty query", user_message="Tell me what to play.")
-        if "://" in query:
+        if _is_url(query):
             host = (urllib.parse.urlsplit(query).hostname or "").lower().rstrip(".")
             allowed = pb.allowed_domains
             if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
@@ -576,7 +591,7 @@ class MusicCog(commands.Cog, name="Music"):
                         + "."
                     ),
                 )
-        elif pb.search_provider == "none" and not pb.allow_local_files:
+        elif pb.search_provider == "none" and _is_search(query):
             raise BadInput("search is off", user_message="Searching is turned off; give me a link.")
 
     def _check_tracks(self, tracks: list[Track], *, search: bool) -> list[Track]:
@@ -670,7 +685,7 @@ class MusicCog(commands.Cog, name="Music"):
         """Search suggestions for what the user typed, answered within the 3 s budget."""
         query = current.strip()
         pb = self.config.playback
-        if len(query) < 2 or "://" in query or pb.search_provider == "none":
+        if len(query) < 2 or not _is_search(query) or pb.search_provider == "none":
             return []
         budget = AUTOCOMPLETE_BUDGET - (time.monotonic() - started)
         tracks = await self._suggestions.get(query, budget)
@@ -695,7 +710,7 @@ class MusicCog(commands.Cog, name="Music"):
                 raise QueueFull("queue full", user_message=_full_message(session.queue))
         self._check_query(query)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        is_search = "://" not in query and not query.strip().startswith(("/", "~"))
+        is_search = _is_search(query)
         tracks = await self.resolver.resolve(query, requester_id=member.id)
         tracks = self._check_tracks(tracks, search=is_search)
         if session is None:
