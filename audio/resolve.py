@@ -48,6 +48,7 @@ NOT_FOUND: Final = "I could not find that: the link answered \u201cnot found\u20
 NO_AUDIO: Final = "There is no playable audio at that link."
 TOO_SLOW: Final = "Looking that up took too long; try again later."
 REFUSED: Final = "The site refused to let me play that."
+UNREACHABLE: Final = "I could not reach that site."
 UNSUPPORTED_SCHEME: Final = "I can only play web links (http or https) and search terms."
 NO_LOCAL: Final = "Playing files from the bot's computer is turned off."
 NO_RESULTS: Final = "The search found nothing playable."
@@ -143,10 +144,10 @@ def _classify(exc: BaseException) -> str:
                 return NOT_FOUND
             if item.status in (401, 403, 451):
                 return REFUSED
-        if isinstance(item, TimeoutError | yt_dlp.networking.exceptions.TransportError) and (
-            "timed out" in str(item).lower() or isinstance(item, TimeoutError)
-        ):
+        if isinstance(item, TimeoutError) or "timed out" in str(item).lower():
             return TOO_SLOW
+        if isinstance(item, yt_dlp.networking.exceptions.TransportError):
+            return UNREACHABLE
         if isinstance(item, yt_dlp.utils.UnsupportedError):
             return NO_AUDIO
     text = " ".join(str(item) for item in chain).lower()

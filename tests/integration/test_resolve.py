@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from legato.audio.resolve import (
     NO_LOCAL,
     NO_RESULTS,
     NOT_FOUND,
+    REFUSED,
     TOO_SLOW,
+    UNREACHABLE,
     UNSUPPORTED_SCHEME,
     Resolver,
     ResolverSettings,
@@ -138,6 +141,26 @@ async def test_not_found(resolver: Resolver, media_url: Callable[[str], str]) ->
     assert "404" in str(caught.value)
     assert url in str(caught.value)
     assert isinstance(caught.value.__cause__, yt_dlp.utils.DownloadError)
+
+
+async def test_forbidden(resolver: Resolver, media_server: MediaServer, media_dir: Path) -> None:
+    url = media_server.add_route(
+        "resolve-test/forbidden.mp3", body=media_dir / "mp3-44k-stereo.mp3", fail_after=0
+    )
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(url)
+    assert caught.value.user_message == REFUSED
+    assert "403" in str(caught.value)
+
+
+async def test_unreachable_server(resolver: Resolver) -> None:
+    # A port nothing listens on: bind one, note it, close it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(f"http://127.0.0.1:{port}/song.mp3")
+    assert caught.value.user_message == UNREACHABLE
 
 
 async def test_html_page_without_media(resolver: Resolver, media_url: Callable[[str], str]) -> None:
