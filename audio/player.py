@@ -49,9 +49,9 @@ SourceOpener = Callable[[Track, float], Awaitable[FrameSource]]
 
 #: A frame sent later than this after its deadline counts as late in ``PlayerStats``.
 LATE_THRESHOLD: Final = 0.002
-#: Lateness histogram: 0.1 ms bins up to 100 ms (the last bin holds everything beyond).
+#: Lateness histogram: 0.1 ms bins up to 20 ms (the last bin holds everything beyond).
 _HIST_BIN: Final = 0.0001
-_HIST_SIZE: Final = 1001
+_HIST_SIZE: Final = 201
 #: Hands out refill chunk sizes round-robin (see ``GuildPlayer.__init__``).
 _spread = itertools.count()
 #: Most volume accepted (2.0 = 200 %).
@@ -139,7 +139,7 @@ class PlayerStats:
         silence_sent: Silence frames sent (trailing silence).
         late_frames: Frames sent more than ``LATE_THRESHOLD`` after their deadline.
         max_lateness_ms: Largest lateness of a frame against its deadline (re-anchors excluded).
-        p99_lateness_ms: 99th percentile of that lateness (0.1 ms resolution).
+        p99_lateness_ms: 99th percentile of that lateness (0.1 ms bins; 20 ms means "20 or more").
         reanchors: Times the grid was moved because a frame was more than a frame late.
         underruns: Times a frame was due mid-track and none was buffered (source too slow).
         buffer_frames: Frames buffered now for the current track.
@@ -298,7 +298,8 @@ class _Entry:
                 if self.flushing:
                     continue  # a seek came in while reading: these frames are stale
                 self.frames.extend(frames)
-                self.read_position, self.duration = position, duration
+                self.read_position = position
+                self.duration = duration if duration is not None else self.track.duration
                 if not frames:
                     self.eof = True
                 player._on_entry_update(self)
