@@ -298,6 +298,41 @@ async def test_autocomplete_suggests_search_results(sandbox: Sandbox, tones: Ton
         assert await alice.autocomplete("play", "query", "https://x.test/a") == []
 
 
+async def test_autocomplete_answers_within_budget_while_search_hangs(
+    sandbox: Sandbox, tones: Tones
+) -> None:
+    sb = sandbox
+    stalled = tones.server.add_route("hang", body=b"<html>", stall_after=0)
+    async with running(sb, make_config(tones, search_provider=stalled + "?q={query}")):
+        alice = sb.add_user("alice")
+        # The search never answers; the bot still answers (with what is ready: nothing).
+        assert await alice.autocomplete("play", "query", "never") == []
+        assert tones.server.request_count("hang") >= 1
+
+
+async def test_unexpected_error_is_logged_and_answered_generically(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(RuntimeError):
+        pass
+
+    class ExplodingResolver:
+        async def resolve(self, query: str, *, requester_id: int = 0) -> list[Any]:
+            raise Broken("secret internal detail")
+
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        bot.music.resolver = ExplodingResolver()  # fault injection: a bug below the cog
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        with caplog.at_level("ERROR", logger="legato.cogs.music"):
+            text = await refused(await alice.invoke("play", query=tones.a), "went wrong")
+        assert "secret" not in text
+        failures = [r for r in caplog.records if r.exc_info and r.exc_info[0] is Broken]
+        assert failures, "the unexpected error was not logged with its traceback"
+        assert bot.music.session(sb.guild.id) is None
+
+
 def _search_page(urls: list[str]) -> Callable[[Any], None]:
 
     body = audio_list_page("Results", urls)
@@ -369,6 +404,10 @@ async def test_two_guilds_play_different_tracks_at_once(sandbox: Sandbox, tones:
         assert f1 == pytest.approx(A_HZ, abs=15)
         assert f2 == pytest.approx(B_HZ, abs=20)
         assert {s for s in bot.music.sessions} == {sb.guild.id, second.id}
+        # Each announcement went to the channel where its /play ran.
+        await sb.wait_for_message(text2, lambda m: "b880" in str(m.embeds))
+        await sb.wait_for_message(sb.music, lambda m: "a440" in str(m.embeds))
+        assert not any("a440" in str(m.embeds) for m in sb.messages(text2))
 
         # Each guild's commands act on its own session only.
         await zed.invoke("pause", channel=text2)
