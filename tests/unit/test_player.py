@@ -511,3 +511,48 @@ async def test_frames_are_read_in_chunks_not_one_by_one() -> None:
     assert len(reads) <= 2 + 100 // 5
     assert len(sink.audio) == 100
     await player.close()
+
+
+async def test_previous_after_queue_end_replays_last_track(rig: Rig) -> None:
+    rig.play(rig.track("A", 2))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert rig.player.previous().title == "A"
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert [f.decode() for f in rig.sink.audio] == ["A:0", "A:1", "A:0", "A:1"]
+    assert rig.names().count("queue ended") == 2
+
+
+async def test_stop_then_start_plays_the_next_track(rig: Rig) -> None:
+    rig.play(rig.track("A", 40), rig.track("B", 2))
+    await rig.clock.advance(F)
+    assert rig.player.stop()
+    await rig.clock.advance(1.0)
+    assert rig.player.start()
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert [f.decode() for f in rig.sink.audio] == ["A:0", "A:1", "B:0", "B:1"]
+    assert [t.title for t in rig.player.queue.history] == ["A", "B"]
+
+
+async def test_source_calls_never_overlap_with_a_real_thread_pool() -> None:
+    """Seek and volume requests race the feeder's reads; the source must see one call at a time
+    (``ScriptedSource`` raises AssertionError on overlap, which would surface as TrackFailed)."""
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    opener = ScriptedOpener()
+    events: list[PlayerEvent] = []
+    with ThreadPoolExecutor(4) as pool:
+        player = GuildPlayer(
+            sink, opener, clock=clock, executor=pool, buffer_ms=200, on_event=events.append
+        )
+        player.queue.add([opener.script("A", 3000), opener.script("B", 3000)])
+        player.start()
+        async with asyncio.timeout(20):
+            await sink.wait_frames(1)
+            for i in range(40):
+                requests = [player.seek(i * 0.5), player.set_volume(0.5 + (i % 3) * 0.25)]
+                await asyncio.gather(*requests)
+                await clock.advance(F)
+        await player.close()
+    assert not [e for e in events if isinstance(e, TrackFailed)]
+    assert all(s.closed for s in opener.sources)
+    assert len(opener.sources[0].seeks) == 40
