@@ -326,7 +326,9 @@ class Resolver:
             "logger": _YdlLogger(),
             "skip_download": True,
             "cachedir": False,
-            "noplaylist": False,
+            # Listing: a URL naming a playlist adds it. Playing: only the item itself (a video
+            # URL that also names a playlist must not resolve to the playlist's first entry).
+            "noplaylist": not flat,
             "extract_flat": "in_playlist" if flat else False,
             "playlistend": self.settings.max_playlist if flat else 1,
             "format": _FORMAT,
