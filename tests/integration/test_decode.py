@@ -87,6 +87,8 @@ async def test_opus_passthrough_sends_the_source_packets_unchanged(
         assert source.passthrough
         frames = await asyncio.to_thread(read_all, source)
         assert source.passthrough
+        assert source.position == pytest.approx(len(frames) * FRAME_S, abs=FRAME_S)
+        assert source.duration == pytest.approx(CATALOG[name].seconds, abs=FRAME_S)
     finally:
         source.close()
     assert frames == demuxed_packets(media_dir / name)
