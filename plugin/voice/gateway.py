@@ -452,7 +452,7 @@ class VoiceConnection:
                 if self._server_changed.is_set():
                     continue
                 decision = self._core.closed(code, reason)
-                resume = await self._follow(decision, established=reached_ready)
+                resume = await self._follow(decision)
                 if not self.options.reconnect:
                     raise VoiceClosed(
                         code or ABNORMAL_CLOSURE, f"{decision.reason}; reconnect is off"
@@ -479,7 +479,7 @@ class VoiceConnection:
             if not self._closing and self._on_close is not None:
                 self._on_close(error)
 
-    async def _follow(self, decision: CloseDecision, *, established: bool) -> bool:
+    async def _follow(self, decision: CloseDecision) -> bool:
         """Carry out the core's verdict on a close; return whether to resume.
 
         Raises:
@@ -499,9 +499,9 @@ class VoiceConnection:
             except TimeoutError:
                 raise decision.error() from None
             return False  # the loop starts the fresh session at the new server
-        # STOP. Two stops are ours to retry: an "auto" version the server refused, and an
-        # "auto" transport whose first choice failed.
-        if self._version_fallback and not established and decision.code in (4002, 4020):
+        # STOP, except for "auto" version: a server that cannot take v8 (Spacebar closes 4002 on
+        # v8's heartbeat object; others refuse the URL with 4020) gets v6 and a fresh session.
+        if self._version_fallback and decision.code in (4002, 4020):
             _log.info("voice gateway v%d refused (%s); trying v6", self._version, decision.code)
             self._version, self._version_fallback = 6, False
             await self._drop_transport()
@@ -647,6 +647,7 @@ class VoiceConnection:
         elif isinstance(event, HeartbeatAck):
             if event.rtt is not None:
                 self._rtts.append(event.rtt)
+            self._version_fallback = False  # the server took our heartbeat: the version stays
         elif isinstance(event, CloseRequested):
             self._close_request = event
             ws = self._ws

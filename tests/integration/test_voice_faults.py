@@ -214,68 +214,135 @@ async def test_garbage_datagrams_to_the_client_are_counted() -> None:
         assert rec.stats().gaps == 0
 
 
-# -- a scripted voice server whose op4 names a mode we did not select ----------------------
+# -- a scripted voice server for what the sandbox does not do ------------------------------
 
 
-async def test_op4_with_another_mode_is_a_clear_close() -> None:
-    loop = asyncio.get_running_loop()
-    closes: list[int | None] = []
+class ScriptedVoiceServer:
+    """A bare voice gateway: answers IP discovery and the udp handshake, with two quirks.
 
-    class Discovery(asyncio.DatagramProtocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
+    Args:
+        op4_mode: The mode op4 names (default: the one op1 selected).
+        refuse_v8_heartbeat: Close 4002 on a heartbeat object, as Spacebar does.
+    """
 
-        def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-            ssrc = parse_discovery_request(data)
-            self.transport.sendto(discovery_response(ssrc, addr[0], addr[1]), addr)  # type: ignore[attr-defined]
+    def __init__(self, *, op4_mode: str | None = None, refuse_v8_heartbeat: bool = False) -> None:
+        self.op4_mode = op4_mode
+        self.refuse_v8_heartbeat = refuse_v8_heartbeat
+        self.versions: list[int] = []
+        self.closes: list[int | None] = []
+        self.sessions = 0
+        self.refused = 0
+        self.changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self.endpoint = ""
 
-    udp, _ = await loop.create_datagram_endpoint(Discovery, local_addr=("127.0.0.1", 0))
-    udp_port = udp.get_extra_info("sockname")[1]
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        outer = self
 
-    async def handle(request: web.Request) -> web.WebSocketResponse:
+        class Discovery(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+                if len(data) == 74 and outer._udp is not None:
+                    ssrc = parse_discovery_request(data)
+                    outer._udp.sendto(discovery_response(ssrc, addr[0], addr[1]), addr)
+
+        self._udp, _ = await loop.create_datagram_endpoint(Discovery, local_addr=("127.0.0.1", 0))
+        app = web.Application()
+        app.router.add_get("/", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.endpoint = f"127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._udp is not None:
+            self._udp.close()
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        assert self._udp is not None
+        self.versions.append(int(request.query["v"]))
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_str(json.dumps({"op": 8, "d": {"heartbeat_interval": 5000}}))
+        await ws.send_str(json.dumps({"op": 8, "d": {"heartbeat_interval": 100}}))
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
                 break
-            op = json.loads(msg.data)["op"]
+            message = json.loads(msg.data)
+            op, d = message["op"], message["d"]
             if op == 0:
                 ready = {
-                    "ssrc": 7,
+                    "ssrc": 7 + len(self.versions),
                     "ip": "127.0.0.1",
-                    "port": udp_port,
+                    "port": self._udp.get_extra_info("sockname")[1],
                     "modes": ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"],
                 }
                 await ws.send_str(json.dumps({"op": 2, "d": ready}))
             elif op == 1:
-                session = {"mode": "aead_xchacha20_poly1305_rtpsize", "secret_key": [1] * 32}
-                await ws.send_str(json.dumps({"op": 4, "d": session}))
-        closes.append(ws.close_code)
+                mode = self.op4_mode or d["data"]["mode"]
+                await ws.send_str(
+                    json.dumps({"op": 4, "d": {"mode": mode, "secret_key": [1] * 32}})
+                )
+                async with self.changed:
+                    self.sessions += 1
+                    self.changed.notify_all()
+            elif op == 3:
+                if isinstance(d, dict) and self.refuse_v8_heartbeat:
+                    self.refused += 1
+                    await ws.close(code=4002, message=b"bad heartbeat")
+                    break
+                await ws.send_str(json.dumps({"op": 6, "d": d}))
+        self.closes.append(ws.close_code)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+
+@asynccontextmanager
+async def scripted(**kwargs: Any) -> AsyncIterator[ScriptedVoiceServer]:
+    server = ScriptedVoiceServer(**kwargs)
+    await server.start()
     try:
-        conn = VoiceConnection(
-            endpoint=f"127.0.0.1:{port}",
-            token="t",
-            session_id="s",
-            user_id=BOT_ID,
-            server_id=GUILD_ID,
-        )
+        yield server
+    finally:
+        await server.close()
+
+
+def scripted_connection(server: ScriptedVoiceServer, **options: Any) -> VoiceConnection:
+    return VoiceConnection(
+        endpoint=server.endpoint,
+        token="t",
+        session_id="s",
+        user_id=BOT_ID,
+        server_id=GUILD_ID,
+        options=VoiceOptions(**options),
+    )
+
+
+async def test_op4_with_another_mode_is_a_clear_close() -> None:
+    async with scripted(op4_mode="aead_xchacha20_poly1305_rtpsize") as server:
+        conn = scripted_connection(server)
         with pytest.raises(VoiceConnectError) as info:
             await conn.connect()
         cause = info.value.__cause__
         assert isinstance(cause, VoiceClosed)
         assert cause.code == 4016
         assert "mode" in str(cause)
-        assert closes == [4016]  # we closed with the server's own code for a bad mode
-    finally:
-        await runner.cleanup()
-        udp.close()
+        assert server.closes == [4016]  # we closed with the server's own code for a bad mode
+        assert server.versions == [6]  # and did not retry
+
+
+async def test_auto_version_falls_back_to_v6_when_v8_heartbeats_are_refused() -> None:
+    async with scripted(refuse_v8_heartbeat=True) as server:
+        conn = scripted_connection(server, gateway_version="auto")
+        await conn.connect()  # v8 handshake works; its first heartbeat is refused with 4002
+        try:
+            async with asyncio.timeout(20), server.changed:
+                await server.changed.wait_for(lambda: server.sessions >= 2)
+            await conn.wait_connected(timeout=20)  # op4 of the v6 session was applied
+            assert server.versions == [8, 6]
+            assert server.refused == 1
+        finally:
+            await conn.close()
+        assert conn.error is None
