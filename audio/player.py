@@ -18,10 +18,12 @@ explicit state machine):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import itertools
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Executor
@@ -199,7 +201,7 @@ class _Entry:
         self.read_position = start
         self.ops: deque[_Op] = deque()
         self.wake = asyncio.Event()
-        self.inflight: asyncio.Future[Any] | None = None
+        self.inflight: concurrent.futures.Future[None] | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._run(start), name=f"legato-feed-{track.uid}"
         )
@@ -231,7 +233,8 @@ class _Entry:
             return
         inflight = self.inflight
         if inflight is not None and not inflight.done():
-            # Never call close while a read runs in the worker; close right after it instead.
+            # Never call close while a read runs in the worker; close right after it (in the
+            # worker: FrameSource.close does not block).
             inflight.add_done_callback(lambda _f: source.close())
         else:
             source.close()
@@ -308,13 +311,28 @@ class _Entry:
             await self.wake.wait()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        fut = asyncio.get_running_loop().run_in_executor(self.player._executor, fn, *args)
-        self.inflight = fut
+        """Run ``fn(*args)`` in the executor and await its result.
+
+        Lighter than ``run_in_executor`` + ``shield`` (this runs every few frames per player):
+        one loop future, one ``call_soon_threadsafe``. A cancel leaves the job running; its
+        concurrent future stays in ``inflight`` so ``close`` can wait for it.
+        """
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                value = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting feeder
+                loop.call_soon_threadsafe(_deliver_error, result, exc)
+            else:
+                loop.call_soon_threadsafe(_deliver, result, value)
+
+        inflight = self.inflight = (self.player._executor or _default_executor()).submit(job)
         try:
-            # Shielded: a cancel must not abandon a running read (close waits for it).
-            return await asyncio.shield(fut)
+            return await result
         finally:
-            if fut.done():
+            if inflight.done():
                 self.inflight = None
 
     def _fail(self, error: LegatoError) -> None:
@@ -335,6 +353,29 @@ def _gone(track: Track) -> AudioError:
         f"track {track.uid} closed before the request ran",
         user_message="The track changed before that could be done.",
     )
+
+
+def _deliver(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _deliver_error(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _default_executor() -> concurrent.futures.Executor:
+    """The players' shared pool when none is given: a few threads are plenty (reads are short)."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="legato-audio"
+        )
+    return _pool
 
 
 def _read_chunk(source: FrameSource, count: int) -> tuple[list[bytes], float, float | None]:
@@ -419,7 +460,7 @@ class GuildPlayer:
         self._in_underrun = False
         self._fail_streak = 0
         self._closing: list[asyncio.Task[None]] = []
-        self._inflight: list[asyncio.Future[Any]] = []
+        self._inflight: list[concurrent.futures.Future[None]] = []
         # stats
         self._frames_sent = 0
         self._silence_sent = 0
@@ -648,10 +689,7 @@ class GuildPlayer:
         self._closing.clear()
         self._inflight.clear()
         if tasks or inflight:
-            await asyncio.wait([*tasks, *inflight])
-        for fut in inflight:
-            if not fut.cancelled() and fut.exception() is not None:
-                self._log.debug("read in flight at close failed: %r", fut.exception())
+            await asyncio.wait([*tasks, *(asyncio.wrap_future(f) for f in inflight)])
 
     # -- track changes -----------------------------------------------------------------------
 
@@ -796,6 +834,11 @@ class GuildPlayer:
                     cur.started = True
                     self._fail_streak = 0
                     self._emit(TrackStarted(cur.track))
+                if frames and self._cur is cur and pacer.playing:
+                    # Steady state: nothing else can be due before the next frame's deadline,
+                    # so skip the second poll (this path runs 50 times a second per player).
+                    self._arm(pacer.next_deadline())
+                    return
             elif action is PacerAction.WAIT:
                 self._arm(pacer.next_deadline())
                 return
