@@ -62,6 +62,9 @@ class LegatoVoiceClient(discord.VoiceProtocol):
     ) -> None:
         super().__init__(client, channel)
         self.options = options or VoiceOptions()
+        guild = getattr(channel, "guild", None)
+        #: Logs with the guild id attached (STYLE.md §5).
+        self.log = logging.LoggerAdapter(_log, {"guild_id": getattr(guild, "id", None)})
         self._session_id: str | None = None
         self._token: str | None = None
         self._endpoint: str | None = None
@@ -203,7 +206,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                 raise VoiceConnectError(f"voice connect failed: {exc}") from exc
             raise
         self._connected_once = True
-        _log.info(
+        self.log.info(
             "voice connected: guild %s over %s (%s)", self.guild.id, conn.transport_name, conn.mode
         )
 
@@ -217,9 +220,9 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             if not self._got_state.is_set():
                 # Before our join was even acknowledged: the tail of an earlier leave in this
                 # guild (discord.py hits the same race), not a kick.
-                _log.debug("guild %s: ignoring a stale leave while joining", self.guild.id)
+                self.log.debug("ignoring a stale leave while joining")
                 return
-            _log.info("guild %s: removed from voice by someone else", self.guild.id)
+            self.log.info("removed from voice by someone else")
             self._schedule_teardown(VoiceError("removed from the voice channel"), leave=False)
             return
         self._session_id = data["session_id"]
@@ -344,14 +347,14 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                     await self._change_voice_state(None)
                 except (discord.DiscordException, OSError, AttributeError) as exc:
                     # The main gateway may already be gone (Client.close): leaving is best effort.
-                    _log.debug("leaving voice on guild %s failed: %r", self.guild.id, exc)
+                    self.log.debug("leaving voice failed: %r", exc)
                 else:
                     if confirm:
                         try:
                             async with asyncio.timeout(LEAVE_CONFIRM_TIMEOUT):
                                 await self._left.wait()
                         except TimeoutError:
-                            _log.debug("guild %s: no confirmation of the leave", self.guild.id)
+                            self.log.debug("no confirmation of the leave")
         finally:
             self.cleanup()
             self._torn_down.set()
@@ -365,9 +368,9 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                 result = listener(self, error)
                 if inspect.isawaitable(result):
                     await result
-            except Exception:  # noqa: BLE001 - logged with traceback; the rest still run
+            except Exception:
                 # One broken listener must not keep the others from hearing about it.
-                _log.exception("voice disconnect listener %r failed", listener)
+                self.log.exception("voice disconnect listener %r failed", listener)
 
     def __repr__(self) -> str:
         return (

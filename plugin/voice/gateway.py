@@ -196,6 +196,8 @@ class VoiceConnection:
         on_close: Callable[[VoiceError | None], None] | None = None,
     ) -> None:
         self.options = options or VoiceOptions()
+        #: Logs with the guild id attached (STYLE.md §5); tokens and keys are never logged.
+        self.log = logging.LoggerAdapter(_log, {"guild_id": server_id})
         self._endpoint = endpoint.removeprefix("wss://")
         self._token = token
         self._session_id = session_id
@@ -374,7 +376,7 @@ class VoiceConnection:
         waiting = self._core.state in (ConnState.DISCONNECTED, ConnState.CLOSED)
         if endpoint == self._endpoint and token == self._token and not waiting:
             return  # Discord repeats itself; nothing moved
-        _log.info("voice server %s -> %s", self._endpoint, endpoint)
+        self.log.info("voice server %s -> %s", self._endpoint, endpoint)
         self._endpoint = endpoint
         self._token = token
         self._media_ready.clear()  # the old server is being left: frames are dropped from here
@@ -388,7 +390,7 @@ class VoiceConnection:
         try:
             await ws.close(code=CLOSE_RECONNECT)
         except (aiohttp.ClientError, OSError) as exc:
-            _log.info("closing the voice websocket for a move failed: %r", exc)
+            self.log.info("closing the voice websocket for a move failed: %r", exc)
         finally:
             self._closer = None
 
@@ -467,10 +469,10 @@ class VoiceConnection:
                     await asyncio.sleep(self._backoff(failures - 1))
         except VoiceError as exc:
             error = exc
-            _log.warning("voice connection %s ended: %s", self._server_id, exc)
-        except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as VoiceError
+            self.log.warning("voice connection ended: %s", exc)
+        except Exception as exc:
             # A bug in the shell or a transport: end the connection loudly, never silently.
-            _log.exception("voice connection %s crashed", self._server_id)
+            self.log.exception("voice connection crashed")
             error = VoiceError(f"voice connection crashed: {exc!r}")
         finally:
             self._error = error
@@ -502,7 +504,7 @@ class VoiceConnection:
         # STOP, except for "auto" version: a server that cannot take v8 (Spacebar closes 4002 on
         # v8's heartbeat object; others refuse the URL with 4020) gets v6 and a fresh session.
         if self._version_fallback and decision.code in (4002, 4020):
-            _log.info("voice gateway v%d refused (%s); trying v6", self._version, decision.code)
+            self.log.info("voice gateway v%d refused (%s); trying v6", self._version, decision.code)
             self._version, self._version_fallback = 6, False
             await self._drop_transport()
             self._core = self._new_core()
@@ -536,7 +538,7 @@ class VoiceConnection:
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            _log.info("voice websocket %s failed to open: %r", url, exc)
+            self.log.info("voice websocket %s failed to open: %r", url, exc)
             self._core.connected(loop.time(), resume=resume)
             return None, f"connect failed: {exc!r}", False
         self._ws = ws
@@ -555,7 +557,7 @@ class VoiceConnection:
                 await self._pump()
                 reached_ready = reached_ready or self._media_ready.is_set()
         except (aiohttp.ClientError, OSError) as exc:
-            _log.info("voice websocket read failed: %r", exc)
+            self.log.info("voice websocket read failed: %r", exc)
         finally:
             self._media_ready.clear()
             await self._stop_timer()
@@ -571,7 +573,7 @@ class VoiceConnection:
         closed_with: int | None = ws.close_code
         if closed_with == ABNORMAL_CLOSURE:
             closed_with = None
-        _log.info("voice websocket %s closed with %s", self._endpoint, closed_with)
+        self.log.info("voice websocket %s closed with %s", self._endpoint, closed_with)
         return closed_with, "", reached_ready
 
     async def _run_timer(self) -> None:
@@ -634,7 +636,7 @@ class VoiceConnection:
                 for data in binaries:
                     await ws.send_bytes(data)
             except (aiohttp.ClientError, ConnectionError) as exc:
-                _log.info("voice websocket send failed: %r", exc)
+                self.log.info("voice websocket send failed: %r", exc)
 
     async def _handle(self, event: Event) -> None:
         if isinstance(event, Ready):
@@ -655,7 +657,7 @@ class VoiceConnection:
                 # From the timer task this wakes the reader, which then ends the session.
                 await ws.close(code=event.code)
         elif isinstance(event, HeartbeatTimeout | ProtocolError):
-            _log.info("voice gateway: %s", event)
+            self.log.info("voice gateway: %s", event)
 
     async def _on_ready(self, event: Ready) -> None:
         await self._drop_transport()
@@ -667,7 +669,7 @@ class VoiceConnection:
         except TransportError:
             if len(self._transports) > 1:
                 # "auto": the first choice failed; the next connect identifies with the next one.
-                _log.warning("voice transport %s failed; falling back to %s", *self._transports)
+                self.log.warning("voice transport %s failed; falling back to %s", *self._transports)
                 self._transports.pop(0)
                 self._fell_back = True
             raise
