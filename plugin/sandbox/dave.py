@@ -1,0 +1,634 @@
+"""The sandbox voice server's part in DAVE, sans-I/O: Discord's side of the MLS group.
+
+:class:`DaveGroupServer` is what Discord's voice server does for one channel's DAVE group. It
+never reads media or MLS secrets; it holds the external sender's key, proposes who joins and
+leaves, picks one commit per epoch and relays it, and runs the transitions:
+
+- a member that identifies with DAVE gets op25 (the external sender) and answers op26 (its key
+  package);
+- with no group yet, the *founder* (the preferred committer if it has a key package, else the
+  member that joined first) gets op27 Add proposals for every other waiting member at epoch 0,
+  against its pending one-member group; its op28 commit founds the group;
+- with a group, every member gets op27 with Add proposals for waiting key packages and Remove
+  proposals for members who left or asked to be re-added (op31), signed as the external sender;
+  the first acceptable op28 wins (or only the preferred committer's, when one is set and in the
+  group), the others are counted and dropped;
+- the winning commit goes to the group's members as op29 and its welcome to the new members as
+  op30, under a fresh ``transition_id``; once every participant answered op23, op22 executes it;
+- a member whose commit or welcome failed sends op31: it stops counting for that transition and
+  is removed and re-added with the fresh key package it sends next;
+- a member leaving before its Add was committed is revoked (op27 ``revoke`` with the proposal's
+  ``ProposalRef``), and removed with a Remove proposal once it is in the group;
+- :meth:`~DaveGroupServer.downgrade` runs op21 to protocol 0 (plaintext) and drops the group;
+  :meth:`~DaveGroupServer.upgrade` sends op24 ``epoch: 1`` (and op25 again) so the members start a
+  new group, which becomes the protocol at the founding commit's execute.
+
+One change at a time: the next round of proposals waits until every open transition has
+executed, because clients apply a commit at its execute.
+
+:class:`DaveListener` is a member of the group inside the sandbox, a real ``davey`` session
+behind the same client code as Legato's, which decrypts what each sender sends so a recording
+proves the frames were end-to-end encrypted; :class:`DaveChannel` wires the two together and
+routes the listener's traffic in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final
+
+import davey
+
+from legato.sandbox.mls import (
+    ExternalSender,
+    KeyPackageInfo,
+    MLSDecodeError,
+    SignedProposal,
+    encode_opaque,
+    parse_key_package,
+    split_commit_welcome,
+)
+from legato.voice.dave import (
+    OP_EXECUTE_TRANSITION,
+    OP_MLS_ANNOUNCE_COMMIT_TRANSITION,
+    OP_MLS_COMMIT_WELCOME,
+    OP_MLS_EXTERNAL_SENDER,
+    OP_MLS_INVALID_COMMIT_WELCOME,
+    OP_MLS_KEY_PACKAGE,
+    OP_MLS_PROPOSALS,
+    OP_MLS_WELCOME,
+    OP_PREPARE_EPOCH,
+    OP_PREPARE_TRANSITION,
+    OP_TRANSITION_READY,
+    DaveClient,
+    DaveOutput,
+    SendBinary,
+    SendJson,
+)
+
+_log = logging.getLogger(__name__)
+
+#: DAVE frames end with this marker (https://daveprotocol.com/#magic-marker).
+DAVE_MAGIC_MARKER: Final = b"\xfa\xfa"
+_OPTYPE_APPEND: Final = 0
+_OPTYPE_REVOKE: Final = 1
+_MAX_TRANSITION_ID: Final = 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send ``message`` to ``user_id`` (binary messages get the connection's ``seq``)."""
+
+    user_id: int
+    message: SendJson | SendBinary
+
+
+@dataclass(slots=True)
+class DaveServerStats:
+    """What the server refused or noticed; tests assert on these."""
+
+    bad_key_packages: int = 0
+    bad_commits: int = 0
+    #: Valid commits that lost: another commit for the epoch was already chosen.
+    ignored_commits: int = 0
+    invalid_reports: int = 0
+    unknown_transition_ready: int = 0
+    malformed: int = 0
+    commits_relayed: int = 0
+    transitions_executed: int = 0
+    proposals_sent: int = 0
+    revokes_sent: int = 0
+
+
+@dataclass(slots=True)
+class _Member:
+    key_package: KeyPackageInfo | None = None
+    #: Reported op31 while in the group: remove its old leaf and add its new key package.
+    needs_readd: bool = False
+
+
+@dataclass(slots=True)
+class _Round:
+    epoch: int
+    founder: int | None
+    recipients: set[int]
+    adds: dict[bytes, int] = field(default_factory=dict)
+    add_packages: dict[int, KeyPackageInfo] = field(default_factory=dict)
+    removes: dict[bytes, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Transition:
+    version: int
+    awaiting: set[int]
+    ready: set[int] = field(default_factory=set)
+
+
+class DaveGroupServer:
+    """One voice channel's DAVE group as the voice server sees it.
+
+    Args:
+        channel_id: the channel (the MLS group id is its 8 big-endian bytes).
+        protocol_version: 1 for DAVE, 0 for a plaintext channel.
+        external_sender: the signing identity; generated when omitted.
+        preferred_committer: when set and eligible, only this member's commits are taken (and
+            it founds the group); tests use it to choose who commits.
+    """
+
+    def __init__(
+        self,
+        channel_id: int,
+        *,
+        protocol_version: int = 1,
+        external_sender: ExternalSender | None = None,
+        preferred_committer: int | None = None,
+    ) -> None:
+        self.channel_id = channel_id
+        self.group_id = channel_id.to_bytes(8, "big")
+        self.external_sender = external_sender or ExternalSender()
+        self.preferred_committer = preferred_committer
+        self.stats = DaveServerStats()
+        self._version = protocol_version
+        self._target_version = protocol_version
+        self._members: dict[int, _Member] = {}
+        #: User id per leaf index once the group exists (None: blank leaf).
+        self._leaves: list[int | None] = []
+        self._epoch: int | None = None
+        self._round: _Round | None = None
+        self._transitions: dict[int, _Transition] = {}
+        self._next_transition = 1
+
+    # -- views ------------------------------------------------------------------------------
+
+    @property
+    def protocol_version(self) -> int:
+        """The executed protocol version (what media is expected to be)."""
+        return self._version
+
+    @property
+    def session_protocol_version(self) -> int:
+        """What op4 tells a member joining now (the target during an upgrade)."""
+        return self._target_version
+
+    @property
+    def epoch(self) -> int | None:
+        """The group's epoch; None before the first commit."""
+        return self._epoch
+
+    @property
+    def group_members(self) -> tuple[int, ...]:
+        """User ids in the group, by leaf index."""
+        return tuple(u for u in self._leaves if u is not None)
+
+    @property
+    def open_transitions(self) -> dict[int, int]:
+        """``transition_id -> protocol_version`` not executed yet."""
+        return {tid: t.version for tid, t in self._transitions.items()}
+
+    def accepts(self, max_protocol_version: int) -> bool:
+        """Whether a client offering ``max_protocol_version`` may join (else close 4017)."""
+        return max_protocol_version >= self._target_version
+
+    # -- membership -------------------------------------------------------------------------
+
+    def join(self, user_id: int) -> list[Deliver]:
+        """A member identified (send after op4): op25 when DAVE is on."""
+        self._members[user_id] = _Member()
+        if self._target_version == 0:
+            return []
+        return [
+            Deliver(user_id, SendBinary(OP_MLS_EXTERNAL_SENDER, self.external_sender.package()))
+        ]
+
+    def leave(self, user_id: int) -> list[Deliver]:
+        """A member left the channel (or its connection ended for good)."""
+        if self._members.pop(user_id, None) is None:
+            return []
+        out: list[Deliver] = []
+        for tid in list(self._transitions):
+            out += self._drop_from_transition(tid, user_id)
+        round_ = self._round
+        if round_ is not None:
+            round_.recipients.discard(user_id)
+            revoked = [ref for ref, uid in round_.adds.items() if uid == user_id]
+            for ref in revoked:
+                del round_.adds[ref]
+                round_.add_packages.pop(user_id, None)
+            if revoked and round_.recipients:
+                # Members stored the proposal; unless revoked, their next commit would carry it.
+                payload = bytes([_OPTYPE_REVOKE]) + encode_opaque(
+                    b"".join(encode_opaque(ref) for ref in revoked)
+                )
+                self.stats.revokes_sent += 1
+                out += [
+                    Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload))
+                    for u in sorted(round_.recipients)
+                ]
+            if not round_.recipients or not (round_.adds or round_.removes):
+                # Nothing left to commit or nobody left to commit it: start the round over.
+                self._round = None
+        return out + self._propose()
+
+    # -- input ------------------------------------------------------------------------------
+
+    def receive_json(self, user_id: int, op: int, data: object) -> list[Deliver]:
+        """Feed a member's JSON DAVE op (23 transition ready, 31 invalid commit/welcome)."""
+        if user_id not in self._members:
+            return []
+        tid = data.get("transition_id") if isinstance(data, dict) else None
+        if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid <= 0xFFFF:
+            self.stats.malformed += 1
+            return []
+        if op == OP_TRANSITION_READY:
+            transition = self._transitions.get(tid)
+            if transition is None or user_id not in transition.awaiting:
+                self.stats.unknown_transition_ready += 1
+                return []
+            transition.awaiting.discard(user_id)
+            transition.ready.add(user_id)
+            return self._maybe_execute(tid)
+        if op == OP_MLS_INVALID_COMMIT_WELCOME:
+            self.stats.invalid_reports += 1
+            member = self._members[user_id]
+            member.key_package = None
+            if user_id in self._leaves:
+                member.needs_readd = True
+            out = self._drop_from_transition(tid, user_id)
+            if self._round is not None and user_id in self._round.recipients:
+                self._round.recipients.discard(user_id)
+                if not self._round.recipients:
+                    self._round = None
+            return out + self._propose()
+        return []
+
+    def receive_binary(self, user_id: int, op: int, payload: bytes) -> list[Deliver]:
+        """Feed a member's binary DAVE op (26 key package, 28 commit and welcome)."""
+        member = self._members.get(user_id)
+        if member is None:
+            return []
+        if op == OP_MLS_KEY_PACKAGE:
+            try:
+                package = parse_key_package(payload)
+            except MLSDecodeError as exc:
+                self.stats.bad_key_packages += 1
+                _log.info("key package from %d refused: %s", user_id, exc)
+                return []
+            if not package.signature_valid or package.user_id != user_id:
+                self.stats.bad_key_packages += 1
+                _log.info("key package from %d has a bad signature or identity", user_id)
+                return []
+            member.key_package = package
+            return self._propose()
+        if op == OP_MLS_COMMIT_WELCOME:
+            return self._on_commit(user_id, payload)
+        self.stats.malformed += 1
+        return []
+
+    # -- protocol version -------------------------------------------------------------------
+
+    def downgrade(self) -> list[Deliver]:
+        """Prepare a transition to protocol 0 (op21); op22 follows once all are ready."""
+        tid = self._new_transition(0, set(self._members))
+        self._target_version = 0
+        return [
+            Deliver(
+                u, SendJson(OP_PREPARE_TRANSITION, {"transition_id": tid, "protocol_version": 0})
+            )
+            for u in sorted(self._members)
+        ] + self._maybe_execute(tid)
+
+    def upgrade(self, protocol_version: int = 1) -> list[Deliver]:
+        """Start a new group at ``protocol_version`` (op24 epoch 1, then op25)."""
+        self._target_version = protocol_version
+        self._reset_group()
+        for member in self._members.values():
+            member.key_package = None
+            member.needs_readd = False
+        out: list[Deliver] = []
+        for u in sorted(self._members):
+            out.append(
+                Deliver(
+                    u,
+                    SendJson(OP_PREPARE_EPOCH, {"epoch": 1, "protocol_version": protocol_version}),
+                )
+            )
+            out.append(
+                Deliver(u, SendBinary(OP_MLS_EXTERNAL_SENDER, self.external_sender.package()))
+            )
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _reset_group(self) -> None:
+        self._leaves = []
+        self._epoch = None
+        self._round = None
+
+    def _new_transition(self, version: int, participants: set[int]) -> int:
+        tid = self._next_transition
+        self._next_transition = tid % _MAX_TRANSITION_ID + 1  # 1..65535; 0 means "at once"
+        self._transitions[tid] = _Transition(version, set(participants))
+        return tid
+
+    def _drop_from_transition(self, tid: int, user_id: int) -> list[Deliver]:
+        transition = self._transitions.get(tid)
+        if transition is None:
+            return []
+        transition.awaiting.discard(user_id)
+        transition.ready.discard(user_id)
+        return self._maybe_execute(tid)
+
+    def _maybe_execute(self, tid: int) -> list[Deliver]:
+        transition = self._transitions[tid]
+        if transition.awaiting:
+            return []
+        del self._transitions[tid]
+        self.stats.transitions_executed += 1
+        self._version = transition.version
+        if transition.version == 0:
+            self._reset_group()
+            for member in self._members.values():
+                member.key_package = None
+                member.needs_readd = False
+        _log.debug("transition %d executed (protocol %d)", tid, transition.version)
+        return [
+            Deliver(u, SendJson(OP_EXECUTE_TRANSITION, {"transition_id": tid}))
+            for u in sorted(transition.ready)
+            if u in self._members
+        ] + self._propose()
+
+    def _propose(self) -> list[Deliver]:
+        if self._round is not None or self._target_version == 0 or self._transitions:
+            # One change at a time: members apply a commit at its execute, so proposals for
+            # the next epoch wait until every open transition has executed.
+            return []
+        if self._epoch is None:
+            return self._propose_founding()
+        recipients = {
+            u
+            for u in self._leaves
+            if u is not None and u in self._members and not self._members[u].needs_readd
+        }
+        if not recipients:
+            self._reset_group()
+            return self._propose_founding()
+        removes = [
+            i
+            for i, u in enumerate(self._leaves)
+            if u is not None
+            and (
+                u not in self._members
+                or (self._members[u].needs_readd and self._members[u].key_package is not None)
+            )
+        ]
+        adds = {
+            u: m.key_package
+            for u, m in self._members.items()
+            if m.key_package is not None and (u not in self._leaves or m.needs_readd)
+        }
+        if not removes and not adds:
+            return []
+        round_ = _Round(self._epoch, None, recipients)
+        proposals: list[SignedProposal] = []
+        for leaf in removes:
+            p = self.external_sender.propose_remove(self.group_id, self._epoch, leaf)
+            round_.removes[p.ref] = leaf
+            proposals.append(p)
+        for u, package in adds.items():
+            p = self.external_sender.propose_add(self.group_id, self._epoch, package.raw)
+            round_.adds[p.ref] = u
+            round_.add_packages[u] = package
+            proposals.append(p)
+        return self._send_round(round_, proposals)
+
+    def _propose_founding(self) -> list[Deliver]:
+        candidates = [u for u, m in self._members.items() if m.key_package is not None]
+        if len(candidates) < 2:
+            return []  # alone: nobody to encrypt for yet
+        founder = (
+            self.preferred_committer if self.preferred_committer in candidates else candidates[0]
+        )
+        assert founder is not None
+        round_ = _Round(0, founder, {founder})
+        proposals: list[SignedProposal] = []
+        for u in candidates:
+            if u == founder:
+                continue
+            package = self._members[u].key_package
+            assert package is not None
+            p = self.external_sender.propose_add(self.group_id, 0, package.raw)
+            round_.adds[p.ref] = u
+            round_.add_packages[u] = package
+            proposals.append(p)
+        return self._send_round(round_, proposals)
+
+    def _send_round(self, round_: _Round, proposals: list[SignedProposal]) -> list[Deliver]:
+        self._round = round_
+        self.stats.proposals_sent += len(proposals)
+        payload = bytes([_OPTYPE_APPEND]) + encode_opaque(b"".join(p.message for p in proposals))
+        return [
+            Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)) for u in sorted(round_.recipients)
+        ]
+
+    def _on_commit(self, user_id: int, payload: bytes) -> list[Deliver]:
+        round_ = self._round
+        if round_ is None or user_id not in round_.recipients:
+            self.stats.ignored_commits += 1
+            return []
+        preferred = self.preferred_committer
+        if preferred is not None and preferred in round_.recipients and user_id != preferred:
+            self.stats.ignored_commits += 1
+            return []
+        try:
+            commit, welcome = split_commit_welcome(payload)
+        except MLSDecodeError as exc:
+            self.stats.bad_commits += 1
+            _log.info("commit from %d refused: %s", user_id, exc)
+            return []
+        expected = set(round_.adds) | set(round_.removes)
+        problem = None
+        if commit.group_id != self.group_id or commit.epoch != round_.epoch:
+            problem = f"group/epoch {commit.group_id.hex()}/{commit.epoch}"
+        elif commit.inline or set(commit.proposal_refs) != expected:
+            # Stale (a revoke crossed it) or not what was proposed.
+            problem = "proposals differ from the round's"
+        elif round_.adds and welcome is None:
+            problem = "adds members without a welcome"
+        if problem is not None:
+            self.stats.bad_commits += 1
+            _log.info("commit from %d refused: %s", user_id, problem)
+            return []
+
+        old_members = set(round_.recipients)
+        if round_.founder is not None:
+            self._leaves = [round_.founder]
+            self._members[round_.founder].key_package = None
+        for ref in commit.proposal_refs:
+            if ref in round_.removes:
+                self._leaves[round_.removes[ref]] = None
+        while self._leaves and self._leaves[-1] is None:
+            self._leaves.pop()
+        added: list[int] = []
+        for ref in commit.proposal_refs:
+            uid = round_.adds.get(ref)
+            if uid is None:
+                continue
+            if None in self._leaves:
+                self._leaves[self._leaves.index(None)] = uid
+            else:
+                self._leaves.append(uid)
+            added.append(uid)
+            member = self._members.get(uid)
+            if member is not None and member.key_package is round_.add_packages[uid]:
+                member.key_package = None
+                member.needs_readd = False
+        self._epoch = round_.epoch + 1
+        self._round = None
+        self.stats.commits_relayed += 1
+        joined = [u for u in added if u in self._members]
+        tid = self._new_transition(self._target_version, old_members | set(joined))
+        prefix = tid.to_bytes(2, "big")
+        out = [
+            Deliver(u, SendBinary(OP_MLS_ANNOUNCE_COMMIT_TRANSITION, prefix + commit.raw))
+            for u in sorted(old_members)
+        ]
+        if welcome is not None:
+            out += [Deliver(u, SendBinary(OP_MLS_WELCOME, prefix + welcome.raw)) for u in joined]
+        return out + self._propose()
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    """What the listener saw per frame."""
+
+    decrypted: int = 0
+    #: Frames without DAVE's magic marker, accepted as plaintext (before the first execute,
+    #: after a downgrade).
+    plaintext: int = 0
+    failed: int = 0
+
+
+class DaveListener:
+    """A group member inside the sandbox that decrypts every sender's frames.
+
+    Args:
+        user_id: its user id (a member like any other; choose one no real user has).
+        channel_id: the channel.
+    """
+
+    def __init__(self, user_id: int, channel_id: int) -> None:
+        self.user_id = user_id
+        self.client = DaveClient(user_id, channel_id)
+        self.stats = ListenerStats()
+
+    def handle(self, message: SendJson | SendBinary) -> list[DaveOutput]:
+        """Process one message the server sent it; returns its answers."""
+        if isinstance(message, SendJson):
+            return self.client.receive_json(message.op, message.data)
+        return self.client.receive_binary(message.op, message.payload)
+
+    def decrypt(self, sender_id: int, frame: bytes) -> bytes | None:
+        """Recover a sender's Opus frame.
+
+        Returns:
+            The Opus frame, or None when it carries DAVE's marker but does not decrypt.
+        """
+        session = self.client.session
+        if not frame.endswith(DAVE_MAGIC_MARKER) or session is None:
+            self.stats.plaintext += 1
+            return frame
+        try:
+            plain = session.decrypt(sender_id, davey.MediaType.audio, frame)
+        except ValueError as exc:
+            self.stats.failed += 1
+            _log.debug("listener could not decrypt %d's frame: %s", sender_id, exc)
+            return None
+        self.stats.decrypted += 1
+        return plain
+
+
+class DaveChannel:
+    """A channel's DAVE server plus the sandbox listener, with the listener's traffic routed.
+
+    Every method returns only what must go to remote members; messages for the listener are
+    handled in-process, in order, and its answers fed back to the server.
+
+    Args:
+        channel_id: the channel.
+        listener_id: the listener's user id.
+        protocol_version: 1 for DAVE.
+        preferred_committer: see :class:`DaveGroupServer`.
+        external_sender: see :class:`DaveGroupServer`.
+    """
+
+    def __init__(
+        self,
+        channel_id: int,
+        *,
+        listener_id: int,
+        protocol_version: int = 1,
+        preferred_committer: int | None = None,
+        external_sender: ExternalSender | None = None,
+    ) -> None:
+        self.server = DaveGroupServer(
+            channel_id,
+            protocol_version=protocol_version,
+            preferred_committer=preferred_committer,
+            external_sender=external_sender,
+        )
+        self.listener = DaveListener(listener_id, channel_id)
+        answers = self.listener.client.start(self.server.session_protocol_version)
+        routed = self.server.join(listener_id)
+        self._held = self._route(routed + self._from_listener(answers))
+
+    def take_held(self) -> list[Deliver]:
+        """Deliveries produced at construction (none unless a remote member was added)."""
+        out, self._held = self._held, []
+        return out
+
+    def join(self, user_id: int) -> list[Deliver]:
+        """See :meth:`DaveGroupServer.join`."""
+        return self._route(self.server.join(user_id))
+
+    def leave(self, user_id: int) -> list[Deliver]:
+        """See :meth:`DaveGroupServer.leave`."""
+        return self._route(self.server.leave(user_id))
+
+    def receive_json(self, user_id: int, op: int, data: object) -> list[Deliver]:
+        """See :meth:`DaveGroupServer.receive_json`."""
+        return self._route(self.server.receive_json(user_id, op, data))
+
+    def receive_binary(self, user_id: int, op: int, payload: bytes) -> list[Deliver]:
+        """See :meth:`DaveGroupServer.receive_binary`."""
+        return self._route(self.server.receive_binary(user_id, op, payload))
+
+    def downgrade(self) -> list[Deliver]:
+        """See :meth:`DaveGroupServer.downgrade`."""
+        return self._route(self.server.downgrade())
+
+    def upgrade(self, protocol_version: int = 1) -> list[Deliver]:
+        """See :meth:`DaveGroupServer.upgrade`."""
+        return self._route(self.server.upgrade(protocol_version))
+
+    def _from_listener(self, answers: list[DaveOutput]) -> list[Deliver]:
+        lid = self.listener.user_id
+        out: list[Deliver] = []
+        for answer in answers:
+            if isinstance(answer, SendJson):
+                out += self.server.receive_json(lid, answer.op, answer.data)
+            else:
+                out += self.server.receive_binary(lid, answer.op, answer.payload)
+        return out
+
+    def _route(self, deliveries: list[Deliver]) -> list[Deliver]:
+        queue = deque(deliveries)
+        remote: list[Deliver] = []
+        while queue:
+            item = queue.popleft()
+            if item.user_id != self.listener.user_id:
+                remote.append(item)
+                continue
+            queue.extend(self._from_listener(self.listener.handle(item.message)))
+        return remote
