@@ -1,0 +1,515 @@
+"""Which URLs Legato may fetch: refuse local schemes, internal addresses and unlisted domains.
+
+A user's link makes the bot's machine send requests; without a guard, ``/play
+http://169.254.169.254/latest/meta-data/`` or ``http://127.0.0.1:8080/admin`` turns the bot into a
+way into the network it runs in (server-side request forgery). :class:`UrlPolicy` decides, for
+one URL:
+
+- the scheme is allowed (``http``/``https``; ``file`` only with ``allow_local_files``);
+- there is no userinfo (``http://evil@127.0.0.1``), no backslash or control character in the
+  authority (parsers disagree about those), and the port is a number;
+- the host, once normalised (lower case, no trailing dot, IDNA; numeric spellings such as
+  ``2130706433``, ``0x7f.1`` or ``0177.0.0.1`` read the way ``inet_aton`` reads them), is not a
+  loopback, link-local, private, shared (CGNAT), unspecified, multicast or reserved address, nor
+  an IPv6 form embedding one (IPv4-mapped, IPv4-compatible, 6to4, NAT64), unless
+  ``allow_private``; cloud metadata addresses are refused even then;
+- when ``allowed_domains`` is set, the host is one of them or a subdomain, matched on label
+  boundaries (``example.com`` allows ``a.example.com``, not ``badexample.com``);
+- every address a host name resolves to passes the same address rules (:meth:`UrlPolicy.check`
+  resolves off the event loop).
+
+``allowed_hosts`` names exact exceptions (``"127.0.0.1:8000"``, ``"media.lan"``): such a host
+(and port, when one is given) skips the address and domain rules, and nothing else does. Tests
+and the sandbox serve media from 127.0.0.1 this way without opening all of loopback.
+
+Redirects: yt-dlp and FFmpeg follow redirects themselves, so the guard also checks what they
+ended at (:meth:`UrlPolicy.check_info` on yt-dlp's answer) and walks a media URL's redirect chain
+itself before FFmpeg opens it (:meth:`UrlPolicy.follow_redirects`: HEAD, or GET without reading
+the body, every hop checked, at most ``max_redirects``), handing FFmpeg the final URL. A server
+that answers the walk and FFmpeg differently, or a name whose DNS answer changes between the
+check and the fetch, can still get past: checking cannot pin the connection FFmpeg makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import http.client
+import ipaddress
+import logging
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Final, NoReturn, TypeAlias
+
+from legato.errors import ResolveError
+
+__all__ = [
+    "METADATA_ADDRESSES",
+    "NOT_ALLOWED",
+    "UNKNOWN_HOST",
+    "UNREACHABLE",
+    "UrlPolicy",
+    "address_problem",
+    "canonical_hosts",
+]
+
+_log = logging.getLogger(__name__)
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: What a refused URL tells the user. The log detail says which rule refused it.
+NOT_ALLOWED: Final = "That address is not allowed."
+#: A host name that does not resolve.
+UNKNOWN_HOST: Final = "I could not find that web address."
+#: Could not reach the host while following its redirects.
+UNREACHABLE: Final = "I could not reach that address."
+
+#: Cloud instance-metadata endpoints (AWS/GCP/Azure/OpenStack, AWS IPv6, ECS task metadata,
+#: Alibaba): refused even when private addresses are allowed, as they hand out credentials.
+METADATA_ADDRESSES: Final = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
+)
+
+_CGNAT: Final = ipaddress.ip_network("100.64.0.0/10")
+_NAT64: Final = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE: Final = ipaddress.ip_network("::/96")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_NUMERIC_LABEL: Final = re.compile(r"0x[0-9a-f]*|[0-9]+")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_BAD_AUTHORITY: Final = re.compile(r"[ \\]")
+_BAD_HEADER: Final = re.compile(r"[\r\n\x00]")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, NAT64, compatible), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _V4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_problem(ip: IPAddress, *, allow_private: bool = False) -> str | None:
+    """Why Legato must not connect to ``ip``, or ``None`` when it may.
+
+    Args:
+        ip: The address.
+        allow_private: Allow every non-public address except the cloud metadata ones.
+
+    Returns:
+        A short reason ("loopback", "private"...) for the log, or ``None``.
+    """
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            # A connection to it goes to the IPv4 address inside: judge that one.
+            problem = address_problem(inner, allow_private=allow_private)
+            return f"{problem} ({inner} embedded)" if problem is not None else None
+    if allow_private:
+        return None
+    for reason, hit in (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("shared (CGNAT)", ip in _CGNAT),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    ):
+        if hit:
+            return reason
+    if not ip.is_global:
+        return "not a public address"
+    return None
+
+
+def _loose_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """Read ``host`` the way ``inet_aton`` (and so ``getaddrinfo``) does, if it is numeric.
+
+    ``2130706433``, ``0x7f.1``, ``0177.0.0.1`` and ``127.1`` all mean 127.0.0.1.
+
+    Raises:
+        ValueError: It is all numeric labels but no valid address (such a name never resolves
+            through DNS the same way on every resolver, so it is refused rather than guessed).
+    """
+    labels = host.split(".")
+    if not all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
+        return None
+    if len(labels) > 4:
+        raise ValueError(f"{host!r} has more than four numeric parts")
+    values: list[int] = []
+    for label in labels:
+        if label.startswith("0x"):
+            values.append(int(label[2:] or "0", 16))
+        elif len(label) > 1 and label.startswith("0"):
+            values.append(int(label, 8))  # ValueError on 8 and 9
+        else:
+            values.append(int(label))
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
+        raise ValueError(f"{host!r} is out of range")
+    number = 0
+    for v in head:
+        number = number << 8 | v
+    number = number << (8 * (4 - len(head))) | last
+    return ipaddress.IPv4Address(number)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    scheme: str
+    host: str  # normalised: lower case, ASCII (IDNA), no trailing dot; an IP in canonical form
+    port: int | None
+    ip: IPAddress | None
+
+
+def _normalise_host(raw: str) -> tuple[str, IPAddress | None]:
+    """Canonical host and its address when it is an IP literal (any spelling)."""
+    host = raw.strip().lower()
+    if "%" in host:  # an IPv6 zone id: only link-local addresses have one
+        host = host.split("%", 1)[0]
+    host = host.rstrip(".")
+    if not host:
+        raise ValueError("no host")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"{raw!r} is not a valid international domain name") from exc
+        host = host.rstrip(".")
+    ip: IPAddress | None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = _loose_ipv4(host)
+    if ip is not None:
+        return str(ip), ip
+    if not all(0 < len(label) <= 63 for label in host.split(".")):
+        raise ValueError(f"{raw!r} is not a valid host name")
+    return host, None
+
+
+def _parse_exception(entry: str) -> tuple[str, int | None]:
+    """``host`` / ``host:port`` / ``[v6]:port`` of ``allowed_hosts`` → (canonical host, port)."""
+    parts = urllib.parse.urlsplit("//" + entry.strip())
+    if parts.hostname is None or parts.username is not None:
+        raise ValueError(f"allowed_hosts entry {entry!r} is not host or host:port")
+    host, _ = _normalise_host(parts.hostname)
+    return host, parts.port
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """The rules a URL must pass before Legato (or yt-dlp, or FFmpeg for it) fetches it.
+
+    Attributes:
+        allowed_schemes: URL schemes accepted; ``file`` is added by ``allow_local_files``.
+        allowed_domains: Hosts accepted, each with its subdomains; ``None`` (or empty) accepts
+            every host name. IP literals are refused when this is set.
+        allow_private: Accept loopback, private, link-local and other non-public addresses
+            (never the cloud metadata addresses).
+        allow_local_files: Accept ``file://`` URLs (paths on the bot's machine).
+        allowed_hosts: Exact exceptions, ``"host"`` (any port) or ``"host:port"``, which skip
+            the address and domain rules, e.g. a media server on ``127.0.0.1:8000``.
+        max_redirects: Most redirects :meth:`follow_redirects` follows.
+        timeout: Seconds each request of :meth:`follow_redirects` may take.
+
+    Raises:
+        ValueError: An ``allowed_domains`` or ``allowed_hosts`` entry is malformed.
+    """
+
+    allowed_schemes: tuple[str, ...] = ("http", "https")
+    allowed_domains: tuple[str, ...] | None = None
+    allow_private: bool = False
+    allow_local_files: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    max_redirects: int = 5
+    timeout: float = 10.0
+    _domains: tuple[str, ...] | None = field(init=False, repr=False, compare=False)
+    _exceptions: frozenset[tuple[str, int | None]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        domains: tuple[str, ...] | None = None
+        if self.allowed_domains:
+            normalised = []
+            for d in self.allowed_domains:
+                host, ip = _normalise_host(d)
+                if ip is not None:
+                    raise ValueError(f"allowed_domains entry {d!r} is an address, not a domain")
+                normalised.append(host)
+            domains = tuple(normalised)
+        object.__setattr__(self, "_domains", domains)
+        object.__setattr__(
+            self, "_exceptions", frozenset(_parse_exception(h) for h in self.allowed_hosts)
+        )
+        if self.max_redirects < 0:
+            raise ValueError(f"max_redirects must be >= 0, got {self.max_redirects}")
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def check_url(self, url: str) -> None:
+        """Check ``url``'s form, scheme, host and any IP literal; no DNS lookup.
+
+        Raises:
+            ResolveError: The URL is refused (``user_message`` is :data:`NOT_ALLOWED`).
+        """
+        self._target(url)
+
+    def check_resolved(self, url: str) -> None:
+        """:meth:`check_url`, then every address the host name resolves to. Blocking (DNS).
+
+        Raises:
+            ResolveError: The URL is refused, or its host does not resolve.
+        """
+        target = self._target(url)
+        if target.ip is not None or target.scheme == "file" or self._excepted(target):
+            return
+        port = target.port or _DEFAULT_PORTS.get(target.scheme, 0)
+        try:
+            answers = socket.getaddrinfo(target.host, port, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ResolveError(
+                f"{_short(url)}: host {target.host!r} does not resolve: {exc}",
+                user_message=UNKNOWN_HOST,
+            ) from exc
+        for *_, sockaddr in answers:
+            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            problem = address_problem(ip, allow_private=self.allow_private)
+            if problem is not None:
+                self._refuse(url, f"{target.host} resolves to {ip}: {problem}")
+
+    async def check(
+        self,
+        url: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        """:meth:`check_resolved` with the DNS lookup in ``executor``, off the event loop.
+
+        Raises:
+            ResolveError: As :meth:`check_resolved`.
+        """
+        self.check_url(url)  # cheap refusals without a thread hop
+        running = loop or asyncio.get_running_loop()
+        await running.run_in_executor(executor, self.check_resolved, url)
+
+    def check_headers(self, headers: Mapping[str, str]) -> None:
+        """Refuse request headers that could redirect or split a request FFmpeg makes.
+
+        ``Host`` would send the request to another virtual host than the URL names, and a CR
+        or LF would inject headers (FFmpeg joins them with CRLF).
+
+        Raises:
+            ResolveError: A header is refused.
+        """
+        for name, value in headers.items():
+            if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
+                self._refuse(name, "header with a line break or NUL")
+            if name.strip().lower() == "host":
+                self._refuse(value, "explicit Host header")
+
+    def check_info(self, info: Mapping[str, Any]) -> None:
+        """Check the URLs and headers in a yt-dlp answer (after its own redirects).
+
+        The page it ended at (``webpage_url``), the media URL (``url``), the URLs of the
+        formats it chose and of flat playlist entries, and ``http_headers``.
+
+        Raises:
+            ResolveError: One of them is refused.
+        """
+        for key in ("webpage_url", "url"):
+            value = info.get(key)
+            if isinstance(value, str) and "://" in value:
+                self.check_resolved(value)
+        for fmt in info.get("requested_formats") or ():
+            if isinstance(fmt, Mapping):
+                self.check_info(fmt)
+        for entry in info.get("entries") or ():
+            if isinstance(entry, Mapping):
+                self.check_info(entry)
+        headers = info.get("http_headers")
+        if isinstance(headers, Mapping):
+            self.check_headers({str(k): str(v) for k, v in headers.items()})
+
+    # -- redirects ----------------------------------------------------------------------------
+
+    def follow_redirects(self, url: str, headers: Mapping[str, str] | None = None) -> str:
+        """Follow ``url``'s redirects, checking every hop, and return where they end. Blocking.
+
+        HEAD first; GET (closed before any body is read) when the server refuses HEAD. A final
+        answer that is an error (404...) ends the walk there: whoever fetches it reports that.
+
+        Raises:
+            ResolveError: A hop is refused, there are more than ``max_redirects``, or the host
+                cannot be reached.
+        """
+        self.check_resolved(url)
+        sent = dict(headers or {})
+        self.check_headers(sent)
+        final = url
+        for method in ("HEAD", "GET"):
+            opener = urllib.request.build_opener(_CheckingRedirects(self))
+            request = urllib.request.Request(url, headers=sent, method=method)
+            try:
+                with opener.open(request, timeout=self.timeout) as response:
+                    final = str(response.geturl())
+                break
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if 300 <= exc.code < 400:
+                    # urllib's own refusal (a redirect to ftp:, file:...) or a 3xx with no
+                    # Location: never hand such a chain to FFmpeg.
+                    self._refuse(str(exc.filename or url), f"redirect refused: {exc.reason}")
+                if method == "HEAD" and exc.code in (403, 405, 501):
+                    continue  # some servers refuse HEAD only
+                final = str(exc.filename or url)
+                break
+            except urllib.error.URLError as exc:
+                raise ResolveError(
+                    f"{_short(url)}: following redirects failed: {exc.reason}",
+                    user_message=UNREACHABLE,
+                ) from exc
+            except (TimeoutError, OSError) as exc:
+                raise ResolveError(
+                    f"{_short(url)}: following redirects failed: {exc}", user_message=UNREACHABLE
+                ) from exc
+        if final != url:
+            _log.debug("%s redirects to %s", _short(url), _short(final))
+        return final
+
+    async def follow(
+        self,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> str:
+        """:meth:`follow_redirects` in ``executor``, off the event loop."""
+        self.check_url(url)
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.follow_redirects, url, headers)
+        return await loop.run_in_executor(executor, call)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _target(self, url: str) -> _Target:
+        if _CONTROL.search(url):
+            self._refuse(url, "control character")
+        if _BAD_AUTHORITY.search(_authority(url)):
+            self._refuse(url, "space or backslash in the host part")
+        try:
+            parts = urllib.parse.urlsplit(url.strip())
+            port = parts.port
+        except ValueError as exc:
+            self._refuse(url, f"malformed: {exc}")
+        scheme = parts.scheme.lower()
+        schemes = {s.lower() for s in self.allowed_schemes}
+        if self.allow_local_files:
+            schemes.add("file")
+        if scheme not in schemes:
+            self._refuse(url, f"scheme {scheme or '(none)'!r}")
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                self._refuse(url, "file URL on another machine")
+            return _Target(scheme, "", None, None)
+        if "@" in parts.netloc:
+            self._refuse(url, "user name or password in the URL")
+        try:
+            host, ip = _normalise_host(parts.hostname or "")
+        except ValueError as exc:
+            self._refuse(url, f"host: {exc}")
+        target = _Target(scheme, host, port, ip)
+        if self._excepted(target):
+            return target
+        if ip is not None:
+            problem = address_problem(ip, allow_private=self.allow_private)
+            if problem is not None:
+                self._refuse(url, f"{ip} is {problem}")
+        if (
+            ip is None
+            and not self.allow_private
+            and (host == "localhost" or host.endswith(".localhost"))
+        ):
+            self._refuse(url, f"{host} is a loopback name")
+        if self._domains is not None:
+            if ip is not None:
+                self._refuse(url, "an address where only listed domains are allowed")
+            if not any(host == d or host.endswith("." + d) for d in self._domains):
+                self._refuse(url, f"{host} is not in the allowed domains")
+        return target
+
+    def _excepted(self, target: _Target) -> bool:
+        if not self._exceptions:
+            return False
+        if (target.host, None) in self._exceptions:
+            return True
+        port = target.port or _DEFAULT_PORTS.get(target.scheme)
+        return port is not None and (target.host, port) in self._exceptions
+
+    def _refuse(self, url: str, why: str) -> NoReturn:
+        _log.info("refused %s: %s", _short(url), why)
+        raise ResolveError(f"refused {_short(url)}: {why}", user_message=NOT_ALLOWED)
+
+
+class _CheckingRedirects(urllib.request.HTTPRedirectHandler):
+    """Check each hop with the policy; keep HEAD a HEAD; count hops against the limit."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.hops = 0
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        self.hops += 1
+        if self.hops > self.policy.max_redirects:
+            self.policy._refuse(req.full_url, f"more than {self.policy.max_redirects} redirects")
+        self.policy.check_resolved(newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and req.get_method() == "HEAD":
+            new.method = "HEAD"
+        return new
+
+
+def _authority(url: str) -> str:
+    """The text between ``//`` and the next ``/``, ``?`` or ``#`` (before any parsing)."""
+    rest = url.strip().split("//", 1)
+    if len(rest) < 2:
+        return ""
+    return re.split(r"[/?#]", rest[1], maxsplit=1)[0]
+
+
+def _short(url: str, limit: int = 200) -> str:
+    """A URL fit for a log line: bounded, without control characters."""
+    clean = "".join(c if c.isprintable() else "?" for c in url)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def canonical_hosts(entries: Iterable[str]) -> tuple[str, ...]:
+    """Canonical forms of ``allowed_hosts`` entries (for configuration checks).
+
+    Raises:
+        ValueError: An entry is malformed.
+    """
+    out = []
+    for entry in entries:
+        host, port = _parse_exception(entry)
+        out.append(host if port is None else f"{host}:{port}")
+    return tuple(out)
