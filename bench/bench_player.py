@@ -246,6 +246,11 @@ class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         del format, args
 
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        # The player is closed right after its first frame: the client hangs up mid-file.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            super().copyfile(source, outputfile)
+
 
 def _serve(directory: Path) -> tuple[ThreadingHTTPServer, str]:
     handler = lambda *a, **k: _QuietHandler(*a, directory=str(directory), **k)  # noqa: E731

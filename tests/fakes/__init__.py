@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.fakes.clock import FakeClock, FakeTimer, settle
 from tests.fakes.executor import InlineExecutor
 from tests.fakes.sink import RecordingSink, SinkEvent
-from tests.fakes.source import ScriptedOpener, ScriptedSource, frame_id, make_frames
+from tests.fakes.source import ScriptedOpener, ScriptedSource, ToneSource, frame_id, make_frames
 
 __all__ = [
     "FakeClock",
@@ -15,6 +15,7 @@ __all__ = [
     "ScriptedOpener",
     "ScriptedSource",
     "SinkEvent",
+    "ToneSource",
     "frame_id",
     "make_frames",
     "settle",

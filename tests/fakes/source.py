@@ -170,3 +170,55 @@ class ScriptedOpener:
         if self.on_open is not None:
             self.on_open(source)
         return source
+
+
+class ToneSource:
+    """A FrameSource of real Opus: a sine of ``freq`` Hz for ``seconds``, encoded as it is read.
+
+    For tests that need frames a decoder accepts (what the voice path or a recording checks).
+    ``passthrough`` is False: the frames are encoded here, as the decode path would.
+    """
+
+    def __init__(self, freq: float = 440.0, seconds: float = 1.0, amplitude: float = 0.5) -> None:
+        from legato.audio.encode import OpusEncoder
+
+        self.freq = freq
+        self.amplitude = amplitude
+        self.total = round(seconds / FRAME_S)
+        self.index = 0
+        self.volume = 1.0
+        self.closed = False
+        self._encoder = OpusEncoder()
+
+    passthrough = False
+
+    @property
+    def position(self) -> float:
+        return self.index * FRAME_S
+
+    @property
+    def duration(self) -> float | None:
+        return self.total * FRAME_S
+
+    def read(self, max_frames: int) -> list[bytes]:
+        import numpy as np
+
+        from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
+
+        out = []
+        for k in range(self.index, min(self.total, self.index + max_frames)):
+            t = (np.arange(FRAME_SAMPLES) + k * FRAME_SAMPLES) / SAMPLE_RATE
+            level = self.amplitude * self.volume * 32767
+            mono = (level * np.sin(2 * np.pi * self.freq * t)).astype("<i2")
+            out.append(self._encoder.encode(np.repeat(mono, 2).tobytes()))
+        self.index += len(out)
+        return out
+
+    def seek(self, seconds: float) -> None:
+        self.index = max(0, min(self.total, round(seconds / FRAME_S)))
+
+    def set_volume(self, volume: float) -> None:
+        self.volume = volume
+
+    def close(self) -> None:
+        self.closed = True

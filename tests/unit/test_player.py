@@ -556,3 +556,24 @@ async def test_source_calls_never_overlap_with_a_real_thread_pool() -> None:
     assert not [e for e in events if isinstance(e, TrackFailed)]
     assert all(s.closed for s in opener.sources)
     assert len(opener.sources[0].seeks) == 40
+
+
+async def test_tone_source_plays_real_opus_at_its_frequency() -> None:
+    from legato.audio.analysis import dominant_frequency, pcm_to_mono
+    from legato.audio.encode import decode_opus_packets
+    from tests.fakes import ToneSource
+
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+
+    async def opener(track: Track, start: float) -> FrameSource:
+        return ToneSource(freq=float(track.url), seconds=0.5)
+
+    player = GuildPlayer(sink, opener, clock=clock, executor=InlineExecutor())
+    player.queue.add([Track(url="523", title="c5")])
+    player.start()
+    await clock.run_until(lambda: player.state is PlayerState.IDLE)
+    assert len(sink.audio) == 25
+    mono = pcm_to_mono(decode_opus_packets(sink.audio))
+    assert dominant_frequency(mono) == pytest.approx(523.0, abs=2.0)
+    await player.close()
