@@ -457,6 +457,7 @@ class UrlPolicy:
         return port is not None and (target.host, port) in self._exceptions
 
     def _refuse(self, url: str, why: str) -> NoReturn:
+        why = " ".join(why.split())  # library messages carry line breaks
         _log.info("refused %s: %s", _short(url), why)
         raise ResolveError(f"refused {_short(url)}: {why}", user_message=NOT_ALLOWED)
 

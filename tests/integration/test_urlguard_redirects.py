@@ -1,0 +1,236 @@
+"""UrlPolicy.follow_redirects against real redirects served on 127.0.0.1.
+
+The policy allows exactly the media server (``allowed_hosts=("127.0.0.1:PORT",)``), as the
+sandbox does. The "internal" targets are two more servers: one on 127.0.0.1 at another port and
+one on 127.0.0.2 at the media server's own port, so neither the port nor the address alone can
+let a hop through. Each counts the requests it gets: a refused hop must reach nobody.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from legato.audio.urlguard import NOT_ALLOWED, UrlPolicy
+from legato.errors import ResolveError
+from tests.media import MediaServer, Route
+
+pytestmark = pytest.mark.integration
+
+TONE = "mp3-44k-stereo.mp3"
+
+
+class Target:
+    """A server that must never be reached: it counts requests and answers 200 "secret"."""
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "6")
+                self.end_headers()
+                self.wfile.write(b"secret")
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def other_port() -> Iterator[Target]:
+    target = Target("127.0.0.1")
+    yield target
+    target.close()
+
+
+@pytest.fixture(scope="module")
+def other_address(media_server: MediaServer) -> Iterator[Target]:
+    target = Target("127.0.0.2", media_server.port)
+    yield target
+    target.close()
+
+
+@pytest.fixture
+def policy(media_server: MediaServer) -> UrlPolicy:
+    return UrlPolicy(allowed_hosts=(f"127.0.0.1:{media_server.port}",))
+
+
+def redirect(location: str, status: int = 302, *, head_status: int | None = None) -> Route:
+    """A route answering ``status`` with ``Location: location`` (``head_status`` for HEAD)."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        code = head_status if head_status is not None and request.command == "HEAD" else status
+        request.send_response(code)
+        if 300 <= code < 400:
+            request.send_header("Location", location)
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    return Route(handler=handler)
+
+
+@pytest.fixture
+def route(media_server: MediaServer, request: pytest.FixtureRequest) -> Callable[..., str]:
+    """``route(name, location, ...)``: add a redirect unique to this test; return its URL."""
+    prefix = f"urlguard/{request.node.name}/"
+
+    def add(name: str, location: str, status: int = 302, **kw: int | None) -> str:
+        return media_server.add_route(prefix + name, redirect(location, status, **kw))
+
+    return add
+
+
+async def test_allowed_chain_ends_at_the_media(
+    policy: UrlPolicy, media_server: MediaServer, route: Callable[..., str]
+) -> None:
+    final = media_server.url(TONE)
+    second = route("second", final, 301)
+    first = route("first", second.replace(media_server.base_url, ""), 307)  # relative Location
+    before = media_server.request_count(TONE)
+    assert await policy.follow(first) == final
+    # HEAD all the way: the media itself was asked for once, without its body.
+    assert media_server.request_count(TONE) == before + 1
+    heads = [r for r in media_server.request_log if r.path == "/" + TONE]
+    assert heads[-1].method == "HEAD"
+
+
+async def test_url_without_redirects_is_returned_as_is(
+    policy: UrlPolicy, media_server: MediaServer
+) -> None:
+    url = media_server.url(TONE)
+    assert await policy.follow(url) == url
+
+
+@pytest.mark.parametrize("which", ["other_port", "other_address"])
+async def test_hop_to_an_internal_server_is_refused_before_it_is_reached(
+    policy: UrlPolicy,
+    route: Callable[..., str],
+    request: pytest.FixtureRequest,
+    which: str,
+) -> None:
+    target: Target = request.getfixturevalue(which)
+    secret = target.url("secret")
+    # Without the guard the chain works: the target really is reachable from here.
+    assert await UrlPolicy(allow_private=True).follow(route("probe", secret)) == secret
+    assert target.hits == ["/secret"]
+    target.hits.clear()
+
+    start = route("start", route("middle", secret))
+    with pytest.raises(ResolveError) as info:
+        await policy.follow(start)
+    assert info.value.user_message == NOT_ALLOWED
+    assert "127.0.0." in str(info.value)
+    assert target.hits == []
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://2130706433:{port}/secret",
+        "http://0x7f.1:{port}/secret",
+        "http://[::ffff:127.0.0.1]:{port}/secret",
+        "http://evil@127.0.0.1:{port}/secret",
+        "http://localhost:{port}/secret",
+    ],
+)
+async def test_hop_in_another_spelling_is_refused(
+    policy: UrlPolicy, route: Callable[..., str], other_port: Target, location: str
+) -> None:
+    port = other_port.server.server_address[1]
+    with pytest.raises(ResolveError) as info:
+        await policy.follow(route("start", location.format(port=port)))
+    assert info.value.user_message == NOT_ALLOWED
+    assert other_port.hits == []
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://10.0.0.1/admin",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x",
+        "gopher://127.0.0.1:6379/_INFO",
+    ],
+)
+async def test_hop_to_metadata_private_or_local_scheme_is_refused(
+    policy: UrlPolicy, route: Callable[..., str], location: str
+) -> None:
+    # The refusal comes before any connection: nothing is sent to these addresses.
+    with pytest.raises(ResolveError) as info:
+        await policy.follow(route("start", location))
+    assert info.value.user_message == NOT_ALLOWED
+
+
+async def test_hops_are_bounded(
+    policy: UrlPolicy, media_server: MediaServer, route: Callable[..., str]
+) -> None:
+    final = media_server.url(TONE)
+    url = final
+    for i in range(5):
+        url = route(f"hop{i}", url)
+    assert await policy.follow(url) == final  # exactly five: fine
+    with pytest.raises(ResolveError, match="more than 5 redirects"):
+        await policy.follow(route("sixth", url))
+    loop_url = media_server.url("urlguard/test_hops_are_bounded/loop")
+    assert route("loop", loop_url) == loop_url
+    with pytest.raises(ResolveError, match="infinite loop") as info:
+        await policy.follow(loop_url)
+    assert info.value.user_message == NOT_ALLOWED
+
+
+async def test_server_refusing_head_is_walked_with_get(
+    policy: UrlPolicy, media_server: MediaServer, route: Callable[..., str], other_port: Target
+) -> None:
+    final = media_server.url(TONE)
+    assert await policy.follow(route("get-only", final, head_status=405)) == final
+    with pytest.raises(ResolveError):
+        await policy.follow(route("get-only-bad", other_port.url("secret"), head_status=405))
+    assert other_port.hits == []
+
+
+async def test_error_answer_ends_the_walk(
+    policy: UrlPolicy, media_server: MediaServer, route: Callable[..., str]
+) -> None:
+    missing = media_server.url("urlguard/no-such-file.mp3")
+    assert await policy.follow(route("to-404", missing)) == missing
+
+
+async def test_redirect_without_location_is_refused(
+    policy: UrlPolicy, route: Callable[..., str]
+) -> None:
+    media_url = route("nowhere", "", 302)
+    with pytest.raises(ResolveError):
+        await policy.follow(media_url)
+
+
+async def test_unreachable_host_is_reported() -> None:
+    closed = Target("127.0.0.1")
+    url = closed.url("gone")
+    closed.close()
+    allowing = UrlPolicy(allowed_hosts=(url.split("/")[2],))
+    with pytest.raises(ResolveError, match="following redirects failed"):
+        await allowing.follow(url)
