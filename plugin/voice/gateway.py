@@ -384,7 +384,9 @@ class VoiceConnection:
         ws = self._ws
         if ws is not None and not ws.closed and self._closer is None:
             # Closing wakes the reader, which then reconnects to the new endpoint.
-            self._closer = asyncio.get_running_loop().create_task(self._close_for_move(ws))
+            self._closer = asyncio.get_running_loop().create_task(
+                self._close_for_move(ws), name="legato-voice-move-close"
+            )
 
     async def _close_for_move(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:

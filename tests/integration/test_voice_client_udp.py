@@ -21,6 +21,7 @@ from tests.integration.voice_support import (
     discord_world,
     tone_frames,
     voice_server,
+    voice_tasks,
 )
 
 pytestmark = pytest.mark.integration
@@ -71,6 +72,7 @@ async def test_tone_through_discord_voice_protocol(version: int) -> None:
 
         await vc.disconnect()
         await vc.disconnect()  # twice is fine
+        assert voice_tasks() == []
         assert world.guild.voice_client is None
         assert world.gateway.calls[-1][1] is None
         assert await server.wait_closed(BOT_ID) == 1000

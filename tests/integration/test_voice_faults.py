@@ -25,6 +25,7 @@ from tests.integration.voice_support import (
     discord_world,
     tone_frames,
     voice_server,
+    voice_tasks,
 )
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,7 @@ async def connection(server: SandboxVoiceServer, **options: Any) -> AsyncIterato
         yield conn
     finally:
         await conn.close()
+        assert voice_tasks() == []  # every task the connection started is gone
 
 
 async def play_with_fault(

@@ -34,6 +34,11 @@ OTHER_CHANNEL_ID: Final = 2003
 FRAME_S: Final = 0.020
 
 
+def voice_tasks() -> list[asyncio.Task[object]]:
+    """The voice client's tasks still running (all are named ``legato-voice-*``)."""
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("legato-voice")]
+
+
 def tone_frames(seconds: float, freq: float = 440.0) -> list[bytes]:
     """Opus frames of a sine tone at half scale, 20 ms each."""
     encoder = OpusEncoder()
