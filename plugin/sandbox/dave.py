@@ -194,42 +194,51 @@ class DaveGroupServer:
     # -- membership -------------------------------------------------------------------------
 
     def join(self, user_id: int) -> list[Deliver]:
-        """A member identified (send after op4): op25 when DAVE is on."""
-        self._members[user_id] = _Member()
-        if self._target_version == 0:
-            return []
-        return [
-            Deliver(user_id, SendBinary(OP_MLS_EXTERNAL_SENDER, self.external_sender.package()))
-        ]
+        """A member identified (send after op4): op25 when DAVE is on.
+
+        A member identifying again (a new voice session) starts a new MLS session: if its old
+        leaf is still in the group, it is removed and re-added with the new key package.
+        """
+        known = user_id in self._members
+        self._members[user_id] = _Member(needs_readd=user_id in self._leaves)
+        out = self._withdraw(user_id) if known else []
+        if self._target_version > 0:
+            package = self.external_sender.package()
+            out.append(Deliver(user_id, SendBinary(OP_MLS_EXTERNAL_SENDER, package)))
+        return out
 
     def leave(self, user_id: int) -> list[Deliver]:
         """A member left the channel (or its connection ended for good)."""
         if self._members.pop(user_id, None) is None:
             return []
+        return self._withdraw(user_id) + self._propose()
+
+    def _withdraw(self, user_id: int) -> list[Deliver]:
+        """Stop waiting for ``user_id`` in transitions and the open round; revoke its Add."""
         out: list[Deliver] = []
         for tid in list(self._transitions):
             out += self._drop_from_transition(tid, user_id)
         round_ = self._round
-        if round_ is not None:
-            round_.recipients.discard(user_id)
-            revoked = [ref for ref, uid in round_.adds.items() if uid == user_id]
-            for ref in revoked:
-                del round_.adds[ref]
-                round_.add_packages.pop(user_id, None)
-            if revoked and round_.recipients:
-                # Members stored the proposal; unless revoked, their next commit would carry it.
-                payload = bytes([_OPTYPE_REVOKE]) + encode_opaque(
-                    b"".join(encode_opaque(ref) for ref in revoked)
-                )
-                self.stats.revokes_sent += 1
-                out += [
-                    Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload))
-                    for u in sorted(round_.recipients)
-                ]
-            if not round_.recipients or not (round_.adds or round_.removes):
-                # Nothing left to commit or nobody left to commit it: start the round over.
-                self._round = None
-        return out + self._propose()
+        if round_ is None:
+            return out
+        round_.recipients.discard(user_id)
+        revoked = [ref for ref, uid in round_.adds.items() if uid == user_id]
+        for ref in revoked:
+            del round_.adds[ref]
+            round_.add_packages.pop(user_id, None)
+        if revoked and round_.recipients:
+            # Members stored the proposal; unless revoked, their next commit would carry it.
+            payload = bytes([_OPTYPE_REVOKE]) + encode_opaque(
+                b"".join(encode_opaque(ref) for ref in revoked)
+            )
+            self.stats.revokes_sent += 1
+            out += [
+                Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)) for u in sorted(round_.recipients)
+            ]
+        if not round_.recipients or not (round_.adds or round_.removes):
+            # Nothing left to commit or nobody left to commit it: start the round over.
+            self._round = None
+        return out
 
     # -- input ------------------------------------------------------------------------------
 

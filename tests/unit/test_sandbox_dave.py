@@ -276,3 +276,15 @@ def _audio() -> object:
     import davey
 
     return davey.MediaType.audio
+
+
+def test_identifying_again_replaces_the_old_leaf() -> None:
+    net = DaveNet.make()
+    net.connect(BOT_ID)
+    assert net.channel.server.epoch == 1
+    bot = net.connect(BOT_ID)  # a new voice session: a fresh MLS session, same user
+    assert net.channel.server.group_members == (LISTENER_ID, BOT_ID)
+    assert net.channel.server.epoch == 2  # one commit: Remove the old leaf, Add the new one
+    formed(net, BOT_ID)
+    frame = opus_like(11)
+    assert net.channel.listener.decrypt(BOT_ID, bot.encrypt(frame)) == frame
