@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import itertools
 import logging
@@ -28,7 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 from legato.audio.clock import Clock
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
@@ -110,7 +111,11 @@ class TrackStarted:
 
 @dataclass(frozen=True, slots=True)
 class TrackEnded:
-    """The track stopped playing (its last frame went out, or it was skipped/stopped)."""
+    """The track stopped playing (its last frame went out, or it was skipped/stopped).
+
+    Only for tracks that sent a frame (``TrackStarted``); a track that fails after starting gets
+    ``TrackFailed`` instead.
+    """
 
     track: Track
     reason: EndReason
@@ -177,7 +182,7 @@ class _GuildAdapter(logging.LoggerAdapter[logging.Logger]):
 
 @dataclass
 class _Op:
-    kind: str  # "seek" or "volume"
+    kind: Literal["seek", "volume"]
     value: float
     done: asyncio.Future[None]
 
@@ -196,7 +201,6 @@ class _Entry:
         self.sent = 0
         self.started = False
         self.closed = False
-        self.flushing = False  # a seek is pending: frames read before it are stale
         self.duration: float | None = None
         self.read_position = start
         self.ops: deque[_Op] = deque()
@@ -208,17 +212,12 @@ class _Entry:
 
     # -- requests from the player (on the loop) -----------------------------------------------
 
-    def request(self, kind: str, value: float) -> asyncio.Future[None]:
+    def request(self, kind: Literal["seek", "volume"], value: float) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.closed or self.task.done():
             done.set_exception(_gone(self.track))
             return done
         self.ops.append(_Op(kind, value, done))
-        if kind == "seek":
-            self.frames.clear()
-            self.flushing = True
-            self.base, self.sent = value, 0
-            self.eof = False
         self.wake.set()
         return done
 
@@ -279,9 +278,10 @@ class _Entry:
                 try:
                     if op.kind == "seek":
                         position = await self._call(_seek_and_tell, source, op.value)
+                        # Everything buffered is from before the seek. Until here the old
+                        # frames kept playing, so a seek that fails leaves no hole.
                         self.base, self.sent, self.read_position = position, 0, position
                         self.frames.clear()
-                        self.flushing = False
                         self.eof = False
                     else:
                         await self._call(source.set_volume, op.value)
@@ -289,17 +289,14 @@ class _Entry:
                     self.ops.popleft()
                     if not op.done.done():
                         op.done.set_exception(exc)
-                    self.flushing = False
                     continue
                 self.ops.popleft()
                 if not op.done.done():
                     op.done.set_result(None)
-            if not self.eof and len(self.frames) <= low:
+            if not self.eof and len(self.frames) <= low and not self.ops:
                 frames, position, duration = await self._call(
                     _read_chunk, source, cap - len(self.frames)
                 )
-                if self.flushing:
-                    continue  # a seek came in while reading: these frames are stale
                 self.frames.extend(frames)
                 self.read_position = position
                 self.duration = duration if duration is not None else self.track.duration
@@ -348,8 +345,12 @@ class _Entry:
                 op.done.set_exception(error)
 
 
+class _Gone(AudioError):
+    """A request reached a track that was closed (skipped, finished) before it ran."""
+
+
 def _gone(track: Track) -> AudioError:
-    return AudioError(
+    return _Gone(
         f"track {track.uid} closed before the request ran",
         user_message="The track changed before that could be done.",
     )
@@ -397,7 +398,8 @@ class GuildPlayer:
         queue: The queue to play; a new unbounded one if ``None``.
         clock: Where deadlines come from. ``None``: the running loop's clock and ``call_at``. A
             clock with ``call_at`` (a test's fake clock) schedules the pacing timer itself.
-        executor: Runs every blocking ``FrameSource`` call; ``None``: the loop's default.
+        executor: Runs every blocking ``FrameSource`` call; ``None``: a small pool shared by
+            every player of the process.
         buffer_ms: How much audio to keep decoded ahead of the send position.
         preload_s: Open the next track when the current one has this little left to read.
         on_event: Called on the loop with each ``PlayerEvent``.
@@ -601,7 +603,8 @@ class GuildPlayer:
         return True
 
     def skip(self) -> bool:
-        """Skip to the next track (a looped track does not repeat).
+        """Skip to the next track (a looped track does not repeat). While paused, the next track
+        loads and stays paused.
 
         Returns:
             False if nothing was playing.
@@ -667,7 +670,9 @@ class GuildPlayer:
             nxt.request("volume", volume).add_done_callback(_retrieve)
             nxt.request("seek", nxt.base).add_done_callback(_retrieve)
         if self._cur is not None:
-            await self._cur.request("volume", volume)
+            # If the track changes meanwhile, the next one opens at the new volume anyway.
+            with contextlib.suppress(_Gone):
+                await self._cur.request("volume", volume)
 
     async def close(self) -> None:
         """Stop everything: cancel every task, close every source. Safe to call twice."""

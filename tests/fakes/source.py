@@ -39,6 +39,7 @@ class ScriptedSource:
         gate: When set, ``read`` blocks on it (a ``threading.Event``) before producing frames,
             for tests with a real thread pool that need a slow source.
         passthrough: What ``passthrough`` reports while the volume is 1.0.
+        seekable: When False, ``seek`` raises ``DecodeError`` (a live stream).
     """
 
     def __init__(
@@ -49,11 +50,13 @@ class ScriptedSource:
         fail_at: int | None = None,
         gate: threading.Event | None = None,
         passthrough: bool = True,
+        seekable: bool = True,
     ) -> None:
         self.tag = tag
         self.count = count
         self.fail_at = fail_at
         self.gate = gate
+        self.seekable = seekable
         self._passthrough = passthrough
         self.index = 0
         self.volume = 1.0
@@ -104,6 +107,10 @@ class ScriptedSource:
         self._enter()
         try:
             self.seeks.append(seconds)
+            if not self.seekable:
+                raise DecodeError(
+                    f"{self.tag}: not seekable", user_message="This stream cannot seek."
+                )
             self.index = max(0, min(self.count, round(seconds / FRAME_S)))
         finally:
             self._busy.release()
@@ -125,6 +132,7 @@ class _Script:
     fail_at: int | None = None
     error: LegatoError | None = None
     gate: asyncio.Event | None = None
+    seekable: bool = True
 
 
 @dataclass
@@ -149,9 +157,10 @@ class ScriptedOpener:
         fail_at: int | None = None,
         error: LegatoError | None = None,
         gate: asyncio.Event | None = None,
+        seekable: bool = True,
     ) -> Track:
         """Register what opening ``url`` gives and return a ``Track`` for it."""
-        self.scripts[url] = _Script(count, fail_at, error, gate)
+        self.scripts[url] = _Script(count, fail_at, error, gate, seekable)
         return Track(url=url, title=url)
 
     async def __call__(self, track: Track, start: float) -> ScriptedSource:
@@ -163,7 +172,9 @@ class ScriptedOpener:
             await spec.gate.wait()
         if spec.error is not None:
             raise spec.error
-        source = ScriptedSource(track.title, spec.count, fail_at=spec.fail_at)
+        source = ScriptedSource(
+            track.title, spec.count, fail_at=spec.fail_at, seekable=spec.seekable
+        )
         if start:
             source.seek(start)
         self.sources.append(source)

@@ -577,3 +577,28 @@ async def test_tone_source_plays_real_opus_at_its_frequency() -> None:
     mono = pcm_to_mono(decode_opus_packets(sink.audio))
     assert dominant_frequency(mono) == pytest.approx(523.0, abs=2.0)
     await player.close()
+
+
+async def test_failed_seek_raises_and_the_track_plays_on(rig: Rig) -> None:
+    rig.play(rig.track("LIVE", 100, seekable=False))
+    await rig.clock.advance(2 * F)
+    with pytest.raises(DecodeError) as info:
+        await rig.player.seek(1.0)
+    assert info.value.user_message == "This stream cannot seek."
+    await rig.clock.advance(3 * F)
+    # Nothing was dropped: the track goes on frame after frame.
+    assert [f.decode() for f in rig.sink.audio] == [f"LIVE:{i}" for i in range(6)]
+    assert rig.player.position == pytest.approx(6 * F)
+    assert rig.player.state is PlayerState.PLAYING
+    assert not [e for e in rig.events if isinstance(e, TrackFailed)]
+
+
+async def test_volume_change_racing_a_track_change_does_not_fail(rig: Rig) -> None:
+    gate = asyncio.Event()
+    rig.play(rig.track("A", 40, gate=gate), rig.track("B", 3))
+    change = asyncio.ensure_future(rig.player.set_volume(0.5))
+    await settle()
+    rig.player.skip()  # A (still opening) is dropped with the volume request pending
+    await change
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert [f.decode() for f in rig.sink.audio] == ["B:0@0.5", "B:1@0.5", "B:2@0.5"]
