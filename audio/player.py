@@ -283,6 +283,8 @@ class _Entry:
                         self.base, self.sent, self.read_position = position, 0, position
                         self.frames.clear()
                         self.eof = False
+                        if player._cur is self:
+                            player._in_underrun = True  # the refill gap is not the source's fault
                     else:
                         await self._call(source.set_volume, op.value)
                 except LegatoError as exc:
@@ -647,9 +649,7 @@ class GuildPlayer:
         cur = self._cur
         if cur is None:
             raise QueueEmpty("seek with no current track", user_message="Nothing is playing.")
-        done = cur.request("seek", max(0.0, seconds))
-        self._in_underrun = True  # the gap after a seek is not the source's fault
-        await done
+        await cur.request("seek", max(0.0, seconds))
 
     async def set_volume(self, volume: float) -> None:
         """Change the volume of this and later tracks.
