@@ -504,7 +504,8 @@ def _short(url: str, limit: int = 200) -> str:
 
 
 def canonical_hosts(entries: Iterable[str]) -> tuple[str, ...]:
-    """Canonical forms of ``allowed_hosts`` entries (for configuration checks).
+    """Canonical forms of ``allowed_hosts`` entries (for configuration checks); each is
+    accepted by :class:`UrlPolicy` as it is.
 
     Raises:
         ValueError: An entry is malformed.
@@ -512,5 +513,6 @@ def canonical_hosts(entries: Iterable[str]) -> tuple[str, ...]:
     out = []
     for entry in entries:
         host, port = _parse_exception(entry)
-        out.append(host if port is None else f"{host}:{port}")
+        shown = f"[{host}]" if ":" in host else host
+        out.append(shown if port is None else f"{shown}:{port}")
     return tuple(out)

@@ -288,8 +288,12 @@ def test_canonical_hosts() -> None:
     assert canonical_hosts(["LOCALHOST", "0x7f.1:80", "[::1]:9"]) == (
         "localhost",
         "127.0.0.1:80",
-        "::1:9",
+        "[::1]:9",
     )
+    # The canonical forms mean what they meant.
+    policy = UrlPolicy(allowed_hosts=canonical_hosts(["0x7f.1:80", "[::1]:9"]))
+    policy.check_url("http://127.0.0.1/")
+    policy.check_url("http://[::1]:9/")
 
 
 # --- DNS answers (the machine's resolver: /etc/hosts, no network) ---------------------------
