@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, cast
 
+from legato.audio.urlguard import canonical_hosts
 from legato.errors import ConfigError
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "PermissionsConfig",
     "PlaybackConfig",
     "SandboxConfig",
+    "StorageConfig",
     "VoiceConfig",
     "WhoMay",
     "config_path",
@@ -233,6 +235,28 @@ def _domains() -> _Conv:
     return _Conv(from_toml, from_env)
 
 
+def _hosts() -> _Conv:
+    expected = 'a list of "host" or "host:port" entries such as ["127.0.0.1:8000", "media.lan"]'
+
+    def check(items: list[object]) -> tuple[str, ...]:
+        if not all(isinstance(x, str) for x in items):
+            raise _Bad(expected)
+        try:
+            return canonical_hosts(cast(list[str], items))
+        except ValueError:
+            raise _Bad(expected) from None
+
+    def from_toml(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise _Bad(expected)
+        return check(v)
+
+    def from_env(s: str) -> tuple[str, ...]:
+        return check([x.strip() for x in s.split(",") if x.strip()])
+
+    return _Conv(from_toml, from_env)
+
+
 def _loopback_host() -> _Conv:
     expected = 'a loopback address such as "127.0.0.1", "::1" or "localhost"'
 
@@ -345,6 +369,14 @@ class PlaybackConfig:
         (), _domains(), "URL hosts accepted (subdomains included); empty allows all"
     )
     allow_local_files: bool = _key(False, _boolean(), "accept paths on the bot's disk")
+    allow_private_addresses: bool = _key(
+        False,
+        _boolean(),
+        "fetch from loopback, private and link-local addresses (never cloud metadata ones)",
+    )
+    allowed_hosts: tuple[str, ...] = _key(
+        (), _hosts(), 'exact "host" or "host:port" exceptions to the address and domain rules'
+    )
     search_provider: str = _key(
         "youtube", _provider(), "what a non-URL query searches; a URL template with {query} works"
     )
@@ -387,6 +419,21 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where each guild's queue and position are kept across restarts."""
+
+    enabled: bool = _key(True, _boolean(), "keep queues and positions, and resume after a restart")
+    path: str = _key(
+        "legato-state.db",
+        _text(r"[^\x00]{1,4096}", "a file path"),
+        "SQLite database file; relative to the working directory",
+    )
+    save_interval: float = _key(
+        3.0, _number(0.5, 60, "seconds"), "how often the playback position is written"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class BotConfig:
     """``[bot]``: the ready-made bot of ``python -m legato run``. The token is not here."""
 
@@ -401,6 +448,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "playback": PlaybackConfig,
     "permissions": PermissionsConfig,
     "sandbox": SandboxConfig,
+    "storage": StorageConfig,
     "bot": BotConfig,
 }
 
@@ -417,6 +465,7 @@ class Config:
     playback: PlaybackConfig = field(default_factory=PlaybackConfig)
     permissions: PermissionsConfig = field(default_factory=PermissionsConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     bot: BotConfig = field(default_factory=BotConfig)
     source: str | None = None
 

@@ -14,6 +14,7 @@ from legato.config import (
     PermissionsConfig,
     PlaybackConfig,
     SandboxConfig,
+    StorageConfig,
     VoiceConfig,
     config_path,
     load_config,
@@ -91,6 +92,8 @@ max_track_duration = 600
 max_playlist_size = 7
 allowed_domains = ["Example.COM", "media.test."]
 allow_local_files = true
+allow_private_addresses = true
+allowed_hosts = ["127.0.0.1:8000", "[::1]:9000", "media.lan"]
 search_provider = "http://127.0.0.1:9/search?q={query}"
 search_results = 3
 resolve_timeout = 5
@@ -112,6 +115,11 @@ demo_guild = "My Demo"
 demo_listeners = ["carol"]
 demo_tone_hz = 880
 demo_seconds = 3
+
+[storage]
+enabled = false
+path = "state/guilds.db"
+save_interval = 1.5
 
 [bot]
 sync_commands = false
@@ -142,6 +150,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         max_playlist_size=7,
         allowed_domains=("example.com", "media.test"),
         allow_local_files=True,
+        allow_private_addresses=True,
+        allowed_hosts=("127.0.0.1:8000", "[::1]:9000", "media.lan"),
         search_provider="http://127.0.0.1:9/search?q={query}",
         search_results=3,
         resolve_timeout=5.0,
@@ -160,6 +170,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         demo_tone_hz=880.0,
         demo_seconds=3.0,
     )
+    assert cfg.storage == StorageConfig(enabled=False, path="state/guilds.db", save_interval=1.5)
     assert cfg.bot == BotConfig(sync_commands=False, log_level="DEBUG")
 
 
@@ -205,6 +216,13 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "allowed_domains", '"example.com"', "a list of bare domain names"),
     ("playback", "allowed_domains", '["https://example.com"]', "a list of bare domain names"),
     ("playback", "allow_local_files", "0", "true or false"),
+    ("playback", "allow_private_addresses", '"yes"', "true or false"),
+    ("playback", "allowed_hosts", '"127.0.0.1:8000"', 'a list of "host" or "host:port"'),
+    ("playback", "allowed_hosts", '["a@b:1"]', 'a list of "host" or "host:port"'),
+    ("playback", "allowed_hosts", '["host:port"]', 'a list of "host" or "host:port"'),
+    ("storage", "enabled", "1", "true or false"),
+    ("storage", "path", '""', "a file path"),
+    ("storage", "save_interval", "0.1", "a number from 0.5 to 60"),
     ("playback", "search_provider", '"google"', "'youtube', 'soundcloud', 'none'"),
     ("playback", "search_provider", '"http://x.test/s"', "URL template containing {query}"),
     ("playback", "search_results", "26", "an integer from 1 to 25"),
@@ -239,6 +257,7 @@ def test_bad_table_covers_every_key() -> None:
         ("playback", PlaybackConfig),
         ("permissions", PermissionsConfig),
         ("sandbox", SandboxConfig),
+        ("storage", StorageConfig),
         ("bot", BotConfig),
     ]:
         for f in dataclasses.fields(cls):
@@ -360,6 +379,21 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
             "allowed_domains",
             ("a.test", "b.test"),
         ),
+        (
+            "LEGATO_PLAYBACK_ALLOWED_HOSTS",
+            "127.0.0.1:8000, Media.LAN",
+            "playback",
+            "allowed_hosts",
+            ("127.0.0.1:8000", "media.lan"),
+        ),
+        (
+            "LEGATO_STORAGE_PATH",
+            "/var/lib/legato/state.db",
+            "storage",
+            "path",
+            "/var/lib/legato/state.db",
+        ),
+        ("LEGATO_STORAGE_SAVE_INTERVAL", "5", "storage", "save_interval", 5.0),
         ("LEGATO_PERMISSIONS_DJ_ROLE", "1234", "permissions", "dj_role", 1234),
         ("LEGATO_PERMISSIONS_DJ_ROLE", "Music", "permissions", "dj_role", "Music"),
         ("LEGATO_PERMISSIONS_VOTE_SKIP_RATIO", "0", "permissions", "vote_skip_ratio", 0.0),
