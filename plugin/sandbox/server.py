@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar
 
@@ -98,11 +99,57 @@ def point_discord_py_here(*, api_base: str, gateway_url: str) -> Callable[[], No
     return restore
 
 
-class Sandbox:
-    """Gateway + REST + voice server on ephemeral 127.0.0.1 ports, with one guild.
+@dataclass(frozen=True)
+class GuildHandle:
+    """One guild of the sandbox with the channels and roles `Sandbox.add_guild` made for it.
 
-    The guild has a text channel `music`, voice channels `General` and `Lounge`, a `DJ` role,
-    an owner (not the bot) and the bot as a member.
+    Attributes:
+        guild: The guild in the world.
+        text_channels: Text channels by name, in creation order.
+        voice_channels: Voice channels by name, in creation order.
+        dj_role: The guild's `DJ` role.
+    """
+
+    guild: Guild
+    text_channels: Mapping[str, Channel]
+    voice_channels: Mapping[str, Channel]
+    dj_role: Role
+
+    @property
+    def id(self) -> int:
+        """The guild id."""
+        return self.guild.id
+
+    @property
+    def name(self) -> str:
+        """The guild name."""
+        return self.guild.name
+
+    @property
+    def text(self) -> Channel:
+        """The first text channel (where scripted users run commands by default)."""
+        return next(iter(self.text_channels.values()))
+
+    @property
+    def voice(self) -> Channel:
+        """The first voice channel."""
+        return next(iter(self.voice_channels.values()))
+
+    def channel(self, name: str) -> Channel:
+        """Return the guild's channel called `name` (made later ones included).
+
+        Raises:
+            KeyError: No channel has that name.
+        """
+        return self.guild.channel_named(name)
+
+
+class Sandbox:
+    """Gateway + REST + voice server on ephemeral 127.0.0.1 ports, with one guild or more.
+
+    The first guild has a text channel `music`, voice channels `General` and `Lounge`, a `DJ`
+    role, an owner (not the bot) and the bot as a member; `guild`, `music`, `general`, `lounge`
+    and `dj_role` name its parts. `add_guild` makes more guilds of the same shape.
 
     Args:
         voice: A voice server to use (the caller starts and closes it). None makes the sandbox
@@ -134,14 +181,15 @@ class Sandbox:
         self.bot: User = self.world.add_user(bot_name, bot=True)
         self.application_id: int = self.bot.id
         self.bot_token: str = "c2FuZGJveA." + secrets.token_urlsafe(32)
-        self.guild: Guild = self.world.add_guild("Legato Sandbox", owner=self.owner)
-        self.dj_role: Role = self.world.add_role(self.guild, "DJ")
-        bot_role = self.world.add_role(self.guild, bot_name)
-        bot_role.managed = True
-        self.world.add_member(self.guild, self.bot, roles=(bot_role,))
-        self.music: Channel = self.world.add_channel(self.guild, "music", ChannelType.TEXT)
-        self.general: Channel = self.world.add_channel(self.guild, "General", ChannelType.VOICE)
-        self.lounge: Channel = self.world.add_channel(self.guild, "Lounge", ChannelType.VOICE)
+        self.guilds: list[GuildHandle] = []
+        first = self._make_guild(
+            "Legato Sandbox", text_channels=("music",), voice_channels=("General", "Lounge")
+        )
+        self.guild: Guild = first.guild
+        self.dj_role: Role = first.dj_role
+        self.music: Channel = first.text_channels["music"]
+        self.general: Channel = first.voice_channels["General"]
+        self.lounge: Channel = first.voice_channels["Lounge"]
         self._own_voice: SandboxVoiceServer | None = None
         if voice is None and with_voice:
             self._own_voice = SandboxVoiceServer(self.host, **dict(voice_options or {}))
@@ -243,34 +291,135 @@ class Sandbox:
 
     # --- the world ---------------------------------------------------------------------------
 
-    def add_user(self, name: str, *, roles: tuple[str, ...] = ()) -> ScriptedUser:
+    def _make_guild(
+        self, name: str, *, text_channels: Iterable[str], voice_channels: Iterable[str]
+    ) -> GuildHandle:
+        guild = self.world.add_guild(name, owner=self.owner)
+        dj_role = self.world.add_role(guild, "DJ")
+        bot_role = self.world.add_role(guild, self.bot.name)
+        bot_role.managed = True
+        self.world.add_member(guild, self.bot, roles=(bot_role,))
+        texts = {n: self.world.add_channel(guild, n, ChannelType.TEXT) for n in text_channels}
+        voices = {n: self.world.add_channel(guild, n, ChannelType.VOICE) for n in voice_channels}
+        if not texts:
+            raise ValueError("a sandbox guild needs at least one text channel")
+        handle = GuildHandle(
+            guild=guild, text_channels=texts, voice_channels=voices, dj_role=dj_role
+        )
+        self.guilds.append(handle)
+        return handle
+
+    def add_guild(
+        self,
+        name: str,
+        *,
+        text_channels: Iterable[str] = ("music",),
+        voice_channels: Iterable[str] = ("General", "Lounge"),
+    ) -> GuildHandle:
+        """Create a guild like the first one: channels, a `DJ` role, the owner and the bot.
+
+        A connected bot gets GUILD_CREATE at once; a bot that identifies later finds the guild
+        in READY. Scripted users join it with `add_user(..., guilds=...)` or `add_member`.
+
+        Args:
+            name: The guild name.
+            text_channels: Names of its text channels (at least one; the first is the default
+                channel of its scripted users).
+            voice_channels: Names of its voice channels.
+
+        Returns:
+            The guild with its channels and DJ role.
+
+        Raises:
+            ValueError: No text channel was named.
+        """
+        handle = self._make_guild(name, text_channels=text_channels, voice_channels=voice_channels)
+        # A guild the bot joins comes without `unavailable` (discord.py: on_guild_join); with
+        # `unavailable: false` it would be an outage ending (on_guild_available).
+        payload = handle.guild.payload()
+        del payload["unavailable"]
+        self.gateway.dispatch("GUILD_CREATE", payload)
+        self.signal.notify()
+        return handle
+
+    def guild_handle(self, guild: Guild | GuildHandle | int) -> GuildHandle:
+        """Return the handle of a guild given as a `Guild`, a handle or an id.
+
+        Raises:
+            KeyError: The sandbox has no such guild.
+        """
+        guild_id = guild if isinstance(guild, int) else guild.id
+        for handle in self.guilds:
+            if handle.id == guild_id:
+                return handle
+        raise KeyError(f"no sandbox guild {guild_id}")
+
+    def _guild(self, guild: Guild | GuildHandle | None) -> Guild:
+        if guild is None:
+            return self.guild
+        if isinstance(guild, GuildHandle):
+            return guild.guild
+        return guild
+
+    def _guild_of(self, channel: Channel) -> Guild:
+        return self.world.guilds[channel.guild_id]
+
+    def add_user(
+        self,
+        name: str,
+        *,
+        roles: tuple[str, ...] = (),
+        guilds: Iterable[Guild | GuildHandle] | None = None,
+    ) -> ScriptedUser:
         """Add a member who can join voice and use the bot's commands.
 
         Args:
             name: The username (unique in this sandbox).
-            roles: Names of roles to give, e.g. `("DJ",)`.
+            roles: Names of roles to give in each of their guilds, e.g. `("DJ",)`.
+            guilds: The guilds they join (default: the first guild). The first one listed is
+                their home guild: where `invoke` runs by default.
 
         Returns:
             The scripted user.
+
+        Raises:
+            ValueError: The name is taken, or `guilds` is empty.
         """
         if name in self.users:
             raise ValueError(f"user {name!r} already exists")
+        targets = [self._guild(g) for g in guilds] if guilds is not None else [self.guild]
+        if not targets:
+            raise ValueError("a scripted user needs at least one guild")
         user = self.world.add_user(name)
-        member = self.world.add_member(
-            self.guild, user, roles=tuple(self.guild.role_named(r) for r in roles)
-        )
-        self.gateway.dispatch(
-            "GUILD_MEMBER_ADD", {**member.payload(), "guild_id": str(self.guild.id)}
-        )
-        scripted = ScriptedUser(self, user, self.guild)
+        scripted = ScriptedUser(self, user, targets[0])
         self.users[name] = scripted
-        self.signal.notify()
+        for guild in targets:
+            self.add_member(scripted, guild, roles=roles)
         return scripted
 
-    def add_channel(self, name: str, *, voice: bool = False) -> Channel:
-        """Create a text or voice channel and dispatch CHANNEL_CREATE."""
+    def add_member(
+        self, user: ScriptedUser, guild: Guild | GuildHandle, *, roles: tuple[str, ...] = ()
+    ) -> None:
+        """Make a scripted user a member of one more guild (GUILD_MEMBER_ADD).
+
+        Args:
+            user: The scripted user.
+            guild: The guild to join.
+            roles: Names of roles to give there.
+        """
+        target = self._guild(guild)
+        member = self.world.add_member(
+            target, user.user, roles=tuple(target.role_named(r) for r in roles)
+        )
+        self.gateway.dispatch("GUILD_MEMBER_ADD", {**member.payload(), "guild_id": str(target.id)})
+        self.signal.notify()
+
+    def add_channel(
+        self, name: str, *, voice: bool = False, guild: Guild | GuildHandle | None = None
+    ) -> Channel:
+        """Create a text or voice channel (in the first guild by default); CHANNEL_CREATE."""
         channel = self.world.add_channel(
-            self.guild, name, ChannelType.VOICE if voice else ChannelType.TEXT
+            self._guild(guild), name, ChannelType.VOICE if voice else ChannelType.TEXT
         )
         self.gateway.dispatch("CHANNEL_CREATE", channel.payload())
         self.signal.notify()
@@ -281,44 +430,57 @@ class Sandbox:
 
         The bot's voice connection, if it was there, is closed by the voice server with 4014.
         """
+        guild = self._guild_of(channel)
         emptied = self.world.remove_channel(channel)
         for state in emptied:
-            self.gateway.broadcast_voice_state(self.guild, state)
+            self.gateway.broadcast_voice_state(guild, state)
         self.gateway.dispatch("CHANNEL_DELETE", channel.payload())
         self.signal.notify()
         for state in emptied:
-            await self._close_voice(state.user_id)
+            await self._close_voice(guild, state.user_id)
 
-    async def disconnect_member(self, user_id: int) -> None:
+    async def disconnect_member(
+        self, user_id: int, *, guild: Guild | GuildHandle | None = None
+    ) -> None:
         """Take a member out of voice as a moderator would (VOICE_STATE_UPDATE, channel null).
 
         For the bot, the voice server also closes its connection with 4014.
-        """
-        if user_id not in self.guild.voice_states:
-            raise KeyError(f"user {user_id} is not in voice")
-        state = self.world.set_voice(self.guild, user_id, None)
-        self.gateway.broadcast_voice_state(self.guild, state)
-        self.signal.notify()
-        await self._close_voice(user_id)
 
-    async def _close_voice(self, user_id: int) -> None:
+        Args:
+            user_id: The member.
+            guild: Where (default: the first guild).
+
+        Raises:
+            KeyError: The member is not in voice there.
+        """
+        target = self._guild(guild)
+        if user_id not in target.voice_states:
+            raise KeyError(f"user {user_id} is not in voice")
+        state = self.world.set_voice(target, user_id, None)
+        self.gateway.broadcast_voice_state(target, state)
+        self.signal.notify()
+        await self._close_voice(target, user_id)
+
+    async def _close_voice(self, guild: Guild, user_id: int) -> None:
         if self.voice is not None and user_id == self.bot.id:
             await self.voice.disconnect_user(
-                user_id, server_id=self.guild.id, code=VOICE_CLOSE_DISCONNECTED
+                user_id, server_id=guild.id, code=VOICE_CLOSE_DISCONNECTED
             )
 
     def messages(self, channel: Channel) -> list[Message]:
         """The channel's visible messages, oldest first (ephemeral ones are never listed)."""
         return self.world.channel_messages(channel.id)
 
-    def commands(self, *, guild: bool = True) -> list[Command]:
-        """The commands the bot synced to the guild (or globally with `guild=False`)."""
-        scope = self.guild.id if guild else None
+    def commands(self, *, guild: bool | Guild | GuildHandle = True) -> list[Command]:
+        """The commands the bot synced to a guild (True: the first) or globally (False)."""
+        scope = None if guild is False else self._guild(None if guild is True else guild).id
         return list(self.world.commands.get(scope, {}).values())
 
-    def voice_state(self, user_id: int) -> VoiceState | None:
-        """Where a member is in voice, or None."""
-        return self.guild.voice_states.get(user_id)
+    def voice_state(
+        self, user_id: int, *, guild: Guild | GuildHandle | None = None
+    ) -> VoiceState | None:
+        """Where a member is in voice in `guild` (default: the first guild), or None."""
+        return self._guild(guild).voice_states.get(user_id)
 
     # --- waiting -----------------------------------------------------------------------------
 
@@ -358,12 +520,17 @@ class Sandbox:
         self,
         channel: Channel | None,
         *,
+        guild: Guild | GuildHandle | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
-        """Wait until the bot is in `channel` (None: out of voice)."""
+        """Wait until the bot is in `channel` (None: out of voice in `guild`, default the first).
+
+        A channel names its guild; `guild` is only needed with None.
+        """
+        target = self._guild_of(channel) if channel is not None else self._guild(guild)
 
         def there() -> bool:
-            state = self.voice_state(self.bot.id)
+            state = target.voice_states.get(self.bot.id)
             current = None if state is None else state.channel_id
             return current == (None if channel is None else channel.id)
 

@@ -15,6 +15,7 @@ from legato.sandbox.world import (
     JSON,
     CallbackType,
     Channel,
+    ChannelType,
     Guild,
     Interaction,
     InteractionType,
@@ -204,12 +205,15 @@ class Reply:
 
 
 class ScriptedUser:
-    """A guild member driven by a test.
+    """A member of one guild or more, driven by a test.
+
+    Like a person, they are in at most one voice channel at a time: joining one in another
+    guild leaves the first. Commands run where their channel is, in that channel's guild.
 
     Args:
         sandbox: The sandbox.
         user: The user in the world.
-        guild: The guild they act in.
+        guild: Their home guild: where `invoke` runs when no channel is given.
     """
 
     def __init__(self, sandbox: Sandbox, user: User, guild: Guild) -> None:
@@ -232,30 +236,52 @@ class ScriptedUser:
 
     @property
     def voice_channel(self) -> Channel | None:
-        """The voice channel they are in, or None."""
-        state = self.guild.voice_states.get(self.id)
-        return (
-            None
-            if state is None or state.channel_id is None
-            else self.guild.channels[state.channel_id]
-        )
+        """The voice channel they are in (in any guild), or None."""
+        guild = self._voice_guild()
+        if guild is None:
+            return None
+        channel_id = guild.voice_states[self.id].channel_id
+        return None if channel_id is None else guild.channels[channel_id]
+
+    def _voice_guild(self) -> Guild | None:
+        for guild in self._sandbox.world.guilds.values():
+            state = guild.voice_states.get(self.id)
+            if state is not None and state.channel_id is not None:
+                return guild
+        return None
+
+    def _guild_of(self, channel: Channel) -> Guild:
+        guild = self._sandbox.world.guilds[channel.guild_id]
+        if self.id not in guild.members:
+            raise KeyError(f"{self.name} is not a member of guild {guild.name!r}")
+        return guild
 
     # --- voice -------------------------------------------------------------------------------
 
     async def join_voice(self, channel: Channel, *, self_deaf: bool = False) -> None:
         """Join (or move to) a voice channel; the bot sees VOICE_STATE_UPDATE.
 
+        Being in voice in another guild, they leave it first (one more VOICE_STATE_UPDATE).
+
         Raises:
-            KeyError: `channel` is not a voice channel of the guild.
+            KeyError: `channel` is not a voice channel of a guild they are a member of.
         """
-        state = self._sandbox.world.set_voice(self.guild, self.id, channel.id, self_deaf=self_deaf)
-        self._sandbox.gateway.broadcast_voice_state(self.guild, state)
+        guild = self._guild_of(channel)
+        current = self._voice_guild()
+        if current is not None and current is not guild:
+            await self.leave_voice()
+        state = self._sandbox.world.set_voice(guild, self.id, channel.id, self_deaf=self_deaf)
+        self._sandbox.gateway.broadcast_voice_state(guild, state)
         self._sandbox.signal.notify()
 
     async def leave_voice(self) -> None:
-        """Leave voice; the bot sees VOICE_STATE_UPDATE with `channel_id` null."""
-        state = self._sandbox.world.set_voice(self.guild, self.id, None)
-        self._sandbox.gateway.broadcast_voice_state(self.guild, state)
+        """Leave voice; the bot sees VOICE_STATE_UPDATE with `channel_id` null.
+
+        Out of voice already, they send it anyway for their home guild (as before).
+        """
+        guild = self._voice_guild() or self.guild
+        state = self._sandbox.world.set_voice(guild, self.id, None)
+        self._sandbox.gateway.broadcast_voice_state(guild, state)
         self._sandbox.signal.notify()
 
     # --- messages ----------------------------------------------------------------------------
@@ -263,14 +289,15 @@ class ScriptedUser:
     async def say(self, channel: Channel, content: str) -> Message:
         """Post a plain message in a text channel (MESSAGE_CREATE)."""
         world = self._sandbox.world
+        guild = self._guild_of(channel)
         message = world.add_message(
             channel_id=channel.id,
-            guild_id=self.guild.id,
+            guild_id=guild.id,
             author=self.user,
             body={"content": content},
         )
         payload = message.payload()
-        payload["member"] = self.guild.members[self.id].payload()
+        payload["member"] = guild.members[self.id].payload()
         self._sandbox.gateway.dispatch("MESSAGE_CREATE", payload)
         self._sandbox.signal.notify()
         return message
@@ -291,7 +318,8 @@ class ScriptedUser:
 
         Args:
             command: The command name; subcommands separated by spaces (`"queue remove"`).
-            channel: Where it is run (default: the `music` text channel).
+            channel: Where it is run, in its guild (default: the home guild's first text
+                channel, `music`).
             options: Option values, for option names that clash with these parameters.
             timeout: Seconds to wait for the bot (default: the sandbox's).
             **kwargs: Option values by name. Channels, users, roles may be passed as objects.
@@ -304,7 +332,8 @@ class ScriptedUser:
             TimeoutError: The bot did not answer in time.
         """
         values = {**kwargs, **(options or {})}
-        data = self._command_data(command, values, focused=None)
+        channel = channel or self._default_channel()
+        data = self._command_data(command, values, focused=None, guild=self._guild_of(channel))
         interaction = self._start(InteractionType.APPLICATION_COMMAND, data, channel, None)
         await self._answered(interaction, timeout)
         return Reply(self._sandbox, interaction)
@@ -328,7 +357,8 @@ class ScriptedUser:
             AssertionError: The bot answered with something other than choices.
         """
         values = {**kwargs, option: value}
-        data = self._command_data(command, values, focused=option)
+        channel = channel or self._default_channel()
+        data = self._command_data(command, values, focused=option, guild=self._guild_of(channel))
         interaction = self._start(InteractionType.AUTOCOMPLETE, data, channel, None)
         await self._answered(interaction, timeout)
         if interaction.callback_type is not CallbackType.AUTOCOMPLETE_RESULT:
@@ -380,25 +410,32 @@ class ScriptedUser:
         data: JSON = {"custom_id": custom_id, "component_type": int(component["type"])}
         if values is not None:
             data["values"] = list(values)
-        channel = self.guild.channels[message.channel_id]
+        channel = self._sandbox.world.find_channel(message.channel_id)
+        if channel is None:
+            raise KeyError(f"message {message.id} is in a deleted channel")
         interaction = self._start(InteractionType.MESSAGE_COMPONENT, data, channel, message.id)
         await self._answered(interaction, timeout)
         return Reply(self._sandbox, interaction)
+
+    def _default_channel(self) -> Channel:
+        sandbox = self._sandbox
+        if sandbox.music.guild_id == self.guild.id:
+            return sandbox.music
+        return next(c for c in self.guild.channels.values() if c.type is ChannelType.TEXT)
 
     def _start(
         self,
         type: InteractionType,
         data: JSON,
-        channel: Channel | None,
+        channel: Channel,
         message_id: int | None,
     ) -> Interaction:
         sandbox = self._sandbox
         if sandbox.gateway.bot_session() is None:
             raise RuntimeError("the bot has no gateway session: start it and wait until ready")
-        channel = channel or sandbox.music
         interaction = sandbox.world.add_interaction(
             type=type,
-            guild_id=self.guild.id,
+            guild_id=self._guild_of(channel).id,
             channel_id=channel.id,
             user_id=self.id,
             data=data,
@@ -413,9 +450,11 @@ class ScriptedUser:
     async def _answered(self, interaction: Interaction, timeout: float | None) -> None:  # noqa: ASYNC109
         await self._sandbox.wait_for(lambda: interaction.callback_type is not None, timeout=timeout)
 
-    def _command_data(self, command: str, values: dict[str, Any], *, focused: str | None) -> JSON:
+    def _command_data(
+        self, command: str, values: dict[str, Any], *, focused: str | None, guild: Guild
+    ) -> JSON:
         name, *path = command.split()
-        cmd = self._sandbox.world.find_command(self.guild.id, name)
+        cmd = self._sandbox.world.find_command(guild.id, name)
         resolved: JSON = {}
         definitions = cmd.options
         chain: list[JSON] = []
@@ -433,7 +472,7 @@ class ScriptedUser:
             chain.append({"name": part, "type": sub["type"]})
             definitions = list(sub.get("options") or [])
         options = [
-            self._option(definitions, key, value, focused == key, resolved)
+            self._option(definitions, key, value, focused == key, resolved, guild)
             for key, value in values.items()
         ]
         if focused is None:
@@ -458,6 +497,7 @@ class ScriptedUser:
         value: Any,
         focused: bool,
         resolved: JSON,
+        guild: Guild,
     ) -> JSON:
         definition = next((o for o in definitions if o["name"] == name), None)
         if definition is None:
@@ -474,11 +514,11 @@ class ScriptedUser:
         elif kind == BOOLEAN:
             option["value"] = bool(value)
         elif kind == CHANNEL:
-            channel = value if isinstance(value, Channel) else self.guild.channels[int(value)]
+            channel = value if isinstance(value, Channel) else guild.channels[int(value)]
             option["value"] = str(channel.id)
             resolved.setdefault("channels", {})[str(channel.id)] = {
                 **channel.payload(),
-                "permissions": str(self.guild.permissions_of(self.id)),
+                "permissions": str(guild.permissions_of(self.id)),
             }
         elif kind == USER:
             user = value.user if isinstance(value, ScriptedUser) else value
@@ -486,13 +526,13 @@ class ScriptedUser:
                 user = self._sandbox.world.users[int(value)]
             option["value"] = str(user.id)
             resolved.setdefault("users", {})[str(user.id)] = user.payload()
-            member = self.guild.members.get(user.id)
+            member = guild.members.get(user.id)
             if member is not None:
-                member_data = member.payload(permissions=self.guild.permissions_of(user.id))
+                member_data = member.payload(permissions=guild.permissions_of(user.id))
                 member_data.pop("user")
                 resolved.setdefault("members", {})[str(user.id)] = member_data
         elif kind == ROLE:
-            role = value if isinstance(value, Role) else self.guild.roles[int(value)]
+            role = value if isinstance(value, Role) else guild.roles[int(value)]
             option["value"] = str(role.id)
             resolved.setdefault("roles", {})[str(role.id)] = role.payload()
         else:
