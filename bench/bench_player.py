@@ -148,6 +148,8 @@ def _case(spec: dict[str, Any]) -> dict[str, Any]:
     together: bool = spec.get("together", False)
     loop_stall: float = spec.get("loop_stall", 0.0)
     read_stall: float = spec.get("read_stall", 0.0)
+    if "switch_interval" in spec:
+        sys.setswitchinterval(spec["switch_interval"])
 
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
