@@ -529,7 +529,8 @@ class DaveListener:
 
     def __init__(self, user_id: int, channel_id: int) -> None:
         self.user_id = user_id
-        self.client = DaveClient(user_id, channel_id)
+        # It only receives: it installs a new epoch's keys on arrival, not at the execute.
+        self.client = DaveClient(user_id, channel_id, apply_at_execute=False)
         self.stats = ListenerStats()
 
     def handle(self, message: SendJson | SendBinary) -> list[DaveOutput]:

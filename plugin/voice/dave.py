@@ -232,6 +232,9 @@ class DaveClient:
         channel_id: the voice channel id (the MLS group id).
         max_protocol_version: what op0 offers; 0 turns DAVE off.
         session_factory: builds the session; ``davey.DaveSession`` by default.
+        apply_at_execute: keep op29/op30 until op22 (a sender switches keys at the execute).
+            A member that only receives (the sandbox's listener) applies them on arrival, so
+            it can decrypt senders that switch early (discord.py 2.7.1 does).
     """
 
     def __init__(
@@ -241,12 +244,14 @@ class DaveClient:
         *,
         max_protocol_version: int = MAX_PROTOCOL_VERSION,
         session_factory: SessionFactory = _davey_session,
+        apply_at_execute: bool = True,
     ) -> None:
         self.user_id = user_id
         self.channel_id = channel_id
         self.max_protocol_version = max_protocol_version
         self.stats = DaveStats()
         self._factory = session_factory
+        self._apply_at_execute = apply_at_execute
         self._session: DaveSessionLike | None = None
         #: The version the MLS session was made for (op4, op24).
         self._session_version = 0
@@ -482,8 +487,8 @@ class DaveClient:
     def _on_commit_or_welcome(
         self, session: DaveSessionLike, op: int, transition_id: int, body: bytes
     ) -> list[DaveOutput]:
-        if transition_id == 0:
-            failure = self._apply(session, op, body, 0)
+        if transition_id == 0 or not self._apply_at_execute:
+            failure = self._apply(session, op, body, transition_id)
             if failure is not None:
                 return failure
         else:
