@@ -43,6 +43,7 @@ from typing import Any, Final, Self
 
 from aiohttp import WSMsgType, web
 
+from legato.sandbox.dave import DaveChannel, Deliver
 from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.tls import SelfSignedCert, make_self_signed_cert
 from legato.voice.crypto import (
@@ -50,6 +51,12 @@ from legato.voice.crypto import (
     SUPPORTED_MODES,
     DecryptionFailed,
     PacketDecryptor,
+)
+from legato.voice.dave import (
+    MalformedDaveFrame,
+    SendJson,
+    pack_server_binary,
+    parse_client_binary,
 )
 from legato.voice.rtp import (
     DISCOVERY_PACKET_SIZE,
@@ -97,8 +104,13 @@ _SESSION_ENDING_CLOSES: Final = frozenset(
 )
 #: Server closes that also take the user out of the channel (op13 to the others).
 _LEAVING_CLOSES: Final = frozenset({4014, 4022})
-#: Client ops the sandbox accepts and ignores: session update, media sink wants, DAVE replies.
+#: Client ops the sandbox accepts and ignores: session update, media sink wants, DAVE replies
+#: (when DAVE is off).
 _IGNORED_OPS: Final = frozenset({14, 15, 17, 23, 31})
+CLOSE_DAVE_REQUIRED: Final = 4017
+#: The sandbox's DAVE listener (a group member that decrypts every sender), as a user id.
+DAVE_LISTENER_ID: Final = 1_000_000_000_000_000_001
+_DAVE_WIRE_FRAMES: Final = 500
 
 
 @dataclass
@@ -120,6 +132,8 @@ class ServerStats:
         malformed_packets: Datagrams that are neither discovery, RTP nor RTCP.
         undecryptable_packets: RTP packets whose tag did not verify.
         unknown_ssrc_packets: RTP packets from an SSRC with no session key yet.
+        dave_undecryptable: DAVE frames (magic marker) the listener could not decrypt.
+        dave_bad_binary: Binary frames too short to carry an op.
     """
 
     connections: int = 0
@@ -136,6 +150,8 @@ class ServerStats:
     malformed_packets: int = 0
     undecryptable_packets: int = 0
     unknown_ssrc_packets: int = 0
+    dave_undecryptable: int = 0
+    dave_bad_binary: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,7 +159,8 @@ class VoiceEvent:
     """Something that happened on the voice gateway, in order.
 
     ``kind`` is one of ``"identify"``, ``"resume"``, ``"select_protocol"``, ``"closed"`` (``code``
-    is the close code, None when the TCP connection just ended) and ``"left"``.
+    is the close code, None when the TCP connection just ended), ``"left"``, and with DAVE
+    ``"dave_execute"`` (op22 sent to the user) and ``"dave_invalid"`` (the user sent op31).
     ``by_server`` says who closed (``"closed"`` only).
     """
 
@@ -203,7 +220,7 @@ class _Session:
     decryptor: PacketDecryptor | None = None
     media_session_id: str = ""
     seq: int = 0
-    outbox: deque[tuple[int, dict[str, Any]]] = field(
+    outbox: deque[tuple[int, dict[str, Any] | bytes]] = field(
         default_factory=lambda: deque(maxlen=_REPLAY_BUFFER)
     )
     resumable: bool = True
@@ -237,8 +254,13 @@ class SandboxVoiceServer:
         tls: Serve ``wss://`` with a self-signed certificate made at start
             (:attr:`certificate` gives it to clients to trust).
         modes: Encryption modes offered in op2, in order; default :data:`DEFAULT_MODES`.
-        dave_protocol_version: Sent in op4. DAVE itself is not implemented: keep it 0 for clients
-            that would start the MLS handshake.
+        dave_protocol_version: 1 runs DAVE (:mod:`legato.sandbox.dave`): a client identifying
+            without ``max_dave_protocol_version`` is closed with 4017, members get op25 after
+            op4, the server proposes, relays commits and welcomes and runs the transitions, and
+            a listener member decrypts every sender's frames before they are recorded (the
+            server's own view is kept by :meth:`dave_wire_frames`). 0: no DAVE.
+        dave_preferred_committer: Only this member's commits are taken when it can commit
+            (tests use it to make a client, not the listener, commit).
         heartbeat_interval: Seconds, sent in op8 (in milliseconds). Small in tests.
         heartbeat_timeout: Seconds without a heartbeat before closing 4009; None picks
             ``max(3 * heartbeat_interval, 5.0)``; ``float("inf")`` never closes.
@@ -256,6 +278,7 @@ class SandboxVoiceServer:
         tls: bool = False,
         modes: Sequence[str] | None = None,
         dave_protocol_version: int = 0,
+        dave_preferred_committer: int | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         heartbeat_timeout: float | None = None,
         strict_v6: bool = False,
@@ -267,6 +290,7 @@ class SandboxVoiceServer:
         if unknown or not self.modes:
             raise ValueError(f"cannot offer encryption modes {unknown or self.modes!r}")
         self.dave_protocol_version = dave_protocol_version
+        self.dave_preferred_committer = dave_preferred_committer
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = (
             max(3 * heartbeat_interval, 5.0) if heartbeat_timeout is None else heartbeat_timeout
@@ -292,6 +316,9 @@ class SandboxVoiceServer:
         self._silenced: set[int] = set()
         self._ssrcs = itertools.count(secrets.randbelow(1 << 20) + 1000)
         self._waiters = Waiters()
+        self._channel_ids: dict[tuple[int, int], int] = {}
+        self._dave: dict[tuple[int, int], DaveChannel] = {}
+        self._dave_wire: dict[tuple[int, int], deque[bytes]] = {}
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -376,11 +403,15 @@ class SandboxVoiceServer:
 
     # -- what the Discord gateway side calls -----------------------------------------------------
 
-    def register_session(self, *, server_id: int, user_id: int, session_id: str) -> str:
+    def register_session(
+        self, *, server_id: int, user_id: int, session_id: str, channel_id: int | None = None
+    ) -> str:
         """Allow one user to identify for one guild; return the token for VOICE_SERVER_UPDATE.
 
         A later registration for the same guild and user replaces the earlier token.
+        ``channel_id`` names the DAVE group (MLS group id); the guild id stands in without it.
         """
+        self._channel_ids[(int(server_id), int(user_id))] = int(channel_id or server_id)
         for token, grant in list(self._grants.items()):
             if (grant.server_id, grant.user_id) == (server_id, user_id):
                 del self._grants[token]
@@ -597,6 +628,8 @@ class SandboxVoiceServer:
                     self.stats.binary_frames += 1
                     if self.dave_protocol_version == 0:
                         await self._close(conn, CLOSE_DECODE_ERROR, "binary frame without DAVE")
+                    else:
+                        await self._on_dave_binary(conn, msg.data)
                 if conn.server_close_code is not None or conn.dropped:
                     break
         finally:
@@ -642,13 +675,16 @@ class SandboxVoiceServer:
         _log.info("closing voice connection with %d (%s)", code, reason)
         await conn.ws.close(code=code, message=reason.encode()[:120])
 
-    async def _send_raw(self, conn: _Connection, msg: dict[str, Any]) -> None:
+    async def _send_raw(self, conn: _Connection, msg: dict[str, Any] | bytes) -> None:
         if conn.ws.closed:
             return
         try:
-            await conn.ws.send_str(json.dumps(msg))
+            if isinstance(msg, bytes):
+                await conn.ws.send_bytes(msg)
+            else:
+                await conn.ws.send_str(json.dumps(msg))
         except ConnectionResetError:
-            _log.debug("voice client went away before op %s", msg.get("op"))
+            _log.debug("voice client went away before a message")
 
     async def _send(self, session: _Session, op: int, d: Any) -> None:
         """Send a buffered (v8: sequenced) message to the session, now or on its resume."""
@@ -717,6 +753,11 @@ class SandboxVoiceServer:
         grant = self._grants.get(token)
         if grant is None or grant != _Grant(server_id, user_id, session_id):
             await self._close(conn, CLOSE_AUTHENTICATION_FAILED, "authentication failed")
+            return
+        offered = d.get("max_dave_protocol_version") or 0
+        if self.dave_protocol_version > 0 and (type(offered) is not int or offered < 1):
+            # Discord since 2026-03-01: no E2EE, no voice in ordinary channels.
+            await self._close(conn, CLOSE_DAVE_REQUIRED, "DAVE required")
             return
         key = (server_id, user_id)
         previous = self._sessions.get(key)
@@ -840,9 +881,10 @@ class SandboxVoiceServer:
                     "secret_key": list(key),
                     "audio_codec": "opus",
                     "media_session_id": session.media_session_id,
-                    "dave_protocol_version": self.dave_protocol_version,
+                    "dave_protocol_version": self._dave_version(session),
                 },
             )
+            await self._dave_join(session)
         elif protocol == "webrtc":
             if not await self._select_webrtc(conn, session, d):
                 return
@@ -866,6 +908,10 @@ class SandboxVoiceServer:
 
         def on_rtp(ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
             self.stats.rtp_packets += 1
+            opened = self._dave_open(session, opus)
+            if opened is None:
+                return
+            opus = opened
             session.recording.add_packet(
                 arrival=asyncio.get_running_loop().time(),
                 ssrc=ssrc,
@@ -893,8 +939,10 @@ class SandboxVoiceServer:
                 "audio_codec": "opus",
                 "video_codec": "H264",
                 "media_session_id": session.media_session_id,
+                "dave_protocol_version": self._dave_version(session),
             },
         )
+        await self._dave_join(session)
         return True
 
     async def _op_speaking(self, conn: _Connection, d: Any) -> None:
@@ -925,6 +973,126 @@ class SandboxVoiceServer:
         for other in self._members(session.grant.server_id, exclude=session):
             await self._send(other, 12, relay)
 
+    async def _op_dave_transition_ready(self, conn: _Connection, d: Any) -> None:
+        await self._on_dave_json(conn, 23, d)
+
+    async def _op_dave_invalid_commit_welcome(self, conn: _Connection, d: Any) -> None:
+        session = conn.session
+        if session is not None and session.key in self._dave_wire:
+            self._event("dave_invalid", session.grant)
+        await self._on_dave_json(conn, 31, d)
+
+    # -- DAVE (legato.sandbox.dave does the protocol; this moves its messages) -------------------
+
+    def dave_channel(self, server_id: int, channel_id: int | None = None) -> DaveChannel:
+        """The DAVE group of a channel (``channel_id`` defaults to the guild id).
+
+        Raises:
+            KeyError: no DAVE member has joined that channel.
+        """
+        return self._dave[(server_id, channel_id or server_id)]
+
+    def dave_wire_frames(self, user_id: int, server_id: int | None = None) -> list[bytes]:
+        """The last media payloads of ``user_id`` as the server received them (pre-listener)."""
+        session = self._find_session(user_id, server_id, required=False)
+        if session is not None:
+            return list(self._dave_wire.get(session.key, ()))
+        for (sid, uid), frames in self._dave_wire.items():
+            if uid == user_id and server_id in (None, sid):
+                return list(frames)
+        raise KeyError(f"no DAVE frames for user {user_id}")
+
+    async def dave_downgrade(self, server_id: int, channel_id: int | None = None) -> None:
+        """Run a transition to protocol 0 (op21, op23s, op22) in a channel."""
+        channel = self.dave_channel(server_id, channel_id)
+        await self._dave_deliver(server_id, channel.downgrade())
+
+    async def dave_upgrade(self, server_id: int, channel_id: int | None = None) -> None:
+        """Start a new DAVE group at protocol 1 (op24 epoch 1, op25) in a channel."""
+        channel = self.dave_channel(server_id, channel_id)
+        await self._dave_deliver(server_id, channel.upgrade())
+
+    def _dave_key(self, session: _Session) -> tuple[int, int]:
+        server_id = session.grant.server_id
+        return (server_id, self._channel_ids.get(session.key, server_id))
+
+    def _dave_version(self, session: _Session) -> int:
+        channel = self._dave.get(self._dave_key(session))
+        if channel is not None:
+            return channel.server.session_protocol_version
+        return self.dave_protocol_version
+
+    async def _dave_join(self, session: _Session) -> None:
+        if self.dave_protocol_version == 0:
+            return
+        key = self._dave_key(session)
+        channel = self._dave.get(key)
+        if channel is None:
+            channel = self._dave[key] = DaveChannel(
+                key[1],
+                listener_id=DAVE_LISTENER_ID,
+                protocol_version=self.dave_protocol_version,
+                preferred_committer=self.dave_preferred_committer,
+            )
+        self._dave_wire[session.key] = deque(maxlen=_DAVE_WIRE_FRAMES)
+        await self._dave_deliver(session.grant.server_id, channel.join(session.grant.user_id))
+
+    async def _on_dave_json(self, conn: _Connection, op: int, d: Any) -> None:
+        session = conn.session
+        assert session is not None
+        channel = self._dave.get(self._dave_key(session))
+        if channel is None:
+            return  # DAVE is off: ignored, as before
+        deliveries = channel.receive_json(session.grant.user_id, op, d)
+        await self._dave_deliver(session.grant.server_id, deliveries)
+
+    async def _on_dave_binary(self, conn: _Connection, data: bytes) -> None:
+        session = conn.session
+        if session is None:
+            await self._close(conn, CLOSE_NOT_AUTHENTICATED, "binary frame before identify")
+            return
+        try:
+            op, payload = parse_client_binary(data)
+        except MalformedDaveFrame:
+            self.stats.dave_bad_binary += 1
+            return
+        channel = self._dave.get(self._dave_key(session))
+        if channel is None:
+            return
+        deliveries = channel.receive_binary(session.grant.user_id, op, payload)
+        await self._dave_deliver(session.grant.server_id, deliveries)
+
+    async def _dave_deliver(self, server_id: int, deliveries: list[Deliver]) -> None:
+        for item in deliveries:
+            session = self._sessions.get((server_id, item.user_id))
+            if session is None or session.ended:
+                continue
+            message = item.message
+            if isinstance(message, SendJson):
+                await self._send(session, message.op, message.data)
+                if message.op == 22:
+                    self._event("dave_execute", session.grant)
+            else:
+                session.seq += 1
+                frame = pack_server_binary(session.seq, message.op, message.payload)
+                session.outbox.append((session.seq, frame))
+                if session.conn is not None:
+                    await self._send_raw(session.conn, frame)
+
+    def _dave_open(self, session: _Session, payload: bytes) -> bytes | None:
+        """The listener's decryption of a media payload; None when it does not decrypt."""
+        wire = self._dave_wire.get(session.key)
+        if wire is None:
+            return payload
+        wire.append(payload)
+        channel = self._dave.get(self._dave_key(session))
+        if channel is None:
+            return payload
+        opened = channel.listener.decrypt(session.grant.user_id, payload)
+        if opened is None:
+            self.stats.dave_undecryptable += 1
+        return opened
+
     _handlers: Final[dict[int, Callable[[SandboxVoiceServer, _Connection, Any], Any]]] = {
         0: _op_identify,
         1: _op_select_protocol,
@@ -933,6 +1101,8 @@ class SandboxVoiceServer:
         7: _op_resume,
         12: _op_video,
         16: _op_backend_version,
+        23: _op_dave_transition_ready,
+        31: _op_dave_invalid_commit_welcome,
     }
 
     # -- sessions --------------------------------------------------------------------------------
@@ -977,6 +1147,9 @@ class SandboxVoiceServer:
         await self._close_peer(session)
         for other in self._members(session.grant.server_id, exclude=session):
             await self._send(other, 13, {"user_id": str(session.grant.user_id)})
+        channel = self._dave.get(self._dave_key(session))
+        if channel is not None:
+            await self._dave_deliver(session.grant.server_id, channel.leave(session.grant.user_id))
         self._event("left", session.grant)
 
     def _forget(self, session: _Session) -> None:
@@ -1044,6 +1217,10 @@ class SandboxVoiceServer:
             self.stats.malformed_packets += 1
             return
         self.stats.rtp_packets += 1
+        opened = self._dave_open(session, opus)
+        if opened is None:
+            return
+        opus = opened
         session.recording.add_packet(
             arrival=asyncio.get_running_loop().time(),
             ssrc=rtp.header.ssrc,

@@ -1,0 +1,159 @@
+"""DAVE end to end against the sandbox voice server: the listener decrypts what clients send.
+
+The sandbox plays Discord's part (external sender, proposals, commit/welcome relay,
+transitions) and a listener member inside it decrypts each sender's frames before they are
+recorded; :meth:`SandboxVoiceServer.dave_wire_frames` keeps what the server itself received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import discord
+import discord.http
+import pytest
+
+from legato.audio.analysis import dominant_frequency, pcm_to_mono
+from legato.sandbox.dave import DAVE_MAGIC_MARKER
+from legato.sandbox.voice import DAVE_LISTENER_ID, SandboxVoiceServer
+from tests.integration.test_dpy_fidelity import (
+    BOT_ID,
+    GUARD,
+    GUILD_ID,
+    TONE_FRAMES,
+    TONE_HZ,
+    FakeChannel,
+    FakeClient,
+    FakeConnectionState,
+    FakeGuild,
+    SineSource,
+)
+from tests.integration.test_dpy_fidelity import CHANNEL_ID as DPY_CHANNEL_ID
+
+pytestmark = pytest.mark.integration
+
+
+class _Registrar:
+    """The sandbox server as the fake guild sees it, registering with the channel id (the MLS
+    group id discord.py's session uses)."""
+
+    def __init__(self, server: SandboxVoiceServer) -> None:
+        self._server = server
+
+    @property
+    def endpoint(self) -> str:
+        return self._server.endpoint
+
+    def register_session(self, **kwargs: Any) -> str:
+        return self._server.register_session(channel_id=DPY_CHANNEL_ID, **kwargs)
+
+
+@pytest.fixture
+async def dave_server() -> AsyncIterator[SandboxVoiceServer]:
+    async with SandboxVoiceServer(tls=True, dave_protocol_version=1) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def dpy_http(dave_server: SandboxVoiceServer) -> AsyncIterator[discord.http.HTTPClient]:
+    assert dave_server.certificate is not None
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(ssl=dave_server.certificate.client_context())
+    client = discord.http.HTTPClient(loop, connector=connector)
+    client._HTTPClient__session = aiohttp.ClientSession(  # type: ignore[attr-defined]
+        connector=connector,
+        ws_response_class=discord.gateway.DiscordClientWebSocketResponse,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    yield client
+    await client.close()
+
+
+def _wire_frequency(frames: list[bytes]) -> float | None:
+    """What the server would hear decoding its own copy: None when libopus refuses it."""
+    import opuslib
+
+    decoder = opuslib.Decoder(48_000, 2)
+    pcm = bytearray()
+    for frame in frames:
+        try:
+            pcm += decoder.decode(frame, 960)
+        except opuslib.OpusError:
+            continue
+    if len(pcm) < 48_000:
+        return None
+    return dominant_frequency(pcm_to_mono(bytes(pcm)))
+
+
+async def test_discord_py_plays_with_its_own_dave_and_the_listener_hears_it(
+    dave_server: SandboxVoiceServer, dpy_http: discord.http.HTTPClient
+) -> None:
+    loop = asyncio.get_running_loop()
+    state = FakeConnectionState(loop, dpy_http)
+    guild = FakeGuild(_Registrar(dave_server))  # type: ignore[arg-type]
+    channel = FakeChannel(guild)
+    guild.channel = channel
+    vc = discord.VoiceClient(FakeClient(state), channel)  # type: ignore[arg-type]
+    guild.voice_client = vc
+
+    await vc.connect(reconnect=False, timeout=GUARD)
+    # The listener founds the group and welcomes discord.py; op22 executes it.
+    await dave_server.wait_event("dave_execute", BOT_ID, timeout=GUARD)
+    conn_state = vc._connection
+    assert conn_state.dave_protocol_version == 1
+    assert conn_state.can_encrypt
+    dave = dave_server.dave_channel(GUILD_ID, DPY_CHANNEL_ID)
+    assert set(dave.server.group_members) == {DAVE_LISTENER_ID, BOT_ID}
+    assert vc.voice_privacy_code is not None
+    assert vc.voice_privacy_code == dave.listener.client.privacy_code
+
+    finished = asyncio.Event()
+    errors: list[Exception | None] = []
+
+    def after(error: Exception | None) -> None:
+        errors.append(error)
+        loop.call_soon_threadsafe(finished.set)
+
+    vc.play(SineSource(TONE_FRAMES), after=after, fec=False)
+    async with asyncio.timeout(GUARD):
+        await finished.wait()
+    recording = dave_server.recording(BOT_ID)
+    await recording.wait_frames(TONE_FRAMES + 5, timeout=GUARD)
+    await vc.disconnect(force=True)
+    await dave_server.wait_event("left", BOT_ID, timeout=GUARD)
+    await asyncio.gather(*guild.tasks)
+
+    assert errors == [None]
+    assert dave_server.stats.dave_undecryptable == 0
+    assert recording.stats().gaps == 0
+    freq = await asyncio.to_thread(recording.dominant_frequency)
+    assert freq == pytest.approx(TONE_HZ, abs=2.0)
+    # The server's own copy: DAVE frames (silence aside), which are not the tone.
+    wire = dave_server.dave_wire_frames(BOT_ID, GUILD_ID)
+    tone = [f for f in wire if f != b"\xf8\xff\xfe"]
+    assert len(tone) == TONE_FRAMES
+    assert all(f.endswith(DAVE_MAGIC_MARKER) for f in tone)
+    heard = await asyncio.to_thread(_wire_frequency, tone)
+    assert heard is None or abs(heard - TONE_HZ) > 20
+    assert dave.listener.stats.decrypted == TONE_FRAMES
+    assert dave.server.stats.bad_commits == 0
+
+
+async def test_a_client_without_dave_is_closed_with_4017(dave_server: SandboxVoiceServer) -> None:
+    token = dave_server.register_session(server_id=GUILD_ID, user_id=77, session_id="s77")
+    assert dave_server.certificate is not None
+    identify = {"server_id": str(GUILD_ID), "user_id": "77", "session_id": "s77", "token": token}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            dave_server.url + "/?v=8", ssl=dave_server.certificate.client_context()
+        ) as ws,
+    ):
+        await ws.receive_json()  # op8 hello
+        await ws.send_json({"op": 0, "d": identify})  # no max_dave_protocol_version
+        msg = await ws.receive()
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 4017
