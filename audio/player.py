@@ -151,6 +151,7 @@ class PlayerStats:
         underruns: Times a frame was due mid-track and none was buffered (source too slow).
         buffer_frames: Frames buffered now for the current track.
         source_errors: Tracks that failed to open or to read.
+        sink_errors: Frames whose ``send_frame`` raised (the frame is lost, playing goes on).
     """
 
     frames_sent: int
@@ -162,6 +163,7 @@ class PlayerStats:
     underruns: int
     buffer_frames: int
     source_errors: int
+    sink_errors: int
 
 
 @runtime_checkable
@@ -473,6 +475,7 @@ class GuildPlayer:
         self._hist = [0] * _HIST_SIZE
         self._underruns = 0
         self._source_errors = 0
+        self._sink_errors = 0
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -532,6 +535,7 @@ class GuildPlayer:
             underruns=self._underruns,
             buffer_frames=len(self._cur.frames) if self._cur is not None else 0,
             source_errors=self._source_errors,
+            sink_errors=self._sink_errors,
         )
 
     async def wait_for(self, state: PlayerState) -> None:
@@ -820,7 +824,10 @@ class GuildPlayer:
             if action is PacerAction.SEND_AUDIO:
                 assert cur is not None
                 frames = cur.frames
-                sink.send_frame(frames.popleft())
+                try:
+                    sink.send_frame(frames.popleft())
+                except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
+                    self._sink_failed()
                 cur.sent += 1
                 self._frames_sent += 1
                 self._in_underrun = False
@@ -848,7 +855,10 @@ class GuildPlayer:
                 self._arm(pacer.next_deadline())
                 return
             elif action is PacerAction.SEND_SILENCE:
-                sink.send_frame(OPUS_SILENCE)
+                try:
+                    sink.send_frame(OPUS_SILENCE)
+                except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
+                    self._sink_failed()
                 self._silence_sent += 1
             elif action is PacerAction.UNDERRUN:
                 if not self._in_underrun and cur is not None and cur.started:
@@ -861,6 +871,15 @@ class GuildPlayer:
                 self._cancel_timer()
                 self._speaking_task = self._loop.create_task(self._announce(on))
                 return
+
+    def _sink_failed(self) -> None:
+        """A sink must not raise, but if it does the timer chain must survive it: a raise out of
+        this callback would leave no timer armed and the player silent for good. Logged with the
+        traceback at the 1st, 2nd, 4th, 8th... failure so a broken sink cannot flood the log."""
+        self._sink_errors += 1
+        count = self._sink_errors
+        if count & (count - 1) == 0:
+            self._log.exception("send_frame failed (%d so far); the frame is lost", count)
 
     async def _announce(self, speaking: bool) -> None:
         try:

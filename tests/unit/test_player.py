@@ -602,3 +602,29 @@ async def test_volume_change_racing_a_track_change_does_not_fail(rig: Rig) -> No
     await change
     await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
     assert [f.decode() for f in rig.sink.audio] == ["B:0@0.5", "B:1@0.5", "B:2@0.5"]
+
+
+async def test_a_raising_sink_loses_frames_but_not_the_player(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+
+    class FlakySink(RecordingSink):
+        def send_frame(self, opus: bytes) -> None:
+            if opus in (b"A:2", b"A:3", b"A:4"):
+                raise OSError("transport went away")
+            super().send_frame(opus)
+
+    sink = FlakySink(clock)
+    opener = ScriptedOpener()
+    player = GuildPlayer(sink, opener, clock=clock, executor=InlineExecutor(), guild_id=5)
+    player.queue.add([opener.script("A", 8)])
+    with caplog.at_level(logging.ERROR, logger="legato.audio.player"):
+        player.start()
+        await clock.run_until(lambda: player.state is PlayerState.IDLE)
+        await clock.advance(1.0)
+    assert [f.decode() for f in sink.audio] == ["A:0", "A:1", "A:5", "A:6", "A:7"]
+    assert sink.speaking_changes == [True, False]
+    assert player.stats.sink_errors == 3
+    assert len([r for r in caplog.records if "send_frame failed" in r.getMessage()]) == 2
+    await player.close()
