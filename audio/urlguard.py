@@ -52,6 +52,7 @@ from legato.errors import ResolveError
 __all__ = [
     "METADATA_ADDRESSES",
     "NOT_ALLOWED",
+    "TOO_SLOW",
     "UNKNOWN_HOST",
     "UNREACHABLE",
     "UrlPolicy",
@@ -67,8 +68,10 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 NOT_ALLOWED: Final = "That address is not allowed."
 #: A host name that does not resolve.
 UNKNOWN_HOST: Final = "I could not find that web address."
-#: Could not reach the host while following its redirects.
-UNREACHABLE: Final = "I could not reach that address."
+#: Could not reach the host while following its redirects (the resolver's wording).
+UNREACHABLE: Final = "I could not reach that site."
+#: Following the redirects took longer than the timeout (the resolver's wording).
+TOO_SLOW: Final = "Looking that up took too long; try again later."
 
 #: Cloud instance-metadata endpoints (AWS/GCP/Azure/OpenStack, AWS IPv6, ECS task metadata,
 #: Alibaba): refused even when private addresses are allowed, as they hand out credentials.
@@ -319,40 +322,61 @@ class UrlPolicy:
             if name.strip().lower() == "host":
                 self._refuse(value, "explicit Host header")
 
-    def check_info(self, info: Mapping[str, Any]) -> None:
-        """Check the URLs and headers in a yt-dlp answer (after its own redirects).
+    def check_info(self, info: Mapping[str, Any], *, trusted_page: bool = False) -> None:
+        """Check the URLs and headers in a yt-dlp answer (after its own redirects). Blocking.
 
-        The page it ended at (``webpage_url``), the media URL (``url``), the URLs of the
-        formats it chose and of flat playlist entries, and ``http_headers``.
+        The page it ended at (``webpage_url``) and the media URL (``url``) with their DNS
+        answers; the formats it chose likewise; flat playlist entries by form only (each is
+        checked in full when it is about to play); and ``http_headers``.
+
+        Args:
+            info: yt-dlp's info dict.
+            trusted_page: The page itself is the operator's (a configured search page): check
+                only what it lists.
 
         Raises:
             ResolveError: One of them is refused.
         """
-        for key in ("webpage_url", "url"):
-            value = info.get(key)
-            if isinstance(value, str) and "://" in value:
-                self.check_resolved(value)
-        for fmt in info.get("requested_formats") or ():
-            if isinstance(fmt, Mapping):
-                self.check_info(fmt)
+        if not trusted_page:
+            for key in ("webpage_url", "url"):
+                value = info.get(key)
+                if isinstance(value, str) and "://" in value:
+                    self.check_resolved(value)
+            for fmt in info.get("requested_formats") or ():
+                if isinstance(fmt, Mapping):
+                    self.check_info(fmt)
         for entry in info.get("entries") or ():
-            if isinstance(entry, Mapping):
-                self.check_info(entry)
+            if not isinstance(entry, Mapping):
+                continue
+            for key in ("webpage_url", "url"):
+                value = entry.get(key)
+                if isinstance(value, str) and "://" in value:
+                    self.check_url(value)
         headers = info.get("http_headers")
         if isinstance(headers, Mapping):
             self.check_headers({str(k): str(v) for k, v in headers.items()})
 
     # -- redirects ----------------------------------------------------------------------------
 
-    def follow_redirects(self, url: str, headers: Mapping[str, str] | None = None) -> str:
+    def follow_redirects(
+        self,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        request_timeout: float | None = None,
+    ) -> str:
         """Follow ``url``'s redirects, checking every hop, and return where they end. Blocking.
 
         HEAD first; GET (closed before any body is read) when the server refuses HEAD. A final
         answer that is an error (404...) ends the walk there: whoever fetches it reports that.
 
+        Args:
+            url: Where to start.
+            headers: Request headers (yt-dlp's ``http_headers``), checked first.
+            request_timeout: Seconds per request (default ``self.timeout``).
+
         Raises:
             ResolveError: A hop is refused, there are more than ``max_redirects``, or the host
-                cannot be reached.
+                cannot be reached in time.
         """
         self.check_resolved(url)
         sent = dict(headers or {})
@@ -362,7 +386,7 @@ class UrlPolicy:
             opener = urllib.request.build_opener(_CheckingRedirects(self))
             request = urllib.request.Request(url, headers=sent, method=method)
             try:
-                with opener.open(request, timeout=self.timeout) as response:
+                with opener.open(request, timeout=request_timeout or self.timeout) as response:
                     final = str(response.geturl())
                 break
             except urllib.error.HTTPError as exc:
@@ -376,13 +400,16 @@ class UrlPolicy:
                 final = str(exc.filename or url)
                 break
             except urllib.error.URLError as exc:
+                slow = isinstance(exc.reason, TimeoutError)
                 raise ResolveError(
                     f"{_short(url)}: following redirects failed: {exc.reason}",
-                    user_message=UNREACHABLE,
+                    user_message=TOO_SLOW if slow else UNREACHABLE,
                 ) from exc
             except (TimeoutError, OSError) as exc:
+                slow = isinstance(exc, TimeoutError)
                 raise ResolveError(
-                    f"{_short(url)}: following redirects failed: {exc}", user_message=UNREACHABLE
+                    f"{_short(url)}: following redirects failed: {exc}",
+                    user_message=TOO_SLOW if slow else UNREACHABLE,
                 ) from exc
         if final != url:
             _log.debug("%s redirects to %s", _short(url), _short(final))
@@ -393,11 +420,12 @@ class UrlPolicy:
         url: str,
         headers: Mapping[str, str] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        request_timeout: float | None = None,
     ) -> str:
         """:meth:`follow_redirects` in ``executor``, off the event loop."""
         self.check_url(url)
         loop = asyncio.get_running_loop()
-        call = functools.partial(self.follow_redirects, url, headers)
+        call = functools.partial(self.follow_redirects, url, headers, request_timeout)
         return await loop.run_in_executor(executor, call)
 
     # -- internals ----------------------------------------------------------------------------

@@ -355,6 +355,7 @@ def test_check_info_checks_every_url_in_the_answer() -> None:
         {**good, "url": "http://169.254.169.254/latest/meta-data/"},
         {**good, "requested_formats": [{"url": "http://[::1]/a.webm"}]},
         {**good, "entries": [{"url": "http://10.0.0.1/b.mp3"}]},
+        {**good, "entries": [{"webpage_url": "http://2130706433/"}]},
         {**good, "http_headers": {"Host": "internal.service"}},
         {**good, "http_headers": {"Referer": "https://x/\r\nX-Injected: 1"}},
     ]
@@ -362,3 +363,13 @@ def test_check_info_checks_every_url_in_the_answer() -> None:
         with pytest.raises(ResolveError) as info:
             DEFAULT.check_info(bad)
         assert info.value.user_message == NOT_ALLOWED
+
+
+def test_check_info_trusts_a_configured_page_but_not_what_it_lists() -> None:
+    page = {"webpage_url": "http://127.0.0.1:9/search?q=x", "entries": []}
+    DEFAULT.check_info(page, trusted_page=True)
+    with pytest.raises(ResolveError):
+        DEFAULT.check_info(page)
+    listing = {**page, "entries": [{"url": "http://127.0.0.1:9/a.mp3"}]}
+    with pytest.raises(ResolveError):
+        DEFAULT.check_info(listing, trusted_page=True)
