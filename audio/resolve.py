@@ -28,6 +28,7 @@ import yt_dlp.networking.exceptions
 import yt_dlp.utils
 
 from legato.audio.track import Track
+from legato.audio.urlguard import UrlPolicy
 from legato.errors import ResolveError
 
 __all__ = ["Resolver", "ResolverSettings", "StreamInfo"]
@@ -67,6 +68,10 @@ class ResolverSettings:
         search_results: How many results a search returns.
         allow_local_files: Whether paths and ``file://`` URLs on the bot's machine may be played.
         timeout: Seconds one yt-dlp call (or one local probe) may take.
+        url_policy: Which addresses may be fetched (:mod:`legato.audio.urlguard`): checked on
+            a URL and each of its redirects before yt-dlp sees it, on yt-dlp's answer, and on
+            the stream URL's redirects, whose end is what the decoder is given. ``None`` keeps
+            only the scheme checks (the caller vouches for every URL, as tests do).
     """
 
     max_playlist: int = 100
@@ -74,6 +79,7 @@ class ResolverSettings:
     search_results: int = 5
     allow_local_files: bool = False
     timeout: float = 30.0
+    url_policy: UrlPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.max_playlist < 1:
@@ -223,6 +229,7 @@ class Resolver:
             return [await self._resolve_local(local, requester_id)]
         if _URL.match(query):
             self._check_url(query)
+            await self._follow(query)
             info = await self._extract(query, flat=True)
             return self._tracks(info, query, requester_id, limit=self.settings.max_playlist)
         return await self._search(query, requester_id)
@@ -237,6 +244,7 @@ class Resolver:
         if local is not None:
             return await self._stream_local(local)
         self._check_url(track.url)
+        await self._follow(track.url)
         info = await self._extract(track.url, flat=False)
         while info.get("_type") in ("playlist", "multi_video"):
             entries = [e for e in info.get("entries") or [] if e]
@@ -257,9 +265,12 @@ class Resolver:
         rate = chosen.get("asr")
         duration = info.get("duration")
         headers = chosen.get("http_headers") or info.get("http_headers") or {}
+        sent = {str(k): str(v) for k, v in headers.items()}
+        # FFmpeg follows redirects unchecked: give it where the checked chain ends.
+        url = await self._follow(str(url), sent)
         return StreamInfo(
             url=str(url),
-            http_headers={str(k): str(v) for k, v in headers.items()},
+            http_headers=sent,
             codec=str(acodec) if acodec and acodec != "none" else None,
             sample_rate=int(rate) if isinstance(rate, int | float) else None,
             duration=float(duration) if isinstance(duration, int | float) else track.duration,
@@ -274,7 +285,7 @@ class Resolver:
         if "{query}" in provider:
             url = provider.replace("{query}", urllib.parse.quote_plus(terms))
             try:
-                info = await self._extract(url, flat=True)
+                info = await self._extract(url, flat=True, trusted=True)
                 tracks = self._tracks(info, url, requester_id, limit=count)
             except ResolveError as exc:
                 if exc.user_message != NO_AUDIO:
@@ -340,16 +351,35 @@ class Resolver:
             "default_search": "error",
         }
 
-    def _extract_blocking(self, url: str, flat: bool) -> dict[str, Any]:
+    def _extract_blocking(self, url: str, flat: bool, trusted: bool) -> dict[str, Any]:
         with yt_dlp.YoutubeDL(self._options(flat=flat)) as ydl:
             info = ydl.extract_info(url, download=False)
         if not isinstance(info, dict):
             raise ResolveError(f"yt-dlp returned nothing for {url}", user_message=NO_AUDIO)
+        if self.settings.url_policy is not None:
+            # Where yt-dlp's own redirects ended, and what it found there.
+            self.settings.url_policy.check_info(info, trusted_page=trusted)
         return info
 
-    async def _extract(self, url: str, *, flat: bool) -> dict[str, Any]:
+    async def _follow(self, url: str, headers: Mapping[str, str] | None = None) -> str:
+        """Check ``url`` and its redirects with the URL policy; return where they end."""
+        policy = self.settings.url_policy
+        if policy is None:
+            return url
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                return await policy.follow(
+                    url, headers, self._executor, request_timeout=self.settings.timeout
+                )
+        except TimeoutError as exc:
+            raise ResolveError(
+                f"following {url}'s redirects took longer than {self.settings.timeout}s",
+                user_message=TOO_SLOW,
+            ) from exc
+
+    async def _extract(self, url: str, *, flat: bool, trusted: bool = False) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        call = functools.partial(self._extract_blocking, url, flat)
+        call = functools.partial(self._extract_blocking, url, flat, trusted)
         try:
             async with asyncio.timeout(self.settings.timeout):
                 return await loop.run_in_executor(self._executor, call)
