@@ -92,6 +92,7 @@ def _is_search(query: str) -> bool:
 _PROVIDERS: Final = {"youtube": "ytsearch", "soundcloud": "scsearch", "none": "ytsearch"}
 _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
+_POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to go out
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
 
 Interaction = discord.Interaction[Any]
@@ -129,7 +130,8 @@ class GuildSession:
         )
         self.votes: set[int] = set()
         self.closed = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._posts: set[asyncio.Task[Any]] = set()
+        self._timers: set[asyncio.Task[Any]] = set()
         self._idle: asyncio.Task[None] | None = None
         self._alone: asyncio.Task[None] | None = None
         self._announced = 0  # uid of the track last announced (a looped track is told once)
@@ -154,14 +156,14 @@ class GuildSession:
         """The player's volume in percent."""
         return round(self.player.volume * 100)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        """Run ``coro`` as a task this session owns (cancelled by :meth:`close`)."""
+    def _own(self, coro: Coroutine[Any, Any, Any], name: str, into: set[asyncio.Task[Any]]) -> Any:
         task = asyncio.get_running_loop().create_task(coro, name=f"legato-{name}-{self.guild_id}")
-        self._tasks.add(task)
+        into.add(task)
+        task.add_done_callback(into.discard)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
@@ -223,7 +225,7 @@ class GuildSession:
                 # Missing permissions or a deleted channel must not stop the music.
                 self.log.warning("could not post to channel %s: %s", channel, exc)
 
-        self.spawn(send(), "post")
+        self._own(send(), "post", self._posts)
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -232,7 +234,7 @@ class GuildSession:
         delay = self.cog.config.playback.idle_timeout
         if delay <= 0 or self.closed or self._idle is not None:
             return
-        self._idle = self._timer(delay, "idle", f"Nothing played for {format_time(delay)}.")
+        self._idle = self._timer(delay, "idle", f"Nothing played for {_span(delay)}.")
 
     def cancel_idle(self) -> None:
         if self._idle is not None:
@@ -257,26 +259,34 @@ class GuildSession:
             self.log.info("leaving: %s timer fired after %.1f s", kind, delay)
             await self.cog.end_session(self.guild_id, leave=True, notice=f"{why} Leaving.")
 
-        task = asyncio.get_running_loop().create_task(fire(), name=f"legato-{kind}-{self.guild_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task: asyncio.Task[None] = self._own(fire(), kind, self._timers)
         return task
 
     # -- shutdown ------------------------------------------------------------------------------
 
     async def close(self, *, leave: bool) -> None:
-        """Cancel every task, close the player and (when ``leave``) disconnect. Idempotent."""
+        """Stop the timers, close the player, (when ``leave``) disconnect, let posts finish.
+
+        Idempotent.
+        """
         if self.closed:
             return
         self.closed = True
         me = asyncio.current_task()
-        pending = [t for t in self._tasks if t is not me]
-        for task in pending:
+        timers = [t for t in self._timers if t is not me]
+        for task in timers:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*timers, return_exceptions=True)
         await self.player.close()
         if leave:
             await self.voice.disconnect(force=True)
+        # Posts are let finish, not cancelled: discord.py's rate limiter loses its token when a
+        # request is cancelled between the response and its bookkeeping, and the channel's next
+        # message then waits 30 s.
+        if self._posts:
+            _, late = await asyncio.wait(set(self._posts), timeout=_POST_GRACE)
+            for task in late:
+                task.cancel()
 
 
 class _Suggestions:
@@ -391,9 +401,11 @@ class MusicCog(commands.Cog, name="Music"):
             *(self.end_session(gid, leave=True) for gid in list(self.sessions)),
             return_exceptions=True,
         )
-        for task in list(self._ending):
-            task.cancel()
-        await asyncio.gather(*self._ending, return_exceptions=True)
+        if self._ending:
+            # Sessions ending on their own may be posting a notice: let it go out (see close()).
+            _, late = await asyncio.wait(set(self._ending), timeout=_POST_GRACE)
+            for task in late:
+                task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -448,22 +460,26 @@ class MusicCog(commands.Cog, name="Music"):
             self.end_session(guild_id, leave=leave, notice=notice), name=f"legato-end-{guild_id}"
         )
         self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._ending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("ending a session failed", exc_info=task.exception())
 
     async def end_session(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
         """Close a guild's session (player, timers) and, when ``leave``, its voice connection."""
         session = self.sessions.pop(guild_id, None)
         if session is None:
             return
-        if notice:
-            text = session.text_channel
-            if text is not None:
-                try:
-                    await text.send(notice, allowed_mentions=_NO_MENTIONS)
-                except discord.HTTPException as exc:
-                    session.log.warning("could not post the leave notice: %s", exc)
         await session.close(leave=leave)
         session.log.info("session ended (leave=%s)", leave)
+        text = session.text_channel
+        if notice and text is not None:
+            try:
+                await text.send(notice, allowed_mentions=_NO_MENTIONS)
+            except discord.HTTPException as exc:
+                session.log.warning("could not post the leave notice: %s", exc)
 
     # -- listeners -----------------------------------------------------------------------------
 
@@ -743,6 +759,7 @@ class MusicCog(commands.Cog, name="Music"):
         session, _ = self._playing_session(interaction)
         if not session.player.pause():
             raise NotPlaying("pause while not playing")
+        session.arm_idle()  # paused is not playing: the idle timeout applies
         await self._say(interaction, "Paused.")
 
     @app_commands.guild_only()
@@ -751,6 +768,7 @@ class MusicCog(commands.Cog, name="Music"):
         session, _ = self._playing_session(interaction)
         if not session.player.resume():
             raise NotPlaying("resume while not paused", user_message="I'm not paused.")
+        session.cancel_idle()
         await self._say(interaction, "Resumed.")
 
     @app_commands.guild_only()
@@ -974,6 +992,15 @@ class MusicCog(commands.Cog, name="Music"):
             duration=session.duration,
         )
         await self._say(interaction, embed=embed)
+
+
+def _span(seconds: float) -> str:
+    """``90 seconds``, ``5 minutes``, ``1:30:00``: a timeout as a person says it."""
+    if seconds < 120:
+        return f"{seconds:g} second" + ("" if seconds == 1 else "s")
+    if seconds % 60 == 0 and seconds < 7200:
+        return f"{seconds / 60:g} minutes"
+    return format_time(seconds)
 
 
 def _text_channel(interaction: Interaction) -> discord.abc.Messageable | None:
