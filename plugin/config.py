@@ -429,7 +429,7 @@ class StorageConfig:
         "SQLite database file; relative to the working directory",
     )
     save_interval: float = _key(
-        3.0, _number(0.5, 60, "seconds"), "how often the playback position is written"
+        1.0, _number(0.2, 60, "seconds"), "how often the playback position is written"
     )
 
 

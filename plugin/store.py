@@ -53,7 +53,7 @@ _T = TypeVar("_T")
 #: The schema this code writes. Bump it and append to ``_MIGRATIONS`` together.
 SCHEMA_VERSION: Final = 2
 #: Seconds between writes of noted positions.
-DEFAULT_SAVE_INTERVAL: Final = 3.0
+DEFAULT_SAVE_INTERVAL: Final = 1.0
 #: Most history entries kept per guild; the oldest are dropped first.
 HISTORY_LIMIT: Final = 50
 

@@ -222,7 +222,7 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "allowed_hosts", '["host:port"]', 'a list of "host" or "host:port"'),
     ("storage", "enabled", "1", "true or false"),
     ("storage", "path", '""', "a file path"),
-    ("storage", "save_interval", "0.1", "a number from 0.5 to 60"),
+    ("storage", "save_interval", "0.1", "a number from 0.2 to 60"),
     ("playback", "search_provider", '"google"', "'youtube', 'soundcloud', 'none'"),
     ("playback", "search_provider", '"http://x.test/s"', "URL template containing {query}"),
     ("playback", "search_results", "26", "an integer from 1 to 25"),
