@@ -158,7 +158,7 @@ def _case(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        pool = ThreadPoolExecutor(4, thread_name_prefix="bench-player")
+        pool = ThreadPoolExecutor(spec.get("threads", 4), thread_name_prefix="bench-player")
         sinks = [_UdpSink(address) for _ in range(n)]
 
         async def opener(track: Track, start: float) -> FrameSource:
