@@ -38,6 +38,7 @@ from legato.audio.player import (
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.resolve import Resolver, ResolverSettings
 from legato.audio.track import Track
+from legato.audio.urlguard import UrlPolicy
 from legato.cogs.checks import (
     Denied,
     NotPlaying,
@@ -373,6 +374,15 @@ class MusicCog(commands.Cog, name="Music"):
                 search_results=pb.search_results,
                 allow_local_files=pb.allow_local_files,
                 timeout=pb.resolve_timeout,
+                # Users' links make the bot fetch things: no internal addresses, and only the
+                # allowed domains when some are configured (legato.audio.urlguard).
+                url_policy=UrlPolicy(
+                    allowed_domains=pb.allowed_domains or None,
+                    allow_private=pb.allow_private_addresses,
+                    allow_local_files=pb.allow_local_files,
+                    allowed_hosts=pb.allowed_hosts,
+                    timeout=pb.resolve_timeout,
+                ),
             ),
             executor=self.executor,
         )

@@ -213,6 +213,14 @@ _DOMAIN: Final = re.compile(
 )
 
 
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _domains() -> _Conv:
     expected = 'a list of bare domain names such as ["youtube.com", "soundcloud.com"]'
 
@@ -220,7 +228,7 @@ def _domains() -> _Conv:
         if not isinstance(v, str):
             raise _Bad(expected)
         d = v.strip().lower().rstrip(".")
-        if not _DOMAIN.fullmatch(d):
+        if not _DOMAIN.fullmatch(d) or _is_address(d):
             raise _Bad(expected)
         return d
 

@@ -105,6 +105,8 @@ def make_config(tones: Tones, **playback: Any) -> Config:
     base = PlaybackConfig(
         idle_timeout=0,
         leave_when_alone_after=0,
+        # The media server is on loopback: the one address the URL guard lets through.
+        allowed_hosts=(f"127.0.0.1:{tones.server.port}",),
         search_provider=tones.server.url("search?q={query}"),
         resolve_timeout=20,
     )
@@ -509,6 +511,9 @@ async def test_bad_inputs_are_ephemeral_and_keep_the_queue(sandbox: Sandbox, ton
         await alice.invoke("clear")
         await refused(await alice.invoke("play", query=tones.missing), "not found")
         await refused(await alice.invoke("play", query="ftp://x.test/a.ogg"), "web links")
+        # Internal addresses are refused (the URL guard), whatever port.
+        await refused(await alice.invoke("play", query="http://127.0.0.1:1/x.ogg"), "not allowed")
+        await refused(await alice.invoke("play", query="http://169.254.169.254/"), "not allowed")
         assert upcoming(bot, sb) == []
 
         # A link whose length only the decoder learns is skipped when it starts, with a notice.

@@ -215,6 +215,7 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "max_playlist_size", "10001", "an integer from 1 to 10000"),
     ("playback", "allowed_domains", '"example.com"', "a list of bare domain names"),
     ("playback", "allowed_domains", '["https://example.com"]', "a list of bare domain names"),
+    ("playback", "allowed_domains", '["10.0.0.1"]', "a list of bare domain names"),
     ("playback", "allow_local_files", "0", "true or false"),
     ("playback", "allow_private_addresses", '"yes"', "true or false"),
     ("playback", "allowed_hosts", '"127.0.0.1:8000"', 'a list of "host" or "host:port"'),
