@@ -1,7 +1,10 @@
 """Run a piece of the sandbox from the command line: ``python -m legato.sandbox SUBCOMMAND``.
 
 Subcommands:
-    voice   the voice server alone; ``--session SERVER:USER:SESSION`` prints a token to use.
+    demo     Legato end to end against the sandbox (``make demo``); exit code 0 when the audio
+             checks pass.
+    discord  the whole sandbox Discord (gateway, REST, voice), for pointing a bot at it.
+    voice    the voice server alone; ``--session SERVER:USER:SESSION`` prints a token to use.
 """
 
 from __future__ import annotations
@@ -9,10 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
+from legato.config import ENV_CONFIG, load_config
+from legato.errors import ConfigError
 from legato.sandbox.voice import DEFAULT_HEARTBEAT_INTERVAL, SandboxVoiceServer
+
+# Exit codes of `demo`: the audio checks failed, or the demo could not run at all.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def _session_spec(raw: str) -> tuple[int, int, str]:
@@ -25,7 +37,7 @@ def _session_spec(raw: str) -> tuple[int, int, str]:
         ) from None
 
 
-async def _run_voice(args: argparse.Namespace) -> None:
+async def _run_voice(args: argparse.Namespace) -> int:
     server = SandboxVoiceServer(
         args.host,
         port=args.port,
@@ -50,12 +62,70 @@ async def _run_voice(args: argparse.Namespace) -> None:
                 f"malformed {stats.malformed_packets}, "
                 f"undecryptable {stats.undecryptable_packets}, bad json {stats.bad_json}"
             )
+    return 0
+
+
+async def _run_demo(args: argparse.Namespace) -> int:
+    from legato.sandbox.demo import DemoOptions, run_demo
+
+    try:
+        # The [sandbox] section of the configuration names the guild, listeners and tone.
+        config = load_config(args.config) if args.config or os.environ.get(ENV_CONFIG) else None
+    except ConfigError as exc:
+        print(f"demo: {exc}")
+        return EXIT_USAGE
+    options = DemoOptions(out_dir=Path(args.out), transport=args.transport, progress=args.progress)
+    if config is not None:
+        sandbox = config.sandbox
+        options = dataclasses.replace(
+            options,
+            host=sandbox.host,
+            guild_name=sandbox.demo_guild,
+            listeners=sandbox.demo_listeners,
+            tone_hz=sandbox.demo_tone_hz,
+            seconds=sandbox.demo_seconds,
+        )
+    if args.seconds is not None:
+        options = dataclasses.replace(options, seconds=args.seconds)
+    report = await run_demo(options)
+    return 0 if report.passed else EXIT_FAILED
+
+
+async def _run_discord(args: argparse.Namespace) -> int:
+    from legato.sandbox.server import Sandbox
+
+    async with Sandbox() as sb:
+        listeners = [sb.add_user(name) for name in args.user]
+        print("sandbox Discord: running (Ctrl-C stops it)")
+        print(f"  API base         {sb.api_base}")
+        print(f"  gateway          {sb.gateway_url}")
+        print(f"  bot token        {sb.bot_token}")
+        print(f"  bot user id      {sb.bot.id} ({sb.bot.name}); application id {sb.application_id}")
+        print(f"  voice endpoint   {sb.voice_server.endpoint}")
+        print(f"  guild            {sb.guild.id} ({sb.guild.name})")
+        for handle in sb.guilds:
+            for channel in (*handle.text_channels.values(), *handle.voice_channels.values()):
+                kind = "voice" if channel.is_voice else "text"
+                print(f"    {kind:5} channel  {channel.id} (#{channel.name})")
+            print(f"    DJ role        {handle.dj_role.id}")
+        for user in listeners:
+            print(f"  member           {user.id} ({user.name})")
+        print()
+        print("Point discord.py here before starting the bot with the token above:")
+        print(f'  discord.http.Route.BASE = "{sb.api_base}"')
+        print(f'  discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL("{sb.gateway_url}")')
+        print("(or legato.sandbox.server.point_discord_py_here(api_base=..., gateway_url=...))")
+        print("and pass chunk_guilds_at_startup=False.", flush=True)
+        await asyncio.Event().wait()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m legato.sandbox`` argument parser, one subparser a subcommand."""
     parser = argparse.ArgumentParser(prog="python -m legato.sandbox")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level", default=None, help="logging level (default INFO; WARNING for demo)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     voice = commands.add_parser("voice", help="run the voice server alone")
@@ -74,16 +144,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="register a session and print its token (repeatable)",
     )
     voice.set_defaults(run=_run_voice)
+
+    demo = commands.add_parser("demo", help="run Legato end to end against the sandbox")
+    demo.add_argument("--out", default="out", help="directory for media and demo.wav (out)")
+    demo.add_argument(
+        "--config",
+        help="configuration whose [sandbox] section to use (default: $LEGATO_CONFIG, else none)",
+    )
+    demo.add_argument(
+        "--transport", choices=("udp", "webrtc", "auto"), default="udp", help="voice transport"
+    )
+    demo.add_argument("--seconds", type=float, default=None, help="length of each tone (8)")
+    demo.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress line"
+    )
+    demo.set_defaults(run=_run_demo, log_level_default="WARNING")
+
+    discord = commands.add_parser("discord", help="run the sandbox Discord until Ctrl-C")
+    discord.add_argument(
+        "--user", action="append", default=[], help="add a member with this name (repeatable)"
+    )
+    discord.set_defaults(run=_run_discord)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand until it ends or Ctrl-C."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = args.log_level or getattr(args, "log_level_default", "INFO")
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(args.run(args))
-    return 0
+        code = asyncio.run(args.run(args)) or 0
+    return code
 
 
 if __name__ == "__main__":
