@@ -5,8 +5,9 @@ this pacer does not do is catch up: discord.py's ``AudioPlayer`` keeps its sched
 and clamps the sleep to zero, so a 200 ms stall comes out as ten frames 0.1 ms apart (discord.py
 issue #9120). A receiver's jitter buffer overflows on such a burst. Here a frame more than one
 frame late re-anchors the grid at "now" (the lost time is lost, as it is for a live stream), and
-no two frames are ever sent closer than ``min_gap`` (10 ms): a frame a little late keeps the grid,
-and the next one waits at least ``min_gap``, so the grid is caught up gradually.
+no two frames are ever sent closer than ``min_gap`` (10 ms, less the ``EARLY`` allowance): a frame
+a little late keeps the grid, and the next one waits at least ``min_gap``, so the grid is caught up
+gradually.
 
 The player drives it::
 
@@ -52,7 +53,7 @@ class Pacer:
     Args:
         interval: Seconds between frames.
         silence_frames: Silence frames sent after audio stops, before speaking goes off.
-        min_gap: Smallest interval ever allowed between two frames.
+        min_gap: Smallest interval ever allowed between two frames (less ``EARLY``).
         stall: A frame later than this re-anchors the grid instead of keeping it (default: one
             interval).
     """
