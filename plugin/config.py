@@ -430,7 +430,7 @@ class SandboxConfig:
 class StorageConfig:
     """``[storage]``: where each guild's queue and position are kept across restarts."""
 
-    enabled: bool = _key(True, _boolean(), "keep queues and positions, and resume after a restart")
+    enabled: bool = _key(False, _boolean(), "keep queues and positions, and resume after a restart")
     path: str = _key(
         "legato-state.db",
         _text(r"[^\x00]{1,4096}", "a file path"),

@@ -117,7 +117,7 @@ demo_tone_hz = 880
 demo_seconds = 3
 
 [storage]
-enabled = false
+enabled = true
 path = "state/guilds.db"
 save_interval = 1.5
 
@@ -170,7 +170,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         demo_tone_hz=880.0,
         demo_seconds=3.0,
     )
-    assert cfg.storage == StorageConfig(enabled=False, path="state/guilds.db", save_interval=1.5)
+    assert cfg.storage == StorageConfig(enabled=True, path="state/guilds.db", save_interval=1.5)
     assert cfg.bot == BotConfig(sync_commands=False, log_level="DEBUG")
 
 
