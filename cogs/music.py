@@ -620,23 +620,27 @@ class MusicCog(commands.Cog, name="Music"):
         elif pb.search_provider == "none" and _is_search(query):
             raise BadInput("search is off", user_message="Searching is turned off; give me a link.")
 
-    def _check_tracks(self, tracks: list[Track], *, search: bool) -> list[Track]:
-        """Apply the length limit; a search keeps its first playable result."""
+    def _check_tracks(self, tracks: list[Track], *, search: bool) -> tuple[list[Track], int]:
+        """Apply the length limit; a search keeps its first result.
+
+        Returns:
+            The tracks to queue and how many were left out for being too long.
+        """
         limit = self.config.playback.max_track_duration
         if search:
             tracks = tracks[:1]
-        if limit > 0:
-            fitting = [t for t in tracks if t.duration is None or t.duration <= limit]
-            if not fitting:
-                longest = max(t.duration or 0.0 for t in tracks)
-                raise BadInput(
-                    f"track {longest}s over limit {limit}s",
-                    user_message=(
-                        f"That is {format_time(longest)} long; the limit is {format_time(limit)}."
-                    ),
-                )
-            tracks = fitting
-        return tracks
+        if limit <= 0:
+            return tracks, 0
+        fitting = [t for t in tracks if t.duration is None or t.duration <= limit]
+        if not fitting:
+            longest = max(t.duration or 0.0 for t in tracks)
+            raise BadInput(
+                f"track {longest}s over limit {limit}s",
+                user_message=(
+                    f"That is {format_time(longest)} long; the limit is {format_time(limit)}."
+                ),
+            )
+        return fitting, len(tracks) - len(fitting)
 
     async def _search(self, query: str) -> list[Track]:
         return await self.resolver.resolve(query)
@@ -738,7 +742,7 @@ class MusicCog(commands.Cog, name="Music"):
         await interaction.response.defer(ephemeral=True, thinking=True)
         is_search = _is_search(query)
         tracks = await self.resolver.resolve(query, requester_id=member.id)
-        tracks = self._check_tracks(tracks, search=is_search)
+        tracks, too_long = self._check_tracks(tracks, search=is_search)
         if session is None:
             session = await self._connect(member.guild, channel, _text_channel(interaction))
         if len(tracks) > _room(session.queue):
@@ -758,6 +762,9 @@ class MusicCog(commands.Cog, name="Music"):
             message = f"Playing **{first}**."
         else:
             message = f"Queued **{first}** at position {positions[0] + 1}."
+        if too_long:
+            limit = format_time(self.config.playback.max_track_duration)
+            message += f" {too_long} longer than {limit} left out."
         session.log.info("queued %d track(s) for user %s", len(tracks), member.id)
         await self._say(interaction, message)
 

@@ -377,6 +377,31 @@ async def test_playnext_previous_and_unload_leaves(sandbox: Sandbox, tones: Tone
         assert bot.get_cog("Music") is None
 
 
+async def test_join_moves_the_bot_and_the_music_goes_on(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        await sb.wait_bot_voice(sb.general)
+        again = await alice.invoke("join")
+        assert "already in" in await refused(again)
+
+        await alice.join_voice(sb.lounge)
+        moved = await alice.invoke("join")
+        assert "Joined" in await answer(moved)
+        await sb.wait_bot_voice(sb.lounge)
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+        assert session.channel.id == sb.lounge.id
+        # Commands now need the new channel.
+        bob = sb.add_user("bob")
+        await bob.join_voice(sb.general)
+        await refused(await bob.invoke("pause"), "You need to be in")
+        shown = await alice.invoke("nowplaying")
+        assert "a440" in shown.text()
+
+
 async def test_two_guilds_play_different_tracks_at_once(sandbox: Sandbox, tones: Tones) -> None:
     sb = sandbox
     world = sb.world
