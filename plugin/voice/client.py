@@ -134,6 +134,11 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         return self._conn.mode if self._conn is not None else None
 
     @property
+    def voice_privacy_code(self) -> str | None:
+        """DAVE's voice privacy code (as discord.py's ``VoiceClient.voice_privacy_code``)."""
+        return self._conn.voice_privacy_code if self._conn is not None else None
+
+    @property
     def stats(self) -> TransportStats:
         """The current transport's counters (zeros before connecting)."""
         return self._conn.stats if self._conn is not None else TransportStats()
@@ -230,6 +235,8 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             moved_to = self.guild.get_channel(int(channel_id))
             if moved_to is not None:
                 self.channel = moved_to  # type: ignore[assignment]  # a guild voice channel is Connectable
+            if self._conn is not None:
+                self._conn.dave.channel_id = int(channel_id)  # the next DAVE group is there
         if self._conn is not None:
             self._conn.update_session(data["session_id"])
         self._got_state.set()
@@ -306,6 +313,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             server_id=self.guild.id,
             options=self.options if reconnect else self.options.without_reconnect(),
             on_close=self._connection_closed,
+            channel_id=getattr(self.channel, "id", None),
         )
 
     async def _change_voice_state(self, channel: discord.abc.Snowflake | None) -> None:

@@ -27,11 +27,14 @@ from typing import TYPE_CHECKING, Final, Literal
 import aiohttp
 
 from legato.errors import TransportError, VoiceClosed, VoiceConnectError, VoiceError
+from legato.voice.dave import MAX_PROTOCOL_VERSION, DaveClient, DaveOutput, SendJson
 from legato.voice.protocol import (
     CLOSE_RECONNECT,
     CloseAction,
     CloseDecision,
     CloseRequested,
+    DaveBinary,
+    DaveMessage,
     Event,
     GatewayStats,
     HeartbeatAck,
@@ -78,6 +81,8 @@ class VoiceOptions:
         discovery_timeout: Seconds per UDP IP discovery attempt.
         backoff_base: First retry delay in seconds; doubles per failed attempt, with jitter.
         backoff_max: Largest retry delay in seconds.
+        dave: Offer DAVE end-to-end encryption (``max_dave_protocol_version``); Discord closes
+            voice without it with 4017 since 2026-03-01.
     """
 
     transport: TransportName = "udp"
@@ -92,6 +97,7 @@ class VoiceOptions:
     discovery_timeout: float = 2.0
     backoff_base: float = 0.25
     backoff_max: float = 5.0
+    dave: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in ("udp", "webrtc", "auto"):
@@ -182,6 +188,7 @@ class VoiceConnection:
         server_id: The guild id (or the channel id for calls).
         options: See :class:`VoiceOptions`.
         on_close: Called (on the loop) when the session ends by itself, with the reason.
+        channel_id: The voice channel (DAVE's MLS group id); the server id stands in without it.
     """
 
     def __init__(
@@ -194,8 +201,16 @@ class VoiceConnection:
         server_id: int,
         options: VoiceOptions | None = None,
         on_close: Callable[[VoiceError | None], None] | None = None,
+        channel_id: int | None = None,
     ) -> None:
         self.options = options or VoiceOptions()
+        #: End-to-end encryption of every frame (both transports); outlives resumes.
+        self.dave = DaveClient(
+            user_id,
+            channel_id or server_id,
+            max_protocol_version=MAX_PROTOCOL_VERSION if self.options.dave else 0,
+        )
+        self._dave_changed = asyncio.Event()
         #: Logs with the guild id attached (STYLE.md §5); tokens and keys are never logged.
         self.log = logging.LoggerAdapter(_log, {"guild_id": server_id})
         self._endpoint = endpoint.removeprefix("wss://")
@@ -278,6 +293,11 @@ class VoiceConnection:
     def transport(self) -> Transport | None:
         """The current media transport (replaced on a new session)."""
         return self._transport
+
+    @property
+    def voice_privacy_code(self) -> str | None:
+        """DAVE's voice privacy code (30 digits) while end-to-end encryption is in force."""
+        return self.dave.privacy_code
 
     @property
     def stats(self) -> TransportStats:
@@ -400,6 +420,20 @@ class VoiceConnection:
         """A new VOICE_STATE_UPDATE ``session_id``: used by the next identify."""
         self._session_id = session_id
 
+    async def wait_dave(
+        self,
+        predicate: Callable[[DaveClient], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - a bounded wait is the point
+    ) -> None:
+        """Wait until ``predicate(self.dave)`` holds; checked after every DAVE message.
+
+        Raises:
+            TimeoutError: it did not hold in time.
+        """
+        async with asyncio.timeout(timeout):
+            while not predicate(self.dave):
+                await self._dave_changed.wait()
+
     # -- FrameSink ------------------------------------------------------------------------
 
     async def set_speaking(self, speaking: bool) -> None:
@@ -416,7 +450,7 @@ class VoiceConnection:
         if transport is None or not self._media_ready.is_set():
             self.frames_dropped += 1
             return
-        transport.send_frame(opus)
+        transport.send_frame(self.dave.encrypt(opus))
 
     # -- supervisor -----------------------------------------------------------------------
 
@@ -612,6 +646,7 @@ class VoiceConnection:
             browser_like=name == "webrtc",
             # Giving up is bounded by options.reconnect_timeout (time), not by a count.
             max_failed_connects=1_000,
+            max_dave_protocol_version=self.dave.max_protocol_version,
         )
 
     async def _pump(self) -> None:
@@ -644,7 +679,12 @@ class VoiceConnection:
         if isinstance(event, Ready):
             await self._on_ready(event)
         elif isinstance(event, SessionDescription):
+            self._send_dave(self.dave.start(event.dave_protocol_version))
             await self._on_session_description(event)
+        elif isinstance(event, DaveMessage):
+            self._send_dave(self.dave.receive_json(event.op, event.data))
+        elif isinstance(event, DaveBinary):
+            self._send_dave(self.dave.receive_binary(event.op, event.payload))
         elif isinstance(event, Resumed):
             self._media_ready.set()
             self._resend_speaking()
@@ -690,6 +730,15 @@ class VoiceConnection:
             self._core.announce_streams(transport.ssrc)
         self._media_ready.set()
         self._resend_speaking()
+
+    def _send_dave(self, outputs: list[DaveOutput]) -> None:
+        for out in outputs:
+            if isinstance(out, SendJson):
+                self._core.send(out.op, out.data)
+            else:
+                self._core.send_binary(out.op, out.payload)
+        changed, self._dave_changed = self._dave_changed, asyncio.Event()
+        changed.set()
 
     def _resend_speaking(self) -> None:
         """After op4 or op9 the server's idea of our speaking state is reset: restate it."""
