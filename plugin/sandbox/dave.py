@@ -62,6 +62,7 @@ from legato.voice.dave import (
     OP_PREPARE_EPOCH,
     OP_PREPARE_TRANSITION,
     OP_TRANSITION_READY,
+    OPUS_SILENCE,
     DaveClient,
     DaveOutput,
     SendBinary,
@@ -513,7 +514,9 @@ class ListenerStats:
     """What the listener saw per frame."""
 
     decrypted: int = 0
-    #: Frames without DAVE's magic marker, accepted as plaintext (before the first execute,
+    #: Opus silence (``F8 FF FE``), which DAVE never encrypts.
+    silence: int = 0
+    #: Other frames without DAVE's magic marker, accepted as plaintext (before the first execute,
     #: after a downgrade).
     plaintext: int = 0
     failed: int = 0
@@ -546,6 +549,9 @@ class DaveListener:
             The Opus frame, or None when it carries DAVE's marker but does not decrypt.
         """
         session = self.client.session
+        if frame == OPUS_SILENCE:
+            self.stats.silence += 1
+            return frame
         if not frame.endswith(DAVE_MAGIC_MARKER) or session is None:
             self.stats.plaintext += 1
             return frame

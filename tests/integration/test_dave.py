@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ import pytest
 from legato.audio.analysis import dominant_frequency, pcm_to_mono
 from legato.sandbox.dave import DAVE_MAGIC_MARKER
 from legato.sandbox.voice import DAVE_LISTENER_ID, SandboxVoiceServer
+from legato.voice.gateway import VoiceConnection, VoiceOptions
 from tests.integration.test_dpy_fidelity import (
     BOT_ID,
     GUARD,
@@ -32,6 +34,7 @@ from tests.integration.test_dpy_fidelity import (
     SineSource,
 )
 from tests.integration.test_dpy_fidelity import CHANNEL_ID as DPY_CHANNEL_ID
+from tests.integration.voice_support import Player, tone_frames, voice_server
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +160,160 @@ async def test_a_client_without_dave_is_closed_with_4017(dave_server: SandboxVoi
         msg = await ws.receive()
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert ws.close_code == 4017
+
+
+# -- Legato's own client ----------------------------------------------------------------------
+
+LEGATO_GUILD = 1001
+LEGATO_CHANNEL = 2002
+LEGATO_BOT = 4242
+OTHER_USER = 5353
+SILENCE = b"\xf8\xff\xfe"
+
+
+@asynccontextmanager
+async def legato(
+    server: SandboxVoiceServer, user_id: int, transport: str = "udp"
+) -> AsyncIterator[VoiceConnection]:
+    """Legato's VoiceConnection (v8, DAVE offered) identified in the DAVE channel."""
+    token = server.register_session(
+        server_id=LEGATO_GUILD,
+        user_id=user_id,
+        session_id=f"s{user_id}",
+        channel_id=LEGATO_CHANNEL,
+    )
+    conn = VoiceConnection(
+        endpoint=server.endpoint,
+        token=token,
+        session_id=f"s{user_id}",
+        user_id=user_id,
+        server_id=LEGATO_GUILD,
+        channel_id=LEGATO_CHANNEL,
+        options=VoiceOptions(transport=transport, gateway_version=8),  # type: ignore[arg-type]  # parametrized literal
+    )
+    await conn.connect()
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _assert_heard(server: SandboxVoiceServer, user_id: int, frames_sent: int) -> None:
+    rec = server.recording(user_id, LEGATO_GUILD)
+    await rec.wait_frames(int(frames_sent * 0.98), timeout=GUARD)
+    await rec.wait_speaking(False, timeout=GUARD)
+    stats = rec.stats()
+    assert stats.frames >= 0.98 * frames_sent
+    assert stats.gaps == 0
+    assert server.stats.dave_undecryptable == 0
+    freq = await asyncio.to_thread(rec.dominant_frequency)
+    assert freq == pytest.approx(TONE_HZ, abs=2.0)
+
+
+def _encrypted_tone(server: SandboxVoiceServer, user_id: int) -> list[bytes]:
+    wire = [f for f in server.dave_wire_frames(user_id, LEGATO_GUILD) if f != SILENCE]
+    return [f for f in wire if f.endswith(DAVE_MAGIC_MARKER)]
+
+
+@pytest.mark.parametrize("transport", ["udp", "webrtc"])
+async def test_legato_plays_end_to_end_encrypted(transport: str) -> None:
+    frames = tone_frames(2.0)
+    async with (
+        voice_server(dave_protocol_version=1) as server,
+        legato(server, LEGATO_BOT, transport) as conn,
+    ):
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 1, GUARD)
+        assert server.session(LEGATO_BOT).protocol == transport
+        assert conn.dave.encrypting
+        dave = server.dave_channel(LEGATO_GUILD, LEGATO_CHANNEL)
+        assert conn.voice_privacy_code is not None
+        assert conn.voice_privacy_code == dave.listener.client.privacy_code
+        await Player(conn, frames).play()
+        await _assert_heard(server, LEGATO_BOT, len(frames))
+        tone = _encrypted_tone(server, LEGATO_BOT)
+        assert len(tone) >= 0.98 * len(frames)
+        assert dave.listener.stats.plaintext == 0
+        assert dave.listener.stats.decrypted >= 0.98 * len(frames)
+        heard = await asyncio.to_thread(_wire_frequency, tone)
+        assert heard is None or abs(heard - TONE_HZ) > 20
+        assert conn.dave.stats.encrypted_frames >= len(frames)
+
+
+@pytest.mark.parametrize("committer", ["listener", "legato"])
+async def test_member_joins_and_leaves_mid_track(committer: str) -> None:
+    frames = tone_frames(3.0)
+    preferred = LEGATO_BOT if committer == "legato" else None
+    async with (
+        voice_server(dave_protocol_version=1, dave_preferred_committer=preferred) as server,
+        legato(server, LEGATO_BOT) as conn,
+    ):
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 1, GUARD)
+        player = Player(conn, frames)
+        playing = asyncio.create_task(player.play())
+        await player.wait_sent(40)
+        async with legato(server, OTHER_USER) as other:
+            await other.wait_dave(lambda d: d.stats.transitions_executed == 1, GUARD)
+            await conn.wait_dave(lambda d: d.stats.transitions_executed == 2, GUARD)
+            assert other.dave.encrypting
+            assert other.voice_privacy_code == conn.voice_privacy_code
+            await player.wait_sent(80)
+        await server.wait_event("left", OTHER_USER, timeout=GUARD)
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 3, GUARD)
+        async with asyncio.timeout(GUARD):
+            await playing
+        await _assert_heard(server, LEGATO_BOT, len(frames))
+        dave = server.dave_channel(LEGATO_GUILD, LEGATO_CHANNEL)
+        assert dave.server.epoch == 3
+        assert set(dave.server.group_members) == {DAVE_LISTENER_ID, LEGATO_BOT}
+        assert conn.dave.stats.transitions_executed == 3
+        assert conn.dave.stats.withheld_frames == 0
+        if committer == "legato":
+            assert conn.dave.stats.commits_sent == 3
+        assert dave.listener.stats.plaintext == 0
+
+
+async def test_downgrade_and_back_while_playing() -> None:
+    frames = tone_frames(3.0)
+    async with voice_server(dave_protocol_version=1) as server, legato(server, LEGATO_BOT) as conn:
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 1, GUARD)
+        player = Player(conn, frames)
+        playing = asyncio.create_task(player.play())
+        await player.wait_sent(40)
+        await server.dave_downgrade(LEGATO_GUILD, LEGATO_CHANNEL)
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 2, GUARD)
+        assert conn.dave.protocol_version == 0
+        assert conn.voice_privacy_code is None
+        await player.wait_sent(player.sent + 20)
+        await server.dave_upgrade(LEGATO_GUILD, LEGATO_CHANNEL)
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 3, GUARD)
+        assert conn.dave.encrypting
+        async with asyncio.timeout(GUARD):
+            await playing
+        await _assert_heard(server, LEGATO_BOT, len(frames))
+        dave = server.dave_channel(LEGATO_GUILD, LEGATO_CHANNEL)
+        assert dave.server.protocol_version == 1
+        assert dave.listener.stats.plaintext >= 20  # what went out at protocol 0
+        assert conn.dave.stats.passthrough_frames >= 20
+        assert conn.dave.stats.withheld_frames == 0
+
+
+async def test_resume_replays_missed_dave_messages() -> None:
+    async with voice_server(dave_protocol_version=1) as server, legato(server, LEGATO_BOT) as conn:
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 1, GUARD)
+        # Dropped, and while it is away the server prepares a downgrade: op21 is only buffered.
+        await server.inject_drop(LEGATO_BOT)
+        await server.dave_downgrade(LEGATO_GUILD, LEGATO_CHANNEL)
+        await server.wait_resumed(LEGATO_BOT, timeout=GUARD)
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 2, GUARD)
+        assert conn.dave.protocol_version == 0
+        # Again with binary messages: op24 and op25 (binary, sequenced) are replayed.
+        await server.inject_drop(LEGATO_BOT)
+        await server.dave_upgrade(LEGATO_GUILD, LEGATO_CHANNEL)
+        await server.wait_resumed(LEGATO_BOT, count=2, timeout=GUARD)
+        await conn.wait_dave(lambda d: d.stats.transitions_executed == 3, GUARD)
+        assert conn.dave.encrypting
+        assert server.session(LEGATO_BOT).version == 8
+        assert conn.gateway_stats.malformed == 0
+        frames = tone_frames(1.0)
+        await Player(conn, frames).play()
+        await _assert_heard(server, LEGATO_BOT, len(frames))
