@@ -145,6 +145,28 @@ async def test_move_to_a_new_endpoint_reconnects_there() -> None:
         assert rec.stats().frames > FAULT_AT_FRAME + 50
 
 
+async def test_4014_then_a_new_server_within_the_grace_period_reconnects() -> None:
+    async with voice_server() as server, connection(server, move_timeout=10.0) as conn:
+
+        async def strike() -> None:
+            # Discord's order on a move: the old voice server closes 4014, then the main
+            # gateway's VOICE_SERVER_UPDATE follows.
+            new_endpoint = await server.move(BOT_ID, close_code=4014)
+            await server.wait_closed(BOT_ID)
+            token = server.register_session(server_id=GUILD_ID, user_id=BOT_ID, session_id="sess")
+            conn.update_server(new_endpoint, token)
+            await server.wait_identified(BOT_ID, count=2)
+
+        await play_with_fault(conn, strike)
+        assert conn.is_connected()
+        assert server.session(BOT_ID).endpoint == conn.endpoint
+        rec = server.recording(BOT_ID)
+        await rec.wait_frames(conn.stats.frames_sent, timeout=20)
+        assert rec.stats().streams == 2
+        assert rec.stats().gaps == 0
+        assert rec.stats().frames > FAULT_AT_FRAME + 50
+
+
 async def test_missed_heartbeat_acks_resume() -> None:
     async with (
         voice_server(heartbeat_interval=0.2) as server,
