@@ -232,11 +232,15 @@ async def test_play_pause_volume_seek_skip_loop(sandbox: Sandbox, tones: Tones) 
         assert paused.text() == "Paused."
         assert not paused.ephemeral
         await rec.wait_speaking(False, timeout=GUARD)
-        frames_at_pause = rec.frames
         shown = await alice.invoke("nowplaying")
         assert "Paused" in shown.text()
         assert "a440" in shown.text()
+        # Counted after a round trip, so the trailing silence frames are all in; then nothing.
+        frames_at_pause = rec.frames
+        await alice.invoke("queue")
+        await alice.invoke("nowplaying")
         assert rec.frames == frames_at_pause
+        assert not rec.speaking
         resumed = await alice.invoke("resume")
         assert resumed.text() == "Resumed."
         await rec.wait_speaking(True, timeout=GUARD)
