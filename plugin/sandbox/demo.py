@@ -709,19 +709,25 @@ def analyse(rec: Recording, plan: Sequence[tuple[DemoTrack, int, bool]], wav: Pa
     mono = [pcm_to_mono(p) for p in pcm]
     levels = [rms(m) for m in mono]
 
-    # Where each track really begins: the first run of frames whose pitch is nearer to it than
-    # to the track before, at or after the rough start (a few frames in flight at a /skip).
+    # Where each track really begins: the first of five frames in a row whose pitch is nearer to
+    # it than to the track before, looking around the rough start (a /skip's reply arrives a few
+    # frames after the switch). One 20 ms frame tells two tones a fifth apart easily.
+    pitch: dict[int, float] = {}
+
+    def nearer(i: int, track: DemoTrack, previous: DemoTrack) -> bool:
+        if levels[i] <= _SILENCE_RMS:
+            return False
+        if i not in pitch:
+            pitch[i] = dominant_frequency(mono[i])
+        return abs(pitch[i] - track.freq) < abs(pitch[i] - previous.freq)
+
     starts: list[int] = []
     for n, (track, rough, _) in enumerate(plan):
         first = next((i for i, f in enumerate(frames) if f.index >= rough), len(frames))
         if n > 0 and first < len(frames):
             previous = plan[n - 1][0]
-            lookback = max(starts[-1], first - 25)
-            for i in range(lookback, min(len(frames), first + 50)):
-                window = np.concatenate(mono[i : i + 5])
-                if levels[i] > _SILENCE_RMS and abs(dominant_frequency(window) - track.freq) < abs(
-                    dominant_frequency(window) - previous.freq
-                ):
+            for i in range(max(starts[-1], first - 25), min(len(frames) - 5, first + 50)):
+                if all(nearer(j, track, previous) for j in range(i, i + 5)):
                     first = i
                     break
         starts.append(first)
