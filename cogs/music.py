@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -59,6 +60,7 @@ from legato.cogs.format import (
     safe_text,
     track_title,
 )
+from legato.cogs.persist import Persistence
 from legato.cogs.views import QueuePager
 from legato.config import Config
 from legato.errors import LegatoError, QueueEmpty, QueueError, QueueFull, VoiceConnectError
@@ -400,9 +402,30 @@ class MusicCog(commands.Cog, name="Music"):
         self._suggestions = _Suggestions(self._search)
         self._pagers: set[QueuePager] = set()
         self._ending: set[asyncio.Task[None]] = set()
+        #: Saves sessions and resumes them after a restart ([storage]); None when off.
+        self.persistence: Persistence | None = None
+
+    async def cog_load(self) -> None:
+        """Open the guild state store when ``[storage]`` is enabled (resumed on READY)."""
+        storage = self.config.storage
+        if not storage.enabled:
+            return
+        try:
+            self.persistence = await Persistence.open(self, storage)
+        except (OSError, sqlite3.Error) as exc:
+            # Playing without memory beats not playing: say so loudly and go on.
+            _log.error("guild state store %s cannot be opened (%s); not kept", storage.path, exc)
+            return
+        if self.bot.is_ready():  # loaded into a running bot: no READY is coming
+            task = asyncio.get_running_loop().create_task(self.on_ready(), name="legato-restore")
+            self._ending.add(task)  # owned like a session ending: waited for on unload
+            task.add_done_callback(self._ended)
 
     async def cog_unload(self) -> None:
         """Leave every voice channel and stop every task this cog started."""
+        if self.persistence is not None:
+            # First: the sessions are kept as they are, to resume after the restart.
+            await self.persistence.close()
         for pager in list(self._pagers):
             pager.stop()
         self._pagers.clear()
@@ -484,6 +507,8 @@ class MusicCog(commands.Cog, name="Music"):
             return
         await session.close(leave=leave)
         session.log.info("session ended (leave=%s)", leave)
+        if self.persistence is not None:
+            await self.persistence.forget(guild_id)
         text = session.text_channel
         if notice and text is not None:
             try:
@@ -492,6 +517,11 @@ class MusicCog(commands.Cog, name="Music"):
                 session.log.warning("could not post the leave notice: %s", exc)
 
     # -- listeners -----------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        if self.persistence is not None:
+            await self.persistence.restore()  # once per process; later READYs find it done
 
     @commands.Cog.listener()
     async def on_voice_state_update(
