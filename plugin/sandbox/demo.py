@@ -767,7 +767,10 @@ def analyse(rec: Recording, plan: Sequence[tuple[DemoTrack, int, bool]], wav: Pa
                 problems=tuple(problems),
             )
         )
-    t0 = frames[0].arrival if frames else 0.0
+    # Times from the first thing the bot sent: a packet, or the speaking op before it.
+    t0 = min(
+        [f.arrival for f in frames[:1]] + [c.arrival for c in rec.speaking_changes[:1]] or [0.0]
+    )
     speaking = [(c.arrival - t0, c.on) for c in rec.speaking_changes]
     rec.write_wav(wav)
     span = _span(frames)
