@@ -17,6 +17,7 @@ import re
 import sqlite3
 import time
 import urllib.parse
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -400,7 +401,8 @@ class MusicCog(commands.Cog, name="Music"):
         self.sessions: dict[int, GuildSession] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._suggestions = _Suggestions(self._search)
-        self._pagers: set[QueuePager] = set()
+        # Weak: discord.py holds a pager until its timeout; after that it may go.
+        self._pagers: weakref.WeakSet[QueuePager] = weakref.WeakSet()
         self._ending: set[asyncio.Task[None]] = set()
         #: Saves sessions and resumes them after a restart ([storage]); None when off.
         self.persistence: Persistence | None = None
