@@ -319,6 +319,7 @@ class SandboxVoiceServer:
         self._channel_ids: dict[tuple[int, int], int] = {}
         self._dave: dict[tuple[int, int], DaveChannel] = {}
         self._dave_wire: dict[tuple[int, int], deque[bytes]] = {}
+        self._dave_corrupt: dict[int, int] = {}
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -1012,6 +1013,14 @@ class SandboxVoiceServer:
         channel = self.dave_channel(server_id, channel_id)
         await self._dave_deliver(server_id, channel.upgrade())
 
+    def corrupt_next_dave(self, user_id: int, op: int) -> None:
+        """Fault: flip a byte in the middle of the next binary DAVE ``op`` sent to ``user_id``.
+
+        An MLS commit (29) or welcome (30) damaged this way fails to process; the client is
+        expected to answer op31 and rejoin with a fresh key package.
+        """
+        self._dave_corrupt[user_id] = op
+
     def _dave_key(self, session: _Session) -> tuple[int, int]:
         server_id = session.grant.server_id
         return (server_id, self._channel_ids.get(session.key, server_id))
@@ -1073,8 +1082,14 @@ class SandboxVoiceServer:
                 if message.op == 22:
                     self._event("dave_execute", session.grant)
             else:
+                payload = message.payload
+                if self._dave_corrupt.get(item.user_id) == message.op:
+                    del self._dave_corrupt[item.user_id]
+                    damaged = bytearray(payload)
+                    damaged[len(damaged) // 2] ^= 0xFF
+                    payload = bytes(damaged)
                 session.seq += 1
-                frame = pack_server_binary(session.seq, message.op, message.payload)
+                frame = pack_server_binary(session.seq, message.op, payload)
                 session.outbox.append((session.seq, frame))
                 if session.conn is not None:
                     await self._send_raw(session.conn, frame)

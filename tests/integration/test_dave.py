@@ -317,3 +317,33 @@ async def test_resume_replays_missed_dave_messages() -> None:
         frames = tone_frames(1.0)
         await Player(conn, frames).play()
         await _assert_heard(server, LEGATO_BOT, len(frames))
+
+
+@pytest.mark.parametrize("op", [30, 29])
+async def test_invalid_welcome_or_commit_recovers_through_op31(op: int) -> None:
+    frames = tone_frames(1.0)
+    async with voice_server(dave_protocol_version=1) as server:
+        if op == 30:
+            server.corrupt_next_dave(LEGATO_BOT, 30)  # the welcome into the group
+        async with legato(server, LEGATO_BOT) as conn:
+            if op == 29:
+                await conn.wait_dave(lambda d: d.stats.transitions_executed == 1, GUARD)
+                server.corrupt_next_dave(LEGATO_BOT, 29)  # the commit adding someone
+                async with legato(server, OTHER_USER):
+                    await server.wait_event("dave_invalid", LEGATO_BOT, timeout=GUARD)
+                    await conn.wait_dave(
+                        lambda d: d.encrypting and d.session is not None and d.session.ready, GUARD
+                    )
+                    await conn.wait_dave(lambda d: d.stats.transitions_executed == 2, GUARD)
+            else:
+                await server.wait_event("dave_invalid", LEGATO_BOT, timeout=GUARD)
+                await conn.wait_dave(lambda d: d.encrypting, GUARD)
+            stats = conn.dave.stats
+            assert stats.recoveries == 1
+            assert (stats.invalid_welcomes if op == 30 else stats.invalid_commits) == 1
+            dave = server.dave_channel(LEGATO_GUILD, LEGATO_CHANNEL)
+            assert dave.server.stats.invalid_reports == 1
+            assert LEGATO_BOT in dave.server.group_members
+            await Player(conn, frames).play()
+            await _assert_heard(server, LEGATO_BOT, len(frames))
+            assert len(_encrypted_tone(server, LEGATO_BOT)) >= 0.98 * len(frames)
