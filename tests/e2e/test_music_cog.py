@@ -593,6 +593,34 @@ async def test_dj_rules_and_vote_skip(sandbox: Sandbox, tones: Tones) -> None:
         assert upcoming(bot, sb) == []
 
 
+async def test_dj_role_by_id_and_a_listener_alone_counts_as_dj(
+    sandbox: Sandbox, tones: Tones
+) -> None:
+    sb = sandbox
+    perms = PermissionsConfig(dj_role=sb.dj_role.id, stop="dj", clear="dj", vote_skip_ratio=0)
+    async with running(sb, make_config(tones, permissions=perms)) as bot:
+        alice = sb.add_user("alice")
+        bob = sb.add_user("bob")
+        dj = sb.add_user("dora", roles=("DJ",))
+        for user in (alice, bob):
+            await user.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        await start_playing(sb, alice, tones.b)
+        await refused(await alice.invoke("clear"), "You need the DJ role")
+        await dj.join_voice(sb.general)
+        cleared = await dj.invoke("clear")
+        assert cleared.text() == "Cleared 1 tracks from the queue."
+        await dj.leave_voice()
+
+        await start_playing(sb, alice, tones.b)
+        await bob.leave_voice()
+        # Alone with the bot, alice counts as DJ.
+        await sb.wait_for(lambda: sb.voice_state(bob.id) is None)
+        cleared = await alice.invoke("clear")
+        assert cleared.text() == "Cleared 1 tracks from the queue."
+        assert upcoming(bot, sb) == []
+
+
 # --- leaving ----------------------------------------------------------------------------------
 
 
