@@ -35,6 +35,15 @@ SECONDS = 60.0
 PEER_SETTINGS = OpusSettings(bitrate=131_072, complexity=10, fec=True, expected_loss=15)
 DEFAULT_SETTINGS = OpusSettings()
 
+
+def _describe(settings: OpusSettings) -> str:
+    fec = f"FEC at {settings.expected_loss} % loss" if settings.fec else "no FEC"
+    return f"{settings.bitrate // 1000} kbit/s, complexity {settings.complexity}, {fec}"
+
+
+_DEFAULTS = f"Legato defaults ({_describe(DEFAULT_SETTINGS)})"
+_PEER = f"peer's encoder ({_describe(PEER_SETTINGS)})"
+
 #: Filled by ``run``; ``bench/run.py`` reads it for its ratios (cpu in % of one core per stream).
 FIGURES: dict[str, float] = {}
 
@@ -49,10 +58,10 @@ class Case:
 
 
 CASES = (
-    Case("mp3.defaults", "MP3 44.1 kHz transcode, Legato defaults", "mp3", DEFAULT_SETTINGS),
-    Case("mp3.peer_settings", "MP3 44.1 kHz transcode, peer's encoder", "mp3", PEER_SETTINGS),
-    Case("aac.defaults", "AAC 44.1 kHz transcode, Legato defaults", "m4a", DEFAULT_SETTINGS),
-    Case("aac.peer_settings", "AAC 44.1 kHz transcode, peer's encoder", "m4a", PEER_SETTINGS),
+    Case("mp3.defaults", f"MP3 44.1 kHz transcode, {_DEFAULTS}", "mp3", DEFAULT_SETTINGS),
+    Case("mp3.peer_settings", f"MP3 44.1 kHz transcode, {_PEER}", "mp3", PEER_SETTINGS),
+    Case("aac.defaults", f"AAC 44.1 kHz transcode, {_DEFAULTS}", "m4a", DEFAULT_SETTINGS),
+    Case("aac.peer_settings", f"AAC 44.1 kHz transcode, {_PEER}", "m4a", PEER_SETTINGS),
     Case("passthrough", "Opus WebM passthrough", "webm", DEFAULT_SETTINGS),
     Case("webm_volume", "Opus WebM at volume 0.5 (decode+encode)", "webm", DEFAULT_SETTINGS, 0.5),
 )
