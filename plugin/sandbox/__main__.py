@@ -62,7 +62,35 @@ async def _run_voice(args: argparse.Namespace) -> int:
                 f"malformed {stats.malformed_packets}, "
                 f"undecryptable {stats.undecryptable_packets}, bad json {stats.bad_json}"
             )
+            for line in recording_report(server, args.record):
+                print(line)
     return 0
+
+
+def recording_report(server: SandboxVoiceServer, out_dir: Path | None) -> list[str]:
+    """A line of figures per recording; with ``out_dir``, its Ogg Opus and WAV are written there.
+
+    Files are named ``server-SERVER_ID-user-USER_ID.ogg`` and ``.wav``; a recording with no
+    frames gets no files.
+    """
+    lines = []
+    for (server_id, user_id), rec in sorted(server.recordings.items()):
+        st = rec.stats()
+        line = (
+            f"server {server_id} user {user_id}: {st.frames} frames ({rec.duration:.2f} s), "
+            f"gaps {st.gaps}, sequence errors {st.sequence_errors}, "
+            f"timestamp errors {st.timestamp_errors}, jitter {st.jitter * 1e3:.2f} ms"
+        )
+        if st.frames:
+            line += f", dominant {rec.dominant_frequency():.1f} Hz"
+        lines.append(line)
+        if out_dir is not None and st.frames:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stem = out_dir / f"server-{server_id}-user-{user_id}"
+            rec.write_ogg_opus(stem.with_suffix(".ogg"))
+            rec.write_wav(stem.with_suffix(".wav"))
+            lines.append(f"  wrote {stem}.ogg and {stem}.wav")
+    return lines
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
@@ -142,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SERVER_ID:USER_ID:SESSION_ID",
         help="register a session and print its token (repeatable)",
+    )
+    voice.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="on exit, write each user's audio there as Ogg Opus and WAV",
     )
     voice.set_defaults(run=_run_voice)
 

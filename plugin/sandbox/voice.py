@@ -437,6 +437,11 @@ class SandboxVoiceServer:
 
     # -- inspection ------------------------------------------------------------------------------
 
+    @property
+    def recordings(self) -> dict[tuple[int, int], Recording]:
+        """Every recording so far, by ``(server_id, user_id)`` (a copy)."""
+        return dict(self._recordings)
+
     def recording(self, user_id: int, server_id: int | None = None) -> Recording:
         """The recording of ``user_id`` (in ``server_id``, needed only if they used several).
 

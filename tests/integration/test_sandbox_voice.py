@@ -25,6 +25,7 @@ from legato.audio.analysis import dominant_frequency
 from legato.audio.encode import OpusEncoder
 from legato.audio.sink import OPUS_SILENCE, SILENCE_FRAMES
 from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
+from legato.sandbox.__main__ import recording_report
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.crypto import PacketEncryptor
 from legato.voice.rtp import (
@@ -664,12 +665,17 @@ async def test_recording_files(
     client = await connected(server, http)
     await client.play(tone, server)
     await client.close()
-    recording = server.recording(ALICE)
-
-    ogg = tmp_path / "alice.ogg"
-    wav = tmp_path / "alice.wav"
-    await asyncio.to_thread(recording.write_ogg_opus, ogg)
-    await asyncio.to_thread(recording.write_wav, wav)
+    # What `python -m legato.sandbox voice --record DIR` prints and writes on exit.
+    lines = await asyncio.to_thread(recording_report, server, tmp_path)
+    stem = tmp_path / f"server-{GUILD}-user-{ALICE}"
+    assert lines[0].startswith(f"server {GUILD} user {ALICE}: {len(tone)} frames")
+    assert "gaps 0, sequence errors 0, timestamp errors 0" in lines[0]
+    assert float(lines[0].rsplit("dominant ", 1)[1].removesuffix(" Hz")) == pytest.approx(
+        TONE_HZ, abs=2.0
+    )
+    assert lines[1] == f"  wrote {stem}.ogg and {stem}.wav"
+    ogg = stem.with_suffix(".ogg")
+    wav = stem.with_suffix(".wav")
 
     def decode(path: Any) -> tuple[str, float, int]:
         with av.open(str(path)) as container:
