@@ -343,7 +343,7 @@ class VoiceConfig:
         "auto", _choice("webrtc", "udp", "auto"), "media transport; auto tries webrtc then udp"
     )
     gateway_version: Literal[6, 8, "auto"] = _key(
-        "auto", _choice(6, 8, "auto"), "voice gateway version; auto negotiates the newest"
+        "auto", _choice(6, 8, "auto"), "voice gateway version; auto: 8 toward Discord, 6 elsewhere"
     )
     bitrate: int = _key(128_000, _integer(8_000, 512_000, "bits per second"), "Opus bitrate")
     self_deaf: bool = _key(True, _boolean(), "join deafened (Legato never listens)")

@@ -51,13 +51,16 @@ from legato.voice.transport.base import Transport, TransportStats
 if TYPE_CHECKING:
     from legato.config import VoiceConfig
 
-__all__ = ["VoiceConnection", "VoiceOptions", "websocket_url"]
+__all__ = ["VoiceConnection", "VoiceOptions", "auto_gateway_version", "websocket_url"]
 
 _log = logging.getLogger(__name__)
 
 #: What aiohttp reports when the TCP connection went away without a close frame.
 ABNORMAL_CLOSURE: Final = 1006
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
+#: Domains Discord's voice servers live under (``c-ams07-1a2b.discord.media:443``; older
+#: endpoints were ``us-east123.discord.gg``).
+DISCORD_VOICE_DOMAINS: Final = ("discord.media", "discord.gg")
 
 TransportName = Literal["udp", "webrtc", "auto"]
 
@@ -68,8 +71,9 @@ class VoiceOptions:
 
     Attributes:
         transport: ``"udp"``, ``"webrtc"`` or ``"auto"`` (webrtc first, udp if it fails).
-        gateway_version: Voice gateway version (6 or 8), or ``"auto"`` (8, then 6 if the
-            server rejects it during the handshake).
+        gateway_version: Voice gateway version (4 to 8), or ``"auto"``: chosen from the
+            endpoint by :func:`auto_gateway_version` (8 toward Discord, 6 toward anything else),
+            again at every move to a new endpoint.
         self_deaf: Join deafened (Legato never listens).
         self_mute: Join muted.
         connect_timeout: Seconds for the whole first connect (main gateway events included).
@@ -86,7 +90,7 @@ class VoiceOptions:
     """
 
     transport: TransportName = "udp"
-    gateway_version: int | Literal["auto"] = 6
+    gateway_version: int | Literal["auto"] = "auto"
     self_deaf: bool = True
     self_mute: bool = False
     connect_timeout: float = 30.0
@@ -118,6 +122,28 @@ class VoiceOptions:
             self_deaf=config.self_deaf,
             connect_timeout=config.connect_timeout,
         )
+
+
+def auto_gateway_version(endpoint: str) -> int:
+    """Return the voice gateway version ``"auto"`` uses toward ``endpoint``.
+
+    Discord's voice servers (hosts under ``discord.media`` or ``discord.gg``) get v8: DAVE's
+    binary messages and buffered resume need it, and Discord closes non-E2EE voice with 4017.
+    Every other endpoint gets v6, which every server from v4 up accepts: Spacebar speaks only v6
+    (it closes 4002 on v8's heartbeat object, a heartbeat interval after media started), and the
+    sandbox, self-hosted by definition, takes either. The host decides, not ``:443`` and TLS
+    (PROTOCOL.md "Voice gateway"): a Spacebar behind a TLS proxy on 443 is still v6-only. There is
+    no fallback from one version to the other; set ``gateway_version`` to override.
+
+    Args:
+        endpoint: VOICE_SERVER_UPDATE's ``endpoint`` (``host``, ``host:port``, ``[v6]:port``,
+            optionally with a ``wss://``/``ws://`` prefix).
+    """
+    endpoint = endpoint.strip().rstrip("/").removeprefix("wss://").removeprefix("ws://")
+    host = _split_host_port(endpoint)[0].lower().rstrip(".")
+    if any(host == d or host.endswith("." + d) for d in DISCORD_VOICE_DOMAINS):
+        return 8
+    return 6
 
 
 def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> str:
@@ -219,9 +245,7 @@ class VoiceConnection:
         self._user_id = user_id
         self._server_id = server_id
         self._on_close = on_close
-        version = self.options.gateway_version
-        self._version: int = 8 if version == "auto" else version
-        self._version_fallback = version == "auto"
+        self._version = self._pick_version(self._endpoint)
         self._transports: list[str] = (
             ["webrtc", "udp"] if self.options.transport == "auto" else [self.options.transport]
         )
@@ -399,6 +423,7 @@ class VoiceConnection:
         self.log.info("voice server %s -> %s", self._endpoint, endpoint)
         self._endpoint = endpoint
         self._token = token
+        self._version = self._pick_version(endpoint)
         self._media_ready.clear()  # the old server is being left: frames are dropped from here
         self._server_changed.set()
         ws = self._ws
@@ -537,15 +562,11 @@ class VoiceConnection:
             except TimeoutError:
                 raise decision.error() from None
             return False  # the loop starts the fresh session at the new server
-        # STOP, except for "auto" version: a server that cannot take v8 (Spacebar closes 4002 on
-        # v8's heartbeat object; others refuse the URL with 4020) gets v6 and a fresh session.
-        if self._version_fallback and decision.code in (4002, 4020):
-            self.log.info("voice gateway v%d refused (%s); trying v6", self._version, decision.code)
-            self._version, self._version_fallback = 6, False
-            await self._drop_transport()
-            self._core = self._new_core()
-            return False
         raise decision.error()
+
+    def _pick_version(self, endpoint: str) -> int:
+        version = self.options.gateway_version
+        return auto_gateway_version(endpoint) if version == "auto" else version
 
     def _backoff(self, failures: int) -> float:
         delay = min(self.options.backoff_max, self.options.backoff_base * 2.0 ** (failures - 1))
@@ -691,7 +712,6 @@ class VoiceConnection:
         elif isinstance(event, HeartbeatAck):
             if event.rtt is not None:
                 self._rtts.append(event.rtt)
-            self._version_fallback = False  # the server took our heartbeat: the version stays
         elif isinstance(event, CloseRequested):
             self._close_request = event
             ws = self._ws

@@ -256,6 +256,7 @@ class ScriptedVoiceServer:
         self.closes: list[int | None] = []
         self.sessions = 0
         self.refused = 0
+        self.heartbeats = 0
         self.changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._udp: asyncio.DatagramTransport | None = None
@@ -319,6 +320,9 @@ class ScriptedVoiceServer:
                     await ws.close(code=4002, message=b"bad heartbeat")
                     break
                 await ws.send_str(json.dumps({"op": 6, "d": d}))
+                async with self.changed:
+                    self.heartbeats += 1
+                    self.changed.notify_all()
         self.closes.append(ws.close_code)
         return ws
 
@@ -357,16 +361,19 @@ async def test_op4_with_another_mode_is_a_clear_close() -> None:
         assert server.versions == [6]  # and did not retry
 
 
-async def test_auto_version_falls_back_to_v6_when_v8_heartbeats_are_refused() -> None:
+async def test_auto_version_is_v6_toward_a_self_hosted_server() -> None:
+    # A server that refuses v8's heartbeat object, as Spacebar does, is spoken to in v6 from
+    # the first session on: "auto" picks v8 only for Discord's hosts (auto_gateway_version).
     async with scripted(refuse_v8_heartbeat=True) as server:
         conn = scripted_connection(server, gateway_version="auto")
-        await conn.connect()  # v8 handshake works; its first heartbeat is refused with 4002
+        await conn.connect()
         try:
             async with asyncio.timeout(20), server.changed:
-                await server.changed.wait_for(lambda: server.sessions >= 2)
-            await conn.wait_connected(timeout=20)  # op4 of the v6 session was applied
-            assert server.versions == [8, 6]
-            assert server.refused == 1
+                await server.changed.wait_for(lambda: server.heartbeats >= 2)
+            assert conn.is_connected()
+            assert server.versions == [6]
+            assert server.refused == 0
+            assert server.sessions == 1
         finally:
             await conn.close()
         assert conn.error is None

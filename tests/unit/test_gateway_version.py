@@ -1,0 +1,49 @@
+"""``gateway_version = "auto"``: which voice gateway version each kind of endpoint gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from legato.config import VoiceConfig
+from legato.voice.gateway import VoiceOptions, auto_gateway_version
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "c-ams07-1a2b.discord.media:443",
+        "rotterdam5347.discord.media",
+        "wss://c-fra09-ffff.discord.media:443/",
+        "us-east123.discord.gg:443",
+        "US-EAST123.DISCORD.GG",
+        "c-ams07-1a2b.discord.media.:443",  # a fully qualified name with its root dot
+    ],
+)
+def test_discord_endpoints_get_v8(endpoint: str) -> None:
+    assert auto_gateway_version(endpoint) == 8
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "127.0.0.1:3004",  # Spacebar's default
+        "localhost:3004",
+        "[::1]:40000",  # the sandbox on IPv6 loopback
+        "ws://127.0.0.1:3004",
+        "voice.spacebar.example:443",  # Spacebar behind a TLS proxy: still v6-only
+        "wss://voice.example.org",
+        "discord.media.evil.example:443",  # the domain must be the suffix, not a prefix
+        "notdiscord.media:443",
+        "192.0.2.10",
+    ],
+)
+def test_other_endpoints_get_v6(endpoint: str) -> None:
+    assert auto_gateway_version(endpoint) == 6
+
+
+def test_auto_is_the_default_and_a_number_overrides_it() -> None:
+    assert VoiceOptions().gateway_version == "auto"
+    assert VoiceOptions.from_config(VoiceConfig()).gateway_version == "auto"
+    assert VoiceOptions.from_config(VoiceConfig(gateway_version=8)).gateway_version == 8
+    with pytest.raises(ValueError, match=r"4\.\.8"):
+        VoiceOptions(gateway_version=3)
