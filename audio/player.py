@@ -25,8 +25,9 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
@@ -34,10 +35,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtim
 from legato.audio.clock import Clock
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
-from legato.audio.sink import OPUS_SILENCE, FrameSink
+from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters
 from legato.audio.source import FrameSource
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
+from legato.log import GuildLogger
 
 if TYPE_CHECKING:
     from legato.audio.encode import OpusSettings
@@ -55,6 +57,8 @@ LATE_THRESHOLD: Final = 0.002
 #: Lateness histogram: 0.1 ms bins up to 20 ms (the last bin holds everything beyond).
 _HIST_BIN: Final = 0.0001
 _HIST_SIZE: Final = 201
+#: Encode times are kept for this many recent reads (a few seconds of audio per player).
+_ENCODE_WINDOW: Final = 256
 #: Hands out refill chunk sizes round-robin (see ``GuildPlayer.__init__``).
 _spread = itertools.count()
 #: Most volume accepted (2.0 = 200 %).
@@ -152,6 +156,12 @@ class PlayerStats:
         buffer_frames: Frames buffered now for the current track.
         source_errors: Tracks that failed to open or to read.
         sink_errors: Frames whose ``send_frame`` raised (the frame is lost, playing goes on).
+        encode_ms_mean: Worker time to produce one frame (read, decode and encode; demux only
+            for passthrough), mean over the last reads (each read's time over its frames).
+        encode_ms_p99: 99th percentile of that per-read figure (0.0 before any read).
+        reconnects: Times the sink's link was re-established (voice websocket reconnects,
+            resumes included); 0 for a sink that does not count them.
+        resumes: Of those, how many resumed the session.
     """
 
     frames_sent: int
@@ -164,6 +174,10 @@ class PlayerStats:
     buffer_frames: int
     source_errors: int
     sink_errors: int
+    encode_ms_mean: float
+    encode_ms_p99: float
+    reconnects: int
+    resumes: int
 
 
 @runtime_checkable
@@ -175,11 +189,6 @@ class TimerClock(Clock, Protocol):
 
 class _Cancellable(Protocol):
     def cancel(self) -> None: ...
-
-
-class _GuildAdapter(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        return f"[guild {self.extra['guild_id'] if self.extra else '?'}] {msg}", kwargs
 
 
 @dataclass
@@ -298,9 +307,11 @@ class _Entry:
                 if not op.done.done():
                     op.done.set_result(None)
             if not self.eof and len(self.frames) <= low and not self.ops:
-                frames, position, duration = await self._call(
+                frames, position, duration, spent = await self._call(
                     _read_chunk, source, cap - len(self.frames)
                 )
+                if frames:
+                    player._encode_times.append(spent / len(frames))
                 self.frames.extend(frames)
                 self.read_position = position
                 self.duration = duration if duration is not None else self.track.duration
@@ -383,9 +394,11 @@ def _default_executor() -> concurrent.futures.Executor:
     return _pool
 
 
-def _read_chunk(source: FrameSource, count: int) -> tuple[list[bytes], float, float | None]:
+def _read_chunk(source: FrameSource, count: int) -> tuple[list[bytes], float, float | None, float]:
+    """Read up to ``count`` frames (in the worker); also return the seconds the read took."""
+    started = time.perf_counter()
     frames = source.read(count)
-    return frames, source.position, source.duration
+    return frames, source.position, source.duration, time.perf_counter() - started
 
 
 def _seek_and_tell(source: FrameSource, seconds: float) -> float:
@@ -436,7 +449,8 @@ class GuildPlayer:
         self._on_event = on_event
         self._volume = volume
         self._preload_s = preload_s
-        self._log = _GuildAdapter(_log, {"guild_id": guild_id})
+        self._log = GuildLogger(_log, guild_id)
+        self._link = sink if isinstance(sink, LinkCounters) else None
         if clock is None:
             self._now: Callable[[], float] = self._loop.time
             self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = self._loop.call_at
@@ -479,6 +493,8 @@ class GuildPlayer:
         self._underruns = 0
         self._source_errors = 0
         self._sink_errors = 0
+        #: Seconds per frame of recent reads (appended on the loop by the feeders).
+        self._encode_times: deque[float] = deque(maxlen=_ENCODE_WINDOW)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -528,6 +544,8 @@ class GuildPlayer:
                 if seen >= rank:
                     p99 = i * _HIST_BIN * 1e3
                     break
+        encode = sorted(self._encode_times)
+        link = self._link
         return PlayerStats(
             frames_sent=self._frames_sent,
             silence_sent=self._silence_sent,
@@ -539,6 +557,10 @@ class GuildPlayer:
             buffer_frames=len(self._cur.frames) if self._cur is not None else 0,
             source_errors=self._source_errors,
             sink_errors=self._sink_errors,
+            encode_ms_mean=sum(encode) / len(encode) * 1e3 if encode else 0.0,
+            encode_ms_p99=encode[math.ceil(0.99 * len(encode)) - 1] * 1e3 if encode else 0.0,
+            reconnects=link.reconnects if link is not None else 0,
+            resumes=link.resumes if link is not None else 0,
         )
 
     async def wait_for(self, state: PlayerState) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 #: One Opus frame of silence; five of them are sent before speaking goes off so that the
 #: receiver's decoder does not interpolate from the last audible frame.
@@ -18,3 +18,16 @@ class FrameSink(Protocol):
 
     def send_frame(self, opus: bytes) -> None:
         """Send one 20 ms Opus frame now. Must not block; a dropped frame is the sink's to count."""
+
+
+@runtime_checkable
+class LinkCounters(Protocol):
+    """A sink that counts how often its link was re-established (the voice client does)."""
+
+    @property
+    def reconnects(self) -> int:
+        """Times the link was opened again after the first time (resumes included)."""
+
+    @property
+    def resumes(self) -> int:
+        """Of those, how many resumed the session instead of starting a new one."""

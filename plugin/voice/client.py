@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import discord
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from discord.types.voice import GuildVoiceState as GuildVoiceStatePayload
     from discord.types.voice import VoiceServerUpdate as VoiceServerUpdatePayload
 
-__all__ = ["DisconnectListener", "LegatoVoiceClient", "VoiceOptions"]
+__all__ = ["DisconnectListener", "LegatoVoiceClient", "VoiceLinkStats", "VoiceOptions"]
 
 _log = logging.getLogger(__name__)
 
@@ -39,6 +41,47 @@ LEAVE_CONFIRM_TIMEOUT: Final = 2.0
 
 #: Called once when the client is gone for good: ``None`` after ``disconnect()``, else why.
 DisconnectListener = Callable[["LegatoVoiceClient", VoiceError | None], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceLinkStats:
+    """A snapshot of one voice connection, for ``/music debug`` and for code.
+
+    Attributes:
+        connected: Media can flow now (handshake done, not reconnecting).
+        transport: ``"udp"`` or ``"webrtc"`` while a transport is up.
+        mode: The negotiated transport encryption mode.
+        gateway_version: The voice gateway version in use (None before connecting).
+        latency_ms: The last heartbeat round trip (None before the first ACK).
+        average_latency_ms: Mean of the recent round trips (None before the first ACK).
+        reconnects: Voice websockets opened after the first one (resumes included).
+        resumes: Of those, how many resumed the session.
+        frames_sent: Frames the transports sent.
+        frames_dropped: Frames handed over while no media path was up.
+        send_errors: Frames a transport failed to send.
+        dave_protocol_version: The executed DAVE version (0: not end-to-end encrypted).
+        dave_encrypting: Whether frames are end-to-end encrypted right now.
+        privacy_code: DAVE's voice privacy code while end-to-end encryption is in force.
+    """
+
+    connected: bool
+    transport: str | None
+    mode: str | None
+    gateway_version: int | None
+    latency_ms: float | None
+    average_latency_ms: float | None
+    reconnects: int
+    resumes: int
+    frames_sent: int
+    frames_dropped: int
+    send_errors: int
+    dave_protocol_version: int
+    dave_encrypting: bool
+    privacy_code: str | None
+
+
+def _ms(seconds: float) -> float | None:
+    return seconds * 1e3 if math.isfinite(seconds) else None
 
 
 class LegatoVoiceClient(discord.VoiceProtocol):
@@ -142,6 +185,38 @@ class LegatoVoiceClient(discord.VoiceProtocol):
     def stats(self) -> TransportStats:
         """The current transport's counters (zeros before connecting)."""
         return self._conn.stats if self._conn is not None else TransportStats()
+
+    @property
+    def reconnects(self) -> int:
+        """Voice websockets opened after the first one (resumes included)."""
+        return self._conn.reconnects if self._conn is not None else 0
+
+    @property
+    def resumes(self) -> int:
+        """Voice sessions resumed (op7)."""
+        return self._conn.resumes if self._conn is not None else 0
+
+    @property
+    def link_stats(self) -> VoiceLinkStats:
+        """A snapshot of the connection: transport, gateway, latency, reconnects, DAVE."""
+        conn = self._conn
+        transport = self.stats
+        return VoiceLinkStats(
+            connected=self.is_connected(),
+            transport=self.transport_name,
+            mode=self.mode,
+            gateway_version=conn.gateway_version if conn is not None else None,
+            latency_ms=_ms(self.latency),
+            average_latency_ms=_ms(self.average_latency),
+            reconnects=self.reconnects,
+            resumes=self.resumes,
+            frames_sent=transport.frames_sent,
+            frames_dropped=self.frames_dropped,
+            send_errors=transport.send_errors,
+            dave_protocol_version=conn.dave.protocol_version if conn is not None else 0,
+            dave_encrypting=conn.dave.encrypting if conn is not None else False,
+            privacy_code=self.voice_privacy_code,
+        )
 
     @property
     def frames_dropped(self) -> int:

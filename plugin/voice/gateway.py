@@ -249,6 +249,9 @@ class VoiceConnection:
         self._transports: list[str] = (
             ["webrtc", "udp"] if self.options.transport == "auto" else [self.options.transport]
         )
+        #: Websocket connects and resumes of the cores replaced so far (see ``_renew_core``).
+        self._retired_connects = 0
+        self._retired_resumes = 0
         self._core = self._new_core()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -287,6 +290,21 @@ class VoiceConnection:
     def gateway_stats(self) -> GatewayStats:
         """The gateway core's counters (heartbeats, resumes, bad input)."""
         return self._core.stats
+
+    @property
+    def reconnects(self) -> int:
+        """Websockets opened after the first one (resumes and new sessions), over every session."""
+        return max(0, self._retired_connects + self._core.stats.connects - 1)
+
+    @property
+    def resumes(self) -> int:
+        """Resumes sent (op7), over every session of this connection."""
+        return self._retired_resumes + self._core.stats.resumes
+
+    @property
+    def gateway_version(self) -> int:
+        """The voice gateway version in use (``"auto"`` settles on 8 or 6)."""
+        return self._version
 
     @property
     def latency(self) -> float:
@@ -491,7 +509,7 @@ class VoiceConnection:
                     # Moved (or a 4014 was followed by a new server): a fresh session there.
                     self._server_changed.clear()
                     await self._drop_transport()
-                    self._core = self._new_core()
+                    self._renew_core()
                     resume = False
                 try:
                     code, reason, reached_ready = await self._run_websocket(resume=resume)
@@ -500,7 +518,7 @@ class VoiceConnection:
                         raise
                     self._fell_back = False  # "auto": identify again with the next transport
                     await self._drop_transport()
-                    self._core = self._new_core()
+                    self._renew_core()
                     resume = False
                     continue
                 self._media_ready.clear()
@@ -653,6 +671,12 @@ class VoiceConnection:
             timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await timer
+
+    def _renew_core(self) -> None:
+        """Start a fresh gateway core, keeping the old one's reconnect counts."""
+        self._retired_connects += self._core.stats.connects
+        self._retired_resumes += self._core.stats.resumes
+        self._core = self._new_core()
 
     def _new_core(self) -> VoiceGatewayCore:
         name = self._transports[0]
