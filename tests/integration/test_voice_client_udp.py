@@ -1,4 +1,4 @@
-"""LegatoVoiceClient and VoiceConnection on ``udp`` against the sandbox voice server.
+"""LegatoVoiceClient and VoiceConnection against the sandbox voice server, on udp and webrtc.
 
 The discord.py side is real (Client, ConnectionState, Guild, VoiceChannel, its event dispatch to
 the voice protocol); only the main gateway websocket is a stand-in (see ``voice_support``).
@@ -175,6 +175,30 @@ async def test_move_to_another_channel_and_kick() -> None:
         assert error is not None
         assert not vc.is_connected()
         assert world.guild.voice_client is None
+
+
+@pytest.mark.parametrize("version", [6, 8])
+async def test_tone_through_webrtc(version: int) -> None:
+    frames = tone_frames(TONE_SECONDS)
+    async with voice_server() as server, discord_world(server) as world:
+        options = VoiceOptions(transport="webrtc", gateway_version=version)
+        vc = await world.channel.connect(cls=LegatoVoiceClient.configured(options), timeout=30)
+        assert isinstance(vc, LegatoVoiceClient)
+        assert vc.transport_name == "webrtc"
+        assert vc.mode == "dtls-srtp"
+        session = server.session(BOT_ID)
+        assert session.protocol == "webrtc"
+        assert session.version == version
+
+        player = Player(vc, frames)
+        await player.play()
+        await _assert_tone_recorded(server, len(frames))
+        assert vc.stats.frames_sent == player.sent
+        assert vc.frames_dropped == 0
+
+        await vc.disconnect()
+        assert voice_tasks() == []
+        assert await server.wait_closed(BOT_ID) == 1000
 
 
 def test_websocket_url_scheme() -> None:
