@@ -6,7 +6,8 @@ These are plain functions the commands call with the state they already hold; a 
 
 from __future__ import annotations
 
-from typing import Literal
+from collections import deque
+from typing import Final, Literal
 
 import discord
 
@@ -14,6 +15,7 @@ from legato.config import PermissionsConfig
 from legato.errors import LegatoError
 
 __all__ = [
+    "CommandRate",
     "Denied",
     "NotPlaying",
     "is_dj",
@@ -131,3 +133,54 @@ def require_may(
         f"{member.id} may not {action} (rule {who})",
         user_message=f"You need {needed} to {action}.",
     )
+
+
+class CommandRate:
+    """A per-user sliding window: at most ``limit`` commands in any ``window`` seconds.
+
+    Pure: the caller passes the time. Refused attempts are not counted, so a user who keeps
+    spamming is let in again as soon as the window has room, not later. Users with nothing in
+    their window are dropped now and then, so memory stays bounded by the users active in one
+    window.
+
+    Args:
+        limit: Commands allowed per window; 0 turns the limit off.
+        window: The window, in seconds.
+    """
+
+    _SWEEP_EVERY: Final = 1024  # users tracked before stale ones are swept
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._seen: dict[int, deque[float]] = {}
+        self._sweep_at = self._SWEEP_EVERY
+
+    def __len__(self) -> int:
+        """Users tracked now (some may have nothing left in their window)."""
+        return len(self._seen)
+
+    def take(self, user_id: int, now: float) -> float:
+        """Count one command by ``user_id`` at ``now`` if the window has room.
+
+        Returns:
+            0 when the command may run (it is counted), else the seconds until it could.
+        """
+        if self.limit <= 0:
+            return 0.0
+        times = self._seen.get(user_id)
+        if times is None:
+            if len(self._seen) >= self._sweep_at:
+                self._sweep(now)
+            times = self._seen[user_id] = deque(maxlen=self.limit)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            return times[0] + self.window - now
+        times.append(now)
+        return 0.0
+
+    def _sweep(self, now: float) -> None:
+        horizon = now - self.window
+        self._seen = {u: t for u, t in self._seen.items() if t and t[-1] > horizon}
+        self._sweep_at = max(self._SWEEP_EVERY, 2 * len(self._seen))

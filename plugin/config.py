@@ -392,6 +392,11 @@ class PlaybackConfig:
     resolve_timeout: float = _key(
         20.0, _number(1, 300, "seconds"), "give up resolving a query after this long"
     )
+    keep_queue_on_disconnect: bool = _key(
+        False,
+        _boolean(),
+        "when kicked from voice or the channel is deleted, keep the queue for the next /join",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +411,12 @@ class PermissionsConfig:
     clear: Literal["requester", "dj", "everyone"] = _key("dj", _WHO, "who may /clear")
     vote_skip_ratio: float = _key(
         0.5, _number(0, 1), "share of listeners whose votes skip; 0 turns voting off"
+    )
+    cooldown_commands: int = _key(
+        10, _integer(0, 1000), "commands one user may run per cooldown_seconds; 0 no limit"
+    )
+    cooldown_seconds: float = _key(
+        10.0, _number(1, 3600, "seconds"), "the window cooldown_commands counts in"
     )
 
 

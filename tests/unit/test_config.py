@@ -228,12 +228,16 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "search_provider", '"http://x.test/s"', "URL template containing {query}"),
     ("playback", "search_results", "26", "an integer from 1 to 25"),
     ("playback", "resolve_timeout", "0.5", "a number from 1 to 300"),
+    ("playback", "keep_queue_on_disconnect", '"yes"', "true or false"),
     ("permissions", "dj_role", "[1]", "a role name, a role id"),
     ("permissions", "dj_role", "-3", "a role name, a role id"),
     ("permissions", "skip", '"admins"', "'requester', 'dj', 'everyone'"),
     ("permissions", "stop", '"DJ"', "'requester', 'dj', 'everyone'"),
     ("permissions", "clear", "1", "'requester', 'dj', 'everyone'"),
     ("permissions", "vote_skip_ratio", "1.5", "a number from 0 to 1"),
+    ("permissions", "cooldown_commands", "-1", "an integer from 0 to 1000"),
+    ("permissions", "cooldown_commands", "2.5", "an integer from 0 to 1000"),
+    ("permissions", "cooldown_seconds", "0.5", "a number from 1 to 3600"),
     ("sandbox", "host", '"0.0.0.0"', "a loopback address"),
     ("sandbox", "host", '"10.0.0.1"', "a loopback address"),
     ("sandbox", "gateway_port", "70000", "an integer from 0 to 65535"),
@@ -398,6 +402,15 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
         ("LEGATO_PERMISSIONS_DJ_ROLE", "1234", "permissions", "dj_role", 1234),
         ("LEGATO_PERMISSIONS_DJ_ROLE", "Music", "permissions", "dj_role", "Music"),
         ("LEGATO_PERMISSIONS_VOTE_SKIP_RATIO", "0", "permissions", "vote_skip_ratio", 0.0),
+        ("LEGATO_PERMISSIONS_COOLDOWN_COMMANDS", "0", "permissions", "cooldown_commands", 0),
+        ("LEGATO_PERMISSIONS_COOLDOWN_SECONDS", "30", "permissions", "cooldown_seconds", 30.0),
+        (
+            "LEGATO_PLAYBACK_KEEP_QUEUE_ON_DISCONNECT",
+            "yes",
+            "playback",
+            "keep_queue_on_disconnect",
+            True,
+        ),
         ("LEGATO_SANDBOX_HOST", "localhost", "sandbox", "host", "localhost"),
         ("LEGATO_SANDBOX_DEMO_LISTENERS", "x,y", "sandbox", "demo_listeners", ("x", "y")),
         ("LEGATO_BOT_LOG_LEVEL", "WARNING", "bot", "log_level", "WARNING"),
@@ -418,6 +431,13 @@ def test_env_overrides(
         ("LEGATO_VOICE_SELF_DEAF", "maybe", "voice.self_deaf", "true/false, yes/no"),
         ("LEGATO_VOICE_GATEWAY_VERSION", "7", "voice.gateway_version", "6, 8, 'auto'"),
         ("LEGATO_PERMISSIONS_VOTE_SKIP_RATIO", "2", "permissions.vote_skip_ratio", "0 to 1"),
+        (
+            "LEGATO_PERMISSIONS_COOLDOWN_COMMANDS",
+            "many",
+            "permissions.cooldown_commands",
+            "0 to 1000",
+        ),
+        ("LEGATO_PERMISSIONS_COOLDOWN_SECONDS", "0", "permissions.cooldown_seconds", "1 to 3600"),
         ("LEGATO_SANDBOX_HOST", "0.0.0.0", "sandbox.host", "a loopback address"),
     ],
 )
@@ -452,3 +472,21 @@ def test_env_override_is_checked_against_file_values(tmp_path: Path) -> None:
     path = write(tmp_path, "[playback]\nmax_volume = 150\n")
     with pytest.raises(ConfigError, match=r"playback\.default_volume = 200"):
         load_config(path, env={"LEGATO_PLAYBACK_DEFAULT_VOLUME": "200"})
+
+
+def test_cooldown_and_keep_queue_defaults_and_file_values(tmp_path: Path) -> None:
+    defaults = Config()
+    assert defaults.permissions.cooldown_commands == 10
+    assert defaults.permissions.cooldown_seconds == 10.0
+    assert defaults.playback.keep_queue_on_disconnect is False
+    path = write(
+        tmp_path,
+        "[permissions]\ncooldown_commands = 3\ncooldown_seconds = 60\n"
+        "[playback]\nkeep_queue_on_disconnect = true\n",
+    )
+    cfg = load_config(path, env={})
+    assert cfg.permissions.cooldown_commands == 3
+    assert cfg.permissions.cooldown_seconds == 60.0
+    assert cfg.playback.keep_queue_on_disconnect is True
+    off = load_config(path, env={"LEGATO_PERMISSIONS_COOLDOWN_COMMANDS": "0"})
+    assert off.permissions.cooldown_commands == 0
