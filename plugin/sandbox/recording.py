@@ -123,6 +123,30 @@ class RecordingStats:
     jitter: float
 
 
+@dataclass(frozen=True)
+class Reception:
+    """What an RTCP reception report block says about one SSRC (RFC 3550 6.4.1, A.3).
+
+    Attributes:
+        ssrc: The sender's SSRC.
+        received: Distinct packets received.
+        expected: Sequence numbers from the first received to the highest.
+        highest: Extended highest sequence number received (cycles in the upper 16 bits).
+        jitter: Interarrival jitter in RTP timestamp units.
+    """
+
+    ssrc: int
+    received: int
+    expected: int
+    highest: int
+    jitter: float
+
+    @property
+    def lost(self) -> int:
+        """Packets expected but not received (RFC 3550's cumulative number of packets lost)."""
+        return self.expected - self.received
+
+
 @dataclass
 class _Stream:
     """Sequence bookkeeping for one SSRC (RFC 3550 appendix A.1, without probation)."""
@@ -133,6 +157,7 @@ class _Stream:
     packets: dict[int, bytes] = field(default_factory=dict)
     duplicates: int = 0
     out_of_order: int = 0
+    late: list[int] = field(default_factory=list)
     timestamp_errors: int = 0
     last_timestamp: int = 0
     jitter: float = 0.0
@@ -162,6 +187,7 @@ class _Stream:
             self.highest = ext
         else:
             self.out_of_order += 1
+            self.late.append(ext)
             self.base = min(self.base, ext)
         if ext == self.highest:
             self.last_timestamp = timestamp
@@ -178,6 +204,12 @@ class _Stream:
         if self.highest < 0:
             return 0
         return (self.highest - self.base + 1) - len(self.packets)
+
+    def missing(self) -> Iterator[int]:
+        """Extended sequence numbers never received between the first and the highest."""
+        for ext in range(self.base, self.highest + 1):
+            if ext not in self.packets:
+                yield ext
 
     def frames_in_order(self) -> Iterator[bytes | None]:
         """Every sequence number from the first to the highest: its Opus, or None if missing."""
@@ -258,6 +290,27 @@ class Recording:
             sequence_errors=duplicates + out_of_order,
             timestamp_errors=sum(s.timestamp_errors for s in self._streams),
             jitter=self._streams[-1].jitter / RTP_CLOCK if self._streams else 0.0,
+        )
+
+    def missing_packets(self) -> list[tuple[int, int]]:
+        """``(ssrc, sequence)`` of every gap, stream by stream in order (16-bit sequences)."""
+        return [(s.ssrc, ext % _SEQ_MOD) for s in self._streams for ext in s.missing()]
+
+    def out_of_order_packets(self) -> list[tuple[int, int]]:
+        """``(ssrc, sequence)`` of every packet that arrived after a higher one of its stream."""
+        return [(s.ssrc, ext % _SEQ_MOD) for s in self._streams for ext in s.late]
+
+    def reception(self, ssrc: int) -> Reception | None:
+        """Reception figures for one SSRC, as an RTCP receiver report carries them."""
+        stream = next((s for s in self._streams if s.ssrc == ssrc), None)
+        if stream is None or stream.highest < 0:
+            return None
+        return Reception(
+            ssrc=ssrc,
+            received=len(stream.packets),
+            expected=stream.highest - stream.base + 1,
+            highest=stream.highest,
+            jitter=stream.jitter,
         )
 
     def opus_frames(self) -> list[bytes]:

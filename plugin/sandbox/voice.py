@@ -24,6 +24,12 @@ Choices where Discord's behaviour is not public:
   connection (drop, 4xxx) keeps the session resumable until the user identifies again.
 - Session-ending codes sent by the server (4006, 4009, 4014, ...) make a later op7 fail with
   4006; 4015 and the 1xxx codes but 1000 leave it resumable.
+- RTCP: every ``rtcp_interval`` seconds (1 s by default) each ``udp`` user whose audio arrived
+  since the last report gets a receiver report (RFC 3550 6.4.2) about its SSRC, sent to the
+  address it gave in op1: fraction lost, cumulative lost, extended highest sequence and jitter,
+  from the recording. LSR/DLSR are 0 (the sandbox does not track the client's sender reports).
+- ``relay=RelayOptions(...)`` puts a :class:`~legato.sandbox.relay.LossyRelay` in front of the
+  media socket (loss and reordering of the clients' RTP); op2 then names the relay's port.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from aiohttp import WSMsgType, web
 
 from legato.sandbox.dave import DaveChannel, Deliver
 from legato.sandbox.recording import Recording, Waiters
+from legato.sandbox.relay import LossyRelay, RelayOptions
 from legato.sandbox.tls import SelfSignedCert, make_self_signed_cert
 from legato.voice.crypto import (
     KEY_SIZE,
@@ -61,8 +68,10 @@ from legato.voice.dave import (
 from legato.voice.rtp import (
     DISCOVERY_PACKET_SIZE,
     MalformedPacket,
+    ReportBlock,
     discovery_response,
     is_rtcp,
+    pack_receiver_report,
     parse_discovery_request,
     parse_rtcp,
     parse_rtp,
@@ -111,6 +120,10 @@ CLOSE_DAVE_REQUIRED: Final = 4017
 #: The sandbox's DAVE listener (a group member that decrypts every sender), as a user id.
 DAVE_LISTENER_ID: Final = 1_000_000_000_000_000_001
 _DAVE_WIRE_FRAMES: Final = 500
+#: The SSRC the sandbox's receiver reports come from (it sends no media of its own).
+RTCP_SSRC: Final = 1
+DEFAULT_RTCP_INTERVAL: Final = 1.0
+_REPORTS_KEPT: Final = 4096
 
 
 @dataclass
@@ -129,6 +142,7 @@ class ServerStats:
         discovery_requests: IP discovery requests answered.
         rtp_packets: RTP packets decrypted and recorded (udp), or handed over by WebRTC.
         rtcp_packets: RTCP packets received (parsed, otherwise ignored).
+        rtcp_reports_sent: Receiver reports sent to ``udp`` users.
         malformed_packets: Datagrams that are neither discovery, RTP nor RTCP.
         undecryptable_packets: RTP packets whose tag did not verify.
         unknown_ssrc_packets: RTP packets from an SSRC with no session key yet.
@@ -147,6 +161,7 @@ class ServerStats:
     discovery_requests: int = 0
     rtp_packets: int = 0
     rtcp_packets: int = 0
+    rtcp_reports_sent: int = 0
     malformed_packets: int = 0
     undecryptable_packets: int = 0
     unknown_ssrc_packets: int = 0
@@ -170,6 +185,19 @@ class VoiceEvent:
     code: int | None = None
     by_server: bool = False
     endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class SentReport:
+    """One receiver report the server sent: to whom, and what it said.
+
+    ``received`` is the distinct packets of the SSRC recorded when it was sent.
+    """
+
+    user_id: int
+    server_id: int
+    received: int
+    block: ReportBlock
 
 
 @dataclass(frozen=True)
@@ -227,6 +255,8 @@ class _Session:
     ended: bool = False
     client_address: tuple[str, int] | None = None
     peer: Any = None
+    #: ``(expected, received)`` at the last receiver report (RFC 3550 A.3's prior values).
+    reported: tuple[int, int] = (0, 0)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -265,6 +295,9 @@ class SandboxVoiceServer:
         heartbeat_timeout: Seconds without a heartbeat before closing 4009; None picks
             ``max(3 * heartbeat_interval, 5.0)``; ``float("inf")`` never closes.
         strict_v6: Close with 4002 a pre-v8 connection that sends a v8 heartbeat object.
+        relay: Put a lossy relay in front of the media socket (:mod:`legato.sandbox.relay`);
+            op2 names the relay's port, :attr:`relay` gives its counts.
+        rtcp_interval: Seconds between receiver reports to ``udp`` users; None sends none.
 
     Raises:
         ValueError: a mode is not one :mod:`legato.voice.crypto` implements.
@@ -282,6 +315,8 @@ class SandboxVoiceServer:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         heartbeat_timeout: float | None = None,
         strict_v6: bool = False,
+        relay: RelayOptions | None = None,
+        rtcp_interval: float | None = DEFAULT_RTCP_INTERVAL,
     ) -> None:
         self.host = host
         self.tls = tls
@@ -296,7 +331,14 @@ class SandboxVoiceServer:
             max(3 * heartbeat_interval, 5.0) if heartbeat_timeout is None else heartbeat_timeout
         )
         self.strict_v6 = strict_v6
+        if rtcp_interval is not None and not rtcp_interval > 0:
+            raise ValueError(f"rtcp_interval must be positive or None, not {rtcp_interval!r}")
+        self.rtcp_interval = rtcp_interval
+        self.relay_options = relay
         self.stats = ServerStats()
+        #: The latest receiver reports sent, in order (bounded: a long run does not grow it).
+        self.rtcp_reports: deque[SentReport] = deque(maxlen=_REPORTS_KEPT)
+        self._relay: LossyRelay | None = None
         #: Every gateway event in order (see :class:`VoiceEvent`).
         self.events: list[VoiceEvent] = []
         self.certificate: SelfSignedCert | None = None
@@ -331,6 +373,13 @@ class SandboxVoiceServer:
         )
         self._udp = transport
         self._udp_port = int(transport.get_extra_info("sockname")[1])
+        if self.relay_options is not None:
+            self._relay = LossyRelay(
+                (self.host, self._udp_port), self.relay_options, host=self.host
+            )
+            await self._relay.start()
+        if self.rtcp_interval is not None:
+            self._spawn(self._report_loop(self.rtcp_interval))
         if self.tls:
             self.certificate = make_self_signed_cert((self.host, "localhost"))
             self._ssl = self.certificate.server_context()
@@ -369,6 +418,8 @@ class SandboxVoiceServer:
             await self._runner.cleanup()
             self._runner = None
         self._listeners.clear()
+        if self._relay is not None:
+            await self._relay.close()
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -399,8 +450,18 @@ class SandboxVoiceServer:
 
     @property
     def udp_port(self) -> int:
-        """The media socket's port (op2's ``port``)."""
+        """The media socket's port (op2's ``port``, unless a relay is in front of it)."""
         return self._udp_port
+
+    @property
+    def media_port(self) -> int:
+        """The port op2 hands out: the relay's with ``relay=``, else :attr:`udp_port`."""
+        return self._relay.port if self._relay is not None else self._udp_port
+
+    @property
+    def relay(self) -> LossyRelay | None:
+        """The lossy relay in front of the media socket, with ``relay=``."""
+        return self._relay
 
     # -- what the Discord gateway side calls -----------------------------------------------------
 
@@ -515,6 +576,32 @@ class SandboxVoiceServer:
     async def wait_resumed(self, user_id: int, *, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Return once ``user_id`` has resumed ``count`` times."""
         await self.wait_event("resume", user_id, count=count, timeout=timeout)
+
+    async def wait_reported(
+        self,
+        user_id: int,
+        received: int,
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> SentReport:
+        """Return the first receiver report to ``user_id`` covering ``received`` packets or more.
+
+        Raises:
+            TimeoutError: no such report was sent in time.
+        """
+
+        def find() -> SentReport | None:
+            return next(
+                (r for r in self.rtcp_reports if r.user_id == user_id and r.received >= received),
+                None,
+            )
+
+        await self._waiters.wait_for(
+            lambda: find() is not None, timeout, f"a report of {received} packets to {user_id}"
+        )
+        found = find()
+        assert found is not None
+        return found
 
     async def wait_session_description(
         self,
@@ -789,7 +876,7 @@ class SandboxVoiceServer:
             {
                 "ssrc": session.ssrc,
                 "ip": self.host,
-                "port": self._udp_port,
+                "port": self.media_port,
                 "modes": list(self.modes),
                 "experiments": [],
                 "streams": streams,
@@ -1206,6 +1293,51 @@ class SandboxVoiceServer:
         self._waiters.notify()
 
     # -- media -----------------------------------------------------------------------------------
+
+    async def _report_loop(self, interval: float) -> None:
+        # A plain period: reports are sampled, their timing carries no meaning.
+        while True:
+            await asyncio.sleep(interval)
+            self._send_receiver_reports()
+
+    def _send_receiver_reports(self) -> None:
+        """One RR per udp session heard from since its last one (RFC 3550 6.4.2, A.3)."""
+        if self._udp is None:
+            return
+        for session in list(self._sessions.values()):
+            if session.protocol != "udp" or session.client_address is None or session.ended:
+                continue
+            reception = session.recording.reception(session.ssrc)
+            if reception is None:
+                continue
+            prior_expected, prior_received = session.reported
+            if reception.received == prior_received:
+                continue  # nothing heard since the last report: no block about this source
+            expected_interval = reception.expected - prior_expected
+            lost_interval = expected_interval - (reception.received - prior_received)
+            fraction = (
+                0
+                if expected_interval <= 0 or lost_interval <= 0
+                else min(255, (lost_interval << 8) // expected_interval)
+            )
+            session.reported = (reception.expected, reception.received)
+            block = ReportBlock(
+                ssrc=session.ssrc,
+                fraction_lost=fraction,
+                cumulative_lost=max(-(1 << 23), min((1 << 23) - 1, reception.lost)),
+                highest_sequence=reception.highest & 0xFFFFFFFF,
+                jitter=int(reception.jitter),
+                last_sr=0,
+                delay_since_last_sr=0,
+            )
+            self._udp.sendto(pack_receiver_report(RTCP_SSRC, (block,)), session.client_address)
+            self.stats.rtcp_reports_sent += 1
+            self.rtcp_reports.append(
+                SentReport(
+                    session.grant.user_id, session.grant.server_id, reception.received, block
+                )
+            )
+        self._waiters.notify()
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         self.stats.udp_datagrams += 1

@@ -18,12 +18,30 @@ from typing import Any, Protocol
 
 @dataclass(slots=True)
 class TransportStats:
-    """Counters a transport keeps; read by the player's stats and the benchmarks."""
+    """Counters a transport keeps; read by the player's stats and the benchmarks.
+
+    Loss is what the voice server reports about our stream in RTCP reception report blocks
+    (RFC 3550 6.4.1): nothing until the first report arrives, and only on ``udp`` (over
+    ``webrtc`` aiortc consumes the reports).
+
+    Attributes:
+        frames_sent: Frames handed to the socket.
+        bytes_sent: Bytes of those packets.
+        send_errors: Frames the socket refused (dropped, not queued).
+        malformed_received: Datagrams from the server that were not RTP/RTCP (or not from it).
+        loss_reports: Reception report blocks about our SSRC received.
+        fraction_lost: The latest report's fraction of packets lost since the report before it,
+            0.0 to 1.0 (an 8-bit fraction on the wire).
+        packets_lost: The latest report's cumulative number of packets lost.
+    """
 
     frames_sent: int = 0
     bytes_sent: int = 0
     send_errors: int = 0
     malformed_received: int = 0
+    loss_reports: int = 0
+    fraction_lost: float = 0.0
+    packets_lost: int = 0
 
 
 class Transport(Protocol):

@@ -4,6 +4,7 @@ IP discovery, then per frame: RTP header (payload type 120, sequence +1, timesta
 AEAD encryption in the mode op4 confirmed, one non-blocking ``sendto`` from the event loop.
 A frame that cannot be sent right away is dropped and counted: late audio is worse than lost
 audio, so nothing is buffered. Every 250 frames (5 s of audio) an RTCP sender report follows.
+RTCP reports from the server about our SSRC feed the loss figures of :class:`TransportStats`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from legato.voice.rtp import (
     NTP_UNIX_OFFSET,
     OPUS_PAYLOAD_TYPE,
     MalformedPacket,
+    ReceiverReport,
+    RtcpPacket,
     RtpSequencer,
+    SenderReport,
     discovery_request,
+    is_rtcp,
     pack_sender_report,
     parse_discovery_response,
+    parse_rtcp,
 )
 from legato.voice.transport.base import TransportStats
 
@@ -85,6 +91,7 @@ class UdpTransport:
         self._closed = False
         #: Well-formed packets from the server (RTCP reports, others' audio); not decoded.
         self.packets_received = 0
+        self._report_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # -- Transport protocol --------------------------------------------------------------
 
@@ -198,9 +205,28 @@ class UdpTransport:
             self._frames_since_report = 0
             self._send_report(sock, self._server, sequencer.timestamp)
 
+    async def wait_loss_reports(self, count: int) -> None:
+        """Return once ``count`` reception reports about our SSRC have arrived in all.
+
+        No timeout of its own: wrap it in ``asyncio.timeout``. Closing the transport cancels it.
+        """
+        if self._stats.loss_reports >= count:
+            return
+        if self._closed:
+            raise TransportError("udp transport is closed")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (count, waiter)
+        self._report_waiters.append(entry)
+        try:
+            await waiter
+        finally:
+            self._report_waiters.remove(entry)
+
     async def close(self) -> None:
         """Close the socket; safe to call twice and before ``prepare``."""
         self._closed = True
+        for _count, waiter in self._report_waiters:
+            waiter.cancel()
         self._encryptor = None
         if self._discovery is not None and not self._discovery.done():
             self._discovery.cancel()
@@ -271,11 +297,35 @@ class UdpTransport:
         ):
             waiter.set_result(data)
             return
-        # RTP/RTCP version 2 and room for a header; anything else is garbage.
+        if is_rtcp(data):
+            try:
+                packets = parse_rtcp(data)
+            except MalformedPacket:
+                self._stats.malformed_received += 1
+                return
+            self.packets_received += 1
+            self._note_reports(packets)
+            return
+        # RTP version 2 and room for a header; anything else is garbage.
         if len(data) >= 8 and data[0] & 0xC0 == 0x80:
             self.packets_received += 1
         else:
             self._stats.malformed_received += 1
+
+    def _note_reports(self, packets: Sequence[RtcpPacket]) -> None:
+        stats = self._stats
+        for packet in packets:
+            if not isinstance(packet, ReceiverReport | SenderReport):
+                continue
+            for block in packet.reports:
+                if block.ssrc != self._ssrc:
+                    continue  # about another sender (or a stale SSRC of ours)
+                stats.loss_reports += 1
+                stats.fraction_lost = block.fraction_lost / 256
+                stats.packets_lost = block.cumulative_lost
+        for count, waiter in self._report_waiters:
+            if stats.loss_reports >= count and not waiter.done():
+                waiter.set_result(None)
 
     def _send_report(
         self, sock: socket.socket, server: tuple[str, int], rtp_timestamp: int
