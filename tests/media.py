@@ -108,9 +108,93 @@ def write_tone(
     Returns:
         ``path`` as a ``Path``.
     """
-    path = Path(path)
+
+    def samples(start: int, count: int) -> np.ndarray:
+        return tone_samples(
+            start,
+            count,
+            rate=rate,
+            freq=freq,
+            freq_end=freq_end,
+            seconds=seconds,
+            amplitude=amplitude,
+        )
+
+    return _encode(
+        Path(path),
+        samples,
+        total=round(rate * seconds),
+        container=container,
+        codec=codec,
+        rate=rate,
+        channels=channels,
+        sample_fmt=sample_fmt,
+        bitrate=bitrate,
+    )
+
+
+def write_steps(
+    path: Path | str,
+    steps: Sequence[tuple[float, float]],
+    *,
+    container: str,
+    codec: str,
+    rate: int = 48000,
+    amplitude: float = 0.5,
+) -> Path:
+    """Write sines one after the other: ``steps`` is ``(freq, seconds)`` per segment.
+
+    What is heard tells the position: seeking, or a track starting over, shows as a change of
+    frequency (stereo, the same signal on both channels).
+
+    Args:
+        path: Where to write; the parent must exist.
+        steps: Each segment's frequency in Hz and length in seconds, in order.
+        container: One of ``MUXERS``.
+        codec: An FFmpeg encoder (see :func:`write_tone`).
+        rate: Sample rate of the file.
+        amplitude: Peak level, full scale 1.0.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    bounds = np.cumsum([0, *(round(rate * seconds) for _, seconds in steps)])
+    freqs = np.array([freq for freq, _ in steps])
+
+    def samples(start: int, count: int) -> np.ndarray:
+        index = np.arange(start, start + count)
+        segment = np.searchsorted(bounds, index, side="right") - 1
+        t = (index - bounds[segment]) / rate
+        wave: np.ndarray = amplitude * np.sin(2.0 * np.pi * freqs[segment] * t)
+        return wave
+
+    return _encode(
+        Path(path),
+        samples,
+        total=int(bounds[-1]),
+        container=container,
+        codec=codec,
+        rate=rate,
+        channels=2,
+        sample_fmt=None,
+        bitrate=128_000,
+    )
+
+
+def _encode(
+    path: Path,
+    samples: Callable[[int, int], np.ndarray],
+    *,
+    total: int,
+    container: str,
+    codec: str,
+    rate: int,
+    channels: int,
+    sample_fmt: str | None,
+    bitrate: int,
+) -> Path:
+    """Encode ``samples(start, count)`` (mono, float) to ``path`` through a temporary file."""
     tmp = path.with_name(path.name + ".part")
-    total = round(rate * seconds)
     layout = LAYOUTS[channels]
     with av.open(str(tmp), "w", format=MUXERS[container]) as out:
         options = {"frame_duration": "20", "application": "audio"} if codec == "libopus" else {}
@@ -123,10 +207,7 @@ def write_tone(
             stream.bit_rate = bitrate
         step = 1024
         for i in range(0, total, step):
-            n = min(step, total - i)
-            mono = tone_samples(
-                i, n, rate=rate, freq=freq, freq_end=freq_end, seconds=seconds, amplitude=amplitude
-            ).astype(np.float32)
+            mono = samples(i, min(step, total - i)).astype(np.float32)
             planes = np.repeat(mono[np.newaxis, :], channels, axis=0)
             frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=layout)
             frame.sample_rate = rate
