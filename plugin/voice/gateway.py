@@ -351,6 +351,10 @@ class VoiceConnection:
             bytes_sent=old.bytes_sent + now.bytes_sent,
             send_errors=old.send_errors + now.send_errors,
             malformed_received=old.malformed_received + now.malformed_received,
+            loss_reports=old.loss_reports + now.loss_reports,
+            # The latest report's fraction; each transport's SSRC counts its own losses.
+            fraction_lost=now.fraction_lost if now.loss_reports else old.fraction_lost,
+            packets_lost=old.packets_lost + now.packets_lost,
         )
 
     @property
@@ -799,6 +803,10 @@ class VoiceConnection:
         old.bytes_sent += transport.stats.bytes_sent
         old.send_errors += transport.stats.send_errors
         old.malformed_received += transport.stats.malformed_received
+        old.loss_reports += transport.stats.loss_reports
+        if transport.stats.loss_reports:
+            old.fraction_lost = transport.stats.fraction_lost
+        old.packets_lost += transport.stats.packets_lost
         await transport.close()
 
     async def _release(self) -> None:
