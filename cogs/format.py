@@ -12,21 +12,28 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import discord
 
 from legato.audio.track import Track
 from legato.errors import LegatoError
 
+if TYPE_CHECKING:
+    from legato.audio.player import PlayerStats
+    from legato.voice.client import VoiceLinkStats
+
 __all__ = [
     "EMBED_DESCRIPTION_LIMIT",
     "EMBED_FIELD_LIMIT",
     "EMBED_TITLE_LIMIT",
     "EMBED_TOTAL_LIMIT",
+    "NOT_E2EE",
     "QUEUE_PAGE_SIZE",
     "BadInput",
+    "debug_embed",
     "embed_length",
+    "format_privacy_code",
     "format_time",
     "now_playing_embed",
     "parse_position",
@@ -269,10 +276,12 @@ def now_playing_embed(
     loop: str,
     paused: bool = False,
     duration: float | None = None,
+    privacy_code: str | None = None,
 ) -> discord.Embed:
     """The /nowplaying embed: title (linked), requester, thumbnail, progress, loop and volume.
 
-    ``duration`` (what the decoder found) is used when the track's metadata has none.
+    ``duration`` (what the decoder found) is used when the track's metadata has none;
+    ``privacy_code`` (DAVE's, when the connection is end-to-end encrypted) is shown grouped.
     """
     length = track.duration if track.duration is not None else duration
     bar = progress_bar(position, length)
@@ -287,8 +296,90 @@ def now_playing_embed(
         embed.add_field(name="Requested by", value=f"<@{track.requester_id}>")
     embed.add_field(name="Loop", value=loop)
     embed.add_field(name="Volume", value=f"{volume}%")
+    if privacy_code:
+        embed.add_field(
+            name="Voice privacy code", value=f"`{format_privacy_code(privacy_code)}`", inline=False
+        )
     if track.thumbnail and _is_http(track.thumbnail):
         embed.set_thumbnail(url=track.thumbnail)
+    return embed
+
+
+#: What ``/music privacy`` says when there is no privacy code to compare.
+NOT_E2EE: Final = (
+    "This voice connection is **not end-to-end encrypted** (no DAVE), so there is no voice "
+    "privacy code to compare."
+)
+
+
+def format_privacy_code(code: str) -> str:
+    """Group a voice privacy code in fives, as Discord clients show it."""
+    digits = code.strip()
+    return " ".join(digits[i : i + 5] for i in range(0, len(digits), 5))
+
+
+def debug_embed(
+    player: PlayerStats, voice: VoiceLinkStats, *, state: str, track: Track | None
+) -> discord.Embed:
+    """The /music debug embed: one player's pacing, encode and buffer figures and its link."""
+    embed = discord.Embed(title="Player stats", colour=discord.Colour.dark_grey())
+    embed.description = f"State: {state}" + (
+        f" · {track_title(track, LINE_TITLE_LIMIT)}" if track is not None else ""
+    )
+    embed.add_field(
+        name="Frames",
+        value=(
+            f"sent {player.frames_sent}\nsilence {player.silence_sent}\nlate {player.late_frames}"
+        ),
+    )
+    embed.add_field(
+        name="Pacing (lateness)",
+        value=(
+            f"p99 {player.p99_lateness_ms:.1f} ms\nmax {player.max_lateness_ms:.1f} ms\n"
+            f"re-anchors {player.reanchors}"
+        ),
+    )
+    embed.add_field(
+        name="Encode per frame",
+        value=f"mean {player.encode_ms_mean:.3f} ms\np99 {player.encode_ms_p99:.3f} ms",
+    )
+    embed.add_field(
+        name="Buffer",
+        value=(
+            f"{player.buffer_frames} frames ({player.buffer_frames * 20} ms)\n"
+            f"underruns {player.underruns}"
+        ),
+    )
+    embed.add_field(
+        name="Errors",
+        value=(
+            f"source {player.source_errors}\nsend {player.sink_errors + voice.send_errors}\n"
+            f"dropped {voice.frames_dropped}"
+        ),
+    )
+    embed.add_field(
+        name="Reconnects",
+        value=f"{voice.reconnects} (resumes {voice.resumes})",
+    )
+    latency = "n/a" if voice.latency_ms is None else f"{voice.latency_ms:.0f} ms"
+    if voice.average_latency_ms is not None:
+        latency += f" (avg {voice.average_latency_ms:.0f} ms)"
+    embed.add_field(
+        name="Voice",
+        value=(
+            f"{'connected' if voice.connected else 'not connected'}\n"
+            f"transport {voice.transport or 'none'}\nmode {voice.mode or 'none'}\n"
+            f"gateway v{voice.gateway_version if voice.gateway_version is not None else '?'}\n"
+            f"latency {latency}"
+        ),
+    )
+    if voice.dave_protocol_version > 0:
+        dave = f"protocol {voice.dave_protocol_version}, " + (
+            "encrypting" if voice.dave_encrypting else "not encrypting yet"
+        )
+    else:
+        dave = "off (not end-to-end encrypted)"
+    embed.add_field(name="DAVE", value=dave)
     return embed
 
 

@@ -21,6 +21,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import discord
@@ -32,6 +33,7 @@ from legato.audio.player import (
     GuildPlayer,
     PlayerEvent,
     PlayerState,
+    PlayerStats,
     QueueEnded,
     TrackFailed,
     TrackStarted,
@@ -51,8 +53,11 @@ from legato.cogs.checks import (
     require_voice,
 )
 from legato.cogs.format import (
+    NOT_E2EE,
     BadInput,
     announce_embed,
+    debug_embed,
+    format_privacy_code,
     format_time,
     now_playing_embed,
     parse_position,
@@ -65,13 +70,13 @@ from legato.cogs.persist import Persistence
 from legato.cogs.views import QueuePager
 from legato.config import Config
 from legato.errors import LegatoError, QueueEmpty, QueueError, QueueFull, VoiceConnectError
-from legato.log import guild_logger
-from legato.voice.client import LegatoVoiceClient, VoiceOptions
+from legato.log import GuildLogger, guild_logger
+from legato.voice.client import LegatoVoiceClient, VoiceLinkStats, VoiceOptions
 
 if TYPE_CHECKING:
     from legato.errors import VoiceError
 
-__all__ = ["AUTOCOMPLETE_BUDGET", "GuildSession", "MusicCog"]
+__all__ = ["AUTOCOMPLETE_BUDGET", "GuildSession", "MusicCog", "SessionStats"]
 
 _log = logging.getLogger(__name__)
 
@@ -100,6 +105,17 @@ _POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
 
 Interaction = discord.Interaction[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """One guild's figures: its player's counters and its voice link (``/music debug``)."""
+
+    guild_id: int
+    state: PlayerState
+    track: Track | None
+    player: PlayerStats
+    voice: VoiceLinkStats
 
 
 class GuildSession:
@@ -159,6 +175,17 @@ class GuildSession:
     def volume_percent(self) -> int:
         """The player's volume in percent."""
         return round(self.player.volume * 100)
+
+    @property
+    def stats(self) -> SessionStats:
+        """A snapshot of the player's counters and the voice link's."""
+        return SessionStats(
+            guild_id=self.guild_id,
+            state=self.player.state,
+            track=self.player.current,
+            player=self.player.stats,
+            voice=self.voice.link_stats,
+        )
 
     def _own(self, coro: Coroutine[Any, Any, Any], name: str, into: set[asyncio.Task[Any]]) -> Any:
         task = asyncio.get_running_loop().create_task(coro, name=f"legato-{name}-{self.guild_id}")
@@ -495,12 +522,13 @@ class MusicCog(commands.Cog, name="Music"):
             self.end_session(guild_id, leave=leave, notice=notice), name=f"legato-end-{guild_id}"
         )
         self._ending.add(task)
-        task.add_done_callback(self._ended)
+        task.add_done_callback(lambda t: self._ended(t, guild_id))
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
+    def _ended(self, task: asyncio.Task[None], guild_id: int | None = None) -> None:
         self._ending.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            _log.error("ending a session failed", exc_info=task.exception())
+            log = _log if guild_id is None else guild_logger(__name__, guild_id)
+            log.error("ending a session failed", exc_info=task.exception())
 
     async def end_session(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
         """Close a guild's session (player, timers) and, when ``leave``, its voice connection."""
@@ -569,26 +597,25 @@ class MusicCog(commands.Cog, name="Music"):
         original: BaseException = error
         if isinstance(error, app_commands.CommandInvokeError):
             original = error.original
+        log = _interaction_log(interaction)
         if isinstance(original, LegatoError):
             message = original.user_message
-            _log.info(
-                "guild %s: /%s refused: %s",
-                interaction.guild_id,
-                interaction.command.name if interaction.command else "?",
+            log.info(
+                "/%s refused: %s",
+                interaction.command.qualified_name if interaction.command else "?",
                 original,
             )
         elif isinstance(original, app_commands.TransformerError):
-            _log.info("guild %s: option not understood: %s", interaction.guild_id, original)
+            log.info("option not understood: %s", original)
             message = "I couldn't understand one of the options; check it and try again."
         elif isinstance(original, app_commands.NoPrivateMessage):
             message = "Music commands work in servers only."
         elif isinstance(original, app_commands.CheckFailure):
             message = "You can't use that command here."
         else:
-            _log.error(
-                "guild %s: /%s failed",
-                interaction.guild_id,
-                interaction.command.name if interaction.command else "?",
+            log.error(
+                "/%s failed",
+                interaction.command.qualified_name if interaction.command else "?",
                 exc_info=original,
             )
             message = "Something went wrong on my side; the error has been logged."
@@ -612,7 +639,9 @@ class MusicCog(commands.Cog, name="Music"):
             else:
                 await interaction.response.send_message(content, **kwargs)
         except discord.HTTPException as exc:
-            _log.warning("could not answer interaction %s: %s", interaction.id, exc)
+            _interaction_log(interaction).warning(
+                "could not answer interaction %s: %s", interaction.id, exc
+            )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -1039,8 +1068,50 @@ class MusicCog(commands.Cog, name="Music"):
             loop=session.queue.loop.value,
             paused=session.player.state is PlayerState.PAUSED,
             duration=session.duration,
+            privacy_code=session.voice.voice_privacy_code,
         )
         await self._say(interaction, embed=embed)
+
+    # -- commands: /music (diagnostics) --------------------------------------------------------
+
+    # Discord applies default_member_permissions to a whole top-level command, so /music cannot
+    # hide only `debug` from members: `debug` checks Manage Server itself, `privacy` is for all.
+    music_group = app_commands.Group(
+        name="music", description="Player diagnostics and the voice privacy code.", guild_only=True
+    )
+
+    @music_group.command(name="debug", description="Player and voice stats (server admins).")
+    async def music_debug(self, interaction: Interaction) -> None:
+        member = self._member(interaction)
+        if not interaction.permissions.manage_guild:
+            raise Denied(
+                f"user {member.id} lacks manage_guild",
+                user_message="Only server admins (Manage Server) can see the player stats.",
+            )
+        session = self.session(member.guild.id)
+        if session is None:
+            raise NotPlaying("no session", user_message="I'm not in a voice channel.")
+        stats = session.stats
+        embed = debug_embed(stats.player, stats.voice, state=stats.state.value, track=stats.track)
+        await self._say(interaction, embed=embed, ephemeral=True)
+
+    @music_group.command(name="privacy", description="Show the voice privacy code (DAVE).")
+    async def music_privacy(self, interaction: Interaction) -> None:
+        member = self._member(interaction)
+        session = self.session(member.guild.id)
+        if session is None:
+            raise NotPlaying("no session", user_message="I'm not in a voice channel.")
+        code = session.voice.voice_privacy_code
+        if code is None:
+            await self._say(interaction, NOT_E2EE, ephemeral=True)
+            return
+        await self._say(
+            interaction,
+            f"Voice privacy code for {session.channel.mention}: `{format_privacy_code(code)}`\n"
+            "Compare it with the voice privacy code your Discord client shows for this call: "
+            "when they match, the audio is end-to-end encrypted between us.",
+            ephemeral=True,
+        )
 
 
 def _span(seconds: float) -> str:
@@ -1050,6 +1121,12 @@ def _span(seconds: float) -> str:
     if seconds % 60 == 0 and seconds < 7200:
         return f"{seconds / 60:g} minutes"
     return format_time(seconds)
+
+
+def _interaction_log(interaction: Interaction) -> logging.Logger | GuildLogger:
+    """The module's logger, with the guild in every record when the interaction has one."""
+    guild_id = interaction.guild_id
+    return _log if guild_id is None else guild_logger(__name__, guild_id)
 
 
 def _text_channel(interaction: Interaction) -> discord.abc.Messageable | None:

@@ -34,6 +34,7 @@ from legato.audio.player import GuildPlayer, PlayerState
 from legato.audio.queue import TrackQueue
 from legato.cogs.checks import VoiceLike
 from legato.errors import LegatoError
+from legato.log import guild_logger
 from legato.store import GuildSnapshot, GuildStore
 
 if TYPE_CHECKING:
@@ -230,8 +231,8 @@ class Persistence:
                 if await self._restore_one(snap):
                     self.resumed.append(snap.guild_id)
             except (LegatoError, discord.DiscordException, TimeoutError) as exc:
-                _log.warning(
-                    "[guild %s] could not resume after the restart: %s", snap.guild_id, exc
+                guild_logger(__name__, snap.guild_id).warning(
+                    "could not resume after the restart: %s", exc
                 )
         if self.resumed:
             _log.info("resumed %d guild(s) after a restart", len(self.resumed))
@@ -239,17 +240,14 @@ class Persistence:
 
     async def _restore_one(self, snap: GuildSnapshot) -> bool:
         bot = self.cog.bot
+        log = guild_logger(__name__, snap.guild_id)
         guild = bot.get_guild(snap.guild_id)
         if guild is None:
-            _log.warning("[guild %s] saved state kept: the guild is not available", snap.guild_id)
+            log.warning("saved state kept: the guild is not available")
             return False
         channel = guild.get_channel(snap.voice_channel_id or 0)
         if not isinstance(channel, (discord.VoiceChannel, discord.StageChannel)):
-            _log.warning(
-                "[guild %s] saved state dropped: voice channel %s is gone",
-                snap.guild_id,
-                snap.voice_channel_id,
-            )
+            log.warning("saved state dropped: voice channel %s is gone", snap.voice_channel_id)
             await self.forget(snap.guild_id)
             return False
         text = guild.get_channel(snap.text_channel_id or 0)

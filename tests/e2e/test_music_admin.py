@@ -1,0 +1,138 @@
+"""/music debug and /music privacy end to end: a real discord.py Bot against the sandbox.
+
+``/music debug`` is for members with Manage Server; ``/music privacy`` shows DAVE's voice privacy
+code, which must be the very code the sandbox's listener member computes from the same MLS group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from legato.sandbox.server import Sandbox
+from legato.sandbox.users import Reply, ScriptedUser
+from legato.sandbox.voice import SandboxVoiceServer
+from tests.e2e import test_music_cog
+from tests.e2e.test_music_cog import (
+    GUARD,
+    Tones,
+    answer,
+    make_config,
+    recording,
+    refused,
+    running,
+    start_playing,
+)
+
+pytestmark = pytest.mark.e2e
+
+# The module-scoped media server and the plain sandbox, shared with test_music_cog.
+tones = test_music_cog.tones
+sandbox = test_music_cog.sandbox
+
+#: Discord's MANAGE_GUILD permission bit ("Manage Server").
+MANAGE_GUILD = 1 << 5
+
+
+@pytest.fixture
+async def dave_sandbox() -> AsyncIterator[Sandbox]:
+    # The voice server plays Discord's part in DAVE, with a listener member in every channel.
+    async with Sandbox(timeout=GUARD, voice_options={"dave_protocol_version": 1}) as sb:
+        yield sb
+
+
+def fields(reply: Reply) -> dict[str, str]:
+    """The first embed's fields by name."""
+    assert reply.embeds, f"no embed in {reply.text()!r}"
+    return {str(f["name"]): str(f["value"]) for f in reply.embeds[0].get("fields", [])}
+
+
+def add_admin(sb: Sandbox, name: str) -> ScriptedUser:
+    sb.world.add_role(sb.guild, "Admin", permissions=MANAGE_GUILD)
+    return sb.add_user(name, roles=("Admin",))
+
+
+async def test_debug_is_for_admins_and_shows_the_player(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        ada = add_admin(sb, "ada")
+        await alice.join_voice(sb.general)
+
+        # Before anything plays: the admin is told there is nothing to show.
+        await refused(await ada.invoke("music debug"), "not in a voice channel")
+
+        await start_playing(sb, alice, tones.a)
+        rec = recording(sb)
+        await rec.wait_frames(50, timeout=GUARD)
+
+        text = await refused(await alice.invoke("music debug"), "Manage Server")
+        assert "Frames" not in text
+
+        shown = await ada.invoke("music debug")
+        await answer(shown)
+        assert shown.ephemeral
+        got = fields(shown)
+        sent = int(got["Frames"].split("\n")[0].removeprefix("sent "))
+        assert sent >= 50
+        assert "transport udp" in got["Voice"]
+        conn = bot.music.session(sb.guild.id).voice.connection
+        assert f"gateway v{conn.gateway_version}\n" in got["Voice"]
+        assert f"mode {conn.mode}" in got["Voice"]
+        assert "p99" in got["Pacing (lateness)"]
+        assert "mean" in got["Encode per frame"]
+        assert got["DAVE"] == "off (not end-to-end encrypted)"
+        assert got["Reconnects"] == "0 (resumes 0)"
+
+
+async def test_privacy_without_dave_says_not_end_to_end_encrypted(
+    sandbox: Sandbox, tones: Tones
+) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)):
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await refused(await alice.invoke("music privacy"), "not in a voice channel")
+
+        await start_playing(sb, alice, tones.a)
+        shown = await alice.invoke("music privacy")
+        assert shown.ephemeral
+        assert "not end-to-end encrypted" in await answer(shown)
+        now = await alice.invoke("nowplaying")
+        assert "Voice privacy code" not in fields(now)
+
+
+async def test_privacy_with_dave_is_the_listeners_code(dave_sandbox: Sandbox, tones: Tones) -> None:
+    sb = dave_sandbox
+    voice = sb.voice
+    assert isinstance(voice, SandboxVoiceServer)
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        ada = add_admin(sb, "ada")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        # The listener founded the group and welcomed the bot; op22 made it the one in force.
+        await voice.wait_event("dave_execute", sb.bot.id, timeout=GUARD)
+        await recording(sb).wait_frames(25, timeout=GUARD)
+
+        group = voice.dave_channel(sb.guild.id)
+        expected = group.listener.client.privacy_code
+        assert expected is not None
+        assert len(expected) == 30
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+        assert session.voice.voice_privacy_code == expected
+
+        shown = await alice.invoke("music privacy")
+        text = await answer(shown)
+        assert shown.ephemeral
+        assert "not end-to-end" not in text
+        assert expected in text.replace(" ", "")
+
+        now = await alice.invoke("nowplaying")
+        assert fields(now)["Voice privacy code"].strip("`").replace(" ", "") == expected
+
+        debug = await ada.invoke("music debug")
+        await answer(debug)
+        assert fields(debug)["DAVE"] == "protocol 1, encrypting"
