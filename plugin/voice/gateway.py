@@ -58,6 +58,12 @@ _log = logging.getLogger(__name__)
 #: What aiohttp reports when the TCP connection went away without a close frame.
 ABNORMAL_CLOSURE: Final = 1006
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
+#: Largest voice gateway message accepted (1 MiB); a larger one closes the websocket with 1009,
+#: which ends the session (CLOSE_TABLE). The largest legitimate messages are DAVE's op30 welcome
+#: and op29 commit (MLS, a few hundred bytes per group member: tens of KB in a full 99-member
+#: channel); anything near a megabyte is a broken or hostile server, and must not make us buffer
+#: without bound (aiohttp refuses the frame from its header, before reading it).
+MAX_MESSAGE_SIZE: Final = 1 << 20
 #: Domains Discord's voice servers live under (``c-ams07-1a2b.discord.media:443``; older
 #: endpoints were ``us-east123.discord.gg``).
 DISCORD_VOICE_DOMAINS: Final = ("discord.media", "discord.gg")
@@ -613,7 +619,7 @@ class VoiceConnection:
                     url,
                     autoping=True,
                     heartbeat=None,
-                    max_msg_size=0,
+                    max_msg_size=MAX_MESSAGE_SIZE,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -632,6 +638,10 @@ class VoiceConnection:
                 elif msg.type is aiohttp.WSMsgType.BINARY:
                     self._core.receive_binary(msg.data, loop.time())
                 else:
+                    if msg.type is aiohttp.WSMsgType.ERROR:
+                        # aiohttp has closed the websocket already (1009 for a message over
+                        # MAX_MESSAGE_SIZE); the close code decides what follows.
+                        self.log.warning("voice websocket %s error: %s", self._endpoint, msg.data)
                     break
                 await self._pump()
                 reached_ready = reached_ready or self._media_ready.is_set()

@@ -66,6 +66,7 @@ __all__ = [
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TABLE",
     "DEFAULT_WEBRTC_CODECS",
+    "MAX_SSRC_USERS",
     "SPEAKING_MICROPHONE",
     "SPEAKING_PRIORITY",
     "SPEAKING_SOUNDSHARE",
@@ -208,6 +209,14 @@ _BUG = "The voice connection failed because of a bug; it has been logged."
 #: sent something wrong: reconnecting would only repeat it, so they stop with the reason logged.
 CLOSE_TABLE: Final[dict[int, tuple[CloseAction, str, str | None]]] = {
     1000: (_STOP, "normal closure", None),
+    # RFC 6455: a message exceeded the receiver's size limit. Sent by aiohttp on our side when the
+    # server's message is over legato.voice.gateway.MAX_MESSAGE_SIZE: a resume would be answered
+    # with the same message (v8 replays it), so stop.
+    1009: (
+        _STOP,
+        "message too big: a voice gateway message exceeded the size limit",
+        "The voice server sent a message too large to accept.",
+    ),
     4001: (_STOP, "unknown opcode: we sent an op the server does not know", _BUG),
     4002: (_STOP, "failed to decode payload: the server could not parse what we sent", _BUG),
     4003: (_STOP, "not authenticated: we sent a payload before identifying", _BUG),
@@ -495,6 +504,8 @@ class GatewayStats:
     connects: int = 0
     resumes: int = 0
     last_rtt: float | None = None
+    #: SSRC -> user entries forgotten because :data:`MAX_SSRC_USERS` was reached.
+    ssrc_users_evicted: int = 0
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -505,6 +516,10 @@ _ICE_PWD = re.compile(r"(a=ice-pwd:)\S+")
 _MAX_LOG_DEPTH: Final = 32
 # Heartbeat intervals above a day are nonsense (Discord sends about 13.75 s).
 _MAX_INTERVAL_MS: Final = 86_400_000
+#: Most SSRC -> user entries kept from op5/op12. A voice channel seldom holds more than a few
+#: hundred members; a server announcing endless new SSRCs must not grow memory without bound, so
+#: past this the entry seen least recently is forgotten (and counted).
+MAX_SSRC_USERS: Final = 4096
 
 
 def redact(payload: Any, *, _depth: int = 0) -> Any:
@@ -666,7 +681,7 @@ class VoiceGatewayCore(ConnStateMachine):
         self.selected_mode: str | None = None
         #: The highest ``seq`` seen from the server (v8), -1 if none.
         self.seq_ack = -1
-        #: SSRC -> user id, from op5/op12.
+        #: SSRC -> user id, from op5/op12; at most :data:`MAX_SSRC_USERS`, least recent dropped.
         self.ssrc_users: dict[int, str] = {}
 
         self._established = False  # a session reached READY and may be resumed
@@ -1217,7 +1232,7 @@ class VoiceGatewayCore(ConnStateMachine):
             raise _Malformed("speaking is not an integer")
         user_id = _snowflake(d, "user_id") if d.get("user_id") is not None else None
         if user_id is not None:
-            self.ssrc_users[ssrc] = user_id
+            self._remember_ssrc(ssrc, user_id)
         self._events.append(SpeakingSeen(user_id, ssrc, speaking))
 
     def _on_video(self, d: Any, now: float) -> None:
@@ -1226,8 +1241,16 @@ class VoiceGatewayCore(ConnStateMachine):
         audio = _opt_int(d, "audio_ssrc", 0)
         video = _opt_int(d, "video_ssrc", 0)
         if user_id is not None and 0 < audio <= 0xFFFFFFFF:
-            self.ssrc_users[audio] = user_id
+            self._remember_ssrc(audio, user_id)
         self._events.append(StreamsSeen(user_id, audio, video, d))
+
+    def _remember_ssrc(self, ssrc: int, user_id: str) -> None:
+        # Re-inserted so the dict's order is least recently seen first: eviction takes the head.
+        self.ssrc_users.pop(ssrc, None)
+        self.ssrc_users[ssrc] = user_id
+        while len(self.ssrc_users) > MAX_SSRC_USERS:
+            del self.ssrc_users[next(iter(self.ssrc_users))]
+            self.stats.ssrc_users_evicted += 1
 
     def _on_clients_connect(self, d: Any, now: float) -> None:
         d = _dict(d, "clients connect")

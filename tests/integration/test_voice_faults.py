@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from aiohttp import WSMsgType, web
 from legato.errors import VoiceClosed, VoiceConnectError, VoiceError
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.client import LegatoVoiceClient
-from legato.voice.gateway import VoiceConnection, VoiceOptions
+from legato.voice.gateway import MAX_MESSAGE_SIZE, VoiceConnection, VoiceOptions
 from legato.voice.rtp import discovery_response, parse_discovery_request
 from legato.voice.transport.udp import UdpTransport
 from tests.integration.voice_support import (
@@ -247,11 +248,19 @@ class ScriptedVoiceServer:
     Args:
         op4_mode: The mode op4 names (default: the one op1 selected).
         refuse_v8_heartbeat: Close 4002 on a heartbeat object, as Spacebar does.
+        padding: Before op4, send an unknown op this many bytes long (0: none).
     """
 
-    def __init__(self, *, op4_mode: str | None = None, refuse_v8_heartbeat: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        op4_mode: str | None = None,
+        refuse_v8_heartbeat: bool = False,
+        padding: int = 0,
+    ) -> None:
         self.op4_mode = op4_mode
         self.refuse_v8_heartbeat = refuse_v8_heartbeat
+        self.padding = padding
         self.versions: list[int] = []
         self.closes: list[int | None] = []
         self.sessions = 0
@@ -308,6 +317,13 @@ class ScriptedVoiceServer:
                 await ws.send_str(json.dumps({"op": 2, "d": ready}))
             elif op == 1:
                 mode = self.op4_mode or d["data"]["mode"]
+                if self.padding:
+                    frame = json.dumps({"op": 99, "d": {"pad": ""}})
+                    pad = "x" * (self.padding - len(frame))
+                    with contextlib.suppress(ConnectionError):
+                        await ws.send_str(json.dumps({"op": 99, "d": {"pad": pad}}))
+                    if ws.closed:
+                        break
                 await ws.send_str(
                     json.dumps({"op": 4, "d": {"mode": mode, "secret_key": [1] * 32}})
                 )
@@ -377,3 +393,34 @@ async def test_auto_version_is_v6_toward_a_self_hosted_server() -> None:
         finally:
             await conn.close()
         assert conn.error is None
+
+
+async def test_a_message_near_the_size_limit_is_read() -> None:
+    # DAVE welcomes and commits run to tens of KB; half a megabyte still passes (and, being an
+    # unknown op, is counted and ignored).
+    async with scripted(padding=MAX_MESSAGE_SIZE // 2) as server:
+        conn = scripted_connection(server)
+        await conn.connect()  # op4 came after the padded message: it was read and dropped
+        try:
+            assert conn.gateway_stats.unknown_ops == 1
+            assert conn.gateway_stats.malformed == 0
+        finally:
+            await conn.close()
+        assert conn.error is None
+
+
+async def test_an_oversize_message_is_a_clear_close() -> None:
+    # A hostile server's endless message must not be buffered: aiohttp refuses it from the frame
+    # header, closes 1009, and the session ends with a clear error, without a crash or a retry.
+    async with scripted(padding=MAX_MESSAGE_SIZE + 1) as server:
+        conn = scripted_connection(server)
+        with pytest.raises(VoiceConnectError) as info:
+            await conn.connect()
+        cause = info.value.__cause__
+        assert isinstance(cause, VoiceClosed)
+        assert cause.code == 1009
+        assert cause.user_message == "The voice server sent a message too large to accept."
+        assert "too big" in str(cause)
+        assert server.versions == [6]  # stopped: a resume would be sent the same message
+        assert server.closes == [1009]
+        assert voice_tasks() == []

@@ -15,6 +15,7 @@ import pytest
 from legato.errors import InvalidTransition, VoiceClosed
 from legato.voice.protocol import (
     CLOSE_TABLE,
+    MAX_SSRC_USERS,
     BackendVersion,
     ClientDisconnected,
     ClientFlags,
@@ -555,6 +556,7 @@ def test_new_session_after_4006_identifies_and_resets_seq() -> None:
         (None, CloseAction.RESUME),
         (1006, CloseAction.RESUME),
         (1001, CloseAction.RESUME),
+        (1009, CloseAction.STOP),  # a message over our size limit: a resume would replay it
         (4015, CloseAction.RESUME),
         (4006, CloseAction.NEW_SESSION),
         (4009, CloseAction.NEW_SESSION),
@@ -589,7 +591,7 @@ def test_close_table(code: int | None, action: CloseAction) -> None:
 
 def test_close_table_covers_every_documented_code() -> None:
     documented = {4001, 4002, 4003, 4004, 4005, 4006, 4009, 4011, 4012, 4014, 4015}
-    documented |= {4016, 4017, 4020, 4021, 4022, 1000}
+    documented |= {4016, 4017, 4020, 4021, 4022, 1000, 1009}
     assert documented == set(CLOSE_TABLE)
 
 
@@ -701,6 +703,29 @@ def test_other_clients_events() -> None:
     assert events[8] == Unknown(99, {})
     assert core.ssrc_users == {88: "8"}
     assert core.stats.unknown_ops == 1
+
+
+def test_ssrc_users_are_bounded_least_recent_first() -> None:
+    # A hostile server announcing ever new SSRCs (op5 and op12) must not grow memory forever.
+    core = make()
+    to_ready_udp(core)
+    core.receive_text('{"op":5,"d":{"user_id":"1","ssrc":1,"speaking":1}}', 1.0)
+    for n in range(2, MAX_SSRC_USERS + 1):
+        core.receive_text(
+            f'{{"op":12,"d":{{"user_id":"{n}","audio_ssrc":{n},"video_ssrc":0}}}}', 1.0
+        )
+    core.receive_text('{"op":5,"d":{"user_id":"1","ssrc":1,"speaking":0}}', 1.0)  # seen again
+    assert len(core.ssrc_users) == MAX_SSRC_USERS
+    assert core.stats.ssrc_users_evicted == 0
+    for n in range(MAX_SSRC_USERS + 1, MAX_SSRC_USERS + 11):
+        core.receive_text(f'{{"op":5,"d":{{"user_id":"{n}","ssrc":{n},"speaking":1}}}}', 1.0)
+    assert len(core.ssrc_users) == MAX_SSRC_USERS
+    assert core.stats.ssrc_users_evicted == 10
+    assert core.ssrc_users[1] == "1"  # refreshed by its second op5, so it outlived 2..11
+    assert all(n not in core.ssrc_users for n in range(2, 12))
+    assert core.ssrc_users[12] == "12"
+    assert core.ssrc_users[MAX_SSRC_USERS + 10] == str(MAX_SSRC_USERS + 10)
+    assert core.stats.malformed == 0
 
 
 def test_binary_messages() -> None:
