@@ -21,7 +21,10 @@ early (a truncated file, a damaged tail) ends the track with the frames decoded 
 warning is logged: a listener keeps what could be played. Isolated undecodable packets are
 skipped, as FFmpeg's command line does; ``_MAX_BAD_PACKETS`` in a row, a network failure
 (after FFmpeg's own reconnects with Range requests gave up) or a stalled read raise
-:class:`DecodeError`. ``read`` first returns the frames it got before such an error; the error
+:class:`DecodeError`; a refused or dropped connection, and a remote stream that ends more than
+``_SHORT_END`` before its known length (FFmpeg takes a refused reconnect for the end of the
+file), raise :class:`StreamLost`, which the player answers by resolving the track again and
+reopening it there. ``read`` first returns the frames it got before such an error; the error
 comes with the next call.
 
 Channels: mono is copied to both sides at full level; 5.1 and other layouts are downmixed by
@@ -43,7 +46,14 @@ import numpy as np
 
 from legato.audio.encode import OpusDecoder, OpusEncoder, OpusSettings, decode_opus_packets
 from legato.audio.resolve import StreamInfo
-from legato.audio.source import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, FrameSource
+from legato.audio.source import (
+    CHANNELS,
+    FRAME_BYTES,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    FrameSource,
+    StreamLost,
+)
 from legato.errors import DecodeError
 
 __all__ = ["DEFAULT_TIMEOUT", "decode_opus_packets", "open_source", "opus_packet_samples"]
@@ -58,6 +68,10 @@ _RECONNECT_DELAY_MAX: Final = 4
 
 #: Undecodable packets in a row after which the stream counts as broken.
 _MAX_BAD_PACKETS: Final = 8
+
+#: A remote stream that ends more than this many seconds before its known length broke off: FFmpeg
+#: reports a reconnect that was refused (an expired URL's 403) as the end of the file.
+_SHORT_END: Final = 1.0
 
 #: Passthrough packets kept to warm the decoder when switching to the decode path (>= 4).
 _WARM_PACKETS: Final = 6
@@ -231,6 +245,7 @@ class _BaseSource:
         self._container = container
         self._audio = audio
         self._url = info.url
+        self._remote = not info.is_local
         self._encoder = OpusEncoder(opus)
         self._lookahead = int(self._encoder.lookahead)
         self._gain = volume  # the gain applied at the end of the last frame
@@ -275,7 +290,10 @@ class _BaseSource:
             for _ in range(max_frames):
                 frame = next(self._frames, None)
                 if frame is None:
-                    break
+                    short = self._ended_short()
+                    if short is None:
+                        break
+                    raise short
                 out.append(frame)
                 self._emitted += 1
         except DecodeError as exc:
@@ -337,14 +355,35 @@ class _BaseSource:
     def _restart(self, target: float) -> None:
         raise NotImplementedError
 
+    def _ended_short(self) -> StreamLost | None:
+        """A ``StreamLost`` when a remote stream ended well before its known length.
+
+        Only once this opening produced audio: a reopened stream that has nothing more really
+        ends there (a length in the header can be wrong).
+        """
+        duration = self._duration
+        if not self._remote or duration is None or self._emitted == 0:
+            return None
+        position = self.position
+        if position >= duration - _SHORT_END:
+            return None
+        self._remote = False  # said once; a later read finds the plain end
+        return StreamLost(
+            f"{self._url} ended at {position:.2f}s of {duration:.2f}s (a refused or dropped"
+            " connection)"
+        )
+
     def _stream_error(self, exc: Exception) -> DecodeError:
         if isinstance(exc, av.error.ExitError | av.error.TimeoutError | TimeoutError):
             message = "The track's server stopped sending audio."
         elif isinstance(exc, OSError) and exc.errno == errno.EIO:
             # What FFmpeg reports once its reconnects to a dropped download have all failed.
-            message = "The connection to the track's server was lost."
+            return StreamLost(f"reading {self._url} failed: {type(exc).__name__}: {exc}")
         elif isinstance(exc, av.error.HTTPError):
-            message = "The server hosting that track returned an error."
+            return StreamLost(
+                f"reading {self._url} failed: {type(exc).__name__}: {exc}",
+                user_message="The server hosting that track returned an error.",
+            )
         else:
             message = "The track's audio could not be read."
         return DecodeError(

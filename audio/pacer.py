@@ -40,7 +40,7 @@ class PacerAction(enum.Enum):
     SEND_AUDIO = "send_audio"
     """Send the next audio frame now."""
     SEND_SILENCE = "send_silence"
-    """Send one ``OPUS_SILENCE`` frame now."""
+    """Send one ``OPUS_SILENCE`` frame now (trailing silence, or filling an underrun)."""
     SPEAKING_OFF = "speaking_off"
     """Announce speaking off (await it), then poll again."""
     UNDERRUN = "underrun"
@@ -78,6 +78,7 @@ class Pacer:
         self._anchor: float | None = None
         self._k = 0
         self._last_sent: float | None = None
+        self._filling = False
         #: Lateness of the last frame sent, against its deadline (after any re-anchor: 0).
         self.last_lateness = 0.0
         #: Frames that re-anchored the grid because they were more than ``stall`` late.
@@ -98,6 +99,7 @@ class Pacer:
         if not self._want_audio:
             return
         self._want_audio = False
+        self._filling = False
         self._silence_left = self._silence_frames if self._speaking else 0
 
     # -- state -------------------------------------------------------------------------------
@@ -116,6 +118,22 @@ class Pacer:
     def idle(self) -> bool:
         """Nothing to send and nothing to announce."""
         return not self._want_audio and not self._speaking
+
+    @property
+    def filling(self) -> bool:
+        """Whether silence is standing in for audio that is not there (see ``poll``'s ``fill``)."""
+        return self._filling
+
+    def fill_deadline(self) -> float | None:
+        """After an ``UNDERRUN``: when ``poll(..., fill=True)`` would send silence in its place.
+
+        ``None`` when there is no grid to keep (no frame sent since speaking went on).
+        """
+        if not (self._want_audio and self._speaking) or self._anchor is None:
+            return None
+        if self._filling:
+            return self._deadline()
+        return self._deadline() + self.stall
 
     def next_deadline(self) -> float | None:
         """When the next frame is due, or ``None`` when only new audio (or ``play``) can start it.
@@ -138,12 +156,16 @@ class Pacer:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def poll(self, now: float, *, audio_ready: bool = True) -> PacerAction:
+    def poll(self, now: float, *, audio_ready: bool = True, fill: bool = False) -> PacerAction:
         """Say what to do at ``now``; the action is taken to be done once returned.
 
         Args:
             now: The current time in seconds on the clock all deadlines are on.
             audio_ready: Whether an audio frame is buffered and could be sent now.
+            fill: While audio is wanted and speaking is on, stand in silence for audio that is
+                more than ``stall`` late (and then for every frame until audio is ready), so
+                the stream's clock keeps going through a source's stall. The first fill frame
+                re-anchors the grid; audio that comes back keeps it.
 
         Returns:
             The action; call again until it is ``WAIT`` or ``UNDERRUN``.
@@ -158,12 +180,23 @@ class Pacer:
             if not self._is_due(now):
                 return PacerAction.WAIT
             if not audio_ready:
-                return PacerAction.UNDERRUN
+                if not fill or self._anchor is None:
+                    return PacerAction.UNDERRUN
+                if not self._filling:
+                    if now < self._deadline() + self.stall - EARLY:
+                        return PacerAction.UNDERRUN
+                    self._filling = True
+                    self._anchor, self._k = now, 0
+                    self.reanchors += 1
+                self._sent(now)
+                return PacerAction.SEND_SILENCE
+            self._filling = False
             self._sent(now)
             return PacerAction.SEND_AUDIO
         if self._speaking:
             if self._silence_left == 0:
                 self._speaking = False
+                self._filling = False
                 self._anchor = None
                 return PacerAction.SPEAKING_OFF
             if not self._is_due(now):

@@ -36,7 +36,7 @@ from legato.audio.clock import Clock
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters
-from legato.audio.source import FrameSource
+from legato.audio.source import FrameSource, StreamLost
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
 from legato.log import GuildLogger
@@ -147,7 +147,8 @@ class PlayerStats:
 
     Attributes:
         frames_sent: Audio frames sent.
-        silence_sent: Silence frames sent (trailing silence).
+        silence_sent: Silence frames sent (trailing silence, and standing in for audio a source
+            is late with).
         late_frames: Frames sent more than ``LATE_THRESHOLD`` after their deadline.
         max_lateness_ms: Largest lateness of a frame against its deadline (re-anchors excluded).
         p99_lateness_ms: 99th percentile of that lateness (0.1 ms bins; 20 ms means "20 or more").
@@ -217,6 +218,7 @@ class _Entry:
         self.ops: deque[_Op] = deque()
         self.wake = asyncio.Event()
         self.inflight: concurrent.futures.Future[None] | None = None
+        self.reopens = 0  # reopens since the stream last gave audio
         self.task = asyncio.get_running_loop().create_task(
             self._run(start), name=f"legato-feed-{track.uid}"
         )
@@ -254,31 +256,68 @@ class _Entry:
     async def _run(self, start: float) -> None:
         player = self.player
         try:
-            source = await player._opener(self.track, start)
-        except asyncio.CancelledError:
-            raise
+            source: FrameSource | None = await self._open(start)
         except LegatoError as exc:
             self._fail(exc)
             return
-        except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
-            player._log.exception("opening %s failed unexpectedly", self.track.url)
-            self._fail(AudioError(f"opening {self.track.url} failed: {exc!r}"))
-            return
-        if self.closed:  # closed while the opener was returning
-            source.close()
-            return
-        self.source = source
+        while source is not None:
+            if self.closed:  # closed while the opener was returning
+                source.close()
+                return
+            self.source = source
+            try:
+                if player._volume != 1.0:
+                    await self._call(source.set_volume, player._volume)
+                await self._feed(source)
+            except asyncio.CancelledError:
+                raise
+            except StreamLost as exc:
+                source = await self._reopen(source, exc)
+            except LegatoError as exc:
+                self._fail(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
+                player._log.exception("reading %s failed unexpectedly", self.track.url)
+                self._fail(DecodeError(f"reading {self.track.url} failed: {exc!r}"))
+                return
+
+    async def _open(self, start: float) -> FrameSource:
+        """Open the track at ``start`` with the player's opener (unexpected errors wrapped)."""
         try:
-            if player._volume != 1.0:
-                await self._call(source.set_volume, player._volume)
-            await self._feed(source)
-        except asyncio.CancelledError:
+            return await self.player._opener(self.track, start)
+        except (asyncio.CancelledError, LegatoError):
             raise
-        except LegatoError as exc:
-            self._fail(exc)
-        except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
-            player._log.exception("reading %s failed unexpectedly", self.track.url)
-            self._fail(DecodeError(f"reading {self.track.url} failed: {exc!r}"))
+        except Exception as exc:  # logged with traceback, re-raised as AudioError (TrackFailed)
+            self.player._log.exception("opening %s failed unexpectedly", self.track.url)
+            raise AudioError(f"opening {self.track.url} failed: {exc!r}") from exc
+
+    async def _reopen(self, old: FrameSource, lost: StreamLost) -> FrameSource | None:
+        """The stream broke off: open the track again (the opener resolves a fresh stream URL)
+        where the frames read so far end, so the buffered frames run straight into the new ones.
+
+        At most ``max_reopens`` tries without audio in between; then the track fails with the
+        last error. Returns the new source, or None once the track has failed.
+        """
+        player = self.player
+        self.source = None
+        old.close()  # no read is in flight: the one that raised has returned
+        error: LegatoError = lost
+        while self.reopens < player._max_reopens:
+            self.reopens += 1
+            player._log.warning(
+                "track %r broke off at %.2fs (%s); reopening (try %d of %d)",
+                self.track.title,
+                self.read_position,
+                error,
+                self.reopens,
+                player._max_reopens,
+            )
+            try:
+                return await self._open(self.read_position)
+            except LegatoError as exc:
+                error = exc
+        self._fail(error)
+        return None
 
     async def _feed(self, source: FrameSource) -> None:
         player = self.player
@@ -312,6 +351,8 @@ class _Entry:
                 )
                 if frames:
                     player._encode_times.append(spent / len(frames))
+                if frames:
+                    self.reopens = 0
                 self.frames.extend(frames)
                 self.read_position = position
                 self.duration = duration if duration is not None else self.track.duration
@@ -422,6 +463,13 @@ class GuildPlayer:
         on_event: Called on the loop with each ``PlayerEvent``.
         volume: Initial volume (1.0 keeps Opus passthrough possible).
         guild_id: For log lines.
+        max_reopens: Times a track whose stream broke off mid-track (``StreamLost``: an expired
+            URL's 403, a dropped connection) is opened again where it stopped, with no audio in
+            between, before it fails.
+        stall_timeout: Seconds a started track may give no audio (silence stands in meanwhile,
+            speaking stays on) before it fails as stalled and the next one plays.
+        fill_silence: Send Opus silence in place of audio a source is late with, keeping the
+            stream's clock going; ``False`` sends nothing until the audio comes.
 
     Must be made while an event loop runs.
     """
@@ -439,6 +487,9 @@ class GuildPlayer:
         on_event: Callable[[PlayerEvent], None] | None = None,
         volume: float = 1.0,
         guild_id: int = 0,
+        max_reopens: int = 2,
+        stall_timeout: float = 10.0,
+        fill_silence: bool = True,
     ) -> None:
         _check_volume(volume)
         self._loop = asyncio.get_running_loop()
@@ -449,6 +500,12 @@ class GuildPlayer:
         self._on_event = on_event
         self._volume = volume
         self._preload_s = preload_s
+        if max_reopens < 0 or not stall_timeout > 0:
+            raise ValueError("need max_reopens >= 0 and stall_timeout > 0")
+        self._max_reopens = max_reopens
+        self._stall_timeout = stall_timeout
+        self._fill = fill_silence
+        self._stall_since: float | None = None
         self._log = GuildLogger(_log, guild_id)
         self._link = sink if isinstance(sink, LinkCounters) else None
         if clock is None:
@@ -766,6 +823,7 @@ class GuildPlayer:
             entry = _Entry(self, track, 0.0)
         self._cur = entry
         self._in_underrun = False
+        self._stall_since = None
         if self._state in (PlayerState.PLAYING, PlayerState.LOADING):
             target = PlayerState.PLAYING if entry.frames else PlayerState.LOADING
             if target is not self._state:
@@ -845,7 +903,7 @@ class GuildPlayer:
                 continue
             ready = cur is not None and bool(cur.frames)
             now = self._now()
-            action = pacer.poll(now, audio_ready=ready)
+            action = pacer.poll(now, audio_ready=ready, fill=self._fill)
             if action is PacerAction.SEND_AUDIO:
                 assert cur is not None
                 frames = cur.frames
@@ -856,6 +914,7 @@ class GuildPlayer:
                 cur.sent += 1
                 self._frames_sent += 1
                 self._in_underrun = False
+                self._stall_since = None
                 late = pacer.last_lateness
                 if late > 0.0:
                     self._hist[min(int(late / _HIST_BIN), _HIST_SIZE - 1)] += 1
@@ -885,17 +944,39 @@ class GuildPlayer:
                 except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
                     self._sink_failed()
                 self._silence_sent += 1
+                if pacer.filling and cur is not None:
+                    self._check_stall(cur, now)
             elif action is PacerAction.UNDERRUN:
                 if not self._in_underrun and cur is not None and cur.started:
                     self._in_underrun = True
                     self._underruns += 1
-                self._cancel_timer()
-                return  # the feeder calls back when frames arrive
+                # The feeder calls back when frames arrive; meanwhile silence may stand in.
+                self._arm(pacer.fill_deadline() if self._fill else None)
+                return
             else:
                 on = action is PacerAction.SPEAKING_ON
                 self._cancel_timer()
                 self._speaking_task = self._loop.create_task(self._announce(on))
                 return
+
+    def _check_stall(self, cur: _Entry, now: float) -> None:
+        """Silence is standing in for ``cur``'s audio: fail it once that lasts ``stall_timeout``.
+
+        The decoder's own read timeout normally ends a stalled stream first; this bounds any
+        source, whatever blocks it. The read still in the worker is closed when it returns.
+        """
+        if self._stall_since is None:
+            self._stall_since = now
+            return
+        waited = now - self._stall_since
+        if waited < self._stall_timeout or cur.eof:
+            return
+        cur._fail(
+            DecodeError(
+                f"{cur.track.url} stalled: no audio for {waited:.1f}s at {cur.read_position:.2f}s",
+                user_message="The track's server stopped sending audio.",
+            )
+        )
 
     def _sink_failed(self) -> None:
         """A sink must not raise, but if it does the timer chain must survive it: a raise out of
@@ -950,6 +1031,7 @@ class GuildPlayer:
             self._pacer.play()
         else:
             self._pacer.stop()
+            self._stall_since = None
         for state, future in self._waiters:
             if state is new and not future.done():
                 future.set_result(None)
@@ -977,7 +1059,11 @@ def _check_volume(volume: float) -> None:
 
 
 def make_opener(
-    resolver: Resolver, *, opus: OpusSettings | None = None, executor: Executor | None = None
+    resolver: Resolver,
+    *,
+    opus: OpusSettings | None = None,
+    executor: Executor | None = None,
+    timeout: float | None = None,
 ) -> SourceOpener:
     """A ``SourceOpener`` that resolves the track's stream URL again and opens it.
 
@@ -989,13 +1075,17 @@ def make_opener(
         resolver: Gives ``await stream(track)`` (a ``StreamInfo``).
         opus: Encoder settings for sources that cannot pass Opus through.
         executor: Where ``open_source`` runs (``None``: the loop's default).
+        timeout: Seconds a stream may take to open, and any one read of it (a stalled server
+            fails the track after this); ``None``: the decoder's ``DEFAULT_TIMEOUT``.
     """
-    from legato.audio.decode import open_source
+    from legato.audio.decode import DEFAULT_TIMEOUT, open_source
+
+    limit = DEFAULT_TIMEOUT if timeout is None else timeout
 
     async def open_track(track: Track, start: float) -> FrameSource:
         info = await resolver.stream(track)
         fut = asyncio.get_running_loop().run_in_executor(
-            executor, lambda: open_source(info, start=start, opus=opus)
+            executor, lambda: open_source(info, start=start, opus=opus, timeout=limit)
         )
         try:
             return await asyncio.shield(fut)

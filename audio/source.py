@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
+from legato.errors import DecodeError
+
 SAMPLE_RATE: Final = 48_000
 CHANNELS: Final = 2
 FRAME_MS: Final = 20
 FRAME_SAMPLES: Final = SAMPLE_RATE * FRAME_MS // 1000  # 960 per channel
 FRAME_BYTES: Final = FRAME_SAMPLES * CHANNELS * 2  # s16 interleaved PCM, 3840 bytes
+
+
+class StreamLost(DecodeError):
+    """The stream broke off mid-track (refused, dropped, or ended short of its length).
+
+    Stream URLs expire: a server that answered at first may refuse (403) or drop the connection
+    later. Resolving the track again and reopening it where it stopped may continue it, so the
+    player does that (a few times) before it gives up on the track.
+    """
+
+    default_user_message = "The connection to the track's server was lost."
 
 
 class FrameSource(Protocol):
@@ -34,6 +47,7 @@ class FrameSource(Protocol):
         """Return up to ``max_frames`` Opus frames; an empty list means the track has ended.
 
         Raises:
+            StreamLost: the stream broke off; the player reopens the track where it stopped.
             DecodeError: the stream failed; the player reports it and moves on.
         """
 

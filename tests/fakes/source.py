@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from legato.audio.source import FRAME_MS
+from legato.audio.source import FRAME_MS, StreamLost
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, LegatoError
 
@@ -36,6 +36,7 @@ class ScriptedSource:
         tag: Prefix of every frame.
         count: Frames in the track.
         fail_at: Frame index at which ``read`` raises ``DecodeError`` (once reached).
+        lost: Raise ``StreamLost`` (the stream broke off) instead of a plain ``DecodeError``.
         gate: When set, ``read`` blocks on it (a ``threading.Event``) before producing frames,
             for tests with a real thread pool that need a slow source.
         passthrough: What ``passthrough`` reports while the volume is 1.0.
@@ -51,10 +52,12 @@ class ScriptedSource:
         gate: threading.Event | None = None,
         passthrough: bool = True,
         seekable: bool = True,
+        lost: bool = False,
     ) -> None:
         self.tag = tag
         self.count = count
         self.fail_at = fail_at
+        self.lost = lost
         self.gate = gate
         self.seekable = seekable
         self._passthrough = passthrough
@@ -95,6 +98,8 @@ class ScriptedSource:
             if self.fail_at is not None and end > self.fail_at:
                 end = self.fail_at
                 if end == self.index:
+                    if self.lost:
+                        raise StreamLost(f"{self.tag}: 403 at frame {self.fail_at}")
                     raise DecodeError(f"{self.tag}: corrupt packet at frame {self.fail_at}")
             suffix = "" if self.volume == 1.0 else f"@{self.volume:g}"
             out = [f"{self.tag}:{i}{suffix}".encode() for i in range(self.index, end)]
@@ -133,6 +138,8 @@ class _Script:
     error: LegatoError | None = None
     gate: asyncio.Event | None = None
     seekable: bool = True
+    lost_at: tuple[int, ...] = ()
+    opens: int = 0
 
 
 @dataclass
@@ -158,9 +165,14 @@ class ScriptedOpener:
         error: LegatoError | None = None,
         gate: asyncio.Event | None = None,
         seekable: bool = True,
+        lost_at: tuple[int, ...] = (),
     ) -> Track:
-        """Register what opening ``url`` gives and return a ``Track`` for it."""
-        self.scripts[url] = _Script(count, fail_at, error, gate, seekable)
+        """Register what opening ``url`` gives and return a ``Track`` for it.
+
+        ``lost_at[i]``: the ``i``-th opening's stream breaks off (``StreamLost``) at that frame
+        index; openings past the tuple's end do not.
+        """
+        self.scripts[url] = _Script(count, fail_at, error, gate, seekable, lost_at)
         return Track(url=url, title=url)
 
     async def __call__(self, track: Track, start: float) -> ScriptedSource:
@@ -172,8 +184,14 @@ class ScriptedOpener:
             await spec.gate.wait()
         if spec.error is not None:
             raise spec.error
+        opening, spec.opens = spec.opens, spec.opens + 1
+        lost = opening < len(spec.lost_at)
         source = ScriptedSource(
-            track.title, spec.count, fail_at=spec.fail_at, seekable=spec.seekable
+            track.title,
+            spec.count,
+            fail_at=spec.lost_at[opening] if lost else spec.fail_at,
+            seekable=spec.seekable,
+            lost=lost,
         )
         if start:
             source.seek(start)

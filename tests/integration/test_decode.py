@@ -19,7 +19,7 @@ from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.decode import open_source, opus_packet_samples
 from legato.audio.encode import OpusSettings, decode_opus_packets
 from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
-from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, FrameSource
+from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, FrameSource, StreamLost
 from legato.errors import DecodeError
 from tests.media import CATALOG, MediaServer
 
@@ -304,12 +304,30 @@ async def test_truncated_m4a_fails_to_open(media_url: Callable[[str], str]) -> N
 
 
 async def test_truncated_mp3_plays_what_it_has(media_url: Callable[[str], str]) -> None:
-    source = await asyncio.to_thread(open_source, StreamInfo(url=media_url("truncated.mp3")))
+    info = StreamInfo(url=media_url("truncated.mp3"))
+    source = await asyncio.to_thread(open_source, info)
+    frames: list[bytes] = []
+
+    def drain(source: FrameSource) -> None:
+        while got := source.read(50):
+            frames.extend(got)
+
     try:
-        frames = await asyncio.to_thread(read_all, source)
-        assert await asyncio.to_thread(source.read, 5) == []
+        # Its header says 3 s: ending at half of that is a stream that broke off, as far as
+        # the decoder can tell (FFmpeg reports a refused reconnect as the end of the file)...
+        with pytest.raises(StreamLost) as caught:
+            await asyncio.to_thread(drain, source)
+        assert "ended at 1.5" in str(caught.value)
+        assert await asyncio.to_thread(source.read, 5) == []  # said once
+        position = source.position
     finally:
         source.close()
+    # ...and opening it again there, as the player does, finds the real end: no more audio.
+    again = await asyncio.to_thread(open_source, info, start=position)
+    try:
+        assert await asyncio.to_thread(again.read, 50) == []
+    finally:
+        again.close()
     # Half of 3 s: the track ends early, with the tone intact up to there.
     assert 60 <= len(frames) <= 90
     mono = mono_of(frames)
@@ -393,6 +411,7 @@ async def test_dropped_download_gives_its_frames_then_fails(
     finally:
         source.close()
     assert "connection" in caught.value.user_message
+    assert isinstance(caught.value, StreamLost)  # the player reopens such a stream
     assert 60 <= len(frames) <= 90
     ranges = [
         r.headers.get("Range") for r in media_server.request_log if r.path == "/decode-test/cut.mp3"

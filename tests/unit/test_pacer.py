@@ -222,3 +222,40 @@ def test_rejects_bad_settings() -> None:
         Pacer(interval=0.0)
     with pytest.raises(ValueError, match="min_gap"):
         Pacer(min_gap=0.05)
+
+
+def test_fill_stands_silence_in_for_late_audio_on_the_grid() -> None:
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.040)  # frames at 0, 20, 40 ms; the next is due at 60 ms
+    assert p.fill_deadline() == pytest.approx(T0 + 0.080)  # one frame of grace
+    assert p.poll(T0 + 0.060, audio_ready=False, fill=True) is A.UNDERRUN
+    assert p.poll(T0 + 0.079, audio_ready=False, fill=True) is A.UNDERRUN
+    assert not p.filling
+    # 20 ms late: silence goes out in its place, the grid moves here (once)...
+    assert p.poll(T0 + 0.080, audio_ready=False, fill=True) is A.SEND_SILENCE
+    assert p.filling
+    assert p.reanchors == 1
+    assert p.speaking
+    # ...and silence keeps the grid while the audio stays away, with no grace any more.
+    assert p.fill_deadline() == pytest.approx(T0 + 0.100)
+    assert p.poll(T0 + 0.090, audio_ready=False, fill=True) is A.WAIT
+    assert p.poll(T0 + 0.100, audio_ready=False, fill=True) is A.SEND_SILENCE
+    # Audio is back: sent on the same grid, no second re-anchor.
+    assert p.poll(T0 + 0.120, audio_ready=True, fill=True) is A.SEND_AUDIO
+    assert not p.filling
+    assert p.last_lateness == pytest.approx(0.0)
+    assert p.reanchors == 1
+    assert p.next_deadline() == pytest.approx(T0 + 0.140)
+    # Stopping ends the fill: trailing silence, then speaking off.
+    p.stop()
+    assert drain(p, T0 + 0.140) == [A.SEND_SILENCE, A.WAIT]
+    assert not p.filling
+
+
+def test_fill_needs_a_grid() -> None:
+    p = Pacer()
+    p.play()
+    # Nothing sent yet (a track still loading): nothing to keep going, so nothing is filled.
+    assert p.poll(T0, audio_ready=False, fill=True) is A.UNDERRUN
+    assert p.fill_deadline() is None

@@ -28,7 +28,7 @@ from legato.audio.player import (
     TrackStarted,
 )
 from legato.audio.queue import LoopMode, TrackQueue
-from legato.audio.source import FrameSource
+from legato.audio.source import FrameSource, StreamLost
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, QueueEmpty
 from tests.fakes import (
@@ -370,7 +370,8 @@ async def test_stall_re_anchors_without_burst(rig: Rig) -> None:
     assert [f.decode() for f in rig.sink.audio] == [f"A:{i}" for i in range(12)]
 
 
-async def test_source_slower_than_real_time_underruns_and_re_anchors() -> None:
+async def test_without_fill_a_slow_source_underruns_and_re_anchors() -> None:
+    """``fill_silence=False``: nothing goes out while the source is late; the grid re-anchors."""
     clock = FakeClock()
     sink = RecordingSink(clock)
     gate = threading.Event()
@@ -379,7 +380,9 @@ async def test_source_slower_than_real_time_underruns_and_re_anchors() -> None:
     opener = ScriptedOpener(on_open=holder.append)
     track = opener.script("A", 100)
     with ThreadPoolExecutor(1) as pool:
-        player = GuildPlayer(sink, opener, clock=clock, executor=pool, buffer_ms=100)
+        player = GuildPlayer(
+            sink, opener, clock=clock, executor=pool, buffer_ms=100, fill_silence=False
+        )
         player.queue.add([track])
         player.start()
         async with asyncio.timeout(10):
@@ -628,3 +631,134 @@ async def test_a_raising_sink_loses_frames_but_not_the_player(
     assert player.stats.sink_errors == 3
     assert len([r for r in caplog.records if "send_frame failed" in r.getMessage()]) == 2
     await player.close()
+
+
+async def test_a_stalled_source_is_filled_with_silence_on_the_grid() -> None:
+    """While the source is stuck, silence goes out every 20 ms with speaking on (the stream's
+    clock keeps going); when audio comes back it continues on the same grid."""
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    gate = threading.Event()
+    gate.set()
+    holder: list[ScriptedSource] = []
+    opener = ScriptedOpener(on_open=holder.append)
+    track = opener.script("A", 60)
+    with ThreadPoolExecutor(1) as pool:
+        player = GuildPlayer(
+            sink, opener, clock=clock, executor=pool, buffer_ms=100, stall_timeout=600.0
+        )
+        player.queue.add([track])
+        player.start()
+        async with asyncio.timeout(20):
+            await sink.wait_frames(1)
+            holder[0].gate = gate
+            gate.clear()  # the next read blocks: the source is stuck
+            await clock.run_until(lambda: player.stats.silence_sent >= 10)
+            assert player.stats.underruns == 1
+            assert sink.speaking
+            gate.set()
+            await clock.run_until(lambda: player.state is PlayerState.IDLE)
+            await clock.advance(1.0)
+        await player.close()
+    timeline = sink.timeline()
+    first_fill = timeline.index("S")
+    last_fill = len(timeline) - 1 - timeline[::-1].index("A:59") - 1
+    # One speaking burst: on, audio, silence standing in, audio again, trailing silence, off.
+    assert sink.speaking_changes == [True, False]
+    assert all(t == "S" for t in timeline[first_fill : last_fill + 1] if not t.startswith("A:"))
+    assert [f.decode() for f in sink.audio] == [f"A:{i}" for i in range(60)]
+    # Every frame, silence or audio, on the 20 ms grid: only the first fill frame is late
+    # (one frame after the missing audio was due), and that moved the grid once.
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(sink.frame_times)]
+    assert sorted(set(gaps)) == [F, 2 * F]
+    assert gaps.count(2 * F) == 1
+    assert player.stats.reanchors == 1
+    assert player.stats.silence_sent >= 10 + 5
+
+
+async def test_a_source_stalled_past_the_timeout_fails_and_the_next_track_plays() -> None:
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    gate = threading.Event()
+    holder: list[ScriptedSource] = []
+    opener = ScriptedOpener(on_open=holder.append)
+    events: list[PlayerEvent] = []
+    with ThreadPoolExecutor(2) as pool:
+        player = GuildPlayer(
+            sink,
+            opener,
+            clock=clock,
+            executor=pool,
+            buffer_ms=100,
+            stall_timeout=0.5,
+            preload_s=0.0,
+            on_event=events.append,
+        )
+        player.queue.add([opener.script("A", 1000), opener.script("B", 3)])
+        player.start()
+        try:
+            async with asyncio.timeout(20):
+                await sink.wait_frames(1)
+                holder[0].gate = gate  # A's next read blocks for good
+                await clock.run_until(lambda: player.state is PlayerState.IDLE)
+                await clock.advance(1.0)
+        finally:
+            gate.set()  # release the worker so that close() can close A
+            await player.close()
+    failed = [e for e in events if isinstance(e, TrackFailed)]
+    assert [e.track.title for e in failed] == ["A"]
+    assert failed[0].error.user_message == "The track's server stopped sending audio."
+    assert "stalled" in str(failed[0].error)
+    assert [type(e).__name__ for e in events] == [
+        "TrackStarted",
+        "TrackFailed",
+        "TrackStarted",
+        "TrackEnded",
+        "QueueEnded",
+    ]
+    audio = [f.decode() for f in sink.audio]
+    assert audio[-3:] == ["B:0", "B:1", "B:2"]
+    # About 0.5 s of silence stood in before A was given up (one frame of slack at each end).
+    timeline = sink.timeline()
+    fill = timeline[timeline.index(audio[-4]) + 1 : timeline.index("B:0")]
+    assert 0.5 / F <= fill.count("S") <= 0.5 / F + 2 + 5
+    assert player.stats.source_errors == 1
+    assert all(s.closed for s in holder)
+
+
+async def test_a_stream_that_breaks_off_is_reopened_where_it_stopped(rig: Rig) -> None:
+    rig.play(rig.track("A", 20, lost_at=(6,)), rig.track("B", 2))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    await rig.clock.advance(1.0)
+    assert rig.sink.audio == [*make_frames("A", 20), *make_frames("B", 2)]
+    assert [(t, round(p, 6)) for t, p in rig.opener.opened if t == "A"] == [
+        ("A", 0.0),
+        ("A", round(6 * F, 6)),
+    ]
+    assert not [e for e in rig.events if isinstance(e, TrackFailed)]
+    assert rig.names()[:2] == ["started A", "ended A finished"]
+    assert set(rig.gaps()) == {F}  # reopened in time: no gap, no silence
+    assert all(s.closed for s in rig.opener.sources)
+
+
+async def test_a_stream_that_keeps_breaking_off_fails_after_bounded_reopens(rig: Rig) -> None:
+    rig.play(rig.track("A", 20, lost_at=(6, 6, 6, 6)), rig.track("B", 2))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    await rig.clock.advance(1.0)
+    assert rig.sink.audio == [*make_frames("A", 6), *make_frames("B", 2)]
+    assert [t for t, _ in rig.opener.opened].count("A") == 3  # the first open and 2 reopens
+    failed = [e for e in rig.events if isinstance(e, TrackFailed)]
+    assert [e.track.title for e in failed] == ["A"]
+    assert isinstance(failed[0].error, StreamLost)
+    assert failed[0].error.user_message == "The connection to the track's server was lost."
+    assert rig.names()[-3:] == ["started B", "ended B finished", "queue ended"]
+
+
+async def test_reopens_are_counted_only_while_no_audio_comes(rig: Rig) -> None:
+    """A long stream whose URL expires every few frames plays to its end: each reopen gave
+    audio, so the bound (2 reopens without audio in between) is never reached."""
+    rig.play(rig.track("A", 30, lost_at=(5, 10, 15, 20, 25)))
+    await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
+    assert rig.sink.audio == make_frames("A", 30)
+    assert [t for t, _ in rig.opener.opened] == ["A"] * 6
+    assert not [e for e in rig.events if isinstance(e, TrackFailed)]
