@@ -8,11 +8,12 @@ from discord.ext import commands
 
 class Bot(commands.Bot):
     async def setup_hook(self) -> None:
-        self.legato_config_path = "legato.toml"  # optional: $LEGATO_CONFIG, else ./legato.toml
+        # The configuration: bot.legato_config_path if set, else $LEGATO_CONFIG, else ./legato.toml
         await self.load_extension("legato")  # the Music cog: /join, /play, /queue ...
         await self.tree.sync()  # register the slash commands with Discord
 
 
-Bot(command_prefix=commands.when_mentioned, intents=discord.Intents.default()).run(
-    os.environ["DISCORD_TOKEN"]
-)
+if __name__ == "__main__":
+    Bot(command_prefix=commands.when_mentioned, intents=discord.Intents.default()).run(
+        os.environ["DISCORD_TOKEN"]
+    )

@@ -1,11 +1,12 @@
 """`make demo`: Legato end to end with no Discord and no internet.
 
-It starts the sandbox Discord (gateway, REST, voice), a discord.py bot that loads Legato the way
-`examples/bot.py` does, and a media server with tones it generates. A scripted listener joins a
-voice channel and runs `/join`, `/play` (twice), `/queue`, `/nowplaying`, `/skip`, `/leave`. The
-conversation is printed as the listener sees it, a progress line follows the music, and a report
-says what reached the voice channel: per track the time heard, the dominant frequency, frames
-received against the RTP sequence span, and the pacing. The recording goes to a WAV file.
+It starts the sandbox Discord (gateway, REST, voice), the bot of `examples/bot.py` with
+`examples/legato.toml` (the keys the sandbox needs set, see `demo_config`), and a media server
+with tones it generates. A scripted listener joins a voice channel and runs `/join`, `/play`
+(twice), `/queue`, `/nowplaying`, `/skip`, `/leave`. The conversation is printed as the listener
+sees it, a progress line follows the music, and a report says what reached the voice channel:
+per track the time heard, the dominant frequency, frames received against the RTP sequence
+span, and the pacing. The recording goes to a WAV file.
 
 The demo passes when every track is heard within `FREQ_TOLERANCE_HZ` of its tone and less than
 `MAX_LOSS` of the frames are missing.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import importlib.util
 import itertools
 import logging
 import math
@@ -35,7 +36,6 @@ from discord.ext import commands
 
 from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
-from legato.config import PlaybackConfig
 from legato.sandbox.media import MediaServer, write_tone
 from legato.sandbox.recording import ReceivedPacket, Recording
 from legato.sandbox.server import GuildHandle, Sandbox
@@ -80,7 +80,7 @@ class DemoOptions:
     """What `run_demo` does.
 
     Attributes:
-        out_dir: Where the media, the demo's legato.toml and the WAV go.
+        out_dir: Where the media, the demo's legato.toml (`demo-legato.toml`) and the WAV go.
         seconds: Length of each tone.
         tone_hz: The first tone; the second is a fifth above (x 1.5).
         transport: Legato's voice transport (`udp`, `webrtc`, `auto`).
@@ -328,51 +328,85 @@ def _walk(components: list[JSON]) -> list[JSON]:
 # --- the bot ----------------------------------------------------------------------------------
 
 
-class DemoBot(commands.Bot):
-    """The bot of `examples/bot.py`, pointed at the demo's configuration file."""
-
-    def __init__(self, config_path: Path) -> None:
-        super().__init__(
-            command_prefix=commands.when_mentioned,
-            intents=discord.Intents.default(),
-            chunk_guilds_at_startup=False,  # the sandbox needs no member chunks
-            guild_ready_timeout=0.5,  # READY lists every guild at once; no need to wait 2 s
-        )
-        self._config_path = config_path
-
-    async def setup_hook(self) -> None:
-        self.legato_config_path = str(self._config_path)
-        await self.load_extension("legato")
-        await self.tree.sync()
+#: The example an owner starts from: its bot class and its configuration file are what runs.
+EXAMPLES: Final = Path(__file__).resolve().parents[2] / "examples"
 
 
-def demo_config(media: MediaServer, transport: str) -> str:
-    """The demo's legato.toml: the sandbox's local media server allowed, no timers."""
-    lines = [
-        "# Written by `make demo` (legato.sandbox.demo): Legato against the local sandbox.",
-        "[voice]",
-        f'transport = "{transport}"',
-        "",
-        "[playback]",
-        "announce_now_playing = true",
-        "idle_timeout = 0",
-        "leave_when_alone_after = 0",
-        # The demo's links are on 127.0.0.1; there is nothing to search.
-        'search_provider = "none"',
-    ]
-    known = {f.name for f in dataclasses.fields(PlaybackConfig)}
-    # Newer configurations guard against links to internal addresses; open exactly the media
-    # server (the keys exist only once that guard is configurable).
-    if "allowed_hosts" in known:
-        lines.append(f'allowed_hosts = ["127.0.0.1:{media.port}"]')
-    elif "allow_private" in known:
-        lines.append("allow_private = true")
-    lines += ["", "[bot]", "sync_commands = true", ""]
-    return "\n".join(lines)
+def example_bot(config_path: Path, examples: Path = EXAMPLES) -> commands.Bot:
+    """The bot of `examples/bot.py`, made as it makes it, reading `config_path`.
+
+    Raises:
+        FileNotFoundError: There is no `examples/bot.py` (Legato installed without its checkout).
+    """
+    path = examples / "bot.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the demo from a checkout of Legato")
+    spec = importlib.util.spec_from_file_location("legato_example_bot", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the example starts its bot only as a script
+    bot: commands.Bot = module.Bot(
+        command_prefix=commands.when_mentioned,
+        intents=discord.Intents.default(),
+        chunk_guilds_at_startup=False,  # the sandbox needs no member chunks
+        guild_ready_timeout=0.5,  # READY lists every guild at once; no need to wait 2 s
+    )
+    bot.legato_config_path = str(config_path)  # type: ignore[attr-defined]  # Legato's hook
+    return bot
+
+
+def demo_config(media: MediaServer, transport: str, examples: Path = EXAMPLES) -> str:
+    """`examples/legato.toml`, with what the sandbox needs set: its media server allowed, no
+    timers, no search (the demo's links are on 127.0.0.1).
+
+    Every other key, and every comment, is the example's.
+
+    Raises:
+        FileNotFoundError: There is no `examples/legato.toml`.
+    """
+    text = (examples / "legato.toml").read_text(encoding="utf-8")
+    overrides = {
+        "voice": {"transport": f'"{transport}"'},
+        "playback": {
+            "announce_now_playing": "true",
+            "idle_timeout": "0",
+            "leave_when_alone_after": "0",
+            "search_provider": '"none"',
+            "allowed_hosts": f'["127.0.0.1:{media.port}"]',
+        },
+    }
+    for section, keys in overrides.items():
+        for key, value in keys.items():
+            text = _set_key(text, section, key, value)
+    header = (
+        "# Written by `make demo` (legato.sandbox.demo): examples/legato.toml, with the keys\n"
+        "# marked `(make demo)` set for the local sandbox.\n\n"
+    )
+    return header + text
+
+
+def _set_key(text: str, section: str, key: str, value: str) -> str:
+    """Set ``key = value`` in ``[section]`` of a TOML text, keeping the rest as it is."""
+    line = f"{key} = {value}  # (make demo)"
+    header = re.search(rf"^\[{re.escape(section)}\]\s*$", text, re.MULTILINE)
+    if header is None:
+        return f"{text.rstrip()}\n\n[{section}]\n{line}\n"
+    following = re.search(r"^\[", text[header.end() :], re.MULTILINE)
+    end = header.end() + following.start() if following else len(text)
+    body = text[header.end() : end]
+    body, found = re.subn(rf"^{re.escape(key)}\s*=.*$", line, body, count=1, flags=re.MULTILINE)
+    if not found:
+        body = f"\n{line}{body}"
+    return text[: header.end()] + body + text[end:]
 
 
 @contextlib.asynccontextmanager
-async def _running_bot(sb: Sandbox, bot: DemoBot, timeout: float) -> AsyncIterator[DemoBot]:  # noqa: ASYNC109
+async def _running_bot(
+    sb: Sandbox,
+    bot: commands.Bot,
+    timeout: float,  # noqa: ASYNC109
+) -> AsyncIterator[commands.Bot]:
     sb.configure_bot(bot)
     task = asyncio.create_task(bot.start(sb.bot_token), name="legato-demo-bot")
     ready = asyncio.create_task(bot.wait_until_ready(), name="legato-demo-ready")
@@ -452,7 +486,7 @@ class _Run:
         chat.line()
 
         self.step = "starting the bot"
-        async with _running_bot(sb, DemoBot(config_path), options.timeout) as bot:
+        async with _running_bot(sb, example_bot(config_path), options.timeout) as bot:
             assert bot.user is not None
             bot_name = bot.user.name
             chat.line(f"{bot_name} is online in {len(bot.guilds)} servers; in {home.name}:")

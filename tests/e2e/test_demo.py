@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import signal
@@ -16,15 +17,19 @@ import pytest
 
 from legato.audio.analysis import dominant_frequency, pcm_to_mono
 from legato.audio.encode import OpusEncoder
+from legato.config import load_config
 from legato.sandbox.demo import (
+    EXAMPLES,
     FREQ_TOLERANCE_HZ,
     MAX_LOSS,
     DemoOptions,
     DemoReport,
     analyse,
+    demo_config,
     format_report,
     run_demo,
 )
+from legato.sandbox.media import MediaServer
 from legato.sandbox.recording import Recording
 
 pytestmark = pytest.mark.e2e
@@ -200,3 +205,49 @@ async def test_discord_command_prints_where_a_bot_connects() -> None:
         async with asyncio.timeout(GUARD):
             await proc.communicate()
     assert proc.returncode == 0
+
+
+def test_demo_config_is_the_example_with_the_sandbox_keys(tmp_path: Path) -> None:
+    with MediaServer(tmp_path) as media:
+        text = demo_config(media, "webrtc")
+        port = media.port
+    assert text.startswith("# Written by `make demo`")
+    example_text = (EXAMPLES / "legato.toml").read_text(encoding="utf-8")
+    # The example's comments are all there: the file an owner edits is the one demonstrated.
+    comments = [line for line in example_text.splitlines() if line.startswith("#")]
+    assert all(line in text.splitlines() for line in comments)
+    path = tmp_path / "demo-legato.toml"
+    path.write_text(text, encoding="utf-8")
+    demo, example = load_config(path, env={}), load_config(EXAMPLES / "legato.toml", env={})
+    assert demo.voice == dataclasses.replace(example.voice, transport="webrtc")
+    assert demo.playback == dataclasses.replace(
+        example.playback,
+        announce_now_playing=True,
+        idle_timeout=0,
+        leave_when_alone_after=0,
+        search_provider="none",
+        allowed_hosts=(f"127.0.0.1:{port}",),
+    )
+    assert dataclasses.replace(demo, voice=example.voice, playback=example.playback) == (
+        dataclasses.replace(example, source=str(path))
+    )
+
+
+def test_demo_config_adds_what_the_example_leaves_out(tmp_path: Path) -> None:
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "legato.toml").write_text(
+        "[playback]\n# volume\ndefault_volume = 90\n\n[permissions]\nskip = 'dj'\n",
+        encoding="utf-8",
+    )
+    with MediaServer(tmp_path) as media:
+        text = demo_config(media, "udp", examples)
+        port = media.port
+    path = tmp_path / "demo.toml"
+    path.write_text(text, encoding="utf-8")
+    config = load_config(path, env={})
+    assert config.voice.transport == "udp"
+    assert config.playback.default_volume == 90
+    assert config.playback.allowed_hosts == (f"127.0.0.1:{port}",)
+    assert config.playback.idle_timeout == 0
+    assert config.permissions.skip == "dj"
