@@ -1,11 +1,11 @@
 """Load: one bot process, many guilds playing at once in the sandbox.
 
 Everything runs in this one process and one event loop: the sandbox (gateway, REST, voice
-server), a real discord.py bot that loads Legato as `make demo` does (`DemoBot`, `demo_config`),
-and a local HTTP server with generated tones. Each guild gets a scripted listener who joins
-voice and runs `/play` with a link; half the guilds (by default) get Opus in WebM (passed
-through), the other half MP3 (decoded, resampled and encoded to Opus). Once every guild is
-heard, a window of `--seconds` is measured:
+server), a real discord.py bot that loads Legato (`tests.e2e.queue_storm.StormBot`), and a local
+HTTP server with generated tones. Each guild gets a scripted listener who joins voice and runs
+`/play` with a link; half the guilds (by default) get Opus in WebM (passed through), the other
+half MP3 (decoded, resampled and encoded to Opus). Once every guild is heard, a window of
+`--seconds` is measured:
 
 - stalled: players with an underrun in the window, an arrival gap over `STALL_GAP_S` in the
   sandbox's recording, or fewer than `MIN_DELIVERED` of the frames the window should hold;
@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import itertools
 import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +46,18 @@ PEER_DIR = Path(os.environ.get("LEGATO_PEER_BENCH", HERE.parent.parent / "shared
 sys.path.insert(0, str(PEER_DIR))
 import bench_common as bc  # type: ignore[import-not-found]  # noqa: E402  shared stats, 1:1 figures
 
-from legato.sandbox.demo import DemoBot, demo_config  # noqa: E402
 from legato.sandbox.media import MediaServer, write_tone  # noqa: E402
 from legato.sandbox.recording import ReceivedPacket, Recording  # noqa: E402
 from legato.sandbox.server import GuildHandle, Sandbox  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent))
+from tests.e2e.queue_storm import (  # noqa: E402  the storm and its ledger, shared with the test
+    StormResult,
+    TrackFiles,
+    queue_storm,
+    running_bot,
+    storm_config,
+)
 
 FIGURES: dict[str, float] = {}
 
@@ -82,27 +89,6 @@ async def _setup_guild(
             await reply.wait_edit(timeout=GUARD)
         if not reply.text().startswith("Playing"):
             raise RuntimeError(f"/play in {handle.name} answered {reply.text()!r}")
-
-
-@contextlib.asynccontextmanager
-async def _bot(sb: Sandbox, config_path: Path) -> AsyncIterator[DemoBot]:
-    bot = DemoBot(config_path)
-    sb.configure_bot(bot)
-    task = asyncio.create_task(bot.start(sb.bot_token), name="bench-load-bot")
-    ready = asyncio.create_task(bot.wait_until_ready(), name="bench-load-ready")
-    try:
-        async with asyncio.timeout(GUARD):
-            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            raise RuntimeError("the bot stopped before it was ready")
-        yield bot
-    finally:
-        ready.cancel()
-        await bot.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            async with asyncio.timeout(GUARD):
-                await task
 
 
 def _streams(packets: Sequence[ReceivedPacket]) -> dict[int, list[tuple[int, float]]]:
@@ -178,7 +164,7 @@ async def load(
         )
         with MediaServer(root) as media:
             config_path = root / "legato.toml"
-            config_path.write_text(demo_config(media, "udp"), encoding="utf-8")
+            config_path.write_text(storm_config(media), encoding="utf-8")
             async with Sandbox(timeout=GUARD) as sb:
                 handles = list(sb.guilds)
                 handles += [sb.add_guild(f"Load {i:03}") for i in range(len(handles), guilds)]
@@ -186,7 +172,7 @@ async def load(
                     "passthrough" if i < round(guilds * passthrough_share) else "transcode"
                     for i in range(guilds)
                 ]
-                async with _bot(sb, config_path) as bot:
+                async with running_bot(sb, config_path, GUARD) as bot:
                     t_setup = time.monotonic()
                     gate = asyncio.Semaphore(SETUP_PARALLEL)
                     async with asyncio.timeout(GUARD + guilds):
@@ -222,7 +208,7 @@ async def load(
 
 
 async def _measure(
-    bot: DemoBot,
+    bot: Any,
     playing: list[_Guild],
     seconds: float,
     rss_interval: float,
@@ -370,12 +356,52 @@ def main() -> None:
         print(queue_table(asyncio.run(queue_ops())))
 
 
+async def queue_ops(
+    guilds: int = 10, rate: float = 500.0, seconds: float = 2.0
+) -> dict[str, float]:
+    """The queue storm of `tests.e2e.queue_storm` at `rate` commands a second; its figures.
+
+    Returns:
+        Commands sent, the rate answered (commands / seconds from the first sent to the last
+        answered), round-trip percentiles, refusals and inconsistencies (must be 0).
+    """
+    with tempfile.TemporaryDirectory(prefix="legato-storm-") as tmp:
+        root = Path(tmp)
+        files = await asyncio.to_thread(TrackFiles, root, 60.0)
+        with MediaServer(root) as media:
+            config_path = root / "legato.toml"
+            config_path.write_text(storm_config(media), encoding="utf-8")
+            async with Sandbox(timeout=GUARD) as sb, running_bot(sb, config_path, GUARD) as bot:
+                r: StormResult = await queue_storm(
+                    sb, bot, media, files, guilds=guilds, rate=rate, seconds=seconds
+                )
+    for problem in r.problems[:10]:
+        print("  queue storm:", problem, file=sys.stderr)
+    lat = sorted(r.latencies)
+    # Commands other than /play answer without yt-dlp; their round trip is the queue path's.
+    return {
+        "guilds": float(guilds),
+        "target_rate": rate,
+        "sent": float(r.sent),
+        "answered_rate": r.answered / r.elapsed if r.elapsed else 0.0,
+        "rtt_p50_ms": bc.q(lat, 0.50) * 1e3,
+        "rtt_p99_ms": bc.q(lat, 0.99) * 1e3,
+        "refused": float(r.refused),
+        "inconsistencies": float(len(r.problems)),
+        "tracks_added": float(sum(len(g.added) for g in r.ledgers.values())),
+    }
+
+
 def queue_table(r: dict[str, float]) -> str:
-    raise NotImplementedError
-
-
-async def queue_ops() -> dict[str, float]:
-    raise NotImplementedError
+    """The queue storm's figures as a Markdown table."""
+    text: str = bc.table(
+        f"Queue commands across {int(r['guilds'])} guilds (sandbox -> bot -> cog handlers)",
+        ["target /s", "sent", "answered /s (incl. yt-dlp /play)", "rtt p50 ms", "rtt p99 ms",
+         "refused (bad position, empty)", "tracks added", "inconsistencies"],
+        [[r["target_rate"], int(r["sent"]), r["answered_rate"], r["rtt_p50_ms"], r["rtt_p99_ms"],
+          int(r["refused"]), int(r["tracks_added"]), int(r["inconsistencies"])]],
+    )  # fmt: skip
+    return text
 
 
 if __name__ == "__main__":
