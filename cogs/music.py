@@ -44,6 +44,7 @@ from legato.audio.resolve import Resolver, ResolverSettings
 from legato.audio.track import Track
 from legato.audio.urlguard import UrlPolicy
 from legato.cogs.checks import (
+    CommandRate,
     Denied,
     NotPlaying,
     VoiceLike,
@@ -103,6 +104,10 @@ _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
 _POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to go out
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
+_DISCONNECTED_KEPT: Final = (
+    "I was disconnected from the voice channel; the queue ({count}) is kept: /join or /play "
+    "to pick it up again."
+)
 
 Interaction = discord.Interaction[Any]
 
@@ -155,6 +160,8 @@ class GuildSession:
         self._idle: asyncio.Task[None] | None = None
         self._alone: asyncio.Task[None] | None = None
         self._announced = 0  # uid of the track last announced (a looped track is told once)
+        #: Tracks kept from a lost connection put back by ``_connect`` (told once, then 0).
+        self.restored = 0
 
     @property
     def channel(self) -> VoiceLike:
@@ -431,6 +438,11 @@ class MusicCog(commands.Cog, name="Music"):
         # Weak: discord.py holds a pager until its timeout; after that it may go.
         self._pagers: weakref.WeakSet[QueuePager] = weakref.WeakSet()
         self._ending: set[asyncio.Task[None]] = set()
+        perms = config.permissions
+        self._rate = CommandRate(perms.cooldown_commands, perms.cooldown_seconds)
+        #: Queues kept from a lost voice connection for the next /join or /play
+        #: (``playback.keep_queue_on_disconnect``): the tracks, the one playing first; loop mode.
+        self._kept: dict[int, tuple[list[Track], LoopMode]] = {}
         #: Saves sessions and resumes them after a restart ([storage]); None when off.
         self.persistence: Persistence | None = None
 
@@ -504,6 +516,7 @@ class MusicCog(commands.Cog, name="Music"):
             session = GuildSession(self, guild, voice, text)
             self.sessions[guild.id] = session
             voice.add_disconnect_listener(self._voice_gone)
+            self._put_back_kept(session)
             session.arm_idle()
             session.check_alone()
             session.log.info("joined voice channel %s", channel.id)
@@ -515,11 +528,15 @@ class MusicCog(commands.Cog, name="Music"):
         if session is None or session.voice is not voice or session.closed:
             return
         session.log.info("voice connection ended: %s", error or "disconnected")
-        self._end_soon(guild_id, leave=False, notice=None if error is None else _DISCONNECTED)
+        lost = error is not None
+        self._end_soon(guild_id, leave=False, notice=_DISCONNECTED if lost else None, keep=lost)
 
-    def _end_soon(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
+    def _end_soon(
+        self, guild_id: int, *, leave: bool, notice: str | None = None, keep: bool = False
+    ) -> None:
         task = asyncio.get_running_loop().create_task(
-            self.end_session(guild_id, leave=leave, notice=notice), name=f"legato-end-{guild_id}"
+            self.end_session(guild_id, leave=leave, notice=notice, keep=keep),
+            name=f"legato-end-{guild_id}",
         )
         self._ending.add(task)
         task.add_done_callback(lambda t: self._ended(t, guild_id))
@@ -530,11 +547,24 @@ class MusicCog(commands.Cog, name="Music"):
             log = _log if guild_id is None else guild_logger(__name__, guild_id)
             log.error("ending a session failed", exc_info=task.exception())
 
-    async def end_session(self, guild_id: int, *, leave: bool, notice: str | None = None) -> None:
-        """Close a guild's session (player, timers) and, when ``leave``, its voice connection."""
+    async def end_session(
+        self, guild_id: int, *, leave: bool, notice: str | None = None, keep: bool = False
+    ) -> None:
+        """Close a guild's session (player, timers) and, when ``leave``, its voice connection.
+
+        Args:
+            guild_id: The guild.
+            leave: Disconnect from voice too.
+            notice: Posted where /play was last used once the session is closed.
+            keep: The connection was lost (kicked, channel deleted): keep the queue for the next
+                /join or /play when ``playback.keep_queue_on_disconnect`` says so.
+        """
         session = self.sessions.pop(guild_id, None)
         if session is None:
             return
+        if keep and self.config.playback.keep_queue_on_disconnect:
+            # Before any await: a /play arriving while this session closes finds the queue kept.
+            notice = self._keep_queue(session) or notice
         await session.close(leave=leave)
         session.log.info("session ended (leave=%s)", leave)
         if self.persistence is not None:
@@ -563,7 +593,7 @@ class MusicCog(commands.Cog, name="Music"):
         if self.bot.user is not None and member.id == self.bot.user.id and after.channel is None:
             # Kicked, or the channel was deleted (whichever of this and the voice client's own
             # notice comes first ends the session; the other finds nothing to do).
-            self._end_soon(member.guild.id, leave=False, notice=_DISCONNECTED)
+            self._end_soon(member.guild.id, leave=False, notice=_DISCONNECTED, keep=True)
             return
         ours = session.channel.id
         if (before.channel and before.channel.id == ours) or (
@@ -579,7 +609,7 @@ class MusicCog(commands.Cog, name="Music"):
         if session is None:
             return
         if channel.id == session.channel.id:
-            self._end_soon(channel.guild.id, leave=True)
+            self._end_soon(channel.guild.id, leave=True, notice=_DISCONNECTED, keep=True)
         elif session.text_channel is not None and getattr(session.text_channel, "id", 0) == (
             channel.id
         ):
@@ -587,6 +617,7 @@ class MusicCog(commands.Cog, name="Music"):
 
     @commands.Cog.listener()
     async def on_guild_remove(self, guild: discord.Guild) -> None:
+        self._kept.pop(guild.id, None)
         await self.end_session(guild.id, leave=False)
 
     # -- errors --------------------------------------------------------------------------------
@@ -608,6 +639,11 @@ class MusicCog(commands.Cog, name="Music"):
         elif isinstance(original, app_commands.TransformerError):
             log.info("option not understood: %s", original)
             message = "I couldn't understand one of the options; check it and try again."
+        elif isinstance(original, app_commands.CommandOnCooldown):
+            log.info("user %s over the command rate", interaction.user.id)
+            message = (
+                f"You're sending commands too fast; try again in {_wait(original.retry_after)}."
+            )
         elif isinstance(original, app_commands.NoPrivateMessage):
             message = "Music commands work in servers only."
         elif isinstance(original, app_commands.CheckFailure):
@@ -643,7 +679,59 @@ class MusicCog(commands.Cog, name="Music"):
                 "could not answer interaction %s: %s", interaction.id, exc
             )
 
+    async def interaction_check(self, interaction: Interaction, /) -> bool:
+        """Count the command against its user's rate (``[permissions] cooldown_*``).
+
+        discord.py runs this before every app command of the cog, not before autocomplete.
+
+        Raises:
+            app_commands.CommandOnCooldown: The user is over the rate; nothing runs.
+        """
+        rate = self._rate
+        wait = rate.take(interaction.user.id, time.monotonic())
+        if wait > 0:
+            raise app_commands.CommandOnCooldown(
+                app_commands.Cooldown(rate.limit, rate.window), wait
+            )
+        return True
+
     # -- helpers -------------------------------------------------------------------------------
+
+    def _keep_queue(self, session: GuildSession) -> str | None:
+        """Keep a lost session's queue, the track that was playing first; the notice to post."""
+        queue = session.queue
+        tracks = [t for t in (queue.current,) if t is not None] + list(queue.upcoming)
+        if not tracks:
+            return None
+        self._kept[session.guild_id] = (tracks, queue.loop)
+        session.log.info("keeping %d track(s) for the next /join or /play", len(tracks))
+        return _DISCONNECTED_KEPT.format(count=_tracks(len(tracks)))
+
+    def _put_back_kept(self, session: GuildSession) -> None:
+        """Queue what :meth:`_keep_queue` kept for this guild and start playing it."""
+        kept = self._kept.pop(session.guild_id, None)
+        if kept is None:
+            return
+        tracks, loop = kept
+        room = session.queue.max_length
+        rest = tracks[1:] if room is None else tracks[1 : room + 1]
+        session.queue.add(tracks[:1])
+        session.queue.loop = loop
+        session.player.start()  # the first becomes current: the rest fit as they did before
+        session.queue.add(rest)
+        session.restored = 1 + len(rest)
+        session.log.info("put back %d kept track(s)", session.restored)
+
+    def _restored_note(self, session: GuildSession) -> str:
+        """Say (once) that the kept queue was put back, or nothing."""
+        count, session.restored = session.restored, 0
+        current = session.queue.current
+        if not count or current is None:
+            return ""
+        return (
+            f" The queue kept from before is back ({_tracks(count)}), starting again with "
+            f"**{track_title(current, _TITLE)}**."
+        )
 
     @staticmethod
     def _member(interaction: Interaction) -> discord.Member:
@@ -730,9 +818,11 @@ class MusicCog(commands.Cog, name="Music"):
         if session is not None:
             await session.voice.move_to(target, timeout=self.config.voice.connect_timeout)
             session.check_alone()
+            note = ""
         else:
-            await self._connect(member.guild, target, _text_channel(interaction))
-        await self._say(interaction, f"Joined {target.mention}.")
+            joined = await self._connect(member.guild, target, _text_channel(interaction))
+            note = self._restored_note(joined)
+        await self._say(interaction, f"Joined {target.mention}.{note}")
 
     @app_commands.guild_only()
     @app_commands.command(name="leave", description="Stop playing and leave the voice channel.")
@@ -804,8 +894,12 @@ class MusicCog(commands.Cog, name="Music"):
         is_search = _is_search(query)
         tracks = await self.resolver.resolve(query, requester_id=member.id)
         tracks, too_long = self._check_tracks(tracks, search=is_search)
+        # While resolving, the session may have ended, or another /play may have made one.
+        session = self.session(member.guild.id)
         if session is None:
             session = await self._connect(member.guild, channel, _text_channel(interaction))
+        require_same_channel(member, session.channel)
+        note = self._restored_note(session)
         if len(tracks) > _room(session.queue):
             raise QueueFull(
                 f"{len(tracks)} tracks, room {_room(session.queue)}",
@@ -826,6 +920,7 @@ class MusicCog(commands.Cog, name="Music"):
         if too_long:
             limit = format_time(self.config.playback.max_track_duration)
             message += f" {too_long} longer than {limit} left out."
+        message += note
         session.log.info("queued %d track(s) for user %s", len(tracks), member.id)
         await self._say(interaction, message)
 
@@ -918,10 +1013,18 @@ class MusicCog(commands.Cog, name="Music"):
         current = session.player.current
         if current is None:
             raise NotPlaying("seek with nothing playing")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if session.duration is None and session.player.state is PlayerState.LOADING:
+            # A link's length is known once its source opens: wait for that, so that a seek
+            # past the end is refused instead of ending the track.
+            try:
+                async with asyncio.timeout(self.config.playback.resolve_timeout):
+                    await session.player.wait_for(PlayerState.PLAYING)
+            except TimeoutError:
+                session.log.info("seek: the track's length is still unknown")
         target = parse_position(
             position, current=session.player.position, duration=session.duration
         )
-        await interaction.response.defer(ephemeral=True, thinking=True)
         await session.player.seek(target)
         await self._say(interaction, f"Jumped to {format_time(target)}.")
 
@@ -1127,6 +1230,18 @@ def _interaction_log(interaction: Interaction) -> logging.Logger | GuildLogger:
     """The module's logger, with the guild in every record when the interaction has one."""
     guild_id = interaction.guild_id
     return _log if guild_id is None else guild_logger(__name__, guild_id)
+
+
+def _wait(seconds: float) -> str:
+    """``3 seconds``, ``5 minutes``: how long until a retry, rounded up."""
+    whole = math.ceil(seconds)
+    if whole < 120:
+        return f"{whole} second" + ("" if whole == 1 else "s")
+    return f"{math.ceil(whole / 60)} minutes"
+
+
+def _tracks(count: int) -> str:
+    return f"{count} track" + ("" if count == 1 else "s")
 
 
 def _text_channel(interaction: Interaction) -> discord.abc.Messageable | None:

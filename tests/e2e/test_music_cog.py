@@ -110,7 +110,8 @@ def make_config(tones: Tones, **playback: Any) -> Config:
         search_provider=tones.server.url("search?q={query}"),
         resolve_timeout=20,
     )
-    permissions = playback.pop("permissions", PermissionsConfig())
+    # These tests run commands faster than a person would: no per-user rate unless one is given.
+    permissions = playback.pop("permissions", PermissionsConfig(cooldown_commands=0))
     return Config(
         voice=VoiceConfig(transport="udp", gateway_version="auto"),
         playback=dataclasses.replace(base, **playback),
