@@ -113,6 +113,17 @@ def summary() -> str:
         peer_key = key.replace("ours.pacing", "peer.pcm").replace("ours.stall", "peer.stall")
         peer = f" (peer {FIGURES[peer_key]:.3g})" if peer_key in FIGURES else ""
         lines.append(f"| {key} | {value}{peer} | {target} |")
+    # Load (bench_load): 100 guilds playing in one process; 500 queue commands a second.
+    for key, target in [("load.mixed.stalled", "0"),
+                        ("load.mixed.frames_lost", "0"),
+                        ("load.mixed.dev_p99", "reported (ms)"),
+                        ("load.mixed.player_late_p99_max", "reported (ms)"),
+                        ("load.mixed.cpu_pct_per_stream", "reported (%)"),
+                        ("load.mixed.rss_growth_mb", "~0 (MB, last third - first third)"),
+                        ("load.queue.answered_rate", "reported (/s, target 500)"),
+                        ("load.queue.inconsistencies", "0")]:
+        value = f"{FIGURES[key]:.3g}" if key in FIGURES else "n/a"
+        lines.append(f"| {key} | {value} | {target} |")
     return "\n".join(lines)
 
 
@@ -120,7 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true")
-    ap.add_argument("--only", default="peer,audio,player,voice")
+    ap.add_argument("--only", default="peer,audio,player,voice,load")
     args = ap.parse_args()
     quick = not args.full
     parts = args.only.split(",")
@@ -129,6 +140,7 @@ def main() -> None:
         "audio": _ours("bench_audio"),
         "player": _ours("bench_player"),
         "voice": _ours("bench_voice"),
+        "load": _ours("bench_load"),
     }
     started = time.perf_counter()
     report = [f"# Legato benchmarks ({'quick' if quick else 'full'})"]
