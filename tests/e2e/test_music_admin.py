@@ -85,6 +85,17 @@ async def test_debug_is_for_admins_and_shows_the_player(sandbox: Sandbox, tones:
         assert got["DAVE"] == "off (not end-to-end encrypted)"
         assert got["Reconnects"] == "0 (resumes 0)"
 
+        # The voice websocket drops: the bot resumes, and the stats count it.
+        voice = sb.voice
+        assert isinstance(voice, SandboxVoiceServer)
+        await voice.inject_drop(sb.bot.id)
+        await voice.wait_resumed(sb.bot.id, timeout=GUARD)
+        session = bot.music.session(sb.guild.id)
+        assert (session.stats.player.reconnects, session.stats.player.resumes) == (1, 1)
+        again = await ada.invoke("music debug")
+        await answer(again)
+        assert fields(again)["Reconnects"] == "1 (resumes 1)"
+
 
 async def test_privacy_without_dave_says_not_end_to_end_encrypted(
     sandbox: Sandbox, tones: Tones

@@ -96,6 +96,7 @@ async def test_resume_keeps_ssrc_and_sequence(fault: str, version: int) -> None:
         await play_with_fault(conn, strike)
         assert conn.ssrc == ssrc
         assert conn.gateway_stats.resumes == 1
+        assert (conn.reconnects, conn.resumes) == (1, 1)
         await assert_continuous_440(server, conn)
         assert server.recording(BOT_ID).stats().streams == 1  # same SSRC throughout
         assert conn.is_connected()
@@ -112,6 +113,7 @@ async def test_4006_starts_a_new_session() -> None:
         await play_with_fault(conn, strike)
         assert conn.ssrc != first_ssrc
         assert conn.gateway_stats.resumes == 0
+        assert (conn.reconnects, conn.resumes) == (1, 0)
         rec = server.recording(BOT_ID)
         await rec.wait_frames(conn.stats.frames_sent, timeout=20)
         stats = rec.stats()
@@ -139,6 +141,8 @@ async def test_move_to_a_new_endpoint_reconnects_there() -> None:
         await play_with_fault(conn, strike)
         assert conn.endpoint != first
         assert server.session(BOT_ID).endpoint == conn.endpoint
+        # A fresh gateway session at the new server; the count spans both.
+        assert (conn.reconnects, conn.resumes) == (1, 0)
         rec = server.recording(BOT_ID)
         await rec.wait_frames(conn.stats.frames_sent, timeout=20)
         assert rec.stats().streams == 2
