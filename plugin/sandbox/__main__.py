@@ -20,6 +20,7 @@ from pathlib import Path
 
 from legato.config import ENV_CONFIG, load_config
 from legato.errors import ConfigError
+from legato.sandbox.relay import RelayOptions
 from legato.sandbox.voice import DEFAULT_HEARTBEAT_INTERVAL, SandboxVoiceServer
 
 # Exit codes of `demo`: the audio checks failed, or the demo could not run at all.
@@ -37,16 +38,37 @@ def _session_spec(raw: str) -> tuple[int, int, str]:
         ) from None
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {raw!r}")
+    return value
+
+
 async def _run_voice(args: argparse.Namespace) -> int:
+    relay = (
+        RelayOptions(loss=args.loss, reorder=args.reorder, seed=args.seed)
+        if args.loss or args.reorder
+        else None
+    )
     server = SandboxVoiceServer(
         args.host,
         port=args.port,
         tls=args.tls,
         heartbeat_interval=args.heartbeat_interval,
+        relay=relay,
     )
     async with server:
         print(f"voice sandbox: endpoint {server.endpoint}  url {server.url}/?v=8")
         print(f"media (udp): {args.host}:{server.udp_port}")
+        if relay is not None:
+            print(
+                f"lossy relay (op2 names it): {args.host}:{server.media_port}, "
+                f"loss {relay.loss:g}, reorder {relay.reorder:g}, seed {relay.seed}"
+            )
         for server_id, user_id, session_id in args.session:
             token = server.register_session(
                 server_id=server_id, user_id=user_id, session_id=session_id
@@ -62,6 +84,12 @@ async def _run_voice(args: argparse.Namespace) -> int:
                 f"malformed {stats.malformed_packets}, "
                 f"undecryptable {stats.undecryptable_packets}, bad json {stats.bad_json}"
             )
+            if server.relay is not None:
+                rs = server.relay.stats
+                print(
+                    f"relay: rtp {rs.rtp_packets}, dropped {rs.dropped}, "
+                    f"reordered {rs.reordered}, released {rs.released}"
+                )
             for line in recording_report(server, args.record):
                 print(line)
     return 0
@@ -178,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="on exit, write each user's audio there as Ogg Opus and WAV",
     )
+    voice.add_argument(
+        "--loss",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="put a lossy relay in front of the media port dropping this fraction of RTP (0.05)",
+    )
+    voice.add_argument(
+        "--reorder",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="with the relay: swap this fraction of RTP packets with the next one",
+    )
+    voice.add_argument("--seed", type=int, default=0, help="the relay's random seed (0)")
     voice.set_defaults(run=_run_voice)
 
     demo = commands.add_parser("demo", help="run Legato end to end against the sandbox")

@@ -51,7 +51,7 @@ class RelayOptions:
     loss: float = 0.0
     reorder: float = 0.0
     seed: int = 0
-    hold: float = 0.2
+    hold: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("loss", "reorder"):
@@ -206,6 +206,16 @@ class LossyRelay:
         """
         await self._waiters.wait_for(lambda: self.holding == 0, timeout, "the relay to be idle")
 
+    async def wait_rtp_packets(self, count: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Return once ``count`` RTP packets from clients have been read (dropped ones included).
+
+        Raises:
+            TimeoutError: fewer had arrived after ``timeout`` seconds.
+        """
+        await self._waiters.wait_for(
+            lambda: self.stats.rtp_packets >= count, timeout, f"{count} RTP packets at the relay"
+        )
+
     # -- forwarding ------------------------------------------------------------------------------
 
     def _from_client(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -222,11 +232,14 @@ class LossyRelay:
             self._send_up(client, data)  # the server counts it
             return
         self.stats.rtp_packets += 1
+        self._impair(client, data, (header.ssrc, header.sequence))
+        self._waiters.notify()
+
+    def _impair(self, client: _Client, data: bytes, packet: tuple[int, int]) -> None:
         # Two draws every packet, whatever the first decides, so one packet's fate does not
         # shift the stream of numbers the next ones get.
         drop = self._rng.random() < self.options.loss
         hold = self._rng.random() < self.options.reorder
-        packet = (header.ssrc, header.sequence)
         if drop:
             self.stats.dropped += 1
             self.stats.dropped_packets.append(packet)
@@ -244,7 +257,6 @@ class LossyRelay:
             self._send_up(client, held.packet)
             self.stats.reordered += 1
             self.stats.reordered_packets.append((held.ssrc, held.sequence))
-            self._waiters.notify()
 
     def _release(self, client: _Client) -> None:
         held, client.held = client.held, None

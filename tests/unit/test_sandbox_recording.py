@@ -48,6 +48,22 @@ def test_duplicates_and_reordering() -> None:
     assert stats.gaps == 0
 
 
+def test_lost_and_late_packets_are_listed_and_reception_follows_rfc3550() -> None:
+    rec = Recording(1, 2)
+    fill(rec, [5, 7, 6, 9, 11, 10])  # 8 lost; 6 and 10 swapped with their successors
+    assert rec.missing_packets() == [(SSRC, 8)]
+    assert rec.out_of_order_packets() == [(SSRC, 6), (SSRC, 10)]
+    stats = rec.stats()
+    assert (stats.gaps, stats.out_of_order, stats.duplicates) == (1, 2, 0)
+    reception = rec.reception(SSRC)
+    assert reception is not None
+    assert (reception.received, reception.expected, reception.highest) == (6, 7, 11)
+    assert reception.lost == 1
+    assert rec.reception(SSRC + 1) is None
+    # Put back in sequence order: 5, 6, 7, silence for 8, 9, 10, 11.
+    assert len(rec.pcm()) == 7 * FRAME_BYTES
+
+
 def test_sequence_wraparound_is_contiguous() -> None:
     rec = Recording(1, 2)
     for index, seq in enumerate([65534, 65535, 0, 1]):

@@ -12,6 +12,7 @@ import pytest
 from legato.errors import TransportError
 from legato.voice.crypto import PacketDecryptor
 from legato.voice.rtp import (
+    ReportBlock,
     SenderReport,
     discovery_response,
     is_rtcp,
@@ -206,6 +207,43 @@ async def test_garbage_datagrams_are_counted_and_dropped() -> None:
         assert udp.stats.frames_sent == 1
     finally:
         stranger.close()
+        await udp.close()
+        assert peer.transport is not None
+        peer.transport.close()
+
+
+async def test_loss_reports_about_our_ssrc_reach_the_stats() -> None:
+    peer = await start_peer()
+    udp = UdpTransport()
+    try:
+        await udp.prepare(ready(peer, ssrc=0x1234))
+        await udp.start({"mode": GCM, "secret_key": KEY})
+        assert peer.transport is not None
+        assert udp.local_address is not None
+        target = ("127.0.0.1", udp.local_address[1])
+
+        def block(ssrc: int, fraction: int, lost: int) -> ReportBlock:
+            return ReportBlock(ssrc, fraction, lost, 100, 0, 0, 0)
+
+        peer.transport.sendto(pack_receiver_report(1, (block(0x999, 200, 50),)), target)
+        peer.transport.sendto(pack_receiver_report(1, (block(0x1234, 64, 3),)), target)
+        peer.transport.sendto(pack_receiver_report(1, (block(0x1234, 13, 5),)), target)
+        peer.transport.sendto(b"\x81\xc9\x00\x07" + bytes(8), target)  # RR overrunning its data
+        async with asyncio.timeout(10):
+            await udp.wait_loss_reports(2)
+        stats = udp.stats
+        assert stats.loss_reports == 2  # the block about another SSRC is not ours
+        assert stats.fraction_lost == 13 / 256
+        assert stats.packets_lost == 5
+        udp.send_frame(b"\xf8\xff\xfe")  # the malformed report was read before this echoes
+        await peer.wait_packets(1)
+        for _ in range(100):
+            if udp.stats.malformed_received:
+                break
+            await asyncio.sleep(0)  # let the reader callbacks run; bounded, not timing
+        assert udp.stats.malformed_received == 1
+        assert udp.packets_received == 3
+    finally:
         await udp.close()
         assert peer.transport is not None
         peer.transport.close()
