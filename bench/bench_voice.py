@@ -6,7 +6,10 @@ read (as the peer harness's sink; sends are loopback syscalls):
 1. CPU of one 20 ms frame through the ``udp`` send path: Legato's ``UdpTransport.send_frame``
    (RTP header + AEAD + ``sendto``) in both modes, beside discord.py 2.7.1's own
    ``VoiceClient.send_audio_packet`` (its ``_get_voice_packet`` + PyNaCl XChaCha20 + ``send``,
-   borrowed onto a stand-in exactly as ``shared/bench/bench_peer.py`` does) in the same run.
+   borrowed onto a stand-in exactly as ``shared/bench/bench_peer.py`` does) in the same run;
+   and through the ``webrtc`` send path: ``WebRtcTransport.send_frame`` feeding aiortc, whose RTP
+   sender packs the pre-encoded frame, SRTP-protects it and sends it over its ICE connection, to
+   a sandbox voice server in a child process (so its receiving and recording are not counted).
 2. Ramps of N passthrough streams (pre-made Opus frames of a tone) on one asyncio loop, each a
    prepared ``UdpTransport``: paced by one shared 20 ms tick at absolute deadlines (the floor of
    the send path), and paced by N real ``GuildPlayer``s (each its own pacer, its source read
@@ -21,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import json
 import math
 import os
 import random
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -212,6 +217,11 @@ async def _send_path(count: int, repeat: int) -> list[list[object]]:
             results[key] = best
             FIGURES[f"voice.send_path.{key}.us"] = best
             rows.append([label, mode, best, cpu_pct, 20_000 / best])
+        best = await _webrtc_send_path(count, repeat)
+        results["webrtc"] = best
+        FIGURES["voice.send_path.webrtc.us"] = best
+        label = "Legato WebRtcTransport.send_frame + aiortc RTP/SRTP"
+        rows.append([label, "dtls-srtp", best, best * 50 / 1e6 * 100, 20_000 / best])
         for mode in (GCM, XCHACHA):
             stats = ours[mode].stats
             assert stats.send_errors == 0, f"{mode}: {stats.send_errors} send errors"
@@ -225,6 +235,100 @@ async def _send_path(count: int, repeat: int) -> list[list[object]]:
         return rows
     finally:
         sink.close()
+
+
+# The peer of the webrtc rows: a sandbox voice server in a child process; prints how to reach it,
+# then serves until its stdin closes.
+_WEBRTC_PEER = """
+import asyncio, json, sys
+from legato.sandbox.voice import SandboxVoiceServer
+
+async def main():
+    async with SandboxVoiceServer(heartbeat_interval=5.0) as server:
+        token = server.register_session(server_id=1, user_id=2, session_id="bench")
+        print(json.dumps({"endpoint": server.endpoint, "token": token}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+
+
+@contextlib.asynccontextmanager
+async def _webrtc_connection() -> AsyncIterator[Any]:
+    """A ``VoiceConnection`` on ``webrtc`` to a sandbox voice server in a child process."""
+    from legato.voice.gateway import VoiceConnection, VoiceOptions
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WEBRTC_PEER,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(60):
+            line = await child.stdout.readline()
+        if not line:
+            raise RuntimeError("the sandbox voice server child did not start")
+        peer = json.loads(line)
+        options = VoiceOptions(transport="webrtc", dave=False, connect_timeout=30.0)
+        conn = VoiceConnection(
+            endpoint=peer["endpoint"],
+            token=peer["token"],
+            session_id="bench",
+            user_id=2,
+            server_id=1,
+            options=options,
+        )
+        await conn.connect()
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        try:
+            async with asyncio.timeout(10):
+                await child.wait()
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+
+
+async def _webrtc_send_path(count: int, repeat: int) -> float:
+    """Best CPU in microseconds per frame of the webrtc send path, aiortc's work included.
+
+    aiortc sends from its own task, so frames go in bursts below the track's queue bound (no
+    drops) and the loop runs until aiortc has taken every one; ``process_time`` spans it all.
+    """
+    frames = _tone_frames()
+    burst = 8
+    best = math.inf
+    async with _webrtc_connection() as conn:
+        transport = conn.transport
+        stats = transport.stats
+
+        async def drained(target: int) -> None:
+            for _ in range(10_000):  # aiortc's sender takes a burst in a step or two
+                if stats.frames_sent >= target:
+                    return
+                await asyncio.sleep(0)
+            raise RuntimeError("aiortc's sender stopped taking frames")
+
+        for _ in range(repeat):
+            start = stats.frames_sent
+            c0 = time.process_time()
+            for i in range(0, count, burst):
+                for k in range(i, min(i + burst, count)):
+                    transport.send_frame(frames[k % 50])
+                await drained(start + min(i + burst, count))
+            await asyncio.sleep(0)  # the last packet leaves in the sender's next step
+            best = min(best, (time.process_time() - c0) / count * 1e6)
+        assert stats.send_errors == 0, f"webrtc: {stats.send_errors} frames dropped"
+        assert conn.is_connected()
+    return best
 
 
 # -- 2. streams one process sustains -------------------------------------------------------------
@@ -386,7 +490,7 @@ def run(quick: bool) -> str:
     count, repeat = (5_000, 3) if quick else (20_000, 5)
     rows = asyncio.run(_send_path(count, repeat))
     out = _table(
-        f"Voice: udp send path, CPU per 20 ms frame ({count} frames, best of {repeat})",
+        f"Voice: udp and webrtc send paths, CPU per 20 ms frame ({count} frames, best of {repeat})",
         ["path", "mode", "us/frame", "cpu %/stream", "streams/core", "x discord.py"],
         rows,
     )

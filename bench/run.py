@@ -2,7 +2,8 @@
 
 Absolute times drift on shared machines, so every goal is a ratio between rows of this run. The
 peer's figures come from the shared harness (`../shared/bench`, or `$LEGATO_PEER_BENCH`), whose
-README defines every column; Legato's come from `bench_audio`, `bench_player` and `bench_voice`.
+README defines every column; Legato's come from `bench_audio`, `bench_player`, `bench_voice` and
+`bench_dave`.
 
     python bench/run.py            # quick windows (a few minutes)
     python bench/run.py --full     # longer windows, more cases
@@ -103,6 +104,22 @@ def summary() -> str:
     ]
     for label, num, den, target in goals:
         lines.append(f"| {label} | {_ratio(num, den)} | {target} |")
+    # Send path CPU beside discord.py's send_audio_packet (no target: reported as measured).
+    for label, num, den in [
+        ("udp send path CPU (xchacha) / discord.py send_audio_packet",
+         "voice.send_path.ours.xchacha20.us", "voice.send_path.dpy.us"),
+        ("webrtc send path CPU (aiortc, SRTP) / discord.py send_audio_packet",
+         "voice.send_path.webrtc.us", "voice.send_path.dpy.us"),
+        ("udp send path CPU with DAVE / discord.py's with DAVE",
+         "dave.send_path.ours.xchacha.on.us", "dave.send_path.dpy.on.us"),
+        ("DAVE's added CPU per frame, Legato / discord.py",
+         "dave.send_path.ours.xchacha.overhead_us", "dave.send_path.dpy.overhead_us"),
+    ]:
+        lines.append(f"| {label} | {_ratio(num, den)} | reported |")
+    for key in ("voice.send_path.webrtc.us", "dave.send_path.ours.xchacha.overhead_us",
+                "dave.send_path.dpy.overhead_us"):
+        value = f"{FIGURES[key]:.3g} us/frame" if key in FIGURES else "n/a"
+        lines.append(f"| {key} | {value} | reported |")
     for key, target in [("ours.pacing.n32.hog1.gap_p99", "<= 2 ms"),
                         ("ours.pacing.n32.hog1.dev_p99", "<= 2 ms"),
                         ("ours.pacing.n32.hog1.mingap", ">= 10 ms"),
@@ -131,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true")
-    ap.add_argument("--only", default="peer,audio,player,voice,load")
+    ap.add_argument("--only", default="peer,audio,player,voice,dave,load")
     args = ap.parse_args()
     quick = not args.full
     parts = args.only.split(",")
@@ -141,6 +158,7 @@ def main() -> None:
         "player": _ours("bench_player"),
         "voice": _ours("bench_voice"),
         "load": _ours("bench_load"),
+        "dave": _ours("bench_dave"),
     }
     started = time.perf_counter()
     report = [f"# Legato benchmarks ({'quick' if quick else 'full'})"]
