@@ -7,10 +7,16 @@ committed before the next look); otherwise only its position is noted
 of hooking every command keeps the cog's command code free of persistence calls, and costs a
 tuple comparison per guild per tick.
 
-After a restart (a crash included), :meth:`Persistence.restore` runs once on the first READY:
-each guild that was playing is rejoined with Legato's voice client, its queue, loop mode and
-volume put back, and its track opened at the saved position (paused while it seeks, so nothing
-from the start of the track is heard), then resumed unless it was paused.
+After a restart (a crash included), each guild that was playing is rejoined with Legato's
+voice client, its queue, loop mode and volume put back, and its track opened at the saved
+position (paused while it seeks, so nothing from the start of the track is heard), then resumed
+unless it was paused. The saved states are read when the store opens, before the bot logs in;
+each guild is restored as soon as discord.py has it (``on_guild_available``/``on_guild_join``,
+which come right after READY), all guilds at once. discord.py's own ``on_ready`` comes
+``guild_ready_timeout`` (2 s by default) after the last guild, too late for the issue's
+"resumed within 2 s of READY"; :meth:`Persistence.restore`, called there, only picks up what
+the guild events did not (a cog loaded into a running bot). While a guild is being restored its
+half-built session is not saved, so a second crash then still finds the state of the first.
 
 A session that ends for good (``/leave``, ``/stop``, the idle or alone timer, a kick) is
 forgotten with :meth:`Persistence.forget`; one that ends because the bot shuts down is not
@@ -145,8 +151,13 @@ class Persistence:
         self.tick = tick
         self._seen: dict[int, _Fingerprint] = {}
         self._task: asyncio.Task[None] | None = None
-        self._restored = False
         self._closed = False
+        #: Saved states still to restore, by guild (None until read from the store).
+        self._pending: dict[int, GuildSnapshot] | None = None
+        self._loading = asyncio.Lock()
+        self._restoring: set[int] = set()
+        self._restores: set[asyncio.Task[bool]] = set()
+        self._listening = False
         #: Guild ids resumed by :meth:`restore` (for logs and tests).
         self.resumed: list[int] = []
 
@@ -155,16 +166,26 @@ class Persistence:
         """Open the store ``config`` names and start watching ``cog``'s sessions."""
         store = await GuildStore.open(config.path, save_interval=config.save_interval)
         persistence = cls(cog, store)
+        try:
+            await persistence._load_pending()  # before login: READY finds it read
+        except BaseException:
+            await store.close()
+            raise
         persistence.start()
         _log.info("guild state is kept in %s", store.path)
         return persistence
 
     def start(self) -> None:
-        """Start the task that watches the sessions."""
+        """Start the task that watches the sessions, and restore each guild as it arrives."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._watch(), name="legato-persistence"
             )
+        if not self._listening:
+            self._listening = True
+            bot = self.cog.bot
+            bot.add_listener(self._on_guild, "on_guild_available")
+            bot.add_listener(self._on_guild, "on_guild_join")
 
     async def forget(self, guild_id: int) -> None:
         """Drop ``guild_id``'s saved state: its session ended for good. No-op after close."""
@@ -178,6 +199,14 @@ class Persistence:
         if self._closed:
             return
         self._closed = True
+        if self._listening:
+            self._listening = False
+            self.cog.bot.remove_listener(self._on_guild, "on_guild_available")
+            self.cog.bot.remove_listener(self._on_guild, "on_guild_join")
+        restores = list(self._restores)
+        for task in restores:
+            task.cancel()
+        await asyncio.gather(*restores, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -203,7 +232,7 @@ class Persistence:
     async def save_changes(self) -> None:
         """Save every session whose state changed; note every other one's position."""
         for guild_id, session in list(self.cog.sessions.items()):
-            if session.closed:
+            if session.closed or guild_id in self._restoring:
                 continue
             mark = _fingerprint(session)
             if self._seen.get(guild_id) != mark:
@@ -215,35 +244,84 @@ class Persistence:
     # -- restoring ----------------------------------------------------------------------------
 
     async def restore(self) -> list[int]:
-        """Rejoin and resume every guild that was playing; runs once per process.
+        """Rejoin and resume every guild that was playing and is not resumed yet, all at once.
+
+        Waits for the restores the guild events started, too. Safe to call on every READY:
+        each saved state is restored once per process.
 
         Returns:
-            The guild ids resumed.
+            The guild ids resumed so far.
         """
-        if self._restored or self._closed:
+        if self._closed:
             return []
-        self._restored = True
-        snapshots = await self.store.load_all()
-        for snap in snapshots:
-            if not snap.was_playing:
-                continue
-            try:
-                if await self._restore_one(snap):
-                    self.resumed.append(snap.guild_id)
-            except (LegatoError, discord.DiscordException, TimeoutError) as exc:
-                guild_logger(__name__, snap.guild_id).warning(
-                    "could not resume after the restart: %s", exc
-                )
+        pending = await self._load_pending()
+        for guild_id in list(pending):
+            self._restore_soon(guild_id)
+        while self._restores:
+            await asyncio.gather(*list(self._restores), return_exceptions=True)
         if self.resumed:
             _log.info("resumed %d guild(s) after a restart", len(self.resumed))
         return list(self.resumed)
+
+    async def restore_guild(self, guild_id: int) -> bool:
+        """Rejoin and resume ``guild_id`` if it was playing and is not resumed yet.
+
+        Returns:
+            Whether it was resumed (False: nothing saved, already done, or it failed; a
+            failure is logged and its saved state kept for the next start).
+        """
+        if self._closed:
+            return False
+        pending = await self._load_pending()
+        snap = pending.pop(guild_id, None)
+        if snap is None:
+            return False
+        self._restoring.add(guild_id)
+        try:
+            done = await self._restore_one(snap)
+        except (LegatoError, discord.DiscordException, TimeoutError) as exc:
+            guild_logger(__name__, guild_id).warning("could not resume after the restart: %s", exc)
+            return False
+        finally:
+            self._restoring.discard(guild_id)
+        if done:
+            self.resumed.append(guild_id)
+        return done
+
+    async def _on_guild(self, guild: discord.Guild) -> None:
+        if self._pending is not None and guild.id in self._pending:
+            self._restore_soon(guild.id)
+
+    def _restore_soon(self, guild_id: int) -> None:
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.restore_guild(guild_id), name=f"legato-restore-{guild_id}"
+        )
+        self._restores.add(task)
+        task.add_done_callback(self._restored)
+
+    def _restored(self, task: asyncio.Task[bool]) -> None:
+        self._restores.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("restoring a guild failed", exc_info=task.exception())
+
+    async def _load_pending(self) -> dict[int, GuildSnapshot]:
+        async with self._loading:
+            if self._pending is None:
+                snapshots = await self.store.load_all()
+                self._pending = {s.guild_id: s for s in snapshots if s.was_playing}
+            return self._pending
 
     async def _restore_one(self, snap: GuildSnapshot) -> bool:
         bot = self.cog.bot
         log = guild_logger(__name__, snap.guild_id)
         guild = bot.get_guild(snap.guild_id)
         if guild is None:
+            # Kept for its on_guild_available (an outage at start-up), and in the store.
             log.warning("saved state kept: the guild is not available")
+            if self._pending is not None:
+                self._pending.setdefault(snap.guild_id, snap)
             return False
         channel = guild.get_channel(snap.voice_channel_id or 0)
         if not isinstance(channel, (discord.VoiceChannel, discord.StageChannel)):
