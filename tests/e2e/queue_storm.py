@@ -162,6 +162,7 @@ class StormResult:
         refused: Commands answered with an expected refusal (bad position, empty queue).
         elapsed: Seconds from the first command sent to the last answer.
         latencies: Seconds from sending each command to its final answer.
+        answered_at: Per answer: the command and its time from the first command sent.
         counts: Commands issued, by name.
         problems: Everything inconsistent: unexpected answers, lost or duplicated tracks.
         ledgers: Per guild id.
@@ -172,6 +173,7 @@ class StormResult:
     refused: int = 0
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    answered_at: list[tuple[str, float]] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     ledgers: dict[int, GuildLedger] = field(default_factory=dict)
@@ -263,6 +265,7 @@ async def queue_storm(
         sent = loop.time()
         text = await _ask(users[n], handles[n], command, **options)
         result.latencies.append(loop.time() - sent)
+        result.answered_at.append((command, loop.time() - t0))
         result.answered += 1
         _note(ledgers[n], command, text, result, handles[n].name, titles)
 
