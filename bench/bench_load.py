@@ -80,15 +80,15 @@ class _Guild:
 
 async def _setup_guild(
     sb: Sandbox, handle: GuildHandle, n: int, url: str, gate: asyncio.Semaphore
-) -> None:
+) -> str | None:
+    """Join and /play in one guild; None when it plays, else the bot's answer (counted)."""
     async with gate:
         user = sb.add_user(f"listener{n:03}", guilds=[handle])
         await user.join_voice(handle.voice)
         reply = await user.invoke("play", channel=handle.text, query=url, timeout=GUARD)
         if reply.deferred and not reply.text():
             await reply.wait_edit(timeout=GUARD)
-        if not reply.text().startswith("Playing"):
-            raise RuntimeError(f"/play in {handle.name} answered {reply.text()!r}")
+        return None if reply.text().startswith("Playing") else reply.text()
 
 
 def _streams(packets: Sequence[ReceivedPacket]) -> dict[int, list[tuple[int, float]]]:
@@ -176,7 +176,7 @@ async def load(
                     t_setup = time.monotonic()
                     gate = asyncio.Semaphore(SETUP_PARALLEL)
                     async with asyncio.timeout(GUARD + guilds):
-                        await asyncio.gather(
+                        answers = await asyncio.gather(
                             *(
                                 _setup_guild(
                                     sb,
@@ -188,11 +188,17 @@ async def load(
                                 for i, (h, k) in enumerate(zip(handles, kinds, strict=True))
                             )
                         )
+                        failed = [a for a in answers if a is not None]
+                        for answer in sorted(set(failed)):
+                            print(f"  /play failed: {answer!r}", file=out, flush=True)
                         voice = sb.voice_server
-                        await voice.wait_identified(sb.bot.id, count=guilds, timeout=GUARD)
+                        await voice.wait_identified(
+                            sb.bot.id, count=guilds - len(failed), timeout=GUARD
+                        )
                         playing = [
                             _Guild(h, k, voice.recording(sb.bot.id, h.id))
-                            for h, k in zip(handles, kinds, strict=True)
+                            for h, k, a in zip(handles, kinds, answers, strict=True)
+                            if a is None
                         ]
                         for g in playing:
                             await g.rec.wait_frames(25, timeout=GUARD)
@@ -204,6 +210,7 @@ async def load(
                     )
                     figures = await _measure(bot, playing, seconds, rss_interval, proc)
                     figures["setup_s"] = setup_s
+                    figures["setup_failed"] = float(len(failed))
                     return figures
 
 
@@ -220,12 +227,14 @@ async def _measure(
     start_idx = [len(g.rec.packets) for g in playing]
     gc.collect()
     rss: list[float] = [proc.memory_info().rss / 2**20]
+    rss_at: list[float] = [0.0]
     cpu0 = sum(proc.cpu_times()[:2])
     t0 = time.monotonic()
     end = t0 + seconds
     while (now := time.monotonic()) < end:
         await asyncio.sleep(min(rss_interval, end - now))  # the window itself: nothing to wait on
         rss.append(proc.memory_info().rss / 2**20)
+        rss_at.append(time.monotonic() - t0)
     cpu = sum(proc.cpu_times()[:2]) - cpu0
     wall = time.monotonic() - t0
     after = [p.stats for p in players]
@@ -274,17 +283,19 @@ async def _measure(
         "rss_last_mb": sum(last) / len(last),
         "rss_growth_mb": sum(last) / len(last) - sum(first) / len(first),
         "rss_samples": float(len(rss)),
-    } | {f"rss_{i * rss_interval:g}s_mb": v for i, v in enumerate(rss)}
+    } | {f"rss_{t:.0f}s_mb": v for t, v in zip(rss_at, rss, strict=True)}
 
 
 def load_table(r: dict[str, float], title: str) -> str:
     """The figures of one `load` run as Markdown tables."""
     text: str = bc.table(
         title,
-        ["guilds", "passthrough", "window s", "stalled", "underruns", "frames lost",
+        ["guilds", "failed to start", "passthrough", "window s", "stalled", "underruns",
+         "frames lost",
          "delivered %", "dev p99 ms", "dev max ms", "gap p99 ms", "gap max ms",
          "player late p99 ms", "player late max ms", "cpu %/stream", "cpu % total"],
-        [[int(r["guilds"]), int(r["passthrough"]), r["seconds"], int(r["stalled"]),
+        [[int(r["guilds"]), int(r["setup_failed"]), int(r["passthrough"]), r["seconds"],
+          int(r["stalled"]),
           int(r["underruns"]), int(r["frames_lost"]),
           100 * r["frames"] / r["frames_expected"], r["dev_p99"], r["dev_max"], r["gap_p99"],
           r["gap_max_ms"], r["player_late_p99_max"], r["player_late_max"],
