@@ -464,6 +464,7 @@ class GuildStore:
         if str(mode).lower() != "wal":
             _log.warning("%s: journal mode is %s, not WAL", self.path, mode)
         conn.execute("PRAGMA synchronous=NORMAL")
+        fresh = version == 0  # a new file is built by the same steps; that is no migration
         while version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -478,7 +479,7 @@ class GuildStore:
                 raise _Unusable(
                     "corrupt", f"migrating schema {version} to {version + 1} failed: {exc}"
                 ) from exc
-            if version > 0:
+            if not fresh:
                 _log.info("%s: migrated schema %d to %d", self.path, version, version + 1)
             version += 1
 

@@ -479,6 +479,19 @@ async def test_version_1_database_is_migrated(db: Path, caplog: pytest.LogCaptur
     assert version == [(SCHEMA_VERSION,)]
 
 
+async def test_new_database_is_not_reported_as_migrated(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="legato.store")
+    store = await GuildStore.open(db)
+    await store.close()
+    assert not any("migrated" in r.getMessage() for r in caplog.records)
+    with sqlite3.connect(db) as raw:
+        version = raw.execute("SELECT version FROM schema_version").fetchall()
+    raw.close()
+    assert version == [(SCHEMA_VERSION,)]
+
+
 async def test_failed_migration_moves_the_file_aside(
     db: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
