@@ -35,6 +35,7 @@ Choices where Discord's behaviour is not public:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import itertools
 import json
@@ -88,6 +89,8 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 13.75
 BACKEND_VERSION: Final = {"voice": "legato-sandbox-0.1.0", "rtc_worker": "legato-sandbox-0.1.0"}
 _REPLAY_BUFFER: Final = 256
 _CLOSE_TIMEOUT: Final = 2.0
+#: Bytes asked for the media socket's receive buffer (Linux caps it at net.core.rmem_max).
+UDP_RECEIVE_BUFFER: Final = 4 * 1024 * 1024
 
 # Close codes (PROTOCOL.md; discord-api-docs "Voice Close Event Codes").
 CLOSE_NORMAL: Final = 1000
@@ -373,6 +376,12 @@ class SandboxVoiceServer:
         )
         self._udp = transport
         self._udp_port = int(transport.get_extra_info("sockname")[1])
+        # One socket takes every client's media: at 100 streams that is 5,000 datagrams a
+        # second, and the default receive buffer (about 270 of them) overflows on a 50 ms loop
+        # stall, losing IP discovery requests with the audio. A voice server sizes it up.
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
         if self.relay_options is not None:
             self._relay = LossyRelay(
                 (self.host, self._udp_port), self.relay_options, host=self.host

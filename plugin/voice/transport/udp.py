@@ -72,7 +72,7 @@ class UdpTransport:
         *,
         modes: Sequence[str] | None = None,
         discovery_timeout: float = 2.0,
-        discovery_attempts: int = 3,
+        discovery_attempts: int = 5,
     ) -> None:
         self._modes = tuple(modes) if modes is not None else None
         self._discovery_timeout = discovery_timeout
