@@ -73,6 +73,15 @@ _MAX_BAD_PACKETS: Final = 8
 #: reports a reconnect that was refused (an expired URL's 403) as the end of the file.
 _SHORT_END: Final = 1.0
 
+#: Sample rates a stream may claim (Hz). Below, a header is lying or broken (a 1 Hz WAV would
+#: come out as 48,000 samples per sample: hours of noise); above, so is it (nothing records at
+#: more than 768 kHz).
+_MIN_RATE: Final = 4_000
+_MAX_RATE: Final = 768_000
+
+#: Most channels FFmpeg's resampler downmixes (its SWR_CH_MAX).
+_MAX_CHANNELS: Final = 64
+
 #: Passthrough packets kept to warm the decoder when switching to the decode path (>= 4).
 _WARM_PACKETS: Final = 6
 
@@ -200,6 +209,7 @@ def open_source(
                 f"{stream.url}: no decoder for its audio",
                 user_message="That track's audio format is not supported.",
             )
+        _check_shape(audio, stream.url)
         source: _BaseSource
         if _opus_direct(container, audio):
             source = _OpusSource(container, audio, stream, opus, allow_passthrough, volume)
@@ -224,6 +234,18 @@ def _opus_direct(container: av.container.InputContainer, audio: av.AudioStream) 
         and audio.codec_context.channels <= 2
         and bool(formats & _PASSTHROUGH_FORMATS)
     )
+
+
+def _check_shape(audio: av.AudioStream, url: str) -> None:
+    """Refuse a stream whose header claims an absurd sample rate or channel count (0: unknown
+    until decoded, left to the decoder)."""
+    rate = audio.codec_context.sample_rate or 0
+    channels = audio.codec_context.channels or 0
+    if (rate and not _MIN_RATE <= rate <= _MAX_RATE) or channels > _MAX_CHANNELS:
+        raise DecodeError(
+            f"{url}: unusable audio shape ({rate} Hz, {channels} channels)",
+            user_message="That track's audio has an impossible sample rate or channel count.",
+        )
 
 
 def _check_volume(volume: float) -> None:

@@ -3,7 +3,7 @@
 Session-scoped, made once per test run:
 
 - ``media_dir`` (``Path``): a directory holding every file in ``tests.media.CATALOG`` (3 s tones
-  in MP3, AAC/M4A, Opus in WebM and Ogg, FLAC and WAV at 8/16/32-bit and float, mono/stereo/5.1,
+  in MP3, AAC/M4A, Opus in WebM and Ogg, FLAC and WAV at 8/16/24/32-bit and float, mono/stereo/5.1,
   22.05/44.1/48/96 kHz; 6 s chirps for seeking), plus ``truncated.mp3``, ``truncated.m4a``
   (first half of a file), ``video-only.mkv`` (no audio stream) and ``unknown-codec.wav`` (an
   audio codec FFmpeg does not know). Each tone has its own

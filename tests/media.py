@@ -565,6 +565,8 @@ CATALOG: Final[dict[str, ToneSpec]] = {
     "wav-22k-mono-u8.wav": ToneSpec("wav", "pcm_u8", 300.0, 22050, 1),
     "wav-44k-stereo-s16.wav": ToneSpec("wav", "pcm_s16le", 350.0, 44100),
     "wav-96k-stereo-s32.wav": ToneSpec("wav", "pcm_s32le", 450.0, 96000),
+    "wav-48k-stereo-s24.wav": ToneSpec("wav", "pcm_s24le", 415.0, 48000),
+    "flac-48k-stereo-s24.flac": ToneSpec("flac", "flac", 370.0, 48000, 2, "s32"),
     "wav-48k-5.1-f32.wav": ToneSpec("wav", "pcm_f32le", 620.0, 48000, 6),
     "chirp-opus.webm": ToneSpec("webm", "libopus", 200.0, seconds=6.0, freq_end=2000.0),
     "chirp-mp3.mp3": ToneSpec("mp3", "libmp3lame", 200.0, 44100, seconds=6.0, freq_end=2000.0),
@@ -589,14 +591,23 @@ def write_video_only(path: Path) -> Path:
     return path
 
 
-def write_unknown_codec_wav(path: Path) -> Path:
-    """A WAV whose format tag (0x1234) names no codec FFmpeg knows: an unsupported codec."""
-    data = bytes(4000)
-    fmt = struct.pack("<HHIIHH", 0x1234, 2, 48000, 48000 * 4, 4, 16)
+def write_wav_header(
+    path: Path, *, rate: int = 48000, channels: int = 2, tag: int = 1, data: bytes = bytes(4000)
+) -> Path:
+    """A 16-bit WAV whose header claims whatever it is told (``rate`` Hz, ``channels``, format
+    ``tag``; 1 is PCM), followed by ``data``: for headers that lie (1 Hz, 255 channels...)."""
+    block = channels * 2
+    byte_rate = (rate * block) & 0xFFFFFFFF
+    fmt = struct.pack("<HHIIHH", tag, channels, rate, byte_rate, block & 0xFFFF, 16)
     riff = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     riff += b"data" + struct.pack("<I", len(data)) + data
     path.write_bytes(b"RIFF" + struct.pack("<I", len(riff)) + riff)
     return path
+
+
+def write_unknown_codec_wav(path: Path) -> Path:
+    """A WAV whose format tag (0x1234) names no codec FFmpeg knows: an unsupported codec."""
+    return write_wav_header(path, tag=0x1234)
 
 
 def make_catalog(directory: Path) -> None:

@@ -8,16 +8,20 @@ on timing: the machine is shared and loaded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusSettings, decode_opus_packets
 from legato.audio.player import (
+    EndReason,
     GuildPlayer,
     PlayerEvent,
     PlayerState,
@@ -27,12 +31,21 @@ from legato.audio.player import (
     TrackStarted,
     make_opener,
 )
-from legato.audio.resolve import Resolver, ResolverSettings
+from legato.audio.resolve import UNSUPPORTED_SCHEME, Resolver, ResolverSettings
 from legato.audio.sink import OPUS_SILENCE
+from legato.audio.source import SAMPLE_RATE
 from legato.audio.track import Track
 from legato.errors import AudioError
 from tests.fakes import RecordingSink
-from tests.media import MediaServer, expected_frames, write_tone
+from tests.media import (
+    MediaServer,
+    audio_list_page,
+    expected_frames,
+    html_page,
+    write_steps,
+    write_tone,
+    write_wav_header,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +65,7 @@ class Recorder:
         count = len(self.sink.frames)
         if isinstance(event, TrackStarted):
             self.spans[event.track.title] = [count - 1]  # its first frame was just sent
-        elif isinstance(event, TrackEnded):
+        elif isinstance(event, TrackEnded | TrackFailed) and event.track.title in self.spans:
             self.spans[event.track.title].append(count)
 
     def frames_of(self, title: str) -> list[bytes]:
@@ -67,18 +80,32 @@ class Pipeline:
     server: MediaServer
     tmp: Path
 
-    async def track(self, name: str, freq: float, container: str, codec: str) -> Track:
+    async def track(
+        self, name: str, freq: float, container: str, codec: str, seconds: float = SECONDS
+    ) -> Track:
         path = write_tone(
-            self.tmp / name, container=container, codec=codec, freq=freq, seconds=SECONDS
+            self.tmp / name, container=container, codec=codec, freq=freq, seconds=seconds
         )
         url = self.server.add_file(f"player-real/{name}", path)
         tracks = await self.resolver.resolve(url)
         assert len(tracks) == 1
         return Track(url=tracks[0].url, title=name, duration=tracks[0].duration)
 
-    def player(self, sink: RecordingSink, recorder: Recorder) -> GuildPlayer:
-        opener = make_opener(self.resolver, opus=OpusSettings(), executor=self.pool)
-        return GuildPlayer(sink, opener, executor=self.pool, on_event=recorder, guild_id=1)
+    def player(
+        self,
+        sink: RecordingSink,
+        recorder: Recorder,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> GuildPlayer:
+        """A player on the real pipeline; ``timeout`` is the decoder's, ``options`` the player's."""
+        opener = make_opener(
+            self.resolver, opus=OpusSettings(), executor=self.pool, timeout=timeout
+        )
+        return GuildPlayer(
+            sink, opener, executor=self.pool, on_event=recorder, guild_id=1, **options
+        )
 
 
 @pytest.fixture
@@ -187,3 +214,255 @@ async def test_seek_and_volume_on_a_real_stream(pipeline: Pipeline) -> None:
     # About 1 s was skipped: what was sent is the start, then the last 0.5 s.
     assert len(frames) < expected_frames(SECONDS) - 30
     assert tone_of(frames) == pytest.approx(523.0, abs=3.0)
+
+
+def serve_page(page: Callable[[], bytes]) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A route handler answering with ``page()``, made anew for every request."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        body = page()
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html; charset=utf-8")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    return handler
+
+
+@dataclass(frozen=True)
+class Expiring:
+    """A page naming a stream URL that stops working mid-track, and the URL that replaces it."""
+
+    page: str
+    first: str
+    second: str
+
+
+def expiring_stream(server: MediaServer, name: str, body: Path, *, renewed: bool) -> Expiring:
+    """Serve ``name/page.html``, whose ``<audio>`` names ``tok-1.mp3`` until that URL expires.
+
+    ``tok-1.mp3`` cuts its first answer at two fifths of the file and refuses (403) every later
+    request: FFmpeg's reconnect is refused, as an expired signed URL is. From then on the page
+    names ``tok-2.mp3``, which serves the file (or, when not ``renewed``, refuses it too).
+    """
+    size = body.stat().st_size
+    first, second = f"{name}/tok-1.mp3", f"{name}/tok-2.mp3"
+    server.add_route(first, body=body, truncate_at=size * 2 // 5, fail_after=1)
+    server.add_route(second, body=body, fail_after=None if renewed else 0)
+
+    def page() -> bytes:
+        expired = server.request_count(first) > 1
+        return audio_list_page(name, ["/" + (second if expired else first)])
+
+    url = server.add_route(f"{name}/page.html", handler=serve_page(page))
+    return Expiring(url, first, second)
+
+
+async def play_queue(player: GuildPlayer, sink: RecordingSink, tracks: list[Track]) -> None:
+    """Play ``tracks`` to the end of the queue and its trailing silence, then close."""
+    player.queue.add(tracks)
+    try:
+        async with asyncio.timeout(90):
+            assert player.start()
+            await player.wait_for(PlayerState.IDLE)
+            await sink.wait_for(lambda s: not s.speaking)
+    finally:
+        await player.close()
+
+
+STEPS = ((440.0, 1.0), (660.0, 1.0), (880.0, 1.0))
+
+
+async def steps_track(pipeline: Pipeline, name: str, *, renewed: bool) -> tuple[Track, Expiring]:
+    body = write_steps(
+        pipeline.tmp / f"{name}.mp3", STEPS, container="mp3", codec="libmp3lame", rate=44100
+    )
+    urls = expiring_stream(pipeline.server, name, body, renewed=renewed)
+    [found] = await pipeline.resolver.resolve(urls.page)
+    # What the player resolves again at play time is the page, not the stream URL it named.
+    assert found.url == urls.page
+    return Track(url=found.url, title=name, duration=found.duration), urls
+
+
+async def test_an_expired_stream_url_is_resolved_again_and_the_track_goes_on(
+    pipeline: Pipeline,
+) -> None:
+    track, urls = await steps_track(pipeline, "expiring-renewed", renewed=True)
+    after = await pipeline.track("after-550.webm", 550.0, "webm", "libopus")
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    player = pipeline.player(sink, recorder)
+    await play_queue(player, sink, [track, after])
+
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds == ["TrackStarted", "TrackEnded", "TrackStarted", "TrackEnded", "QueueEnded"]
+    ended = recorder.events[1]
+    assert isinstance(ended, TrackEnded)
+    assert ended.reason is EndReason.FINISHED
+    # The first URL broke off and was refused (FFmpeg's reconnect); the track was resolved
+    # again and read on from the second one.
+    assert pipeline.server.request_count(urls.first) == 2
+    assert pipeline.server.request_count(urls.second) >= 1
+    # The listener heard the whole track once, in order: every step at its time, 3 s in all.
+    audio = [f for f in recorder.frames_of(track.title) if f != OPUS_SILENCE]
+    assert abs(len(audio) - expected_frames(3.0)) <= 3
+    mono = pcm_to_mono(decode_opus_packets(audio))
+    for i, (freq, _) in enumerate(STEPS):
+        window = mono[int((i + 0.25) * SAMPLE_RATE) : int((i + 0.75) * SAMPLE_RATE)]
+        assert dominant_frequency(window) == pytest.approx(freq, abs=3.0), f"step {i}"
+    assert tone_of(recorder.frames_of("after-550.webm")) == pytest.approx(550.0, abs=2.0)
+
+
+async def test_a_stream_url_that_stays_refused_fails_after_two_reopens(pipeline: Pipeline) -> None:
+    track, urls = await steps_track(pipeline, "expiring-dead", renewed=False)
+    after = await pipeline.track("after-660.mp3", 660.0, "mp3", "libmp3lame")
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    player = pipeline.player(sink, recorder)
+    await play_queue(player, sink, [track, after])
+
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds == ["TrackStarted", "TrackFailed", "TrackStarted", "TrackEnded", "QueueEnded"]
+    failed = recorder.events[1]
+    assert isinstance(failed, TrackFailed)
+    assert failed.error.user_message == "The server refused access to that track."
+    assert "403" in str(failed.error)
+    assert pipeline.server.request_count(urls.second) == 2  # two reopens, each refused
+    # What came before the break was played: about two fifths of the track, 440 Hz first.
+    audio = [f for f in recorder.frames_of(track.title) if f != OPUS_SILENCE]
+    assert 40 <= len(audio) <= 75
+    mono = pcm_to_mono(decode_opus_packets(audio))
+    assert dominant_frequency(mono[: int(0.8 * SAMPLE_RATE)]) == pytest.approx(440.0, abs=3.0)
+    assert tone_of(recorder.frames_of("after-660.mp3")) == pytest.approx(660.0, abs=2.0)
+    assert player.stats.source_errors == 1
+
+
+async def test_a_stalled_source_is_filled_with_silence_then_skipped(pipeline: Pipeline) -> None:
+    # The stall comes after FFmpeg's probing (which reads the first seconds at open): 6 s in.
+    body = write_tone(
+        pipeline.tmp / "stalls.mp3", container="mp3", codec="libmp3lame", freq=440.0, seconds=8.0
+    )
+    url = pipeline.server.add_route(
+        "player-real/stalls.mp3", body=body, stall_after=body.stat().st_size * 3 // 4
+    )
+    track = Track(url=url, title="stalls")
+    after = await pipeline.track("after-770.webm", 770.0, "webm", "libopus")
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    # The player gives up after 1 s without audio; the decoder's own read timeout is longer.
+    player = pipeline.player(sink, recorder, timeout=3.0, stall_timeout=1.0)
+    await play_queue(player, sink, [track, after])
+
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds == ["TrackStarted", "TrackFailed", "TrackStarted", "TrackEnded", "QueueEnded"]
+    failed = recorder.events[1]
+    assert isinstance(failed, TrackFailed)
+    assert failed.error.user_message == "The track's server stopped sending audio."
+    # Where the audio stopped, silence went on in its place (speaking on) for the stall's
+    # length (at least the 1 s timeout) before the track was given up.
+    timeline = sink.timeline()
+    start, end = recorder.spans["stalls"]
+    frames_at = [i for i, t in enumerate(timeline) if t not in ("on", "off")]
+    stalled = timeline[frames_at[start] : frames_at[end - 1] + 1]
+    last_audio = max(i for i, t in enumerate(stalled) if t != "S")
+    fill = stalled[last_audio + 1 :]
+    assert "off" not in fill
+    assert fill.count("S") >= 1.0 / 0.020
+    audio = [f for f in recorder.frames_of("stalls") if f != OPUS_SILENCE]
+    assert abs(len(audio) - 6.0 / 0.020) <= 15
+    assert tone_of(audio) == pytest.approx(440.0, abs=2.0)
+    assert tone_of(recorder.frames_of("after-770.webm")) == pytest.approx(770.0, abs=2.0)
+
+
+@dataclass(frozen=True)
+class BadMedia:
+    """One hostile or broken input and what must come of it."""
+
+    make: Callable[[Pipeline], str]  # writes/serves it, returns the URL a track names
+    error: str | None  # a part of the user_message when it must fail, None when it plays
+    plays: float | None = None  # the tone heard when it plays what is decodable
+
+
+def _serve(pipeline: Pipeline, name: str, data: bytes, content_type: str | None = None) -> str:
+    return pipeline.server.add_route(f"bad-media/{name}", body=data, content_type=content_type)
+
+
+def _tone_bytes(pipeline: Pipeline, name: str, seconds: float = 1.5) -> bytes:
+    path = write_tone(
+        pipeline.tmp / name, container="mp3", codec="libmp3lame", freq=440.0, seconds=seconds
+    )
+    return path.read_bytes()
+
+
+def _corrupt_middle(pipeline: Pipeline) -> str:
+    data = bytearray(_tone_bytes(pipeline, "corrupt-src.mp3"))
+    middle = len(data) // 2
+    noise = np.random.default_rng(7).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    data[middle : middle + len(noise)] = noise
+    return _serve(pipeline, "corrupt-middle.mp3", bytes(data))
+
+
+def _wav(pipeline: Pipeline, name: str, **header: int) -> str:
+    path = write_wav_header(pipeline.tmp / name, data=bytes(range(256)) * 64, **header)
+    return _serve(pipeline, name, path.read_bytes())
+
+
+BAD_MEDIA: dict[str, BadMedia] = {
+    "zero-length": BadMedia(lambda p: _serve(p, "empty.mp3", b""), error="could not be opened"),
+    "wav-1-hz": BadMedia(lambda p: _wav(p, "rate-1.wav", rate=1), error="impossible sample rate"),
+    "wav-7-mhz": BadMedia(
+        lambda p: _wav(p, "rate-7m.wav", rate=7_000_000), error="impossible sample rate"
+    ),
+    "wav-255-channels": BadMedia(
+        lambda p: _wav(p, "ch-255.wav", channels=255), error="channel count"
+    ),
+    "mp3-served-as-ogg": BadMedia(
+        lambda p: _serve(p, "mislabelled.ogg", _tone_bytes(p, "mislabelled.mp3"), "audio/ogg"),
+        error=None,
+        plays=440.0,
+    ),
+    "corrupt-bytes-mid-file": BadMedia(_corrupt_middle, error=None, plays=440.0),
+    "html-page": BadMedia(
+        lambda p: _serve(p, "page.html", html_page("No audio", "<p>words</p>")),
+        error="no playable audio",
+    ),
+    "truncated-m4a": BadMedia(lambda p: p.server.url("truncated.m4a"), error="damaged"),
+    "truncated-mp3": BadMedia(lambda p: p.server.url("truncated.mp3"), error=None, plays=440.0),
+    "unsupported-scheme": BadMedia(lambda p: "ftp://127.0.0.1/tone.mp3", error=UNSUPPORTED_SCHEME),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MEDIA))
+async def test_bad_media_gives_a_clear_error_and_the_next_track_plays(
+    pipeline: Pipeline, case: str
+) -> None:
+    bad = BAD_MEDIA[case]
+    track = Track(url=bad.make(pipeline), title=case)
+    after = await pipeline.track(f"after-{case}.webm", 587.0, "webm", "libopus", seconds=1.0)
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    player = pipeline.player(sink, recorder)
+    await play_queue(player, sink, [track, after])
+
+    kinds = [type(e).__name__ for e in recorder.events]
+    if bad.error is not None:
+        assert kinds == ["TrackFailed", "TrackStarted", "TrackEnded", "QueueEnded"]
+        failed = recorder.events[0]
+        assert isinstance(failed, TrackFailed)
+        message = failed.error.user_message
+        assert bad.error in message
+        # A sentence for people: no URL, no exception text.
+        assert message.endswith(".")
+        assert "://" not in message
+        assert "Error" not in message
+    else:
+        assert kinds == ["TrackStarted", "TrackEnded", "TrackStarted", "TrackEnded", "QueueEnded"]
+        ended = recorder.events[1]
+        assert isinstance(ended, TrackEnded)
+        assert ended.reason is EndReason.FINISHED
+        assert bad.plays is not None
+        assert tone_of(recorder.frames_of(case)) == pytest.approx(bad.plays, abs=2.0)
+    assert tone_of(recorder.frames_of(after.title)) == pytest.approx(587.0, abs=2.0)
+    assert abs(len(recorder.frames_of(after.title)) - expected_frames(1.0)) <= 1
