@@ -13,6 +13,14 @@ explicit state machine):
 - Sending is a timer callback (``loop.call_at`` on absolute deadlines, the cheapest way to carry
   hundreds of streams on one loop) that asks the pure :class:`~legato.audio.pacer.Pacer` what is
   due. Per frame the loop pops a deque, calls ``sink.send_frame`` and re-arms one timer.
+- Source faults. A stream that breaks off mid-track (``StreamLost``: stream URLs expire, so a
+  server that answered may refuse FFmpeg's reconnect with 403) is opened again through the
+  opener, which resolves a fresh stream URL, at the position its frames end: the buffered frames
+  run straight into the new ones. ``max_reopens`` tries without audio in between, then the track
+  fails. A source that is late (a stalled server) has Opus silence sent in its place on the
+  frame grid, speaking left on: the receiver's clock keeps going and it hears silence, not its
+  decoder's guesses; a stall is expected to end, and two speaking changes would cost a round
+  trip each. After ``stall_timeout`` of that the track fails and the next one plays.
 """
 
 from __future__ import annotations
