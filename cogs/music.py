@@ -584,6 +584,20 @@ class MusicCog(commands.Cog, name="Music"):
             await self.persistence.restore()  # once per process; later READYs find it done
 
     @commands.Cog.listener()
+    async def on_socket_event_type(self, event: str) -> None:
+        if event != "READY":
+            return
+        # A new gateway session (not a resume): discord.py's READY handling forgot every voice
+        # client (ConnectionState.clear), yet Legato's connections play on. Without this, the
+        # next VOICE_STATE/SERVER_UPDATE (a move, a kick) would not reach them. discord.py has
+        # no public way to register a voice client; this listener runs after READY is parsed.
+        state = self.bot._connection
+        for guild_id, session in self.sessions.items():
+            if not session.closed and state._get_voice_client(guild_id) is None:
+                state._add_voice_client(guild_id, session.voice)
+                session.log.info("voice connection kept across a new gateway session")
+
+    @commands.Cog.listener()
     async def on_voice_state_update(
         self, member: discord.Member, before: discord.VoiceState, after: discord.VoiceState
     ) -> None:

@@ -57,8 +57,8 @@ def positions(frames: list[bytes]) -> list[float]:
     return out
 
 
-async def test_playback_goes_on_through_gateway_resumes(media: MediaServer) -> None:
-    config = Config(
+def make_config(media: MediaServer) -> Config:
+    return Config(
         voice=VoiceConfig(transport="udp"),
         playback=PlaybackConfig(
             idle_timeout=0,
@@ -66,6 +66,10 @@ async def test_playback_goes_on_through_gateway_resumes(media: MediaServer) -> N
             allowed_hosts=(f"127.0.0.1:{media.port}",),
         ),
     )
+
+
+async def test_playback_goes_on_through_gateway_resumes(media: MediaServer) -> None:
+    config = make_config(media)
     async with Sandbox(timeout=GUARD) as sb:
         alice = sb.add_user("alice")
         await alice.join_voice(sb.general)
@@ -113,3 +117,40 @@ async def test_playback_goes_on_through_gateway_resumes(media: MediaServer) -> N
         for k, position in enumerate(heard):
             expected = base + k * WINDOW * 0.02
             assert abs(position - expected) <= TOLERANCE, (k, position, expected)
+
+
+async def test_voice_survives_a_new_gateway_session_and_still_obeys(media: MediaServer) -> None:
+    """op9 (not resumable): discord.py identifies anew and forgets its voice clients; the music
+    goes on, and Legato's client still gets the gateway's voice events (a move works)."""
+    config = make_config(media)
+    async with Sandbox(timeout=GUARD) as sb:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        async with running(sb, config, MusicBot(config, sb.guild.id)) as bot:
+            text = await answer(await alice.invoke("play", query=media.url("chirp.ogg")))
+            assert text.startswith("Playing"), text
+            rec: Recording = sb.voice_server.recording(sb.bot.id, server_id=sb.guild.id)
+            await rec.wait_frames(STRETCH, timeout=GUARD)
+            sb.gateway.invalidate_session(resumable=False)
+            await sb.wait_for(lambda: sb.gateway.identifies == 2)
+            await rec.wait_frames(rec.frames + STRETCH, timeout=GUARD)
+            session = bot.music.session(sb.guild.id)
+            guild = bot.get_guild(sb.guild.id)
+            assert guild is not None
+            assert guild.voice_client is session.voice
+
+            text = await answer(await alice.invoke("join", options={"channel": sb.lounge}))
+            assert "Lounge" in text or str(sb.lounge.id) in text, text
+            await sb.wait_bot_voice(sb.lounge)
+            await rec.wait_frames(rec.frames + STRETCH, timeout=GUARD)
+            assert bot.music.session(sb.guild.id) is session
+
+        stats = rec.stats()
+        assert stats.gaps == 0, stats
+        frames = rec.opus_frames()
+        first = next(i for i, f in enumerate(frames) if f != OPUS_SILENCE)
+        audible = frames[first:]
+        while audible and audible[-1] == OPUS_SILENCE:
+            audible.pop()
+        assert len(audible) >= 3 * STRETCH
+        assert OPUS_SILENCE not in audible
