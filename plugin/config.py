@@ -397,6 +397,21 @@ class PlaybackConfig:
         _boolean(),
         "when kicked from voice or the channel is deleted, keep the queue for the next /join",
     )
+    stream_timeout: float = _key(
+        20.0,
+        _number(1, 300, "seconds"),
+        "a track's stream may take this long to open, and to answer any one read",
+    )
+    stall_timeout: float = _key(
+        10.0,
+        _number(1, 300, "seconds"),
+        "a playing track whose server sends nothing for this long is skipped (silence meanwhile)",
+    )
+    max_reopens: int = _key(
+        2,
+        _integer(0, 10),
+        "times a stream that breaks off mid-track is resolved again and reopened where it stopped",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,9 @@ allowed_hosts = ["127.0.0.1:8000", "[::1]:9000", "media.lan"]
 search_provider = "http://127.0.0.1:9/search?q={query}"
 search_results = 3
 resolve_timeout = 5
+stream_timeout = 4
+stall_timeout = 2.5
+max_reopens = 0
 
 [permissions]
 dj_role = "DJ"
@@ -155,6 +158,9 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         search_provider="http://127.0.0.1:9/search?q={query}",
         search_results=3,
         resolve_timeout=5.0,
+        stream_timeout=4.0,
+        stall_timeout=2.5,
+        max_reopens=0,
     )
     assert cfg.permissions == PermissionsConfig(
         dj_role="DJ", skip="requester", stop="everyone", clear="requester", vote_skip_ratio=0.75
@@ -229,6 +235,14 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "search_results", "26", "an integer from 1 to 25"),
     ("playback", "resolve_timeout", "0.5", "a number from 1 to 300"),
     ("playback", "keep_queue_on_disconnect", '"yes"', "true or false"),
+    ("playback", "stream_timeout", "0", "a number from 1 to 300"),
+    ("playback", "stream_timeout", "301", "a number from 1 to 300"),
+    ("playback", "stall_timeout", "0.5", "a number from 1 to 300"),
+    ("playback", "stall_timeout", "nan", "a number from 1 to 300"),
+    ("playback", "stall_timeout", '"10s"', "a number from 1 to 300"),
+    ("playback", "max_reopens", "-1", "an integer from 0 to 10"),
+    ("playback", "max_reopens", "11", "an integer from 0 to 10"),
+    ("playback", "max_reopens", "1.5", "an integer from 0 to 10"),
     ("permissions", "dj_role", "[1]", "a role name, a role id"),
     ("permissions", "dj_role", "-3", "a role name, a role id"),
     ("permissions", "skip", '"admins"', "'requester', 'dj', 'everyone'"),
@@ -411,6 +425,9 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
             "keep_queue_on_disconnect",
             True,
         ),
+        ("LEGATO_PLAYBACK_STALL_TIMEOUT", "2", "playback", "stall_timeout", 2.0),
+        ("LEGATO_PLAYBACK_MAX_REOPENS", "0", "playback", "max_reopens", 0),
+        ("LEGATO_PLAYBACK_STREAM_TIMEOUT", "7.5", "playback", "stream_timeout", 7.5),
         ("LEGATO_SANDBOX_HOST", "localhost", "sandbox", "host", "localhost"),
         ("LEGATO_SANDBOX_DEMO_LISTENERS", "x,y", "sandbox", "demo_listeners", ("x", "y")),
         ("LEGATO_BOT_LOG_LEVEL", "WARNING", "bot", "log_level", "WARNING"),
