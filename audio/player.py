@@ -164,6 +164,8 @@ class PlayerStats:
         underruns: Times a frame was due mid-track and none was buffered (source too slow).
         buffer_frames: Frames buffered now for the current track.
         source_errors: Tracks that failed to open or to read.
+        reopens: Times a stream that broke off mid-track was opened again (each try counts,
+            whether it opened or not).
         sink_errors: Frames whose ``send_frame`` raised (the frame is lost, playing goes on).
         encode_ms_mean: Worker time to produce one frame (read, decode and encode; demux only
             for passthrough), mean over the last reads (each read's time over its frames).
@@ -182,6 +184,7 @@ class PlayerStats:
     underruns: int
     buffer_frames: int
     source_errors: int
+    reopens: int
     sink_errors: int
     encode_ms_mean: float
     encode_ms_p99: float
@@ -312,6 +315,7 @@ class _Entry:
         error: LegatoError = lost
         while self.reopens < player._max_reopens:
             self.reopens += 1
+            player._reopens += 1
             player._log.warning(
                 "track %r broke off at %.2fs (%s); reopening (try %d of %d)",
                 self.track.title,
@@ -557,6 +561,7 @@ class GuildPlayer:
         self._hist = [0] * _HIST_SIZE
         self._underruns = 0
         self._source_errors = 0
+        self._reopens = 0
         self._sink_errors = 0
         #: Seconds per frame of recent reads (appended on the loop by the feeders).
         self._encode_times: deque[float] = deque(maxlen=_ENCODE_WINDOW)
@@ -621,6 +626,7 @@ class GuildPlayer:
             underruns=self._underruns,
             buffer_frames=len(self._cur.frames) if self._cur is not None else 0,
             source_errors=self._source_errors,
+            reopens=self._reopens,
             sink_errors=self._sink_errors,
             encode_ms_mean=sum(encode) / len(encode) * 1e3 if encode else 0.0,
             encode_ms_p99=encode[math.ceil(0.99 * len(encode)) - 1] * 1e3 if encode else 0.0,

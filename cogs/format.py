@@ -321,7 +321,8 @@ def format_privacy_code(code: str) -> str:
 def debug_embed(
     player: PlayerStats, voice: VoiceLinkStats, *, state: str, track: Track | None
 ) -> discord.Embed:
-    """The /music debug embed: one player's pacing, encode and buffer figures and its link."""
+    """The /music debug embed: one player's pacing, encode, buffer and error figures, and its
+    voice link's (reconnects, the server's loss reports, DAVE)."""
     embed = discord.Embed(title="Player stats", colour=discord.Colour.dark_grey())
     embed.description = f"State: {state}" + (
         f" · {track_title(track, LINE_TITLE_LIMIT)}" if track is not None else ""
@@ -353,10 +354,19 @@ def debug_embed(
     embed.add_field(
         name="Errors",
         value=(
-            f"source {player.source_errors}\nsend {player.sink_errors + voice.send_errors}\n"
-            f"dropped {voice.frames_dropped}"
+            f"source {player.source_errors}\nreopens {player.reopens}\n"
+            f"send {player.sink_errors + voice.send_errors}\ndropped {voice.frames_dropped}"
         ),
     )
+    if voice.loss_reports:
+        loss = (
+            f"{voice.fraction_lost * 100:.1f} % last report\n{voice.packets_lost} packets in all\n"
+            f"{voice.loss_reports} reports"
+        )
+    else:
+        # Only udp gets the server's reports; over webrtc aiortc consumes them.
+        loss = "no reports yet" if voice.transport == "udp" else "not reported"
+    embed.add_field(name="Loss (server reports)", value=loss)
     embed.add_field(
         name="Reconnects",
         value=f"{voice.reconnects} (resumes {voice.resumes})",

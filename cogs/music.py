@@ -152,6 +152,8 @@ class GuildSession:
             on_event=self._on_event,
             volume=config.default_volume / 100,
             guild_id=guild.id,
+            max_reopens=config.max_reopens,
+            stall_timeout=config.stall_timeout,
         )
         self.votes: set[int] = set()
         self.closed = False
@@ -430,7 +432,9 @@ class MusicCog(commands.Cog, name="Music"):
             fec=voice.fec,
             expected_loss=voice.expected_packet_loss,
         )
-        self.opener = make_opener(self.resolver, opus=self.opus, executor=self.executor)
+        self.opener = make_opener(
+            self.resolver, opus=self.opus, executor=self.executor, timeout=pb.stream_timeout
+        )
         self.voice_options = VoiceOptions.from_config(voice)
         self.sessions: dict[int, GuildSession] = {}
         self._locks: dict[int, asyncio.Lock] = {}

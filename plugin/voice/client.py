@@ -59,6 +59,10 @@ class VoiceLinkStats:
         frames_sent: Frames the transports sent.
         frames_dropped: Frames handed over while no media path was up.
         send_errors: Frames a transport failed to send.
+        loss_reports: RTCP reception reports about our stream received (``udp`` only; over
+            ``webrtc`` aiortc consumes them).
+        fraction_lost: The latest report's share of packets lost since the one before, 0.0-1.0.
+        packets_lost: The latest report's cumulative count of packets lost.
         dave_protocol_version: The executed DAVE version (0: not end-to-end encrypted).
         dave_encrypting: Whether frames are end-to-end encrypted right now.
         privacy_code: DAVE's voice privacy code while end-to-end encryption is in force.
@@ -75,6 +79,9 @@ class VoiceLinkStats:
     frames_sent: int
     frames_dropped: int
     send_errors: int
+    loss_reports: int
+    fraction_lost: float
+    packets_lost: int
     dave_protocol_version: int
     dave_encrypting: bool
     privacy_code: str | None
@@ -198,7 +205,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
 
     @property
     def link_stats(self) -> VoiceLinkStats:
-        """A snapshot of the connection: transport, gateway, latency, reconnects, DAVE."""
+        """A snapshot of the connection: transport, gateway, latency, reconnects, loss, DAVE."""
         conn = self._conn
         transport = self.stats
         return VoiceLinkStats(
@@ -213,6 +220,9 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             frames_sent=transport.frames_sent,
             frames_dropped=self.frames_dropped,
             send_errors=transport.send_errors,
+            loss_reports=transport.loss_reports,
+            fraction_lost=transport.fraction_lost,
+            packets_lost=transport.packets_lost,
             dave_protocol_version=conn.dave.protocol_version if conn is not None else 0,
             dave_encrypting=conn.dave.encrypting if conn is not None else False,
             privacy_code=self.voice_privacy_code,

@@ -6,10 +6,12 @@ code, which must be the very code the sandbox's listener member computes from th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
+from legato.sandbox.relay import RelayOptions
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
 from legato.sandbox.voice import SandboxVoiceServer
@@ -39,6 +41,15 @@ MANAGE_GUILD = 1 << 5
 async def dave_sandbox() -> AsyncIterator[Sandbox]:
     # The voice server plays Discord's part in DAVE, with a listener member in every channel.
     async with Sandbox(timeout=GUARD, voice_options={"dave_protocol_version": 1}) as sb:
+        yield sb
+
+
+@pytest.fixture
+async def lossy_sandbox() -> AsyncIterator[Sandbox]:
+    # A relay in front of the media port drops a tenth of the bot's RTP; the server's receiver
+    # reports (every second) tell the bot how much it lost.
+    relay = RelayOptions(loss=0.1, seed=11)
+    async with Sandbox(timeout=GUARD, voice_options={"relay": relay, "rtcp_interval": 0.5}) as sb:
         yield sb
 
 
@@ -84,6 +95,7 @@ async def test_debug_is_for_admins_and_shows_the_player(sandbox: Sandbox, tones:
         assert "mean" in got["Encode per frame"]
         assert got["DAVE"] == "off (not end-to-end encrypted)"
         assert got["Reconnects"] == "0 (resumes 0)"
+        assert got["Errors"].split("\n")[:2] == ["source 0", "reopens 0"]
 
         # The voice websocket drops: the bot resumes, and the stats count it.
         voice = sb.voice
@@ -147,3 +159,35 @@ async def test_privacy_with_dave_is_the_listeners_code(dave_sandbox: Sandbox, to
         debug = await ada.invoke("music debug")
         await answer(debug)
         assert fields(debug)["DAVE"] == "protocol 1, encrypting"
+
+
+async def test_debug_shows_the_loss_the_server_reports(
+    lossy_sandbox: Sandbox, tones: Tones
+) -> None:
+    sb = lossy_sandbox
+    voice = sb.voice
+    assert isinstance(voice, SandboxVoiceServer)
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        ada = add_admin(sb, "ada")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        rec = recording(sb)
+        await rec.wait_frames(100, timeout=GUARD)
+        # Paused, the bot sends nothing more: the server's last report covers every packet.
+        assert "Paused" in await answer(await alice.invoke("pause"))
+        await rec.wait_speaking(False, timeout=GUARD)
+        last = await voice.wait_reported(sb.bot.id, rec.frames, timeout=GUARD)
+        reports = [r for r in voice.rtcp_reports if r.user_id == sb.bot.id]
+        assert reports[-1] == last
+        conn = bot.music.session(sb.guild.id).voice.connection
+        async with asyncio.timeout(GUARD):
+            await conn.transport.wait_loss_reports(len(reports))
+        assert last.block.cumulative_lost == rec.stats().gaps > 0
+
+        shown = await ada.invoke("music debug")
+        await answer(shown)
+        assert fields(shown)["Loss (server reports)"] == (
+            f"{last.block.fraction_lost / 256 * 100:.1f} % last report\n"
+            f"{last.block.cumulative_lost} packets in all\n{len(reports)} reports"
+        )

@@ -739,6 +739,7 @@ async def test_a_stream_that_breaks_off_is_reopened_where_it_stopped(rig: Rig) -
     assert rig.names()[:2] == ["started A", "ended A finished"]
     assert set(rig.gaps()) == {F}  # reopened in time: no gap, no silence
     assert all(s.closed for s in rig.opener.sources)
+    assert (rig.player.stats.reopens, rig.player.stats.source_errors) == (1, 0)
 
 
 async def test_a_stream_that_keeps_breaking_off_fails_after_bounded_reopens(rig: Rig) -> None:
@@ -752,6 +753,7 @@ async def test_a_stream_that_keeps_breaking_off_fails_after_bounded_reopens(rig:
     assert isinstance(failed[0].error, StreamLost)
     assert failed[0].error.user_message == "The connection to the track's server was lost."
     assert rig.names()[-3:] == ["started B", "ended B finished", "queue ended"]
+    assert (rig.player.stats.reopens, rig.player.stats.source_errors) == (2, 1)
 
 
 async def test_reopens_are_counted_only_while_no_audio_comes(rig: Rig) -> None:
@@ -762,3 +764,4 @@ async def test_reopens_are_counted_only_while_no_audio_comes(rig: Rig) -> None:
     assert rig.sink.audio == make_frames("A", 30)
     assert [t for t, _ in rig.opener.opened] == ["A"] * 6
     assert not [e for e in rig.events if isinstance(e, TrackFailed)]
+    assert rig.player.stats.reopens == 5
