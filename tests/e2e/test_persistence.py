@@ -177,7 +177,8 @@ async def test_ending_forgets_and_shutdown_keeps_then_restores(
             assert session.player.current.url == long
             assert [t.url for t in session.queue.upcoming] == [nxt]
             assert session.volume_percent == 60
-            assert session.player.position >= kept.position
+            # Opened at the saved position (a seek lands on a frame, at most 20 ms before).
+            assert session.player.position >= kept.position - 0.02
             # Nothing restored twice: a later READY finds it done.
             assert await music(bot).persistence.restore() == [gid]
             assert music(bot).session(gid) is session
