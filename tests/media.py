@@ -265,6 +265,8 @@ class Route:
             nothing until the server stops (a stalled server).
         fail_after: Answer normally this many times, then ``fail_status`` for every later request.
         fail_status: The status used once ``fail_after`` requests have been served.
+        count_heads: Whether HEAD requests count toward ``fail_after``; ``False`` counts GETs
+            only (a signed URL that expires after its download, whatever probed it before).
         handler: When set, called with the request handler instead of all the above.
     """
 
@@ -275,6 +277,7 @@ class Route:
     stall_after: int | None = None
     fail_after: int | None = None
     fail_status: int = 403
+    count_heads: bool = True
     handler: Callable[[BaseHTTPRequestHandler], None] | None = None
     requests: int = field(default=0, init=False)
 
@@ -373,11 +376,11 @@ class MediaServer:
         shutil.copyfile(source, target)
         return self.url(name)
 
-    def request_count(self, path: str) -> int:
-        """How many requests (any method) reached ``path``."""
+    def request_count(self, path: str, method: str | None = None) -> int:
+        """How many requests (of ``method``, else any) reached ``path``."""
         wanted = "/" + path.lstrip("/")
         with self._lock:
-            return sum(1 for _, p in self.requests if p == wanted)
+            return sum(1 for m, p in self.requests if p == wanted and method in (None, m.upper()))
 
     # ---- used by the handler
 
@@ -386,7 +389,7 @@ class MediaServer:
             self.requests.append((method, path))
             self.request_log.append(LoggedRequest(method, path, headers, target))
             route = self.routes.get(path)
-            if route is not None:
+            if route is not None and (route.count_heads or method.upper() != "HEAD"):
                 route.requests += 1
             return route
 
@@ -503,6 +506,51 @@ def _make_handler(server: MediaServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
+
+
+def serve_page(page: Callable[[], bytes]) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A route handler answering with ``page()``, made anew for every request."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        body = page()
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html; charset=utf-8")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    return handler
+
+
+@dataclass(frozen=True)
+class Expiring:
+    """A page naming a stream URL that stops working mid-track, and the URL that replaces it."""
+
+    page: str
+    first: str
+    second: str
+
+
+def expiring_stream(server: MediaServer, name: str, body: Path, *, renewed: bool) -> Expiring:
+    """Serve ``name/page.html``, whose ``<audio>`` names ``tok-1.mp3`` until that URL expires.
+
+    ``tok-1.mp3`` cuts its first download at two fifths of the file and refuses (403) every
+    later GET: FFmpeg's reconnect is refused, as an expired signed URL is. HEADs before that (a
+    URL guard walking redirects) are answered and do not count. From then on the page names
+    ``tok-2.mp3``, which serves the file (or, when not ``renewed``, refuses it too).
+    """
+    size = body.stat().st_size
+    first, second = f"{name}/tok-1.mp3", f"{name}/tok-2.mp3"
+    server.add_route(first, body=body, truncate_at=size * 2 // 5, fail_after=1, count_heads=False)
+    server.add_route(second, body=body, fail_after=None if renewed else 0)
+
+    def page() -> bytes:
+        expired = server.request_count(first, "GET") > 1
+        return audio_list_page(name, ["/" + (second if expired else first)])
+
+    url = server.add_route(f"{name}/page.html", handler=serve_page(page))
+    return Expiring(url, first, second)
 
 
 def expected_frames(seconds: float) -> int:

@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,10 @@ from legato.audio.track import Track
 from legato.errors import AudioError
 from tests.fakes import RecordingSink
 from tests.media import (
+    Expiring,
     MediaServer,
-    audio_list_page,
     expected_frames,
+    expiring_stream,
     html_page,
     write_steps,
     write_tone,
@@ -214,50 +214,6 @@ async def test_seek_and_volume_on_a_real_stream(pipeline: Pipeline) -> None:
     # About 1 s was skipped: what was sent is the start, then the last 0.5 s.
     assert len(frames) < expected_frames(SECONDS) - 30
     assert tone_of(frames) == pytest.approx(523.0, abs=3.0)
-
-
-def serve_page(page: Callable[[], bytes]) -> Callable[[BaseHTTPRequestHandler], None]:
-    """A route handler answering with ``page()``, made anew for every request."""
-
-    def handler(request: BaseHTTPRequestHandler) -> None:
-        body = page()
-        request.send_response(200)
-        request.send_header("Content-Type", "text/html; charset=utf-8")
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        if request.command != "HEAD":
-            request.wfile.write(body)
-
-    return handler
-
-
-@dataclass(frozen=True)
-class Expiring:
-    """A page naming a stream URL that stops working mid-track, and the URL that replaces it."""
-
-    page: str
-    first: str
-    second: str
-
-
-def expiring_stream(server: MediaServer, name: str, body: Path, *, renewed: bool) -> Expiring:
-    """Serve ``name/page.html``, whose ``<audio>`` names ``tok-1.mp3`` until that URL expires.
-
-    ``tok-1.mp3`` cuts its first answer at two fifths of the file and refuses (403) every later
-    request: FFmpeg's reconnect is refused, as an expired signed URL is. From then on the page
-    names ``tok-2.mp3``, which serves the file (or, when not ``renewed``, refuses it too).
-    """
-    size = body.stat().st_size
-    first, second = f"{name}/tok-1.mp3", f"{name}/tok-2.mp3"
-    server.add_route(first, body=body, truncate_at=size * 2 // 5, fail_after=1)
-    server.add_route(second, body=body, fail_after=None if renewed else 0)
-
-    def page() -> bytes:
-        expired = server.request_count(first) > 1
-        return audio_list_page(name, ["/" + (second if expired else first)])
-
-    url = server.add_route(f"{name}/page.html", handler=serve_page(page))
-    return Expiring(url, first, second)
 
 
 async def play_queue(player: GuildPlayer, sink: RecordingSink, tracks: list[Track]) -> None:
