@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import socket
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from legato.audio.resolve import (
 )
 from legato.errors import ResolveError
 from tests.conftest import FEED_ENTRIES, LIST_ENTRIES
-from tests.media import MediaServer
+from tests.media import MediaServer, audio_list_page
 
 pytestmark = pytest.mark.integration
 
@@ -244,3 +245,39 @@ def test_settings_are_validated() -> None:
         ResolverSettings(search_provider="yt search")
     with pytest.raises(ValueError, match="timeout"):
         ResolverSettings(timeout=0)
+
+
+async def test_one_worker_resolves_many_queries_without_sharing_cookies_or_failures(
+    media_server: MediaServer, media_dir: Path
+) -> None:
+    # One worker thread: every call runs on the YoutubeDL that thread keeps and reuses.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-reuse") as one:
+        resolver = Resolver(ResolverSettings(timeout=20.0), one)
+        page = audio_list_page("Cookies", [f"/{name}" for name in LIST_ENTRIES])
+
+        def with_cookie(request: BaseHTTPRequestHandler) -> None:
+            request.send_response(200)
+            request.send_header("Content-Type", "text/html; charset=utf-8")
+            request.send_header("Content-Length", str(len(page)))
+            request.send_header("Set-Cookie", "sid=from-the-first-query; Path=/")
+            request.end_headers()
+            request.wfile.write(page)
+
+        first = media_server.add_route("reuse/first.html", handler=with_cookie)
+        second = media_server.add_route("reuse/second.html", body=page)
+        assert len(await resolver.resolve(first)) == len(LIST_ENTRIES)
+        mark = len(media_server.request_log)
+        with pytest.raises(ResolveError) as caught:
+            await resolver.resolve(media_server.url("reuse/missing.mp3"))
+        assert caught.value.user_message == NOT_FOUND
+        tracks = await resolver.resolve(second)
+        info = await resolver.stream(tracks[0])
+    # A failure in between changes nothing for the next query, on the same worker.
+    assert [t.url for t in tracks] == [media_server.url(name) for name in LIST_ENTRIES]
+    assert info.url == media_server.url(LIST_ENTRIES[0])
+    later = media_server.request_log[mark:]
+    assert {"/reuse/missing.mp3", "/reuse/second.html", "/" + LIST_ENTRIES[0]} <= {
+        r.path for r in later
+    }
+    # The first page's cookie went nowhere after its own query.
+    assert [r.path for r in later if any(k.lower() == "cookie" for k in r.headers)] == []
