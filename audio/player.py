@@ -271,6 +271,9 @@ class _Entry:
         except LegatoError as exc:
             self._fail(exc)
             return
+        except _ExecutorGone as exc:
+            self._executor_gone(exc)
+            return
         while source is not None:
             if self.closed:  # closed while the opener was returning
                 source.close()
@@ -287,6 +290,9 @@ class _Entry:
             except LegatoError as exc:
                 self._fail(exc)
                 return
+            except _ExecutorGone as exc:
+                self._executor_gone(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
                 player._log.exception("reading %s failed unexpectedly", self.track.url)
                 self._fail(DecodeError(f"reading {self.track.url} failed: {exc!r}"))
@@ -299,6 +305,8 @@ class _Entry:
         except (asyncio.CancelledError, LegatoError):
             raise
         except Exception as exc:  # logged with traceback, re-raised as AudioError (TrackFailed)
+            if isinstance(exc, RuntimeError) and _shut_down(exc):
+                raise _ExecutorGone(str(exc)) from exc
             self.player._log.exception("opening %s failed unexpectedly", self.track.url)
             raise AudioError(f"opening {self.track.url} failed: {exc!r}") from exc
 
@@ -393,12 +401,21 @@ class _Entry:
             else:
                 loop.call_soon_threadsafe(_deliver, result, value)
 
-        inflight = self.inflight = (self.player._executor or _default_executor()).submit(job)
+        try:
+            inflight = self.inflight = (self.player._executor or _default_executor()).submit(job)
+        except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
+            raise _ExecutorGone(str(exc)) from exc
         try:
             return await result
         finally:
             if inflight.done():
                 self.inflight = None
+
+    def _executor_gone(self, exc: _ExecutorGone) -> None:
+        """The executor was shut down under the track (its owner is unloading): nothing more
+        can be read or opened, so the track ends as a closed one does, without a failure."""
+        self.player._log.info("%r stops: the player is closing (%s)", self.track.title, exc)
+        self.close()
 
     def _fail(self, error: LegatoError) -> None:
         self.error = error
@@ -411,6 +428,16 @@ class _Entry:
             op = self.ops.popleft()
             if not op.done.done():
                 op.done.set_exception(error)
+
+
+class _ExecutorGone(Exception):
+    """The executor refused work: it was shut down (the player's owner is going away)."""
+
+
+def _shut_down(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is an executor's refusal after ``shutdown()`` (from ``run_in_executor``
+    deeper down, e.g. in the opener's resolver)."""
+    return "after shutdown" in str(exc) or "after interpreter shutdown" in str(exc)
 
 
 class _Gone(AudioError):
@@ -983,7 +1010,8 @@ class GuildPlayer:
             self._stall_since = now
             return
         waited = now - self._stall_since
-        if waited < self._stall_timeout or cur.eof:
+        # A closed current track is not stalled: its executor is gone and the player is closing.
+        if waited < self._stall_timeout or cur.eof or cur.closed:
             return
         cur._fail(
             DecodeError(

@@ -765,3 +765,45 @@ async def test_reopens_are_counted_only_while_no_audio_comes(rig: Rig) -> None:
     assert [t for t, _ in rig.opener.opened] == ["A"] * 6
     assert not [e for e in rig.events if isinstance(e, TrackFailed)]
     assert rig.player.stats.reopens == 5
+
+
+async def test_an_executor_shut_down_under_the_player_ends_tracks_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its owner shut the executor down first (an extension unloading): the read it refuses and
+    the next track's open (refused deeper down, in the opener) end the tracks as closed ones,
+    with no failure, no stall and no traceback; the player still closes cleanly."""
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    scripted = ScriptedOpener()
+    events: list[PlayerEvent] = []
+    pool = ThreadPoolExecutor(2, thread_name_prefix="test-gone")
+
+    async def opener(track: Track, start: float) -> FrameSource:
+        # As the real opener does: resolve and open in the same executor.
+        await asyncio.get_running_loop().run_in_executor(pool, int)
+        return await scripted(track, start)
+
+    player = GuildPlayer(
+        sink, opener, clock=clock, executor=pool, buffer_ms=100, on_event=events.append
+    )
+    player.queue.add([scripted.script("A", 3000), scripted.script("B", 3000)])
+    closing = "the player is closing"
+    with caplog.at_level(logging.INFO, logger="legato.audio.player"):
+        player.start()
+        async with asyncio.timeout(20):
+            await sink.wait_frames(1)
+        pool.shutdown(wait=True)
+        await clock.run_until(lambda: closing in caplog.text)  # A's next read was refused
+        await clock.advance(30.0)  # three stall timeouts: a closed track is not a stalled one
+        player.skip()
+        await clock.run_until(lambda: caplog.text.count(closing) == 2)  # B's open was refused
+        await player.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # A played until skipped; B never started; nothing failed.
+    assert [(type(e).__name__, getattr(e, "reason", None)) for e in events] == [
+        ("TrackStarted", None),
+        ("TrackEnded", EndReason.SKIPPED),
+    ]
+    assert others() == set()
+    assert [s.closed for s in scripted.sources] == [True]
