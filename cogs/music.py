@@ -104,6 +104,7 @@ _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
 _POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to go out
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
+_UNLOADING: Final = "The music player is shutting down; try again in a moment."
 _DISCONNECTED_KEPT: Final = (
     "I was disconnected from the voice channel; the queue ({count}) is kept: /join or /play "
     "to pick it up again."
@@ -449,6 +450,8 @@ class MusicCog(commands.Cog, name="Music"):
         self._kept: dict[int, tuple[list[Track], LoopMode]] = {}
         #: Saves sessions and resumes them after a restart ([storage]); None when off.
         self.persistence: Persistence | None = None
+        #: Set first thing on unload: no session may be made after it (see ``_connect``).
+        self._unloading = False
 
     async def cog_load(self) -> None:
         """Open the guild state store when ``[storage]`` is enabled (resumed on READY)."""
@@ -467,7 +470,13 @@ class MusicCog(commands.Cog, name="Music"):
             task.add_done_callback(self._ended)
 
     async def cog_unload(self) -> None:
-        """Leave every voice channel and stop every task this cog started."""
+        """Leave every voice channel and stop every task this cog started.
+
+        A command still running (a /play resolving, a /join connecting) or a restore cannot
+        make a session afterwards: ``_connect`` refuses once unloading, and the joins already
+        connecting are waited for (each leaves again) before the sessions are ended.
+        """
+        self._unloading = True
         if self.persistence is not None:
             # First: the sessions are kept as they are, to resume after the restart.
             await self.persistence.close()
@@ -475,6 +484,9 @@ class MusicCog(commands.Cog, name="Music"):
             pager.stop()
         self._pagers.clear()
         await self._suggestions.close()
+        for lock in list(self._locks.values()):
+            async with lock:  # a join in progress ends (and leaves again) before this goes on
+                pass
         await asyncio.gather(
             *(self.end_session(gid, leave=True) for gid in list(self.sessions)),
             return_exceptions=True,
@@ -484,6 +496,7 @@ class MusicCog(commands.Cog, name="Music"):
             _, late = await asyncio.wait(set(self._ending), timeout=_POST_GRACE)
             for task in late:
                 task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -501,6 +514,8 @@ class MusicCog(commands.Cog, name="Music"):
     ) -> GuildSession:
         """Join ``channel`` with Legato's voice client and make the guild's session."""
         async with self._lock(guild.id):
+            if self._unloading:
+                raise _unloading()
             existing = self.session(guild.id)
             if existing is not None:
                 return existing
@@ -517,6 +532,9 @@ class MusicCog(commands.Cog, name="Music"):
             except discord.ClientException as exc:
                 raise VoiceConnectError(f"connect to {channel.id}: {exc}") from exc
             assert isinstance(voice, LegatoVoiceClient)
+            if self._unloading:  # unloaded while connecting: nothing may outlive the cog
+                await voice.disconnect(force=True)
+                raise _unloading()
             session = GuildSession(self, guild, voice, text)
             self.sessions[guild.id] = session
             voice.add_disconnect_listener(self._voice_gone)
@@ -812,6 +830,23 @@ class MusicCog(commands.Cog, name="Music"):
     async def _search(self, query: str) -> list[Track]:
         return await self.resolver.resolve(query)
 
+    async def _resolve(self, query: str, requester_id: int) -> list[Track]:
+        """Resolve for a command; "shutting down" when the cog unloads under it.
+
+        Unloading shuts the executor down: a resolve waiting for a worker is cancelled, one
+        that still had to start is refused (RuntimeError). The command's own task being
+        cancelled is not that, and goes on as a cancel.
+        """
+        if self._unloading:
+            raise _unloading()
+        try:
+            return await self.resolver.resolve(query, requester_id=requester_id)
+        except (RuntimeError, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if not self._unloading or (task is not None and task.cancelling()):
+                raise
+            raise _unloading() from None
+
     # -- commands: joining and leaving ---------------------------------------------------------
 
     @app_commands.guild_only()
@@ -910,7 +945,7 @@ class MusicCog(commands.Cog, name="Music"):
         self._check_query(query)
         await interaction.response.defer(ephemeral=True, thinking=True)
         is_search = _is_search(query)
-        tracks = await self.resolver.resolve(query, requester_id=member.id)
+        tracks = await self._resolve(query, member.id)
         tracks, too_long = self._check_tracks(tracks, search=is_search)
         # While resolving, the session may have ended, or another /play may have made one.
         session = self.session(member.guild.id)
@@ -1233,6 +1268,10 @@ class MusicCog(commands.Cog, name="Music"):
             "when they match, the audio is end-to-end encrypted between us.",
             ephemeral=True,
         )
+
+
+def _unloading() -> LegatoError:
+    return LegatoError("the music cog is unloading", user_message=_UNLOADING)
 
 
 def _span(seconds: float) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -725,3 +727,63 @@ async def test_configure_names_the_file_and_teardown_removes_the_cog(
         await bot.close()
     finally:
         legato.configure(None)
+
+
+def _legato_tasks() -> list[str]:
+    """Tasks running Legato's code (not the sandbox's), by name and coroutine."""
+    package = Path(legato.__file__).parent
+    sandbox = package / "sandbox"
+    found = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is None:
+            continue
+        where = Path(code.co_filename)
+        if where.is_relative_to(package) and not where.is_relative_to(sandbox):
+            found.append(f"{task.get_name()}: {code.co_qualname}")
+    return found
+
+
+async def test_unload_while_play_resolves_leaves_no_session_and_no_error(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The extension is unloaded while a /play's yt-dlp call is reading its page in a worker.
+    That call finishes after the cog has ended its sessions and shut its executor down: the
+    /play must not make a session then (its player would outlive the cog); it is answered that
+    the player is shutting down, and nothing is logged as an error."""
+    sb = sandbox
+    entered, release = threading.Event(), threading.Event()
+    body = audio_list_page("Held", ["/a440.ogg?held=1", "/b880.ogg?held=2"])
+
+    def held(request: Any) -> None:
+        if request.command == "GET":  # the URL guard's HEAD passes; yt-dlp's GET waits
+            entered.set()
+            release.wait(GUARD)
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html; charset=utf-8")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    url = tones.server.add_route("held/list.html", handler=held)
+    with caplog.at_level(logging.INFO):
+        async with running(sb, make_config(tones)) as bot:
+            alice = sb.add_user("alice")
+            await alice.join_voice(sb.general)
+            await start_playing(sb, alice, tones.a)
+            assert _legato_tasks()  # the session's player is feeding
+            reply = await alice.invoke("play", query=url)
+            try:
+                assert await asyncio.to_thread(entered.wait, GUARD)
+                await bot.unload_extension("legato")
+            finally:
+                release.set()  # the worker's yt-dlp call now returns its two tracks
+            text = await refused(reply, "shutting down")
+            await sb.wait_bot_voice(None)
+            assert bot.get_cog("Music") is None
+            assert _legato_tasks() == []
+    assert text == "The music player is shutting down; try again in a moment."
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert "/play refused: the music cog is unloading" in caplog.text
