@@ -389,9 +389,12 @@ async def queue_ops(
     for problem in r.problems[:10]:
         print("  queue storm:", problem, file=sys.stderr)
     lat = sorted(r.latencies)
-    # /play waits for yt-dlp; the other commands are the queue path alone.
+    # /play waits for yt-dlp; the other commands answer without it: the queue path alone.
+    # (`answered_at` and `latencies` are appended together, one entry per answer.)
     others = [t for command, t in r.answered_at if command != "play"]
-    # Commands other than /play answer without yt-dlp; their round trip is the queue path's.
+    path_lat = sorted(
+        t for (command, _), t in zip(r.answered_at, r.latencies, strict=True) if command != "play"
+    )
     return {
         "guilds": float(guilds),
         "target_rate": rate,
@@ -400,6 +403,8 @@ async def queue_ops(
         "queue_path_rate": len(others) / max(others) if others else 0.0,
         "rtt_p50_ms": bc.q(lat, 0.50) * 1e3,
         "rtt_p99_ms": bc.q(lat, 0.99) * 1e3,
+        "queue_path_rtt_p50_ms": bc.q(path_lat, 0.50) * 1e3 if path_lat else 0.0,
+        "queue_path_rtt_p99_ms": bc.q(path_lat, 0.99) * 1e3 if path_lat else 0.0,
         "refused": float(r.refused),
         "inconsistencies": float(len(r.problems)),
         "tracks_added": float(sum(len(g.added) for g in r.ledgers.values())),
@@ -410,13 +415,17 @@ def queue_table(r: dict[str, float]) -> str:
     """The queue storm's figures as a Markdown table."""
     text: str = bc.table(
         f"Queue commands across {int(r['guilds'])} guilds (sandbox -> bot -> cog handlers)",
-        ["target /s", "sent", "answered /s (incl. yt-dlp /play)", "non-/play answered /s",
-         "rtt p50 ms", "rtt p99 ms",
+        ["target /s", "sent", "answered /s (incl. yt-dlp /play)", "rtt p50 ms", "rtt p99 ms",
+         "queue path answered /s (no /play)", "queue path rtt p50 ms", "queue path rtt p99 ms",
          "refused (bad position, empty)", "tracks added", "inconsistencies"],
-        [[r["target_rate"], int(r["sent"]), r["answered_rate"], r["queue_path_rate"],
-          r["rtt_p50_ms"], r["rtt_p99_ms"],
+        [[r["target_rate"], int(r["sent"]), r["answered_rate"], r["rtt_p50_ms"], r["rtt_p99_ms"],
+          r["queue_path_rate"], r["queue_path_rtt_p50_ms"], r["queue_path_rtt_p99_ms"],
           int(r["refused"]), int(r["tracks_added"]), int(r["inconsistencies"])]],
     )  # fmt: skip
+    text += (
+        f"\nQueue commands answered: {r['answered_rate']:.0f}/s with /play (yt-dlp); "
+        f"the queue path alone: {r['queue_path_rate']:.0f}/s (target {r['target_rate']:.0f}/s).\n"
+    )
     return text
 
 
