@@ -9,14 +9,21 @@ local extraction (~45 ms registering its extractors, ~20 ms loading CA certifica
 the GIL held, which stalls the event loop. Cookies are dropped after each call. Every yt-dlp
 failure becomes a :class:`ResolveError` whose ``str`` keeps the detail and whose
 ``user_message`` is a safe sentence.
+
+Even reused, yt-dlp's own Python work (a generic page's embed scan, format sorting: tens of ms
+a call) holds the GIL, and every socket call of the event loop then waits for it. With
+``processes``, extractions run in worker processes instead (``[playback] resolve_processes``):
+at 500 queue commands a second with /play among them, that doubled the commands answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.process
 import functools
 import logging
+import multiprocessing
 import os
 import re
 import threading
@@ -200,6 +207,89 @@ def _track_from_entry(entry: Mapping[str, Any], parent_url: str | None, requeste
     )
 
 
+#: Per worker thread (or process): its YoutubeDL for each set of options, made on first use.
+_YDLS: Final = threading.local()
+
+
+def _ydl_options(settings: ResolverSettings, *, flat: bool) -> dict[str, Any]:
+    return {
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "logger": _YdlLogger(),
+        "skip_download": True,
+        "cachedir": False,
+        # Listing: a URL naming a playlist adds it. Playing: only the item itself (a video
+        # URL that also names a playlist must not resolve to the playlist's first entry).
+        "noplaylist": not flat,
+        "extract_flat": "in_playlist" if flat else False,
+        "playlistend": settings.max_playlist if flat else 1,
+        "format": _FORMAT,
+        "socket_timeout": settings.timeout,
+        "retries": 1,
+        "extractor_retries": 0,
+        "ignoreerrors": False,
+        "check_formats": False,
+        "default_search": "error",
+    }
+
+
+def _extract_blocking(
+    settings: ResolverSettings, url: str, flat: bool, trusted: bool
+) -> dict[str, Any]:
+    """yt-dlp's info for ``url`` on this thread's YoutubeDL, checked by the URL policy."""
+    key = (flat, settings.max_playlist, settings.timeout)
+    cache: dict[tuple[bool, int, float], yt_dlp.YoutubeDL] | None = getattr(_YDLS, "cache", None)
+    if cache is None:
+        cache = _YDLS.cache = {}
+    ydl = cache.get(key)
+    if ydl is None:
+        ydl = cache[key] = yt_dlp.YoutubeDL(_ydl_options(settings, flat=flat))
+    try:
+        info = ydl.extract_info(url, download=False)
+    except BaseException:
+        # Whatever state a failed extraction left behind is not carried into the next one.
+        del cache[key]
+        ydl.close()
+        raise
+    finally:
+        ydl.cookiejar.clear()  # one query's cookies are not sent with another's
+    if not isinstance(info, dict):
+        raise ResolveError(f"yt-dlp returned nothing for {url}", user_message=NO_AUDIO)
+    if settings.url_policy is not None:
+        # Where yt-dlp's own redirects ended, and what it found there.
+        settings.url_policy.check_info(info, trusted_page=trusted)
+    return info
+
+
+#: What a worker process hands back: the info, or (None, detail, user message).
+_Outcome = tuple[dict[str, Any] | None, str, str]
+
+
+def _extract_in_process(
+    settings: ResolverSettings, url: str, flat: bool, trusted: bool
+) -> _Outcome:
+    """:func:`_extract_blocking` in a worker process: failures come back classified (a yt-dlp
+    exception and its traceback do not cross a process boundary), the info as plain data."""
+    try:
+        info = _extract_blocking(settings, url, flat, trusted)
+    except ResolveError as exc:
+        return None, str(exc), exc.user_message
+    except (yt_dlp.utils.YoutubeDLError, OSError, ValueError, KeyError) as exc:
+        return None, f"yt-dlp failed for {url}: {exc}", _classify(exc)
+    return yt_dlp.YoutubeDL.sanitize_info(info), "", ""
+
+
+def _process_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Workers forked from a server that has imported yt-dlp (not from the bot's own process,
+    whose threads and event loop a fork would copy mid-flight)."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload([__name__])
+    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+
+
 class Resolver:
     """Resolve queries into tracks and tracks into stream URLs with yt-dlp, off the event loop."""
 
@@ -207,11 +297,33 @@ class Resolver:
         self,
         settings: ResolverSettings | None = None,
         executor: concurrent.futures.Executor | None = None,
+        *,
+        processes: int = 0,
     ) -> None:
+        """Make a resolver.
+
+        Args:
+            settings: How queries are resolved.
+            executor: Runs the blocking work (``None``: the loop's default executor).
+            processes: When above 0, yt-dlp's extractions run in a pool of that many worker
+                processes (made on first use, made again if one dies) instead of `executor`:
+                its Python work then no longer holds the bot's GIL against the event loop.
+                :meth:`close` shuts the pool down.
+        """
+        if processes < 0:
+            raise ValueError(f"processes must be 0 or more, got {processes}")
         self.settings = settings or ResolverSettings()
         self._executor = executor
-        #: Per worker thread: ``flat`` (listing) / ``stream`` (playing) -> its YoutubeDL.
-        self._ydls = threading.local()
+        self._processes = processes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """Shut the worker processes down (extractions still waiting are cancelled)."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     # ---- public API
 
@@ -336,55 +448,6 @@ class Resolver:
 
     # ---- yt-dlp
 
-    def _options(self, *, flat: bool) -> dict[str, Any]:
-        return {
-            "quiet": True,
-            "no_warnings": True,
-            "noprogress": True,
-            "logger": _YdlLogger(),
-            "skip_download": True,
-            "cachedir": False,
-            # Listing: a URL naming a playlist adds it. Playing: only the item itself (a video
-            # URL that also names a playlist must not resolve to the playlist's first entry).
-            "noplaylist": not flat,
-            "extract_flat": "in_playlist" if flat else False,
-            "playlistend": self.settings.max_playlist if flat else 1,
-            "format": _FORMAT,
-            "socket_timeout": self.settings.timeout,
-            "retries": 1,
-            "extractor_retries": 0,
-            "ignoreerrors": False,
-            "check_formats": False,
-            "default_search": "error",
-        }
-
-    def _ydl(self, flat: bool) -> yt_dlp.YoutubeDL:
-        """This thread's YoutubeDL for the mode (made on first use)."""
-        key = "flat" if flat else "stream"
-        ydl: yt_dlp.YoutubeDL | None = getattr(self._ydls, key, None)
-        if ydl is None:
-            ydl = yt_dlp.YoutubeDL(self._options(flat=flat))
-            setattr(self._ydls, key, ydl)
-        return ydl
-
-    def _extract_blocking(self, url: str, flat: bool, trusted: bool) -> dict[str, Any]:
-        ydl = self._ydl(flat)
-        try:
-            info = ydl.extract_info(url, download=False)
-        except BaseException:
-            # Whatever state a failed extraction left behind is not carried into the next one.
-            delattr(self._ydls, "flat" if flat else "stream")
-            ydl.close()
-            raise
-        finally:
-            ydl.cookiejar.clear()  # one query's cookies are not sent with another's
-        if not isinstance(info, dict):
-            raise ResolveError(f"yt-dlp returned nothing for {url}", user_message=NO_AUDIO)
-        if self.settings.url_policy is not None:
-            # Where yt-dlp's own redirects ended, and what it found there.
-            self.settings.url_policy.check_info(info, trusted_page=trusted)
-        return info
-
     async def _follow(self, url: str, headers: Mapping[str, str] | None = None) -> str:
         """Check ``url`` and its redirects with the URL policy; return where they end."""
         policy = self.settings.url_policy
@@ -402,8 +465,10 @@ class Resolver:
             ) from exc
 
     async def _extract(self, url: str, *, flat: bool, trusted: bool = False) -> dict[str, Any]:
+        if self._processes:
+            return await self._extract_isolated(url, flat=flat, trusted=trusted)
         loop = asyncio.get_running_loop()
-        call = functools.partial(self._extract_blocking, url, flat, trusted)
+        call = functools.partial(_extract_blocking, self.settings, url, flat, trusted)
         try:
             async with asyncio.timeout(self.settings.timeout):
                 return await loop.run_in_executor(self._executor, call)
@@ -417,6 +482,35 @@ class Resolver:
             raise ResolveError(
                 f"yt-dlp failed for {url}: {exc}", user_message=_classify(exc)
             ) from exc
+
+    async def _extract_isolated(self, url: str, *, flat: bool, trusted: bool) -> dict[str, Any]:
+        """:meth:`_extract` in a worker process."""
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")  # as an executor
+        if self._pool is None:
+            self._pool = _process_pool(self._processes)
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        call = functools.partial(_extract_in_process, self.settings, url, flat, trusted)
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                info, detail, message = await loop.run_in_executor(pool, call)
+        except TimeoutError as exc:
+            raise ResolveError(
+                f"yt-dlp took longer than {self.settings.timeout}s for {url}", user_message=TOO_SLOW
+            ) from exc
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            # A worker died (killed, out of memory): this query fails; the next gets a new pool.
+            _log.warning("a yt-dlp worker process died (%s); starting new ones", exc)
+            if self._pool is pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+            raise ResolveError(
+                f"yt-dlp's worker process died on {url}", user_message=GENERIC
+            ) from exc
+        if info is None:
+            raise ResolveError(detail, user_message=message)
+        return info
 
     # ---- local files
 

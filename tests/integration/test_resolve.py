@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import socket
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -281,3 +282,37 @@ async def test_one_worker_resolves_many_queries_without_sharing_cookies_or_failu
     }
     # The first page's cookie went nowhere after its own query.
     assert [r.path for r in later if any(k.lower() == "cookie" for k in r.headers)] == []
+
+
+async def test_extractions_in_worker_processes(
+    executor: concurrent.futures.ThreadPoolExecutor, media_server: MediaServer
+) -> None:
+    # The same answers and the same classified failures as in threads; close() ends the pool.
+    resolver = Resolver(ResolverSettings(timeout=20.0), executor, processes=1)
+    try:
+        tracks = await resolver.resolve(media_server.url("pages/list.html"), requester_id=3)
+        assert [t.url for t in tracks] == [media_server.url(name) for name in LIST_ENTRIES]
+        info = await resolver.stream(tracks[0])
+        assert info.url == media_server.url(LIST_ENTRIES[0])
+        threads = Resolver(ResolverSettings(timeout=20.0), executor)
+        in_threads = await threads.resolve(media_server.url("pages/list.html"), requester_id=3)
+        assert [dataclasses.replace(t, uid=0) for t in tracks] == [
+            dataclasses.replace(t, uid=0) for t in in_threads
+        ]
+        # yt-dlp picks its user agent's browser version at random, once per process.
+        expected = await threads.stream(tracks[0])
+        assert set(info.http_headers) == set(expected.http_headers)
+        assert dataclasses.replace(info, http_headers={}) == dataclasses.replace(
+            expected, http_headers={}
+        )
+        with pytest.raises(ResolveError) as caught:
+            await resolver.resolve(media_server.url("missing.mp3"))
+        assert caught.value.user_message == NOT_FOUND
+        assert "404" in str(caught.value)
+        with pytest.raises(ResolveError) as caught:
+            await resolver.resolve(media_server.url("pages/nomedia.html"))
+        assert caught.value.user_message == NO_AUDIO
+    finally:
+        resolver.close()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        await resolver.resolve(media_server.url("pages/list.html"))
