@@ -19,7 +19,9 @@ half MP3 (decoded, resampled and encoded to Opus). Once every guild is heard, a 
 
 A second section measures the queue path: scripted users run `/remove`, `/move`, `/shuffle`,
 `/clear`, `/skip` and `/playnext` (a playlist of cached tracks) through the sandbox and the
-cog's handlers at a target rate, and reports the rate sustained and each command's round trip.
+cog's handlers at a target rate, and reports the rate sustained and each command's round trip,
+for all commands and for the queue path alone (all but /play, which waits for yt-dlp). It runs
+twice: yt-dlp in the bot's threads (the default) and in `QUEUE_PROCESSES` worker processes.
 
     python bench/bench_load.py --guilds 10 --seconds 10
 """
@@ -69,6 +71,9 @@ MIN_DELIVERED = 0.95
 #: Guilds set up at once (join voice, /play): keeps start-up from queueing 100 yt-dlp probes.
 SETUP_PARALLEL = 10
 GUARD = 120.0
+#: The queue storm runs twice: yt-dlp in the bot's threads (the default), and in this many
+#: worker processes (``[playback] resolve_processes``).
+QUEUE_PROCESSES = 2
 
 
 @dataclass(frozen=True)
@@ -333,7 +338,9 @@ def run(quick: bool = True) -> str:
         text += load_table(r, f"Load: one process, 100 guilds, {name} ({r['seconds']:.0f} s)")
     ops = asyncio.run(queue_ops())
     FIGURES.update({f"load.queue.{k}": v for k, v in ops.items()})
-    text += queue_table(ops)
+    isolated = asyncio.run(queue_ops(processes=QUEUE_PROCESSES))
+    FIGURES.update({f"load.queue.processes.{k}": v for k, v in isolated.items()})
+    text += queue_table(ops, isolated)
     return text
 
 
@@ -364,13 +371,16 @@ def main() -> None:
         )
         print(load_table(r, f"Load: {args.guilds} guilds ({r['seconds']:.0f} s)"))
     if not args.no_queue:
-        print(queue_table(asyncio.run(queue_ops())))
+        runs = [asyncio.run(queue_ops(processes=n)) for n in (0, QUEUE_PROCESSES)]
+        print(queue_table(*runs))
 
 
 async def queue_ops(
-    guilds: int = 10, rate: float = 500.0, seconds: float = 2.0
+    guilds: int = 10, rate: float = 500.0, seconds: float = 2.0, processes: int = 0
 ) -> dict[str, float]:
     """The queue storm of `tests.e2e.queue_storm` at `rate` commands a second; its figures.
+
+    `processes`: ``[playback] resolve_processes`` (0: yt-dlp in the bot's threads).
 
     Returns:
         Commands sent, the rate answered (commands / seconds from the first sent to the last
@@ -381,7 +391,9 @@ async def queue_ops(
         files = await asyncio.to_thread(TrackFiles, root, 60.0)
         with MediaServer(root) as media:
             config_path = root / "legato.toml"
-            config_path.write_text(storm_config(media), encoding="utf-8")
+            config_path.write_text(
+                storm_config(media, resolve_processes=processes), encoding="utf-8"
+            )
             async with Sandbox(timeout=GUARD) as sb, running_bot(sb, config_path, GUARD) as bot:
                 r: StormResult = await queue_storm(
                     sb, bot, media, files, guilds=guilds, rate=rate, seconds=seconds
@@ -397,6 +409,7 @@ async def queue_ops(
     )
     return {
         "guilds": float(guilds),
+        "processes": float(processes),
         "target_rate": rate,
         "sent": float(r.sent),
         "answered_rate": r.answered / r.elapsed if r.elapsed else 0.0,
@@ -411,21 +424,32 @@ async def queue_ops(
     }
 
 
-def queue_table(r: dict[str, float]) -> str:
-    """The queue storm's figures as a Markdown table."""
+def _yt_dlp_in(r: dict[str, float]) -> str:
+    n = int(r["processes"])
+    return f"{n} process{'es' if n > 1 else ''}" if n else "threads"
+
+
+def queue_table(*runs: dict[str, float]) -> str:
+    """The queue storm's figures as a Markdown table, a row per run."""
+    r0 = runs[0]
     text: str = bc.table(
-        f"Queue commands across {int(r['guilds'])} guilds (sandbox -> bot -> cog handlers)",
-        ["target /s", "sent", "answered /s (incl. yt-dlp /play)", "rtt p50 ms", "rtt p99 ms",
-         "queue path answered /s (no /play)", "queue path rtt p50 ms", "queue path rtt p99 ms",
-         "refused (bad position, empty)", "tracks added", "inconsistencies"],
-        [[r["target_rate"], int(r["sent"]), r["answered_rate"], r["rtt_p50_ms"], r["rtt_p99_ms"],
-          r["queue_path_rate"], r["queue_path_rtt_p50_ms"], r["queue_path_rtt_p99_ms"],
-          int(r["refused"]), int(r["tracks_added"]), int(r["inconsistencies"])]],
+        f"Queue commands across {int(r0['guilds'])} guilds (sandbox -> bot -> cog handlers)",
+        ["yt-dlp in", "target /s", "sent", "answered /s (incl. yt-dlp /play)", "rtt p50 ms",
+         "rtt p99 ms", "queue path answered /s (no /play)", "queue path rtt p50 ms",
+         "queue path rtt p99 ms", "refused (bad position, empty)", "tracks added",
+         "inconsistencies"],
+        [[_yt_dlp_in(r), r["target_rate"], int(r["sent"]), r["answered_rate"], r["rtt_p50_ms"],
+          r["rtt_p99_ms"], r["queue_path_rate"], r["queue_path_rtt_p50_ms"],
+          r["queue_path_rtt_p99_ms"], int(r["refused"]), int(r["tracks_added"]),
+          int(r["inconsistencies"])] for r in runs],
     )  # fmt: skip
-    text += (
-        f"\nQueue commands answered: {r['answered_rate']:.0f}/s with /play (yt-dlp); "
-        f"the queue path alone: {r['queue_path_rate']:.0f}/s (target {r['target_rate']:.0f}/s).\n"
-    )
+    text += "\n"
+    for r in runs:
+        text += (
+            f"yt-dlp in {_yt_dlp_in(r)}: queue commands answered {r['answered_rate']:.0f}/s "
+            f"with /play; the queue path alone {r['queue_path_rate']:.0f}/s "
+            f"(target {r['target_rate']:.0f}/s).\n"
+        )
     return text
 
 

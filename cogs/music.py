@@ -425,7 +425,9 @@ class MusicCog(commands.Cog, name="Music"):
                 ),
             ),
             executor=self.executor,
+            processes=pb.resolve_processes,
         )
+        self._resolver = self.resolver  # closed on unload, whatever stands in for it meanwhile
         voice = config.voice
         self.opus = OpusSettings(
             bitrate=voice.bitrate,
@@ -498,6 +500,7 @@ class MusicCog(commands.Cog, name="Music"):
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._resolver.close()  # its worker processes, if any
 
     # -- sessions ------------------------------------------------------------------------------
 

@@ -392,6 +392,11 @@ class PlaybackConfig:
     resolve_timeout: float = _key(
         20.0, _number(1, 300, "seconds"), "give up resolving a query after this long"
     )
+    resolve_processes: int = _key(
+        0,
+        _integer(0, 32),
+        "run yt-dlp in this many worker processes, off the bot's GIL; 0 in the bot's threads",
+    )
     keep_queue_on_disconnect: bool = _key(
         False,
         _boolean(),

@@ -50,9 +50,10 @@ _CLEARED = re.compile(r"^Cleared (\d+) tracks")
 _FAILED = re.compile(r"^Skipped \*\*[^*]+\*\*: ")
 
 
-def storm_config(media: MediaServer) -> str:
+def storm_config(media: MediaServer, *, resolve_processes: int = 0) -> str:
     """Legato's configuration for many guilds at once: `media` allowed, no timers, no
-    announcements, the per-user cooldown off and the queue open to every listener."""
+    announcements, the per-user cooldown off and the queue open to every listener; yt-dlp in
+    `resolve_processes` worker processes (0: in threads)."""
     return "\n".join(
         [
             "[voice]",
@@ -63,6 +64,7 @@ def storm_config(media: MediaServer) -> str:
             "leave_when_alone_after = 0",
             'search_provider = "none"',
             f'allowed_hosts = ["127.0.0.1:{media.port}"]',
+            f"resolve_processes = {resolve_processes}",
             "[permissions]",
             "cooldown_commands = 0",
             'clear = "everyone"',

@@ -14,11 +14,14 @@ from tests.e2e.queue_storm import TrackFiles, queue_storm, running_bot, storm_co
 pytestmark = pytest.mark.e2e
 
 
-async def test_queue_commands_across_guilds_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [0, 2], ids=["yt-dlp-in-threads", "yt-dlp-in-processes"])
+async def test_queue_commands_across_guilds_lose_and_duplicate_nothing(
+    tmp_path: Path, processes: int
+) -> None:
     files = TrackFiles(tmp_path, seconds=60.0, per_list=8)
     with MediaServer(tmp_path) as media:
         config = tmp_path / "legato.toml"
-        config.write_text(storm_config(media), encoding="utf-8")
+        config.write_text(storm_config(media, resolve_processes=processes), encoding="utf-8")
         async with Sandbox(timeout=60.0) as sb, running_bot(sb, config) as bot:
             result = await queue_storm(sb, bot, media, files, guilds=10, rate=500.0, seconds=2.0)
     assert result.problems == []

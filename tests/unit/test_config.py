@@ -234,6 +234,8 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "search_provider", '"http://x.test/s"', "URL template containing {query}"),
     ("playback", "search_results", "26", "an integer from 1 to 25"),
     ("playback", "resolve_timeout", "0.5", "a number from 1 to 300"),
+    ("playback", "resolve_processes", "-1", "an integer from 0 to 32"),
+    ("playback", "resolve_processes", "33", "an integer from 0 to 32"),
     ("playback", "keep_queue_on_disconnect", '"yes"', "true or false"),
     ("playback", "stream_timeout", "0", "a number from 1 to 300"),
     ("playback", "stream_timeout", "301", "a number from 1 to 300"),
