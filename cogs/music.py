@@ -489,10 +489,15 @@ class MusicCog(commands.Cog, name="Music"):
         for lock in list(self._locks.values()):
             async with lock:  # a join in progress ends (and leaves again) before this goes on
                 pass
-        await asyncio.gather(
-            *(self.end_session(gid, leave=True) for gid in list(self.sessions)),
-            return_exceptions=True,
+        guilds = list(self.sessions)
+        ended = await asyncio.gather(
+            *(self.end_session(gid, leave=True) for gid in guilds), return_exceptions=True
         )
+        for guild_id, outcome in zip(guilds, ended, strict=True):
+            if isinstance(outcome, Exception):  # one failing must not keep the others open
+                guild_logger(__name__, guild_id).error(
+                    "ending the session on unload failed", exc_info=outcome
+                )
         if self._ending:
             # Sessions ending on their own may be posting a notice: let it go out (see close()).
             _, late = await asyncio.wait(set(self._ending), timeout=_POST_GRACE)
