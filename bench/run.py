@@ -130,12 +130,13 @@ def summary() -> str:
         peer_key = key.replace("ours.pacing", "peer.pcm").replace("ours.stall", "peer.stall")
         peer = f" (peer {FIGURES[peer_key]:.3g})" if peer_key in FIGURES else ""
         lines.append(f"| {key} | {value}{peer} | {target} |")
-    # Load (bench_load): 100 guilds playing in one process; 500 queue commands a second.
+    # Load (bench_load): 100 guilds playing in one bot process; 500 queue commands a second.
     for key, target in [("load.mixed.stalled", "0"),
                         ("load.mixed.frames_lost", "0"),
                         ("load.mixed.dev_p99", "reported (ms)"),
                         ("load.mixed.player_late_p99_max", "reported (ms)"),
                         ("load.mixed.cpu_pct_per_stream", "reported (%)"),
+                        ("load.mixed.sandbox_cpu_pct", "reported (%, the bench's own process)"),
                         ("load.mixed.rss_growth_mb", "~0 (MB, last third - first third)"),
                         ("load.queue.answered_rate", "reported (/s, target 500)"),
                         ("load.queue.inconsistencies", "0")]:
