@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -35,6 +36,8 @@ from legato.sandbox.world import (
 _log = logging.getLogger(__name__)
 
 API_PREFIX: Final = "/api/v10"
+#: Seconds Discord gives a bot to answer an interaction before forgetting it.
+INTERACTION_DEADLINE: Final = 3.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -95,6 +98,8 @@ class RestServer:
         application_id: The bot's application id.
         bot_token: The token `Authorization: Bot ...` must carry.
         signal: Notified after every change.
+        interaction_deadline: Seconds the bot has to answer an interaction's callback, as on
+            Discord (3 s; later, 404 "Unknown interaction", code 10062); None: no limit.
     """
 
     def __init__(
@@ -106,14 +111,18 @@ class RestServer:
         application_id: int,
         bot_token: str,
         signal: Signal,
+        interaction_deadline: float | None = INTERACTION_DEADLINE,
     ) -> None:
         self.world = world
+        self.interaction_deadline = interaction_deadline
         self.gateway = gateway
         self.bot = bot
         self.application_id = application_id
         self._token = bot_token
         self._signal = signal
         self.unknown_routes: list[str] = []
+        # Interactions whose callback came after the deadline (answered 10062, as Discord does).
+        self.late_callbacks: list[int] = []
         self.requests: list[str] = []
         self.command_syncs: list[tuple[int | None, list[str]]] = []
         self._runner: web.AppRunner | None = None
@@ -288,6 +297,11 @@ class RestServer:
             return error_response(404, 10062, "Unknown interaction")
         if interaction.callback_type is not None:
             return error_response(400, 40060, "Interaction has already been acknowledged.")
+        late = time.monotonic() - interaction.created
+        if self.interaction_deadline is not None and late > self.interaction_deadline:
+            self.late_callbacks.append(interaction.id)
+            self._signal.notify()
+            return error_response(404, 10062, "Unknown interaction")
         body = await read_body(request)
         try:
             callback = CallbackType(int(body["type"]))

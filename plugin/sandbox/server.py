@@ -30,7 +30,7 @@ import yarl
 
 from legato.sandbox.events import Signal
 from legato.sandbox.gateway import DEFAULT_HEARTBEAT_INTERVAL_MS, GatewayServer
-from legato.sandbox.rest import RestServer
+from legato.sandbox.rest import INTERACTION_DEADLINE, RestServer
 from legato.sandbox.users import ScriptedUser
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.sandbox.world import (
@@ -161,6 +161,8 @@ class Sandbox:
         heartbeat_interval_ms: Gateway heartbeat interval announced in HELLO.
         timeout: Default seconds scripted users wait for the bot (hang guard).
         bot_name: The bot user's name.
+        interaction_deadline: Seconds the bot has to answer an interaction (Discord's 3 s);
+            a later callback gets 404 "Unknown interaction". None: no limit.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class Sandbox:
         heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS,
         timeout: float = DEFAULT_TIMEOUT,
         bot_name: str = "Legato",
+        interaction_deadline: float | None = INTERACTION_DEADLINE,
     ) -> None:
         self.host = "127.0.0.1"
         self.timeout = timeout
@@ -211,6 +214,7 @@ class Sandbox:
             application_id=self.application_id,
             bot_token=self.bot_token,
             signal=self.signal,
+            interaction_deadline=interaction_deadline,
         )
         self.users: dict[str, ScriptedUser] = {}
         self._restore: Callable[[], None] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -434,6 +435,8 @@ class Interaction:
     choices: list[JSON] | None = None
     # Edits the shown message had right after the callback (a reply's wait_edit counts from here).
     callback_edits: int = 0
+    # When the user started it (monotonic): Discord forgets an interaction not answered in 3 s.
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass

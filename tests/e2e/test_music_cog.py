@@ -149,6 +149,8 @@ async def running(
             task.result()
             raise AssertionError("bot.start returned before ready")
         yield bot
+        # Every interaction was answered within Discord's 3 s (a late one is 'Unknown').
+        assert sb.rest.late_callbacks == []
     finally:
         waiter.cancel()
         await bot.close()

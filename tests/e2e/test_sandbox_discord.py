@@ -96,9 +96,18 @@ class SandboxBot(commands.Bot):
         self.ready = asyncio.Event()
         self.raw_events: list[dict[str, Any]] = []
         self.received = Signal()
+        self.command_errors: list[app_commands.AppCommandError] = []
 
     async def setup_hook(self) -> None:
         await self.add_cog(self.cog)
+
+        async def on_error(
+            interaction: discord.Interaction, error: app_commands.AppCommandError
+        ) -> None:
+            self.command_errors.append(error)
+            self.received.notify()
+
+        self.tree.on_error = on_error  # type: ignore[method-assign]  # discord.py's documented hook
         guild = discord.Object(self.guild_id)
         self.tree.copy_global_to(guild=guild)
         await self.tree.sync(guild=guild)
@@ -193,6 +202,27 @@ async def test_slash_commands_get_replies(sandbox: Sandbox, bot: SandboxBot) -> 
 
     with pytest.raises(KeyError):
         await alice.invoke("echo")  # `text` is required
+
+
+async def test_an_answer_after_the_deadline_is_an_unknown_interaction(
+    sandbox: Sandbox, bot: SandboxBot
+) -> None:
+    assert sandbox.rest.interaction_deadline == 3.0  # Discord's
+    alice = sandbox.add_user("alice")
+    sandbox.rest.interaction_deadline = 0.0  # every answer comes too late
+    invoking = asyncio.create_task(alice.invoke("ping"))
+    late = await sandbox.wait_for(lambda: sandbox.rest.late_callbacks)
+    errors = await bot.received.wait_for(lambda: bot.command_errors, timeout=20)
+    assert sandbox.world.interactions[late[0]].callback_type is None
+    assert not invoking.done()
+    invoking.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await invoking
+    causes = [getattr(e, "original", e) for e in errors]
+    assert [(type(c), getattr(c, "code", None)) for c in causes] == [(discord.NotFound, 10062)]
+
+    sandbox.rest.interaction_deadline = 3.0
+    assert (await alice.invoke("ping")).content == "pong"
 
 
 async def test_deferred_reply_is_edited_then_followed_up(sandbox: Sandbox, bot: SandboxBot) -> None:
