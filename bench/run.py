@@ -51,20 +51,42 @@ def peer_section(quick: bool) -> str:
         FIGURES[f"peer.{kind}.n{n}.hog{hog}.gap_p99"] = r["gap_p99"]
         FIGURES[f"peer.{kind}.n{n}.hog{hog}.dev_p99"] = r["dev_p99"]
         FIGURES[f"peer.{kind}.n{n}.hog{hog}.mingap"] = r["mingap"]
-        rows.append([kind, n, "yes" if hog else "no", r["cpu_pct"], r["ffmpeg_pct"], r["delivered"],
-                     r["dev_p99"], r["gap_p99"], r["mingap"]])
+        rows.append(
+            [
+                kind,
+                n,
+                "yes" if hog else "no",
+                r["cpu_pct"],
+                r["ffmpeg_pct"],
+                r["delivered"],
+                r["dev_p99"],
+                r["gap_p99"],
+                r["mingap"],
+            ]
+        )
     out = bc.table(
         f"Peer: discord.py 2.7.1 AudioPlayer + FFmpeg ({seconds:g} s window)",
-        ["kind", "N", "hog", "cpu %/stream", "ffmpeg %", "delivered", "dev p99 ms", "gap p99 ms",
-         "mingap ms"],
+        [
+            "kind",
+            "N",
+            "hog",
+            "cpu %/stream",
+            "ffmpeg %",
+            "delivered",
+            "dev p99 ms",
+            "gap p99 ms",
+            "mingap ms",
+        ],
         rows,
     )
     r = bp.run_case("pcm", 1, 4.0, 0.5, media, 0, stall=True)
     FIGURES["peer.stall.mingap"] = r["stall_mingap"]
     FIGURES["peer.stall.burst"] = r["stall_burst"]
-    out += bc.table("Peer: after a 200 ms stall in source.read()",
-                    ["min gap after stall ms", "packets sent < 5 ms apart"],
-                    [[r["stall_mingap"], r["stall_burst"]]])
+    out += bc.table(
+        "Peer: after a 200 ms stall in source.read()",
+        ["min gap after stall ms", "packets sent < 5 ms apart"],
+        [[r["stall_mingap"], r["stall_burst"]]],
+    )
     return out
 
 
@@ -86,68 +108,117 @@ def _ratio(num: str, den: str) -> str:
 
 def summary() -> str:
     """The issue's goals as ratios of this run's rows."""
-    lines = ["", "### Goals, as ratios within this run", "",
-             "| goal | figure | target |", "|---|---|---|"]
+    lines = [
+        "",
+        "### Goals, as ratios within this run",
+        "",
+        "| goal | figure | target |",
+        "|---|---|---|",
+    ]
     goals = [
-        ("MP3 transcode CPU, peer's encoder settings / peer pcm", "ours.mp3.peer_settings.cpu",
-         "peer.pcm.n1.hog0.cpu", "<= 0.8"),
-        ("AAC transcode CPU, peer's encoder settings / peer pcm", "ours.aac.peer_settings.cpu",
-         "peer.pcm.n1.hog0.cpu", "<= 0.8"),
-        ("MP3 transcode CPU, Legato defaults / peer pcm", "ours.mp3.defaults.cpu",
-         "peer.pcm.n1.hog0.cpu", "<= 0.5"),
-        ("AAC transcode CPU, Legato defaults / peer pcm", "ours.aac.defaults.cpu",
-         "peer.pcm.n1.hog0.cpu", "<= 0.5"),
-        ("Opus passthrough CPU / peer pcm transcode", "ours.passthrough.cpu",
-         "peer.pcm.n1.hog0.cpu", "<= 0.05"),
-        ("Opus passthrough CPU / peer Opus copy", "ours.passthrough.cpu",
-         "peer.copy.n1.hog0.cpu", "<= 0.3"),
+        (
+            "MP3 transcode CPU, peer's encoder settings / peer pcm",
+            "ours.mp3.peer_settings.cpu",
+            "peer.pcm.n1.hog0.cpu",
+            "<= 0.8",
+        ),
+        (
+            "AAC transcode CPU, peer's encoder settings / peer pcm",
+            "ours.aac.peer_settings.cpu",
+            "peer.pcm.n1.hog0.cpu",
+            "<= 0.8",
+        ),
+        (
+            "MP3 transcode CPU, Legato defaults / peer pcm",
+            "ours.mp3.defaults.cpu",
+            "peer.pcm.n1.hog0.cpu",
+            "<= 0.5",
+        ),
+        (
+            "AAC transcode CPU, Legato defaults / peer pcm",
+            "ours.aac.defaults.cpu",
+            "peer.pcm.n1.hog0.cpu",
+            "<= 0.5",
+        ),
+        (
+            "Opus passthrough CPU / peer pcm transcode",
+            "ours.passthrough.cpu",
+            "peer.pcm.n1.hog0.cpu",
+            "<= 0.05",
+        ),
+        (
+            "Opus passthrough CPU / peer Opus copy",
+            "ours.passthrough.cpu",
+            "peer.copy.n1.hog0.cpu",
+            "<= 0.3",
+        ),
     ]
     for label, num, den, target in goals:
         lines.append(f"| {label} | {_ratio(num, den)} | {target} |")
     # Send path CPU beside discord.py's send_audio_packet (no target: reported as measured).
     for label, num, den in [
-        ("udp send path CPU (xchacha) / discord.py send_audio_packet",
-         "voice.send_path.ours.xchacha20.us", "voice.send_path.dpy.us"),
-        ("webrtc send path CPU (aiortc, SRTP) / discord.py send_audio_packet",
-         "voice.send_path.webrtc.us", "voice.send_path.dpy.us"),
-        ("udp send path CPU with DAVE / discord.py's with DAVE",
-         "dave.send_path.ours.xchacha.on.us", "dave.send_path.dpy.on.us"),
-        ("DAVE's added CPU per frame, Legato / discord.py",
-         "dave.send_path.ours.xchacha.overhead_us", "dave.send_path.dpy.overhead_us"),
+        (
+            "udp send path CPU (xchacha) / discord.py send_audio_packet",
+            "voice.send_path.ours.xchacha20.us",
+            "voice.send_path.dpy.us",
+        ),
+        (
+            "webrtc send path CPU (aiortc, SRTP) / discord.py send_audio_packet",
+            "voice.send_path.webrtc.us",
+            "voice.send_path.dpy.us",
+        ),
+        (
+            "udp send path CPU with DAVE / discord.py's with DAVE",
+            "dave.send_path.ours.xchacha.on.us",
+            "dave.send_path.dpy.on.us",
+        ),
+        (
+            "DAVE's added CPU per frame, Legato / discord.py",
+            "dave.send_path.ours.xchacha.overhead_us",
+            "dave.send_path.dpy.overhead_us",
+        ),
     ]:
         lines.append(f"| {label} | {_ratio(num, den)} | reported |")
-    for key in ("voice.send_path.webrtc.us", "dave.send_path.ours.xchacha.overhead_us",
-                "dave.send_path.dpy.overhead_us"):
+    for key in (
+        "voice.send_path.webrtc.us",
+        "dave.send_path.ours.xchacha.overhead_us",
+        "dave.send_path.dpy.overhead_us",
+    ):
         value = f"{FIGURES[key]:.3g} us/frame" if key in FIGURES else "n/a"
         lines.append(f"| {key} | {value} | reported |")
-    for key, target in [("ours.pacing.n32.hog1.gap_p99", "<= 2 ms"),
-                        ("ours.pacing.n32.hog1.dev_p99", "<= 2 ms"),
-                        ("ours.pacing.n32.hog1.mingap", ">= 10 ms"),
-                        ("ours.stall.mingap", ">= 10 ms"),
-                        ("ours.first_frame_ms", "< 300 ms"),
-                        ("ours.udp.max_streams_gap_p99_5ms", ">= 660")]:
+    for key, target in [
+        ("ours.pacing.n32.hog1.gap_p99", "<= 2 ms"),
+        ("ours.pacing.n32.hog1.dev_p99", "<= 2 ms"),
+        ("ours.pacing.n32.hog1.mingap", ">= 10 ms"),
+        ("ours.stall.mingap", ">= 10 ms"),
+        ("ours.first_frame_ms", "< 300 ms"),
+        ("ours.udp.max_streams_gap_p99_5ms", ">= 660"),
+    ]:
         value = f"{FIGURES[key]:.3g}" if key in FIGURES else "n/a"
         peer_key = key.replace("ours.pacing", "peer.pcm").replace("ours.stall", "peer.stall")
         peer = f" (peer {FIGURES[peer_key]:.3g})" if peer_key in FIGURES else ""
         lines.append(f"| {key} | {value}{peer} | {target} |")
     # Load (bench_load): 100 guilds playing in one bot process; 500 queue commands a second.
-    for key, target in [("load.mixed.stalled", "0"),
-                        ("load.mixed.frames_lost", "0"),
-                        ("load.mixed.dev_p99", "reported (ms)"),
-                        ("load.mixed.player_late_p99_max", "reported (ms)"),
-                        ("load.mixed.cpu_pct_per_stream", "reported (%)"),
-                        ("load.mixed.sandbox_cpu_pct", "reported (%, the bench's own process)"),
-                        ("load.mixed.rss_growth_mb", "~0 (MB, last third - first third)"),
-                        ("load.queue.answered_rate", "reported (/s, target 500)"),
-                        ("load.queue.inconsistencies", "0")]:
+    for key, target in [
+        ("load.mixed.stalled", "0"),
+        ("load.mixed.frames_lost", "0"),
+        ("load.mixed.dev_p99", "reported (ms)"),
+        ("load.mixed.player_late_p99_max", "reported (ms)"),
+        ("load.mixed.cpu_pct_per_stream", "reported (%)"),
+        ("load.mixed.sandbox_cpu_pct", "reported (%, the bench's own process)"),
+        ("load.mixed.rss_growth_mb", "~0 (MB, last third - first third)"),
+        ("load.queue.answered_rate", "reported (/s, target 500)"),
+        ("load.queue.inconsistencies", "0"),
+    ]:
         value = f"{FIGURES[key]:.3g}" if key in FIGURES else "n/a"
         lines.append(f"| {key} | {value} | {target} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--only", default="peer,audio,player,voice,dave,load")
     args = ap.parse_args()
