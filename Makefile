@@ -38,7 +38,8 @@ bench: relink
 lint: relink
 	$(VENV)/bin/ruff check plugin cogs audio tests bench examples
 	$(VENV)/bin/ruff format --check plugin cogs audio tests bench examples
-	$(VENV)/bin/mypy -p legato tests
+	$(VENV)/bin/mypy -p legato
+	$(VENV)/bin/mypy tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info out

@@ -11,7 +11,8 @@ from legato.audio.source import CHANNELS, SAMPLE_RATE
 def pcm_to_mono(pcm: bytes, channels: int = CHANNELS) -> npt.NDArray[np.float64]:
     """Interleaved s16 PCM to a mono float array in [-1, 1]."""
     samples = np.frombuffer(pcm[: len(pcm) - len(pcm) % (2 * channels)], dtype="<i2")
-    return samples.reshape(-1, channels).astype(np.float64).mean(axis=1) / 32768.0
+    mono: npt.NDArray[np.float64] = samples.reshape(-1, channels).astype(np.float64).mean(axis=1)
+    return mono / 32768.0
 
 
 def dominant_frequency(mono: npt.NDArray[np.float64], rate: int = SAMPLE_RATE) -> float:

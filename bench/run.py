@@ -64,7 +64,7 @@ def peer_section(quick: bool) -> str:
                 r["mingap"],
             ]
         )
-    out = bc.table(
+    out: str = bc.table(
         f"Peer: discord.py 2.7.1 AudioPlayer + FFmpeg ({seconds:g} s window)",
         [
             "kind",
