@@ -401,30 +401,6 @@ def _set_key(text: str, section: str, key: str, value: str) -> str:
     return text[: header.end()] + body + text[end:]
 
 
-@contextlib.asynccontextmanager
-async def _running_bot(
-    sb: Sandbox,
-    bot: commands.Bot,
-    timeout: float,  # noqa: ASYNC109
-) -> AsyncIterator[commands.Bot]:
-    sb.configure_bot(bot)
-    task = asyncio.create_task(bot.start(sb.bot_token), name="legato-demo-bot")
-    ready = asyncio.create_task(bot.wait_until_ready(), name="legato-demo-ready")
-    try:
-        async with asyncio.timeout(timeout):
-            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            raise RuntimeError("the bot stopped before it was ready")
-        yield bot
-    finally:
-        ready.cancel()
-        await bot.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            async with asyncio.timeout(timeout):
-                await task
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -486,7 +462,7 @@ class _Run:
         chat.line()
 
         self.step = "starting the bot"
-        async with _running_bot(sb, example_bot(config_path), options.timeout) as bot:
+        async with sb.running(example_bot(config_path), options.timeout) as bot:
             assert bot.user is not None
             bot_name = bot.user.name
             chat.line(f"{bot_name} is online in {len(bot.guilds)} servers; in {home.name}:")

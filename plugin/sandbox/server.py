@@ -4,21 +4,21 @@
 async with Sandbox() as sb:
     bot = commands.Bot(command_prefix="!", intents=discord.Intents.default(),
                        chunk_guilds_at_startup=False)
-    sb.configure_bot(bot)            # points discord.py's Route.BASE / DEFAULT_GATEWAY here
-    task = asyncio.create_task(bot.start(sb.bot_token))
-    await bot.wait_until_ready()
-    alice = sb.add_user("alice")
-    await alice.join_voice(sb.general)
-    reply = await alice.invoke("ping", channel=sb.music)
+    async with sb.running(bot):      # points discord.py here, starts it, waits until ready
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        reply = await alice.invoke("ping", channel=sb.music)
 ```
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar
@@ -48,6 +48,7 @@ from legato.sandbox.world import (
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+BotT = TypeVar("BotT", bound=discord.Client)
 
 # How long scripted users wait for the bot by default: generous, it only guards hangs.
 DEFAULT_TIMEOUT: Final = 15.0
@@ -292,6 +293,37 @@ class Sandbox:
         self.point_discord_py_here()
         if getattr(bot._connection, "_chunk_guilds", False):  # the option has no public getter
             _log.warning("bot has chunk_guilds_at_startup=True; pass False for the sandbox")
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self,
+        bot: BotT,
+        timeout: float | None = None,  # noqa: ASYNC109 - a guard for start-up and shutdown
+    ) -> AsyncIterator[BotT]:
+        """Start `bot` against this sandbox, yield it once ready, close it on the way out.
+
+        Raises:
+            RuntimeError: The bot stopped before it was ready (its own error is raised first).
+            TimeoutError: It was not ready, or did not stop, within `timeout` (default
+                `self.timeout`).
+        """
+        guard = self.timeout if timeout is None else timeout
+        self.configure_bot(bot)
+        task = asyncio.create_task(bot.start(self.bot_token), name="sandbox-bot")
+        ready = asyncio.create_task(bot.wait_until_ready(), name="sandbox-bot-ready")
+        try:
+            async with asyncio.timeout(guard):
+                done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()
+                raise RuntimeError("the bot stopped before it was ready")
+            yield bot
+        finally:
+            ready.cancel()
+            await bot.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                async with asyncio.timeout(guard):
+                    await task
 
     # --- the world ---------------------------------------------------------------------------
 

@@ -97,23 +97,8 @@ class StormBot(commands.Bot):
 @contextlib.asynccontextmanager
 async def running_bot(sb: Sandbox, config_path: Path, guard: float = GUARD) -> AsyncIterator[Any]:
     """Start a `StormBot` (Legato loaded from `config_path`) against `sb` until it is ready."""
-    bot = StormBot(config_path)
-    sb.configure_bot(bot)
-    task = asyncio.create_task(bot.start(sb.bot_token), name="storm-bot")
-    ready = asyncio.create_task(bot.wait_until_ready(), name="storm-ready")
-    try:
-        async with asyncio.timeout(guard):
-            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            raise RuntimeError("the bot stopped before it was ready")
+    async with sb.running(StormBot(config_path), guard) as bot:
         yield bot
-    finally:
-        ready.cancel()
-        await bot.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            async with asyncio.timeout(guard):
-                await task
 
 
 class TrackFiles:
