@@ -138,22 +138,8 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 
 @contextlib.asynccontextmanager
 async def running(sb: Sandbox) -> AsyncIterator[SandboxBot]:
-    bot = SandboxBot(sb.guild.id)
-    sb.configure_bot(bot)
-    task = asyncio.create_task(bot.start(sb.bot_token))
-    ready = asyncio.create_task(bot.ready.wait())
-    try:
-        async with asyncio.timeout(30):
-            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            raise AssertionError("bot.start returned before ready")
+    async with sb.running(SandboxBot(sb.guild.id), 30) as bot:
         yield bot
-    finally:
-        ready.cancel()
-        await bot.close()
-        async with asyncio.timeout(30):
-            await task
 
 
 @pytest.fixture

@@ -72,22 +72,8 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 
 @contextlib.asynccontextmanager
 async def running(sb: Sandbox) -> AsyncIterator[MultiBot]:
-    bot = MultiBot()
-    sb.configure_bot(bot)
-    task = asyncio.create_task(bot.start(sb.bot_token))
-    ready = asyncio.create_task(bot.ready.wait())
-    try:
-        async with asyncio.timeout(GUARD):
-            done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            raise AssertionError("bot.start returned before ready")
+    async with sb.running(MultiBot(), GUARD) as bot:
         yield bot
-    finally:
-        ready.cancel()
-        await bot.close()
-        async with asyncio.timeout(GUARD):
-            await task
 
 
 def channel_names(guild: discord.Guild) -> tuple[list[str], list[str]]:
