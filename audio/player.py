@@ -52,6 +52,7 @@ from legato.log import GuildLogger
 if TYPE_CHECKING:
     from legato.audio.encode import OpusSettings
     from legato.audio.resolve import Resolver
+    from legato.audio.workers import DecodePool
 
 _log = logging.getLogger(__name__)
 
@@ -407,6 +408,10 @@ class _Entry:
             raise _ExecutorGone(str(exc)) from exc
         try:
             return await result
+        except RuntimeError as exc:
+            if _shut_down(exc):  # a decode pool shut down under the source (see make_opener)
+                raise _ExecutorGone(str(exc)) from exc
+            raise
         finally:
             if inflight.done():
                 self.inflight = None
@@ -1106,6 +1111,7 @@ def make_opener(
     opus: OpusSettings | None = None,
     executor: Executor | None = None,
     timeout: float | None = None,
+    pool: DecodePool | None = None,
 ) -> SourceOpener:
     """A ``SourceOpener`` that resolves the track's stream URL again and opens it.
 
@@ -1119,6 +1125,8 @@ def make_opener(
         executor: Where ``open_source`` runs (``None``: the loop's default).
         timeout: Seconds a stream may take to open, and any one read of it (a stalled server
             fails the track after this); ``None``: the decoder's ``DEFAULT_TIMEOUT``.
+        pool: Open (and so decode and encode) in these worker processes instead of in this
+            process; the open still waits in ``executor``. ``None``: in this process.
     """
     from legato.audio.decode import DEFAULT_TIMEOUT, open_source
 
@@ -1126,9 +1134,14 @@ def make_opener(
 
     async def open_track(track: Track, start: float) -> FrameSource:
         info = await resolver.stream(track)
-        fut = asyncio.get_running_loop().run_in_executor(
-            executor, lambda: open_source(info, start=start, opus=opus, timeout=limit)
-        )
+        if pool is None:
+            fut = asyncio.get_running_loop().run_in_executor(
+                executor, lambda: open_source(info, start=start, opus=opus, timeout=limit)
+            )
+        else:
+            fut = asyncio.get_running_loop().run_in_executor(
+                executor, lambda: pool.open(info, start=start, opus=opus, timeout=limit)
+            )
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

@@ -1,0 +1,411 @@
+"""Decode and encode in worker processes, off the bot's GIL (``[playback] decode_processes``).
+
+In the bot's own threads, transcoding's Python glue (PyAV's demux and resample calls, the
+encoder's) holds the GIL against the event loop, which then waits for it after every socket
+call. A :class:`DecodePool` runs :func:`legato.audio.decode.open_source` in ``processes`` worker
+processes instead, each serving many sources: every worker has a few threads, so one slow open
+or read (the network) does not hold up its other sources. Requests and replies carry ids; the
+parent has one reader thread per worker completing the callers' futures.
+
+:meth:`DecodePool.open` returns a :class:`WorkerSource`, a ``FrameSource`` whose blocking calls
+(they run in the player's executor) are requests to the worker holding the real source; each
+reply carries the source's ``passthrough``, ``position`` and ``duration``, which the proxy keeps.
+Errors come back as plain data and are raised again as the same Legato error class with the
+same ``user_message`` (a ``StreamLost`` stays one, so the player reopens the track).
+
+A worker that dies (killed, out of memory) fails its sources' pending and later calls with a
+``DecodeError``; the next open starts a replacement. After :meth:`DecodePool.close`, calls
+raise ``RuntimeError`` as a shut-down executor does, which the player takes for closing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+from typing import Any, Final
+
+from legato.audio.decode import open_source
+from legato.audio.encode import OpusSettings
+from legato.audio.resolve import StreamInfo
+from legato.audio.source import FrameSource, StreamLost
+from legato.errors import AudioError, DecodeError, LegatoError, ResolveError
+
+__all__ = ["DecodePool", "WorkerSource"]
+
+_log = logging.getLogger(__name__)
+
+#: Threads in each worker process: reads waiting on the network do not hold up the others.
+_WORKER_THREADS: Final = 8
+
+#: Beyond the decoder's own timeout, seconds a caller waits for a worker's reply before it
+#: takes the worker for hung (PyAV gives up on a stalled read after ``timeout`` itself).
+_REPLY_MARGIN: Final = 10.0
+
+#: Seconds a closing pool waits for a worker to exit before it kills it.
+_EXIT_WAIT: Final = 2.0
+
+STOPPED: Final = "The audio decoder stopped; skipping."
+
+#: Errors that cross back as themselves (by name); anything else becomes a ``DecodeError``.
+_CROSSING: Final = (StreamLost, DecodeError, AudioError, ResolveError)
+_ERRORS: Final[dict[str, type[LegatoError]]] = {cls.__name__: cls for cls in _CROSSING}
+
+#: The source's metadata sent with every reply: passthrough, position, duration.
+_Meta = tuple[bool, float, float | None]
+
+#: A request: id (0: no reply wanted), operation, source id, arguments.
+_Request = tuple[int, str, int, tuple[Any, ...]]
+
+#: A reply: id, True and the result, or False and (error class name, detail, user message).
+_Reply = tuple[int, bool, Any]
+
+_SHUT_DOWN: Final = "cannot schedule new futures after shutdown"  # as an executor says it
+
+
+# ---- the worker process
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    """A worker process's main: run requests from ``conn`` until it closes or says stop."""
+    sources: dict[int, FrameSource] = {}
+    locks: dict[int, threading.Lock] = {}
+    send_lock = threading.Lock()
+    pool = concurrent.futures.ThreadPoolExecutor(_WORKER_THREADS, thread_name_prefix="decode")
+
+    def reply(message: _Reply) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def handle(rid: int, op: str, sid: int, args: tuple[Any, ...]) -> None:
+        try:
+            result = _run(op, sid, args, sources, locks)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses back as data
+            if not isinstance(exc, LegatoError | ValueError):
+                _log.exception("decode worker: %s on source %d failed unexpectedly", op, sid)
+            name = next((c.__name__ for c in type(exc).__mro__ if c in _CROSSING), "")
+            if isinstance(exc, ValueError):
+                name = "ValueError"
+            message = exc.user_message if isinstance(exc, LegatoError) else ""
+            if rid:
+                reply((rid, False, (name, f"{type(exc).__name__}: {exc}", message)))
+            return
+        if rid:
+            reply((rid, True, result))
+
+    try:
+        while True:
+            try:
+                request: _Request = conn.recv()
+            except (EOFError, OSError):
+                break  # the bot went away
+            rid, op, sid, args = request
+            if op == "stop":
+                break
+            pool.submit(handle, rid, op, sid, args)
+    finally:
+        # Nothing here outlives the process: no need to wait for reads stuck on the network.
+        os._exit(0)
+
+
+def _run(
+    op: str,
+    sid: int,
+    args: tuple[Any, ...],
+    sources: dict[int, FrameSource],
+    locks: dict[int, threading.Lock],
+) -> Any:
+    if op == "open":
+        info, start, opus, timeout = args
+        opened = open_source(info, start=start, opus=opus, timeout=timeout)
+        sources[sid] = opened
+        locks[sid] = threading.Lock()
+        return _meta(opened)
+    source = sources.get(sid)
+    lock = locks.get(sid)
+    if source is None or lock is None:
+        if op == "close":
+            return None
+        raise DecodeError(f"no source {sid} in this worker", user_message=STOPPED)
+    with lock:
+        if op == "close":
+            del sources[sid], locks[sid]
+            source.close()
+            return None
+        if op == "read":
+            frames = source.read(args[0])
+            return frames, _meta(source)
+        if op == "seek":
+            source.seek(args[0])
+        elif op == "volume":
+            source.set_volume(args[0])
+        else:
+            raise ValueError(f"unknown operation {op!r}")
+        return _meta(source)
+
+
+def _meta(source: FrameSource) -> _Meta:
+    return source.passthrough, source.position, source.duration
+
+
+# ---- the parent side
+
+
+def _error(name: str, detail: str, message: str) -> Exception:
+    """The parent-side exception for an error a worker reported."""
+    if name == "ValueError":
+        return ValueError(detail)
+    cls = _ERRORS.get(name, DecodeError)
+    return cls(detail, user_message=message or None)
+
+
+class _Worker:
+    """One worker process: its pipe, a send lock, and a reader thread completing futures."""
+
+    def __init__(self, context: Any) -> None:
+        parent, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=_serve, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.conn: multiprocessing.connection.Connection = parent
+        self.sources = 0  # open sources, for choosing the least loaded worker
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending and _dead
+        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._dead: Exception | None = None
+        self._reader = threading.Thread(
+            target=self._read, name=f"decode-reader-{self.process.pid}", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
+        """Send a request and block for its result (raising the worker's error)."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._dead is not None:
+                raise self._failure()
+            rid = next(self._ids)
+            self._pending[rid] = fut
+        self._send((rid, op, sid, args))
+        try:
+            return fut.result(wait)
+        except TimeoutError as exc:
+            raise DecodeError(
+                f"decode worker {self.process.pid} gave no answer to {op} in {wait:.0f}s",
+                user_message=STOPPED,
+            ) from exc
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+
+    def tell(self, op: str, sid: int) -> None:
+        """Send a request that wants no reply (dropped if the worker is gone)."""
+        if self._dead is None:
+            self._send((0, op, sid, ()))
+
+    def _send(self, request: _Request) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(request)
+        except (OSError, ValueError) as exc:  # a closed pipe: the worker is gone
+            self._die(DecodeError(f"sending to decode worker failed: {exc}", user_message=STOPPED))
+
+    def _failure(self) -> Exception:
+        dead = self._dead
+        if isinstance(dead, RuntimeError):
+            return RuntimeError(str(dead))
+        return DecodeError(str(dead), user_message=STOPPED)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                rid, ok, payload = self.conn.recv()
+            except (EOFError, OSError) as exc:
+                self._die(
+                    DecodeError(
+                        f"decode worker {self.process.pid} exited ({type(exc).__name__})",
+                        user_message=STOPPED,
+                    )
+                )
+                return
+            with self._lock:
+                fut = self._pending.pop(rid, None)
+            if fut is None:
+                continue  # its caller gave up waiting
+            if ok:
+                fut.set_result(payload)
+            else:
+                fut.set_exception(_error(*payload))
+
+    def _die(self, error: Exception) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._dead = error
+                if not isinstance(error, RuntimeError):
+                    _log.warning("%s; its tracks fail", error)
+            pending, self._pending = list(self._pending.values()), {}
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(self._failure())
+
+    def stop(self) -> None:
+        """End the process (asked first, killed if it lingers) and fail what is pending."""
+        with self._lock:
+            alive = self._dead is None
+        if alive:
+            self._send((0, "stop", 0, ()))
+        self._die(RuntimeError(_SHUT_DOWN))
+        self.process.join(_EXIT_WAIT)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(_EXIT_WAIT)
+        self._reader.join(_EXIT_WAIT)
+        self.conn.close()
+
+
+def _context() -> Any:
+    """Workers forked from a server that has imported the decoder (not from the bot's process,
+    whose threads and event loop a fork would copy mid-flight), as ``legato.audio.resolve``
+    does for yt-dlp (this module imports both)."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload([__name__])
+    return context
+
+
+class DecodePool:
+    """Worker processes that open, decode and encode tracks for the players."""
+
+    def __init__(self, processes: int) -> None:
+        """Make a pool; its processes start with the first :meth:`open`.
+
+        Args:
+            processes: How many worker processes (1 or more).
+
+        Raises:
+            ValueError: ``processes`` is below 1.
+        """
+        if processes < 1:
+            raise ValueError(f"processes must be 1 or more, got {processes}")
+        self._workers: list[_Worker | None] = [None] * processes
+        self._lock = threading.Lock()
+        self._sids = itertools.count(1)
+        self._closed = False
+        self._context: Any = None
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers started so far (live or not)."""
+        with self._lock:
+            return [w.process.pid for w in self._workers if w is not None and w.process.pid]
+
+    def open(
+        self,
+        info: StreamInfo,
+        *,
+        start: float = 0.0,
+        opus: OpusSettings | None = None,
+        timeout: float,
+    ) -> WorkerSource:
+        """Open a stream in a worker, as :func:`legato.audio.decode.open_source` does. Blocks.
+
+        Raises:
+            DecodeError: as ``open_source`` does, or the worker died.
+            RuntimeError: the pool is closed.
+        """
+        worker = self._pick()
+        sid = next(self._sids)
+        meta = worker.call("open", sid, (info, start, opus, timeout), timeout + _REPLY_MARGIN)
+        with self._lock:
+            worker.sources += 1
+        return WorkerSource(self, worker, sid, meta, timeout + _REPLY_MARGIN)
+
+    def close(self) -> None:
+        """End the workers; later calls raise ``RuntimeError``. Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            workers = [w for w in self._workers if w is not None]
+            self._workers = [None] * len(self._workers)
+        for worker in workers:
+            worker.stop()
+
+    def _pick(self) -> _Worker:
+        """The least loaded live worker, starting one in an empty or dead slot."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(_SHUT_DOWN)
+            for i, worker in enumerate(self._workers):
+                if worker is None or not worker.alive:
+                    if worker is not None:
+                        worker.process.join(0)  # reap it
+                    if self._context is None:
+                        self._context = _context()
+                    self._workers[i] = _Worker(self._context)
+            live = [w for w in self._workers if w is not None]
+            return min(live, key=lambda w: w.sources)
+
+    def _closed_source(self, worker: _Worker) -> None:
+        with self._lock:
+            worker.sources -= 1
+
+
+class WorkerSource:
+    """A ``FrameSource`` living in a :class:`DecodePool` worker; its calls block on replies."""
+
+    def __init__(
+        self, pool: DecodePool, worker: _Worker, sid: int, meta: _Meta, wait: float
+    ) -> None:
+        self._pool = pool
+        self._worker = worker
+        self._sid = sid
+        self._wait = wait
+        self._passthrough, self._position, self._duration = meta
+        self._closed = False
+
+    @property
+    def passthrough(self) -> bool:
+        return self._passthrough
+
+    @property
+    def position(self) -> float:
+        return self._position
+
+    @property
+    def duration(self) -> float | None:
+        return self._duration
+
+    def read(self, max_frames: int) -> list[bytes]:
+        if self._closed:
+            return []
+        frames, meta = self._call("read", max_frames)
+        self._passthrough, self._position, self._duration = meta
+        return list(frames)
+
+    def seek(self, seconds: float) -> None:
+        if self._closed:
+            raise DecodeError("seek on a closed source")
+        self._passthrough, self._position, self._duration = self._call("seek", seconds)
+
+    def set_volume(self, volume: float) -> None:
+        self._passthrough, self._position, self._duration = self._call("volume", volume)
+
+    def close(self) -> None:
+        """Tell the worker to close the source; does not wait."""
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.tell("close", self._sid)
+        self._pool._closed_source(self._worker)
+
+    def _call(self, op: str, arg: Any) -> Any:
+        return self._worker.call(op, self._sid, (arg,), self._wait)

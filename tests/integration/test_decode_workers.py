@@ -1,0 +1,259 @@
+"""The decode worker-process pool (``legato.audio.workers``) on real media over local HTTP.
+
+Each test compares what comes through the pool with what ``open_source`` gives in this process
+(frames, packets, errors), or plays through a real ``GuildPlayer`` whose opener uses the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from legato.audio.analysis import dominant_frequency
+from legato.audio.decode import DEFAULT_TIMEOUT, open_source
+from legato.audio.encode import OpusSettings
+from legato.audio.player import GuildPlayer, PlayerState, TrackFailed, make_opener
+from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
+from legato.audio.sink import OPUS_SILENCE
+from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
+from legato.audio.track import Track
+from legato.audio.workers import STOPPED, DecodePool
+from legato.errors import DecodeError
+from tests.fakes import RecordingSink
+from tests.integration.test_decode import mono_of, read_all
+from tests.integration.test_player_real import Recorder, play_queue, tone_of
+from tests.media import (
+    CATALOG,
+    MediaServer,
+    expected_frames,
+    expiring_stream,
+    write_steps,
+    write_tone,
+)
+
+pytestmark = pytest.mark.integration
+
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
+TIMEOUT = DEFAULT_TIMEOUT
+
+
+@pytest.fixture
+def pool() -> Iterator[DecodePool]:
+    pool = DecodePool(1)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+async def threads() -> AsyncIterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(4, thread_name_prefix="test-workers") as executor:
+        yield executor
+
+
+def _in_pool(pool: DecodePool, info: StreamInfo) -> list[bytes]:
+    source = pool.open(info, opus=OpusSettings(), timeout=TIMEOUT)
+    try:
+        return read_all(source)
+    finally:
+        source.close()
+
+
+def _in_thread(info: StreamInfo) -> list[bytes]:
+    source = open_source(info, opus=OpusSettings(), timeout=TIMEOUT)
+    try:
+        return read_all(source)
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("name", ["mp3-44k-stereo.mp3", "webm-opus-stereo.webm"])
+async def test_the_pool_decodes_as_this_process_does(
+    name: str, pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    spec = CATALOG[name]
+    info = StreamInfo(url=media_url(name))
+    pooled = await asyncio.to_thread(_in_pool, pool, info)
+    local = await asyncio.to_thread(_in_thread, info)
+    assert len(pooled) == len(local)
+    assert abs(len(pooled) * FRAME_S - spec.seconds) <= FRAME_S + 1e-9
+    body = mono_of(pooled)[SAMPLE_RATE // 10 : -SAMPLE_RATE // 10]
+    assert dominant_frequency(body) == pytest.approx(spec.freq, abs=2.0)
+    if name.endswith(".webm"):
+        assert pooled == local  # passthrough: the container's packets, unchanged
+
+
+async def test_metadata_follows_each_reply(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    info = StreamInfo(url=media_url("webm-opus-stereo.webm"))
+    source = await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
+    try:
+        assert source.passthrough
+        assert source.position == 0.0
+        assert source.duration == pytest.approx(CATALOG["webm-opus-stereo.webm"].seconds, abs=0.1)
+        frames = await asyncio.to_thread(source.read, 10)
+        assert len(frames) == 10
+        assert source.position == pytest.approx(10 * FRAME_S)
+        await asyncio.to_thread(source.set_volume, 0.5)
+        assert not source.passthrough
+        await asyncio.to_thread(source.set_volume, 1.0)
+        await asyncio.to_thread(source.read, 1)
+        assert source.passthrough
+    finally:
+        source.close()
+    assert await asyncio.to_thread(source.read, 5) == []  # closed: nothing more
+
+
+@pytest.mark.parametrize("target", [1.3, 4.05])
+async def test_seek_lands_within_100_ms(
+    target: float, pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    spec = CATALOG["chirp-mp3.mp3"]
+    source = await asyncio.to_thread(
+        pool.open, StreamInfo(url=media_url("chirp-mp3.mp3")), timeout=TIMEOUT
+    )
+    try:
+        await asyncio.to_thread(source.read, 10)
+        await asyncio.to_thread(source.seek, target)
+        assert abs(source.position - target) <= FRAME_S + 1e-6
+        frames = await asyncio.to_thread(source.read, 10)
+    finally:
+        source.close()
+    mono = mono_of(frames)
+    window = mono[int(0.04 * SAMPLE_RATE) : int(0.14 * SAMPLE_RATE)]
+    landed = spec.time_of(dominant_frequency(window)) - 0.09
+    assert landed == pytest.approx(target, abs=0.1)
+
+
+@pytest.mark.parametrize("name", ["missing.mp3", "pages/nomedia.html", "video-only.mkv"])
+async def test_errors_cross_as_the_same_class_and_message(
+    name: str, pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    info = StreamInfo(url=media_url(name))
+    with pytest.raises(DecodeError) as local:
+        await asyncio.to_thread(open_source, info, timeout=TIMEOUT)
+    with pytest.raises(DecodeError) as pooled:
+        await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
+    assert type(pooled.value) is type(local.value)
+    assert pooled.value.user_message == local.value.user_message
+    if name == "missing.mp3":
+        assert "404" in pooled.value.user_message
+
+
+async def test_a_bad_volume_is_a_value_error(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    source = await asyncio.to_thread(
+        pool.open, StreamInfo(url=media_url("mp3-44k-stereo.mp3")), timeout=TIMEOUT
+    )
+    try:
+        with pytest.raises(ValueError, match="volume"):
+            await asyncio.to_thread(source.set_volume, 11.0)
+        assert len(await asyncio.to_thread(source.read, 5)) == 5  # the source is still usable
+    finally:
+        source.close()
+
+
+async def _track(server: MediaServer, resolver: Resolver, path: Path) -> Track:
+    url = server.add_file(f"workers/{path.name}", path)
+    [found] = await resolver.resolve(url)
+    return Track(url=found.url, title=path.name, duration=found.duration)
+
+
+async def test_a_stream_lost_in_a_worker_is_reopened_by_the_player(
+    pool: DecodePool, threads: ThreadPoolExecutor, media_server: MediaServer, tmp_path: Path
+) -> None:
+    steps = ((440.0, 1.0), (660.0, 1.0), (880.0, 1.0))
+    body = write_steps(
+        tmp_path / "steps.mp3", steps, container="mp3", codec="libmp3lame", rate=44100
+    )
+    urls = expiring_stream(media_server, "workers-expiring", body, renewed=True)
+    resolver = Resolver(ResolverSettings(timeout=20.0), threads)
+    [found] = await resolver.resolve(urls.page)
+    track = Track(url=found.url, title="steps", duration=found.duration)
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    opener = make_opener(resolver, opus=OpusSettings(), executor=threads, pool=pool)
+    player = GuildPlayer(sink, opener, executor=threads, on_event=recorder, guild_id=1)
+    await play_queue(player, sink, [track])
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds == ["TrackStarted", "TrackEnded", "QueueEnded"]
+    assert media_server.request_count(urls.second) >= 1  # reopened after the StreamLost
+    audio = [f for f in recorder.frames_of("steps") if f != OPUS_SILENCE]
+    assert abs(len(audio) - expected_frames(3.0)) <= 3
+
+
+async def test_a_killed_worker_fails_its_track_and_the_next_one_plays(
+    pool: DecodePool, threads: ThreadPoolExecutor, media_server: MediaServer, tmp_path: Path
+) -> None:
+    resolver = Resolver(ResolverSettings(timeout=20.0), threads)
+    long = await _track(
+        media_server,
+        resolver,
+        write_tone(
+            tmp_path / "long.mp3", container="mp3", codec="libmp3lame", freq=440.0, seconds=20.0
+        ),
+    )
+    after = await _track(
+        media_server,
+        resolver,
+        write_tone(
+            tmp_path / "after.mp3", container="mp3", codec="libmp3lame", freq=660.0, seconds=1.5
+        ),
+    )
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    opener = make_opener(resolver, opus=OpusSettings(), executor=threads, pool=pool)
+    player = GuildPlayer(sink, opener, executor=threads, on_event=recorder, guild_id=1)
+    player.queue.add([long, after])
+    try:
+        async with asyncio.timeout(90):
+            assert player.start()
+            await player.wait_for(PlayerState.PLAYING)
+            await sink.wait_for(lambda s: len(s.frames) > 25)
+            [victim] = pool.pids
+            os.kill(victim, signal.SIGKILL)
+            await player.wait_for(PlayerState.IDLE)
+            await sink.wait_for(lambda s: not s.speaking)
+    finally:
+        await player.close()
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds == ["TrackStarted", "TrackFailed", "TrackStarted", "TrackEnded", "QueueEnded"]
+    failed = recorder.events[1]
+    assert isinstance(failed, TrackFailed)
+    assert type(failed.error) is DecodeError
+    assert failed.error.user_message == STOPPED
+    assert len(recorder.frames_of(long.title)) < expected_frames(20.0)
+    after_frames = recorder.frames_of(after.title)
+    assert abs(len(after_frames) - expected_frames(1.5)) <= 1
+    assert tone_of(after_frames) == pytest.approx(660.0, abs=2.0)
+    assert victim not in pool.pids  # a replacement serves the next track
+    assert len(pool.pids) == 1
+
+
+async def test_close_ends_every_worker_and_refuses_later_calls(
+    media_url: Callable[[str], str],
+) -> None:
+    pool = DecodePool(2)
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    source = await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
+    pids = pool.pids
+    assert len(pids) == 2
+    assert all(psutil.pid_exists(pid) for pid in pids)
+    await asyncio.to_thread(pool.close)
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        await asyncio.to_thread(source.read, 5)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
+    source.close()
+    pool.close()  # twice is fine
