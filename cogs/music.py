@@ -43,6 +43,7 @@ from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.resolve import Resolver, ResolverSettings
 from legato.audio.track import Track
 from legato.audio.urlguard import UrlPolicy
+from legato.audio.workers import DecodePool
 from legato.cogs.checks import (
     CommandRate,
     Denied,
@@ -435,8 +436,15 @@ class MusicCog(commands.Cog, name="Music"):
             fec=voice.fec,
             expected_loss=voice.expected_packet_loss,
         )
+        # Decoding in worker processes keeps transcoding off this process's GIL (see
+        # legato.audio.workers); 0 decodes in the executor's threads.
+        self.decode_pool = DecodePool(pb.decode_processes) if pb.decode_processes else None
         self.opener = make_opener(
-            self.resolver, opus=self.opus, executor=self.executor, timeout=pb.stream_timeout
+            self.resolver,
+            opus=self.opus,
+            executor=self.executor,
+            timeout=pb.stream_timeout,
+            pool=self.decode_pool,
         )
         self.voice_options = VoiceOptions.from_config(voice)
         self.sessions: dict[int, GuildSession] = {}
@@ -506,6 +514,9 @@ class MusicCog(commands.Cog, name="Music"):
             await asyncio.gather(*late, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._resolver.close()  # its worker processes, if any
+        if self.decode_pool is not None:
+            # Blocks until its processes exit (quick: they are told to, and killed after 2 s).
+            await asyncio.to_thread(self.decode_pool.close)
 
     # -- sessions ------------------------------------------------------------------------------
 

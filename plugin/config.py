@@ -397,6 +397,12 @@ class PlaybackConfig:
         _integer(0, 32),
         "run yt-dlp in this many worker processes, off the bot's GIL; 0 in the bot's threads",
     )
+    decode_processes: int = _key(
+        0,
+        _integer(0, 32),
+        "decode and encode tracks in this many worker processes, off the bot's GIL; 0 in the"
+        " bot's threads",
+    )
     keep_queue_on_disconnect: bool = _key(
         False,
         _boolean(),

@@ -236,6 +236,9 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "resolve_timeout", "0.5", "a number from 1 to 300"),
     ("playback", "resolve_processes", "-1", "an integer from 0 to 32"),
     ("playback", "resolve_processes", "33", "an integer from 0 to 32"),
+    ("playback", "decode_processes", "-1", "an integer from 0 to 32"),
+    ("playback", "decode_processes", "33", "an integer from 0 to 32"),
+    ("playback", "decode_processes", "1.5", "an integer from 0 to 32"),
     ("playback", "keep_queue_on_disconnect", '"yes"', "true or false"),
     ("playback", "stream_timeout", "0", "a number from 1 to 300"),
     ("playback", "stream_timeout", "301", "a number from 1 to 300"),
@@ -509,3 +512,13 @@ def test_cooldown_and_keep_queue_defaults_and_file_values(tmp_path: Path) -> Non
     assert cfg.playback.keep_queue_on_disconnect is True
     off = load_config(path, env={"LEGATO_PERMISSIONS_COOLDOWN_COMMANDS": "0"})
     assert off.permissions.cooldown_commands == 0
+
+
+def test_decode_processes_default_file_and_env(tmp_path: Path) -> None:
+    assert Config().playback.decode_processes == 0
+    path = write(tmp_path, "[playback]\ndecode_processes = 4\n")
+    assert load_config(path, env={}).playback.decode_processes == 4
+    env = {"LEGATO_PLAYBACK_DECODE_PROCESSES": "32"}
+    assert load_config(path, env=env).playback.decode_processes == 32
+    with pytest.raises(ConfigError, match="an integer from 0 to 32"):
+        load_config(path, env={"LEGATO_PLAYBACK_DECODE_PROCESSES": "33"})
