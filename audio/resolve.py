@@ -204,6 +204,7 @@ def _track_from_entry(entry: Mapping[str, Any], parent_url: str | None, requeste
         page_url=str(shown),
         thumbnail=entry.get("thumbnail") if isinstance(entry.get("thumbnail"), str) else None,
         requester_id=requester_id,
+        live=entry.get("is_live") is True or entry.get("live_status") == "is_live",
     )
 
 

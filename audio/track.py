@@ -16,7 +16,9 @@ class Track:
         url: What to resolve again at play time: a page URL yt-dlp understands, a direct media URL
             or a local path. Stream URLs expire, so none is stored here.
         title: Display title.
-        duration: Length in seconds, or ``None`` for live streams and unknown lengths.
+        duration: Length in seconds, or ``None`` for live streams and unknown lengths (a direct
+            media URL's length is known only once it is opened).
+        live: A live stream (yt-dlp's ``is_live``): it has no length and no end to seek to.
         page_url: The page a user can open (may equal ``url``).
         thumbnail: Image URL or ``None``.
         requester_id: Discord user id of whoever asked for it (0 when not from a user).
@@ -29,6 +31,7 @@ class Track:
     page_url: str | None = None
     thumbnail: str | None = None
     requester_id: int = 0
+    live: bool = False
     uid: int = field(default_factory=lambda: next(_ids), compare=True)
 
     def with_requester(self, requester_id: int) -> Track:
@@ -40,4 +43,5 @@ class Track:
             page_url=self.page_url,
             thumbnail=self.thumbnail,
             requester_id=requester_id,
+            live=self.live,
         )

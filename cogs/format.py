@@ -76,9 +76,9 @@ _SECONDS: Final = re.compile(r"\d{1,6}(?:\.\d+)?", re.ASCII)
 
 
 def format_time(seconds: float | None) -> str:
-    """Format ``seconds`` as ``m:ss`` or ``h:mm:ss``; ``None`` (unknown, live) as ``live``."""
+    """Format ``seconds`` as ``m:ss`` or ``h:mm:ss``; ``None`` (not known yet) as ``?:??``."""
     if seconds is None or math.isnan(seconds) or math.isinf(seconds):
-        return "live"
+        return "?:??"
     total = max(0, int(seconds))
     h, rest = divmod(total, 3600)
     m, s = divmod(rest, 60)
@@ -142,13 +142,18 @@ def _parse_clock(raw: str) -> float | None:
     return int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def progress_bar(position: float, duration: float | None, *, width: int = 20) -> str:
+def progress_bar(
+    position: float, duration: float | None, *, width: int = 20, live: bool = False
+) -> str:
     """Draw ``position`` within ``duration`` as ``━━━●────────`` followed by the times.
 
-    A track of unknown length (a live stream) shows only the elapsed time.
+    A live stream shows only the elapsed time; another track whose length is not known yet
+    shows the elapsed time over ``?:??``.
     """
-    if duration is None or duration <= 0 or not math.isfinite(duration):
+    if live:
         return f"🔴 live · {format_time(position)}"
+    if duration is None or duration <= 0 or not math.isfinite(duration):
+        return f"{format_time(position)} / {format_time(None)}"
     fraction = min(1.0, max(0.0, position / duration))
     head = min(width - 1, int(fraction * width))
     bar = "━" * head + "●" + "─" * (width - head - 1)
@@ -246,7 +251,8 @@ def track_line(index: int | None, track: Track) -> str:
     label = f"[{title}]({url})" if url else title
     prefix = f"`{index}.` " if index is not None else ""
     who = f" · <@{track.requester_id}>" if track.requester_id else ""
-    return f"{prefix}{label} · {format_time(track.duration)}{who}"
+    length = "🔴 live" if track.live else format_time(track.duration)
+    return f"{prefix}{label} · {length}{who}"
 
 
 def _link(track: Track) -> str | None:
@@ -284,7 +290,7 @@ def now_playing_embed(
     ``privacy_code`` (DAVE's, when the connection is end-to-end encrypted) is shown grouped.
     """
     length = track.duration if track.duration is not None else duration
-    bar = progress_bar(position, length)
+    bar = progress_bar(position, length, live=track.live)
     embed = discord.Embed(
         title=track_title(track, EMBED_TITLE_LIMIT),
         url=_link(track),

@@ -948,7 +948,8 @@ class MusicCog(commands.Cog, name="Music"):
             value = next(
                 (v for v in (track.url, track.page_url) if v and len(v) <= 100), query[:100]
             )
-            name = safe_text(f"{track.title} · {format_time(track.duration)}", 100, markdown=False)
+            length = "live" if track.live else format_time(track.duration)
+            name = safe_text(f"{track.title} · {length}", 100, markdown=False)
             choices.append(app_commands.Choice(name=name or value[:100], value=value))
         return choices
 

@@ -106,6 +106,7 @@ def _track_to_json(track: Track) -> dict[str, Any]:
         "page_url": track.page_url,
         "thumbnail": track.thumbnail,
         "requester_id": track.requester_id,
+        "live": track.live,
     }
 
 
@@ -121,6 +122,7 @@ def _track_from_json(data: object) -> Track:
         page_url=data["page_url"] if isinstance(data.get("page_url"), str) else None,
         thumbnail=data["thumbnail"] if isinstance(data.get("thumbnail"), str) else None,
         requester_id=requester if isinstance(requester, int) else 0,
+        live=data.get("live") is True,
     )
 
 

@@ -31,7 +31,7 @@ from legato.cogs.format import (
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0:00"), (5.9, "0:05"), (83, "1:23"), (3723, "1:02:03"), (-4, "0:00"), (None, "live")],
+    [(0, "0:00"), (5.9, "0:05"), (83, "1:23"), (3723, "1:02:03"), (-4, "0:00"), (None, "?:??")],
 )
 def test_format_time(seconds: float | None, text: str) -> None:
     assert format_time(seconds) == text
@@ -111,9 +111,17 @@ def test_progress_bar_positions() -> None:
     assert progress_bar(-3, 100, width=10).startswith("●")
 
 
-def test_progress_bar_live() -> None:
-    assert progress_bar(65, None) == "🔴 live · 1:05"
-    assert progress_bar(65, 0) == "🔴 live · 1:05"
+def test_progress_bar_live_and_unknown_length() -> None:
+    assert progress_bar(65, None, live=True) == "🔴 live · 1:05"
+    assert progress_bar(65, 300, live=True) == "🔴 live · 1:05"
+    assert progress_bar(65, None) == "1:05 / ?:??"
+    assert progress_bar(65, 0) == "1:05 / ?:??"
+
+
+def test_track_line_says_live_only_for_live_streams() -> None:
+    radio = Track(url="/radio", title="radio", duration=None, live=True)
+    assert track_line(1, radio) == "`1.` radio · 🔴 live"
+    assert track_line(2, Track(url="/f.mp3", title="file", duration=None)) == "`2.` file · ?:??"
 
 
 @given(st.floats(0, 1e6), st.floats(0.001, 1e6), st.integers(2, 40))
@@ -287,7 +295,7 @@ def test_queue_embed_pages() -> None:
 def test_queue_embed_empty_and_unknown_total() -> None:
     empty = queue_embed(None, [], page=0, loop="off")
     assert empty.description == "Nothing queued."
-    live = Track(url="https://m.test/live", title="radio", duration=None)
+    live = Track(url="https://m.test/live", title="radio", duration=None, live=True)
     q = queue_embed(None, [live], page=0, loop="off")
     assert q.footer.text == "Page 1/1 · 1 queued · unknown · loop: off"
 

@@ -35,7 +35,7 @@ def plain(t: Track | None) -> tuple[object, ...] | None:
     """A track without its per-process uid (a restored track gets a new one)."""
     if t is None:
         return None
-    return (t.url, t.title, t.duration, t.page_url, t.thumbnail, t.requester_id)
+    return (t.url, t.title, t.duration, t.page_url, t.thumbnail, t.requester_id, t.live)
 
 
 def plain_snapshot(s: GuildSnapshot) -> tuple[object, ...]:
@@ -133,7 +133,7 @@ async def test_round_trip_survives_reopen(db: Path) -> None:
         paused=False,
         position=0.0,
     )
-    odd = snapshot(3, 4, current=track(9, duration=None, page_url=None, thumbnail=None))
+    odd = snapshot(3, 4, current=track(9, duration=None, page_url=None, thumbnail=None, live=True))
     store = await GuildStore.open(db)
     for s in (first, second, odd):
         await store.save(s)
@@ -461,10 +461,10 @@ async def test_version_1_database_is_migrated(db: Path, caplog: pytest.LogCaptur
         one, two = await store.load_all()
     finally:
         await store.close()
-    assert plain(one.current) == ("https://a.example/1", "One", 60.0, None, None, 7)
+    assert plain(one.current) == ("https://a.example/1", "One", 60.0, None, None, 7, False)
     assert [plain(t) for t in one.upcoming] == [
-        ("https://a.example/2", "Two", None, None, None, 0),
-        ("https://a.example/3", "Three", None, None, "https://a.example/3.png", 0),
+        ("https://a.example/2", "Two", None, None, None, 0, False),
+        ("https://a.example/3", "Three", None, None, "https://a.example/3.png", 0, False),
     ]
     assert (one.voice_channel_id, one.text_channel_id, one.position) == (111, 112, 42.5)
     assert (one.loop, one.volume, one.paused, one.history) == (LoopMode.QUEUE, 70, False, ())
