@@ -19,7 +19,8 @@ reports of the bot:
   process's event loop, so a busy sandbox shows up in them: `sandbox cpu %` says how busy it
   was. The players' own lateness (p99 and max of each player since it started, the worst
   player's) is the bot's view, free of that;
-- CPU per stream: the bot process's CPU time (user + system, every thread) over stream-seconds;
+- CPU per stream: the bot process's CPU time (user + system, every thread, its child processes
+  included: decode workers, yt-dlp workers) over stream-seconds;
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
   third of the samples minus the mean of the first third.
 
@@ -274,6 +275,7 @@ async def load(
     *,
     passthrough_share: float = 0.5,
     rss_interval: float = 10.0,
+    decode_processes: int = 0,
     out: Any = None,
 ) -> dict[str, float]:
     """Run `guilds` guilds playing at once for a window of `seconds`; return the figures.
@@ -283,6 +285,7 @@ async def load(
         seconds: Length of the measured window, after every guild is heard.
         passthrough_share: Share of the guilds playing Opus in WebM; the rest play MP3.
         rss_interval: Seconds between the bot process's reports (its RSS samples).
+        decode_processes: ``[playback] decode_processes`` (0: decode in the bot's threads).
         out: Where to print progress (default stderr).
 
     Returns:
@@ -312,7 +315,10 @@ async def load(
         )
         with MediaServer(root) as media:
             config_path = root / "legato.toml"
-            config_path.write_text(storm_config(media), encoding="utf-8")
+            config = storm_config(media).replace(
+                "[playback]\n", f"[playback]\ndecode_processes = {decode_processes}\n"
+            )
+            config_path.write_text(config, encoding="utf-8")
             async with Sandbox(timeout=GUARD) as sb:
                 handles = list(sb.guilds)
                 handles += [sb.add_guild(f"Load {i:03}") for i in range(len(handles), guilds)]
@@ -476,7 +482,8 @@ def load_table(r: dict[str, float], title: str) -> str:
     text += bc.table(
         "Pacing and cost (arrivals stamped on the sandbox's loop; lateness and CPU the bot's)",
         ["dev p99 ms", "dev max ms", "gap p99 ms", "gap max ms", "player late p99 ms",
-         "player late max ms", "late frames", "bot cpu %/stream", "bot cpu % total",
+         "player late max ms", "late frames", "bot cpu %/stream (incl. children)",
+         "bot cpu % total (incl. children)",
          "sandbox cpu %"],
         [[r["dev_p99"], r["dev_max"], r["gap_p99"], r["gap_max_ms"], r["player_late_p99_max"],
           r["player_late_max"], int(r["late_frames"]), r["cpu_pct_per_stream"],
@@ -534,6 +541,12 @@ def main() -> None:
         help="share of guilds playing Opus in WebM (the rest play MP3)",
     )
     ap.add_argument("--rss-interval", type=float, default=10.0, help="seconds between reports")
+    ap.add_argument(
+        "--decode-processes",
+        type=int,
+        default=0,
+        help="[playback] decode_processes: decode in this many worker processes (0: threads)",
+    )
     ap.add_argument("--queue-only", action="store_true")
     ap.add_argument("--no-queue", action="store_true")
     args = ap.parse_args()  # fmt: skip
@@ -544,9 +557,16 @@ def main() -> None:
                 args.seconds,
                 passthrough_share=args.passthrough,
                 rss_interval=args.rss_interval,
+                decode_processes=args.decode_processes,
             )
         )
-        print(load_table(r, f"Load: one bot process, {args.guilds} guilds ({r['seconds']:.0f} s)"))
+        decode = (
+            f"{args.decode_processes} decode processes"
+            if args.decode_processes
+            else ("decoding in the bot's threads")
+        )
+        title = f"Load: one bot process, {args.guilds} guilds ({r['seconds']:.0f} s), {decode}"
+        print(load_table(r, title))
     if not args.no_queue:
         runs = [asyncio.run(queue_ops(processes=n)) for n in (0, QUEUE_PROCESSES)]
         print(queue_table(*runs))

@@ -57,11 +57,18 @@ def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str
 
     Returns:
         ``t`` (``time.monotonic()``, the clock the parent's loop uses too), ``cpu`` (user + system
-        seconds, every thread), ``rss`` (bytes), ``requested`` (answer to a ``report`` line),
+        seconds, every thread, child processes included), ``rss`` (bytes), ``requested``
+        (answer to a ``report`` line),
         ``players`` (guild id -> the :data:`PLAYER_FIELDS` values of its session's player) and
         ``total`` (counters summed over the sessions, lateness as the largest of them).
     """
     cpu = proc.cpu_times()
+    cpu_s = cpu.user + cpu.system
+    # Its decode worker processes (children of the forkserver, a child of this one) count too.
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = child.cpu_times()
+            cpu_s += times.user + times.system
     cog: Any = bot.get_cog("Music")
     sessions = dict(cog.sessions) if cog is not None else {}
     players = {
@@ -73,7 +80,7 @@ def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str
             total[f] = max(total[f], v) if f.endswith("_ms") else total[f] + v
     return {
         "t": time.monotonic(),
-        "cpu": cpu.user + cpu.system,
+        "cpu": cpu_s,
         "rss": proc.memory_info().rss,
         "requested": requested,
         "sessions": len(sessions),
