@@ -182,6 +182,18 @@ class TrackQueue:
         removed, self._upcoming = self._upcoming, []
         return removed
 
+    def restore_history(self, tracks: Iterable[Track]) -> None:
+        """Put back the history of an earlier session (oldest first), before anything is played.
+
+        Only the most recent ``history_length`` are kept, as if they had been played here.
+
+        Raises:
+            ValueError: This queue already has a history.
+        """
+        if self._history:
+            raise ValueError("restore_history on a queue that already has a history")
+        self._history.extend(tracks)
+
     # -- playing -----------------------------------------------------------------------------
 
     def advance(self, *, skip: bool = False) -> Track | None:

@@ -367,6 +367,7 @@ class Persistence:
         tracks = [snap.current, *snap.upcoming]
         if room is not None:
             tracks = tracks[: room + 1]
+        session.queue.restore_history(snap.history)
         session.queue.add(tracks[:1])
         session.queue.loop = snap.loop
         await session.player.set_volume(snap.volume / 100)

@@ -158,7 +158,10 @@ async def test_ending_forgets_and_shutdown_keeps_then_restores(
             await music(bot).end_session(gid, leave=True)
             assert stored(db, gid) is None
 
+            # A history to restore: nxt played (skipped), then long, with nxt queued again.
+            await answer(await alice.invoke("play", query=nxt))
             await answer(await alice.invoke("play", query=long))
+            await answer(await alice.invoke("skip"))
             await answer(await alice.invoke("play", query=nxt))
             await answer(await alice.invoke("volume", percent=60))
             await until_stored(rec, db, gid, lambda r: r.position >= 1.0 and r.volume == 60)
@@ -176,6 +179,7 @@ async def test_ending_forgets_and_shutdown_keeps_then_restores(
             session = music(bot).session(gid)
             assert session.player.current.url == long
             assert [t.url for t in session.queue.upcoming] == [nxt]
+            assert [t.url for t in session.queue.history] == [nxt]
             assert session.volume_percent == 60
             # Opened at the saved position (a seek lands on a frame, at most 20 ms before).
             assert session.player.position >= kept.position - 0.02

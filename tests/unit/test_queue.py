@@ -211,6 +211,19 @@ def test_history_is_bounded_oldest_first_out() -> None:
     assert titles(q.history) == ["b", "c"]
 
 
+def test_restored_history_is_bounded_and_previous_walks_it() -> None:
+    q = TrackQueue(history_length=2)
+    q.restore_history(tracks("a", "b", "c"))
+    assert titles(q.history) == ["b", "c"]
+    q.add(tracks("d"))
+    q.advance()
+    assert q.previous().title == "c"
+    assert titles(q.upcoming) == ["d"]
+    with pytest.raises(ValueError, match="already has a history"):
+        q.restore_history(tracks("e"))
+    assert titles(q.history) == ["b"]
+
+
 def test_max_length_refuses_whole_batch() -> None:
     q = TrackQueue(max_length=3)
     q.add(tracks("a", "b"))
