@@ -397,7 +397,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
 
     stalls = {"any": 0, "underrun": 0, "gap": 0, "short": 0, "passthrough": 0, "transcode": 0}
     arrivals: list[list[float]] = []
-    frames = lost = sent = underruns = late = reconnects = 0
+    frames = lost = sent = underruns = late = reconnects = reanchors = 0
     max_gap = 0.0
     for g, i0, i1 in zip(playing, start_idx, end_idx, strict=True):
         packets = g.rec.packets[i0:i1]
@@ -413,6 +413,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         sent += a["frames_sent"] + a["silence_sent"] - b["frames_sent"] - b["silence_sent"]
         late += a["late_frames"] - b["late_frames"]
         reconnects += a["reconnects"] - b["reconnects"]
+        reanchors += a["reanchors"] - b["reanchors"]
         why = {
             "underrun": under > 0,
             "gap": w["max_gap"] > STALL_GAP_S,
@@ -446,6 +447,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         "underruns": float(underruns),
         "late_frames": float(late),
         "reconnects": float(reconnects),
+        "reanchors": float(reanchors),
         "frames_sent": float(sent),
         "frames": float(frames),
         "frames_expected": expected * len(playing),
@@ -482,11 +484,11 @@ def load_table(r: dict[str, float], title: str) -> str:
     text += bc.table(
         "Pacing and cost (arrivals stamped on the sandbox's loop; lateness and CPU the bot's)",
         ["dev p99 ms", "dev max ms", "gap p99 ms", "gap max ms", "player late p99 ms",
-         "player late max ms", "late frames", "bot cpu %/stream (incl. children)",
+         "player late max ms", "late frames", "re-anchors", "bot cpu %/stream (incl. children)",
          "bot cpu % total (incl. children)",
          "sandbox cpu %"],
         [[r["dev_p99"], r["dev_max"], r["gap_p99"], r["gap_max_ms"], r["player_late_p99_max"],
-          r["player_late_max"], int(r["late_frames"]), r["cpu_pct_per_stream"],
+          r["player_late_max"], int(r["late_frames"]), int(r["reanchors"]), r["cpu_pct_per_stream"],
           r["cpu_pct_total"], r["sandbox_cpu_pct"]]],
     )  # fmt: skip
     series = sorted(

@@ -49,6 +49,7 @@ PLAYER_FIELDS: Final = (
     "p99_lateness_ms",
     "max_lateness_ms",
     "reconnects",
+    "reanchors",
 )
 
 
