@@ -90,6 +90,8 @@ GUARD = 120.0
 #: The queue storm runs twice: yt-dlp in the bot's threads (the default), and in this many
 #: worker processes (``[playback] resolve_processes``).
 QUEUE_PROCESSES = 2
+#: Decode worker processes of the second load run (the machine has two cores).
+LOAD_DECODE_PROCESSES = 2
 
 
 @dataclass(frozen=True)
@@ -503,13 +505,25 @@ def load_table(r: dict[str, float], title: str) -> str:
 
 
 def run(quick: bool = True) -> str:
-    """The load section of `make bench`: 100 guilds, a mix of passthrough and transcode."""
+    """The load section of `make bench`: 100 guilds, a mix of passthrough and transcode.
+
+    The mix runs twice: decoding in the bot's threads (the default) and in
+    `LOAD_DECODE_PROCESSES` worker processes (``[playback] decode_processes``).
+    """
     text = ""
-    mixes = [("mixed", 0.5)] if quick else [("mixed", 0.5), ("passthrough", 1.0), ("mp3", 0.0)]
-    for name, share in mixes:
-        r = asyncio.run(load(100, 60.0, passthrough_share=share))
+    mixes = [("mixed", 0.5, 0), ("mixed_processes", 0.5, LOAD_DECODE_PROCESSES)]
+    if not quick:
+        mixes += [
+            ("passthrough", 1.0, 0),
+            ("mp3", 0.0, 0),
+            ("mp3_processes", 0.0, LOAD_DECODE_PROCESSES),
+        ]
+    for name, share, processes in mixes:
+        r = asyncio.run(load(100, 60.0, passthrough_share=share, decode_processes=processes))
         for key in (
             "stalled",
+            "underruns",
+            "reanchors",
             "frames_lost",
             "dev_p99",
             "gap_p99",
@@ -521,7 +535,9 @@ def run(quick: bool = True) -> str:
             "setup_s",
         ):
             FIGURES[f"load.{name}.{key}"] = r[key]  # fmt: skip
-        text += load_table(r, f"Load: one bot process, 100 guilds, {name} ({r['seconds']:.0f} s)")
+        where = f"decoding in {processes} worker processes" if processes else "decoding in threads"
+        title = f"Load: one bot process, 100 guilds, {name}, {where} ({r['seconds']:.0f} s)"
+        text += load_table(r, title)
     ops = asyncio.run(queue_ops())
     FIGURES.update({f"load.queue.{k}": v for k, v in ops.items()})
     isolated = asyncio.run(queue_ops(processes=QUEUE_PROCESSES))

@@ -201,7 +201,17 @@ def summary() -> str:
     # Load (bench_load): 100 guilds playing in one bot process; 500 queue commands a second.
     for key, target in [
         ("load.mixed.stalled", "0"),
+        ("load.mixed.underruns", "0"),
+        ("load.mixed.reanchors", "reported"),
         ("load.mixed.frames_lost", "0"),
+        ("load.mixed_processes.stalled", "0"),
+        ("load.mixed_processes.underruns", "0"),
+        ("load.mixed_processes.reanchors", "reported"),
+        ("load.mixed_processes.frames_lost", "0"),
+        ("load.mixed_processes.dev_p99", "reported (ms)"),
+        ("load.mixed_processes.player_late_p99_max", "reported (ms)"),
+        ("load.mixed_processes.cpu_pct_per_stream", "reported (%, with the workers)"),
+        ("load.mixed_processes.rss_growth_mb", "~0 (MB, the bot process)"),
         ("load.mixed.dev_p99", "reported (ms)"),
         ("load.mixed.player_late_p99_max", "reported (ms)"),
         ("load.mixed.cpu_pct_per_stream", "reported (%)"),
