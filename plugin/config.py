@@ -340,7 +340,9 @@ class VoiceConfig:
     """``[voice]``: how Legato connects to voice and encodes audio."""
 
     transport: Literal["webrtc", "udp", "auto"] = _key(
-        "auto", _choice("webrtc", "udp", "auto"), "media transport; auto tries webrtc then udp"
+        "auto",
+        _choice("webrtc", "udp", "auto"),
+        "media transport; auto: udp first toward Discord, webrtc first elsewhere",
     )
     gateway_version: Literal[6, 8, "auto"] = _key(
         "auto", _choice(6, 8, "auto"), "voice gateway version; auto: 8 toward Discord, 6 elsewhere"

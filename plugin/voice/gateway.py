@@ -76,7 +76,9 @@ class VoiceOptions:
     """How a voice connection is made and kept.
 
     Attributes:
-        transport: ``"udp"``, ``"webrtc"`` or ``"auto"`` (webrtc first, udp if it fails).
+        transport: ``"udp"``, ``"webrtc"`` or ``"auto"``: chosen from the endpoint by
+            :func:`auto_transports` (udp first toward Discord, webrtc first toward anything else;
+            the other if the first fails).
         gateway_version: Voice gateway version (4 to 8), or ``"auto"``: chosen from the
             endpoint by :func:`auto_gateway_version` (8 toward Discord, 6 toward anything else),
             again at every move to a new endpoint.
@@ -130,6 +132,28 @@ class VoiceOptions:
         )
 
 
+def is_discord_endpoint(endpoint: str) -> bool:
+    """Whether VOICE_SERVER_UPDATE's ``endpoint`` is one of Discord's voice servers.
+
+    Args:
+        endpoint: ``host``, ``host:port``, ``[v6]:port``, optionally with a ``wss://``/``ws://``
+            prefix.
+    """
+    endpoint = endpoint.strip().rstrip("/").removeprefix("wss://").removeprefix("ws://")
+    host = _split_host_port(endpoint)[0].lower().rstrip(".")
+    return any(host == d or host.endswith("." + d) for d in DISCORD_VOICE_DOMAINS)
+
+
+def auto_transports(endpoint: str) -> list[str]:
+    """The transports ``transport = "auto"`` tries toward ``endpoint``, in order.
+
+    Discord's voice servers get ``udp`` first: it is the path Discord documents for bots and the
+    cheaper one (no ICE, DTLS or SRTP). Any other endpoint gets ``webrtc`` first: Spacebar's
+    voice server speaks only that. The second is tried when the first fails.
+    """
+    return ["udp", "webrtc"] if is_discord_endpoint(endpoint) else ["webrtc", "udp"]
+
+
 def auto_gateway_version(endpoint: str) -> int:
     """Return the voice gateway version ``"auto"`` uses toward ``endpoint``.
 
@@ -145,11 +169,7 @@ def auto_gateway_version(endpoint: str) -> int:
         endpoint: VOICE_SERVER_UPDATE's ``endpoint`` (``host``, ``host:port``, ``[v6]:port``,
             optionally with a ``wss://``/``ws://`` prefix).
     """
-    endpoint = endpoint.strip().rstrip("/").removeprefix("wss://").removeprefix("ws://")
-    host = _split_host_port(endpoint)[0].lower().rstrip(".")
-    if any(host == d or host.endswith("." + d) for d in DISCORD_VOICE_DOMAINS):
-        return 8
-    return 6
+    return 8 if is_discord_endpoint(endpoint) else 6
 
 
 def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> str:
@@ -252,9 +272,7 @@ class VoiceConnection:
         self._server_id = server_id
         self._on_close = on_close
         self._version = self._pick_version(self._endpoint)
-        self._transports: list[str] = (
-            ["webrtc", "udp"] if self.options.transport == "auto" else [self.options.transport]
-        )
+        self._transports: list[str] = self._pick_transports(self._endpoint)
         #: Websocket connects and resumes of the cores replaced so far (see ``_renew_core``).
         self._retired_connects = 0
         self._retired_resumes = 0
@@ -452,6 +470,7 @@ class VoiceConnection:
         self._endpoint = endpoint
         self._token = token
         self._version = self._pick_version(endpoint)
+        self._transports = self._pick_transports(endpoint)
         self._media_ready.clear()  # the old server is being left: frames are dropped from here
         self._server_changed.set()
         ws = self._ws
@@ -591,6 +610,10 @@ class VoiceConnection:
                 raise decision.error() from None
             return False  # the loop starts the fresh session at the new server
         raise decision.error()
+
+    def _pick_transports(self, endpoint: str) -> list[str]:
+        name = self.options.transport
+        return auto_transports(endpoint) if name == "auto" else [name]
 
     def _pick_version(self, endpoint: str) -> int:
         version = self.options.gateway_version

@@ -1,11 +1,11 @@
-"""``gateway_version = "auto"``: which voice gateway version each kind of endpoint gets."""
+"""``"auto"`` version and transport: what each kind of endpoint gets."""
 
 from __future__ import annotations
 
 import pytest
 
 from legato.config import VoiceConfig
-from legato.voice.gateway import VoiceOptions, auto_gateway_version
+from legato.voice.gateway import VoiceOptions, auto_gateway_version, auto_transports
 
 
 @pytest.mark.parametrize(
@@ -19,8 +19,9 @@ from legato.voice.gateway import VoiceOptions, auto_gateway_version
         "c-ams07-1a2b.discord.media.:443",  # a fully qualified name with its root dot
     ],
 )
-def test_discord_endpoints_get_v8(endpoint: str) -> None:
+def test_discord_endpoints_get_v8_and_udp_first(endpoint: str) -> None:
     assert auto_gateway_version(endpoint) == 8
+    assert auto_transports(endpoint) == ["udp", "webrtc"]
 
 
 @pytest.mark.parametrize(
@@ -37,8 +38,9 @@ def test_discord_endpoints_get_v8(endpoint: str) -> None:
         "192.0.2.10",
     ],
 )
-def test_other_endpoints_get_v6(endpoint: str) -> None:
+def test_other_endpoints_get_v6_and_webrtc_first(endpoint: str) -> None:
     assert auto_gateway_version(endpoint) == 6
+    assert auto_transports(endpoint) == ["webrtc", "udp"]
 
 
 def test_auto_is_the_default_and_a_number_overrides_it() -> None:
