@@ -196,17 +196,19 @@ def summary() -> str:
     ]:
         value = f"{FIGURES[key]:.3g}" if key in FIGURES else "n/a"
         peer_key = key.replace("ours.pacing", "peer.pcm").replace("ours.stall", "peer.stall")
-        peer = f" (peer {FIGURES[peer_key]:.3g})" if peer_key in FIGURES else ""
+        peer = f" (peer {FIGURES[peer_key]:.3g})" if peer_key != key and peer_key in FIGURES else ""
         lines.append(f"| {key} | {value}{peer} | {target} |")
     # Load (bench_load): 100 guilds playing in one bot process; 500 queue commands a second.
     for key, target in [
         ("load.mixed.stalled", "0"),
         ("load.mixed.underruns", "0"),
         ("load.mixed.reanchors", "reported"),
+        ("load.mixed.stalled_gap", "reported (streams with a gap > 100 ms, the sandbox's view)"),
         ("load.mixed.frames_lost", "0"),
         ("load.mixed_processes.stalled", "0"),
         ("load.mixed_processes.underruns", "0"),
         ("load.mixed_processes.reanchors", "reported"),
+        ("load.mixed_processes.stalled_gap", "reported (the sandbox's view)"),
         ("load.mixed_processes.frames_lost", "0"),
         ("load.mixed_processes.dev_p99", "reported (ms)"),
         ("load.mixed_processes.player_late_p99_max", "reported (ms)"),
