@@ -81,6 +81,8 @@ if TYPE_CHECKING:
 __all__ = ["AUTOCOMPLETE_BUDGET", "GuildSession", "MusicCog", "SessionStats"]
 
 _log = logging.getLogger(__name__)
+#: Discord's error code for an interaction it no longer knows (not answered within 3 s).
+_UNKNOWN_INTERACTION: Final = 10062
 
 #: Discord drops an autocomplete answer after 3 s; answer with what is ready by then.
 AUTOCOMPLETE_BUDGET: Final = 2.5
@@ -684,6 +686,14 @@ class MusicCog(commands.Cog, name="Music"):
         if isinstance(error, app_commands.CommandInvokeError):
             original = error.original
         log = _interaction_log(interaction)
+        if isinstance(original, discord.NotFound) and original.code == _UNKNOWN_INTERACTION:
+            # Discord forgets an interaction not answered within 3 s: nobody is left to tell.
+            log.warning(
+                "/%s: the interaction expired before it was answered (over 3 s: is the bot "
+                "overloaded?)",
+                interaction.command.qualified_name if interaction.command else "?",
+            )
+            return
         if isinstance(original, LegatoError):
             message = original.user_message
             log.info(

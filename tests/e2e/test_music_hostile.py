@@ -8,6 +8,7 @@ keeps its queue when ``[playback] keep_queue_on_disconnect`` says so; odd number
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 from typing import Any
@@ -274,6 +275,34 @@ async def test_kicked_bot_keeps_the_queue_for_the_next_join_or_play(
         await start_playing(sb, alice, extra)
         assert upcoming(bot, sb) == []
         assert current_url(bot, sb) == extra
+
+
+# --- an overloaded bot --------------------------------------------------------------------------
+
+
+async def test_an_interaction_that_expired_is_logged_not_a_traceback(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)):
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        sb.rest.interaction_deadline = 0.0  # every answer is past Discord's 3 s
+        with caplog.at_level("WARNING", logger="legato.cogs.music"):
+            # /play defers first thing: that is the answer that comes too late.
+            late = asyncio.create_task(alice.invoke("play", query=tones.a))
+            await sb.wait_for(lambda: sb.rest.late_callbacks)
+            sb.rest.interaction_deadline = 3.0
+            # The next command is answered as usual; by then the first one's failure was handled.
+            assert (await alice.invoke("queue")).callback_type is not None
+        late.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await late
+        records = [r for r in caplog.records if r.name == "legato.cogs.music"]
+        assert [r.levelname for r in records] == ["WARNING"]
+        assert "expired before it was answered" in records[0].getMessage()
+        assert records[0].exc_info is None
+        sb.rest.late_callbacks.clear()  # seen and handled; `running` checks for others
 
 
 # --- odd numbers --------------------------------------------------------------------------------
