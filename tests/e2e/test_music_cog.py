@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import discord
+import psutil
 import pytest
 from discord.ext import commands
 
@@ -690,6 +691,30 @@ async def test_ready_made_bot_of_legato_run_plays(sandbox: Sandbox, tones: Tones
         await start_playing(sb, alice, tones.a)
         freq, _ = await heard(recording(sb), 30, skip=10)
         assert freq == pytest.approx(A_HZ, abs=15)
+
+
+async def test_decoding_in_worker_processes(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones, decode_processes=1)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        rec = recording(sb)
+        freq, level_full = await heard(rec, 50, skip=10)
+        assert freq == pytest.approx(A_HZ, abs=15)
+        # A volume change takes the track off passthrough: decoded and encoded in the worker.
+        vol = await alice.invoke("volume", percent=50)
+        assert "Volume set to 50%" in await answer(vol)
+        freq, level_half = await heard(rec, 40, skip=25)
+        assert freq == pytest.approx(A_HZ, abs=15)
+        assert level_half == pytest.approx(level_full / 2, rel=0.2)
+        pool = bot.music.decode_pool
+        assert pool is not None
+        workers = pool.pids
+        assert len(workers) == 1
+        assert psutil.pid_exists(workers[0])
+    # Unloading the cog (closing the bot) ends its worker processes.
+    assert not any(psutil.pid_exists(pid) for pid in workers)
 
 
 # --- loading ----------------------------------------------------------------------------------
