@@ -281,14 +281,25 @@ def _extract_in_process(
     return yt_dlp.YoutubeDL.sanitize_info(info), "", ""
 
 
+#: What the worker processes' fork server imports once. One server forks the workers of both
+#: pools (yt-dlp's here, the decoders of ``legato.audio.workers``), and its list is fixed when it
+#: first starts, so it names what either needs.
+_WORKER_PRELOAD: Final = ["legato.audio.resolve", "legato.audio.decode", "legato.audio.workers"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where Legato's worker processes come from: forked from a server that has imported yt-dlp
+    and the decoder, not from the bot's own process, whose threads and event loop a fork would
+    copy mid-flight (``spawn`` where there is no fork server)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_WORKER_PRELOAD)
+    return context
+
+
 def _process_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
-    """Workers forked from a server that has imported yt-dlp (not from the bot's own process,
-    whose threads and event loop a fork would copy mid-flight)."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload([__name__])
-    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=worker_context())
 
 
 class Resolver:

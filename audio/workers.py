@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from legato.audio.decode import open_source
 from legato.audio.encode import OpusSettings
-from legato.audio.resolve import StreamInfo
+from legato.audio.resolve import StreamInfo, worker_context
 from legato.audio.source import FrameSource, StreamLost
 from legato.errors import AudioError, DecodeError, LegatoError, ResolveError
 
@@ -272,17 +272,6 @@ class _Worker:
         self.conn.close()
 
 
-def _context() -> Any:
-    """Workers forked from a server that has imported the decoder (not from the bot's process,
-    whose threads and event loop a fork would copy mid-flight), as ``legato.audio.resolve``
-    does for yt-dlp (this module imports both)."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload([__name__])
-    return context
-
-
 class DecodePool:
     """Worker processes that open, decode and encode tracks for the players."""
 
@@ -349,7 +338,7 @@ class DecodePool:
                     if worker is not None:
                         worker.process.join(0)  # reap it
                     if self._context is None:
-                        self._context = _context()
+                        self._context = worker_context()
                     self._workers[i] = _Worker(self._context)
             live = [w for w in self._workers if w is not None]
             return min(live, key=lambda w: w.sources)
