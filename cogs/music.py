@@ -1320,11 +1320,9 @@ def _interaction_log(interaction: Interaction) -> logging.Logger | GuildLogger:
 
 
 def _wait(seconds: float) -> str:
-    """``3 seconds``, ``5 minutes``: how long until a retry, rounded up."""
+    """``3 seconds``, ``5 minutes``: how long until a retry, rounded up (to minutes past two)."""
     whole = math.ceil(seconds)
-    if whole < 120:
-        return f"{whole} second" + ("" if whole == 1 else "s")
-    return f"{math.ceil(whole / 60)} minutes"
+    return _span(whole if whole < 120 else 60 * math.ceil(whole / 60))
 
 
 def _tracks(count: int) -> str:
