@@ -51,7 +51,14 @@ from legato.voice.transport.base import Transport, TransportStats
 if TYPE_CHECKING:
     from legato.config import VoiceConfig
 
-__all__ = ["VoiceConnection", "VoiceOptions", "auto_gateway_version", "websocket_url"]
+__all__ = [
+    "VoiceConnection",
+    "VoiceOptions",
+    "auto_gateway_version",
+    "auto_transports",
+    "is_discord_endpoint",
+    "websocket_url",
+]
 
 _log = logging.getLogger(__name__)
 
