@@ -206,6 +206,22 @@ class Pacer:
             return PacerAction.SEND_SILENCE
         return PacerAction.WAIT
 
+    def send_due(self, now: float) -> float | None:
+        """``poll(now, audio_ready=True)``'s ``SEND_AUDIO``, fused for the player's steady state.
+
+        When that poll would say ``SEND_AUDIO``, the frame is taken as sent (as ``poll`` does)
+        and the next frame's deadline is returned; otherwise nothing changes and ``None`` says
+        to ``poll``. One call in place of ``poll`` + ``next_deadline`` (50 times a second per
+        stream).
+        """
+        if not (self._want_audio and self._speaking):
+            return None
+        if self._anchor is not None and now < self._deadline() - EARLY:
+            return None
+        self._filling = False
+        self._sent(now)
+        return self._deadline()
+
     def _deadline(self) -> float:
         assert self._anchor is not None
         grid = self._anchor + self._k * self.interval

@@ -10,9 +10,12 @@ explicit state machine):
 - The next track is opened as soon as the current one is within ``preload_s`` of its end (or
   its end is known), so its first frames are buffered before the last frame of the current one
   goes out: track changes leave no empty 20 ms slot.
-- Sending is a timer callback (``loop.call_at`` on absolute deadlines, the cheapest way to carry
-  hundreds of streams on one loop) that asks the pure :class:`~legato.audio.pacer.Pacer` what is
-  due. Per frame the loop pops a deque, calls ``sink.send_frame`` and re-arms one timer.
+- Sending is a timer callback on absolute deadlines that asks the pure
+  :class:`~legato.audio.pacer.Pacer` what is due. The timers are the loop's shared
+  :class:`~legato.audio.timers.SlotTimers` (one loop timer per 1 ms slot for every player on the
+  loop), and the steady state is one fused pacer call: per frame the loop pops a deque, calls
+  ``sink.send_frame`` and appends the next deadline to its slot. Feeders' read results come back
+  through one batched hand-off per loop (``_Inbox``), not a self-pipe write each.
 - Source faults. A stream that breaks off mid-track (``StreamLost``: stream URLs expire, so a
   server that answered may refuse FFmpeg's reconnect with 403) is opened again through the
   opener, which resolves a fresh stream URL, at the position its frames end: the buffered frames
@@ -33,7 +36,9 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -45,6 +50,7 @@ from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters
 from legato.audio.source import FrameSource, StreamLost
+from legato.audio.timers import slot_timers
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
 from legato.log import GuildLogger
@@ -388,19 +394,21 @@ class _Entry:
         """Run ``fn(*args)`` in the executor and await its result.
 
         Lighter than ``run_in_executor`` + ``shield`` (this runs every few frames per player):
-        one loop future, one ``call_soon_threadsafe``. A cancel leaves the job running; its
-        concurrent future stays in ``inflight`` so ``close`` can wait for it.
+        one loop future, its result handed back through the loop's ``_Inbox``. A cancel leaves
+        the job running; its concurrent future stays in ``inflight`` so ``close`` can wait for
+        it.
         """
         loop = asyncio.get_running_loop()
         result: asyncio.Future[T] = loop.create_future()
+        inbox = _inbox(loop)
 
         def job() -> None:
             try:
                 value = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting feeder
-                loop.call_soon_threadsafe(_deliver_error, result, exc)
+                inbox.put(result, None, exc)
             else:
-                loop.call_soon_threadsafe(_deliver, result, value)
+                inbox.put(result, value, None)
 
         try:
             inflight = self.inflight = (self.player._executor or _default_executor()).submit(job)
@@ -456,14 +464,54 @@ def _gone(track: Track) -> AudioError:
     )
 
 
-def _deliver(fut: asyncio.Future[T], value: T) -> None:
-    if not fut.done():
-        fut.set_result(value)
+class _Inbox:
+    """Results of executor jobs on their way to the loop, handed over in batches.
+
+    A job's ``call_soon_threadsafe`` writes to the loop's self-pipe, and the worker thread then
+    takes the GIL back from the loop, which waits for it. With hundreds of players refilling,
+    that is thousands of wake-ups a second; here a result is appended under a lock and only the
+    first one since the loop last drained wakes it. A busy loop drains many at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._woken = False
+
+    def put(self, fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+        """Hand ``value`` (or ``exc``) to ``fut`` on the loop (from any thread)."""
+        with self._lock:
+            self._items.append((fut, value, exc))
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: no one awaits these results any more
+            _log.debug("result of an executor job dropped: its event loop is closed")
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._woken = False
+        for fut, value, exc in items:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
 
 
-def _deliver_error(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        inbox = _inboxes[loop] = _Inbox(loop)
+    return inbox
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -498,7 +546,8 @@ class GuildPlayer:
         sink: Where frames and speaking changes go (the voice client, or a test's sink).
         opener: Opens a track at a start position (see :func:`make_opener`).
         queue: The queue to play; a new unbounded one if ``None``.
-        clock: Where deadlines come from. ``None``: the running loop's clock and ``call_at``. A
+        clock: Where deadlines come from. ``None``: the running loop's clock and its shared
+            ``SlotTimers``. A
             clock with ``call_at`` (a test's fake clock) schedules the pacing timer itself.
         executor: Runs every blocking ``FrameSource`` call; ``None``: a small pool shared by
             every player of the process.
@@ -554,7 +603,9 @@ class GuildPlayer:
         self._link = sink if isinstance(sink, LinkCounters) else None
         if clock is None:
             self._now: Callable[[], float] = self._loop.time
-            self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = self._loop.call_at
+            self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = slot_timers(
+                self._loop
+            ).call_at
         elif isinstance(clock, TimerClock):
             self._now, self._call_at = clock.now, clock.call_at
         else:
@@ -952,26 +1003,8 @@ class GuildPlayer:
             action = pacer.poll(now, audio_ready=ready, fill=self._fill)
             if action is PacerAction.SEND_AUDIO:
                 assert cur is not None
+                self._sent_audio(cur)
                 frames = cur.frames
-                try:
-                    sink.send_frame(frames.popleft())
-                except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
-                    self._sink_failed()
-                cur.sent += 1
-                self._frames_sent += 1
-                self._in_underrun = False
-                self._stall_since = None
-                late = pacer.last_lateness
-                if late > 0.0:
-                    self._hist[min(int(late / _HIST_BIN), _HIST_SIZE - 1)] += 1
-                    if late > LATE_THRESHOLD:
-                        self._late += 1
-                    if late > self._max_late:
-                        self._max_late = late
-                else:
-                    self._hist[0] += 1
-                if len(frames) <= self._low:
-                    cur.wake.set()
                 if not cur.started:
                     cur.started = True
                     self._fail_streak = 0
@@ -1059,7 +1092,46 @@ class GuildPlayer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = math.nan
+        cur = self._cur
+        # Steady state (a started track with frames to spare, no speaking change under way):
+        # the frame in one pacer call and one re-arm. Anything else takes the full _pump.
+        if (
+            cur is not None
+            and cur.started
+            and len(cur.frames) > 1
+            and self._speaking_task is None
+            and not self._pumping
+        ):
+            deadline = self._pacer.send_due(self._now())
+            if deadline is not None:
+                self._sent_audio(cur)
+                self._timer_when = deadline
+                self._timer = self._call_at(deadline, self._on_timer)
+                return
         self._pump()
+
+    def _sent_audio(self, cur: _Entry) -> None:
+        """Send ``cur``'s next frame, which the pacer just took as sent, and count it."""
+        frames = cur.frames
+        try:
+            self._sink.send_frame(frames.popleft())
+        except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
+            self._sink_failed()
+        cur.sent += 1
+        self._frames_sent += 1
+        self._in_underrun = False
+        self._stall_since = None
+        late = self._pacer.last_lateness
+        if late > 0.0:
+            self._hist[min(int(late / _HIST_BIN), _HIST_SIZE - 1)] += 1
+            if late > LATE_THRESHOLD:
+                self._late += 1
+            if late > self._max_late:
+                self._max_late = late
+        else:
+            self._hist[0] += 1
+        if len(frames) <= self._low:
+            cur.wake.set()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -259,3 +260,36 @@ def test_fill_needs_a_grid() -> None:
     # Nothing sent yet (a track still loading): nothing to keep going, so nothing is filled.
     assert p.poll(T0, audio_ready=False, fill=True) is A.UNDERRUN
     assert p.fill_deadline() is None
+
+
+def test_send_due_is_poll_send_audio_plus_next_deadline() -> None:
+    """The player's fused fast path agrees with poll + next_deadline on every wake-up, late,
+    early, after stalls and around pause/resume; where poll would not send audio it does
+    nothing and says so."""
+    rng = random.Random(7)
+    fast, slow = Pacer(), Pacer()
+    for p in (fast, slow):
+        p.play()
+        assert p.poll(T0) is A.SPEAKING_ON
+    now = T0
+    sent = 0
+    for step in range(3000):
+        if step % 500 == 250:
+            fast.stop()
+            slow.stop()
+        if step % 500 == 300:
+            fast.play()
+            slow.play()
+        now += rng.choice([0.0, 0.0003, 0.004, 0.019, 0.0205, 0.021, 0.06])
+        expected = slow.poll(now, audio_ready=True)
+        got = fast.send_due(now)
+        if expected is A.SEND_AUDIO:
+            sent += 1
+            assert got == slow.next_deadline()
+            assert fast.last_lateness == slow.last_lateness
+        else:
+            assert got is None
+            # Let the fast pacer take the same non-audio step through poll.
+            assert fast.poll(now, audio_ready=True) is expected
+        assert fast.reanchors == slow.reanchors
+    assert sent > 1000

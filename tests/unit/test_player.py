@@ -807,3 +807,46 @@ async def test_an_executor_shut_down_under_the_player_ends_tracks_quietly(
     ]
     assert others() == set()
     assert [s.closed for s in scripted.sources] == [True]
+
+
+async def test_results_from_many_worker_threads_each_reach_their_future_in_batches() -> None:
+    """The feeders' hand-back: every result and exception lands on its own future, and a burst
+    of results costs fewer loop wake-ups than results."""
+    from legato.audio import player as player_mod
+
+    loop = asyncio.get_running_loop()
+    inbox = player_mod._inbox(loop)
+    assert player_mod._inbox(loop) is inbox
+    futures = [loop.create_future() for _ in range(400)]
+    wakes = 0
+    drain = inbox._drain
+
+    def counting_drain() -> None:
+        nonlocal wakes
+        wakes += 1
+        drain()
+
+    inbox._drain = counting_drain  # type: ignore[method-assign]  # count the loop's wake-ups
+    try:
+        gate = threading.Barrier(4)
+
+        def worker(part: int) -> None:
+            gate.wait()
+            for k in range(part, len(futures), 4):
+                if k % 7 == 0:
+                    inbox.put(futures[k], None, ValueError(f"job {k}"))
+                else:
+                    inbox.put(futures[k], k * 2, None)
+
+        with ThreadPoolExecutor(4) as pool:
+            await asyncio.gather(*(loop.run_in_executor(pool, worker, p) for p in range(4)))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        del inbox._drain
+    for k, r in enumerate(results):
+        if k % 7 == 0:
+            assert isinstance(r, ValueError)
+            assert str(r) == f"job {k}"
+        else:
+            assert r == k * 2
+    assert 1 <= wakes < len(futures)
