@@ -72,9 +72,9 @@ def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str
             cpu_s += times.user + times.system
     cog: Any = bot.get_cog("Music")
     sessions = dict(cog.sessions) if cog is not None else {}
-    players = {
-        str(gid): [getattr(s.player.stats, f) for f in PLAYER_FIELDS] for gid, s in sessions.items()
-    }
+    # One stats snapshot per player (the property computes percentiles each time it is read).
+    snapshots = {gid: s.player.stats for gid, s in sessions.items()}
+    players = {str(gid): [getattr(st, f) for f in PLAYER_FIELDS] for gid, st in snapshots.items()}
     total: dict[str, float] = {f: 0 for f in PLAYER_FIELDS}
     for values in players.values():
         for f, v in zip(PLAYER_FIELDS, values, strict=True):

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sqlite3
+import sys
 import time
 import urllib.parse
 import weakref
@@ -464,9 +465,21 @@ class MusicCog(commands.Cog, name="Music"):
         self.persistence: Persistence | None = None
         #: Set first thing on unload: no session may be made after it (see ``_connect``).
         self._unloading = False
+        #: (the interpreter's switch interval before cog_load, the one it set), when it set one.
+        self._switch_interval: tuple[float, float] | None = None
 
     async def cog_load(self) -> None:
-        """Open the guild state store when ``[storage]`` is enabled (resumed on READY)."""
+        """Set the interpreter's thread switch interval (``playback.thread_switch_interval_ms``)
+        and open the guild state store when ``[storage]`` is enabled (resumed on READY)."""
+        wanted = self.config.playback.thread_switch_interval_ms
+        if wanted > 0:
+            self._switch_interval = (sys.getswitchinterval(), wanted / 1000)
+            sys.setswitchinterval(wanted / 1000)
+            _log.info(
+                "thread switch interval set to %g ms (was %g ms)",
+                wanted,
+                self._switch_interval[0] * 1000,
+            )
         storage = self.config.storage
         if not storage.enabled:
             return
@@ -516,6 +529,11 @@ class MusicCog(commands.Cog, name="Music"):
             await asyncio.gather(*late, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._resolver.close()  # its worker processes, if any
+        if self._switch_interval is not None:
+            before, ours = self._switch_interval
+            # Put back only what is still ours: someone may have set it since.
+            if abs(sys.getswitchinterval() - ours) < 1e-9:
+                sys.setswitchinterval(before)
         if self.decode_pool is not None:
             # Blocks until its processes exit (quick: they are told to, and killed after 2 s).
             await asyncio.to_thread(self.decode_pool.close)

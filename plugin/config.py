@@ -405,6 +405,12 @@ class PlaybackConfig:
         "decode and encode tracks in this many worker processes, off the bot's GIL; 0 in the"
         " bot's threads",
     )
+    thread_switch_interval_ms: float = _key(
+        1.0,
+        _number(0, 100, "milliseconds"),
+        "longest a thread holds Python's interpreter lock while another waits for it (Python's"
+        " own default is 5); 0 leaves the interpreter's setting alone",
+    )
     keep_queue_on_disconnect: bool = _key(
         False,
         _boolean(),

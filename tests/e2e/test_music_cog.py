@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import logging
 import re
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -740,11 +741,16 @@ async def test_configure_names_the_file_and_teardown_removes_the_cog(
 ) -> None:
     monkeypatch.delenv("LEGATO_CONFIG", raising=False)  # restored after the test
     path = tmp_path / "custom.toml"
-    path.write_text("[playback]\nmax_volume = 111\n", encoding="utf-8")
+    path.write_text(
+        "[playback]\nmax_volume = 111\nthread_switch_interval_ms = 2.5\n", encoding="utf-8"
+    )
     legato.configure(path)
+    before = sys.getswitchinterval()
+    assert before != pytest.approx(0.0025)
     try:
         bot = commands.Bot(command_prefix="!", intents=discord.Intents.default())
         await bot.load_extension("legato")
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
         cog: Any = bot.get_cog("Music")
         assert type(cog).__name__ == MusicCog.__name__
         assert cog.config.playback.max_volume == 111
@@ -756,9 +762,11 @@ async def test_configure_names_the_file_and_teardown_removes_the_cog(
         await bot.unload_extension("legato")
         assert bot.get_cog("Music") is None
         assert bot.tree.get_commands() == []
+        assert sys.getswitchinterval() == pytest.approx(before)
         await bot.close()
     finally:
         legato.configure(None)
+        sys.setswitchinterval(before)
 
 
 def _legato_tasks() -> list[str]:
