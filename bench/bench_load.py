@@ -520,6 +520,77 @@ def load_table(r: dict[str, float], title: str) -> str:
     return text
 
 
+_INDEX_PROBE = """
+import sys, av, psutil
+path, count, packets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+proc = psutil.Process()
+containers = [av.open(path) for _ in range(count)]
+streams = [c.streams.audio[0] for c in containers]
+demuxers = [c.demux(s) for c, s in zip(containers, streams)]
+for d in demuxers:  # the first packets allocate the demuxers' buffers: not what is measured
+    for _ in range(50):
+        next(d)
+rss0, entries0 = proc.memory_info().rss, sum(len(s.index_entries) for s in streams)
+for _ in range(packets):
+    for d in demuxers:
+        next(d)
+rss1, entries1 = proc.memory_info().rss, sum(len(s.index_entries) for s in streams)
+print((rss1 - rss0) / (count * packets), (entries1 - entries0) / (count * packets))
+"""
+
+
+def seek_index_probe(count: int = 40, packets: int = 3000) -> dict[str, float]:
+    """What FFmpeg keeps per packet demuxed, for each format the load plays.
+
+    The demuxer adds a seek index entry (24 bytes) for every packet it reads, up to the track's
+    end, and FFmpeg's ``max_index_size`` does not bound it here: a bot decoding in its own
+    threads grows by that much while its tracks play, and gives it back when each track ends.
+    Measured in a child process (``count`` streams, ``packets`` packets each) so that nothing
+    else moves its RSS.
+
+    Returns:
+        ``{fmt}.bytes_per_packet`` (RSS growth) and ``{fmt}.entries_per_packet`` (PyAV's
+        ``index_entries``) for ``webm`` (Opus) and ``mp3``.
+    """
+    import subprocess
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="legato-index-") as tmp:
+        seconds = packets * 0.03 + 10.0  # MP3 packets are 26 ms
+        for fmt, codec in (("webm", "libopus"), ("mp3", "libmp3lame")):
+            path = Path(tmp) / f"probe.{fmt}"
+            write_tone(path, freq=440.0, seconds=seconds, container=fmt, codec=codec)
+            done = subprocess.run(
+                [sys.executable, "-c", _INDEX_PROBE, str(path), str(count), str(packets)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=GUARD,
+            )
+            per_packet, entries = (float(v) for v in done.stdout.split())
+            out[f"{fmt}.bytes_per_packet"] = per_packet
+            out[f"{fmt}.entries_per_packet"] = entries
+    return out
+
+
+def index_note(probe: dict[str, float], r: dict[str, float], share: float) -> str:
+    """The RSS growth a load run's demuxers account for, beside the growth it measured."""
+    guilds = 100
+    per_s = (
+        guilds * share * 50 * probe["webm.bytes_per_packet"]
+        + guilds * (1 - share) * (48000 / 1152) * probe["mp3.bytes_per_packet"]
+    )
+    # The growth figure compares the means of the last and first thirds: two thirds apart.
+    expected = per_s * r["seconds"] * 2 / 3 / 1e6
+    return (
+        f"FFmpeg's seek index, measured apart: {probe['webm.bytes_per_packet']:.0f} B per Opus "
+        f"packet and {probe['mp3.bytes_per_packet']:.0f} B per MP3 packet "
+        f"({probe['webm.entries_per_packet']:.2f} / {probe['mp3.entries_per_packet']:.2f} index "
+        f"entries per packet), freed at each track's end: {expected:.1f} MB of this run's growth "
+        f"({r['rss_growth_mb']:.1f} MB) when the demuxers run in the bot's threads.\n"
+    )
+
+
 def run(quick: bool = True) -> str:
     """The load section of `make bench`: 100 guilds, a mix of passthrough and transcode.
 
@@ -540,6 +611,8 @@ def run(quick: bool = True) -> str:
             ("mp3", 0.0, 0),
             ("mp3_processes", 0.0, LOAD_DECODE_PROCESSES),
         ]
+    probe = seek_index_probe()
+    FIGURES.update({f"load.seek_index.{k}": v for k, v in probe.items()})
     for name, share, processes in mixes:
         r = asyncio.run(load(100, 60.0, passthrough_share=share, decode_processes=processes))
         for key in (
@@ -561,6 +634,8 @@ def run(quick: bool = True) -> str:
         where = f"decoding in {processes} worker processes" if processes else "decoding in threads"
         title = f"Load: one bot process, 100 guilds, {name}, {where} ({r['seconds']:.0f} s)"
         text += load_table(r, title)
+        if not processes:
+            text += index_note(probe, r, share)
     return text
 
 
