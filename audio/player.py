@@ -3,10 +3,12 @@
 Shape (songbird's driver/track split, discord.py's absolute deadlines, @discordjs/voice's
 explicit state machine):
 
-- Each opened track is an ``_Entry`` with its own feeder task. The feeder is the only code that
-  calls the ``FrameSource``, always in the executor, in chunks of several frames, so the loop
-  does no per-frame executor round-trip and the source never sees two calls at once. It keeps
-  ``buffer_ms`` of frames ahead and applies seek and volume requests between reads.
+- Each opened track is an ``_Entry`` with its own feeder task, which opens (and reopens) the
+  source, fills its buffer and applies seek and volume requests between reads. The
+  ``FrameSource`` is only ever called in the executor, in chunks of several frames, one call at
+  a time. In the steady state (the feeder parked, nothing requested) the player's refills go to
+  the executor straight from the send path, batched after the timer slot, and come back through
+  the loop's ``_Inbox``: no task step per refill. The buffer holds ``buffer_ms`` of frames.
 - The next track is opened as soon as the current one is within ``preload_s`` of its end (or
   its end is known), so its first frames are buffered before the last frame of the current one
   goes out: track changes leave no empty 20 ms slot.
@@ -236,6 +238,12 @@ class _Entry:
         self.ops: deque[_Op] = deque()
         self.wake = asyncio.Event()
         self.inflight: concurrent.futures.Future[None] | None = None
+        #: The feeder waits in ``_feed`` for a wake: reads may be sent from ``refill``.
+        self.parked = False
+        #: A read sent by ``refill`` is in the executor.
+        self.reading = False
+        #: What that read raised, for the feeder to handle (reopen, fail).
+        self.read_error: BaseException | None = None
         self.reopens = 0  # reopens since the stream last gave audio
         self.task = asyncio.get_running_loop().create_task(
             self._run(start), name=f"legato-feed-{track.uid}"
@@ -251,6 +259,74 @@ class _Entry:
         self.ops.append(_Op(kind, value, done))
         self.wake.set()
         return done
+
+    def refill(self) -> None:
+        """The player took frames and the buffer is low: read more.
+
+        In the steady state (the feeder parked, no request waiting, no read in flight) the
+        read goes to the executor from here and ``_read_done`` applies it: no feeder task step
+        on the loop either way, which at hundreds of players is most of the loop's work besides
+        sending. Otherwise the feeder is woken to do it.
+        """
+        if self.reading:
+            return
+        if not self.parked or self.ops or self.eof or self.closed or self.source is None:
+            self.wake.set()
+            return
+        self.reading = True
+        _inbox(self.player._loop).submit_soon(self)
+
+    def _submit_read(self) -> None:
+        """Send the read ``refill`` asked for to the executor (after the loop's current
+        callback: the sends of a timer slot are not interleaved with worker wake-ups)."""
+        source = self.source
+        if self.closed or source is None:
+            self.reading = False
+            return
+        count = self.player._cap - len(self.frames)
+        inbox = _inbox(self.player._loop)
+
+        def job() -> None:
+            try:
+                value = _read_chunk(source, count)
+            except BaseException as exc:  # noqa: BLE001 - handed to the feeder (see _read_done)
+                inbox.put(_Entry._read_done, self, None, exc)
+            else:
+                inbox.put(_Entry._read_done, self, value, None)
+
+        try:
+            self.inflight = (self.player._executor or _default_executor()).submit(job)
+        except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
+            self.reading = False
+            self._executor_gone(_ExecutorGone(str(exc)))
+
+    def _read_done(self, value: _Chunk | None, exc: BaseException | None) -> None:
+        """A read sent by ``refill`` returned (on the loop)."""
+        self.reading = False
+        if self.closed:
+            return  # close() closes the source once the read is done
+        if exc is not None:
+            if isinstance(exc, RuntimeError) and _shut_down(exc):
+                exc = _ExecutorGone(str(exc))
+            self.read_error = exc  # raised in the feeder, which handles it as its own reads'
+            self.wake.set()
+            return
+        assert value is not None
+        self._apply_read(value)
+        self.player._on_entry_update(self)
+        if self.ops:
+            self.wake.set()
+
+    def _apply_read(self, chunk: _Chunk) -> None:
+        frames, position, duration, spent = chunk
+        if frames:
+            self.player._encode_times.append(spent / len(frames))
+            self.reopens = 0
+        self.frames.extend(frames)
+        self.read_position = position
+        self.duration = duration if duration is not None else self.track.duration
+        if not frames:
+            self.eof = True
 
     def close(self) -> None:
         if self.closed:
@@ -350,7 +426,12 @@ class _Entry:
         player = self.player
         cap, low = player._cap, player._low
         while True:
-            while self.ops:
+            if self.read_error is not None:
+                error, self.read_error = self.read_error, None
+                raise error
+            # While a read sent by refill() is out, nothing else may touch the source: wait for
+            # it (it wakes the feeder when a request waits or it failed).
+            while self.ops and not self.reading:
                 op = self.ops[0]
                 try:
                     if op.kind == "seek":
@@ -372,23 +453,16 @@ class _Entry:
                 self.ops.popleft()
                 if not op.done.done():
                     op.done.set_result(None)
-            if not self.eof and len(self.frames) <= low and not self.ops:
-                frames, position, duration, spent = await self._call(
-                    _read_chunk, source, cap - len(self.frames)
-                )
-                if frames:
-                    player._encode_times.append(spent / len(frames))
-                if frames:
-                    self.reopens = 0
-                self.frames.extend(frames)
-                self.read_position = position
-                self.duration = duration if duration is not None else self.track.duration
-                if not frames:
-                    self.eof = True
+            if not self.eof and len(self.frames) <= low and not self.ops and not self.reading:
+                self._apply_read(await self._call(_read_chunk, source, cap - len(self.frames)))
                 player._on_entry_update(self)
                 continue
             self.wake.clear()
-            await self.wake.wait()
+            self.parked = True
+            try:
+                await self.wake.wait()
+            finally:
+                self.parked = False
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the executor and await its result.
@@ -406,9 +480,9 @@ class _Entry:
             try:
                 value = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting feeder
-                inbox.put(result, None, exc)
+                inbox.put(_settle, result, None, exc)
             else:
-                inbox.put(result, value, None)
+                inbox.put(_settle, result, value, None)
 
         try:
             inflight = self.inflight = (self.player._executor or _default_executor()).submit(job)
@@ -476,13 +550,34 @@ class _Inbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._items: list[
+            tuple[Callable[[Any, Any, BaseException | None], None], Any, Any, BaseException | None]
+        ] = []
         self._woken = False
+        self._reads: list[_Entry] = []
 
-    def put(self, fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-        """Hand ``value`` (or ``exc``) to ``fut`` on the loop (from any thread)."""
+    def submit_soon(self, entry: _Entry) -> None:
+        """Have ``entry._submit_read()`` called right after the loop's current callback, with
+        every other read asked for meanwhile (on the loop)."""
+        if not self._reads:
+            self._loop.call_soon(self._submit_reads)
+        self._reads.append(entry)
+
+    def _submit_reads(self) -> None:
+        entries, self._reads = self._reads, []
+        for entry in entries:
+            entry._submit_read()
+
+    def put(
+        self,
+        deliver: Callable[[Any, Any, BaseException | None], None],
+        target: Any,
+        value: Any,
+        exc: BaseException | None,
+    ) -> None:
+        """Call ``deliver(target, value, exc)`` on the loop (from any thread)."""
         with self._lock:
-            self._items.append((fut, value, exc))
+            self._items.append((deliver, target, value, exc))
             if self._woken:
                 return
             self._woken = True
@@ -495,13 +590,20 @@ class _Inbox:
         with self._lock:
             items, self._items = self._items, []
             self._woken = False
-        for fut, value, exc in items:
-            if fut.done():
-                continue
-            if exc is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(exc)
+        for deliver, target, value, exc in items:
+            try:
+                deliver(target, value, exc)
+            except Exception:  # noqa: BLE001 - one broken delivery must not lose the others
+                _log.exception("delivering an executor job's result failed")
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(value)
+    else:
+        fut.set_exception(exc)
 
 
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
@@ -527,7 +629,11 @@ def _default_executor() -> concurrent.futures.Executor:
     return _pool
 
 
-def _read_chunk(source: FrameSource, count: int) -> tuple[list[bytes], float, float | None, float]:
+#: What ``_read_chunk`` returns: frames, read position, duration, seconds the read took.
+_Chunk = tuple[list[bytes], float, float | None, float]
+
+
+def _read_chunk(source: FrameSource, count: int) -> _Chunk:
     """Read up to ``count`` frames (in the worker); also return the seconds the read took."""
     started = time.perf_counter()
     frames = source.read(count)
@@ -1131,7 +1237,7 @@ class GuildPlayer:
         else:
             self._hist[0] += 1
         if len(frames) <= self._low:
-            cur.wake.set()
+            cur.refill()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

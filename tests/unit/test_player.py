@@ -536,9 +536,25 @@ async def test_stop_then_start_plays_the_next_track(rig: Rig) -> None:
     assert [t.title for t in rig.player.queue.history] == ["A", "B"]
 
 
-async def test_source_calls_never_overlap_with_a_real_thread_pool() -> None:
-    """Seek and volume requests race the feeder's reads; the source must see one call at a time
-    (``ScriptedSource`` raises AssertionError on overlap, which would surface as TrackFailed)."""
+@pytest.mark.parametrize("frames_per_step", [1, 8])
+async def test_source_calls_never_overlap_with_a_real_thread_pool(
+    frames_per_step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seek and volume requests race the feeder's reads and the player's refill reads; the
+    source must see one call at a time (``ScriptedSource`` raises AssertionError on overlap,
+    which would surface as TrackFailed). Eight frames a step drain the buffer, so refill reads
+    are out when requests arrive."""
+    from legato.audio import player as player_mod
+
+    refill_reads = 0
+    submit = player_mod._Entry._submit_read
+
+    def counted(entry: player_mod._Entry) -> None:
+        nonlocal refill_reads
+        refill_reads += 1
+        submit(entry)
+
+    monkeypatch.setattr(player_mod._Entry, "_submit_read", counted)
     clock = FakeClock()
     sink = RecordingSink(clock)
     opener = ScriptedOpener()
@@ -554,11 +570,14 @@ async def test_source_calls_never_overlap_with_a_real_thread_pool() -> None:
             for i in range(40):
                 requests = [player.seek(i * 0.5), player.set_volume(0.5 + (i % 3) * 0.25)]
                 await asyncio.gather(*requests)
-                await clock.advance(F)
+                for _ in range(frames_per_step):
+                    await clock.advance(F)
         await player.close()
     assert not [e for e in events if isinstance(e, TrackFailed)]
     assert all(s.closed for s in opener.sources)
     assert len(opener.sources[0].seeks) == 40
+    if frames_per_step > 1:
+        assert refill_reads > 10  # the player's own refill reads raced the requests
 
 
 async def test_tone_source_plays_real_opus_at_its_frequency() -> None:
@@ -834,9 +853,9 @@ async def test_results_from_many_worker_threads_each_reach_their_future_in_batch
             gate.wait()
             for k in range(part, len(futures), 4):
                 if k % 7 == 0:
-                    inbox.put(futures[k], None, ValueError(f"job {k}"))
+                    inbox.put(player_mod._settle, futures[k], None, ValueError(f"job {k}"))
                 else:
-                    inbox.put(futures[k], k * 2, None)
+                    inbox.put(player_mod._settle, futures[k], k * 2, None)
 
         with ThreadPoolExecutor(4) as pool:
             await asyncio.gather(*(loop.run_in_executor(pool, worker, p) for p in range(4)))
