@@ -241,7 +241,7 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "decode_processes", "1.5", "an integer from 0 to 32"),
     ("playback", "thread_switch_interval_ms", "-1", "a number from 0 to 100 milliseconds"),
     ("playback", "thread_switch_interval_ms", "500", "a number from 0 to 100 milliseconds"),
-    ("playback", "thread_switch_interval_ms", "\"1\"", "a number from 0 to 100 milliseconds"),
+    ("playback", "thread_switch_interval_ms", '"1"', "a number from 0 to 100 milliseconds"),
     ("playback", "keep_queue_on_disconnect", '"yes"', "true or false"),
     ("playback", "stream_timeout", "0", "a number from 1 to 300"),
     ("playback", "stream_timeout", "301", "a number from 1 to 300"),
