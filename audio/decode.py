@@ -294,6 +294,11 @@ class _BaseSource:
         return False
 
     @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed
+
+    @property
     def position(self) -> float:
         return self._origin + self._emitted * FRAME_SAMPLES / SAMPLE_RATE
 

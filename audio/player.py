@@ -59,7 +59,7 @@ from legato.log import GuildLogger
 
 if TYPE_CHECKING:
     from legato.audio.encode import OpusSettings
-    from legato.audio.resolve import Resolver
+    from legato.audio.resolve import Resolver, StreamInfo
     from legato.audio.workers import DecodePool
 
 _log = logging.getLogger(__name__)
@@ -1290,6 +1290,7 @@ def make_opener(
     executor: Executor | None = None,
     timeout: float | None = None,
     pool: DecodePool | None = None,
+    threads_first: int = 0,
 ) -> SourceOpener:
     """A ``SourceOpener`` that resolves the track's stream URL again and opens it.
 
@@ -1305,28 +1306,55 @@ def make_opener(
             fails the track after this); ``None``: the decoder's ``DEFAULT_TIMEOUT``.
         pool: Open (and so decode and encode) in these worker processes instead of in this
             process; the open still waits in ``executor``. ``None``: in this process.
+        threads_first: With a pool, open in this process while fewer than this many sources
+            opened here are decoding (not passing Opus through), and streams that are Opus
+            (likely passed through, which costs next to nothing) or of an unknown codec
+            always; the rest in the pool. A few transcodes stay cheap in threads and a small
+            bot never starts a worker; many would hold the interpreter lock the event loop
+            needs to send. 0: everything in the pool.
     """
     from legato.audio.decode import DEFAULT_TIMEOUT, open_source
 
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
+    local: weakref.WeakSet[FrameSource] = weakref.WeakSet()
+
+    def in_process(info: StreamInfo) -> bool:
+        if pool is None:
+            return True
+        if threads_first <= 0:
+            return False
+        if info.codec in (None, "opus"):
+            return True
+        decoding = sum(1 for s in list(local) if not s.passthrough and not _closed(s))
+        return decoding < threads_first
 
     async def open_track(track: Track, start: float) -> FrameSource:
         info = await resolver.stream(track)
-        if pool is None:
+        if in_process(info):
             fut = asyncio.get_running_loop().run_in_executor(
                 executor, lambda: open_source(info, start=start, opus=opus, timeout=limit)
             )
+            local_open = True
         else:
+            assert pool is not None
             fut = asyncio.get_running_loop().run_in_executor(
                 executor, lambda: pool.open(info, start=start, opus=opus, timeout=limit)
             )
+            local_open = False
         try:
-            return await asyncio.shield(fut)
+            source = await asyncio.shield(fut)
         except asyncio.CancelledError:
             fut.add_done_callback(_close_result)
             raise
+        if local_open:
+            local.add(source)
+        return source
 
     return open_track
+
+
+def _closed(source: FrameSource) -> bool:
+    return bool(getattr(source, "closed", False))
 
 
 def _close_result(fut: asyncio.Future[FrameSource]) -> None:

@@ -279,7 +279,8 @@ async def load(
     *,
     passthrough_share: float = 0.5,
     rss_interval: float = 10.0,
-    decode_processes: int = 0,
+    decode_processes: int = 2,
+    decode_threads_first: int = 8,
     out: Any = None,
 ) -> dict[str, float]:
     """Run `guilds` guilds playing at once for a window of `seconds`; return the figures.
@@ -290,6 +291,8 @@ async def load(
         passthrough_share: Share of the guilds playing Opus in WebM; the rest play MP3.
         rss_interval: Seconds between the bot process's reports (its RSS samples).
         decode_processes: ``[playback] decode_processes`` (0: decode in the bot's threads).
+        decode_threads_first: ``[playback] decode_threads_first`` (0: every decode in the
+            worker processes).
         out: Where to print progress (default stderr).
 
     Returns:
@@ -320,7 +323,9 @@ async def load(
         with MediaServer(root) as media:
             config_path = root / "legato.toml"
             config = storm_config(media).replace(
-                "[playback]\n", f"[playback]\ndecode_processes = {decode_processes}\n"
+                "[playback]\n",
+                f"[playback]\ndecode_processes = {decode_processes}\n"
+                f"decode_threads_first = {decode_threads_first}\n",
             )
             config_path.write_text(config, encoding="utf-8")
             # No 3 s answer deadline: at 100 /play at once an answer may take longer, and the
@@ -594,8 +599,9 @@ def index_note(probe: dict[str, float], r: dict[str, float], share: float) -> st
 def run(quick: bool = True) -> str:
     """The load section of `make bench`: 100 guilds, a mix of passthrough and transcode.
 
-    The mix runs twice: decoding in the bot's threads (the default) and in
-    `LOAD_DECODE_PROCESSES` worker processes (``[playback] decode_processes``).
+    The mix runs three times: with the defaults (the first 8 decodes in the bot's threads, the
+    rest in 2 worker processes), everything in the bot's threads (``decode_processes = 0``) and
+    every decode in the worker processes (``decode_threads_first = 0``).
     """
     # The queue storm first: its bot runs in this process, which the load runs leave holding
     # their recordings.
@@ -604,17 +610,23 @@ def run(quick: bool = True) -> str:
     isolated = asyncio.run(queue_ops(processes=QUEUE_PROCESSES))
     FIGURES.update({f"load.queue.processes.{k}": v for k, v in isolated.items()})
     text = queue_table(ops, isolated)
-    mixes = [("mixed", 0.5, 0), ("mixed_processes", 0.5, LOAD_DECODE_PROCESSES)]
+    p = LOAD_DECODE_PROCESSES
+    # (name, passthrough share, decode_processes, decode_threads_first)
+    mixes = [("mixed", 0.5, p, 8), ("mixed_threads", 0.5, 0, 8), ("mixed_processes", 0.5, p, 0)]
     if not quick:
-        mixes += [
-            ("passthrough", 1.0, 0),
-            ("mp3", 0.0, 0),
-            ("mp3_processes", 0.0, LOAD_DECODE_PROCESSES),
-        ]
+        mixes += [("passthrough", 1.0, p, 8), ("mp3", 0.0, p, 8), ("mp3_threads", 0.0, 0, 8)]
     probe = seek_index_probe()
     FIGURES.update({f"load.seek_index.{k}": v for k, v in probe.items()})
-    for name, share, processes in mixes:
-        r = asyncio.run(load(100, 60.0, passthrough_share=share, decode_processes=processes))
+    for name, share, processes, threads_first in mixes:
+        r = asyncio.run(
+            load(
+                100,
+                60.0,
+                passthrough_share=share,
+                decode_processes=processes,
+                decode_threads_first=threads_first,
+            )
+        )
         for key in (
             "stalled",
             "stalled_gap",
@@ -631,10 +643,17 @@ def run(quick: bool = True) -> str:
             "setup_s",
         ):
             FIGURES[f"load.{name}.{key}"] = r[key]  # fmt: skip
-        where = f"decoding in {processes} worker processes" if processes else "decoding in threads"
+        if not processes:
+            where = "decoding in threads"
+        elif threads_first:
+            where = (
+                f"the first {threads_first} decodes in threads, the rest in {processes} processes"
+            )
+        else:
+            where = f"decoding in {processes} worker processes"
         title = f"Load: one bot process, 100 guilds, {name}, {where} ({r['seconds']:.0f} s)"
         text += load_table(r, title)
-        if not processes:
+        if not processes:  # with processes, most of the demuxers run in the workers
             text += index_note(probe, r, share)
     return text
 
@@ -655,8 +674,14 @@ def main() -> None:
     ap.add_argument(
         "--decode-processes",
         type=int,
-        default=0,
+        default=LOAD_DECODE_PROCESSES,
         help="[playback] decode_processes: decode in this many worker processes (0: threads)",
+    )
+    ap.add_argument(
+        "--decode-threads-first",
+        type=int,
+        default=8,
+        help="[playback] decode_threads_first: decodes kept in threads before the processes",
     )
     ap.add_argument("--queue-only", action="store_true")
     ap.add_argument("--no-queue", action="store_true")
@@ -669,10 +694,11 @@ def main() -> None:
                 passthrough_share=args.passthrough,
                 rss_interval=args.rss_interval,
                 decode_processes=args.decode_processes,
+                decode_threads_first=args.decode_threads_first,
             )
         )
         decode = (
-            f"{args.decode_processes} decode processes"
+            f"{args.decode_processes} decode processes after {args.decode_threads_first} in threads"
             if args.decode_processes
             else ("decoding in the bot's threads")
         )

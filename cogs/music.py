@@ -448,6 +448,7 @@ class MusicCog(commands.Cog, name="Music"):
             executor=self.executor,
             timeout=pb.stream_timeout,
             pool=self.decode_pool,
+            threads_first=pb.decode_threads_first,
         )
         self.voice_options = VoiceOptions.from_config(voice)
         self.sessions: dict[int, GuildSession] = {}

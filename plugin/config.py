@@ -400,10 +400,16 @@ class PlaybackConfig:
         "run yt-dlp in this many worker processes, off the bot's GIL; 0 in the bot's threads",
     )
     decode_processes: int = _key(
-        0,
+        2,
         _integer(0, 32),
-        "decode and encode tracks in this many worker processes, off the bot's GIL; 0 in the"
-        " bot's threads",
+        "worker processes that decode and encode the tracks beyond decode_threads_first, off the"
+        " bot's GIL (started with the first such track); 0 decodes everything in the bot's threads",
+    )
+    decode_threads_first: int = _key(
+        8,
+        _integer(0, 10_000),
+        "tracks decoded in the bot's threads before the worker processes take the rest (Opus"
+        " passed through always stays); 0 sends every track to the worker processes",
     )
     thread_switch_interval_ms: float = _key(
         1.0,

@@ -696,7 +696,7 @@ async def test_ready_made_bot_of_legato_run_plays(sandbox: Sandbox, tones: Tones
 
 async def test_decoding_in_worker_processes(sandbox: Sandbox, tones: Tones) -> None:
     sb = sandbox
-    async with running(sb, make_config(tones, decode_processes=1)) as bot:
+    async with running(sb, make_config(tones, decode_processes=1, decode_threads_first=0)) as bot:
         alice = sb.add_user("alice")
         await alice.join_voice(sb.general)
         await start_playing(sb, alice, tones.a)

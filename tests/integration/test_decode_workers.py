@@ -24,7 +24,7 @@ from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
 from legato.audio.sink import OPUS_SILENCE
 from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
 from legato.audio.track import Track
-from legato.audio.workers import STOPPED, DecodePool
+from legato.audio.workers import STOPPED, DecodePool, WorkerSource
 from legato.errors import DecodeError
 from tests.fakes import RecordingSink
 from tests.integration.test_decode import mono_of, read_all
@@ -238,6 +238,52 @@ async def test_a_killed_worker_fails_its_track_and_the_next_one_plays(
     assert tone_of(after_frames) == pytest.approx(660.0, abs=2.0)
     assert victim not in pool.pids  # a replacement serves the next track
     assert len(pool.pids) == 1
+
+
+async def test_threads_first_keeps_a_few_decodes_and_all_opus_here_and_sends_the_rest_to_the_pool(
+    pool: DecodePool, threads: ThreadPoolExecutor, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """``make_opener(threads_first=2)``: two MP3 tracks decode in this process, the third goes
+    to the pool (which starts then); an Opus track stays here however many decode; once a local
+    decode ends, the next MP3 is local again."""
+    resolver = Resolver(ResolverSettings(timeout=20.0), threads)
+    mp3 = await _track(
+        media_server,
+        resolver,
+        write_tone(tmp_path / "t.mp3", container="mp3", codec="libmp3lame", freq=440.0),
+    )
+    opus = await _track(
+        media_server,
+        resolver,
+        write_tone(tmp_path / "t.webm", container="webm", codec="libopus", freq=440.0),
+    )
+    opener = make_opener(
+        resolver, opus=OpusSettings(), executor=threads, pool=pool, threads_first=2
+    )
+    opened = []
+    try:
+        first, second = await opener(mp3, 0.0), await opener(mp3, 0.0)
+        opened += [first, second]
+        assert pool.pids == []  # no worker needed yet
+        third = await opener(mp3, 0.0)
+        opened.append(third)
+        assert isinstance(third, WorkerSource)
+        assert len(pool.pids) == 1
+        passed = await opener(opus, 0.0)
+        opened.append(passed)
+        assert not isinstance(passed, WorkerSource)
+        assert passed.passthrough
+        assert not any(isinstance(s, WorkerSource) for s in (first, second))
+        # What each gives is audio: the local ones and the worker's alike.
+        for source in (first, third, passed):
+            assert await asyncio.to_thread(source.read, 5)
+        first.close()
+        fourth = await opener(mp3, 0.0)
+        opened.append(fourth)
+        assert not isinstance(fourth, WorkerSource)
+    finally:
+        for source in opened:
+            source.close()
 
 
 async def test_close_ends_every_worker_and_refuses_later_calls(

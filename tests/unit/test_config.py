@@ -239,6 +239,8 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "decode_processes", "-1", "an integer from 0 to 32"),
     ("playback", "decode_processes", "33", "an integer from 0 to 32"),
     ("playback", "decode_processes", "1.5", "an integer from 0 to 32"),
+    ("playback", "decode_threads_first", "-1", "an integer from 0 to 10000"),
+    ("playback", "decode_threads_first", "1.5", "an integer from 0 to 10000"),
     ("playback", "thread_switch_interval_ms", "-1", "a number from 0 to 100 milliseconds"),
     ("playback", "thread_switch_interval_ms", "500", "a number from 0 to 100 milliseconds"),
     ("playback", "thread_switch_interval_ms", '"1"', "a number from 0 to 100 milliseconds"),
@@ -518,7 +520,8 @@ def test_cooldown_and_keep_queue_defaults_and_file_values(tmp_path: Path) -> Non
 
 
 def test_decode_processes_default_file_and_env(tmp_path: Path) -> None:
-    assert Config().playback.decode_processes == 0
+    assert Config().playback.decode_processes == 2
+    assert Config().playback.decode_threads_first == 8
     path = write(tmp_path, "[playback]\ndecode_processes = 4\n")
     assert load_config(path, env={}).playback.decode_processes == 4
     env = {"LEGATO_PLAYBACK_DECODE_PROCESSES": "32"}
