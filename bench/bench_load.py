@@ -544,18 +544,34 @@ print((rss1 - rss0) / (count * packets), (entries1 - entries0) / (count * packet
 """
 
 
+_INDEX_CAP_PROBE = """
+import sys, av
+container = av.open(sys.argv[1])
+stream = container.streams.audio[0]
+most = packets = 0
+for packet in container.demux(stream):
+    packets += 1
+    most = max(most, len(stream.index_entries))
+print(packets, most, len(stream.index_entries))
+"""
+
+
 def seek_index_probe(count: int = 40, packets: int = 3000) -> dict[str, float]:
     """What FFmpeg keeps per packet demuxed, for each format the load plays.
 
-    The demuxer adds a seek index entry (24 bytes) for every packet it reads, up to the track's
-    end, and FFmpeg's ``max_index_size`` does not bound it here: a bot decoding in its own
-    threads grows by that much while its tracks play, and gives it back when each track ends.
-    Measured in a child process (``count`` streams, ``packets`` packets each) so that nothing
-    else moves its RSS.
+    The demuxer adds a seek index entry (24 bytes) for every packet it reads: a bot demuxing
+    in its own threads grows by that much while its tracks play, and gives it back when each
+    track ends. Measured in a child process (``count`` streams, ``packets`` packets each) so
+    that nothing else moves its RSS.
+
+    The index is bounded: FFmpeg halves it when it reaches ``max_index_size`` (1 MiB, 43,690
+    entries), about 15 minutes into an Opus track; one 1,000 s Opus stream is demuxed to the end
+    to show it. (A smaller ``max_index_size`` passed through PyAV's open options had no effect.)
 
     Returns:
         ``{fmt}.bytes_per_packet`` (RSS growth) and ``{fmt}.entries_per_packet`` (PyAV's
-        ``index_entries``) for ``webm`` (Opus) and ``mp3``.
+        ``index_entries``) for ``webm`` (Opus) and ``mp3``; ``cap.packets``, ``cap.most`` (the
+        most entries seen) and ``cap.last`` (entries at the end) of the long stream.
     """
     import subprocess
 
@@ -575,24 +591,42 @@ def seek_index_probe(count: int = 40, packets: int = 3000) -> dict[str, float]:
             per_packet, entries = (float(v) for v in done.stdout.split())
             out[f"{fmt}.bytes_per_packet"] = per_packet
             out[f"{fmt}.entries_per_packet"] = entries
+        path = Path(tmp) / "long.ogg"
+        write_tone(
+            path, freq=440.0, seconds=1000.0, container="ogg", codec="libopus", bitrate=32_000
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", _INDEX_CAP_PROBE, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=GUARD,
+        )
+        total, most, last = (float(v) for v in done.stdout.split())
+        out.update({"cap.packets": total, "cap.most": most, "cap.last": last})
     return out
 
 
-def index_note(probe: dict[str, float], r: dict[str, float], share: float) -> str:
-    """The RSS growth a load run's demuxers account for, beside the growth it measured."""
-    guilds = 100
+def index_note(probe: dict[str, float], r: dict[str, float], opus: int, mp3: int) -> str:
+    """The RSS growth a load run's demuxers account for (``opus`` and ``mp3`` of them in the
+    bot process), beside the growth it measured."""
     per_s = (
-        guilds * share * 50 * probe["webm.bytes_per_packet"]
-        + guilds * (1 - share) * (48000 / 1152) * probe["mp3.bytes_per_packet"]
+        opus * 50 * probe["webm.bytes_per_packet"]
+        + mp3 * (48000 / 1152) * probe["mp3.bytes_per_packet"]
     )
     # The growth figure compares the means of the last and first thirds: two thirds apart.
     expected = per_s * r["seconds"] * 2 / 3 / 1e6
+    cap = (
+        f"a {probe['cap.packets']:.0f}-packet stream peaked at {probe['cap.most']:.0f} entries,"
+        f" {probe['cap.last']:.0f} at its end"
+    )
     return (
         f"FFmpeg's seek index, measured apart: {probe['webm.bytes_per_packet']:.0f} B per Opus "
         f"packet and {probe['mp3.bytes_per_packet']:.0f} B per MP3 packet "
         f"({probe['webm.entries_per_packet']:.2f} / {probe['mp3.entries_per_packet']:.2f} index "
-        f"entries per packet), freed at each track's end: {expected:.1f} MB of this run's growth "
-        f"({r['rss_growth_mb']:.1f} MB) when the demuxers run in the bot's threads.\n"
+        f"entries per packet), freed at each track's end and bounded by FFmpeg ({cap}): "
+        f"{expected:.1f} MB of this run's growth ({r['rss_growth_mb']:.1f} MB) with {opus} Opus"
+        f" and {mp3} MP3 demuxers in the bot process.\n"
     )
 
 
@@ -653,8 +687,10 @@ def run(quick: bool = True) -> str:
             where = f"decoding in {processes} worker processes"
         title = f"Load: one bot process, 100 guilds, {name}, {where} ({r['seconds']:.0f} s)"
         text += load_table(r, title)
-        if not processes:  # with processes, most of the demuxers run in the workers
-            text += index_note(probe, r, share)
+        if not processes or threads_first:  # the demuxers in the bot process
+            opus = round(100 * share)
+            mp3 = 100 - opus if not processes else min(threads_first, 100 - opus)
+            text += index_note(probe, r, opus, mp3)
     return text
 
 
