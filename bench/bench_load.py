@@ -280,7 +280,7 @@ async def load(
     passthrough_share: float = 0.5,
     rss_interval: float = 10.0,
     decode_processes: int = 2,
-    decode_threads_first: int = 8,
+    decode_threads_first: int = 0,
     out: Any = None,
 ) -> dict[str, float]:
     """Run `guilds` guilds playing at once for a window of `seconds`; return the figures.
@@ -633,9 +633,9 @@ def index_note(probe: dict[str, float], r: dict[str, float], opus: int, mp3: int
 def run(quick: bool = True) -> str:
     """The load section of `make bench`: 100 guilds, a mix of passthrough and transcode.
 
-    The mix runs three times: with the defaults (the first 8 decodes in the bot's threads, the
-    rest in 2 worker processes), everything in the bot's threads (``decode_processes = 0``) and
-    every decode in the worker processes (``decode_threads_first = 0``).
+    The mix runs three times: with the defaults (every track in 2 worker processes), with the
+    first 8 decodes and every Opus stream in the bot's threads (``decode_threads_first = 8``)
+    and everything in the bot's threads (``decode_processes = 0``).
     """
     # The queue storm first: its bot runs in this process, which the load runs leave holding
     # their recordings.
@@ -646,9 +646,9 @@ def run(quick: bool = True) -> str:
     text = queue_table(ops, isolated)
     p = LOAD_DECODE_PROCESSES
     # (name, passthrough share, decode_processes, decode_threads_first)
-    mixes = [("mixed", 0.5, p, 8), ("mixed_threads", 0.5, 0, 8), ("mixed_processes", 0.5, p, 0)]
+    mixes = [("mixed", 0.5, p, 0), ("mixed_threads_first", 0.5, p, 8), ("mixed_threads", 0.5, 0, 0)]
     if not quick:
-        mixes += [("passthrough", 1.0, p, 8), ("mp3", 0.0, p, 8), ("mp3_threads", 0.0, 0, 8)]
+        mixes += [("passthrough", 1.0, p, 0), ("mp3", 0.0, p, 0), ("mp3_threads", 0.0, 0, 0)]
     probe = seek_index_probe()
     FIGURES.update({f"load.seek_index.{k}": v for k, v in probe.items()})
     for name, share, processes, threads_first in mixes:
@@ -716,7 +716,7 @@ def main() -> None:
     ap.add_argument(
         "--decode-threads-first",
         type=int,
-        default=8,
+        default=0,
         help="[playback] decode_threads_first: decodes kept in threads before the processes",
     )
     ap.add_argument("--queue-only", action="store_true")

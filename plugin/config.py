@@ -402,14 +402,14 @@ class PlaybackConfig:
     decode_processes: int = _key(
         2,
         _integer(0, 32),
-        "worker processes that decode and encode the tracks beyond decode_threads_first, off the"
-        " bot's GIL (started with the first such track); 0 decodes everything in the bot's threads",
+        "worker processes that read, decode and encode tracks, off the bot's GIL (started with the"
+        " first track); 0 does it all in the bot's threads",
     )
     decode_threads_first: int = _key(
-        8,
+        0,
         _integer(0, 10_000),
         "tracks decoded in the bot's threads before the worker processes take the rest (Opus"
-        " passed through always stays); 0 sends every track to the worker processes",
+        " streams then stay in the bot too); 0 sends every track to the worker processes",
     )
     thread_switch_interval_ms: float = _key(
         1.0,

@@ -521,7 +521,7 @@ def test_cooldown_and_keep_queue_defaults_and_file_values(tmp_path: Path) -> Non
 
 def test_decode_processes_default_file_and_env(tmp_path: Path) -> None:
     assert Config().playback.decode_processes == 2
-    assert Config().playback.decode_threads_first == 8
+    assert Config().playback.decode_threads_first == 0
     path = write(tmp_path, "[playback]\ndecode_processes = 4\n")
     assert load_config(path, env={}).playback.decode_processes == 4
     env = {"LEGATO_PLAYBACK_DECODE_PROCESSES": "32"}
