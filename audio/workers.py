@@ -319,6 +319,14 @@ class DecodePool:
             worker.sources += 1
         return WorkerSource(self, worker, sid, meta, timeout + _REPLY_MARGIN)
 
+    def start(self) -> None:
+        """Start every worker now rather than with the first track. Blocks while they start.
+
+        Raises:
+            RuntimeError: the pool is closed.
+        """
+        self._pick()  # starts a worker in every empty slot
+
     def close(self) -> None:
         """End the workers; later calls raise ``RuntimeError``. Safe to call twice."""
         with self._lock:

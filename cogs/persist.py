@@ -47,6 +47,7 @@ from legato.log import guild_logger
 from legato.store import GuildSnapshot, GuildStore
 
 if TYPE_CHECKING:
+    from legato.audio.workers import DecodePool
     from legato.config import StorageConfig
     from legato.log import GuildLogger
     from legato.voice.client import LegatoVoiceClient
@@ -90,6 +91,8 @@ class MusicCog(Protocol):
     def bot(self) -> commands.Bot: ...
     @property
     def sessions(self) -> Mapping[int, GuildSession]: ...
+    @property
+    def decode_pool(self) -> DecodePool | None: ...
 
     async def _connect(
         self,
@@ -118,13 +121,16 @@ def snapshot_of(session: GuildSession) -> GuildSnapshot:
     )
 
 
-def _warm_up_extractors(url: str) -> None:
-    """Compile every yt-dlp extractor's URL pattern now, in a worker thread.
-
-    A process's first resolve spends about half a second matching the URL against every
-    extractor (each compiles its pattern on first use). Done while the bot logs in, it is not
-    spent between READY and the first restored frame.
-    """
+def _warm_up(url: str, pool: DecodePool | None) -> None:
+    """Get ready to restore while the bot logs in, in a worker thread: start the decode worker
+    processes (a second or more, otherwise spent on the first restored track) and compile every
+    yt-dlp extractor's URL pattern (a process's first resolve spends about half a second
+    matching the URL against every extractor, each compiling its pattern on first use)."""
+    if pool is not None:
+        try:
+            pool.start()
+        except RuntimeError:  # closed meanwhile: the cog is unloading
+            return
     for extractor in yt_dlp.extractor.gen_extractor_classes():
         extractor.suitable(url)
 
@@ -196,7 +202,7 @@ class Persistence:
         first = next((s.current for s in pending.values() if s.current is not None), None)
         if first is not None:
             persistence._warming = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(_warm_up_extractors, first.url), name="legato-warm-up"
+                asyncio.to_thread(_warm_up, first.url, cog.decode_pool), name="legato-warm-up"
             )
             persistence._warming.add_done_callback(_warmed_up)
         _log.info("guild state is kept in %s", store.path)

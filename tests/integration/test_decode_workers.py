@@ -286,6 +286,22 @@ async def test_threads_first_keeps_a_few_decodes_and_all_opus_here_and_sends_the
             source.close()
 
 
+def test_start_starts_every_worker_before_any_track_and_not_after_close() -> None:
+    pool = DecodePool(2)
+    try:
+        assert pool.pids == []
+        pool.start()
+        pids = pool.pids
+        assert len(pids) == 2
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        pool.start()  # nothing more to start
+        assert pool.pids == pids
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError):
+        pool.start()
+
+
 async def test_close_ends_every_worker_and_refuses_later_calls(
     media_url: Callable[[str], str],
 ) -> None:
