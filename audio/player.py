@@ -1330,23 +1330,17 @@ def make_opener(
 
     async def open_track(track: Track, start: float) -> FrameSource:
         info = await resolver.stream(track)
-        if in_process(info):
-            fut = asyncio.get_running_loop().run_in_executor(
-                executor, lambda: open_source(info, start=start, opus=opus, timeout=limit)
-            )
-            local_open = True
-        else:
-            assert pool is not None
-            fut = asyncio.get_running_loop().run_in_executor(
-                executor, lambda: pool.open(info, start=start, opus=opus, timeout=limit)
-            )
-            local_open = False
+        here = in_process(info)
+        opener: Callable[..., FrameSource] = open_source if here or pool is None else pool.open
+        fut = asyncio.get_running_loop().run_in_executor(
+            executor, lambda: opener(info, start=start, opus=opus, timeout=limit)
+        )
         try:
             source = await asyncio.shield(fut)
         except asyncio.CancelledError:
             fut.add_done_callback(_close_result)
             raise
-        if local_open:
+        if here:
             local.add(source)
         return source
 
