@@ -49,6 +49,7 @@ from tests.media import (
     html_page,
     make_catalog,
     rss_feed,
+    send_html,
 )
 
 LIST_ENTRIES = ("webm-opus-stereo.webm", "mp3-44k-stereo.mp3", "m4a-44k-stereo.m4a")
@@ -67,13 +68,7 @@ def _search_handler(request: BaseHTTPRequestHandler) -> None:
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query).get("q", [""])[0]
     words = query.lower().split()
     names = sorted(name for name in CATALOG if all(word in name for word in words))
-    body = audio_list_page(f"Results for {query}", [f"/{name}" for name in names])
-    request.send_response(200)
-    request.send_header("Content-Type", "text/html; charset=utf-8")
-    request.send_header("Content-Length", str(len(body)))
-    request.end_headers()
-    if request.command != "HEAD":
-        request.wfile.write(body)
+    send_html(request, audio_list_page(f"Results for {query}", [f"/{name}" for name in names]))
 
 
 @pytest.fixture(scope="session")

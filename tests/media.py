@@ -508,17 +508,22 @@ def _make_handler(server: MediaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def send_html(request: BaseHTTPRequestHandler, body: bytes) -> None:
+    """Answer ``request`` (in a route handler) with the HTML page ``body``; a HEAD gets the
+    headers only."""
+    request.send_response(200)
+    request.send_header("Content-Type", "text/html; charset=utf-8")
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    if request.command != "HEAD":
+        request.wfile.write(body)
+
+
 def serve_page(page: Callable[[], bytes]) -> Callable[[BaseHTTPRequestHandler], None]:
     """A route handler answering with ``page()``, made anew for every request."""
 
     def handler(request: BaseHTTPRequestHandler) -> None:
-        body = page()
-        request.send_response(200)
-        request.send_header("Content-Type", "text/html; charset=utf-8")
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        if request.command != "HEAD":
-            request.wfile.write(body)
+        send_html(request, page())
 
     return handler
 

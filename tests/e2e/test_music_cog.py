@@ -34,7 +34,7 @@ from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.sandbox.world import ChannelType
-from tests.media import MediaServer, audio_list_page, write_tone
+from tests.media import MediaServer, audio_list_page, send_html, serve_page, write_tone
 
 pytestmark = pytest.mark.e2e
 
@@ -348,18 +348,8 @@ async def test_unexpected_error_is_logged_and_answered_generically(
 
 
 def _search_page(urls: list[str]) -> Callable[[Any], None]:
-
     body = audio_list_page("Results", urls)
-
-    def handler(request: Any) -> None:
-        request.send_response(200)
-        request.send_header("Content-Type", "text/html; charset=utf-8")
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        if request.command != "HEAD":
-            request.wfile.write(body)
-
-    return handler
+    return serve_page(lambda: body)
 
 
 async def test_playnext_previous_and_unload_leaves(sandbox: Sandbox, tones: Tones) -> None:
@@ -799,12 +789,7 @@ async def test_unload_while_play_resolves_leaves_no_session_and_no_error(
         if request.command == "GET":  # the URL guard's HEAD passes; yt-dlp's GET waits
             entered.set()
             release.wait(GUARD)
-        request.send_response(200)
-        request.send_header("Content-Type", "text/html; charset=utf-8")
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        if request.command != "HEAD":
-            request.wfile.write(body)
+        send_html(request, body)
 
     url = tones.server.add_route("held/list.html", handler=held)
     with caplog.at_level(logging.INFO):
