@@ -135,30 +135,10 @@ async def running(
     sb: Sandbox, config: Config, bot: commands.Bot | None = None
 ) -> AsyncIterator[Any]:
     """Start ``bot`` (default: a MusicBot with ``config``) against the sandbox until ready."""
-    bot = bot or MusicBot(config, sb.guild.id)
-    ready = asyncio.Event()
-
-    async def on_ready() -> None:
-        ready.set()
-
-    bot.add_listener(on_ready, "on_ready")
-    sb.configure_bot(bot)
-    task = asyncio.create_task(bot.start(sb.bot_token))
-    waiter = asyncio.create_task(ready.wait())
-    try:
-        async with asyncio.timeout(GUARD):
-            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            raise AssertionError("bot.start returned before ready")
-        yield bot
+    async with sb.running(bot or MusicBot(config, sb.guild.id), GUARD) as started:
+        yield started
         # Every interaction was answered within Discord's 3 s (a late one is 'Unknown').
         assert sb.rest.late_callbacks == []
-    finally:
-        waiter.cancel()
-        await bot.close()
-        async with asyncio.timeout(GUARD):
-            await task
 
 
 def recording(sb: Sandbox) -> Recording:
