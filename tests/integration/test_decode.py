@@ -21,7 +21,7 @@ from legato.audio.encode import OpusSettings, decode_opus_packets
 from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
 from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, FrameSource, StreamLost
 from legato.errors import DecodeError
-from tests.media import CATALOG, MediaServer
+from tests.media import CATALOG, MediaServer, ToneSpec
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,23 @@ def read_all(source: FrameSource, batch: int = 50) -> list[bytes]:
 
 def mono_of(frames: list[bytes]) -> npt.NDArray[np.float64]:
     return pcm_to_mono(decode_opus_packets(frames))
+
+
+async def check_seek_lands(source: FrameSource, spec: ToneSpec, target: float) -> None:
+    """Seek the chirp ``spec`` in ``source`` to ``target`` (after a first read) and check that
+    the position says so and the audio there is within 100 ms of it; closes ``source``."""
+    try:
+        await asyncio.to_thread(source.read, 10)
+        await asyncio.to_thread(source.seek, target)
+        assert abs(source.position - target) <= FRAME_S + 1e-6
+        frames = await asyncio.to_thread(source.read, 10)
+    finally:
+        source.close()
+    mono = mono_of(frames)
+    # The chirp's frequency tells the time: measure over 40..140 ms after the landing point.
+    window = mono[int(0.04 * SAMPLE_RATE) : int(0.14 * SAMPLE_RATE)]
+    landed = spec.time_of(dominant_frequency(window)) - 0.09
+    assert landed == pytest.approx(target, abs=0.1)
 
 
 def demuxed_packets(path: Path) -> list[bytes]:
@@ -201,20 +218,7 @@ async def test_volume_above_one_is_clipped_not_wrapped(media_url: Callable[[str]
 async def test_seek_lands_within_100_ms(
     name: str, target: float, media_url: Callable[[str], str]
 ) -> None:
-    spec = CATALOG[name]
-    source = await open_url(media_url(name))
-    try:
-        await asyncio.to_thread(source.read, 10)
-        await asyncio.to_thread(source.seek, target)
-        assert abs(source.position - target) <= FRAME_S + 1e-6
-        frames = await asyncio.to_thread(source.read, 10)
-    finally:
-        source.close()
-    mono = mono_of(frames)
-    # The chirp's frequency tells the time: measure over 40..140 ms after the landing point.
-    window = mono[int(0.04 * SAMPLE_RATE) : int(0.14 * SAMPLE_RATE)]
-    landed = spec.time_of(dominant_frequency(window)) - 0.09
-    assert landed == pytest.approx(target, abs=0.1)
+    await check_seek_lands(await open_url(media_url(name)), CATALOG[name], target)
 
 
 async def test_seek_while_decoding_opus(media_url: Callable[[str], str]) -> None:

@@ -27,7 +27,7 @@ from legato.audio.track import Track
 from legato.audio.workers import STOPPED, DecodePool, WorkerSource
 from legato.errors import DecodeError
 from tests.fakes import RecordingSink
-from tests.integration.test_decode import mono_of, read_all
+from tests.integration.test_decode import check_seek_lands, mono_of, read_all
 from tests.integration.test_player_real import Recorder, play_queue, tone_of
 from tests.media import (
     CATALOG,
@@ -117,21 +117,10 @@ async def test_metadata_follows_each_reply(
 async def test_seek_lands_within_100_ms(
     target: float, pool: DecodePool, media_url: Callable[[str], str]
 ) -> None:
-    spec = CATALOG["chirp-mp3.mp3"]
     source = await asyncio.to_thread(
         pool.open, StreamInfo(url=media_url("chirp-mp3.mp3")), timeout=TIMEOUT
     )
-    try:
-        await asyncio.to_thread(source.read, 10)
-        await asyncio.to_thread(source.seek, target)
-        assert abs(source.position - target) <= FRAME_S + 1e-6
-        frames = await asyncio.to_thread(source.read, 10)
-    finally:
-        source.close()
-    mono = mono_of(frames)
-    window = mono[int(0.04 * SAMPLE_RATE) : int(0.14 * SAMPLE_RATE)]
-    landed = spec.time_of(dominant_frequency(window)) - 0.09
-    assert landed == pytest.approx(target, abs=0.1)
+    await check_seek_lands(source, CATALOG["chirp-mp3.mp3"], target)
 
 
 @pytest.mark.parametrize("name", ["missing.mp3", "pages/nomedia.html", "video-only.mkv"])
