@@ -274,7 +274,7 @@ class _Entry:
             self.wake.set()
             return
         self.reading = True
-        _inbox(self.player._loop).submit_soon(self)
+        self.player._inbox.submit_soon(self)
 
     def _submit_read(self) -> None:
         """Send the read ``refill`` asked for to the executor (after the loop's current
@@ -284,7 +284,7 @@ class _Entry:
             self.reading = False
             return
         count = self.player._cap - len(self.frames)
-        inbox = _inbox(self.player._loop)
+        inbox = self.player._inbox
 
         def job() -> None:
             try:
@@ -472,9 +472,8 @@ class _Entry:
         the job running; its concurrent future stays in ``inflight`` so ``close`` can wait for
         it.
         """
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future[T] = loop.create_future()
-        inbox = _inbox(loop)
+        result: asyncio.Future[T] = self.player._loop.create_future()
+        inbox = self.player._inbox
 
         def job() -> None:
             try:
@@ -692,6 +691,8 @@ class GuildPlayer:
     ) -> None:
         _check_volume(volume)
         self._loop = asyncio.get_running_loop()
+        #: The loop's hand-off of executor results (and of refill reads to the executor).
+        self._inbox = _inbox(self._loop)
         self._sink = sink
         self._opener = opener
         self._queue = queue if queue is not None else TrackQueue()
