@@ -573,7 +573,6 @@ def seek_index_probe(count: int = 40, packets: int = 3000) -> dict[str, float]:
         ``index_entries``) for ``webm`` (Opus) and ``mp3``; ``cap.packets``, ``cap.most`` (the
         most entries seen) and ``cap.last`` (entries at the end) of the long stream.
     """
-    import subprocess
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="legato-index-") as tmp:
@@ -581,30 +580,30 @@ def seek_index_probe(count: int = 40, packets: int = 3000) -> dict[str, float]:
         for fmt, codec in (("webm", "libopus"), ("mp3", "libmp3lame")):
             path = Path(tmp) / f"probe.{fmt}"
             write_tone(path, freq=440.0, seconds=seconds, container=fmt, codec=codec)
-            done = subprocess.run(
-                [sys.executable, "-c", _INDEX_PROBE, str(path), str(count), str(packets)],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=GUARD,
-            )
-            per_packet, entries = (float(v) for v in done.stdout.split())
+            per_packet, entries = _probe(_INDEX_PROBE, path, count, packets)
             out[f"{fmt}.bytes_per_packet"] = per_packet
             out[f"{fmt}.entries_per_packet"] = entries
         path = Path(tmp) / "long.ogg"
         write_tone(
             path, freq=440.0, seconds=1000.0, container="ogg", codec="libopus", bitrate=32_000
         )
-        done = subprocess.run(
-            [sys.executable, "-c", _INDEX_CAP_PROBE, str(path)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=GUARD,
-        )
-        total, most, last = (float(v) for v in done.stdout.split())
+        total, most, last = _probe(_INDEX_CAP_PROBE, path)
         out.update({"cap.packets": total, "cap.most": most, "cap.last": last})
     return out
+
+
+def _probe(code: str, *args: object) -> list[float]:
+    """Run ``code`` in a fresh Python with ``args``; the numbers it prints."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=GUARD,
+    )
+    return [float(v) for v in done.stdout.split()]
 
 
 def index_note(probe: dict[str, float], r: dict[str, float], opus: int, mp3: int) -> str:
