@@ -8,7 +8,10 @@ explicit state machine):
   ``FrameSource`` is only ever called in the executor, in chunks of several frames, one call at
   a time. In the steady state (the feeder parked, nothing requested) the player's refills go to
   the executor straight from the send path, batched after the timer slot, and come back through
-  the loop's ``_Inbox``: no task step per refill. The buffer holds ``buffer_ms`` of frames.
+  the loop's ``_Inbox``: no task step per refill. A source in a decode worker process
+  (``ReadsSoon``) is not read through the executor at all: the request goes to the worker from
+  the loop and the pool's reader thread hands the reply to the inbox, so no thread waits out
+  the round trip. The buffer holds ``buffer_ms`` of frames.
 - The next track is opened as soon as the current one is within ``preload_s`` of its end (or
   its end is known), so its first frames are buffered before the last frame of the current one
   goes out: track changes leave no empty 20 ms slot.
@@ -51,7 +54,7 @@ from legato.audio.clock import Clock
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters
-from legato.audio.source import FrameSource, StreamLost
+from legato.audio.source import FrameSource, ReadsSoon, StreamLost
 from legato.audio.timers import slot_timers
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
@@ -237,7 +240,9 @@ class _Entry:
         self.read_position = start
         self.ops: deque[_Op] = deque()
         self.wake = asyncio.Event()
-        self.inflight: concurrent.futures.Future[None] | None = None
+        self.inflight: concurrent.futures.Future[Any] | None = None
+        #: ``source.read_soon`` when the source has it (refills then hold no executor thread).
+        self.read_soon: Callable[[int], concurrent.futures.Future[list[bytes]]] | None = None
         #: The feeder waits in ``_feed`` for a wake: reads may be sent from ``refill``.
         self.parked = False
         #: A read sent by ``refill`` is in the executor.
@@ -277,14 +282,32 @@ class _Entry:
         self.player._inbox.submit_soon(self)
 
     def _submit_read(self) -> None:
-        """Send the read ``refill`` asked for to the executor (after the loop's current
-        callback: the sends of a timer slot are not interleaved with worker wake-ups)."""
+        """Start the read ``refill`` asked for (after the loop's current callback: the sends of
+        a timer slot are not interleaved with worker wake-ups): with the source's ``read_soon``
+        when it has one (a decode pool's source: the reply comes back through the inbox from
+        the pool's reader thread), else in the executor."""
         source = self.source
         if self.closed or source is None:
             self.reading = False
             return
         count = self.player._cap - len(self.frames)
         inbox = self.player._inbox
+        read_soon = self.read_soon
+        if read_soon is not None:
+            started = time.perf_counter()
+
+            def done(fut: concurrent.futures.Future[list[bytes]]) -> None:
+                exc = fut.exception()
+                if exc is not None:
+                    inbox.put(_Entry._read_done, self, None, exc)
+                else:
+                    spent = time.perf_counter() - started
+                    chunk = (fut.result(), source.position, source.duration, spent)
+                    inbox.put(_Entry._read_done, self, chunk, None)
+
+            self.inflight = read_soon(count)
+            self.inflight.add_done_callback(done)
+            return
 
         def job() -> None:
             try:
@@ -362,6 +385,7 @@ class _Entry:
                 source.close()
                 return
             self.source = source
+            self.read_soon = source.read_soon if isinstance(source, ReadsSoon) else None
             try:
                 if player._volume != 1.0:
                     await self._call(source.set_volume, player._volume)

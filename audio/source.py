@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+import concurrent.futures
+from typing import Final, Protocol, runtime_checkable
 
 from legato.errors import DecodeError
 
@@ -59,3 +60,16 @@ class FrameSource(Protocol):
 
     def close(self) -> None:
         """Release the stream; safe to call twice."""
+
+
+@runtime_checkable
+class ReadsSoon(Protocol):
+    """A source that can also start a read without blocking: a decode pool's proxy, whose
+    reads are requests to another process. The player calls ``read_soon`` on the event loop,
+    under the same one-call-at-a-time rule as the other methods, and holds no thread while the
+    read runs.
+    """
+
+    def read_soon(self, max_frames: int) -> concurrent.futures.Future[list[bytes]]:
+        """Start ``read(max_frames)``; the future (set in any thread) gets its result or error,
+        with ``position`` and ``duration`` already updated. Never blocks, never raises."""

@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 from legato.audio.decode import open_source
@@ -63,6 +64,9 @@ _Request = tuple[int, str, int, tuple[Any, ...]]
 
 #: A reply: id, True and the result, or False and (error class name, detail, user message).
 _Reply = tuple[int, bool, Any]
+
+#: A caller's future and what to apply to a result before it is set.
+_Waiting = tuple[concurrent.futures.Future[Any], Callable[[Any], Any] | None]
 
 _SHUT_DOWN: Final = "cannot schedule new futures after shutdown"  # as an executor says it
 
@@ -176,7 +180,7 @@ class _Worker:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _pending and _dead
-        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._pending: dict[int, _Waiting] = {}
         self._dead: Exception | None = None
         self._reader = threading.Thread(
             target=self._read, name=f"decode-reader-{self.process.pid}", daemon=True
@@ -189,13 +193,7 @@ class _Worker:
 
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
         """Send a request and block for its result (raising the worker's error)."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._lock:
-            if self._dead is not None:
-                raise self._failure()
-            rid = next(self._ids)
-            self._pending[rid] = fut
-        self._send((rid, op, sid, args))
+        rid, fut = self._request(op, sid, args, None)
         try:
             return fut.result(wait)
         except TimeoutError as exc:
@@ -206,6 +204,32 @@ class _Worker:
         finally:
             with self._lock:
                 self._pending.pop(rid, None)
+
+    def submit(
+        self,
+        op: str,
+        sid: int,
+        args: tuple[Any, ...],
+        then: Callable[[Any], Any] | None = None,
+    ) -> concurrent.futures.Future[Any]:
+        """Send a request; the future gets its result (``then(result)`` when given, applied in
+        the reader thread) or the worker's error. Does not wait for the reply: a request is a
+        few dozen bytes written to the worker's pipe, which its main thread keeps draining.
+        """
+        return self._request(op, sid, args, then)[1]
+
+    def _request(
+        self, op: str, sid: int, args: tuple[Any, ...], then: Callable[[Any], Any] | None
+    ) -> tuple[int, concurrent.futures.Future[Any]]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._dead is not None:
+                fut.set_exception(self._failure())
+                return 0, fut
+            rid = next(self._ids)
+            self._pending[rid] = (fut, then)
+        self._send((rid, op, sid, args))
+        return rid, fut
 
     def tell(self, op: str, sid: int) -> None:
         """Send a request that wants no reply (dropped if the worker is gone)."""
@@ -238,13 +262,16 @@ class _Worker:
                 )
                 return
             with self._lock:
-                fut = self._pending.pop(rid, None)
-            if fut is None:
+                waiting = self._pending.pop(rid, None)
+            if waiting is None:
                 continue  # its caller gave up waiting
-            if ok:
+            fut, then = waiting
+            if not ok:
+                fut.set_exception(_error(*payload))
+            elif then is None:
                 fut.set_result(payload)
             else:
-                fut.set_exception(_error(*payload))
+                fut.set_result(then(payload))
 
     def _die(self, error: Exception) -> None:
         with self._lock:
@@ -252,7 +279,7 @@ class _Worker:
                 self._dead = error
                 if not isinstance(error, RuntimeError):
                     _log.warning("%s; its tracks fail", error)
-            pending, self._pending = list(self._pending.values()), {}
+            pending, self._pending = [fut for fut, _then in self._pending.values()], {}
         for fut in pending:
             if not fut.done():
                 fut.set_exception(self._failure())
@@ -384,7 +411,20 @@ class WorkerSource:
     def read(self, max_frames: int) -> list[bytes]:
         if self._closed:
             return []
-        frames, meta = self._call("read", max_frames)
+        return self._read_reply(self._call("read", max_frames))
+
+    def read_soon(self, max_frames: int) -> concurrent.futures.Future[list[bytes]]:
+        """Start a read without waiting for it (on the event loop: no executor thread is held
+        while the worker decodes); the future gets what :meth:`read` would return or raise,
+        set in the pool's reader thread after ``position`` and ``duration`` are updated."""
+        if self._closed:
+            done: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+            done.set_result([])
+            return done
+        return self._worker.submit("read", self._sid, (max_frames,), self._read_reply)
+
+    def _read_reply(self, reply: tuple[list[bytes], _Meta]) -> list[bytes]:
+        frames, meta = reply
         self._passthrough, self._position, self._duration = meta
         return list(frames)
 

@@ -10,8 +10,9 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -111,6 +112,85 @@ async def test_metadata_follows_each_reply(
     finally:
         source.close()
     assert await asyncio.to_thread(source.read, 5) == []  # closed: nothing more
+
+
+async def test_read_soon_gives_what_read_gives_and_holds_no_thread(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    blocking = await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
+    soon = await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
+    try:
+        for _ in range(3):
+            fut = soon.read_soon(7)  # on the loop: it returns before the worker answers
+            expected = await asyncio.to_thread(blocking.read, 7)
+            assert await asyncio.wrap_future(fut) == expected
+            assert soon.position == blocking.position  # updated before the future was set
+            assert soon.duration == blocking.duration
+        assert soon.position == pytest.approx(21 * FRAME_S)
+    finally:
+        blocking.close()
+        soon.close()
+    assert soon.read_soon(5).result(0) == []  # closed: nothing more, at once
+
+
+async def test_read_soon_fails_through_its_future_after_the_pool_closes(
+    media_url: Callable[[str], str],
+) -> None:
+    pool = DecodePool(1)
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    source = await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
+    await asyncio.to_thread(pool.close)
+    fut = source.read_soon(5)  # does not raise: the error is the future's
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        fut.result(0)
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts the jobs given to it."""
+
+    def __init__(self) -> None:
+        super().__init__(4, thread_name_prefix="test-counting")
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+async def test_refills_of_a_pooled_track_take_no_executor_job(
+    pooled: bool, pool: DecodePool, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """Through the pool, the player's reads after the first fill go to the worker from the loop:
+    a 4 s track takes a few executor jobs (open, first fill), not one per refill as a track
+    decoded in this process does (the measure's other side)."""
+    with CountingExecutor() as executor:
+        resolver = Resolver(ResolverSettings(timeout=20.0), executor)
+        track = await _track(
+            media_server,
+            resolver,
+            write_tone(
+                tmp_path / "t.mp3", container="mp3", codec="libmp3lame", freq=440.0, seconds=4.0
+            ),
+        )
+        sink = RecordingSink()
+        recorder = Recorder(sink)
+        opener = make_opener(
+            resolver, opus=OpusSettings(), executor=executor, pool=pool if pooled else None
+        )
+        player = GuildPlayer(sink, opener, executor=executor, on_event=recorder, guild_id=1)
+        before = executor.submitted
+        await play_queue(player, sink, [track])
+        jobs = executor.submitted - before
+    audio = [f for f in recorder.frames_of("t.mp3") if f != OPUS_SILENCE]
+    assert abs(len(audio) - expected_frames(4.0)) <= 3
+    assert tone_of(audio) == pytest.approx(440.0, abs=2.0)
+    refills = len(audio) // 10  # the buffer is refilled in chunks of at most 10 frames
+    if pooled:
+        assert jobs <= 5, jobs
+    else:
+        assert jobs >= refills, (jobs, refills)
 
 
 @pytest.mark.parametrize("target", [1.3, 4.05])
