@@ -23,6 +23,9 @@ reports of the bot:
   player's) is the bot's view, free of that;
 - CPU per stream: the bot process's CPU time (user + system, every thread, its child processes
   included: decode workers, yt-dlp workers) over stream-seconds;
+- the bot's event loop thread (Linux schedstat): the share of the window it ran on a CPU, and
+  the share it waited runnable for one (the other processes, its own decode workers among them,
+  had both CPUs). Every wait is a frame sent late by as much;
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
   third of the samples minus the mean of the first third.
 
@@ -49,6 +52,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -404,6 +408,12 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
     samples = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
     cpu = r1["cpu"] - r0["cpu"]
     bot_wall = r1["t"] - r0["t"]
+    # The bot's event loop thread: share of the window on a CPU, and waiting runnable for one.
+    loop_ran, loop_waited = (
+        ((r1["loop"][0] - r0["loop"][0]) / bot_wall, (r1["loop"][1] - r0["loop"][1]) / bot_wall)
+        if r0["loop"] and r1["loop"]
+        else (math.nan, math.nan)
+    )
     expected = wall / FRAME_S
 
     stalls = {
@@ -481,6 +491,8 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         "player_late_max": max(v[worst] for v in ours),
         "cpu_pct_per_stream": cpu / stream_s * 100,
         "cpu_pct_total": cpu / bot_wall * 100,
+        "loop_cpu_pct": loop_ran * 100,
+        "loop_wait_pct": loop_waited * 100,
         "sandbox_cpu_pct": sandbox_cpu / wall * 100,
         "rss_first_mb": sum(first) / len(first),
         "rss_last_mb": sum(last) / len(last),
@@ -508,11 +520,11 @@ def load_table(r: dict[str, float], title: str) -> str:
         "Pacing and cost (arrivals stamped on the sandbox's loop; lateness and CPU the bot's)",
         ["dev p99 ms", "dev max ms", "gap p99 ms", "gap max ms", "player late p99 ms",
          "player late max ms", "late frames", "re-anchors", "bot cpu %/stream (incl. children)",
-         "bot cpu % total (incl. children)",
+         "bot cpu % total (incl. children)", "bot loop on a CPU %", "bot loop waiting for one %",
          "sandbox cpu %"],
         [[r["dev_p99"], r["dev_max"], r["gap_p99"], r["gap_max_ms"], r["player_late_p99_max"],
           r["player_late_max"], int(r["late_frames"]), int(r["reanchors"]), r["cpu_pct_per_stream"],
-          r["cpu_pct_total"], r["sandbox_cpu_pct"]]],
+          r["cpu_pct_total"], r["loop_cpu_pct"], r["loop_wait_pct"], r["sandbox_cpu_pct"]]],
     )  # fmt: skip
     series = sorted(
         (float(k[4:-4]), v) for k, v in r.items() if k.startswith("rss_") and k.endswith("s_mb")
@@ -671,6 +683,8 @@ def run(quick: bool = True) -> str:
             "gap_max_ms",
             "player_late_p99_max",
             "cpu_pct_per_stream",
+            "loop_cpu_pct",
+            "loop_wait_pct",
             "sandbox_cpu_pct",
             "rss_growth_mb",
             "setup_s",

@@ -53,12 +53,24 @@ PLAYER_FIELDS: Final = (
 )
 
 
+def loop_schedstat() -> tuple[float, float] | None:
+    """Seconds this thread (the event loop's) has run on a CPU, and waited runnable for one
+    (Linux's ``/proc/thread-self/schedstat``); None where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as f:
+            ran, waited, _slices = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str, Any]:
     """This process's figures now.
 
     Returns:
         ``t`` (``time.monotonic()``, the clock the parent's loop uses too), ``cpu`` (user + system
-        seconds, every thread, child processes included), ``rss`` (bytes), ``requested``
+        seconds, every thread, child processes included), ``loop`` (:func:`loop_schedstat`, as
+        a list or None), ``rss`` (bytes), ``requested``
         (answer to a ``report`` line),
         ``players`` (guild id -> the :data:`PLAYER_FIELDS` values of its session's player) and
         ``total`` (counters summed over the sessions, lateness as the largest of them).
@@ -82,6 +94,7 @@ def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str
     return {
         "t": time.monotonic(),
         "cpu": cpu_s,
+        "loop": loop_schedstat(),
         "rss": proc.memory_info().rss,
         "requested": requested,
         "sessions": len(sessions),

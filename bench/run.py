@@ -208,6 +208,7 @@ def summary() -> str:
         ("load.mixed.dev_p99", "reported (ms, the sandbox's view)"),
         ("load.mixed.player_late_p99_max", "reported (ms)"),
         ("load.mixed.cpu_pct_per_stream", "reported (%, with the workers)"),
+        ("load.mixed.loop_wait_pct", "reported (% of the window the bot's loop waited for a CPU)"),
         ("load.mixed.sandbox_cpu_pct", "reported (%, the bench's own process)"),
         ("load.mixed.rss_growth_mb", "~0 (MB, the bot process, last third - first third)"),
         ("load.mixed_threads_first.stalled", "reported (8 decodes and the Opus in threads)"),
