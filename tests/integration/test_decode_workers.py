@@ -134,6 +134,40 @@ async def test_read_soon_gives_what_read_gives_and_holds_no_thread(
     assert soon.read_soon(5).result(0) == []  # closed: nothing more, at once
 
 
+async def test_reads_queued_while_the_writer_is_busy_go_as_one_message(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    """``read_soon`` only queues; the writer thread sends what queued up meanwhile as one
+    message, and the worker answers each request of it."""
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    sources = [
+        await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
+        for _ in range(5)
+    ]
+    worker = sources[0]._worker
+    assert all(s._worker is worker for s in sources)  # a pool of one
+    sent: list[type] = []
+    real_send = worker.conn.send
+
+    def recording_send(message: Any) -> None:
+        sent.append(type(message))
+        real_send(message)
+
+    worker.conn.send = recording_send  # type: ignore[method-assign,assignment]
+    try:
+        with worker._send_lock:  # the writer blocks on the first read's send
+            futures = [source.read_soon(3) for source in sources]
+        results = [await asyncio.wrap_future(f) for f in futures]
+    finally:
+        worker.conn.send = real_send  # type: ignore[method-assign]
+        for source in sources:
+            source.close()
+    assert all(len(r) == 3 for r in results)
+    assert all(r == results[0] for r in results)  # each from its own source's start
+    assert list in sent  # the four queued behind the first went together
+    assert len(sent) < len(sources)
+
+
 async def test_read_soon_fails_through_its_future_after_the_pool_closes(
     media_url: Callable[[str], str],
 ) -> None:
