@@ -24,11 +24,13 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -49,6 +51,9 @@ _WORKER_THREADS: Final = 8
 #: takes the worker for hung (PyAV gives up on a stalled read after ``timeout`` itself).
 _REPLY_MARGIN: Final = 10.0
 
+#: Seconds between the writer thread's checks for queued requests past their reply deadline.
+_SWEEP_EVERY: Final = 1.0
+
 #: Seconds a closing pool waits for a worker to exit before it kills it.
 _EXIT_WAIT: Final = 2.0
 
@@ -68,7 +73,9 @@ _Request = tuple[int, str, int, tuple[Any, ...]]
 _Reply = tuple[int, bool, Any]
 
 #: A caller's future and what to apply to a result before it is set.
-_Waiting = tuple[concurrent.futures.Future[Any], Callable[[Any], Any] | None]
+#: And the ``time.monotonic()`` by which a queued request's reply is due (``inf``: the caller
+#: waits with its own timeout).
+_Waiting = tuple[concurrent.futures.Future[Any], Callable[[Any], Any] | None, float]
 
 _SHUT_DOWN: Final = "cannot schedule new futures after shutdown"  # as an executor says it
 
@@ -202,7 +209,7 @@ class _Worker:
 
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
         """Send a request and block for its result (raising the worker's error)."""
-        rid, fut = self._request(op, sid, args, None)
+        rid, fut = self._request(op, sid, args, None, None)
         try:
             return fut.result(wait)
         except TimeoutError as exc:
@@ -219,18 +226,20 @@ class _Worker:
         op: str,
         sid: int,
         args: tuple[Any, ...],
+        wait: float,
         then: Callable[[Any], Any] | None = None,
     ) -> concurrent.futures.Future[Any]:
         """Queue a request for the writer thread and return at once (on the event loop too);
         the future gets its result (``then(result)`` when given, applied in the reader thread)
-        or the worker's error.
+        or the worker's error, or a ``DecodeError`` if no reply came within ``wait`` seconds
+        (a hung worker), as :meth:`call` raises one.
 
         The loop does not write to the pipe itself: the write wakes the worker, and on a busy
         machine the kernel may run the worker in the writer's place until its time slice ends,
         which is a frame sent late when the writer is the loop (profiled at 100 guilds: a
         quarter of the loop's time went in such writes).
         """
-        return self._request(op, sid, args, then, queued=True)[1]
+        return self._request(op, sid, args, then, wait)[1]
 
     def _request(
         self,
@@ -238,33 +247,57 @@ class _Worker:
         sid: int,
         args: tuple[Any, ...],
         then: Callable[[Any], Any] | None,
-        *,
-        queued: bool = False,
+        wait: float | None,
     ) -> tuple[int, concurrent.futures.Future[Any]]:
+        """Register a request and send it now (``wait`` None) or queue it for the writer."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        due = math.inf if wait is None else time.monotonic() + wait
         with self._lock:
             if self._dead is not None:
                 fut.set_exception(self._failure())
                 return 0, fut
             rid = next(self._ids)
-            self._pending[rid] = (fut, then)
-        if queued:
-            self._outbox.put((rid, op, sid, args))
-        else:
+            self._pending[rid] = (fut, then, due)
+        if wait is None:
             self._send((rid, op, sid, args))
+        else:
+            self._outbox.put((rid, op, sid, args))
         return rid, fut
 
     def _write(self) -> None:
-        """The writer thread: send the queued requests, as one message when several wait."""
-        while (request := self._outbox.get()) is not None:
-            batch = [request]
-            while not self._outbox.empty():
-                more = self._outbox.get()
-                if more is None:
-                    self._send(batch)
-                    return
-                batch.append(more)
-            self._send(batch if len(batch) > 1 else request)
+        """The writer thread: send the queued requests (as one message when several wait) and
+        about once a second fail those whose reply is overdue."""
+        sweep_at = time.monotonic() + _SWEEP_EVERY
+        while True:
+            batch: list[_Request | None] = []
+            try:
+                batch.append(self._outbox.get(timeout=_SWEEP_EVERY))
+                while not self._outbox.empty():
+                    batch.append(self._outbox.get())
+            except queue.Empty:
+                pass
+            requests = [r for r in batch if r is not None]
+            if requests:
+                self._send(requests if len(requests) > 1 else requests[0])
+            if len(requests) < len(batch):
+                return  # None: the worker is gone or stopping
+            now = time.monotonic()
+            if now >= sweep_at:
+                self._expire(now)
+                sweep_at = now + _SWEEP_EVERY
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            late = [rid for rid, (_fut, _then, due) in self._pending.items() if due <= now]
+            overdue = [self._pending.pop(rid)[0] for rid in late]
+        for fut in overdue:
+            if not fut.done():
+                fut.set_exception(
+                    DecodeError(
+                        f"decode worker {self.process.pid} gave no answer in time",
+                        user_message=STOPPED,
+                    )
+                )
 
     def tell(self, op: str, sid: int) -> None:
         """Send a request that wants no reply (dropped if the worker is gone)."""
@@ -300,7 +333,7 @@ class _Worker:
                 waiting = self._pending.pop(rid, None)
             if waiting is None:
                 continue  # its caller gave up waiting
-            fut, then = waiting
+            fut, then, _due = waiting
             if not ok:
                 fut.set_exception(_error(*payload))
             elif then is None:
@@ -314,7 +347,7 @@ class _Worker:
                 self._dead = error
                 if not isinstance(error, RuntimeError):
                     _log.warning("%s; its tracks fail", error)
-            pending, self._pending = [fut for fut, _then in self._pending.values()], {}
+            pending, self._pending = [fut for fut, _then, _due in self._pending.values()], {}
         self._outbox.put(None)  # the writer ends
         for fut in pending:
             if not fut.done():
@@ -458,7 +491,7 @@ class WorkerSource:
             done: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
             done.set_result([])
             return done
-        return self._worker.submit("read", self._sid, (max_frames,), self._read_reply)
+        return self._worker.submit("read", self._sid, (max_frames,), self._wait, self._read_reply)
 
     def _read_reply(self, reply: tuple[list[bytes], _Meta]) -> list[bytes]:
         frames, meta = reply

@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
+from legato.audio import workers
 from legato.audio.analysis import dominant_frequency
 from legato.audio.decode import DEFAULT_TIMEOUT, open_source
 from legato.audio.encode import OpusSettings
@@ -178,6 +179,45 @@ async def test_read_soon_fails_through_its_future_after_the_pool_closes(
     fut = source.read_soon(5)  # does not raise: the error is the future's
     with pytest.raises(RuntimeError, match="after shutdown"):
         fut.result(0)
+
+
+async def test_a_hung_worker_fails_reads_after_the_reply_deadline(
+    media_url: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that stops answering (SIGSTOP: alive, silent) fails a blocking read and a
+    queued one alike with a ``DecodeError`` once the stream timeout and the margin are over,
+    instead of leaving the player's read out for good."""
+    monkeypatch.setattr(workers, "_REPLY_MARGIN", 0.5)
+    pool = DecodePool(1)
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    try:
+        source = await asyncio.to_thread(pool.open, info, timeout=1.0)  # replies due in 1.5 s
+        [pid] = pool.pids
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            queued = source.read_soon(5)
+            with pytest.raises(DecodeError, match="gave no answer") as blocking:
+                await asyncio.to_thread(source.read, 5)
+            assert blocking.value.user_message == STOPPED
+            # The writer's sweep runs once a second: due at 1.5 s, failed by 2.5 s.
+            async with asyncio.timeout(5):
+                with pytest.raises(DecodeError, match="gave no answer") as late:
+                    await asyncio.wrap_future(queued)
+            assert late.value.user_message == STOPPED
+            assert worker_pending(source) == 0  # neither is kept waiting
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert len(await asyncio.to_thread(source.read, 3)) == 3  # awake again: it still serves
+        source.close()
+    finally:
+        await asyncio.to_thread(pool.close)
+
+
+def worker_pending(source: WorkerSource) -> int:
+    """Requests of ``source``'s worker still waiting for a reply."""
+    worker = source._worker
+    with worker._lock:
+        return len(worker._pending)
 
 
 class CountingExecutor(ThreadPoolExecutor):
