@@ -357,9 +357,11 @@ class _Worker:
         """End the process (asked first, killed if it lingers) and fail what is pending."""
         with self._lock:
             alive = self._dead is None
+        # Shut down first: the reader, seeing the worker exit, then takes it for the stop it is
+        # rather than warning of a worker that died.
+        self._die(RuntimeError(_SHUT_DOWN))
         if alive:
             self._send((0, "stop", 0, ()))
-        self._die(RuntimeError(_SHUT_DOWN))
         self.process.join(_EXIT_WAIT)
         if self.process.is_alive():
             self.process.kill()
