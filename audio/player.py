@@ -9,9 +9,9 @@ explicit state machine):
   a time. In the steady state (the feeder parked, nothing requested) the player's refills go to
   the executor straight from the send path, batched after the timer slot, and come back through
   the loop's ``_Inbox``: no task step per refill. A source in a decode worker process
-  (``ReadsSoon``) is not read through the executor at all: the request goes to the worker from
-  the loop and the pool's reader thread hands the reply to the inbox, so no thread waits out
-  the round trip. The buffer holds ``buffer_ms`` of frames.
+  (``ReadsSoon``) is not read through the executor at all: the loop queues the request for the
+  pool's writer thread and the pool's reader thread hands the reply to the inbox, so no thread
+  waits out the round trip. The buffer holds ``buffer_ms`` of frames.
 - The next track is opened as soon as the current one is within ``preload_s`` of its end (or
   its end is known), so its first frames are buffered before the last frame of the current one
   goes out: track changes leave no empty 20 ms slot.
@@ -245,7 +245,7 @@ class _Entry:
         self.read_soon: Callable[[int], concurrent.futures.Future[list[bytes]]] | None = None
         #: The feeder waits in ``_feed`` for a wake: reads may be sent from ``refill``.
         self.parked = False
-        #: A read sent by ``refill`` is in the executor.
+        #: A read sent by ``refill`` is out (in the executor, or with a decode worker).
         self.reading = False
         #: What that read raised, for the feeder to handle (reopen, fail).
         self.read_error: BaseException | None = None

@@ -72,9 +72,9 @@ _Request = tuple[int, str, int, tuple[Any, ...]]
 #: A reply: id, True and the result, or False and (error class name, detail, user message).
 _Reply = tuple[int, bool, Any]
 
-#: A caller's future and what to apply to a result before it is set.
-#: And the ``time.monotonic()`` by which a queued request's reply is due (``inf``: the caller
-#: waits with its own timeout).
+#: A request's future, what to apply to its result before it is set, and the
+#: ``time.monotonic()`` by which a queued request's reply is due (``inf``: the caller waits
+#: with its own timeout).
 _Waiting = tuple[concurrent.futures.Future[Any], Callable[[Any], Any] | None, float]
 
 _SHUT_DOWN: Final = "cannot schedule new futures after shutdown"  # as an executor says it
