@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,6 +41,8 @@ from legato.voice.rtp import (
 from legato.voice.transport.webrtc import WebRtcTransport
 
 pytestmark = pytest.mark.integration
+
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
 
 GUILD = 111
 ALICE = 201
@@ -494,6 +500,37 @@ async def test_garbage_datagrams_are_counted_and_recording_goes_on(
     assert rec.frames == 40
     assert rec.gaps == 0
     assert await frequency_of(server, ALICE) == pytest.approx(TONE_HZ, abs=2.0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's receive stamps are Linux's")
+async def test_arrivals_are_the_kernels_receive_times_not_the_loops(
+    server: SandboxVoiceServer, http: aiohttp.ClientSession, tone: list[bytes]
+) -> None:
+    """Packets sent 20 ms apart while the sandbox's loop is blocked are read in one burst
+    afterwards, yet recorded 20 ms apart: a pause of the sandbox is not the sender's."""
+    client = await connected(server, http)
+    await client.speak(True)
+    packets = [client.packet(opus) for opus in tone[:10]]
+
+    def send_paced() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for packet in packets:
+                sock.sendto(packet, client.server_udp)
+                time.sleep(FRAME_S)
+
+    sender = threading.Thread(target=send_paced)
+    sender.start()
+    # Block the loop on purpose: nothing is read until the sender is done.
+    time.sleep(len(packets) * FRAME_S + 0.1)  # noqa: ASYNC251
+    sender.join()
+    recording = server.recording(ALICE)
+    await recording.wait_frames(len(packets), timeout=GUARD)
+    await client.close()
+    arrivals = [p.arrival for p in recording.packets]
+    intervals = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(intervals) == len(packets) - 1
+    assert all(abs(i - FRAME_S) < 0.008 for i in intervals), intervals  # not 0: a burst
+    assert arrivals[-1] <= asyncio.get_running_loop().time()
 
 
 # -- resume, faults, membership ----------------------------------------------------------------
