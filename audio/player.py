@@ -293,35 +293,35 @@ class _Entry:
         count = self.player._cap - len(self.frames)
         inbox = self.player._inbox
         read_soon = self.read_soon
+        fut: concurrent.futures.Future[Any]
+        started = time.perf_counter()
         if read_soon is not None:
-            started = time.perf_counter()
-
-            def done(fut: concurrent.futures.Future[list[bytes]]) -> None:
-                exc = fut.exception()
-                if exc is not None:
-                    inbox.put(_Entry._read_done, self, None, exc)
-                else:
-                    spent = time.perf_counter() - started
-                    chunk = (fut.result(), source.position, source.duration, spent)
-                    inbox.put(_Entry._read_done, self, chunk, None)
-
-            self.inflight = read_soon(count)
-            self.inflight.add_done_callback(done)
-            return
-
-        def job() -> None:
+            fut = read_soon(count)
+        else:
             try:
-                value = _read_chunk(source, count)
-            except BaseException as exc:  # noqa: BLE001 - handed to the feeder (see _read_done)
-                inbox.put(_Entry._read_done, self, None, exc)
-            else:
-                inbox.put(_Entry._read_done, self, value, None)
+                fut = (self.player._executor or _default_executor()).submit(
+                    _read_chunk, source, count
+                )
+            except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
+                self.reading = False
+                self._executor_gone(_ExecutorGone(str(exc)))
+                return
 
-        try:
-            self.inflight = (self.player._executor or _default_executor()).submit(job)
-        except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
-            self.reading = False
-            self._executor_gone(_ExecutorGone(str(exc)))
+        def done(ended: concurrent.futures.Future[Any]) -> None:
+            # In the thread that finished the read; the loop gets it through the inbox.
+            if ended.cancelled():
+                return  # an executor shut down with the job still queued: the player is closing
+            exc = ended.exception()
+            if exc is not None:
+                inbox.put(_Entry._read_done, self, None, exc)
+                return
+            value = ended.result()
+            if read_soon is not None:  # frames alone: add what _read_chunk adds to them
+                value = (value, source.position, source.duration, time.perf_counter() - started)
+            inbox.put(_Entry._read_done, self, value, None)
+
+        self.inflight = fut
+        fut.add_done_callback(done)
 
     def _read_done(self, value: _Chunk | None, exc: BaseException | None) -> None:
         """A read sent by ``refill`` returned (on the loop)."""
