@@ -221,6 +221,33 @@ def worker_pending(source: WorkerSource) -> int:
         return len(worker._pending)
 
 
+async def _tone_track(
+    server: MediaServer,
+    resolver: Resolver,
+    path: Path,
+    *,
+    freq: float = 440.0,
+    seconds: float = 3.0,
+    codec: str = "libmp3lame",
+) -> Track:
+    """A tone written to ``path`` (its suffix is the container), served and resolved."""
+    write_tone(path, container=path.suffix[1:], codec=codec, freq=freq, seconds=seconds)
+    url = server.add_file(f"workers/{path.name}", path)
+    [found] = await resolver.resolve(url)
+    return Track(url=found.url, title=path.name, duration=found.duration)
+
+
+def _player(
+    resolver: Resolver, executor: ThreadPoolExecutor, pool: DecodePool | None
+) -> tuple[GuildPlayer, RecordingSink, Recorder]:
+    """A player opening through ``pool`` (None: in this process), its sink and its events."""
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    opener = make_opener(resolver, opus=OpusSettings(), executor=executor, pool=pool)
+    player = GuildPlayer(sink, opener, executor=executor, on_event=recorder, guild_id=1)
+    return player, sink, recorder
+
+
 class CountingExecutor(ThreadPoolExecutor):
     """A real thread pool that counts the jobs given to it."""
 
@@ -242,19 +269,8 @@ async def test_refills_of_a_pooled_track_take_no_executor_job(
     decoded in this process does (the measure's other side)."""
     with CountingExecutor() as executor:
         resolver = Resolver(ResolverSettings(timeout=20.0), executor)
-        track = await _track(
-            media_server,
-            resolver,
-            write_tone(
-                tmp_path / "t.mp3", container="mp3", codec="libmp3lame", freq=440.0, seconds=4.0
-            ),
-        )
-        sink = RecordingSink()
-        recorder = Recorder(sink)
-        opener = make_opener(
-            resolver, opus=OpusSettings(), executor=executor, pool=pool if pooled else None
-        )
-        player = GuildPlayer(sink, opener, executor=executor, on_event=recorder, guild_id=1)
+        track = await _tone_track(media_server, resolver, tmp_path / "t.mp3", seconds=4.0)
+        player, sink, recorder = _player(resolver, executor, pool if pooled else None)
         before = executor.submitted
         await play_queue(player, sink, [track])
         jobs = executor.submitted - before
@@ -307,12 +323,6 @@ async def test_a_bad_volume_is_a_value_error(
         source.close()
 
 
-async def _track(server: MediaServer, resolver: Resolver, path: Path) -> Track:
-    url = server.add_file(f"workers/{path.name}", path)
-    [found] = await resolver.resolve(url)
-    return Track(url=found.url, title=path.name, duration=found.duration)
-
-
 async def test_a_stream_lost_in_a_worker_is_reopened_by_the_player(
     pool: DecodePool, threads: ThreadPoolExecutor, media_server: MediaServer, tmp_path: Path
 ) -> None:
@@ -324,10 +334,7 @@ async def test_a_stream_lost_in_a_worker_is_reopened_by_the_player(
     resolver = Resolver(ResolverSettings(timeout=20.0), threads)
     [found] = await resolver.resolve(urls.page)
     track = Track(url=found.url, title="steps", duration=found.duration)
-    sink = RecordingSink()
-    recorder = Recorder(sink)
-    opener = make_opener(resolver, opus=OpusSettings(), executor=threads, pool=pool)
-    player = GuildPlayer(sink, opener, executor=threads, on_event=recorder, guild_id=1)
+    player, sink, recorder = _player(resolver, threads, pool)
     await play_queue(player, sink, [track])
     kinds = [type(e).__name__ for e in recorder.events]
     assert kinds == ["TrackStarted", "TrackEnded", "QueueEnded"]
@@ -340,24 +347,11 @@ async def test_a_killed_worker_fails_its_track_and_the_next_one_plays(
     pool: DecodePool, threads: ThreadPoolExecutor, media_server: MediaServer, tmp_path: Path
 ) -> None:
     resolver = Resolver(ResolverSettings(timeout=20.0), threads)
-    long = await _track(
-        media_server,
-        resolver,
-        write_tone(
-            tmp_path / "long.mp3", container="mp3", codec="libmp3lame", freq=440.0, seconds=20.0
-        ),
+    long = await _tone_track(media_server, resolver, tmp_path / "long.mp3", seconds=20.0)
+    after = await _tone_track(
+        media_server, resolver, tmp_path / "after.mp3", freq=660.0, seconds=1.5
     )
-    after = await _track(
-        media_server,
-        resolver,
-        write_tone(
-            tmp_path / "after.mp3", container="mp3", codec="libmp3lame", freq=660.0, seconds=1.5
-        ),
-    )
-    sink = RecordingSink()
-    recorder = Recorder(sink)
-    opener = make_opener(resolver, opus=OpusSettings(), executor=threads, pool=pool)
-    player = GuildPlayer(sink, opener, executor=threads, on_event=recorder, guild_id=1)
+    player, sink, recorder = _player(resolver, threads, pool)
     player.queue.add([long, after])
     try:
         async with asyncio.timeout(90):
@@ -391,16 +385,8 @@ async def test_threads_first_keeps_a_few_decodes_and_all_opus_here_and_sends_the
     to the pool (which starts then); an Opus track stays here however many decode; once a local
     decode ends, the next MP3 is local again."""
     resolver = Resolver(ResolverSettings(timeout=20.0), threads)
-    mp3 = await _track(
-        media_server,
-        resolver,
-        write_tone(tmp_path / "t.mp3", container="mp3", codec="libmp3lame", freq=440.0),
-    )
-    opus = await _track(
-        media_server,
-        resolver,
-        write_tone(tmp_path / "t.webm", container="webm", codec="libopus", freq=440.0),
-    )
+    mp3 = await _tone_track(media_server, resolver, tmp_path / "t.mp3")
+    opus = await _tone_track(media_server, resolver, tmp_path / "t.webm", codec="libopus")
     opener = make_opener(
         resolver, opus=OpusSettings(), executor=threads, pool=pool, threads_first=2
     )
