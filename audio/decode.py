@@ -20,12 +20,12 @@ timeout) raise :class:`DecodeError` with a ``user_message``. Mid-stream, a strea
 early (a truncated file, a damaged tail) ends the track with the frames decoded so far, and a
 warning is logged: a listener keeps what could be played. Isolated undecodable packets are
 skipped, as FFmpeg's command line does; ``_MAX_BAD_PACKETS`` in a row, a network failure
-(after FFmpeg's own reconnects with Range requests gave up) or a stalled read raise
-:class:`DecodeError`; a refused or dropped connection, and a remote stream that ends more than
-``_SHORT_END`` before its known length (FFmpeg takes a refused reconnect for the end of the
-file), raise :class:`StreamLost`, which the player answers by resolving the track again and
-reopening it there. ``read`` first returns the frames it got before such an error; the error
-comes with the next call.
+(after the reader's own reopens with Range requests gave up: :mod:`legato.audio.fetch`) or a
+stalled read raise :class:`DecodeError`; a refused or dropped connection, and a remote stream
+that ends more than ``_SHORT_END`` before its known length (a refused reopen can look like the
+end of the file), raise :class:`StreamLost`, which the player answers by resolving the track
+again and reopening it there. ``read`` first returns the frames it got before such an error;
+the error comes with the next call.
 
 Channels: mono is copied to both sides at full level; 5.1 and other layouts are downmixed by
 FFmpeg's resampler (which normalises its matrix, so they do not clip).
@@ -34,6 +34,7 @@ FFmpeg's resampler (which normalises its matrix, so they do not clip).
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 from collections import deque
@@ -45,6 +46,13 @@ import av.error
 import numpy as np
 
 from legato.audio.encode import OpusDecoder, OpusEncoder, OpusSettings, decode_opus_packets
+from legato.audio.fetch import (
+    PROTOCOL_WHITELIST,
+    VOUCHED,
+    FragmentReader,
+    HttpStatusError,
+    IoOpener,
+)
 from legato.audio.resolve import StreamInfo
 from legato.audio.source import (
     CHANNELS,
@@ -54,7 +62,7 @@ from legato.audio.source import (
     FrameSource,
     StreamLost,
 )
-from legato.errors import DecodeError
+from legato.errors import DecodeError, ResolveError
 
 __all__ = ["DEFAULT_TIMEOUT", "decode_opus_packets", "open_source", "opus_packet_samples"]
 
@@ -62,9 +70,6 @@ _log = logging.getLogger(__name__)
 
 #: Seconds PyAV may wait to open a stream, and for any one read, before it gives up.
 DEFAULT_TIMEOUT: Final = 20.0
-
-#: Seconds between FFmpeg's reconnect attempts grow up to this; past it, it gives up.
-_RECONNECT_DELAY_MAX: Final = 4
 
 #: Undecodable packets in a row after which the stream counts as broken.
 _MAX_BAD_PACKETS: Final = 8
@@ -123,35 +128,22 @@ def opus_packet_samples(packet: bytes) -> int:
     return size * count
 
 
-def _http_options(stream: StreamInfo, timeout: float) -> dict[str, str]:
-    options = {
-        # Reconnect when a server drops a long download; give up after a few seconds of tries.
-        "reconnect": "1",
-        "reconnect_streamed": "1",
-        "reconnect_delay_max": str(_RECONNECT_DELAY_MAX),
-        # Microseconds: a stalled server fails the read instead of hanging the worker forever.
-        "rw_timeout": str(int(timeout * 1_000_000)),
-        "timeout": str(int(timeout * 1_000_000)),
-    }
-    headers = dict(stream.http_headers)
-    user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
-    if user_agent:
-        options["user_agent"] = user_agent
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "user-agent")
-    if extra:
-        options["headers"] = extra
-    return options
-
-
 def _open_error(exc: Exception, url: str) -> DecodeError:
     """Map an exception from opening a stream to a DecodeError with a safe sentence."""
     detail = f"could not open {url}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, av.error.HTTPNotFoundError):
+    if isinstance(exc, ResolveError):  # the URL guard refused a request
+        return DecodeError(detail, user_message=exc.user_message)
+    status = exc.status if isinstance(exc, HttpStatusError) else None
+    if status == 404 or isinstance(exc, av.error.HTTPNotFoundError):
         message = "That track was not found (the server answered 404)."
-    elif isinstance(exc, av.error.HTTPForbiddenError | av.error.HTTPUnauthorizedError):
+    elif status in (401, 403) or isinstance(
+        exc, av.error.HTTPForbiddenError | av.error.HTTPUnauthorizedError
+    ):
         message = "The server refused access to that track."
-    elif isinstance(exc, av.error.HTTPError):
+    elif status is not None or isinstance(exc, av.error.HTTPError):
         message = "The server hosting that track returned an error."
+    elif isinstance(exc, ConnectionError):
+        message = "I could not reach the server hosting that track."
     elif isinstance(exc, av.error.ExitError | av.error.TimeoutError | TimeoutError):
         message = "Opening that track took too long."
     elif isinstance(exc, av.error.InvalidDataError):
@@ -192,10 +184,21 @@ def open_source(
         ValueError: ``volume`` is outside 0..10.
     """
     _check_volume(volume)
-    options = {} if stream.is_local else _http_options(stream, timeout)
+    reader: io.RawIOBase | None = None
+    open_io = IoOpener(stream.url_policy or VOUCHED, stream.http_headers, timeout)
     try:
-        container = av.open(stream.url, options=options, timeout=(timeout, timeout))
-    except (av.error.FFmpegError, OSError) as exc:
+        if stream.fragments:
+            reader = FragmentReader(
+                open_io.policy,
+                stream.fragments,
+                open_io.headers,
+                timeout=timeout,
+                on_failure=open_io.failures.append,
+            )
+        container = _open_container(stream, reader, open_io, timeout)
+    except (av.error.FFmpegError, OSError, ResolveError) as exc:
+        if reader is not None:
+            reader.close()
         raise _open_error(exc, stream.url) from exc
     try:
         if not container.streams.audio:
@@ -215,15 +218,50 @@ def open_source(
             source = _OpusSource(container, audio, stream, opus, allow_passthrough, volume)
         else:
             source = _TranscodeSource(container, audio, stream, opus, volume)
+        source._input = reader
+        source._failures = open_io.failures
         if start > 0:
             source.seek(start)
     except DecodeError:
         container.close()
+        if reader is not None:
+            reader.close()
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         container.close()
+        if reader is not None:
+            reader.close()
         raise _open_error(exc, stream.url) from exc
     return source
+
+
+def _open_container(
+    stream: StreamInfo, fragments: io.RawIOBase | None, open_io: IoOpener, timeout: float
+) -> av.container.InputContainer:
+    """Open ``stream`` with every byte FFmpeg reads fetched by :mod:`legato.audio.fetch`.
+
+    A local file is opened by FFmpeg itself, with only its ``file`` protocol allowed, so that a
+    local playlist cannot reach the network either. A DASH stream is read from ``fragments``.
+    """
+    if stream.is_local:
+        return av.open(
+            stream.url, options={"protocol_whitelist": "file"}, timeout=(timeout, timeout)
+        )
+    if fragments is not None:
+        return av.open(
+            fragments,
+            "r",
+            options={"protocol_whitelist": PROTOCOL_WHITELIST},
+            timeout=(timeout, timeout),
+            io_open=open_io,
+        )
+    return av.open(
+        stream.url,
+        # HLS's persistent connections reuse FFmpeg's own http protocol, which is not used here.
+        options={"protocol_whitelist": PROTOCOL_WHITELIST, "http_persistent": "0"},
+        timeout=(timeout, timeout),
+        io_open=open_io,
+    )
 
 
 def _opus_direct(container: av.container.InputContainer, audio: av.AudioStream) -> bool:
@@ -286,6 +324,10 @@ class _BaseSource:
         elif audio.duration is not None and audio.time_base is not None:
             self._duration = float(audio.duration * audio.time_base)
         self._got_audio = False
+        #: What the container reads from, when it is a file object that is ours to close.
+        self._input: io.RawIOBase | None = None
+        #: Why the remote reads ended early, if they did (legato.audio.fetch's readers say).
+        self._failures: list[str] = []
 
     # ---- FrameSource
 
@@ -376,6 +418,8 @@ class _BaseSource:
         self._closed = True
         self._frames = iter(())
         self._container.close()
+        if self._input is not None:
+            self._input.close()
 
     # ---- shared helpers
 
@@ -383,11 +427,17 @@ class _BaseSource:
         raise NotImplementedError
 
     def _ended_short(self) -> StreamLost | None:
-        """A ``StreamLost`` when a remote stream ended well before its known length.
+        """A ``StreamLost`` when a remote read ended for good (its reader says why), or a
+        remote stream ended well before its known length.
 
-        Only once this opening produced audio: a reopened stream that has nothing more really
-        ends there (a length in the header can be wrong).
+        The latter only once this opening produced audio: a reopened stream that has nothing
+        more really ends there (a length in the header can be wrong).
         """
+        if self._failures:
+            why = self._failures[-1]
+            self._failures.clear()
+            self._remote = False
+            return StreamLost(f"{self._url}: {why}")
         duration = self._duration
         if not self._remote or duration is None or self._emitted == 0:
             return None

@@ -39,8 +39,10 @@ import yt_dlp
 import yt_dlp.networking.exceptions
 import yt_dlp.utils
 
+from legato.audio.fetch import VOUCHED, guard_ydl, request
+from legato.audio.playlists import PlaylistEntry, looks_like_playlist, parse_playlist
 from legato.audio.track import Track
-from legato.audio.urlguard import UrlPolicy
+from legato.audio.urlguard import NOT_ALLOWED, UrlPolicy
 from legato.errors import ResolveError
 
 __all__ = ["Resolver", "ResolverSettings", "StreamInfo"]
@@ -80,10 +82,11 @@ class ResolverSettings:
         search_results: How many results a search returns.
         allow_local_files: Whether paths and ``file://`` URLs on the bot's machine may be played.
         timeout: Seconds one yt-dlp call (or one local probe) may take.
-        url_policy: Which addresses may be fetched (:mod:`legato.audio.urlguard`): checked on
-            a URL and each of its redirects before yt-dlp sees it, on yt-dlp's answer, and on
-            the stream URL's redirects, whose end is what the decoder is given. ``None`` keeps
-            only the scheme checks (the caller vouches for every URL, as tests do).
+        url_policy: Which addresses may be fetched (:mod:`legato.audio.urlguard`): every
+            connection yt-dlp makes, and later the decoder's (it travels with the
+            :class:`StreamInfo`), goes through it (:mod:`legato.audio.fetch`). ``None``: the
+            caller vouches for every URL, as tests do (:data:`legato.audio.fetch.VOUCHED`:
+            private addresses allowed, the connections still made by Legato's own client).
     """
 
     max_playlist: int = 100
@@ -121,6 +124,8 @@ class StreamInfo:
         sample_rate: Hz, when known.
         duration: Seconds, when known.
         is_local: ``url`` is a path on this machine.
+        url_policy: What the decoder may fetch for it (``None``: the caller vouches for it).
+        fragments: A DASH stream's fragment URLs, in order (``url`` is then its manifest).
     """
 
     url: str
@@ -129,6 +134,8 @@ class StreamInfo:
     sample_rate: int | None = None
     duration: float | None = None
     is_local: bool = False
+    url_policy: UrlPolicy | None = None
+    fragments: tuple[str, ...] = ()
 
 
 class _YdlLogger:
@@ -147,8 +154,8 @@ class _YdlLogger:
         _log.info("yt-dlp: %s", msg)
 
 
-def _classify(exc: BaseException) -> str:
-    """A user message for a yt-dlp (or network) failure."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, through yt-dlp's ``exc_info`` and Python's ``__cause__``."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and len(chain) < 8:
@@ -156,6 +163,20 @@ def _classify(exc: BaseException) -> str:
         inner = getattr(current, "exc_info", None)
         nxt = inner[1] if isinstance(inner, tuple) and len(inner) > 1 else None
         current = nxt if isinstance(nxt, BaseException) else (current.__cause__ or None)
+    return chain
+
+
+def _wrapped(exc: BaseException, url: str) -> ResolveError:
+    """A ResolveError for a yt-dlp failure: the URL guard's own refusal when it is one."""
+    chain = _chain(exc)
+    refusal = next((item for item in chain if isinstance(item, ResolveError)), None)
+    if refusal is not None:
+        return refusal
+    return ResolveError(f"yt-dlp failed for {url}: {exc}", user_message=_classify(chain))
+
+
+def _classify(chain: list[BaseException]) -> str:
+    """A user message for a yt-dlp (or network) failure and its causes."""
     for item in chain:
         if isinstance(item, yt_dlp.networking.exceptions.HTTPError):
             if item.status == 404 or item.status == 410:
@@ -208,6 +229,29 @@ def _track_from_entry(entry: Mapping[str, Any], parent_url: str | None, requeste
     )
 
 
+def _track_from_playlist(entry: PlaylistEntry, requester_id: int) -> Track:
+    name = urllib.parse.unquote(urllib.parse.urlsplit(entry.url).path.rsplit("/", 1)[-1])
+    return Track(
+        url=entry.url,
+        title=entry.title or name or entry.url,
+        duration=entry.duration,
+        page_url=entry.url,
+        requester_id=requester_id,
+    )
+
+
+#: The most of a playlist file that is read.
+_PLAYLIST_BYTES: Final = 512 * 1024
+
+
+def _read_text(policy: UrlPolicy, url: str, timeout: float) -> tuple[str, str]:
+    """A playlist file's text (its first ``_PLAYLIST_BYTES``) and the URL it came from."""
+    response, final = request(policy, url, timeout=timeout)
+    with response:
+        data = response.read(_PLAYLIST_BYTES)
+    return data.decode("utf-8", errors="replace"), final
+
+
 #: Per worker thread (or process): its YoutubeDL for each set of options, made on first use.
 _YDLS: Final = threading.local()
 
@@ -239,13 +283,16 @@ def _extract_blocking(
     settings: ResolverSettings, url: str, flat: bool, trusted: bool
 ) -> dict[str, Any]:
     """yt-dlp's info for ``url`` on this thread's YoutubeDL, checked by the URL policy."""
-    key = (flat, settings.max_playlist, settings.timeout)
-    cache: dict[tuple[bool, int, float], yt_dlp.YoutubeDL] | None = getattr(_YDLS, "cache", None)
+    key = (flat, settings)
+    cache: dict[tuple[bool, ResolverSettings], yt_dlp.YoutubeDL] | None = getattr(
+        _YDLS, "cache", None
+    )
     if cache is None:
         cache = _YDLS.cache = {}
     ydl = cache.get(key)
     if ydl is None:
         ydl = cache[key] = yt_dlp.YoutubeDL(_ydl_options(settings, flat=flat))
+        guard_ydl(ydl, settings.url_policy or VOUCHED)
     try:
         info = ydl.extract_info(url, download=False)
     except BaseException:
@@ -277,7 +324,8 @@ def _extract_in_process(
     except ResolveError as exc:
         return None, str(exc), exc.user_message
     except (yt_dlp.utils.YoutubeDLError, OSError, ValueError, KeyError) as exc:
-        return None, f"yt-dlp failed for {url}: {exc}", _classify(exc)
+        error = _wrapped(exc, url)
+        return None, str(error), error.user_message
     return yt_dlp.YoutubeDL.sanitize_info(info), "", ""
 
 
@@ -360,8 +408,14 @@ class Resolver:
             return [await self._resolve_local(local, requester_id)]
         if _URL.match(query):
             self._check_url(query)
-            await self._follow(query)
+            # A playlist file is read before yt-dlp sees it: yt-dlp would open its entries.
+            listed = await self._plain_playlist(query, None, requester_id)
+            if listed is not None:
+                return listed
             info = await self._extract(query, flat=True)
+            listed = await self._plain_playlist(query, info, requester_id)
+            if listed is not None:
+                return listed
             return self._tracks(info, query, requester_id, limit=self.settings.max_playlist)
         return await self._search(query, requester_id)
 
@@ -375,7 +429,6 @@ class Resolver:
         if local is not None:
             return await self._stream_local(local)
         self._check_url(track.url)
-        await self._follow(track.url)
         info = await self._extract(track.url, flat=False)
         while info.get("_type") in ("playlist", "multi_video"):
             entries = [e for e in info.get("entries") or [] if e]
@@ -397,8 +450,13 @@ class Resolver:
         duration = info.get("duration")
         headers = chosen.get("http_headers") or info.get("http_headers") or {}
         sent = {str(k): str(v) for k, v in headers.items()}
-        # FFmpeg follows redirects unchecked: give it where the checked chain ends.
-        url = await self._follow(str(url), sent)
+        fragments: tuple[str, ...] = ()
+        if chosen.get("protocol") == "http_dash_segments" and chosen.get("fragments"):
+            base = str(chosen.get("fragment_base_url") or url)
+            fragments = tuple(
+                str(f.get("url") or urllib.parse.urljoin(base, str(f.get("path", ""))))
+                for f in chosen["fragments"]
+            )
         return StreamInfo(
             url=str(url),
             http_headers=sent,
@@ -406,6 +464,8 @@ class Resolver:
             sample_rate=int(rate) if isinstance(rate, int | float) else None,
             duration=float(duration) if isinstance(duration, int | float) else track.duration,
             is_local=False,
+            url_policy=self.settings.url_policy,
+            fragments=fragments,
         )
 
     # ---- queries
@@ -449,6 +509,57 @@ class Resolver:
             raise ResolveError(f"{url}: the playlist has no entries", user_message=NO_AUDIO)
         return tracks
 
+    async def _plain_playlist(
+        self, url: str, info: Mapping[str, Any] | None, requester_id: int
+    ) -> list[Track] | None:
+        """The tracks of an M3U or PLS file ``url`` names, or ``None`` when it is none.
+
+        yt-dlp takes an ``#EXTM3U`` file for an HLS stream and a ``.pls`` for a media file. So
+        a path ending like a playlist's (before yt-dlp: ``info`` is ``None``), or yt-dlp's
+        answer with an ``m3u8`` format, is read through the guard and parsed
+        (:mod:`legato.audio.playlists`). Each entry becomes a track, checked like any link
+        when it plays; entries the guard refuses by their form are left out.
+        """
+        manifest: str | None = None
+        if info is None:
+            manifest = url if looks_like_playlist(url) else None
+        elif info.get("_type") not in ("playlist", "multi_video"):
+            for fmt in info.get("formats") or ():
+                if str(fmt.get("protocol", "")).startswith("m3u8") and fmt.get("manifest_url"):
+                    manifest = str(fmt["manifest_url"])
+                    break
+        if manifest is None:
+            return None
+        policy = self.settings.url_policy or VOUCHED
+        call = functools.partial(_read_text, policy, manifest, self.settings.timeout)
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                text, final = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except TimeoutError as exc:
+            raise ResolveError(f"reading {manifest} timed out", user_message=TOO_SLOW) from exc
+        except OSError as exc:
+            raise ResolveError(f"reading {manifest} failed: {exc}", user_message=GENERIC) from exc
+        entries = parse_playlist(text, final)
+        if entries is None:
+            return None
+        tracks: list[Track] = []
+        refused = 0
+        for entry in entries:
+            if len(tracks) >= self.settings.max_playlist:
+                break
+            try:
+                policy.check_url(entry.url)
+            except ResolveError:
+                refused += 1
+                continue
+            tracks.append(_track_from_playlist(entry, requester_id))
+        if refused:
+            _log.info("%s: %d playlist entries refused by the URL guard", manifest, refused)
+        if not tracks:
+            message = NOT_ALLOWED if refused else NO_AUDIO
+            raise ResolveError(f"{manifest}: no playable entries", user_message=message)
+        return tracks
+
     def _check_url(self, url: str) -> None:
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme == "file":
@@ -459,22 +570,6 @@ class Resolver:
             )
 
     # ---- yt-dlp
-
-    async def _follow(self, url: str, headers: Mapping[str, str] | None = None) -> str:
-        """Check ``url`` and its redirects with the URL policy; return where they end."""
-        policy = self.settings.url_policy
-        if policy is None:
-            return url
-        try:
-            async with asyncio.timeout(self.settings.timeout):
-                return await policy.follow(
-                    url, headers, self._executor, request_timeout=self.settings.timeout
-                )
-        except TimeoutError as exc:
-            raise ResolveError(
-                f"following {url}'s redirects took longer than {self.settings.timeout}s",
-                user_message=TOO_SLOW,
-            ) from exc
 
     async def _extract(self, url: str, *, flat: bool, trusted: bool = False) -> dict[str, Any]:
         if self._processes:
@@ -491,9 +586,7 @@ class Resolver:
         except ResolveError:
             raise
         except (yt_dlp.utils.YoutubeDLError, OSError, ValueError, KeyError) as exc:
-            raise ResolveError(
-                f"yt-dlp failed for {url}: {exc}", user_message=_classify(exc)
-            ) from exc
+            raise _wrapped(exc, url) from exc
 
     async def _extract_isolated(self, url: str, *, flat: bool, trusted: bool) -> dict[str, Any]:
         """:meth:`_extract` in a worker process."""

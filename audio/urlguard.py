@@ -22,36 +22,33 @@ one URL:
 (and port, when one is given) skips the address and domain rules, and nothing else does. Tests
 and the sandbox serve media from 127.0.0.1 this way without opening all of loopback.
 
-Redirects: yt-dlp and FFmpeg follow redirects themselves, so the guard also checks what they
-ended at (:meth:`UrlPolicy.check_info` on yt-dlp's answer) and walks a media URL's redirect chain
-itself before FFmpeg opens it (:meth:`UrlPolicy.follow_redirects`: HEAD, or GET without reading
-the body, every hop checked, at most ``max_redirects``), handing FFmpeg the final URL. A server
-that answers the walk and FFmpeg differently, or a name whose DNS answer changes between the
-check and the fetch, can still get past: checking cannot pin the connection FFmpeg makes.
+Checking a URL is not enough: whoever then fetches it may follow a redirect, read a playlist's
+entries, or look the name up again and get another answer. So the check is also where the
+connection is made: :meth:`UrlPolicy.connect` resolves a host once, checks every address it got,
+and connects to a checked one, with no second lookup. Every connection made for a track goes
+through it (:mod:`legato.audio.fetch` says how: yt-dlp's requests, the decoder's reads, each
+redirect hop and each playlist, manifest, segment and key), so nothing fetches around the guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
-import http.client
 import ipaddress
 import logging
 import re
 import socket
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Final, NoReturn, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 from legato.errors import ResolveError
 
 __all__ = [
     "METADATA_ADDRESSES",
     "NOT_ALLOWED",
+    "TOO_MANY_REDIRECTS",
     "TOO_SLOW",
     "UNKNOWN_HOST",
     "UNREACHABLE",
@@ -64,6 +61,17 @@ _log = logging.getLogger(__name__)
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+#: What ``socket.getaddrinfo`` answers: (family, type, proto, canonname, sockaddr) tuples.
+AddrInfo: TypeAlias = Sequence[tuple[Any, ...]]
+#: A name lookup: ``(host, port) -> getaddrinfo``'s answer. Raises ``OSError`` when it fails.
+Lookup: TypeAlias = Callable[[str, int], AddrInfo]
+
+
+def system_lookup(host: str, port: int) -> AddrInfo:
+    """The system resolver, for TCP."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+
+
 #: What a refused URL tells the user. The log detail says which rule refused it.
 NOT_ALLOWED: Final = "That address is not allowed."
 #: A host name that does not resolve.
@@ -72,6 +80,8 @@ UNKNOWN_HOST: Final = "I could not find that web address."
 UNREACHABLE: Final = "I could not reach that site."
 #: Following the redirects took longer than the timeout (the resolver's wording).
 TOO_SLOW: Final = "Looking that up took too long; try again later."
+#: A redirect loop, or a chain longer than ``max_redirects``.
+TOO_MANY_REDIRECTS: Final = "That link redirects too many times."
 
 #: Cloud instance-metadata endpoints (AWS/GCP/Azure/OpenStack, AWS IPv6, ECS task metadata,
 #: Alibaba): refused even when private addresses are allowed, as they hand out credentials.
@@ -173,8 +183,8 @@ def _loose_ipv4(host: str) -> ipaddress.IPv4Address | None:
 class _Target:
     scheme: str
     host: str  # normalised: lower case, ASCII (IDNA), no trailing dot; an IP in canonical form
-    port: int | None
     ip: IPAddress | None
+    port: int | None
 
 
 def _normalise_host(raw: str) -> tuple[str, IPAddress | None]:
@@ -203,6 +213,14 @@ def _normalise_host(raw: str) -> tuple[str, IPAddress | None]:
     return host, None
 
 
+def _normalise_checked(policy: UrlPolicy, raw: str, url: str) -> tuple[str, IPAddress | None]:
+    """:func:`_normalise_host`, a malformed host refused through ``policy``."""
+    try:
+        return _normalise_host(raw)
+    except ValueError as exc:
+        policy._refuse(url, f"host: {exc}")
+
+
 def _parse_exception(entry: str) -> tuple[str, int | None]:
     """``host`` / ``host:port`` / ``[v6]:port`` of ``allowed_hosts`` → (canonical host, port)."""
     parts = urllib.parse.urlsplit("//" + entry.strip())
@@ -225,8 +243,9 @@ class UrlPolicy:
         allow_local_files: Accept ``file://`` URLs (paths on the bot's machine).
         allowed_hosts: Exact exceptions, ``"host"`` (any port) or ``"host:port"``, which skip
             the address and domain rules, e.g. a media server on ``127.0.0.1:8000``.
-        max_redirects: Most redirects :meth:`follow_redirects` follows.
-        timeout: Seconds each request of :meth:`follow_redirects` may take.
+        max_redirects: Most redirects one request follows (:mod:`legato.audio.fetch`).
+        timeout: Seconds a connection may take to be made.
+        lookup: Resolves host names (``socket.getaddrinfo`` for TCP); tests give their own.
 
     Raises:
         ValueError: An ``allowed_domains`` or ``allowed_hosts`` entry is malformed.
@@ -239,6 +258,7 @@ class UrlPolicy:
     allowed_hosts: tuple[str, ...] = ()
     max_redirects: int = 5
     timeout: float = 10.0
+    lookup: Lookup = field(default=system_lookup, repr=False, compare=False)
     _domains: tuple[str, ...] | None = field(init=False, repr=False, compare=False)
     _exceptions: frozenset[tuple[str, int | None]] = field(init=False, repr=False, compare=False)
 
@@ -276,21 +296,43 @@ class UrlPolicy:
             ResolveError: The URL is refused, or its host does not resolve.
         """
         target = self._target(url)
-        if target.ip is not None or target.scheme == "file" or self._excepted(target):
+        if target.scheme == "file":
             return
-        port = target.port or _DEFAULT_PORTS.get(target.scheme, 0)
-        try:
-            answers = socket.getaddrinfo(target.host, port, proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise ResolveError(
-                f"{_short(url)}: host {target.host!r} does not resolve: {exc}",
-                user_message=UNKNOWN_HOST,
-            ) from exc
-        for *_, sockaddr in answers:
-            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-            problem = address_problem(ip, allow_private=self.allow_private)
-            if problem is not None:
-                self._refuse(url, f"{target.host} resolves to {ip}: {problem}")
+        self._addresses(target, url)
+
+    def connect(
+        self,
+        address: tuple[str, int],
+        timeout: float | None = None,
+        source_address: tuple[str, int] | None = None,
+    ) -> socket.socket:
+        """Connect to ``(host, port)`` the guarded way: one lookup, every address it gave
+        checked, and the socket connected to one of those addresses. Blocking.
+
+        It has the signature of ``socket.create_connection``, so that an
+        ``http.client.HTTPConnection`` can be given it as its ``_create_connection``.
+
+        Raises:
+            ResolveError: The host or one of its addresses is refused, or it does not resolve.
+            OSError: No checked address could be connected to.
+        """
+        host, port = address
+        shown = f"{host}:{port}"
+        target = self._check_host(_Target("", *_normalise_checked(self, host, shown), port), shown)
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in self._addresses(target, shown):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self.timeout if timeout is None else timeout)
+                if source_address is not None:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            return sock
+        raise error if error is not None else OSError(f"{host} has no address to connect to")
 
     async def check(
         self,
@@ -323,11 +365,12 @@ class UrlPolicy:
                 self._refuse(value, "explicit Host header")
 
     def check_info(self, info: Mapping[str, Any], *, trusted_page: bool = False) -> None:
-        """Check the URLs and headers in a yt-dlp answer (after its own redirects). Blocking.
+        """Check the URLs and headers in a yt-dlp answer (after its own redirects).
 
-        The page it ended at (``webpage_url``) and the media URL (``url``) with their DNS
-        answers; the formats it chose likewise; flat playlist entries by form only (each is
-        checked in full when it is about to play); and ``http_headers``.
+        By form only (:meth:`check_url`): what is refused here is refused at once, and
+        whatever is fetched later is checked again, address and all, as it connects. The page
+        it ended at (``webpage_url``), the media URL (``url``), the formats it chose, flat
+        playlist entries, and ``http_headers``.
 
         Args:
             info: yt-dlp's info dict.
@@ -341,7 +384,7 @@ class UrlPolicy:
             for key in ("webpage_url", "url"):
                 value = info.get(key)
                 if isinstance(value, str) and "://" in value:
-                    self.check_resolved(value)
+                    self.check_url(value)
             for fmt in info.get("requested_formats") or ():
                 if isinstance(fmt, Mapping):
                     self.check_info(fmt)
@@ -355,78 +398,6 @@ class UrlPolicy:
         headers = info.get("http_headers")
         if isinstance(headers, Mapping):
             self.check_headers({str(k): str(v) for k, v in headers.items()})
-
-    # -- redirects ----------------------------------------------------------------------------
-
-    def follow_redirects(
-        self,
-        url: str,
-        headers: Mapping[str, str] | None = None,
-        request_timeout: float | None = None,
-    ) -> str:
-        """Follow ``url``'s redirects, checking every hop, and return where they end. Blocking.
-
-        HEAD first; GET (closed before any body is read) when the server refuses HEAD. A final
-        answer that is an error (404...) ends the walk there: whoever fetches it reports that.
-
-        Args:
-            url: Where to start.
-            headers: Request headers (yt-dlp's ``http_headers``), checked first.
-            request_timeout: Seconds per request (default ``self.timeout``).
-
-        Raises:
-            ResolveError: A hop is refused, there are more than ``max_redirects``, or the host
-                cannot be reached in time.
-        """
-        self.check_resolved(url)
-        sent = dict(headers or {})
-        self.check_headers(sent)
-        final = url
-        for method in ("HEAD", "GET"):
-            opener = urllib.request.build_opener(_CheckingRedirects(self))
-            request = urllib.request.Request(url, headers=sent, method=method)
-            try:
-                with opener.open(request, timeout=request_timeout or self.timeout) as response:
-                    final = str(response.geturl())
-                break
-            except urllib.error.HTTPError as exc:
-                exc.close()
-                if 300 <= exc.code < 400:
-                    # urllib's own refusal (a redirect to ftp:, file:...) or a 3xx with no
-                    # Location: never hand such a chain to FFmpeg.
-                    self._refuse(str(exc.filename or url), f"redirect refused: {exc.reason}")
-                if method == "HEAD" and exc.code in (403, 405, 501):
-                    continue  # some servers refuse HEAD only
-                final = str(exc.filename or url)
-                break
-            except urllib.error.URLError as exc:
-                slow = isinstance(exc.reason, TimeoutError)
-                raise ResolveError(
-                    f"{_short(url)}: following redirects failed: {exc.reason}",
-                    user_message=TOO_SLOW if slow else UNREACHABLE,
-                ) from exc
-            except (TimeoutError, OSError) as exc:
-                slow = isinstance(exc, TimeoutError)
-                raise ResolveError(
-                    f"{_short(url)}: following redirects failed: {exc}",
-                    user_message=TOO_SLOW if slow else UNREACHABLE,
-                ) from exc
-        if final != url:
-            _log.debug("%s redirects to %s", _short(url), _short(final))
-        return final
-
-    async def follow(
-        self,
-        url: str,
-        headers: Mapping[str, str] | None = None,
-        executor: concurrent.futures.Executor | None = None,
-        request_timeout: float | None = None,
-    ) -> str:
-        """:meth:`follow_redirects` in ``executor``, off the event loop."""
-        self.check_url(url)
-        loop = asyncio.get_running_loop()
-        call = functools.partial(self.follow_redirects, url, headers, request_timeout)
-        return await loop.run_in_executor(executor, call)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -452,13 +423,14 @@ class UrlPolicy:
             return _Target(scheme, "", None, None)
         if "@" in parts.netloc:
             self._refuse(url, "user name or password in the URL")
-        try:
-            host, ip = _normalise_host(parts.hostname or "")
-        except ValueError as exc:
-            self._refuse(url, f"host: {exc}")
-        target = _Target(scheme, host, port, ip)
+        host, ip = _normalise_checked(self, parts.hostname or "", url)
+        return self._check_host(_Target(scheme, host, ip, port), url)
+
+    def _check_host(self, target: _Target, url: str) -> _Target:
+        """The host rules (addresses by their literal, loopback names, domains)."""
         if self._excepted(target):
             return target
+        host, ip = target.host, target.ip
         if ip is not None:
             problem = address_problem(ip, allow_private=self.allow_private)
             if problem is not None:
@@ -476,6 +448,34 @@ class UrlPolicy:
                 self._refuse(url, f"{host} is not in the allowed domains")
         return target
 
+    def _addresses(self, target: _Target, url: str) -> AddrInfo:
+        """Look ``target`` up once and check every address; the answer, for connecting."""
+        port = target.port or _DEFAULT_PORTS.get(target.scheme, 0)
+        if target.ip is not None:
+            family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
+            sockaddr: tuple[Any, ...] = (str(target.ip), port)
+            if family == socket.AF_INET6:
+                sockaddr = (str(target.ip), port, 0, 0)
+            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]
+        try:
+            answers = self.lookup(target.host, port)
+        except (OSError, UnicodeError) as exc:
+            raise ResolveError(
+                f"{_short(url)}: host {target.host!r} does not resolve: {exc}",
+                user_message=UNKNOWN_HOST,
+            ) from exc
+        if not answers:
+            raise ResolveError(
+                f"{_short(url)}: host {target.host!r} has no address", user_message=UNKNOWN_HOST
+            )
+        if not self._excepted(target):
+            for *_, sockaddr in answers:
+                ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+                problem = address_problem(ip, allow_private=self.allow_private)
+                if problem is not None:
+                    self._refuse(url, f"{target.host} resolves to {ip}: {problem}")
+        return answers
+
     def _excepted(self, target: _Target) -> bool:
         if not self._exceptions:
             return False
@@ -488,33 +488,6 @@ class UrlPolicy:
         why = " ".join(why.split())  # library messages carry line breaks
         _log.info("refused %s: %s", _short(url), why)
         raise ResolveError(f"refused {_short(url)}: {why}", user_message=NOT_ALLOWED)
-
-
-class _CheckingRedirects(urllib.request.HTTPRedirectHandler):
-    """Check each hop with the policy; keep HEAD a HEAD; count hops against the limit."""
-
-    def __init__(self, policy: UrlPolicy) -> None:
-        super().__init__()
-        self.policy = policy
-        self.hops = 0
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        self.hops += 1
-        if self.hops > self.policy.max_redirects:
-            self.policy._refuse(req.full_url, f"more than {self.policy.max_redirects} redirects")
-        self.policy.check_resolved(newurl)
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and req.get_method() == "HEAD":
-            new.method = "HEAD"
-        return new
 
 
 def _authority(url: str) -> str:

@@ -8,15 +8,23 @@ per stream". The transcode cases run with Legato's default encoder (128 kbit/s, 
 no FEC) and with the peer's (discord.py's ``opus.Encoder``: 131072 bit/s, in-band FEC, 15 %
 expected loss, complexity 10).
 
+A second table reads the passthrough and MP3 cases over HTTP from a server on loopback, through
+the URL guard's reader (``legato.audio.fetch``: every byte FFmpeg reads comes through Python),
+beside the same case read from the file: the guard's cost per stream.
+
     python bench/bench_audio.py [--quick] [--media-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +34,7 @@ from legato.audio.decode import open_source  # noqa: E402
 from legato.audio.encode import OpusSettings  # noqa: E402
 from legato.audio.resolve import StreamInfo  # noqa: E402
 from legato.audio.source import FRAME_MS  # noqa: E402
+from legato.audio.urlguard import UrlPolicy  # noqa: E402
 from tests.media import write_tone  # noqa: E402
 
 MEDIA_DIR = Path.home() / ".cache" / "legato-bench"
@@ -92,11 +101,20 @@ def media(directory: Path) -> dict[str, Path]:
     return paths
 
 
-def measure(path: Path, case: Case, window_frames: int, warmup_frames: int) -> dict[str, float]:
-    """CPU over ``window_frames`` frames after ``warmup_frames``; the open is not counted."""
-    source = open_source(
-        StreamInfo(url=str(path), is_local=True), opus=case.settings, volume=case.volume
-    )
+def measure(
+    path: Path | str, case: Case, window_frames: int, warmup_frames: int
+) -> dict[str, float]:
+    """CPU over ``window_frames`` frames after ``warmup_frames``; the open is not counted.
+
+    ``path`` is a file, or an ``http://`` URL read through the URL guard (allowing only its
+    host and port, as a configured media server would be).
+    """
+    if isinstance(path, str):
+        host = path.split("/")[2]
+        info = StreamInfo(url=path, url_policy=UrlPolicy(allowed_hosts=(host,)))
+    else:
+        info = StreamInfo(url=str(path), is_local=True)
+    source = open_source(info, opus=case.settings, volume=case.volume)
     try:
         done = 0
         while done < warmup_frames:
@@ -146,6 +164,67 @@ def run(quick: bool, media_dir: Path = MEDIA_DIR) -> str:
             f"{best['cpu_pct']:.3f} | {100 / best['cpu_pct']:.0f} | {best['bytes']:.0f} | "
             f"{'yes' if best['passthrough'] else 'no'} |"
         )
+    return "\n".join(lines) + "\n\n" + run_guarded(quick, media_dir)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        del format, args
+
+    def copyfile(self, source: object, outputfile: object) -> None:
+        # A source is closed after its window: the client hangs up mid-file.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            super().copyfile(source, outputfile)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """``directory`` over HTTP on 127.0.0.1 (with ``Content-Length``); its base URL."""
+
+    def handler(*args: object, **kwargs: object) -> _Quiet:
+        return _Quiet(*args, directory=str(directory), **kwargs)  # type: ignore[arg-type]
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+GUARDED_CASES = ("passthrough", "mp3.defaults")
+
+
+def run_guarded(quick: bool, media_dir: Path = MEDIA_DIR) -> str:
+    """The passthrough and MP3 cases from a file and over HTTP through the guarded reader,
+    alternated, best of each; fills ``ours.guarded.*`` beside ``ours.*``."""
+    paths = media(media_dir)
+    warmup = 50
+    window = 1000 if quick else 2900
+    repeat = 3 if quick else 5
+    lines = [
+        f"### The URL guard's reader: CPU per stream over HTTP on loopback, best of {repeat}",
+        "",
+        "| case | from the file, cpu %/stream | guarded HTTP, cpu %/stream | ratio |",
+        "|---|---|---|---|",
+    ]
+    cases = {case.key: case for case in CASES}
+    with serving(media_dir) as base:
+        for key in GUARDED_CASES:
+            case = cases[key]
+            url = f"{base}/{paths[case.ext].name}"
+            local, guarded = [], []
+            for _ in range(repeat):
+                local.append(measure(paths[case.ext], case, window, warmup)["cpu_pct"])
+                guarded.append(measure(url, case, window, warmup)["cpu_pct"])
+            FIGURES[f"ours.guarded.{key}.file_cpu"] = min(local)
+            FIGURES[f"ours.guarded.{key}.cpu"] = min(guarded)
+            lines.append(
+                f"| {case.label} | {min(local):.3f} | {min(guarded):.3f} | "
+                f"{min(guarded) / min(local):.3f} |"
+            )
     return "\n".join(lines)
 
 
