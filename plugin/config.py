@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, cast
 
-from legato.audio.urlguard import canonical_hosts
+from legato.audio.urlguard import HostEntryError, canonical_hosts
 from legato.errors import ConfigError
 
 __all__ = [
@@ -66,11 +66,17 @@ _TOKEN_HINT: Final = (
 
 
 class _Bad(Exception):
-    """Raised by a converter: ``expected`` says what a good value looks like."""
+    """Raised by a converter: ``expected`` says what a good value looks like; ``hint``, when
+    given, which part of the value is wrong and how to fix it."""
 
-    def __init__(self, expected: str) -> None:
+    def __init__(self, expected: str, hint: str = "") -> None:
         super().__init__(expected)
         self.expected = expected
+        self.hint = hint
+
+    def explain(self) -> str:
+        """``expected ...`` and the hint, for the end of an error message."""
+        return f"expected {self.expected}" + (f"; {self.hint}" if self.hint else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,15 +250,18 @@ def _domains() -> _Conv:
 
 
 def _hosts() -> _Conv:
-    expected = 'a list of "host" or "host:port" entries such as ["127.0.0.1:8000", "media.lan"]'
+    expected = (
+        'a list of "host", "host:port", "[v6]" or "[v6]:port" entries (port 1 to 65535; no '
+        'scheme, path or user name) such as ["127.0.0.1:8000", "media.lan"]'
+    )
 
     def check(items: list[object]) -> tuple[str, ...]:
         if not all(isinstance(x, str) for x in items):
             raise _Bad(expected)
         try:
             return canonical_hosts(cast(list[str], items))
-        except ValueError:
-            raise _Bad(expected) from None
+        except HostEntryError as exc:
+            raise _Bad(expected, f"entry {exc.entry!r} {exc.why}") from None
 
     def from_toml(v: object) -> tuple[str, ...]:
         if not isinstance(v, list):
@@ -385,7 +394,10 @@ class PlaybackConfig:
         "fetch from loopback, private and link-local addresses (never cloud metadata ones)",
     )
     allowed_hosts: tuple[str, ...] = _key(
-        (), _hosts(), 'exact "host" or "host:port" exceptions to the address and domain rules'
+        (),
+        _hosts(),
+        'exact "host", "host:port", "[v6]" or "[v6]:port" exceptions to the address and domain'
+        " rules",
     )
     search_provider: str = _key(
         "youtube", _provider(), "what a non-URL query searches; a URL template with {query} works"
@@ -623,7 +635,7 @@ def _read_section(name: str, table: dict[str, object], where: str) -> dict[str, 
             out[key] = conv.from_toml(value)
         except _Bad as bad:
             raise ConfigError(
-                f"{where}: {dotted} = {_show(value)} is invalid: expected {bad.expected}"
+                f"{where}: {dotted} = {_show(value)} is invalid: {bad.explain()}"
             ) from None
     return out
 
@@ -651,7 +663,7 @@ def _apply_env(sections: dict[str, dict[str, object]], env: Mapping[str, str]) -
         except _Bad as bad:
             raise ConfigError(
                 f"environment variable {var} = {_show(value)} ({section}.{key}) is invalid: "
-                f"expected {bad.expected}"
+                f"{bad.explain()}"
             ) from None
 
 

@@ -18,6 +18,7 @@ from legato.config import (
     VoiceConfig,
     config_path,
     load_config,
+    parse_config,
 )
 from legato.errors import ConfigError
 
@@ -198,6 +199,8 @@ def test_config_is_frozen() -> None:
         cfg.playback.max_volume = 5  # type: ignore[misc]  # the point: assignment is refused
 
 
+HOSTS_EXPECTED = 'a list of "host", "host:port", "[v6]" or "[v6]:port" entries'
+
 # (section, key, bad TOML value, words the expectation must contain)
 BAD: list[tuple[str, str, str, str]] = [
     ("voice", "transport", '"tcp"', "'webrtc', 'udp', 'auto'"),
@@ -224,9 +227,9 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "allowed_domains", '["10.0.0.1"]', "a list of bare domain names"),
     ("playback", "allow_local_files", "0", "true or false"),
     ("playback", "allow_private_addresses", '"yes"', "true or false"),
-    ("playback", "allowed_hosts", '"127.0.0.1:8000"', 'a list of "host" or "host:port"'),
-    ("playback", "allowed_hosts", '["a@b:1"]', 'a list of "host" or "host:port"'),
-    ("playback", "allowed_hosts", '["host:port"]', 'a list of "host" or "host:port"'),
+    ("playback", "allowed_hosts", '"127.0.0.1:8000"', HOSTS_EXPECTED),
+    ("playback", "allowed_hosts", '["a@b:1"]', HOSTS_EXPECTED),
+    ("playback", "allowed_hosts", '["host:port"]', HOSTS_EXPECTED),
     ("storage", "enabled", "1", "true or false"),
     ("storage", "path", '""', "a file path"),
     ("storage", "save_interval", "0.1", "a number from 0.2 to 60"),
@@ -309,6 +312,71 @@ def test_bad_value_is_shown(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'legato.toml'}: playback.max_volume = 5000 is invalid: "
         "expected an integer from 1 to 200 (percent)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("http://127.0.0.1:8000/", 'is a URL; did you mean "127.0.0.1:8000"?'),
+        ("https://media.lan", 'is a URL; did you mean "media.lan:443"?'),
+        ("http://[::1]:9000/a.mp3", 'is a URL; did you mean "[::1]:9000"?'),
+        ("//127.0.0.1:8000", 'is a URL; did you mean "127.0.0.1:8000"?'),
+        ("127.0.0.1:8000/", 'has a path or query; did you mean "127.0.0.1:8000"?'),
+        ("media.lan?x=1", 'has a path or query; did you mean "media.lan"?'),
+        ("user@media.lan:80", 'has a user name; did you mean "media.lan:80"?'),
+        ("127.0.0.1:0", "has port 0, not from 1 to 65535"),
+        ("127.0.0.1:65536", "has port 65536, not from 1 to 65535"),
+        ("media.lan:", "is malformed"),
+        ("media.lan:http", "is malformed"),
+        ("::1", 'needs brackets around an IPv6 address; did you mean "[::1]"?'),
+        ("[127.0.0.1]", "is not an IPv6 address"),
+        ("[::1", "is malformed"),
+        ("my_nas", "is not a valid host name"),
+        ("media lan", "is not a valid host name"),
+        ("", "is empty"),
+    ],
+)
+def test_allowed_hosts_entry_is_host_or_host_port(tmp_path: Path, entry: str, why: str) -> None:
+    message = error_of(tmp_path, f"[playback]\nallowed_hosts = ['{entry}']\n")
+    assert message.startswith(
+        f"{tmp_path / 'legato.toml'}: playback.allowed_hosts = ['{entry}'] is invalid: "
+        f"expected {HOSTS_EXPECTED}"
+    )
+    assert f"entry '{entry}' " in message
+    assert why in message
+
+
+def test_allowed_hosts_url_message_in_full(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[playback]\nallowed_hosts = ["http://127.0.0.1:8000/"]\n')
+    assert message == (
+        f"{tmp_path / 'legato.toml'}: playback.allowed_hosts = ['http://127.0.0.1:8000/'] is "
+        'invalid: expected a list of "host", "host:port", "[v6]" or "[v6]:port" entries (port 1 '
+        'to 65535; no scheme, path or user name) such as ["127.0.0.1:8000", "media.lan"]; '
+        "entry 'http://127.0.0.1:8000/' is a URL; did you mean \"127.0.0.1:8000\"?"
+    )
+
+
+def test_allowed_hosts_bad_env_entry_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({}, source=None, env={"LEGATO_PLAYBACK_ALLOWED_HOSTS": "http://h.lan:81/"})
+    message = str(info.value)
+    assert message.startswith("environment variable LEGATO_PLAYBACK_ALLOWED_HOSTS = ")
+    assert 'did you mean "h.lan:81"?' in message
+
+
+def test_allowed_hosts_good_entries_in_canonical_form(tmp_path: Path) -> None:
+    entries = (
+        '["[::1]", "[::1]:9000", "Bücher.example:8080", "media.lan.", "127.0.0.1:65535", "h:1"]'
+    )
+    cfg = load_config(write(tmp_path, f"[playback]\nallowed_hosts = {entries}\n"), env={})
+    assert cfg.playback.allowed_hosts == (
+        "[::1]",
+        "[::1]:9000",
+        "xn--bcher-kva.example:8080",
+        "media.lan",
+        "127.0.0.1:65535",
+        "h:1",
     )
 
 
