@@ -581,7 +581,8 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"{file}: cannot be read: {exc.strerror or exc}") from exc
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig drops a leading byte order mark, which Windows editors write.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{file}: is not UTF-8 text (byte {exc.start})") from exc
     try:

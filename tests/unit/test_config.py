@@ -442,6 +442,20 @@ def test_not_utf8(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    # Windows editors (Notepad, PowerShell's Out-File) start UTF-8 files with a byte order mark.
+    path = tmp_path / "legato.toml"
+    path.write_bytes(b"\xef\xbb\xbf[voice]\ntransport = 'udp'\n")
+    assert load_config(path, env={}).voice.transport == "udp"
+
+
+def test_bom_elsewhere_is_still_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "legato.toml"
+    path.write_bytes(b"[voice]\n\xef\xbb\xbftransport = 'udp'\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(path, env={})
+
+
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(tmp_path, env={})
