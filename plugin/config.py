@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -573,7 +574,7 @@ def load_config(
     environ: Mapping[str, str] = os.environ if env is None else env
     file = config_path(path, env=environ)
     try:
-        raw = file.read_bytes()
+        raw = _read_regular_file(file)
     except FileNotFoundError:
         if path is not None or environ.get(ENV_CONFIG):
             _log.warning("configuration file %s does not exist; using defaults", file)
@@ -590,6 +591,42 @@ def load_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: is not valid TOML: {exc}") from exc
     return parse_config(data, source=str(file), env=environ)
+
+
+_NOT_REGULAR: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_unless_regular(file: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "an unusual kind of file")
+    raise ConfigError(f"{file}: cannot be read: it is {kind}, not a regular file")
+
+
+def _read_regular_file(file: Path) -> bytes:
+    """The bytes of ``file``, refusing anything but a regular file before reading it.
+
+    A FIFO would block the open (and the bot's start) until some writer came; a device could
+    be endless. The mode is checked before opening, and again on the open descriptor (opened
+    non-blocking, so a FIFO swapped in between cannot block either).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ConfigError: It is not a regular file.
+        OSError: It cannot be read.
+    """
+    _refuse_unless_regular(file, os.stat(file).st_mode)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(file, flags)
+    with os.fdopen(fd, "rb") as handle:
+        _refuse_unless_regular(file, os.fstat(handle.fileno()).st_mode)
+        return handle.read()
 
 
 def parse_config(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -457,8 +459,33 @@ def test_bom_elsewhere_is_still_an_error(tmp_path: Path) -> None:
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError) as info:
         load_config(tmp_path, env={})
+    assert str(info.value) == f"{tmp_path}: cannot be read: it is a directory, not a regular file"
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "legato.toml"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config(fifo, env={}))
+        except ConfigError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # only a guard: a refusal returns at once
+    if reader.is_alive():
+        # Opening the write end and closing it gives the blocked reader an end of file.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+        pytest.fail("load_config blocked opening a FIFO")
+    (result,) = outcome
+    assert isinstance(result, ConfigError)
+    assert str(result) == (f"{fifo}: cannot be read: it is a FIFO (named pipe), not a regular file")
 
 
 def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
