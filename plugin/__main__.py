@@ -1,7 +1,8 @@
 """``python -m legato run``: a ready-made bot with the Music extension, for owners without one.
 
-Reads the configuration like the extension does (``--config``, ``$LEGATO_CONFIG``,
-``legato.toml``) and the token from ``DISCORD_TOKEN`` only.
+Reads the configuration like the extension does (``--config``, else ``$LEGATO_CONFIG``, else
+``legato.toml``; a file named by the first two must exist) and the token from ``DISCORD_TOKEN``
+only.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Where the file is: an explicit path (``load_config(path)``, ``bot.legato_config_path`` or
 :func:`legato.configure`), else ``$LEGATO_CONFIG``, else ``legato.toml`` in the working directory.
-A missing file means defaults.
+A path so named must exist; only the implicit ``legato.toml`` may be absent, which means
+defaults.
 
 Every key may be overridden by ``LEGATO_<SECTION>_<KEY>`` (``LEGATO_PLAYBACK_MAX_VOLUME=150``),
 parsed to the key's type. Every bad value raises :class:`~legato.errors.ConfigError` naming the
@@ -565,19 +566,25 @@ def load_config(
         env: The environment (default ``os.environ``).
 
     Returns:
-        The configuration; defaults (plus overrides) when the file does not exist.
+        The configuration; defaults (plus overrides) when no path is named (neither ``path``
+        nor ``$LEGATO_CONFIG``) and ``legato.toml`` does not exist.
 
     Raises:
-        ConfigError: The file cannot be read or parsed, a key is unknown, a value is bad, or
-            an override variable is.
+        ConfigError: A named file does not exist; the file is not a regular file, cannot be
+            read or parsed; a key is unknown, a value is bad, or an override variable is.
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     file = config_path(path, env=environ)
     try:
         raw = _read_regular_file(file)
     except FileNotFoundError:
-        if path is not None or environ.get(ENV_CONFIG):
-            _log.warning("configuration file %s does not exist; using defaults", file)
+        if path is not None and str(path) != "":
+            raise ConfigError(f"{file}: no such configuration file") from None
+        if environ.get(ENV_CONFIG):
+            raise ConfigError(
+                f"{file}: no such configuration file (named by ${ENV_CONFIG} or legato.configure())"
+            ) from None
+        # Only the implicit ./legato.toml may be absent: a path someone named is a mistake.
         return parse_config({}, source=None, env=environ)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot be read: {exc.strerror or exc}") from exc

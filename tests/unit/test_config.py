@@ -6,10 +6,13 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import legato
+from legato import resolve_config
 from legato.config import (
     BotConfig,
     Config,
@@ -49,8 +52,39 @@ def test_missing_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cfg.permissions.dj_role == ""
 
 
-def test_explicit_missing_file_means_defaults(tmp_path: Path) -> None:
-    assert load_config(tmp_path / "nope.toml", env={}).playback == PlaybackConfig()
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing, env={})
+    assert str(info.value) == f"{missing}: no such configuration file"
+
+
+def test_env_named_missing_file_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.toml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"LEGATO_CONFIG": str(missing)})
+    assert str(info.value) == (
+        f"{missing}: no such configuration file (named by $LEGATO_CONFIG or legato.configure())"
+    )
+
+
+def test_bot_config_path_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        resolve_config(SimpleNamespace(legato_config_path=str(missing)))
+
+
+def test_configured_path_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEGATO_CONFIG", raising=False)  # monkeypatch restores it afterwards
+    monkeypatch.chdir(tmp_path)
+    legato.configure(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        resolve_config(SimpleNamespace())
+    legato.configure(None)
+    assert resolve_config(SimpleNamespace()).source is None  # ./legato.toml may be absent
 
 
 def test_path_order_explicit_then_env_then_default(tmp_path: Path) -> None:
@@ -579,7 +613,7 @@ def test_env_overrides(
 )
 def test_bad_env_value_names_the_variable(var: str, value: str, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent/legato.toml", env={var: value})
+        parse_config({}, source=None, env={var: value})
     message = str(info.value)
     assert message.startswith(f"environment variable {var} = '{value}' ({key}) is invalid")
     assert expected in message
@@ -587,19 +621,19 @@ def test_bad_env_value_names_the_variable(var: str, value: str, key: str, expect
 
 def test_unknown_env_key_suggests_the_variable() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent/legato.toml", env={"LEGATO_PLAYBACK_MAX_VOLUM": "3"})
+        parse_config({}, source=None, env={"LEGATO_PLAYBACK_MAX_VOLUM": "3"})
     assert "LEGATO_PLAYBACK_MAX_VOLUM" in str(info.value)
     assert "did you mean LEGATO_PLAYBACK_MAX_VOLUME?" in str(info.value)
 
 
 def test_unrelated_legato_variables_are_ignored() -> None:
-    cfg = load_config("/nonexistent/legato.toml", env={"LEGATO_BENCH_SECONDS": "3"})
+    cfg = parse_config({}, source=None, env={"LEGATO_BENCH_SECONDS": "3"})
     assert cfg == Config()
 
 
 def test_token_override_variable_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent/legato.toml", env={"LEGATO_BOT_TOKEN": "MTIz.secret"})
+        parse_config({}, source=None, env={"LEGATO_BOT_TOKEN": "MTIz.secret"})
     assert "DISCORD_TOKEN" in str(info.value)
     assert "secret" not in str(info.value)
 

@@ -46,6 +46,15 @@ def test_bad_config_exits_2_with_its_message(
     assert "not-a-real-token" not in err
 
 
+def test_missing_config_named_by_option_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.toml"
+    monkeypatch.setenv("DISCORD_TOKEN", "MTIz.not-a-real-token.abc")
+    assert main(["run", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"legato: {missing}: no such configuration file\n"
+
+
 def test_module_entry_point() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     done = subprocess.run(
