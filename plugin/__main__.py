@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import discord
+import yarl
 from discord.ext import commands
 
-from legato.config import ENV_TOKEN, Config, load_config
+from legato.config import ENV_TOKEN, BotConfig, Config, load_config
 from legato.errors import ConfigError
 from legato.log import RedactToken
 
-__all__ = ["NO_TOKEN_MESSAGE", "LegatoBot", "main"]
+__all__ = ["NO_TOKEN_MESSAGE", "LegatoBot", "main", "point_discord_py_at"]
 
 _log = logging.getLogger("legato")
 
@@ -108,11 +109,26 @@ class LegatoBot(commands.Bot):
             _log.debug("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
 
 
+def point_discord_py_at(bot: BotConfig) -> None:
+    """Point discord.py, process-wide, at the server ``[bot] api_base`` and ``gateway_url`` name.
+
+    discord.py reads both from class attributes (``Route.BASE``, ``DEFAULT_GATEWAY``); an empty
+    value leaves Discord's in place.
+    """
+    if bot.api_base:
+        discord.http.Route.BASE = bot.api_base
+        _log.info("Discord's REST API: %s", bot.api_base)
+    if bot.gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(bot.gateway_url)
+        _log.info("Discord's gateway: %s", bot.gateway_url)
+
+
 async def _run(config: Config, token: str) -> int:
     discord.utils.setup_logging(level=getattr(logging, config.bot.log_level), root=True)
     redact = RedactToken(token)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
+    point_discord_py_at(config.bot)
     bot = LegatoBot(config)
     try:
         async with bot:

@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -336,6 +337,34 @@ def _provider() -> _Conv:
     return _Conv(from_toml, from_toml)
 
 
+def _base_url(schemes: tuple[str, ...], expected: str, *, strip_slash: bool) -> _Conv:
+    """``""``, or an absolute URL with one of ``schemes``, a host, and no query, fragment or
+    user name; ``strip_slash`` drops a trailing ``/`` (for a base that paths are appended to)."""
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str):
+            raise _Bad(expected)
+        if v == "":
+            return v
+        try:
+            parts = urllib.parse.urlsplit(v)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            raise _Bad(expected) from None
+        if (
+            parts.scheme not in schemes
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or "@" in parts.netloc
+            or re.search(r"[\s\\]", v)
+        ):
+            raise _Bad(expected)
+        return v.rstrip("/") if strip_slash else v
+
+    return _Conv(from_toml, from_toml)
+
+
 def _port() -> _Conv:
     return _integer(0, 65535, "0 picks a free port")
 
@@ -513,6 +542,25 @@ class BotConfig:
     sync_commands: bool = _key(True, _boolean(), "sync the slash commands on start")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _key(
         "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "logging level"
+    )
+    api_base: str = _key(
+        "",
+        _base_url(
+            ("http", "https"),
+            "an http(s) URL of a Discord-compatible REST API such as "
+            '"http://127.0.0.1:3001/api/v9" (no query), or "" for Discord\'s',
+            strip_slash=True,
+        ),
+        'REST API of a Discord-compatible server (Spacebar, the sandbox); "" is Discord\'s',
+    )
+    gateway_url: str = _key(
+        "",
+        _base_url(
+            ("ws", "wss"),
+            'a ws:// or wss:// URL such as "ws://127.0.0.1:3001/" (no query), or "" for Discord\'s',
+            strip_slash=False,
+        ),
+        'gateway WebSocket of a Discord-compatible server; "" is Discord\'s',
     )
 
 

@@ -164,6 +164,8 @@ save_interval = 1.5
 [bot]
 sync_commands = false
 log_level = "DEBUG"
+api_base = "http://127.0.0.1:3001/api/v9/"
+gateway_url = "ws://127.0.0.1:3002/"
 """
 
 
@@ -214,7 +216,12 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         demo_seconds=3.0,
     )
     assert cfg.storage == StorageConfig(enabled=True, path="state/guilds.db", save_interval=1.5)
-    assert cfg.bot == BotConfig(sync_commands=False, log_level="DEBUG")
+    assert cfg.bot == BotConfig(
+        sync_commands=False,
+        log_level="DEBUG",
+        api_base="http://127.0.0.1:3001/api/v9",
+        gateway_url="ws://127.0.0.1:3002/",
+    )
 
 
 def test_example_file_has_every_key_and_loads() -> None:
@@ -315,6 +322,14 @@ BAD: list[tuple[str, str, str, str]] = [
     ("sandbox", "demo_seconds", "0", "a number from 1 to 3600"),
     ("bot", "sync_commands", '"true"', "true or false"),
     ("bot", "log_level", '"debug"', "'DEBUG', 'INFO', 'WARNING', 'ERROR'"),
+    ("bot", "api_base", '"discord.com/api/v10"', "an http(s) URL of a Discord-compatible"),
+    ("bot", "api_base", '"ws://127.0.0.1:3001/api"', "an http(s) URL of a Discord-compatible"),
+    ("bot", "api_base", '"http://127.0.0.1:3001/api?v=9"', "an http(s) URL"),
+    ("bot", "api_base", '"http://u:p@127.0.0.1/api"', "an http(s) URL"),
+    ("bot", "api_base", '"http://127.0.0.1:port/api"', "an http(s) URL"),
+    ("bot", "gateway_url", '"http://127.0.0.1:3001/"', "a ws:// or wss:// URL"),
+    ("bot", "gateway_url", '"wss://"', "a ws:// or wss:// URL"),
+    ("bot", "gateway_url", "1", "a ws:// or wss:// URL"),
 ]
 
 
@@ -426,7 +441,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
 def test_unknown_key_without_close_match_lists_known(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[bot]\nzzzzzz = 1\n")
     assert "unknown key 'bot.zzzzzz'" in message
-    assert "known: log_level, sync_commands" in message
+    assert "known: api_base, gateway_url, log_level, sync_commands" in message
 
 
 def test_unknown_section_suggests(tmp_path: Path) -> None:
@@ -584,6 +599,14 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
         ("LEGATO_SANDBOX_HOST", "localhost", "sandbox", "host", "localhost"),
         ("LEGATO_SANDBOX_DEMO_LISTENERS", "x,y", "sandbox", "demo_listeners", ("x", "y")),
         ("LEGATO_BOT_LOG_LEVEL", "WARNING", "bot", "log_level", "WARNING"),
+        (
+            "LEGATO_BOT_API_BASE",
+            "http://127.0.0.1:3001/api/v9/",
+            "bot",
+            "api_base",
+            "http://127.0.0.1:3001/api/v9",
+        ),
+        ("LEGATO_BOT_GATEWAY_URL", "wss://gw.example/", "bot", "gateway_url", "wss://gw.example/"),
     ],
 )
 def test_env_overrides(
