@@ -562,6 +562,20 @@ class BotConfig:
         ),
         'gateway WebSocket of a Discord-compatible server; "" is Discord\'s',
     )
+    connect_attempts: int = _key(
+        5,
+        _integer(1, 100),
+        "tries to reach Discord at start while the cause may pass (refused, reset, timed out,"
+        " temporary DNS failure); a lasting one (bad token, unknown host) stops at once",
+    )
+    connect_backoff: float = _key(
+        1.0,
+        _number(0.01, 60, "seconds"),
+        "wait after the first failed try; each further wait doubles",
+    )
+    connect_backoff_max: float = _key(
+        30.0, _number(0.01, 600, "seconds"), "longest wait between two tries"
+    )
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {

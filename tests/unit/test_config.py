@@ -166,6 +166,9 @@ sync_commands = false
 log_level = "DEBUG"
 api_base = "http://127.0.0.1:3001/api/v9/"
 gateway_url = "ws://127.0.0.1:3002/"
+connect_attempts = 2
+connect_backoff = 0.5
+connect_backoff_max = 4
 """
 
 
@@ -221,6 +224,9 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         log_level="DEBUG",
         api_base="http://127.0.0.1:3001/api/v9",
         gateway_url="ws://127.0.0.1:3002/",
+        connect_attempts=2,
+        connect_backoff=0.5,
+        connect_backoff_max=4.0,
     )
 
 
@@ -330,6 +336,11 @@ BAD: list[tuple[str, str, str, str]] = [
     ("bot", "gateway_url", '"http://127.0.0.1:3001/"', "a ws:// or wss:// URL"),
     ("bot", "gateway_url", '"wss://"', "a ws:// or wss:// URL"),
     ("bot", "gateway_url", "1", "a ws:// or wss:// URL"),
+    ("bot", "connect_attempts", "0", "an integer from 1 to 100"),
+    ("bot", "connect_attempts", "2.5", "an integer from 1 to 100"),
+    ("bot", "connect_backoff", "0", "a number from 0.01 to 60 seconds"),
+    ("bot", "connect_backoff", '"1s"', "a number from 0.01 to 60 seconds"),
+    ("bot", "connect_backoff_max", "601", "a number from 0.01 to 600 seconds"),
 ]
 
 
@@ -441,7 +452,10 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
 def test_unknown_key_without_close_match_lists_known(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[bot]\nzzzzzz = 1\n")
     assert "unknown key 'bot.zzzzzz'" in message
-    assert "known: api_base, gateway_url, log_level, sync_commands" in message
+    assert (
+        "known: api_base, connect_attempts, connect_backoff, connect_backoff_max, gateway_url"
+        in message
+    )
 
 
 def test_unknown_section_suggests(tmp_path: Path) -> None:
@@ -607,6 +621,8 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
             "http://127.0.0.1:3001/api/v9",
         ),
         ("LEGATO_BOT_GATEWAY_URL", "wss://gw.example/", "bot", "gateway_url", "wss://gw.example/"),
+        ("LEGATO_BOT_CONNECT_ATTEMPTS", "1", "bot", "connect_attempts", 1),
+        ("LEGATO_BOT_CONNECT_BACKOFF", "0.01", "bot", "connect_backoff", 0.01),
     ],
 )
 def test_env_overrides(
