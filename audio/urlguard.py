@@ -52,6 +52,7 @@ __all__ = [
     "TOO_SLOW",
     "UNKNOWN_HOST",
     "UNREACHABLE",
+    "HostEntryError",
     "UrlPolicy",
     "address_problem",
     "canonical_hosts",
@@ -221,13 +222,106 @@ def _normalise_checked(policy: UrlPolicy, raw: str, url: str) -> tuple[str, IPAd
         policy._refuse(url, f"host: {exc}")
 
 
+class HostEntryError(ValueError):
+    """An ``allowed_hosts`` entry that is not ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
+
+    Attributes:
+        entry: The entry as given.
+        why: What is wrong with it, worded to follow the entry ("is a URL; did you mean
+            "127.0.0.1:8000"?").
+    """
+
+    def __init__(self, entry: str, why: str) -> None:
+        super().__init__(
+            f"allowed_hosts entry {entry!r} {why}; expected host or host:port ([v6] or [v6]:port)"
+        )
+        self.entry = entry
+        self.why = why
+
+
+_URL_START: Final = re.compile(r"(?:([a-z][a-z0-9+.-]*):)?//", re.IGNORECASE)
+_HOST_PORT: Final = re.compile(r"(\[[^\]]*\]|[^:\[\]]+)(?::([0-9]{1,6}))?")
+_HOST_LABEL: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _show_host(host: str, port: int | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
 def _parse_exception(entry: str) -> tuple[str, int | None]:
-    """``host`` / ``host:port`` / ``[v6]:port`` of ``allowed_hosts`` → (canonical host, port)."""
-    parts = urllib.parse.urlsplit("//" + entry.strip())
-    if parts.hostname is None or parts.username is not None:
-        raise ValueError(f"allowed_hosts entry {entry!r} is not host or host:port")
-    host, _ = _normalise_host(parts.hostname)
-    return host, parts.port
+    """``host`` / ``host:port`` / ``[v6]`` / ``[v6]:port`` of ``allowed_hosts`` → (canonical
+    host, port).
+
+    Nothing else is taken: no scheme, user name, path or query; a port from 1 to 65535; a host
+    that is an IP address (IPv6 in brackets) or a name of letters, digits and hyphens once IDNA
+    has encoded it. A URL (or a host with a path or user name) is refused with the entry it
+    probably meant.
+
+    Raises:
+        HostEntryError: It is anything else.
+    """
+    text = entry.strip()
+    if not text:
+        raise HostEntryError(entry, "is empty")
+    url = _URL_START.match(text)
+    rest = text[url.end() :] if url else text
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    has_path = len(authority) < len(rest)
+    _, at, authority = authority.rpartition("@")
+    if url or at or has_path:
+        what = "is a URL" if url else "has a user name" if at else "has a path or query"
+        try:
+            host, port = _parse_host_port(entry, authority)
+        except HostEntryError:
+            raise HostEntryError(entry, what) from None
+        scheme = (url[1] or "").lower() if url else ""
+        if port is None and scheme in _DEFAULT_PORTS:
+            port = _DEFAULT_PORTS[scheme]  # the URL meant that port, not every port
+        raise HostEntryError(entry, f'{what}; did you mean "{_show_host(host, port)}"?')
+    return _parse_host_port(entry, text)
+
+
+def _parse_host_port(entry: str, text: str) -> tuple[str, int | None]:
+    """:func:`_parse_exception` of a ``text`` without scheme, user name or path."""
+    m = _HOST_PORT.fullmatch(text)
+    if m is None:
+        if "[" not in text and text.count(":") > 1:
+            try:
+                ip = ipaddress.IPv6Address(text)
+            except ValueError:
+                pass
+            else:
+                raise HostEntryError(
+                    entry, f'needs brackets around an IPv6 address; did you mean "[{ip}]"?'
+                )
+        raise HostEntryError(entry, "is malformed")
+    raw, port_text = m[1], m[2]
+    port = None if port_text is None else int(port_text)
+    if port is not None and not 1 <= port <= 65535:
+        raise HostEntryError(entry, f"has port {port}, not from 1 to 65535")
+    if raw.startswith("["):
+        inner = raw[1:-1]
+        not_v6 = HostEntryError(entry, f"has {inner!r} in brackets, which is not an IPv6 address")
+        if "%" in inner:  # a zone id names an interface of this machine, not a host
+            raise not_v6
+        try:
+            ip = ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise not_v6 from None
+        return str(ip), port
+    invalid = HostEntryError(entry, f"has host {raw!r}, which is not a valid host name")
+    if "%" in raw:
+        raise invalid
+    try:
+        host, ip_or_none = _normalise_host(raw)
+    except ValueError:
+        raise invalid from None
+    if ip_or_none is None and (
+        len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+    ):
+        raise invalid
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -509,11 +603,6 @@ def canonical_hosts(entries: Iterable[str]) -> tuple[str, ...]:
     accepted by :class:`UrlPolicy` as it is.
 
     Raises:
-        ValueError: An entry is malformed.
+        HostEntryError: An entry is not ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
     """
-    out = []
-    for entry in entries:
-        host, port = _parse_exception(entry)
-        shown = f"[{host}]" if ":" in host else host
-        out.append(shown if port is None else f"{shown}:{port}")
-    return tuple(out)
+    return tuple(_show_host(*_parse_exception(entry)) for entry in entries)

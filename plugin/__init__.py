@@ -2,8 +2,8 @@
 
 Load it with ``await bot.load_extension("legato")``. The configuration file is, in order:
 ``bot.legato_config`` (a ready :class:`~legato.config.Config`), ``bot.legato_config_path``, the
-path given to :func:`configure` (which sets ``$LEGATO_CONFIG``), ``legato.toml``; a missing file
-means defaults.
+path given to :func:`configure` (which sets ``$LEGATO_CONFIG``), ``legato.toml``. A file named
+must exist; only ``legato.toml`` may be absent, which means defaults.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def resolve_config(bot: object) -> Config:
     names, else ``$LEGATO_CONFIG``, else ``legato.toml``.
 
     Raises:
-        ConfigError: The file or an override is bad.
+        ConfigError: The file or an override is bad, or a named file does not exist.
     """
     ready = getattr(bot, "legato_config", None)
     # Checked by shape, not isinstance: a reload of the extension makes new classes, and a

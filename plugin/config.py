@@ -2,7 +2,8 @@
 
 Where the file is: an explicit path (``load_config(path)``, ``bot.legato_config_path`` or
 :func:`legato.configure`), else ``$LEGATO_CONFIG``, else ``legato.toml`` in the working directory.
-A missing file means defaults.
+A path so named must exist; only the implicit ``legato.toml`` may be absent, which means
+defaults.
 
 Every key may be overridden by ``LEGATO_<SECTION>_<KEY>`` (``LEGATO_PLAYBACK_MAX_VOLUME=150``),
 parsed to the key's type. Every bad value raises :class:`~legato.errors.ConfigError` naming the
@@ -17,13 +18,15 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, cast
 
-from legato.audio.urlguard import canonical_hosts
+from legato.audio.urlguard import HostEntryError, canonical_hosts
 from legato.errors import ConfigError
 
 __all__ = [
@@ -66,11 +69,17 @@ _TOKEN_HINT: Final = (
 
 
 class _Bad(Exception):
-    """Raised by a converter: ``expected`` says what a good value looks like."""
+    """Raised by a converter: ``expected`` says what a good value looks like; ``hint``, when
+    given, which part of the value is wrong and how to fix it."""
 
-    def __init__(self, expected: str) -> None:
+    def __init__(self, expected: str, hint: str = "") -> None:
         super().__init__(expected)
         self.expected = expected
+        self.hint = hint
+
+    def explain(self) -> str:
+        """``expected ...`` and the hint, for the end of an error message."""
+        return f"expected {self.expected}" + (f"; {self.hint}" if self.hint else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,15 +253,18 @@ def _domains() -> _Conv:
 
 
 def _hosts() -> _Conv:
-    expected = 'a list of "host" or "host:port" entries such as ["127.0.0.1:8000", "media.lan"]'
+    expected = (
+        'a list of "host", "host:port", "[v6]" or "[v6]:port" entries (port 1 to 65535; no '
+        'scheme, path or user name) such as ["127.0.0.1:8000", "media.lan"]'
+    )
 
     def check(items: list[object]) -> tuple[str, ...]:
         if not all(isinstance(x, str) for x in items):
             raise _Bad(expected)
         try:
             return canonical_hosts(cast(list[str], items))
-        except ValueError:
-            raise _Bad(expected) from None
+        except HostEntryError as exc:
+            raise _Bad(expected, f"entry {exc.entry!r} {exc.why}") from None
 
     def from_toml(v: object) -> tuple[str, ...]:
         if not isinstance(v, list):
@@ -325,6 +337,34 @@ def _provider() -> _Conv:
     return _Conv(from_toml, from_toml)
 
 
+def _base_url(schemes: tuple[str, ...], expected: str, *, strip_slash: bool) -> _Conv:
+    """``""``, or an absolute URL with one of ``schemes``, a host, and no query, fragment or
+    user name; ``strip_slash`` drops a trailing ``/`` (for a base that paths are appended to)."""
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str):
+            raise _Bad(expected)
+        if v == "":
+            return v
+        try:
+            parts = urllib.parse.urlsplit(v)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            raise _Bad(expected) from None
+        if (
+            parts.scheme not in schemes
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or "@" in parts.netloc
+            or re.search(r"[\s\\]", v)
+        ):
+            raise _Bad(expected)
+        return v.rstrip("/") if strip_slash else v
+
+    return _Conv(from_toml, from_toml)
+
+
 def _port() -> _Conv:
     return _integer(0, 65535, "0 picks a free port")
 
@@ -385,7 +425,10 @@ class PlaybackConfig:
         "fetch from loopback, private and link-local addresses (never cloud metadata ones)",
     )
     allowed_hosts: tuple[str, ...] = _key(
-        (), _hosts(), 'exact "host" or "host:port" exceptions to the address and domain rules'
+        (),
+        _hosts(),
+        'exact "host", "host:port", "[v6]" or "[v6]:port" exceptions to the address and domain'
+        " rules",
     )
     search_provider: str = _key(
         "youtube", _provider(), "what a non-URL query searches; a URL template with {query} works"
@@ -500,6 +543,39 @@ class BotConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _key(
         "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "logging level"
     )
+    api_base: str = _key(
+        "",
+        _base_url(
+            ("http", "https"),
+            "an http(s) URL of a Discord-compatible REST API such as "
+            '"http://127.0.0.1:3001/api/v9" (no query), or "" for Discord\'s',
+            strip_slash=True,
+        ),
+        'REST API of a Discord-compatible server (Spacebar, the sandbox); "" is Discord\'s',
+    )
+    gateway_url: str = _key(
+        "",
+        _base_url(
+            ("ws", "wss"),
+            'a ws:// or wss:// URL such as "ws://127.0.0.1:3001/" (no query), or "" for Discord\'s',
+            strip_slash=False,
+        ),
+        'gateway WebSocket of a Discord-compatible server; "" is Discord\'s',
+    )
+    connect_attempts: int = _key(
+        5,
+        _integer(1, 100),
+        "tries to reach Discord at start while the cause may pass (refused, reset, timed out,"
+        " temporary DNS failure); a lasting one (bad token, unknown host) stops at once",
+    )
+    connect_backoff: float = _key(
+        1.0,
+        _number(0.01, 60, "seconds"),
+        "wait after the first failed try; each further wait doubles",
+    )
+    connect_backoff_max: float = _key(
+        30.0, _number(0.01, 600, "seconds"), "longest wait between two tries"
+    )
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -552,24 +628,31 @@ def load_config(
         env: The environment (default ``os.environ``).
 
     Returns:
-        The configuration; defaults (plus overrides) when the file does not exist.
+        The configuration; defaults (plus overrides) when no path is named (neither ``path``
+        nor ``$LEGATO_CONFIG``) and ``legato.toml`` does not exist.
 
     Raises:
-        ConfigError: The file cannot be read or parsed, a key is unknown, a value is bad, or
-            an override variable is.
+        ConfigError: A named file does not exist; the file is not a regular file, cannot be
+            read or parsed; a key is unknown, a value is bad, or an override variable is.
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     file = config_path(path, env=environ)
     try:
-        raw = file.read_bytes()
+        raw = _read_regular_file(file)
     except FileNotFoundError:
-        if path is not None or environ.get(ENV_CONFIG):
-            _log.warning("configuration file %s does not exist; using defaults", file)
+        if path is not None and str(path) != "":
+            raise ConfigError(f"{file}: no such configuration file") from None
+        if environ.get(ENV_CONFIG):
+            raise ConfigError(
+                f"{file}: no such configuration file (named by ${ENV_CONFIG} or legato.configure())"
+            ) from None
+        # Only the implicit ./legato.toml may be absent: a path someone named is a mistake.
         return parse_config({}, source=None, env=environ)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot be read: {exc.strerror or exc}") from exc
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig drops a leading byte order mark, which Windows editors write.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{file}: is not UTF-8 text (byte {exc.start})") from exc
     try:
@@ -577,6 +660,42 @@ def load_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: is not valid TOML: {exc}") from exc
     return parse_config(data, source=str(file), env=environ)
+
+
+_NOT_REGULAR: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_unless_regular(file: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "an unusual kind of file")
+    raise ConfigError(f"{file}: cannot be read: it is {kind}, not a regular file")
+
+
+def _read_regular_file(file: Path) -> bytes:
+    """The bytes of ``file``, refusing anything but a regular file before reading it.
+
+    A FIFO would block the open (and the bot's start) until some writer came; a device could
+    be endless. The mode is checked before opening, and again on the open descriptor (opened
+    non-blocking, so a FIFO swapped in between cannot block either).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ConfigError: It is not a regular file.
+        OSError: It cannot be read.
+    """
+    _refuse_unless_regular(file, os.stat(file).st_mode)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(file, flags)
+    with os.fdopen(fd, "rb") as handle:
+        _refuse_unless_regular(file, os.fstat(handle.fileno()).st_mode)
+        return handle.read()
 
 
 def parse_config(
@@ -623,7 +742,7 @@ def _read_section(name: str, table: dict[str, object], where: str) -> dict[str, 
             out[key] = conv.from_toml(value)
         except _Bad as bad:
             raise ConfigError(
-                f"{where}: {dotted} = {_show(value)} is invalid: expected {bad.expected}"
+                f"{where}: {dotted} = {_show(value)} is invalid: {bad.explain()}"
             ) from None
     return out
 
@@ -651,7 +770,7 @@ def _apply_env(sections: dict[str, dict[str, object]], env: Mapping[str, str]) -
         except _Bad as bad:
             raise ConfigError(
                 f"environment variable {var} = {_show(value)} ({section}.{key}) is invalid: "
-                f"expected {bad.expected}"
+                f"{bad.explain()}"
             ) from None
 
 

@@ -171,7 +171,12 @@ async def _run_discord(args: argparse.Namespace) -> int:
         print(f'  discord.http.Route.BASE = "{sb.api_base}"')
         print(f'  discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL("{sb.gateway_url}")')
         print("(or legato.sandbox.server.point_discord_py_here(api_base=..., gateway_url=...))")
-        print("and pass chunk_guilds_at_startup=False.", flush=True)
+        print("and pass chunk_guilds_at_startup=False. For Legato's ready-made bot:")
+        print(
+            f"  LEGATO_BOT_API_BASE={sb.api_base} LEGATO_BOT_GATEWAY_URL={sb.gateway_url} "
+            "DISCORD_TOKEN=<the bot token> python -m legato run",
+            flush=True,
+        )
         await asyncio.Event().wait()
     return 0
 

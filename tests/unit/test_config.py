@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import legato
+from legato import resolve_config
 from legato.config import (
     BotConfig,
     Config,
@@ -18,6 +23,7 @@ from legato.config import (
     VoiceConfig,
     config_path,
     load_config,
+    parse_config,
 )
 from legato.errors import ConfigError
 
@@ -46,8 +52,39 @@ def test_missing_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cfg.permissions.dj_role == ""
 
 
-def test_explicit_missing_file_means_defaults(tmp_path: Path) -> None:
-    assert load_config(tmp_path / "nope.toml", env={}).playback == PlaybackConfig()
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing, env={})
+    assert str(info.value) == f"{missing}: no such configuration file"
+
+
+def test_env_named_missing_file_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.toml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"LEGATO_CONFIG": str(missing)})
+    assert str(info.value) == (
+        f"{missing}: no such configuration file (named by $LEGATO_CONFIG or legato.configure())"
+    )
+
+
+def test_bot_config_path_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        resolve_config(SimpleNamespace(legato_config_path=str(missing)))
+
+
+def test_configured_path_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEGATO_CONFIG", raising=False)  # monkeypatch restores it afterwards
+    monkeypatch.chdir(tmp_path)
+    legato.configure(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        resolve_config(SimpleNamespace())
+    legato.configure(None)
+    assert resolve_config(SimpleNamespace()).source is None  # ./legato.toml may be absent
 
 
 def test_path_order_explicit_then_env_then_default(tmp_path: Path) -> None:
@@ -127,6 +164,11 @@ save_interval = 1.5
 [bot]
 sync_commands = false
 log_level = "DEBUG"
+api_base = "http://127.0.0.1:3001/api/v9/"
+gateway_url = "ws://127.0.0.1:3002/"
+connect_attempts = 2
+connect_backoff = 0.5
+connect_backoff_max = 4
 """
 
 
@@ -177,7 +219,15 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         demo_seconds=3.0,
     )
     assert cfg.storage == StorageConfig(enabled=True, path="state/guilds.db", save_interval=1.5)
-    assert cfg.bot == BotConfig(sync_commands=False, log_level="DEBUG")
+    assert cfg.bot == BotConfig(
+        sync_commands=False,
+        log_level="DEBUG",
+        api_base="http://127.0.0.1:3001/api/v9",
+        gateway_url="ws://127.0.0.1:3002/",
+        connect_attempts=2,
+        connect_backoff=0.5,
+        connect_backoff_max=4.0,
+    )
 
 
 def test_example_file_has_every_key_and_loads() -> None:
@@ -197,6 +247,8 @@ def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.playback.max_volume = 5  # type: ignore[misc]  # the point: assignment is refused
 
+
+HOSTS_EXPECTED = 'a list of "host", "host:port", "[v6]" or "[v6]:port" entries'
 
 # (section, key, bad TOML value, words the expectation must contain)
 BAD: list[tuple[str, str, str, str]] = [
@@ -224,9 +276,9 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "allowed_domains", '["10.0.0.1"]', "a list of bare domain names"),
     ("playback", "allow_local_files", "0", "true or false"),
     ("playback", "allow_private_addresses", '"yes"', "true or false"),
-    ("playback", "allowed_hosts", '"127.0.0.1:8000"', 'a list of "host" or "host:port"'),
-    ("playback", "allowed_hosts", '["a@b:1"]', 'a list of "host" or "host:port"'),
-    ("playback", "allowed_hosts", '["host:port"]', 'a list of "host" or "host:port"'),
+    ("playback", "allowed_hosts", '"127.0.0.1:8000"', HOSTS_EXPECTED),
+    ("playback", "allowed_hosts", '["a@b:1"]', HOSTS_EXPECTED),
+    ("playback", "allowed_hosts", '["host:port"]', HOSTS_EXPECTED),
     ("storage", "enabled", "1", "true or false"),
     ("storage", "path", '""', "a file path"),
     ("storage", "save_interval", "0.1", "a number from 0.2 to 60"),
@@ -276,6 +328,19 @@ BAD: list[tuple[str, str, str, str]] = [
     ("sandbox", "demo_seconds", "0", "a number from 1 to 3600"),
     ("bot", "sync_commands", '"true"', "true or false"),
     ("bot", "log_level", '"debug"', "'DEBUG', 'INFO', 'WARNING', 'ERROR'"),
+    ("bot", "api_base", '"discord.com/api/v10"', "an http(s) URL of a Discord-compatible"),
+    ("bot", "api_base", '"ws://127.0.0.1:3001/api"', "an http(s) URL of a Discord-compatible"),
+    ("bot", "api_base", '"http://127.0.0.1:3001/api?v=9"', "an http(s) URL"),
+    ("bot", "api_base", '"http://u:p@127.0.0.1/api"', "an http(s) URL"),
+    ("bot", "api_base", '"http://127.0.0.1:port/api"', "an http(s) URL"),
+    ("bot", "gateway_url", '"http://127.0.0.1:3001/"', "a ws:// or wss:// URL"),
+    ("bot", "gateway_url", '"wss://"', "a ws:// or wss:// URL"),
+    ("bot", "gateway_url", "1", "a ws:// or wss:// URL"),
+    ("bot", "connect_attempts", "0", "an integer from 1 to 100"),
+    ("bot", "connect_attempts", "2.5", "an integer from 1 to 100"),
+    ("bot", "connect_backoff", "0", "a number from 0.01 to 60 seconds"),
+    ("bot", "connect_backoff", '"1s"', "a number from 0.01 to 60 seconds"),
+    ("bot", "connect_backoff_max", "601", "a number from 0.01 to 600 seconds"),
 ]
 
 
@@ -312,6 +377,71 @@ def test_bad_value_is_shown(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("http://127.0.0.1:8000/", 'is a URL; did you mean "127.0.0.1:8000"?'),
+        ("https://media.lan", 'is a URL; did you mean "media.lan:443"?'),
+        ("http://[::1]:9000/a.mp3", 'is a URL; did you mean "[::1]:9000"?'),
+        ("//127.0.0.1:8000", 'is a URL; did you mean "127.0.0.1:8000"?'),
+        ("127.0.0.1:8000/", 'has a path or query; did you mean "127.0.0.1:8000"?'),
+        ("media.lan?x=1", 'has a path or query; did you mean "media.lan"?'),
+        ("user@media.lan:80", 'has a user name; did you mean "media.lan:80"?'),
+        ("127.0.0.1:0", "has port 0, not from 1 to 65535"),
+        ("127.0.0.1:65536", "has port 65536, not from 1 to 65535"),
+        ("media.lan:", "is malformed"),
+        ("media.lan:http", "is malformed"),
+        ("::1", 'needs brackets around an IPv6 address; did you mean "[::1]"?'),
+        ("[127.0.0.1]", "is not an IPv6 address"),
+        ("[::1", "is malformed"),
+        ("my_nas", "is not a valid host name"),
+        ("media lan", "is not a valid host name"),
+        ("", "is empty"),
+    ],
+)
+def test_allowed_hosts_entry_is_host_or_host_port(tmp_path: Path, entry: str, why: str) -> None:
+    message = error_of(tmp_path, f"[playback]\nallowed_hosts = ['{entry}']\n")
+    assert message.startswith(
+        f"{tmp_path / 'legato.toml'}: playback.allowed_hosts = ['{entry}'] is invalid: "
+        f"expected {HOSTS_EXPECTED}"
+    )
+    assert f"entry '{entry}' " in message
+    assert why in message
+
+
+def test_allowed_hosts_url_message_in_full(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[playback]\nallowed_hosts = ["http://127.0.0.1:8000/"]\n')
+    assert message == (
+        f"{tmp_path / 'legato.toml'}: playback.allowed_hosts = ['http://127.0.0.1:8000/'] is "
+        'invalid: expected a list of "host", "host:port", "[v6]" or "[v6]:port" entries (port 1 '
+        'to 65535; no scheme, path or user name) such as ["127.0.0.1:8000", "media.lan"]; '
+        "entry 'http://127.0.0.1:8000/' is a URL; did you mean \"127.0.0.1:8000\"?"
+    )
+
+
+def test_allowed_hosts_bad_env_entry_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({}, source=None, env={"LEGATO_PLAYBACK_ALLOWED_HOSTS": "http://h.lan:81/"})
+    message = str(info.value)
+    assert message.startswith("environment variable LEGATO_PLAYBACK_ALLOWED_HOSTS = ")
+    assert 'did you mean "h.lan:81"?' in message
+
+
+def test_allowed_hosts_good_entries_in_canonical_form(tmp_path: Path) -> None:
+    entries = (
+        '["[::1]", "[::1]:9000", "Bücher.example:8080", "media.lan.", "127.0.0.1:65535", "h:1"]'
+    )
+    cfg = load_config(write(tmp_path, f"[playback]\nallowed_hosts = {entries}\n"), env={})
+    assert cfg.playback.allowed_hosts == (
+        "[::1]",
+        "[::1]:9000",
+        "xn--bcher-kva.example:8080",
+        "media.lan",
+        "127.0.0.1:65535",
+        "h:1",
+    )
+
+
 def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[playback]\nmax_volum = 100\n")
     assert "unknown key 'playback.max_volum'" in message
@@ -322,7 +452,10 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
 def test_unknown_key_without_close_match_lists_known(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[bot]\nzzzzzz = 1\n")
     assert "unknown key 'bot.zzzzzz'" in message
-    assert "known: log_level, sync_commands" in message
+    assert (
+        "known: api_base, connect_attempts, connect_backoff, connect_backoff_max, gateway_url"
+        in message
+    )
 
 
 def test_unknown_section_suggests(tmp_path: Path) -> None:
@@ -374,9 +507,48 @@ def test_not_utf8(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    # Windows editors (Notepad, PowerShell's Out-File) start UTF-8 files with a byte order mark.
+    path = tmp_path / "legato.toml"
+    path.write_bytes(b"\xef\xbb\xbf[voice]\ntransport = 'udp'\n")
+    assert load_config(path, env={}).voice.transport == "udp"
+
+
+def test_bom_elsewhere_is_still_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "legato.toml"
+    path.write_bytes(b"[voice]\n\xef\xbb\xbftransport = 'udp'\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(path, env={})
+
+
 def test_directory_instead_of_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError) as info:
         load_config(tmp_path, env={})
+    assert str(info.value) == f"{tmp_path}: cannot be read: it is a directory, not a regular file"
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "legato.toml"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config(fifo, env={}))
+        except ConfigError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # only a guard: a refusal returns at once
+    if reader.is_alive():
+        # Opening the write end and closing it gives the blocked reader an end of file.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+        pytest.fail("load_config blocked opening a FIFO")
+    (result,) = outcome
+    assert isinstance(result, ConfigError)
+    assert str(result) == (f"{fifo}: cannot be read: it is a FIFO (named pipe), not a regular file")
 
 
 def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
@@ -441,6 +613,16 @@ def test_config_error_user_message_is_generic(tmp_path: Path) -> None:
         ("LEGATO_SANDBOX_HOST", "localhost", "sandbox", "host", "localhost"),
         ("LEGATO_SANDBOX_DEMO_LISTENERS", "x,y", "sandbox", "demo_listeners", ("x", "y")),
         ("LEGATO_BOT_LOG_LEVEL", "WARNING", "bot", "log_level", "WARNING"),
+        (
+            "LEGATO_BOT_API_BASE",
+            "http://127.0.0.1:3001/api/v9/",
+            "bot",
+            "api_base",
+            "http://127.0.0.1:3001/api/v9",
+        ),
+        ("LEGATO_BOT_GATEWAY_URL", "wss://gw.example/", "bot", "gateway_url", "wss://gw.example/"),
+        ("LEGATO_BOT_CONNECT_ATTEMPTS", "1", "bot", "connect_attempts", 1),
+        ("LEGATO_BOT_CONNECT_BACKOFF", "0.01", "bot", "connect_backoff", 0.01),
     ],
 )
 def test_env_overrides(
@@ -470,7 +652,7 @@ def test_env_overrides(
 )
 def test_bad_env_value_names_the_variable(var: str, value: str, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent/legato.toml", env={var: value})
+        parse_config({}, source=None, env={var: value})
     message = str(info.value)
     assert message.startswith(f"environment variable {var} = '{value}' ({key}) is invalid")
     assert expected in message
@@ -478,19 +660,19 @@ def test_bad_env_value_names_the_variable(var: str, value: str, key: str, expect
 
 def test_unknown_env_key_suggests_the_variable() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent/legato.toml", env={"LEGATO_PLAYBACK_MAX_VOLUM": "3"})
+        parse_config({}, source=None, env={"LEGATO_PLAYBACK_MAX_VOLUM": "3"})
     assert "LEGATO_PLAYBACK_MAX_VOLUM" in str(info.value)
     assert "did you mean LEGATO_PLAYBACK_MAX_VOLUME?" in str(info.value)
 
 
 def test_unrelated_legato_variables_are_ignored() -> None:
-    cfg = load_config("/nonexistent/legato.toml", env={"LEGATO_BENCH_SECONDS": "3"})
+    cfg = parse_config({}, source=None, env={"LEGATO_BENCH_SECONDS": "3"})
     assert cfg == Config()
 
 
 def test_token_override_variable_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent/legato.toml", env={"LEGATO_BOT_TOKEN": "MTIz.secret"})
+        parse_config({}, source=None, env={"LEGATO_BOT_TOKEN": "MTIz.secret"})
     assert "DISCORD_TOKEN" in str(info.value)
     assert "secret" not in str(info.value)
 

@@ -284,6 +284,25 @@ def test_allowed_hosts_skip_the_domain_list() -> None:
         policy.check_url("http://127.0.0.1:8001/a.mp3")
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "http://127.0.0.1:8000/",
+        "127.0.0.1:8000/x",
+        "h.lan?q",
+        "h.lan:0",
+        "::1",
+        "[10.0.0.1]",
+        "a_b",
+    ],
+)
+def test_allowed_hosts_refuses_what_is_not_host_or_host_port(entry: str) -> None:
+    with pytest.raises(ValueError, match="host or host:port"):
+        UrlPolicy(allowed_hosts=(entry,))
+    with pytest.raises(ValueError, match="host or host:port"):
+        canonical_hosts([entry])
+
+
 def test_canonical_hosts() -> None:
     assert canonical_hosts(["LOCALHOST", "0x7f.1:80", "[::1]:9"]) == (
         "localhost",
