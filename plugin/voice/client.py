@@ -243,6 +243,19 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         """
         self._listeners.append(listener)
 
+    # -- SendGate -------------------------------------------------------------------------
+
+    @property
+    def can_send(self) -> bool:
+        """False while DAVE is negotiated but its group is not in force for us yet: a frame sent
+        now would be withheld (see :class:`legato.audio.sink.SendGate`)."""
+        return self._conn is None or self._conn.can_send
+
+    async def wait_can_send(self) -> None:
+        """Return once :attr:`can_send` holds (or the connection has ended)."""
+        if self._conn is not None:
+            await self._conn.wait_can_send()
+
     # -- FrameSink ------------------------------------------------------------------------
 
     async def set_speaking(self, speaking: bool) -> None:

@@ -26,12 +26,15 @@ encrypting and a downgrade stops at the server's execute, not before. Plaintext 
 where the protocol has receivers accept it: with DAVE off (op4 said 0), and in a downgrade's
 window (from its execute until the upgrade's). A new session that negotiated DAVE sends no media
 until the first transition into the group executes: :attr:`~DaveClient.media_allowed` says when
-a frame may go out, and the sender (the player) holds its track until then. Keys switch at the execute too: davey
-installs the new epoch's sender key the moment it processes a commit or welcome, so the client
-keeps an op29/op30 until its op22 and processes it then (op23 is answered on arrival). Receivers
-install the new key when they process the commit and keep the previous ratchet for ten seconds
-(``transition_expiry``), so frames on either side of a rekey decrypt: a member joining or leaving
-is not an audible gap. A commit or welcome that fails at the execute is answered with op31 then.
+a frame may go out, and the sender (the player) holds its track until then.
+
+Keys switch at the execute too: davey installs the new epoch's sender key the moment it
+processes a commit or welcome, so the client keeps an op29/op30 until its op22 and processes it
+then (op23 is answered on arrival). Receivers install the new key when they process the commit
+and keep the previous ratchet for ten seconds (``transition_expiry``), so frames on either side
+of a rekey decrypt: a member joining or leaving is not an audible gap. A commit or welcome that
+fails at the execute is answered with op31 then.
+
 A frame handed to :meth:`~DaveClient.encrypt` while media is not allowed (negotiated but not in
 the group yet, or rejoining after op31 or op24) is replaced by Opus silence (``F8 FF FE``, which
 DAVE passes in the clear) and counted as withheld, never sent as plaintext; so are frames davey
