@@ -474,6 +474,9 @@ class DaveClient:
             self._downgraded = False
             if self._session is not None:
                 # Plaintext still in flight from others is accepted for a few more seconds.
+                # The new group's decryptors start with passthrough off, and turning it off
+                # only ever shortens a window: open it, then let it expire.
+                self._session.set_passthrough_mode(True)
                 self._session.set_passthrough_mode(False, PASSTHROUGH_EXPIRY_UPGRADE)
             _log.info("DAVE upgraded to protocol %d (transition %d)", version, transition_id)
         else:
