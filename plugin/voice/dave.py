@@ -395,16 +395,15 @@ class DaveClient:
             when media is not allowed (see :attr:`media_allowed`) or encryption failed: never
             the plaintext while DAVE is negotiated and its group not in force.
         """
+        # media_allowed, inlined: this runs for every frame.
         session = self._session
-        if not self.media_allowed:
-            # DAVE is negotiated but we are not in its group (yet, or between groups): Discord's
-            # receivers drop plaintext here, and it would leak the audio.
-            if opus != OPUS_SILENCE:
-                self.stats.withheld_frames += 1
-            return OPUS_SILENCE
-        if self._version == 0 or session is None:
-            self.stats.passthrough_frames += 1
-            return opus
+        if self._version == 0:
+            if self._session_version == 0 or self._downgraded:
+                self.stats.passthrough_frames += 1
+                return opus
+            return self._withhold(opus)
+        if session is None or not session.ready:
+            return self._withhold(opus)
         try:
             out = session.encrypt_opus(opus)
         except ValueError as exc:
@@ -413,6 +412,13 @@ class DaveClient:
             return OPUS_SILENCE
         self.stats.encrypted_frames += 1
         return out
+
+    def _withhold(self, opus: bytes) -> bytes:
+        # DAVE is negotiated but we are not in its group (yet, or between groups): Discord's
+        # receivers drop plaintext here, and it would leak the audio.
+        if opus != OPUS_SILENCE:
+            self.stats.withheld_frames += 1
+        return OPUS_SILENCE
 
     # -- handlers ---------------------------------------------------------------------------
 
