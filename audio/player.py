@@ -1136,7 +1136,8 @@ class GuildPlayer:
         self._pumping = True
         try:
             self._repump = True
-            while self._repump:
+            # A hold leaves the pacer as it was: polling again would only hold again.
+            while self._repump and self._hold_task is None:
                 self._repump = False
                 self._pump_once()
         finally:
