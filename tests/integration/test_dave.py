@@ -479,7 +479,10 @@ class _Frames:
         self._index = len(self._frames)
 
 
-async def test_playback_started_before_the_group_is_held_then_heard_from_its_first_frame() -> None:
+@pytest.mark.parametrize("transport", ["udp", "webrtc"])
+async def test_playback_started_before_the_group_is_held_then_heard_from_its_first_frame(
+    transport: str,
+) -> None:
     frames = tone_frames(1.0)
 
     async def opener(track: Track, start: float) -> FrameSource:
@@ -487,7 +490,7 @@ async def test_playback_started_before_the_group_is_held_then_heard_from_its_fir
 
     async with voice_server(dave_protocol_version=1) as server:
         server.hold_dave(LEGATO_BOT)  # a slow DAVE group: op4 said DAVE, the group is not there
-        async with legato(server, LEGATO_BOT) as conn:
+        async with legato(server, LEGATO_BOT, transport) as conn:
             assert not conn.can_send
             player = GuildPlayer(conn, opener)
             try:
