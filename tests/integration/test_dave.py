@@ -524,5 +524,4 @@ async def test_playback_started_before_the_group_is_held_then_heard_from_its_fir
     assert (stats.gaps, stats.dropped) == (0, 0)
     assert server.stats.dave_plaintext_dropped == 0
     assert server.stats.dave_undecryptable == 0
-    assert player.stats.holds == 1
-    assert player.stats.held_ms > 0.0
+    assert player.stats.holds == 1  # (how long: exactly, on a fake clock, in test_player_hold)
