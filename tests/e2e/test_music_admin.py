@@ -152,6 +152,8 @@ async def test_privacy_with_dave_is_the_listeners_code(dave_sandbox: Sandbox, to
         session = bot.music.session(sb.guild.id)
         assert session is not None
         assert session.voice.voice_privacy_code == expected
+        # The player held the track for the group rather than have frames withheld as silence.
+        assert session.voice.link_stats.dave_withheld_frames == 0
 
         shown = await alice.invoke("music privacy")
         text = await answer(shown)
