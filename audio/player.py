@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtim
 from legato.audio.clock import Clock
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
-from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters
+from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters, SendGate
 from legato.audio.source import FrameSource, ReadsSoon, StreamLost
 from legato.audio.timers import slot_timers
 from legato.audio.track import Track
@@ -185,6 +185,9 @@ class PlayerStats:
         reconnects: Times the sink's link was re-established (voice websocket reconnects,
             resumes included); 0 for a sink that does not count them.
         resumes: Of those, how many resumed the session.
+        holds: Times a track was held because the sink could not send it yet (a voice link
+            whose DAVE group is not in force): nothing was sent and no frame consumed meanwhile.
+        held_ms: Time spent holding, in all (a hold under way included).
     """
 
     frames_sent: int
@@ -202,6 +205,8 @@ class PlayerStats:
     encode_ms_p99: float
     reconnects: int
     resumes: int
+    holds: int = 0
+    held_ms: float = 0.0
 
 
 @runtime_checkable
@@ -732,6 +737,7 @@ class GuildPlayer:
         self._stall_since: float | None = None
         self._log = GuildLogger(_log, guild_id)
         self._link = sink if isinstance(sink, LinkCounters) else None
+        self._gate = sink if isinstance(sink, SendGate) else None
         if clock is None:
             self._now: Callable[[], float] = self._loop.time
             self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = slot_timers(
@@ -761,6 +767,9 @@ class GuildPlayer:
         self._timer: _Cancellable | None = None
         self._timer_when = math.nan
         self._speaking_task: asyncio.Task[None] | None = None
+        #: Waits for the sink's gate while the track is held (see ``_hold``).
+        self._hold_task: asyncio.Task[None] | None = None
+        self._hold_since = 0.0
         self._pumping = False
         self._repump = False
         self._in_underrun = False
@@ -777,6 +786,8 @@ class GuildPlayer:
         self._source_errors = 0
         self._reopens = 0
         self._sink_errors = 0
+        self._holds = 0
+        self._held = 0.0
         #: Seconds per frame of recent reads (appended on the loop by the feeders).
         self._encode_times: deque[float] = deque(maxlen=_ENCODE_WINDOW)
 
@@ -830,6 +841,9 @@ class GuildPlayer:
                     break
         encode = sorted(self._encode_times)
         link = self._link
+        held = self._held
+        if self._hold_task is not None:
+            held += self._now() - self._hold_since
         return PlayerStats(
             frames_sent=self._frames_sent,
             silence_sent=self._silence_sent,
@@ -846,6 +860,8 @@ class GuildPlayer:
             encode_ms_p99=encode[math.ceil(0.99 * len(encode)) - 1] * 1e3 if encode else 0.0,
             reconnects=link.reconnects if link is not None else 0,
             resumes=link.resumes if link is not None else 0,
+            holds=self._holds,
+            held_ms=held * 1e3,
         )
 
     async def wait_for(self, state: PlayerState) -> None:
@@ -1000,9 +1016,10 @@ class GuildPlayer:
                 future.set_exception(InvalidTransition(PlayerState.CLOSED, state))
         self._cancel_timer()
         tasks: list[asyncio.Future[Any]] = []
-        if self._speaking_task is not None:
-            self._speaking_task.cancel()
-            tasks.append(self._speaking_task)
+        for task in (self._speaking_task, self._hold_task):
+            if task is not None:
+                task.cancel()
+                tasks.append(task)
         tasks.extend(self._closing)
         inflight = [f for f in self._inflight if not f.done()]
         self._closing.clear()
@@ -1110,12 +1127,17 @@ class GuildPlayer:
         if self._pumping:
             self._repump = True
             return
-        if self._speaking_task is not None or self._state is PlayerState.CLOSED:
+        if (
+            self._speaking_task is not None
+            or self._hold_task is not None
+            or self._state is PlayerState.CLOSED
+        ):
             return
         self._pumping = True
         try:
             self._repump = True
-            while self._repump:
+            # A hold leaves the pacer as it was: polling again would only hold again.
+            while self._repump and self._hold_task is None:
                 self._repump = False
                 self._pump_once()
         finally:
@@ -1131,6 +1153,9 @@ class GuildPlayer:
                 continue
             ready = cur is not None and bool(cur.frames)
             now = self._now()
+            if ready and self._gate is not None and pacer.playing and not self._gate.can_send:
+                self._hold(now)
+                return
             action = pacer.poll(now, audio_ready=ready, fill=self._fill)
             if action is PacerAction.SEND_AUDIO:
                 assert cur is not None
@@ -1198,6 +1223,32 @@ class GuildPlayer:
         if count & (count - 1) == 0:
             self._log.exception("send_frame failed (%d so far); the frame is lost", count)
 
+    def _hold(self, now: float) -> None:
+        """Audio is due but the sink cannot send it as it must (DAVE negotiated, its group not in
+        force): send nothing, consume no frame, and go on from the same frame once it can.
+
+        The pacer is not polled meanwhile, so a track held before its first frame starts with
+        speaking on and its first frame; a hold mid-track resumes on a new grid (a re-anchor).
+        """
+        self._cancel_timer()
+        self._holds += 1
+        self._hold_since = now
+        self._log.info("holding the track until the voice link can send it (DAVE not ready)")
+        self._hold_task = self._loop.create_task(self._await_gate())
+
+    async def _await_gate(self) -> None:
+        assert self._gate is not None
+        try:
+            await self._gate.wait_can_send()
+        except Exception:
+            self._log.exception("waiting for the voice link to take frames failed")
+            raise
+        finally:
+            self._held += self._now() - self._hold_since
+            self._hold_task = None
+        self._log.info("the voice link can send: the track goes on")
+        self._pump()
+
     async def _announce(self, speaking: bool) -> None:
         try:
             await self._sink.set_speaking(speaking)
@@ -1232,6 +1283,7 @@ class GuildPlayer:
             and len(cur.frames) > 1
             and self._speaking_task is None
             and not self._pumping
+            and (self._gate is None or self._gate.can_send)
         ):
             deadline = self._pacer.send_due(self._now())
             if deadline is not None:

@@ -31,3 +31,21 @@ class LinkCounters(Protocol):
     @property
     def resumes(self) -> int:
         """Of those, how many resumed the session instead of starting a new one."""
+
+
+@runtime_checkable
+class SendGate(Protocol):
+    """A sink that cannot take media yet at times: the voice client while DAVE end-to-end
+    encryption is negotiated but its group is not in force (a frame would go out as plaintext,
+    which Discord's receivers drop and which leaks the audio).
+
+    The player holds its track while ``can_send`` is false: it sends nothing and consumes no
+    frame, then starts from where it was once :meth:`wait_can_send` returns.
+    """
+
+    @property
+    def can_send(self) -> bool:
+        """Whether a frame sent now would go out as it should (encrypted when it must be)."""
+
+    async def wait_can_send(self) -> None:
+        """Return once ``can_send`` is true (at once if it is)."""

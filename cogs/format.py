@@ -395,6 +395,12 @@ def debug_embed(
         )
     else:
         dave = "off (not end-to-end encrypted)"
+    if voice.dave_protocol_version > 0 or player.holds:
+        # How often and how long the track waited for the DAVE group (nothing is sent as
+        # plaintext meanwhile); frames withheld as silence would mean a sender that did not wait.
+        dave += f"\nheld for the group {player.holds} times ({player.held_ms / 1e3:.1f} s)"
+    if voice.dave_withheld_frames:
+        dave += f"\nwithheld {voice.dave_withheld_frames} frames"
     embed.add_field(name="DAVE", value=dave)
     return embed
 

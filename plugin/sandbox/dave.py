@@ -28,7 +28,10 @@ executed, because clients apply a commit at its execute.
 
 :class:`DaveListener` is a member of the group inside the sandbox, a real ``davey`` session
 behind the same client code as Legato's, which decrypts what each sender sends so a recording
-proves the frames were end-to-end encrypted; :class:`DaveChannel` wires the two together and
+proves the frames were end-to-end encrypted. It hears as Discord's receivers do: once a group
+is in force, a plaintext frame is heard only where davey's decryptor for that sender passes
+plaintext through (a downgrade's window, the seconds after an upgrade), and is dropped
+otherwise; :class:`DaveChannel` wires the two together and
 routes the listener's traffic in-process.
 """
 
@@ -516,9 +519,13 @@ class ListenerStats:
     decrypted: int = 0
     #: Opus silence (``F8 FF FE``), which DAVE never encrypts.
     silence: int = 0
-    #: Other frames without DAVE's magic marker, accepted as plaintext (before the first execute,
-    #: after a downgrade).
+    #: Other frames without DAVE's magic marker, heard as plaintext: no group in force yet, a
+    #: downgrade, or a passthrough window.
     plaintext: int = 0
+    #: Frames without the marker dropped because the group was in force for their sender
+    #: (outside any passthrough window): a Discord receiver drops them too.
+    plaintext_dropped: int = 0
+    #: Frames with the marker that did not decrypt.
     failed: int = 0
 
 
@@ -546,13 +553,17 @@ class DaveListener:
         """Recover a sender's Opus frame.
 
         Returns:
-            The Opus frame, or None when it carries DAVE's marker but does not decrypt.
+            The Opus frame; None when it carries DAVE's marker but does not decrypt, or when it
+            is plaintext while the group is in force and davey passes no plaintext from that
+            sender (not a member, or no passthrough window open).
         """
         session = self.client.session
         if frame == OPUS_SILENCE:
             self.stats.silence += 1
             return frame
-        if not frame.endswith(DAVE_MAGIC_MARKER) or session is None:
+        if not frame.endswith(DAVE_MAGIC_MARKER):
+            return self._plaintext(sender_id, frame)
+        if session is None:
             self.stats.plaintext += 1
             return frame
         try:
@@ -562,6 +573,24 @@ class DaveListener:
             _log.debug("listener could not decrypt %d's frame: %s", sender_id, exc)
             return None
         self.stats.decrypted += 1
+        return plain
+
+    def _plaintext(self, sender_id: int, frame: bytes) -> bytes | None:
+        session = self.client.session
+        if self.client.protocol_version == 0 or session is None:
+            # No group in force (none formed yet, or downgraded): plaintext is the protocol.
+            self.stats.plaintext += 1
+            return frame
+        try:
+            # davey's decryptor decides, as libdave's does in Discord's clients: plaintext
+            # passes only in a passthrough window (UnencryptedWhenPassthroughDisabled, and
+            # NoDecryptorForUser for a sender outside the group, otherwise).
+            plain = session.decrypt(sender_id, davey.MediaType.audio, frame)
+        except ValueError as exc:
+            self.stats.plaintext_dropped += 1
+            _log.debug("listener dropped %d's plaintext frame: %s", sender_id, exc)
+            return None
+        self.stats.plaintext += 1
         return plain
 
 

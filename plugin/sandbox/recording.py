@@ -1,5 +1,10 @@
 """What the sandbox voice server heard from one user: Opus packets, speaking changes, statistics.
 
+What is recorded is what a Discord user in the call would hear: a packet that arrived but could
+not be played (plaintext from a member whose DAVE group is in force, a DAVE frame that does not
+decrypt) is recorded as *lost* (:meth:`Recording.add_lost`): it counts among the gaps, the
+RTCP figures and the decoded timeline's silence, never as audio.
+
 A :class:`Recording` belongs to one ``(server_id, user_id)`` pair and outlives the connections
 that feed it: a resumed session keeps appending to it, and so does a fresh identify (its new SSRC
 starts a new *stream* inside the recording, so sequence statistics never compare numbers from
@@ -102,9 +107,12 @@ class RecordingStats:
     """Counters over every stream of a recording.
 
     Attributes:
-        frames: Distinct packets received (duplicates not counted).
+        frames: Distinct packets heard (duplicates not counted).
         streams: SSRCs seen (a fresh identify brings a new one).
-        gaps: Sequence numbers never received between the first and the highest of each stream.
+        gaps: Sequence numbers not heard between the first and the highest of each stream
+            (never received, or received and dropped: see ``dropped``).
+        dropped: Distinct packets that arrived but were not heard, as a Discord receiver
+            drops them: plaintext where DAVE was in force, DAVE frames that did not decrypt.
         duplicates: Packets whose sequence number was already received.
         out_of_order: Packets that arrived after a higher sequence number of their stream.
         sequence_errors: ``duplicates + out_of_order``.
@@ -121,6 +129,7 @@ class RecordingStats:
     sequence_errors: int
     timestamp_errors: int
     jitter: float
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ class Reception:
 
     Attributes:
         ssrc: The sender's SSRC.
-        received: Distinct packets received.
+        received: Distinct packets received (heard or dropped: RTCP counts what arrived).
         expected: Sequence numbers from the first received to the highest.
         highest: Extended highest sequence number received (cycles in the upper 16 bits).
         jitter: Interarrival jitter in RTP timestamp units.
@@ -155,6 +164,8 @@ class _Stream:
     base: int = -1
     highest: int = -1
     packets: dict[int, bytes] = field(default_factory=dict)
+    #: Sequence numbers that arrived but were not heard (see ``Recording.add_lost``).
+    dropped: set[int] = field(default_factory=set)
     duplicates: int = 0
     out_of_order: int = 0
     late: list[int] = field(default_factory=list)
@@ -172,9 +183,10 @@ class _Stream:
             return self.highest + delta
         return self.highest - (_SEQ_MOD - delta)
 
-    def add(self, arrival: float, sequence: int, timestamp: int, opus: bytes) -> None:
+    def add(self, arrival: float, sequence: int, timestamp: int, opus: bytes | None) -> None:
+        """Take one packet: its Opus when heard, None when it arrived but was dropped."""
         ext = self.extend(sequence)
-        if ext in self.packets:
+        if ext in self.packets or ext in self.dropped:
             self.duplicates += 1
             return
         if self.highest < 0:
@@ -191,6 +203,9 @@ class _Stream:
             self.base = min(self.base, ext)
         if ext == self.highest:
             self.last_timestamp = timestamp
+        if opus is None:
+            self.dropped.add(ext)
+            return
         self.packets[ext] = opus
         # RFC 3550 6.4.1: J += (|D| - J) / 16 with D the change in transit time, in RTP units.
         transit = arrival * RTP_CLOCK - timestamp
@@ -239,6 +254,16 @@ class Recording:
     ) -> None:
         """Record one decrypted packet."""
         self.packets.append(ReceivedPacket(arrival, ssrc, sequence, timestamp, opus))
+        self._stream(ssrc).add(arrival, sequence, timestamp, opus)
+        self._waiters.notify()
+
+    def add_lost(self, *, arrival: float, ssrc: int, sequence: int, timestamp: int) -> None:
+        """Record one packet that arrived but is not heard (a Discord receiver drops it)."""
+        self._stream(ssrc).add(arrival, sequence, timestamp, None)
+        self._waiters.notify()
+
+    def _stream(self, ssrc: int) -> _Stream:
+        """The stream of ``ssrc``, made the latest one."""
         if not self._streams or self._streams[-1].ssrc != ssrc:
             found = next((s for s in self._streams if s.ssrc == ssrc), None)
             if found is None:
@@ -246,8 +271,7 @@ class Recording:
             else:
                 self._streams.remove(found)
             self._streams.append(found)
-        self._streams[-1].add(arrival, sequence, timestamp, opus)
-        self._waiters.notify()
+        return self._streams[-1]
 
     def add_speaking(self, *, arrival: float, speaking: int, ssrc: int | None) -> None:
         """Record one op5 from the client."""
@@ -264,8 +288,13 @@ class Recording:
 
     @property
     def frames(self) -> int:
-        """Distinct packets received so far."""
+        """Distinct packets heard so far."""
         return sum(len(s.packets) for s in self._streams)
+
+    @property
+    def dropped(self) -> int:
+        """Distinct packets that arrived but were not heard (see :meth:`add_lost`)."""
+        return sum(len(s.dropped) for s in self._streams)
 
     @property
     def speaking(self) -> bool:
@@ -290,6 +319,7 @@ class Recording:
             sequence_errors=duplicates + out_of_order,
             timestamp_errors=sum(s.timestamp_errors for s in self._streams),
             jitter=self._streams[-1].jitter / RTP_CLOCK if self._streams else 0.0,
+            dropped=self.dropped,
         )
 
     def missing_packets(self) -> list[tuple[int, int]]:
@@ -307,7 +337,8 @@ class Recording:
             return None
         return Reception(
             ssrc=ssrc,
-            received=len(stream.packets),
+            # RTP-level figures: a packet DAVE dropped above RTP was still received.
+            received=len(stream.packets) + len(stream.dropped),
             expected=stream.highest - stream.base + 1,
             highest=stream.highest,
             jitter=stream.jitter,
@@ -357,6 +388,18 @@ class Recording:
         """
         await self._waiters.wait_for(
             lambda: self.frames >= count, timeout, f"{count} frames from user {self.user_id}"
+        )
+
+    async def wait_arrivals(self, count: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Return once at least ``count`` distinct packets arrived, heard or dropped.
+
+        Raises:
+            TimeoutError: they did not arrive in time.
+        """
+        await self._waiters.wait_for(
+            lambda: self.frames + self.dropped >= count,
+            timeout,
+            f"{count} packets from user {self.user_id}",
         )
 
     async def wait_speaking(self, on: bool, timeout: float = 10.0) -> None:  # noqa: ASYNC109

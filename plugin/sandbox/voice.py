@@ -154,6 +154,9 @@ class ServerStats:
         undecryptable_packets: RTP packets whose tag did not verify.
         unknown_ssrc_packets: RTP packets from an SSRC with no session key yet.
         dave_undecryptable: DAVE frames (magic marker) the listener could not decrypt.
+        dave_plaintext_dropped: Plaintext frames the listener dropped: the sender's group was
+            in force, outside any passthrough window (recorded as lost, as Discord's receivers
+            drop them).
         dave_bad_binary: Binary frames too short to carry an op.
     """
 
@@ -173,6 +176,7 @@ class ServerStats:
     undecryptable_packets: int = 0
     unknown_ssrc_packets: int = 0
     dave_undecryptable: int = 0
+    dave_plaintext_dropped: int = 0
     dave_bad_binary: int = 0
 
 
@@ -414,6 +418,8 @@ class SandboxVoiceServer:
         self._dave: dict[tuple[int, int], DaveChannel] = {}
         self._dave_wire: dict[tuple[int, int], deque[bytes]] = {}
         self._dave_corrupt: dict[int, int] = {}
+        #: DAVE messages kept from a user by :meth:`hold_dave`: ``user_id -> (server_id, item)``.
+        self._dave_held: dict[int, list[tuple[int, Deliver]]] = {}
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -1059,16 +1065,8 @@ class SandboxVoiceServer:
 
         def on_rtp(ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
             self.stats.rtp_packets += 1
-            opened = self._dave_open(session, opus)
-            if opened is None:
-                return
-            opus = opened
-            session.recording.add_packet(
-                arrival=asyncio.get_running_loop().time(),
-                ssrc=ssrc,
-                sequence=sequence,
-                timestamp=timestamp,
-                opus=opus,
+            self._record(
+                session, asyncio.get_running_loop().time(), ssrc, sequence, timestamp, opus
             )
 
         peer = module.WebRtcServerPeer(self.host, on_rtp=on_rtp)
@@ -1171,6 +1169,19 @@ class SandboxVoiceServer:
         """
         self._dave_corrupt[user_id] = op
 
+    def hold_dave(self, user_id: int) -> None:
+        """Fault: keep every DAVE message for ``user_id`` (op25 on) until :meth:`release_dave`.
+
+        A slow DAVE group: the user's voice session is up (op4 said DAVE) but its group is not
+        in force until the messages go out.
+        """
+        self._dave_held.setdefault(user_id, [])
+
+    async def release_dave(self, user_id: int) -> None:
+        """Send the DAVE messages :meth:`hold_dave` kept, in order, and stop holding them."""
+        for server_id, item in self._dave_held.pop(user_id, []):
+            await self._dave_deliver(server_id, [item])
+
     def _dave_key(self, session: _Session) -> tuple[int, int]:
         server_id = session.grant.server_id
         return (server_id, self._channel_ids.get(session.key, server_id))
@@ -1223,6 +1234,10 @@ class SandboxVoiceServer:
 
     async def _dave_deliver(self, server_id: int, deliveries: list[Deliver]) -> None:
         for item in deliveries:
+            held = self._dave_held.get(item.user_id)
+            if held is not None:
+                held.append((server_id, item))
+                continue
             session = self._sessions.get((server_id, item.user_id))
             if session is None or session.ended:
                 continue
@@ -1245,7 +1260,9 @@ class SandboxVoiceServer:
                     await self._send_raw(session.conn, frame)
 
     def _dave_open(self, session: _Session, payload: bytes) -> bytes | None:
-        """The listener's decryption of a media payload; None when it does not decrypt."""
+        """The listener's view of a media payload: the Opus it hears, or None when a Discord
+        receiver would drop it (a DAVE frame that does not decrypt, or plaintext while the
+        group is in force for the sender outside a passthrough window)."""
         wire = self._dave_wire.get(session.key)
         if wire is None:
             return payload
@@ -1253,9 +1270,14 @@ class SandboxVoiceServer:
         channel = self._dave.get(self._dave_key(session))
         if channel is None:
             return payload
-        opened = channel.listener.decrypt(session.grant.user_id, payload)
+        listener = channel.listener
+        dropped = listener.stats.plaintext_dropped
+        opened = listener.decrypt(session.grant.user_id, payload)
         if opened is None:
-            self.stats.dave_undecryptable += 1
+            if listener.stats.plaintext_dropped > dropped:
+                self.stats.dave_plaintext_dropped += 1
+            else:
+                self.stats.dave_undecryptable += 1
         return opened
 
     _handlers: Final[dict[int, Callable[[SandboxVoiceServer, _Connection, Any], Any]]] = {
@@ -1427,16 +1449,27 @@ class SandboxVoiceServer:
             self.stats.malformed_packets += 1
             return
         self.stats.rtp_packets += 1
+        header = rtp.header
+        self._record(session, arrival, header.ssrc, header.sequence, header.timestamp, opus)
+
+    def _record(
+        self,
+        session: _Session,
+        arrival: float,
+        ssrc: int,
+        sequence: int,
+        timestamp: int,
+        opus: bytes,
+    ) -> None:
+        """The one place a media payload becomes what the user is heard saying, or a loss."""
         opened = self._dave_open(session, opus)
         if opened is None:
+            session.recording.add_lost(
+                arrival=arrival, ssrc=ssrc, sequence=sequence, timestamp=timestamp
+            )
             return
-        opus = opened
         session.recording.add_packet(
-            arrival=arrival,
-            ssrc=rtp.header.ssrc,
-            sequence=rtp.header.sequence,
-            timestamp=rtp.header.timestamp,
-            opus=opus,
+            arrival=arrival, ssrc=ssrc, sequence=sequence, timestamp=timestamp, opus=opened
         )
 
 

@@ -65,6 +65,8 @@ class VoiceLinkStats:
         packets_lost: The latest report's cumulative count of packets lost.
         dave_protocol_version: The executed DAVE version (0: not end-to-end encrypted).
         dave_encrypting: Whether frames are end-to-end encrypted right now.
+        dave_withheld_frames: Frames replaced by Opus silence because DAVE was negotiated but
+            its group not in force (0 while the player holds its track instead, as it does).
         privacy_code: DAVE's voice privacy code while end-to-end encryption is in force.
     """
 
@@ -85,6 +87,7 @@ class VoiceLinkStats:
     dave_protocol_version: int
     dave_encrypting: bool
     privacy_code: str | None
+    dave_withheld_frames: int = 0
 
 
 def _ms(seconds: float) -> float | None:
@@ -226,6 +229,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             dave_protocol_version=conn.dave.protocol_version if conn is not None else 0,
             dave_encrypting=conn.dave.encrypting if conn is not None else False,
             privacy_code=self.voice_privacy_code,
+            dave_withheld_frames=conn.dave.stats.withheld_frames if conn is not None else 0,
         )
 
     @property
@@ -242,6 +246,19 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         ``legato_voice_disconnect(voice_client, error)``.
         """
         self._listeners.append(listener)
+
+    # -- SendGate -------------------------------------------------------------------------
+
+    @property
+    def can_send(self) -> bool:
+        """False while DAVE is negotiated but its group is not in force for us yet: a frame sent
+        now would be withheld (see :class:`legato.audio.sink.SendGate`)."""
+        return self._conn is None or self._conn.can_send
+
+    async def wait_can_send(self) -> None:
+        """Return once :attr:`can_send` holds (or the connection has ended)."""
+        if self._conn is not None:
+            await self._conn.wait_can_send()
 
     # -- FrameSink ------------------------------------------------------------------------
 

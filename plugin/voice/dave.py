@@ -21,17 +21,24 @@ The protocol (https://daveprotocol.com, discord.py 2.7.1 ``gateway.py``/``voice_
   over with a fresh key package.
 
 When frames are encrypted: only while the *executed* protocol version is above 0, which changes
-exactly when op22 executes a transition (or at once for transition 0). A new session sends
-plaintext until the first transition into the group executes; an upgrade starts encrypting and a
-downgrade stops at the server's execute, not before. Keys switch at the execute too: davey
-installs the new epoch's sender key the moment it processes a commit or welcome, so the client
-keeps an op29/op30 until its op22 and processes it then (op23 is answered on arrival). Receivers
-install the new key when they process the commit and keep the previous ratchet for ten seconds
-(``transition_expiry``), so frames on either side of a rekey decrypt: a member joining or leaving
-is not an audible gap. A commit or welcome that fails at the execute is answered with op31 then.
-While the protocol is above 0 but the session has no group key (rejoining after op31 or op24),
-frames are replaced by Opus silence (``F8 FF FE``, which DAVE passes in the clear), never sent
-as plaintext; so are frames davey fails to encrypt.
+exactly when op22 executes a transition (or at once for transition 0); an upgrade starts
+encrypting and a downgrade stops at the server's execute, not before. Plaintext goes out only
+where the protocol has receivers accept it: with DAVE off (op4 said 0), and in a downgrade's
+window (from its execute until the upgrade's). A new session that negotiated DAVE sends no media
+until the first transition into the group executes: :attr:`~DaveClient.media_allowed` says when
+a frame may go out, and the sender (the player) holds its track until then.
+
+Keys switch at the execute too: davey installs the new epoch's sender key the moment it
+processes a commit or welcome, so the client keeps an op29/op30 until its op22 and processes it
+then (op23 is answered on arrival). Receivers install the new key when they process the commit
+and keep the previous ratchet for ten seconds (``transition_expiry``), so frames on either side
+of a rekey decrypt: a member joining or leaving is not an audible gap. A commit or welcome that
+fails at the execute is answered with op31 then.
+
+A frame handed to :meth:`~DaveClient.encrypt` while media is not allowed (negotiated but not in
+the group yet, or rejoining after op31 or op24) is replaced by Opus silence (``F8 FF FE``, which
+DAVE passes in the clear) and counted as withheld, never sent as plaintext; so are frames davey
+fails to encrypt.
 
 Malformed input (short frames, bad JSON fields, MLS bytes davey rejects) is counted in
 :attr:`DaveClient.stats`; nothing raises out of the receive methods. An op22 that overtakes its
@@ -160,9 +167,11 @@ class DaveStats:
     commits_sent: int = 0
     transitions_executed: int = 0
     encrypted_frames: int = 0
-    #: Frames sent as they are: protocol version 0 (before the first transition, downgraded).
+    #: Frames sent as they are: DAVE off, or in a downgrade's window (protocol version 0).
     passthrough_frames: int = 0
-    #: Frames replaced by silence: protocol above 0 but no group key (rejoining).
+    #: Frames replaced by silence because media was not allowed: DAVE negotiated but the group
+    #: not in force yet, or no group key (rejoining). A sender that waits for
+    #: :attr:`DaveClient.media_allowed` never causes one.
     withheld_frames: int = 0
     #: Frames davey failed to encrypt, replaced by silence.
     encrypt_failures: int = 0
@@ -281,6 +290,19 @@ class DaveClient:
         return self._version > 0 and self._session is not None and self._session.ready
 
     @property
+    def media_allowed(self) -> bool:
+        """Whether a media frame may go out now without breaking end-to-end encryption.
+
+        True with DAVE off, while frames are encrypted, and in a downgrade's plaintext window
+        (executed version 0 after a downgrade, until the upgrade executes). False while DAVE is
+        negotiated but the group is not in force for us: a new session before its first
+        transition executes, or between groups (after op31 or op24 at a version above 0).
+        """
+        if self._version > 0:
+            return self._session is not None and self._session.ready
+        return self._session_version == 0 or self._downgraded
+
+    @property
     def privacy_code(self) -> str | None:
         """The voice privacy code users compare (30 digits), or None without an active group."""
         if self._version == 0 or self._session is None:
@@ -368,18 +390,20 @@ class DaveClient:
             opus: one Opus packet (also pre-encoded passthrough frames).
 
         Returns:
-            The DAVE frame; the frame itself at protocol 0 (and Opus silence, which DAVE never
-            encrypts); Opus silence when the protocol is above 0 but there is no key or
-            encryption failed (never the plaintext while E2EE is in force).
+            The DAVE frame; the frame itself where plaintext is allowed (DAVE off, a
+            downgrade's window; and Opus silence, which DAVE never encrypts); Opus silence
+            when media is not allowed (see :attr:`media_allowed`) or encryption failed: never
+            the plaintext while DAVE is negotiated and its group not in force.
         """
+        # media_allowed, inlined: this runs for every frame.
         session = self._session
-        if self._version == 0 or session is None:
-            self.stats.passthrough_frames += 1
-            return opus
-        if not session.ready:
-            # E2EE is in force but we are between groups (after op31 or op24): never plaintext.
-            self.stats.withheld_frames += 1
-            return OPUS_SILENCE
+        if self._version == 0:
+            if self._session_version == 0 or self._downgraded:
+                self.stats.passthrough_frames += 1
+                return opus
+            return self._withhold(opus)
+        if session is None or not session.ready:
+            return self._withhold(opus)
         try:
             out = session.encrypt_opus(opus)
         except ValueError as exc:
@@ -388,6 +412,13 @@ class DaveClient:
             return OPUS_SILENCE
         self.stats.encrypted_frames += 1
         return out
+
+    def _withhold(self, opus: bytes) -> bytes:
+        # DAVE is negotiated but we are not in its group (yet, or between groups): Discord's
+        # receivers drop plaintext here, and it would leak the audio.
+        if opus != OPUS_SILENCE:
+            self.stats.withheld_frames += 1
+        return OPUS_SILENCE
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -449,6 +480,9 @@ class DaveClient:
             self._downgraded = False
             if self._session is not None:
                 # Plaintext still in flight from others is accepted for a few more seconds.
+                # The new group's decryptors start with passthrough off, and turning it off
+                # only ever shortens a window: open it, then let it expire.
+                self._session.set_passthrough_mode(True)
                 self._session.set_passthrough_mode(False, PASSTHROUGH_EXPIRY_UPGRADE)
             _log.info("DAVE upgraded to protocol %d (transition %d)", version, transition_id)
         else:

@@ -462,6 +462,7 @@ class VoiceConnection:
                 await runner
         await self._release()
         self._finished.set()
+        self._dave_notify()
 
     def update_server(self, endpoint: str, token: str) -> None:
         """A new VOICE_SERVER_UPDATE: reconnect to ``endpoint`` with a new session.
@@ -512,6 +513,20 @@ class VoiceConnection:
         async with asyncio.timeout(timeout):
             while not predicate(self.dave):
                 await self._dave_changed.wait()
+
+    # -- SendGate -------------------------------------------------------------------------
+
+    @property
+    def can_send(self) -> bool:
+        """False while DAVE is negotiated but its group is not in force for us (a frame would
+        be withheld as silence); see :attr:`DaveClient.media_allowed`."""
+        return self.dave.media_allowed
+
+    async def wait_can_send(self) -> None:
+        """Return once :attr:`can_send` holds (rechecked after every DAVE message), or once the
+        connection has ended: its frames are then dropped and counted, not sent."""
+        while not self.dave.media_allowed and not self._finished.is_set():
+            await self._dave_changed.wait()
 
     # -- FrameSink ------------------------------------------------------------------------
 
@@ -593,6 +608,7 @@ class VoiceConnection:
             self._error = error
             await self._release()
             self._finished.set()
+            self._dave_notify()
             if not self._closing and self._on_close is not None:
                 self._on_close(error)
 
@@ -825,6 +841,10 @@ class VoiceConnection:
                 self._core.send(out.op, out.data)
             else:
                 self._core.send_binary(out.op, out.payload)
+        self._dave_notify()
+
+    def _dave_notify(self) -> None:
+        """Wake ``wait_dave``/``wait_can_send`` (after a DAVE message, and once at the end)."""
         changed, self._dave_changed = self._dave_changed, asyncio.Event()
         changed.set()
 

@@ -7,6 +7,7 @@ code, which must be the very code the sandbox's listener member computes from th
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -140,12 +141,19 @@ async def test_privacy_with_dave_is_the_listeners_code(dave_sandbox: Sandbox, to
         await recording(sb).wait_frames(25, timeout=GUARD)
 
         group = voice.dave_channel(sb.guild.id)
+        # The bot played at once, yet nothing it sent was plaintext (issue #12): no frame heard
+        # as plaintext, none dropped.
+        assert group.listener.stats.plaintext == 0
+        assert group.listener.stats.plaintext_dropped == 0
+        assert recording(sb).stats().dropped == 0
         expected = group.listener.client.privacy_code
         assert expected is not None
         assert len(expected) == 30
         session = bot.music.session(sb.guild.id)
         assert session is not None
         assert session.voice.voice_privacy_code == expected
+        # The player held the track for the group rather than have frames withheld as silence.
+        assert session.voice.link_stats.dave_withheld_frames == 0
 
         shown = await alice.invoke("music privacy")
         text = await answer(shown)
@@ -158,7 +166,11 @@ async def test_privacy_with_dave_is_the_listeners_code(dave_sandbox: Sandbox, to
 
         debug = await ada.invoke("music debug")
         await answer(debug)
-        assert fields(debug)["DAVE"] == "protocol 1, encrypting"
+        # The track may have waited for the group (the bot played at once): it was held, never
+        # withheld or sent as plaintext.
+        state, held = fields(debug)["DAVE"].split("\n")
+        assert state == "protocol 1, encrypting"
+        assert re.fullmatch(r"held for the group [01] times \(\d+\.\d s\)", held)
 
 
 async def test_debug_shows_the_loss_the_server_reports(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from tests.fakes.clock import FakeClock, FakeTimer, settle
 from tests.fakes.executor import InlineExecutor
-from tests.fakes.sink import RecordingSink, SinkEvent
+from tests.fakes.sink import GatedSink, RecordingSink, SinkEvent
 from tests.fakes.source import ScriptedOpener, ScriptedSource, ToneSource, frame_id, make_frames
 
 __all__ = [
     "FakeClock",
     "FakeTimer",
+    "GatedSink",
     "InlineExecutor",
     "RecordingSink",
     "ScriptedOpener",

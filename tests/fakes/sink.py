@@ -101,3 +101,34 @@ class RecordingSink:
         for predicate, future in self._waiters:
             if not future.done() and predicate(self):
                 future.set_result(None)
+
+
+class GatedSink(RecordingSink):
+    """A ``RecordingSink`` that is also a ``SendGate``: frames may go out only while ``open``
+    (the voice client while its DAVE group is not in force says no). A frame sent while closed
+    is recorded in ``refused`` as well, so a test sees what a player leaked past the gate."""
+
+    def __init__(self, clock: Clock | None = None, *, open: bool = True) -> None:
+        super().__init__(clock)
+        self._open = asyncio.Event()
+        if open:
+            self._open.set()
+        self.refused: list[bytes] = []
+
+    @property
+    def can_send(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_can_send(self) -> None:
+        await self._open.wait()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def send_frame(self, opus: bytes) -> None:
+        if not self._open.is_set():
+            self.refused.append(opus)
+        super().send_frame(opus)

@@ -18,7 +18,11 @@ import discord.http
 import pytest
 
 from legato.audio.analysis import pcm_to_mono
+from legato.audio.player import GuildPlayer, PlayerState
+from legato.audio.source import FrameSource
+from legato.audio.track import Track
 from legato.sandbox.dave import DAVE_MAGIC_MARKER
+from legato.sandbox.recording import Recording
 from legato.sandbox.voice import DAVE_LISTENER_ID, SandboxVoiceServer
 from legato.voice.gateway import VoiceConnection, VoiceOptions
 from tests.integration.test_dpy_fidelity import (
@@ -34,7 +38,7 @@ from tests.integration.test_dpy_fidelity import (
     SineSource,
 )
 from tests.integration.test_dpy_fidelity import CHANNEL_ID as DPY_CHANNEL_ID
-from tests.integration.voice_support import Player, tone_frames, voice_server
+from tests.integration.voice_support import FRAME_S, Player, tone_frames, voice_server
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +105,82 @@ def _wire_tone_share(frames: list[bytes], freq: float) -> float | None:
     return float(power[np.abs(hz - freq) <= 10.0].sum()) / total if total > 0 else 0.0
 
 
+async def _recording_problems(rec: Recording, tone_frames: int) -> list[str]:
+    """The recording check: what keeps ``rec`` from being the whole tone, heard as a Discord
+    user hears it (frames the listener dropped are lost, not heard)."""
+    problems = []
+    stats = rec.stats()
+    if stats.frames < tone_frames:
+        problems.append(f"heard {stats.frames} frames of {tone_frames}")
+    if stats.gaps:
+        problems.append(f"{stats.gaps} frames lost ({stats.dropped} dropped by the listener)")
+    freq = await asyncio.to_thread(rec.dominant_frequency)
+    if abs(freq - TONE_HZ) > 2.0:
+        problems.append(f"dominant frequency {freq:.1f} Hz, not {TONE_HZ:g} Hz")
+    return problems
+
+
+async def _dpy_plays_a_tone(
+    server: SandboxVoiceServer, http: discord.http.HTTPClient
+) -> tuple[discord.VoiceClient, Recording]:
+    """discord.py's stock client joins the DAVE channel, waits for its group, plays the tone
+    (and its five silence frames) and leaves; the tone's arrival is awaited, heard or not."""
+    loop = asyncio.get_running_loop()
+    state = FakeConnectionState(loop, http)
+    guild = FakeGuild(_Registrar(server))  # type: ignore[arg-type]
+    channel = FakeChannel(guild)
+    guild.channel = channel
+    vc = discord.VoiceClient(FakeClient(state), channel)  # type: ignore[arg-type]
+    guild.voice_client = vc
+    await vc.connect(reconnect=False, timeout=GUARD)
+    await server.wait_event("dave_execute", BOT_ID, timeout=GUARD)
+    finished = asyncio.Event()
+    errors: list[Exception | None] = []
+
+    def after(error: Exception | None) -> None:
+        errors.append(error)
+        loop.call_soon_threadsafe(finished.set)
+
+    vc.play(SineSource(TONE_FRAMES), after=after, fec=False)
+    async with asyncio.timeout(GUARD):
+        await finished.wait()
+    recording = server.recording(BOT_ID)
+    await recording.wait_arrivals(TONE_FRAMES + 5, timeout=GUARD)
+    await vc.disconnect(force=True)
+    await server.wait_event("left", BOT_ID, timeout=GUARD)
+    await asyncio.gather(*guild.tasks)
+    assert errors == [None]
+    return vc, recording
+
+
+async def test_a_client_that_never_encrypts_is_not_heard_and_fails_the_recording_check(
+    dave_server: SandboxVoiceServer,
+    dpy_http: discord.http.HTTPClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A misbehaving peer: discord.py's client patched never to DAVE-encrypt what it sends.
+    monkeypatch.setattr(
+        discord.voice_state.VoiceConnectionState, "can_encrypt", property(lambda self: False)
+    )
+    _, recording = await _dpy_plays_a_tone(dave_server, dpy_http)
+    dave = dave_server.dave_channel(GUILD_ID, DPY_CHANNEL_ID)
+    # Every tone frame arrived as plaintext from a member whose group was in force: dropped and
+    # lost, as Discord's receivers drop them. Only the trailing silence is heard.
+    wire = dave_server.dave_wire_frames(BOT_ID, GUILD_ID)
+    assert len([f for f in wire if f != SILENCE]) == TONE_FRAMES
+    assert not any(f.endswith(DAVE_MAGIC_MARKER) for f in wire)
+    stats = recording.stats()
+    assert stats.dropped == TONE_FRAMES
+    assert stats.frames == 5
+    assert stats.gaps == TONE_FRAMES
+    assert dave.listener.stats.plaintext_dropped == TONE_FRAMES
+    assert dave.listener.stats.plaintext == 0
+    assert dave_server.stats.dave_plaintext_dropped == TONE_FRAMES
+    problems = await _recording_problems(recording, TONE_FRAMES)
+    assert f"heard 5 frames of {TONE_FRAMES}" in problems
+    assert f"{TONE_FRAMES} frames lost ({TONE_FRAMES} dropped by the listener)" in problems
+
+
 async def test_discord_py_plays_with_its_own_dave_and_the_listener_hears_it(
     dave_server: SandboxVoiceServer, dpy_http: discord.http.HTTPClient
 ) -> None:
@@ -153,6 +233,7 @@ async def test_discord_py_plays_with_its_own_dave_and_the_listener_hears_it(
     assert share is None or share < 0.25
     assert dave.listener.stats.decrypted == TONE_FRAMES
     assert dave.server.stats.bad_commits == 0
+    assert await _recording_problems(recording, TONE_FRAMES) == []
 
 
 async def test_a_client_without_dave_is_closed_with_4017(dave_server: SandboxVoiceServer) -> None:
@@ -361,3 +442,86 @@ async def test_invalid_welcome_or_commit_recovers_through_op31(op: int) -> None:
             await Player(conn, frames).play()
             await _assert_heard(server, LEGATO_BOT, len(frames))
             assert len(_encrypted_tone(server, LEGATO_BOT)) >= 0.98 * len(frames)
+
+
+# -- never plaintext while DAVE is negotiated (issue #12, section 3) ----------------------------
+
+
+class _Frames:
+    """A FrameSource serving a fixed list of Opus frames (so a test knows the first one)."""
+
+    passthrough = True
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self._frames = frames
+        self._index = 0
+
+    @property
+    def position(self) -> float:
+        return self._index * FRAME_S
+
+    @property
+    def duration(self) -> float | None:
+        return len(self._frames) * FRAME_S
+
+    def read(self, max_frames: int) -> list[bytes]:
+        out = self._frames[self._index : self._index + max_frames]
+        self._index += len(out)
+        return out
+
+    def seek(self, seconds: float) -> None:
+        self._index = max(0, min(len(self._frames), round(seconds / FRAME_S)))
+
+    def set_volume(self, volume: float) -> None:
+        assert volume == 1.0
+
+    def close(self) -> None:
+        self._index = len(self._frames)
+
+
+@pytest.mark.parametrize("transport", ["udp", "webrtc"])
+async def test_playback_started_before_the_group_is_held_then_heard_from_its_first_frame(
+    transport: str,
+) -> None:
+    frames = tone_frames(1.0)
+
+    async def opener(track: Track, start: float) -> FrameSource:
+        return _Frames(frames)
+
+    async with voice_server(dave_protocol_version=1) as server:
+        server.hold_dave(LEGATO_BOT)  # a slow DAVE group: op4 said DAVE, the group is not there
+        async with legato(server, LEGATO_BOT, transport) as conn:
+            assert not conn.can_send
+            player = GuildPlayer(conn, opener)
+            try:
+                player.queue.add([Track(url="tone", title="tone")])
+                assert player.start()
+                async with asyncio.timeout(GUARD):
+                    await player.wait_for(PlayerState.PLAYING)
+                # The frames are ready and due: the player holds them instead of sending.
+                assert player.stats.holds == 1
+                assert player.stats.frames_sent == 0
+                await server.release_dave(LEGATO_BOT)
+                async with asyncio.timeout(GUARD):
+                    await conn.wait_can_send()
+                    await player.wait_for(PlayerState.IDLE)
+                rec = server.recording(LEGATO_BOT, LEGATO_GUILD)
+                await rec.wait_frames(len(frames) + 5, timeout=GUARD)
+                await rec.wait_speaking(False, timeout=GUARD)
+            finally:
+                await player.close()
+            assert conn.dave.stats.withheld_frames == 0
+            assert conn.dave.stats.passthrough_frames == 0
+    # What the server received: every media frame DAVE-encrypted (Opus silence aside), and it
+    # decrypts to the whole track, first frame first; nothing dropped or lost.
+    wire = [f for f in server.dave_wire_frames(LEGATO_BOT, LEGATO_GUILD) if f != SILENCE]
+    assert len(wire) == len(frames)
+    assert all(f.endswith(DAVE_MAGIC_MARKER) for f in wire)
+    heard = [f for f in rec.opus_frames() if f != SILENCE]
+    assert heard == frames
+    assert rec.opus_frames()[0] == frames[0]
+    stats = rec.stats()
+    assert (stats.gaps, stats.dropped) == (0, 0)
+    assert server.stats.dave_plaintext_dropped == 0
+    assert server.stats.dave_undecryptable == 0
+    assert player.stats.holds == 1  # (how long: exactly, on a fake clock, in test_player_hold)

@@ -46,7 +46,7 @@ def test_binary_framing() -> None:
         parse_client_binary(b"")
 
 
-def test_start_sends_a_key_package_and_stays_plaintext_until_executed() -> None:
+def test_start_sends_a_key_package_and_allows_no_media_until_executed() -> None:
     client = DaveClient(BOT_ID, CHANNEL_ID)
     assert client.max_protocol_version == MAX_PROTOCOL_VERSION == 1
     out = client.start(1)
@@ -57,15 +57,39 @@ def test_start_sends_a_key_package_and_stays_plaintext_until_executed() -> None:
     assert client.protocol_version == 0
     assert not client.encrypting
     assert client.privacy_code is None
+    # DAVE is negotiated: before the group is in force no plaintext goes out (issue #12).
+    assert not client.media_allowed
     frame = opus_like(1)
-    assert client.encrypt(frame) == frame
-    assert client.stats.passthrough_frames == 1
+    assert client.encrypt(frame) == OPUS_SILENCE
+    assert client.encrypt(OPUS_SILENCE) == OPUS_SILENCE
+    assert client.stats.withheld_frames == 1
+    assert client.stats.passthrough_frames == 0
+
+
+def test_media_is_allowed_once_the_first_transition_executes() -> None:
+    net = DaveNet.make()
+    bot = DaveClient(BOT_ID, CHANNEL_ID)
+    net.clients[BOT_ID] = bot
+    net.hold(BOT_ID)  # op25 and the welcome wait, as on a slow link
+    first = bot.start(net.channel.server.session_protocol_version)
+    net.deliver(net.channel.join(BOT_ID))
+    net.send(BOT_ID, first)
+    assert not bot.media_allowed
+    assert bot.encrypt(opus_like(1)) == OPUS_SILENCE
+    net.release(BOT_ID)
+    assert bot.protocol_version == 1
+    assert bot.media_allowed
+    wire = bot.encrypt(opus_like(2))
+    assert net.channel.listener.decrypt(BOT_ID, wire) == opus_like(2)
+    assert bot.stats.withheld_frames == 1
+    assert bot.stats.passthrough_frames == 0
 
 
 def test_protocol_zero_makes_no_session() -> None:
     client = DaveClient(BOT_ID, CHANNEL_ID)
     assert client.start(0) == []
     assert client.session is None
+    assert client.media_allowed
     # Binary DAVE ops without a session are ignored, not errors.
     assert client.receive_binary(OP_MLS_EXTERNAL_SENDER, b"\x00") == []
     assert client.encrypt(b"\xfc\x01") == b"\xfc\x01"
@@ -82,8 +106,14 @@ def test_downgrade_transition_is_acknowledged_then_executed() -> None:
     assert bot.encrypt(opus_like(2)) != opus_like(2)
     assert bot.receive_json(OP_EXECUTE_TRANSITION, {"transition_id": 77}) == []
     assert bot.protocol_version == 0
+    # The downgrade's window: plaintext is what the protocol expects now.
+    assert bot.media_allowed
     assert bot.encrypt(opus_like(2)) == opus_like(2)
     assert bot.privacy_code is None
+    # The upgrade back announces a new group: plaintext goes on until it executes.
+    bot.receive_json(OP_PREPARE_EPOCH, {"epoch": 1, "protocol_version": 1})
+    assert bot.media_allowed
+    assert bot.encrypt(opus_like(3)) == opus_like(3)
 
 
 def test_execute_before_prepare_is_applied_when_prepared() -> None:
@@ -124,6 +154,7 @@ def test_silence_is_not_encrypted_and_rejoining_withholds_plaintext() -> None:
     out = bot.receive_json(OP_PREPARE_EPOCH, {"epoch": 1, "protocol_version": 1})
     assert [o.op for o in out] == [OP_MLS_KEY_PACKAGE]
     assert not bot.encrypting
+    assert not bot.media_allowed
     assert bot.encrypt(opus_like(3)) == OPUS_SILENCE
     assert bot.stats.withheld_frames == 1
 

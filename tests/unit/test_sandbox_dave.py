@@ -14,11 +14,12 @@ from legato.voice.dave import (
     OP_MLS_WELCOME,
     OP_PREPARE_EPOCH,
     OP_PREPARE_TRANSITION,
+    OPUS_SILENCE,
     DaveClient,
     SendBinary,
     SendJson,
 )
-from tests.dave_net import BOT_ID, LISTENER_ID, DaveNet, opus_like
+from tests.dave_net import BOT_ID, CHANNEL_ID, LISTENER_ID, DaveNet, opus_like
 
 OTHER_ID = 1_100_000_000_000_000_200
 THIRD_ID = 1_100_000_000_000_000_300
@@ -218,9 +219,44 @@ def test_downgrade_to_plaintext_and_back() -> None:
     wire = bot.encrypt(frame)
     assert wire != frame
     assert net.channel.listener.decrypt(BOT_ID, wire) == frame
-    # Every frame sent through both transitions was heard (plaintext while at protocol 0).
+    # Every frame sent through both transitions was heard (plaintext while at protocol 0, and
+    # in the upgrade's window: the listener executes it before the bot's op22 arrives).
     assert stream.gaps() == 0
     assert net.channel.listener.stats.plaintext > 0
+    assert net.channel.listener.stats.plaintext_dropped == 0
+
+
+def test_plaintext_from_a_member_whose_group_is_in_force_is_dropped() -> None:
+    net = DaveNet.make()
+    listener = net.channel.listener
+    bot = DaveClient(BOT_ID, CHANNEL_ID)
+    net.clients[BOT_ID] = bot
+    net.hold(BOT_ID)
+    bot_first = bot.start(net.channel.server.session_protocol_version)
+    net.deliver(net.channel.join(BOT_ID))
+    net.send(BOT_ID, bot_first)
+    # No group is in force yet (the listener is alone): plaintext is what the protocol carries.
+    assert listener.decrypt(BOT_ID, opus_like(0)) == opus_like(0)
+    net.release(BOT_ID)
+    assert bot.encrypting
+    # The group is in force: plaintext from its member is dropped, as Discord's receivers do...
+    assert listener.decrypt(BOT_ID, opus_like(1)) is None
+    # ...and from a sender outside the group too (no decryptor for it).
+    assert listener.decrypt(OTHER_ID, opus_like(2)) is None
+    assert listener.decrypt(BOT_ID, OPUS_SILENCE) == OPUS_SILENCE
+    assert listener.decrypt(BOT_ID, bot.encrypt(opus_like(3))) == opus_like(3)
+    assert listener.stats.plaintext == 1
+    assert listener.stats.plaintext_dropped == 2
+    assert listener.stats.failed == 0
+    # A downgrade opens the window: from its prepare (op21) plaintext is heard again.
+    net.hold(BOT_ID)
+    net.deliver(net.channel.downgrade())
+    assert net.listener.protocol_version == 1  # prepared, not executed: the bot is not ready
+    assert listener.decrypt(BOT_ID, opus_like(4)) == opus_like(4)
+    net.release(BOT_ID)
+    assert net.listener.protocol_version == 0
+    assert listener.decrypt(BOT_ID, opus_like(5)) == opus_like(5)
+    assert listener.stats.plaintext_dropped == 2
 
 
 def test_alone_with_no_dave_member_there_is_no_group() -> None:

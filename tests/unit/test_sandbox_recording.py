@@ -37,6 +37,27 @@ def test_a_missing_packet_is_a_gap_and_silence_in_the_pcm() -> None:
     assert len(rec.pcm()) == 4 * FRAME_BYTES
 
 
+async def test_a_dropped_packet_is_lost_not_heard() -> None:
+    rec = Recording(1, 2)
+    rec.add_lost(arrival=0.0, ssrc=SSRC, sequence=0, timestamp=0)
+    fill(rec, [1, 2])
+    rec.add_lost(arrival=0.06, ssrc=SSRC, sequence=3, timestamp=3 * 960)
+    rec.add_lost(arrival=0.07, ssrc=SSRC, sequence=3, timestamp=3 * 960)  # a duplicate
+    fill(rec, [4])
+    stats = rec.stats()
+    assert (stats.frames, stats.dropped, stats.gaps, stats.duplicates) == (3, 2, 2, 1)
+    assert stats.timestamp_errors == 0
+    assert rec.missing_packets() == [(SSRC, 0), (SSRC, 3)]
+    assert rec.opus_frames() == [OPUS_SILENCE] * 3
+    assert len(rec.pcm()) == 5 * FRAME_BYTES  # the lost ones are silence on the timeline
+    reception = rec.reception(SSRC)
+    assert reception is not None
+    # RTP-wise they arrived: the RTCP figures do not count them lost.
+    assert (reception.received, reception.expected) == (5, 5)
+    await rec.wait_arrivals(5, timeout=1.0)
+    await rec.wait_frames(3, timeout=1.0)
+
+
 def test_duplicates_and_reordering() -> None:
     rec = Recording(1, 2)
     fill(rec, [0, 2, 1, 1, 3])
