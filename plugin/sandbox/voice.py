@@ -54,7 +54,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from aiohttp import WSMsgType, web
 
@@ -87,6 +87,10 @@ from legato.voice.rtp import (
     parse_rtcp,
     parse_rtp,
 )
+
+if TYPE_CHECKING:
+    # Typing only: aiortc is imported lazily, where the webrtc path needs it.
+    from legato.voice.transport.aiortc_compat import DtlsCertificate
 
 _log = logging.getLogger(__name__)
 
@@ -197,9 +201,10 @@ class VoiceEvent:
     ``kind`` is one of ``"identify"``, ``"resume"``, ``"select_protocol"``, ``"closed"`` (``code``
     is the close code, None when the TCP connection just ended), ``"left"``, with DAVE
     ``"dave_execute"`` (op22 sent to the user) and ``"dave_invalid"`` (the user sent op31), and
-    with the Spacebar profile ``"resume_refused"`` (an op7, closed 4003; the user is the one its
-    token names), ``"dtls_connected"``, ``"streams_published"`` (an op12 answered) and
-    ``"streams_dropped"`` (an op12 DTLS did not follow in time).
+    ``"dtls_connected"`` (a webrtc peer's DTLS is up), and with the Spacebar profile
+    ``"resume_refused"`` (an op7, closed 4003; the user is the one its token names),
+    ``"streams_published"`` (an op12 answered) and ``"streams_dropped"`` (an op12 DTLS did not
+    follow in time).
     ``by_server`` says who closed (``"closed"`` only).
     """
 
@@ -425,7 +430,7 @@ class SandboxVoiceServer:
         self.events: list[VoiceEvent] = []
         self.certificate: SelfSignedCert | None = None
         #: The one DTLS certificate of every WebRTC peer (RSA profiles); None: one each.
-        self.dtls_certificate: Any = None
+        self.dtls_certificate: DtlsCertificate | None = None
 
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -1235,6 +1240,8 @@ class SandboxVoiceServer:
             async with asyncio.timeout(window):
                 await session.dtls_connected.wait()
         except TimeoutError:
+            if session.ended:
+                return  # a new identify replaced the session: nothing to drop
             self.stats.streams_dropped += 1
             _log.info("op12 %.1f s before DTLS: dropped (Spacebar profile)", window)
             self._event("streams_dropped", session.grant)

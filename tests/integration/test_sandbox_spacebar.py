@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +25,13 @@ from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice import sdp
 from legato.voice.gateway import websocket_url
 from legato.voice.transport.webrtc import WebRtcTransport
-from tests.integration.test_sandbox_voice import ALICE, GUARD, ScriptedClient, tone_frames
+from tests.integration.test_sandbox_voice import (
+    ALICE,
+    GUARD,
+    GUILD,
+    ScriptedClient,
+    tone_frames,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -212,6 +220,41 @@ async def test_the_endpoint_is_plain_ws(server: SandboxVoiceServer) -> None:
     assert server.url.startswith("ws://")
     assert "://" not in server.endpoint  # host:port, as Spacebar hands it out
     assert websocket_url(server.endpoint, 6) == f"ws://{server.endpoint}/?v=6"
+
+
+async def test_the_command_line_voice_server_plays_spacebar(http: aiohttp.ClientSession) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "legato.sandbox",
+        "voice",
+        "--profile",
+        "spacebar",
+        "--session",
+        f"{GUILD}:{ALICE}:sA",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(GUARD):
+            while not lines or not lines[-1].startswith("Ctrl-C"):
+                lines.append((await proc.stdout.readline()).decode())
+        url = lines[0].split()[-1]
+        assert url.startswith("ws://")
+        assert url.endswith("/?v=6")
+        token = lines[2].split()[-1]
+        ws = await http.ws_connect(url)
+        assert await ws.receive_json() == {"op": 8, "d": {"heartbeat_interval": 13750.0}}
+        d = {"server_id": str(GUILD), "session_id": "sA", "token": token}
+        await ws.send_json({"op": 7, "d": d})
+        await ws.receive()
+        assert ws.close_code == 4003
+        await ws.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(GUARD):
+            assert await proc.wait() == 0
 
 
 def test_the_command_line_takes_a_profile() -> None:

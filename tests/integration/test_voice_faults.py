@@ -255,6 +255,9 @@ async def test_drops_from_spacebar_reidentify_at_once_and_resume_is_not_tried_ag
         assert kinds.count("identify") == 3
         assert "resume" not in kinds
         assert (vc.reconnects, vc.resumes) == (3, 1)
+        # Spacebar's op11 object (one a session) is counted as malformed and nothing more.
+        assert vc.connection is not None
+        assert vc.connection.gateway_stats.malformed == 3
         # Three sessions, three SSRCs; within each, no gap; audio back within 1 s of each drop,
         # measured between the recorded arrivals on either side of it.
         heard = vc.stats.frames_sent - server.stats.unpublished_packets
