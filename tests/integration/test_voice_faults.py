@@ -275,6 +275,44 @@ async def test_drops_from_spacebar_reidentify_at_once_and_resume_is_not_tried_ag
         assert voice_tasks() == []
 
 
+async def test_a_refused_resume_is_remembered_per_endpoint() -> None:
+    # After a move the new endpoint is tried with op7 once (a refusal from the old one says
+    # nothing of it); each endpoint refuses once, and later drops there go straight to identify.
+    async with (
+        voice_server(profile="spacebar") as server,
+        connection(server, transport="webrtc", gateway_version=6) as conn,
+    ):
+        player = Player(conn, tone_frames(6.0))
+        playing = asyncio.create_task(player.play())
+        identified = 1
+
+        async def drop_at(frame: int) -> None:
+            nonlocal identified
+            await player.wait_sent(frame)
+            await server.inject_drop(BOT_ID)
+            identified += 1
+            await server.wait_identified(BOT_ID, count=identified, timeout=20)
+
+        try:
+            await drop_at(FAULT_AT_FRAME)
+            await drop_at(2 * FAULT_AT_FRAME)
+            await player.wait_sent(3 * FAULT_AT_FRAME)
+            new_endpoint = await server.move(BOT_ID)
+            token = server.register_session(server_id=GUILD_ID, user_id=BOT_ID, session_id="sess")
+            conn.update_server(new_endpoint, token)
+            identified += 1
+            await server.wait_identified(BOT_ID, count=identified, timeout=20)
+            await drop_at(4 * FAULT_AT_FRAME)
+            await drop_at(5 * FAULT_AT_FRAME)
+        finally:
+            await playing
+        refused = [e.endpoint for e in server.events if e.kind == "resume_refused"]
+        assert refused == [server.endpoint, new_endpoint]
+        assert conn.resumes == 2
+        assert conn.is_connected()
+        assert conn.endpoint == new_endpoint
+
+
 async def test_reconnect_gives_up_with_a_clear_error() -> None:
     server = SandboxVoiceServer(heartbeat_interval=0.5)
     await server.start()
