@@ -5,6 +5,8 @@ Subcommands:
              checks pass.
     discord  the whole sandbox Discord (gateway, REST, voice), for pointing a bot at it.
     voice    the voice server alone; ``--session SERVER:USER:SESSION`` prints a token to use.
+
+``voice`` and ``discord`` take ``--profile spacebar`` to play a self-hosted Spacebar voice server.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from legato.config import ENV_CONFIG, load_config
 from legato.errors import ConfigError
+from legato.sandbox.profiles import PROFILES
 from legato.sandbox.relay import RelayOptions
 from legato.sandbox.voice import DEFAULT_HEARTBEAT_INTERVAL, SandboxVoiceServer
 
@@ -60,9 +63,11 @@ async def _run_voice(args: argparse.Namespace) -> int:
         tls=args.tls,
         heartbeat_interval=args.heartbeat_interval,
         relay=relay,
+        profile=args.profile,
     )
     async with server:
-        print(f"voice sandbox: endpoint {server.endpoint}  url {server.url}/?v=8")
+        version = server.profile.version or 8
+        print(f"voice sandbox: endpoint {server.endpoint}  url {server.url}/?v={version}")
         print(f"media (udp): {args.host}:{server.udp_port}")
         if relay is not None:
             print(
@@ -150,14 +155,14 @@ async def _run_demo(args: argparse.Namespace) -> int:
 async def _run_discord(args: argparse.Namespace) -> int:
     from legato.sandbox.server import Sandbox
 
-    async with Sandbox() as sb:
+    async with Sandbox(voice_options={"profile": args.profile}) as sb:
         listeners = [sb.add_user(name) for name in args.user]
         print("sandbox Discord: running (Ctrl-C stops it)")
         print(f"  API base         {sb.api_base}")
         print(f"  gateway          {sb.gateway_url}")
         print(f"  bot token        {sb.bot_token}")
         print(f"  bot user id      {sb.bot.id} ({sb.bot.name}); application id {sb.application_id}")
-        print(f"  voice endpoint   {sb.voice_server.endpoint}")
+        print(f"  voice endpoint   {sb.voice_server.endpoint} ({args.profile} profile)")
         print(f"  guild            {sb.guild.id} ({sb.guild.name})")
         for handle in sb.guilds:
             for channel in (*handle.text_channels.values(), *handle.voice_channels.values()):
@@ -179,6 +184,16 @@ async def _run_discord(args: argparse.Namespace) -> int:
         )
         await asyncio.Event().wait()
     return 0
+
+
+def _add_profile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default="discord",
+        help="which voice server to play: Discord's, or a self-hosted Spacebar "
+        "(v6, webrtc only, no resume, ws://)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with the relay: swap this fraction of RTP packets with the next one",
     )
     voice.add_argument("--seed", type=int, default=0, help="the relay's random seed (0)")
+    _add_profile(voice)
     voice.set_defaults(run=_run_voice)
 
     demo = commands.add_parser("demo", help="run Legato end to end against the sandbox")
@@ -247,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     discord.add_argument(
         "--user", action="append", default=[], help="add a member with this name (repeatable)"
     )
+    _add_profile(discord)
     discord.set_defaults(run=_run_discord)
     return parser
 

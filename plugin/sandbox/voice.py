@@ -30,6 +30,10 @@ Choices where Discord's behaviour is not public:
   from the recording. LSR/DLSR are 0 (the sandbox does not track the client's sender reports).
 - ``relay=RelayOptions(...)`` puts a :class:`~legato.sandbox.relay.LossyRelay` in front of the
   media socket (loss and reordering of the clients' RTP); op2 then names the relay's port.
+- ``profile="spacebar"`` plays a self-hosted Spacebar server instead of Discord's
+  (:mod:`legato.sandbox.profiles` lists each difference): v6 only, no op7 (4003), integer
+  heartbeats (4002 otherwise), op1's top-level ``sdp``, op12 answered only once DTLS is
+  connected, one RSA DTLS certificate, ``ws://`` only, op11 as ``{"user_ids": {}}``.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from aiohttp import WSMsgType, web
 
+from legato.errors import TransportError
 from legato.sandbox.dave import DaveChannel, Deliver
+from legato.sandbox.profiles import VoiceProfile, voice_profile
 from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.relay import LossyRelay, RelayOptions
 from legato.sandbox.tls import SelfSignedCert, make_self_signed_cert
@@ -81,6 +87,10 @@ from legato.voice.rtp import (
     parse_rtcp,
     parse_rtp,
 )
+
+if TYPE_CHECKING:
+    # Typing only: aiortc is imported lazily, where the webrtc path needs it.
+    from legato.voice.transport.aiortc_compat import DtlsCertificate
 
 _log = logging.getLogger(__name__)
 
@@ -158,6 +168,11 @@ class ServerStats:
             in force, outside any passthrough window (recorded as lost, as Discord's receivers
             drop them).
         dave_bad_binary: Binary frames too short to carry an op.
+        ignored_payloads: Messages dropped unanswered, without a close (the Spacebar profile's
+            op1 without a top-level ``sdp``).
+        streams_dropped: op12s dropped because DTLS did not follow in time (Spacebar profile).
+        unpublished_packets: WebRTC audio packets dropped because no accepted op12 announced
+            their SSRC (Spacebar profile).
     """
 
     connections: int = 0
@@ -178,6 +193,9 @@ class ServerStats:
     dave_undecryptable: int = 0
     dave_plaintext_dropped: int = 0
     dave_bad_binary: int = 0
+    ignored_payloads: int = 0
+    streams_dropped: int = 0
+    unpublished_packets: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,8 +203,12 @@ class VoiceEvent:
     """Something that happened on the voice gateway, in order.
 
     ``kind`` is one of ``"identify"``, ``"resume"``, ``"select_protocol"``, ``"closed"`` (``code``
-    is the close code, None when the TCP connection just ended), ``"left"``, and with DAVE
-    ``"dave_execute"`` (op22 sent to the user) and ``"dave_invalid"`` (the user sent op31).
+    is the close code, None when the TCP connection just ended), ``"left"``, with DAVE
+    ``"dave_execute"`` (op22 sent to the user) and ``"dave_invalid"`` (the user sent op31), and
+    ``"dtls_connected"`` (a webrtc peer's DTLS is up), and with the Spacebar profile
+    ``"resume_refused"`` (an op7, closed 4003; the user is the one its token names),
+    ``"streams_published"`` (an op12 answered) and ``"streams_dropped"`` (an op12 DTLS did not
+    follow in time).
     ``by_server`` says who closed (``"closed"`` only).
     """
 
@@ -266,6 +288,10 @@ class _Session:
     ended: bool = False
     client_address: tuple[str, int] | None = None
     peer: Any = None
+    #: Set once the WebRTC peer's DTLS is connected (the Spacebar profile's op12 waits for it).
+    dtls_connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: SSRCs an answered op12 announced: the only ones recorded under the Spacebar profile.
+    published: set[int] = field(default_factory=set)
     #: ``(expected, received)`` at the last receiver report (RFC 3550 A.3's prior values).
     reported: tuple[int, int] = (0, 0)
 
@@ -354,9 +380,12 @@ class SandboxVoiceServer:
         relay: Put a lossy relay in front of the media socket (:mod:`legato.sandbox.relay`);
             op2 names the relay's port, :attr:`relay` gives its counts.
         rtcp_interval: Seconds between receiver reports to ``udp`` users; None sends none.
+        profile: ``"discord"`` or ``"spacebar"`` (or a
+            :class:`~legato.sandbox.profiles.VoiceProfile`): which server to play.
 
     Raises:
-        ValueError: a mode is not one :mod:`legato.voice.crypto` implements.
+        ValueError: a mode is not one :mod:`legato.voice.crypto` implements, the profile is
+            unknown, or it cannot serve ``tls`` or DAVE (Spacebar: neither).
     """
 
     def __init__(
@@ -373,7 +402,13 @@ class SandboxVoiceServer:
         strict_v6: bool = False,
         relay: RelayOptions | None = None,
         rtcp_interval: float | None = DEFAULT_RTCP_INTERVAL,
+        profile: str | VoiceProfile = "discord",
     ) -> None:
+        self.profile = voice_profile(profile)
+        if tls and not self.profile.tls:
+            raise ValueError(f"the {self.profile.name} profile serves ws:// only")
+        if dave_protocol_version and not self.profile.dave:
+            raise ValueError(f"the {self.profile.name} profile has no DAVE")
         self.host = host
         self.tls = tls
         self.modes: tuple[str, ...] = tuple(DEFAULT_MODES if modes is None else modes)
@@ -386,7 +421,7 @@ class SandboxVoiceServer:
         self.heartbeat_timeout = (
             max(3 * heartbeat_interval, 5.0) if heartbeat_timeout is None else heartbeat_timeout
         )
-        self.strict_v6 = strict_v6
+        self.strict_v6 = strict_v6 or self.profile.version is not None
         if rtcp_interval is not None and not rtcp_interval > 0:
             raise ValueError(f"rtcp_interval must be positive or None, not {rtcp_interval!r}")
         self.rtcp_interval = rtcp_interval
@@ -398,6 +433,8 @@ class SandboxVoiceServer:
         #: Every gateway event in order (see :class:`VoiceEvent`).
         self.events: list[VoiceEvent] = []
         self.certificate: SelfSignedCert | None = None
+        #: The one DTLS certificate of every WebRTC peer (RSA profiles); None: one each.
+        self.dtls_certificate: DtlsCertificate | None = None
 
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -447,6 +484,8 @@ class SandboxVoiceServer:
         if self.tls:
             self.certificate = make_self_signed_cert((self.host, "localhost"))
             self._ssl = self.certificate.server_context()
+        if self.profile.dtls_key_type == "rsa":
+            await self._make_dtls_certificate()
         app = web.Application()
         app.router.add_get("/", self._handle_ws)
         self._runner = web.AppRunner(
@@ -455,6 +494,19 @@ class SandboxVoiceServer:
         await self._runner.setup()
         await self._add_listener(self._port)
         _log.info("voice sandbox on %s (udp %s:%d)", self.url, self.host, self._udp_port)
+
+    async def _make_dtls_certificate(self) -> None:
+        """One RSA certificate for every peer, as a medooze media server holds: made once here
+        (RSA 2048 generation is CPU work, off the loop), not on every (re)connect."""
+        try:
+            module = importlib.import_module("legato.sandbox.webrtc")
+        except ImportError:
+            return  # no aiortc: webrtc is refused anyway
+        loop = asyncio.get_running_loop()
+        key_type = self.profile.dtls_key_type
+        self.dtls_certificate = await loop.run_in_executor(
+            None, module.DtlsCertificate.generate, key_type
+        )
 
     async def _add_listener(self, port: int) -> str:
         assert self._runner is not None, "start() first"
@@ -766,6 +818,8 @@ class SandboxVoiceServer:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         endpoint = f"{self.host}:{sockname[1]}" if sockname else self.endpoint
         version = _parse_version(request.query.get("v"))
+        if version is not None and self.profile.version is not None:
+            version = self.profile.version  # Spacebar speaks v6 whatever ?v= asks for
         conn = _Connection(ws, request.transport, version or 0, endpoint)
         self._connections.add(conn)
         self.stats.connections += 1
@@ -773,10 +827,10 @@ class SandboxVoiceServer:
             if version is None:
                 await self._close(conn, CLOSE_BAD_REQUEST, "unsupported gateway version")
                 return ws
-            await self._send_raw(
-                conn,
-                {"op": 8, "d": {"v": version, "heartbeat_interval": self.heartbeat_interval * 1e3}},
-            )
+            hello: dict[str, Any] = {"heartbeat_interval": self.heartbeat_interval * 1e3}
+            if self.profile.hello_version:
+                hello = {"v": version, **hello}
+            await self._send_raw(conn, {"op": 8, "d": hello})
             self._arm_watchdog(conn)
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
@@ -880,6 +934,11 @@ class SandboxVoiceServer:
             return
         op: int = msg["op"]
         d = msg.get("d")
+        if self.profile.identify_first and op != 0 and conn.session is None:
+            if op == 7:
+                self._event("resume_refused", self._grant_of(d), endpoint=conn.endpoint)
+            await self._close(conn, CLOSE_NOT_AUTHENTICATED, f"op {op} before identify")
+            return
         handler = self._handlers.get(op)
         if handler is None:
             if op in _IGNORED_OPS and conn.session is not None:
@@ -898,6 +957,11 @@ class SandboxVoiceServer:
             self.stats.bad_payloads += 1
             _log.info("bad op %d payload: %s", op, type(exc).__name__)
             await self._close(conn, CLOSE_DECODE_ERROR, f"invalid op {op} payload")
+
+    def _grant_of(self, d: Any) -> _Grant | None:
+        """The grant a payload's ``token`` names, if any (for the event log only)."""
+        token = d.get("token") if isinstance(d, dict) else None
+        return self._grants.get(token) if isinstance(token, str) else None
 
     # -- ops -------------------------------------------------------------------------------------
 
@@ -947,11 +1011,19 @@ class SandboxVoiceServer:
             },
         )
         others = self._members(server_id, exclude=session)
-        if others:
-            await self._send(session, 11, {"user_ids": [str(o.grant.user_id) for o in others]})
-        if previous is None:
-            for other in others:
-                await self._send(other, 11, {"user_ids": [str(user_id)]})
+        if self.profile.clients_connect_object:
+            # Spacebar's op11: an object where Discord has a list, sent even to a lone user.
+            await self._send(session, 11, {"user_ids": {}})
+            if previous is None:
+                for other in others:
+                    await self._send(other, 11, {"user_ids": {}})
+        else:
+            if others:
+                ids = [str(o.grant.user_id) for o in others]
+                await self._send(session, 11, {"user_ids": ids})
+            if previous is None:
+                for other in others:
+                    await self._send(other, 11, {"user_ids": [str(user_id)]})
         self._event("identify", grant, endpoint=conn.endpoint)
 
     async def _op_resume(self, conn: _Connection, d: Any) -> None:
@@ -1018,6 +1090,10 @@ class SandboxVoiceServer:
         session = conn.session
         assert session is not None
         protocol = d["protocol"]
+        if protocol == "udp" and not self.profile.udp:
+            code = self.profile.udp_close_code
+            await self._close(conn, code, "only webrtc protocol supported currently")
+            return
         if protocol == "udp":
             data = d["data"]
             mode = data.get("mode") or d.get("mode")
@@ -1051,7 +1127,15 @@ class SandboxVoiceServer:
         self._event("select_protocol", session.grant, endpoint=conn.endpoint)
 
     async def _select_webrtc(self, conn: _Connection, session: _Session, d: Any) -> bool:
-        fragment = d.get("sdp") or d.get("data")
+        if self.profile.op1_reads_sdp_only:
+            fragment = d.get("sdp")
+            if not isinstance(fragment, str):
+                # Spacebar's schema check throws; the error is logged and nothing answers.
+                self.stats.ignored_payloads += 1
+                _log.info("op1 webrtc without a top-level sdp: ignored (Spacebar profile)")
+                return False
+        else:
+            fragment = d.get("sdp") or d.get("data")
         if not isinstance(fragment, str):
             raise TypeError("webrtc offer fragment")
         codecs = d.get("codecs") or []
@@ -1063,15 +1147,26 @@ class SandboxVoiceServer:
             return False
         await self._close_peer(session)
 
+        gated = self.profile.streams_after_dtls is not None
+
         def on_rtp(ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
+            if gated and ssrc not in session.published:
+                self.stats.unpublished_packets += 1
+                return
             self.stats.rtp_packets += 1
             self._record(
                 session, asyncio.get_running_loop().time(), ssrc, sequence, timestamp, opus
             )
 
-        peer = module.WebRtcServerPeer(self.host, on_rtp=on_rtp)
+        peer = module.WebRtcServerPeer(
+            self.host,
+            on_rtp=on_rtp,
+            key_type=self.profile.dtls_key_type,
+            certificate=self.dtls_certificate,
+        )
         session.peer = peer
-        await self._send(session, 15, {"any": 100})
+        if not gated:
+            await self._send(session, 15, {"any": 100})
         try:
             sdp = await peer.accept(fragment, list(codecs))
         except Exception:  # noqa: BLE001 - any failure of the peer ends this connection, logged
@@ -1080,19 +1175,27 @@ class SandboxVoiceServer:
             return False
         session.protocol, session.mode = "webrtc", None
         session.media_session_id = secrets.token_hex(16)
-        await self._send(
-            session,
-            4,
-            {
-                "sdp": sdp,
-                "audio_codec": "opus",
-                "video_codec": "H264",
-                "media_session_id": session.media_session_id,
-                "dave_protocol_version": self._dave_version(session),
-            },
-        )
+        op4: dict[str, Any] = {
+            "sdp": sdp,
+            "audio_codec": "opus",
+            "video_codec": "H264",
+            "media_session_id": session.media_session_id,
+        }
+        if self.profile.session_description_dave:
+            op4["dave_protocol_version"] = self._dave_version(session)
+        await self._send(session, 4, op4)
+        self._spawn(self._watch_dtls(session, peer))
         await self._dave_join(session)
         return True
+
+    async def _watch_dtls(self, session: _Session, peer: Any) -> None:
+        try:
+            await peer.wait_connected()
+        except TransportError:
+            return  # failed or closed (a new session replaced it): nothing is published
+        if session.peer is peer and not session.ended:
+            session.dtls_connected.set()
+            self._event("dtls_connected", session.grant)
 
     async def _op_speaking(self, conn: _Connection, d: Any) -> None:
         session = conn.session
@@ -1114,6 +1217,11 @@ class SandboxVoiceServer:
         session = conn.session
         assert session is not None
         audio_ssrc = int(d.get("audio_ssrc") or 0)
+        window = self.profile.streams_after_dtls
+        if window is not None:
+            # Held, not awaited: the connection's other messages (heartbeats) go on meanwhile.
+            self._spawn(self._publish_after_dtls(session, audio_ssrc, dict(d), window))
+            return
         if audio_ssrc:
             session.recording.note_ssrc(audio_ssrc)
             if audio_ssrc != session.ssrc:
@@ -1121,6 +1229,31 @@ class SandboxVoiceServer:
         relay = {**d, "user_id": str(session.grant.user_id)}
         for other in self._members(session.grant.server_id, exclude=session):
             await self._send(other, 12, relay)
+
+    async def _publish_after_dtls(
+        self, session: _Session, audio_ssrc: int, d: dict[str, Any], window: float
+    ) -> None:
+        """Spacebar publishes a client's audio on op12, and only once DTLS is connected."""
+        try:
+            async with asyncio.timeout(window):
+                await session.dtls_connected.wait()
+        except TimeoutError:
+            if session.ended:
+                return  # a new identify replaced the session: nothing to drop
+            self.stats.streams_dropped += 1
+            _log.info("op12 %.1f s before DTLS: dropped (Spacebar profile)", window)
+            self._event("streams_dropped", session.grant)
+            return
+        if session.ended:
+            return
+        if audio_ssrc:
+            session.published.add(audio_ssrc)
+            session.recording.note_ssrc(audio_ssrc)
+        await self._send(session, 15, {"any": 100})
+        relay = {**d, "user_id": str(session.grant.user_id)}
+        for other in self._members(session.grant.server_id, exclude=session):
+            await self._send(other, 12, relay)
+        self._event("streams_published", session.grant)
 
     async def _op_dave_transition_ready(self, conn: _Connection, d: Any) -> None:
         await self._on_dave_json(conn, 23, d)

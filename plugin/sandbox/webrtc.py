@@ -49,12 +49,22 @@ class WebRtcServerPeer:
             into aiortc.
         key_type: The DTLS certificate's key: ``"ecdsa"`` (browsers, aiortc) or ``"rsa"``
             (medooze-based servers; only clients offering RSA suites can connect).
+        certificate: Use this certificate (a server's one, shared by its peers) instead of
+            generating one of ``key_type``.
     """
 
-    def __init__(self, host: str, on_rtp: RtpCallback, *, key_type: KeyType = "ecdsa") -> None:
+    def __init__(
+        self,
+        host: str,
+        on_rtp: RtpCallback,
+        *,
+        key_type: KeyType = "ecdsa",
+        certificate: DtlsCertificate | None = None,
+    ) -> None:
         self._host = host
         self._on_rtp = on_rtp
         self._key_type: KeyType = key_type
+        self._certificate = certificate
         self._pc: RTCPeerConnection | None = None
         self._payload_type: int | None = None
         self._connected = asyncio.Event()
@@ -93,7 +103,9 @@ class WebRtcServerPeer:
         self._payload_type = pt
         loop = asyncio.get_running_loop()
         # Key generation (RSA especially) is CPU work: keep it off the event loop.
-        certificate = await loop.run_in_executor(None, DtlsCertificate.generate, self._key_type)
+        certificate = self._certificate
+        if certificate is None:
+            certificate = await loop.run_in_executor(None, DtlsCertificate.generate, self._key_type)
         pc = RTCPeerConnection()
         use_certificate(pc, certificate)
         self._pc = pc

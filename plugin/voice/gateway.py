@@ -283,6 +283,10 @@ class VoiceConnection:
         #: Websocket connects and resumes of the cores replaced so far (see ``_renew_core``).
         self._retired_connects = 0
         self._retired_resumes = 0
+        #: The endpoint the current core was made for, and whether it resumes (op7): a 4003
+        #: answering op7 clears that for as long as we talk to that endpoint.
+        self._core_endpoint = self._endpoint
+        self._resume_supported = True
         self._core = self._new_core()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -733,13 +737,21 @@ class VoiceConnection:
                 await timer
 
     def _renew_core(self) -> None:
-        """Start a fresh gateway core, keeping the old one's reconnect counts."""
+        """Start a fresh gateway core, keeping the old one's reconnect counts.
+
+        Whether the server resumes is kept too, unless :meth:`update_server` moved us to
+        another endpoint (which starts out trusted again).
+        """
         self._retired_connects += self._core.stats.connects
         self._retired_resumes += self._core.stats.resumes
+        # A refusal from the old server says nothing of a new one.
+        same_server = self._core_endpoint == self._endpoint
+        self._resume_supported = self._core.resume_supported if same_server else True
         self._core = self._new_core()
 
     def _new_core(self) -> VoiceGatewayCore:
         name = self._transports[0]
+        self._core_endpoint = self._endpoint
         return VoiceGatewayCore(
             str(self._server_id),
             str(self._user_id),
@@ -752,6 +764,7 @@ class VoiceConnection:
             # Giving up is bounded by options.reconnect_timeout (time), not by a count.
             max_failed_connects=1_000,
             max_dave_protocol_version=self.dave.max_protocol_version,
+            resume_supported=self._resume_supported,
         )
 
     async def _pump(self) -> None:

@@ -67,6 +67,7 @@ __all__ = [
     "CLOSE_TABLE",
     "DEFAULT_WEBRTC_CODECS",
     "MAX_SSRC_USERS",
+    "RESUME_REFUSALS",
     "SPEAKING_MICROPHONE",
     "SPEAKING_PRIORITY",
     "SPEAKING_SOUNDSHARE",
@@ -179,12 +180,15 @@ class CloseDecision:
         code: the close code (None when the TCP connection dropped without one).
         reason: an operator-facing sentence (safe to log).
         user_message: a short sentence safe to show in Discord when ``action`` is STOP.
+        resume_refused: the server answered op7 as a server without resume does: op7 must not
+            be sent to it again (the core's ``resume_supported`` becomes False).
     """
 
     action: CloseAction
     code: int | None
     reason: str
     user_message: str | None = None
+    resume_refused: bool = False
 
     def error(self) -> VoiceClosed:
         """The exception to raise or report when the connection ends here."""
@@ -252,17 +256,40 @@ CLOSE_TABLE: Final[dict[int, tuple[CloseAction, str, str | None]]] = {
 }
 
 
-def close_policy(code: int | None, *, resumable: bool = True) -> CloseDecision:
+#: Closes that answer an op7 Resume (sent, not yet answered with op9) with "identify afresh".
+#: 4003: a server without op7 (Spacebar) closes anything before identify with "not
+#: authenticated" (PROTOCOL.md, "Facts from running real peers"); it is the server's answer to
+#: a resume, not our bug, and every later resume would get it too. 4006: the session expired
+#: (Discord's documented answer, and the sandbox's); the server can still resume later sessions.
+RESUME_REFUSALS: Final[dict[int, tuple[str, bool]]] = {
+    4003: (
+        "the server answered op7 Resume with 4003 (not authenticated): it has no resume "
+        "(Spacebar); identifying afresh, and not resuming toward it again",
+        True,
+    ),
+    4006: ("the server answered op7 Resume with 4006: session no longer valid", False),
+}
+
+
+def close_policy(
+    code: int | None, *, resumable: bool = True, resuming: bool = False
+) -> CloseDecision:
     """Decide what a close code means, from :data:`CLOSE_TABLE`.
 
     Args:
         code: the close code, or None when the TCP connection dropped without a close frame.
         resumable: False when there is no established session to resume (a RESUME becomes
             NEW_SESSION).
+        resuming: op7 was sent and not answered yet: a code in :data:`RESUME_REFUSALS` means
+            "identify afresh" (NEW_SESSION, at once) rather than what the table says.
 
     Returns:
         The decision. Abnormal closes (None, 1006, other 1xxx) resume; unknown 4xxx codes stop.
     """
+    refusal = RESUME_REFUSALS.get(code) if resuming and code is not None else None
+    if refusal is not None:
+        reason, refused = refusal
+        return CloseDecision(_NEW, code, reason, resume_refused=refused)
     entry = CLOSE_TABLE.get(code) if code is not None else None
     if entry is not None:
         action, reason, user_message = entry
@@ -630,6 +657,7 @@ class VoiceGatewayCore(ConnStateMachine):
             with ``delay: 5``; otherwise as discord.py does (plain op0, ``delay: 0``).
         max_missed_acks: unanswered heartbeats tolerated when the next one comes due.
         resume_supported: False for servers without op7 (Spacebar): drops start a new session.
+            :meth:`closed` sets it to False when the server answers op7 with 4003.
         max_failed_connects: connects in a row that never reach READY before giving up.
     """
 
@@ -966,7 +994,14 @@ class VoiceGatewayCore(ConnStateMachine):
                 action, code, requested.reason, _BUG if action is CloseAction.STOP else None
             )
         else:
-            decision = close_policy(code, resumable=self._established and self.resume_supported)
+            decision = close_policy(
+                code,
+                resumable=self._established and self.resume_supported,
+                resuming=self._state is ConnState.RESUMING,
+            )
+            if decision.resume_refused and self.resume_supported:
+                self.resume_supported = False
+                self.log.warning("the voice server refused op7 Resume: resume is off toward it")
         if (
             decision.action in (CloseAction.RESUME, CloseAction.NEW_SESSION)
             and self._failed_connects >= self.max_failed_connects

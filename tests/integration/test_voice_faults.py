@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from legato.errors import VoiceClosed, VoiceConnectError, VoiceError
+from legato.sandbox.recording import Recording
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.client import LegatoVoiceClient
 from legato.voice.gateway import MAX_MESSAGE_SIZE, VoiceConnection, VoiceOptions
@@ -207,6 +209,108 @@ async def test_4014_without_a_move_stops_and_cleans_up() -> None:
         assert not vc.is_connected()
         vc.send_frame(b"\xf8\xff\xfe")  # the player may still hand over a frame: no crash
         await vc.disconnect()  # and a late disconnect is harmless
+
+
+def stream_gaps(rec: Recording) -> list[float]:
+    """Seconds between the last packet of each SSRC and the first of the next, as recorded."""
+    spans: dict[int, list[float]] = {}
+    for packet in rec.packets:
+        spans.setdefault(packet.ssrc, []).append(packet.arrival)
+    ordered = sorted(spans.values(), key=lambda arrivals: arrivals[0])
+    return [b[0] - a[-1] for a, b in itertools.pairwise(ordered)]
+
+
+async def test_drops_from_spacebar_reidentify_at_once_and_resume_is_not_tried_again() -> None:
+    # Issue #12: the voice websocket's TCP connection to Spacebar cut mid-track. Spacebar has no
+    # op7 and closes anything before identify with 4003: the first drop's resume gets that, the
+    # client identifies at once and plays on; the second drop goes straight to identify.
+    frames = tone_frames(6.0)
+    async with voice_server(profile="spacebar") as server, discord_world(server) as world:
+        options = VoiceOptions(transport="webrtc", gateway_version=6)
+        vc = await world.channel.connect(cls=LegatoVoiceClient.configured(options), timeout=30)
+        assert isinstance(vc, LegatoVoiceClient)
+        ended: list[VoiceError | None] = []
+        vc.add_disconnect_listener(lambda _vc, error: ended.append(error))
+        player = Player(vc, frames)
+        playing = asyncio.create_task(player.play())
+        try:
+            for drop, at_frame in enumerate((FAULT_AT_FRAME, 3 * FAULT_AT_FRAME), start=1):
+                await player.wait_sent(at_frame)
+                await server.inject_drop(BOT_ID)
+                await server.wait_identified(BOT_ID, count=drop + 1, timeout=20)
+                await server.wait_event("streams_published", BOT_ID, count=drop + 1, timeout=20)
+        finally:
+            await playing
+        rec = server.recording(BOT_ID, GUILD_ID)
+        await rec.wait_speaking(False, timeout=20)
+
+        # The session went on: never torn down, every frame handed over or counted as dropped.
+        assert ended == []
+        assert vc.is_connected()
+        assert player.sent == len(frames) + 5
+        assert vc.stats.frames_sent + vc.frames_dropped == player.sent
+        # One op7 in all (the first drop's, refused with 4003); the second drop sent none.
+        kinds = [e.kind for e in server.events if e.user_id == BOT_ID]
+        assert kinds.count("resume_refused") == 1
+        assert kinds.count("identify") == 3
+        assert "resume" not in kinds
+        assert (vc.reconnects, vc.resumes) == (3, 1)
+        # Spacebar's op11 object (one a session) is counted as malformed and nothing more.
+        assert vc.connection is not None
+        assert vc.connection.gateway_stats.malformed == 3
+        # Three sessions, three SSRCs; within each, no gap; audio back within 1 s of each drop,
+        # measured between the recorded arrivals on either side of it.
+        heard = vc.stats.frames_sent - server.stats.unpublished_packets
+        await rec.wait_frames(heard, timeout=20)
+        stats = rec.stats()
+        assert stats.streams == 3
+        assert stats.gaps == 0
+        assert stats.frames == heard
+        gaps = stream_gaps(rec)
+        assert len(gaps) == 2
+        assert all(0 < gap < 1.0 for gap in gaps), gaps
+        assert await asyncio.to_thread(rec.dominant_frequency) == pytest.approx(440.0, abs=2.0)
+
+        await vc.disconnect()
+        assert voice_tasks() == []
+
+
+async def test_a_refused_resume_is_remembered_per_endpoint() -> None:
+    # After a move the new endpoint is tried with op7 once (a refusal from the old one says
+    # nothing of it); each endpoint refuses once, and later drops there go straight to identify.
+    async with (
+        voice_server(profile="spacebar") as server,
+        connection(server, transport="webrtc", gateway_version=6) as conn,
+    ):
+        player = Player(conn, tone_frames(6.0))
+        playing = asyncio.create_task(player.play())
+        identified = 1
+
+        async def drop_at(frame: int) -> None:
+            nonlocal identified
+            await player.wait_sent(frame)
+            await server.inject_drop(BOT_ID)
+            identified += 1
+            await server.wait_identified(BOT_ID, count=identified, timeout=20)
+
+        try:
+            await drop_at(FAULT_AT_FRAME)
+            await drop_at(2 * FAULT_AT_FRAME)
+            await player.wait_sent(3 * FAULT_AT_FRAME)
+            new_endpoint = await server.move(BOT_ID)
+            token = server.register_session(server_id=GUILD_ID, user_id=BOT_ID, session_id="sess")
+            conn.update_server(new_endpoint, token)
+            identified += 1
+            await server.wait_identified(BOT_ID, count=identified, timeout=20)
+            await drop_at(4 * FAULT_AT_FRAME)
+            await drop_at(5 * FAULT_AT_FRAME)
+        finally:
+            await playing
+        refused = [e.endpoint for e in server.events if e.kind == "resume_refused"]
+        assert refused == [server.endpoint, new_endpoint]
+        assert conn.resumes == 2
+        assert conn.is_connected()
+        assert conn.endpoint == new_endpoint
 
 
 async def test_reconnect_gives_up_with_a_clear_error() -> None:

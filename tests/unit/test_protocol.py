@@ -536,6 +536,68 @@ def test_server_without_resume_starts_new_sessions() -> None:
     assert core.closed(4015).action is CloseAction.NEW_SESSION
 
 
+def send_resume(core: VoiceGatewayCore, now: float) -> None:
+    """From READY: the link drops, the core reconnects and sends op7."""
+    assert core.closed(None).action is CloseAction.RESUME
+    core.outgoing()
+    core.connected(now, resume=True)
+    core.receive_text(HELLO, now)
+    assert [m["op"] for m in core.outgoing()] == [7]
+    assert state(core) is ConnState.RESUMING
+
+
+def test_resume_answered_with_4003_identifies_afresh_and_never_resumes_again() -> None:
+    # Spacebar has no op7: anything before identify, a resume included, is closed with 4003.
+    core = make()
+    to_ready_udp(core)
+    send_resume(core, 1.0)
+    decision = core.closed(4003)
+    assert decision.action is CloseAction.NEW_SESSION  # not STOP: it is the server's answer
+    assert decision.resume_refused
+    assert "4003" in decision.reason
+    assert core.resume_supported is False
+    assert state(core) is ConnState.DISCONNECTED
+    assert core.ready is None  # the old session is forgotten
+    core.connected(1.1, resume=True)  # the shell's request to resume is overridden
+    core.receive_text(HELLO, 1.1)
+    assert [m["op"] for m in core.outgoing()] == [0]
+    assert state(core) is ConnState.AWAITING_READY
+    # The next drop goes straight to a fresh identify: op7 is never sent again.
+    core.closed(None)
+    to_ready_udp(core, 2.0)
+    assert core.closed(None).action is CloseAction.NEW_SESSION
+    core.outgoing()
+    core.connected(3.0, resume=True)
+    core.receive_text(HELLO, 3.0)
+    assert [m["op"] for m in core.outgoing()] == [0]
+    assert core.stats.resumes == 1
+
+
+def test_resume_answered_with_4006_identifies_afresh_and_may_resume_later() -> None:
+    # Discord's answer to a resume of an expired session: identify now, but the server resumes.
+    core = make()
+    to_ready_udp(core)
+    send_resume(core, 1.0)
+    decision = core.closed(4006)
+    assert decision.action is CloseAction.NEW_SESSION
+    assert not decision.resume_refused
+    assert core.resume_supported is True
+    to_ready_udp(core, 2.0)
+    send_resume(core, 3.0)
+    assert core.stats.resumes == 2
+
+
+def test_4003_outside_a_resume_is_still_our_bug() -> None:
+    core = make()
+    to_ready_udp(core)
+    decision = core.closed(4003)
+    assert decision.action is CloseAction.STOP
+    assert not decision.resume_refused
+    assert core.resume_supported is True
+    assert close_policy(4003, resuming=True).action is CloseAction.NEW_SESSION
+    assert close_policy(4003).action is CloseAction.STOP
+
+
 def test_new_session_after_4006_identifies_and_resets_seq() -> None:
     core = make(version=8)
     to_ready_udp(core)

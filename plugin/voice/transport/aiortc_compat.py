@@ -82,6 +82,11 @@ class DtlsCertificate(RTCCertificate):
         ctx.set_cipher_list(BROWSER_DTLS_CIPHERS)
         return ctx
 
+    @property
+    def key_type(self) -> KeyType:
+        """``"rsa"`` or ``"ecdsa"``: the kind of key the certificate holds."""
+        return "rsa" if isinstance(self._cert.public_key(), rsa.RSAPublicKey) else "ecdsa"
+
     @classmethod
     def generate(cls, key_type: KeyType = "ecdsa") -> DtlsCertificate:
         """A fresh self-signed certificate with an ECDSA P-256 or RSA 2048 key."""
