@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.fakes.clock import FakeClock, FakeTimer, settle
-from tests.fakes.executor import InlineExecutor
+from tests.fakes.executor import InlineExecutor, SettlingPool
 from tests.fakes.sink import GatedSink, RecordingSink, SinkEvent
 from tests.fakes.source import ScriptedOpener, ScriptedSource, ToneSource, frame_id, make_frames
 
@@ -15,6 +15,7 @@ __all__ = [
     "RecordingSink",
     "ScriptedOpener",
     "ScriptedSource",
+    "SettlingPool",
     "SinkEvent",
     "ToneSource",
     "frame_id",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 #: Loop iterations ``settle`` runs: enough for any chain of task wake-ups and executor hand-offs
 #: in the unit tests (each hop takes one or two iterations); no wall-clock time passes.
@@ -34,10 +34,15 @@ class FakeClock:
     """A manually advanced monotonic clock.
 
     ``now()`` only changes in :meth:`advance` / :meth:`run_until`, which fire due timers in
-    deadline order, each at its own time, and let the event loop settle after each.
+    deadline order, each at its own time, and let the event loop settle after each. With
+    ``quiesce`` (a real thread pool's :meth:`~tests.fakes.executor.SettlingPool.quiet`), settling
+    also waits for the jobs running on real threads: time never moves past them.
     """
 
-    def __init__(self, start: float = 1000.0) -> None:
+    def __init__(
+        self, start: float = 1000.0, *, quiesce: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        self._quiesce = quiesce
         self._now = start
         self._heap: list[tuple[float, int, FakeTimer]] = []
         self._seq = itertools.count()
@@ -66,18 +71,24 @@ class FakeClock:
         """Move time forward by ``seconds``, firing every timer due on the way."""
         await self.advance_to(self._now + seconds)
 
+    async def _settle(self) -> None:
+        await settle()
+        if self._quiesce is not None:
+            await self._quiesce()
+            await settle()
+
     async def advance_to(self, when: float) -> None:
         """Move time forward to ``when``, firing every timer due on the way."""
-        await settle()
+        await self._settle()
         # Sums of 0.020 steps drift in the last bits; a timer due within a nanosecond of the
         # target counts as due (advance(0.06) from 1000.04 must reach a timer at 1000.1).
         while (due := self.next_timer()) is not None and due <= when + 1e-9:
             _, _, timer = heapq.heappop(self._heap)
             self._now = max(self._now, due)
             timer.callback()
-            await settle()
+            await self._settle()
         self._now = max(self._now, when)
-        await settle()
+        await self._settle()
 
     async def stall(self, seconds: float) -> None:
         """The loop was blocked for ``seconds``: time jumps, then every overdue timer fires late."""
@@ -96,7 +107,7 @@ class FakeClock:
                 ``limit`` fake seconds passed.
         """
         end = self._now + limit
-        await settle()
+        await self._settle()
         while not predicate():
             due = self.next_timer()
             if due is None:

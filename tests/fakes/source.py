@@ -59,6 +59,9 @@ class ScriptedSource:
         self.fail_at = fail_at
         self.lost = lost
         self.gate = gate
+        #: Told True before ``read`` blocks on a closed gate and False once it goes on (a
+        #: SettlingPool's park/unpark).
+        self.on_park: Callable[[bool], None] | None = None
         self.seekable = seekable
         self._passthrough = passthrough
         self.index = 0
@@ -93,6 +96,12 @@ class ScriptedSource:
         try:
             self.reads.append(max_frames)
             if self.gate is not None:
+                if self.on_park is not None and not self.gate.is_set():
+                    self.on_park(True)
+                    try:
+                        self.gate.wait()
+                    finally:
+                        self.on_park(False)
                 self.gate.wait()
             end = min(self.count, self.index + max_frames)
             if self.fail_at is not None and end > self.fail_at:

@@ -37,6 +37,7 @@ from tests.fakes import (
     RecordingSink,
     ScriptedOpener,
     ScriptedSource,
+    SettlingPool,
     make_frames,
     settle,
 )
@@ -372,14 +373,15 @@ async def test_stall_re_anchors_without_burst(rig: Rig) -> None:
 
 async def test_without_fill_a_slow_source_underruns_and_re_anchors() -> None:
     """``fill_silence=False``: nothing goes out while the source is late; the grid re-anchors."""
-    clock = FakeClock()
+    pool = SettlingPool(1)
+    clock = FakeClock(quiesce=pool.quiet)
     sink = RecordingSink(clock)
     gate = threading.Event()
     gate.set()
     holder: list[ScriptedSource] = []
     opener = ScriptedOpener(on_open=holder.append)
     track = opener.script("A", 100)
-    with ThreadPoolExecutor(1) as pool:
+    with pool:
         player = GuildPlayer(
             sink, opener, clock=clock, executor=pool, buffer_ms=100, fill_silence=False
         )
@@ -387,6 +389,7 @@ async def test_without_fill_a_slow_source_underruns_and_re_anchors() -> None:
         player.start()
         async with asyncio.timeout(10):
             await sink.wait_frames(1)
+            holder[0].on_park = pool.parking
             holder[0].gate = gate
             gate.clear()  # the next read blocks: the source is stuck
             await clock.run_until(lambda: player.stats.underruns == 1)
@@ -696,13 +699,14 @@ async def test_a_stalled_source_is_filled_with_silence_on_the_grid() -> None:
 
 
 async def test_a_source_stalled_past_the_timeout_fails_and_the_next_track_plays() -> None:
-    clock = FakeClock()
+    pool = SettlingPool(2)
+    clock = FakeClock(quiesce=pool.quiet)
     sink = RecordingSink(clock)
     gate = threading.Event()
     holder: list[ScriptedSource] = []
     opener = ScriptedOpener(on_open=holder.append)
     events: list[PlayerEvent] = []
-    with ThreadPoolExecutor(2) as pool:
+    with pool:
         player = GuildPlayer(
             sink,
             opener,
@@ -718,6 +722,7 @@ async def test_a_source_stalled_past_the_timeout_fails_and_the_next_track_plays(
         try:
             async with asyncio.timeout(20):
                 await sink.wait_frames(1)
+                holder[0].on_park = pool.parking
                 holder[0].gate = gate  # A's next read blocks for good
                 await clock.run_until(lambda: player.state is PlayerState.IDLE)
                 await clock.advance(1.0)
