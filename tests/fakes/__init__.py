@@ -5,7 +5,14 @@ from __future__ import annotations
 from tests.fakes.clock import FakeClock, FakeTimer, settle
 from tests.fakes.executor import InlineExecutor
 from tests.fakes.sink import RecordingSink, SinkEvent
-from tests.fakes.source import ScriptedOpener, ScriptedSource, ToneSource, frame_id, make_frames
+from tests.fakes.source import (
+    ScriptedOpener,
+    ScriptedSource,
+    ToneSource,
+    TrickleSource,
+    frame_id,
+    make_frames,
+)
 
 __all__ = [
     "FakeClock",
@@ -16,6 +23,7 @@ __all__ = [
     "ScriptedSource",
     "SinkEvent",
     "ToneSource",
+    "TrickleSource",
     "frame_id",
     "make_frames",
     "settle",
