@@ -13,9 +13,7 @@ defaults are 10 of 20.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -35,7 +33,7 @@ from tests.e2e.test_music_cog import (
     running,
     start_playing,
 )
-from tests.media import write_tone
+from tests.media import Trickle, write_tone
 
 pytestmark = pytest.mark.e2e
 
@@ -43,9 +41,6 @@ pytestmark = pytest.mark.e2e
 tones = test_music_cog.tones
 sandbox = test_music_cog.sandbox
 
-#: The issue's server: 1 KB/s, sent 100 bytes every 0.1 s.
-RATE = 1000
-STEP = 0.1
 LIMIT = 1.5
 WINDOW = 3.0
 SLOW_HZ = 330.0
@@ -53,60 +48,26 @@ TOO_SLOW = "The track's server is sending audio slower than real time."
 NO_AUDIO = f"The track's server sent no audio within {LIMIT:g} seconds."
 
 
-class SlowRoute:
-    """A route handler sending ``body`` at ``RATE`` bytes a second after its first ``burst``
-    bytes (at once), with no Content-Length; it ends early (closing the connection) once
-    :meth:`stop` is called, so that no decoder waits on it after the test."""
-
-    def __init__(self, body: bytes, *, burst: int = 0) -> None:
-        self.body = body
-        self.burst = burst
-        self.stopped = threading.Event()
-        self.gets = 0
-
-    def __call__(self, request: BaseHTTPRequestHandler) -> None:
-        request.send_response(200)
-        request.send_header("Content-Type", "audio/mpeg")
-        request.end_headers()
-        if request.command == "HEAD":
-            return
-        self.gets += 1
-        step = int(RATE * STEP)
-        try:
-            request.wfile.write(self.body[: self.burst])
-            request.wfile.flush()
-            pos = self.burst
-            while pos < len(self.body) and not self.stopped.wait(STEP):
-                request.wfile.write(self.body[pos : pos + step])
-                request.wfile.flush()
-                pos += step
-        except (BrokenPipeError, ConnectionResetError):
-            return
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-
 @pytest.fixture
-def slow_mp3(tones: Tones) -> Iterator[tuple[str, SlowRoute]]:
+def slow_mp3(tones: Tones) -> Iterator[tuple[str, Trickle]]:
     """A 128 kbit/s, 30 s MP3 served at 1 KB/s from its first byte."""
     yield from _slow(tones, "slow-1kbs.mp3", burst=0)
 
 
 @pytest.fixture
-def slowing_mp3(tones: Tones) -> Iterator[tuple[str, SlowRoute]]:
+def slowing_mp3(tones: Tones) -> Iterator[tuple[str, Trickle]]:
     """The same, but its first 40 KB (about 2.5 s of audio) come at once: it starts, then
     falls behind."""
     yield from _slow(tones, "slowing-1kbs.mp3", burst=40_000)
 
 
-def _slow(tones: Tones, name: str, *, burst: int) -> Iterator[tuple[str, SlowRoute]]:
+def _slow(tones: Tones, name: str, *, burst: int) -> Iterator[tuple[str, Trickle]]:
     path = tones.root / f"{name}.src.mp3"
     if not path.exists():
         write_tone(
             path, container="mp3", codec="libmp3lame", freq=SLOW_HZ, seconds=30.0, rate=44100
         )
-    route = SlowRoute(path.read_bytes(), burst=burst)
+    route = Trickle(path.read_bytes(), rate=1000, burst=burst)
     url = tones.server.add_route(name, handler=route)
     try:
         yield url, route
@@ -120,7 +81,7 @@ def config(tones: Tones) -> Config:
 
 
 async def test_a_server_at_1kbs_is_buffering_then_skipped_with_a_notice_and_the_next_plays(
-    sandbox: Sandbox, tones: Tones, slow_mp3: tuple[str, SlowRoute]
+    sandbox: Sandbox, tones: Tones, slow_mp3: tuple[str, Trickle]
 ) -> None:
     sb = sandbox
     url, route = slow_mp3
@@ -156,7 +117,7 @@ async def test_a_server_at_1kbs_is_buffering_then_skipped_with_a_notice_and_the_
 
 
 async def test_a_server_that_falls_to_1kbs_mid_track_is_buffering_then_skipped(
-    sandbox: Sandbox, tones: Tones, slowing_mp3: tuple[str, SlowRoute]
+    sandbox: Sandbox, tones: Tones, slowing_mp3: tuple[str, Trickle]
 ) -> None:
     sb = sandbox
     url, route = slowing_mp3
