@@ -14,7 +14,9 @@ time, and a track is too slow once that sum passes ``limit`` (``limit / window``
 half real time"). Starved time needs no per-frame work (the player reports the start and end of
 each starved spell, which are underrun and refill events) and ignores time the player did not
 want audio (paused: the player resets the judge). The audio delivered in the window is kept too,
-per read, for the report an operator sees (the measured rate).
+per read and summed in slots of a twentieth of the window, for the report an operator sees (the
+measured rate). Everything kept is pruned to the window as it comes, so a player on a live stream
+for hours keeps a few numbers, not its history.
 
 A short hiccup is forgiven: a stream that stops for a few seconds and then keeps up again never
 sums ``limit`` within one window. A spell with no audio at all for ``stall`` seconds (a server
@@ -30,6 +32,7 @@ not per frame) and :meth:`SupplyMonitor.check` what to do then.
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
@@ -41,6 +44,10 @@ __all__ = ["RECHECK", "Supply", "SupplyMonitor", "SupplyReport"]
 #: then waits at least this long instead of spinning.
 RECHECK: Final = 0.25
 
+
+#: Deliveries are summed per slot of ``window / _SLOTS`` (a read's time to that precision): a
+#: player keeps a few numbers per window however often it reads, for hours of a live stream.
+_SLOTS: Final = 20
 
 #: Sums of float times drift in their last bits: a look at the exact deadline must see it reached.
 _EPSILON: Final = 1e-9
@@ -105,7 +112,9 @@ class SupplyMonitor:
         self._spells: deque[tuple[float, float]] = deque()  # ended starved spells (start, end)
         self._spell: float | None = None  # start of the current spell
         self._spell_stalls = False
-        self._deliveries: deque[tuple[float, float]] = deque()  # (time, seconds of audio)
+        self._slot = window / _SLOTS
+        #: Audio delivered per slot: ``[slot number, seconds]``, oldest first.
+        self._deliveries: deque[list[float]] = deque()
 
     @property
     def starving(self) -> bool:
@@ -136,10 +145,18 @@ class SupplyMonitor:
         start, self._spell = self._spell, None
         if start is not None and now > start:
             self._spells.append((start, now))
+            self._prune(now)
 
     def deliver(self, now: float, seconds: float) -> None:
         """The source delivered ``seconds`` of audio at ``now`` (one read)."""
-        self._deliveries.append((now, seconds))
+        slot = math.floor(now / self._slot)
+        deliveries = self._deliveries
+        if deliveries and deliveries[-1][0] == slot:
+            deliveries[-1][1] += seconds
+            return
+        deliveries.append([slot, seconds])
+        while deliveries[0][0] <= slot - _SLOTS:
+            deliveries.popleft()
 
     def deadline(self, now: float) -> float | None:
         """When :meth:`check` should next be asked, or ``None`` when not starved.
@@ -167,8 +184,8 @@ class SupplyMonitor:
                 verdict = Supply.STALLED
             elif starved >= self.limit - _EPSILON:
                 verdict = Supply.TOO_SLOW
-        edge = now - self.window
-        delivered = sum(s for t, s in self._deliveries if t > edge)
+        first = math.floor(now / self._slot) - _SLOTS  # the slot the window's start is in
+        delivered = sum(s for slot, s in self._deliveries if slot > first)
         span = min(self.window, now - self._since)
         return SupplyReport(verdict, starved, span, delivered, spell)
 
@@ -181,8 +198,6 @@ class SupplyMonitor:
 
     def _prune(self, now: float) -> None:
         edge = now - self.window
-        spells, deliveries = self._spells, self._deliveries
+        spells = self._spells
         while spells and spells[0][1] <= edge:
             spells.popleft()
-        while deliveries and deliveries[0][0] <= edge:
-            deliveries.popleft()

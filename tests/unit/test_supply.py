@@ -101,3 +101,20 @@ def test_reset_forgets_spells_and_deliveries() -> None:
 def test_limits_out_of_range_are_refused(window: float, limit: float, stall: float | None) -> None:
     with pytest.raises(ValueError, match="limit"):
         SupplyMonitor(window=window, limit=limit, stall=stall)
+
+
+def test_an_hour_of_healthy_reads_with_short_hiccups_stays_ok_and_reports_the_window() -> None:
+    monitor = SupplyMonitor(window=20.0, limit=10.0)
+    monitor.reset(0.0)
+    for i in range(36_000):  # a read of 0.1 s of audio every 0.1 s for an hour
+        now = i * 0.1
+        monitor.deliver(now, 0.1)
+        if i % 600 == 0:  # a 1 s hiccup every minute
+            monitor.starve(now)
+            monitor.feed(now + 1.0)
+    now = 3600.0
+    monitor.starve(now)
+    report = monitor.check(now + 1.0)
+    assert report.verdict is Supply.OK
+    assert report.starved == pytest.approx(1.0)  # the last minute's hiccup left the window
+    assert report.rate == pytest.approx(0.95, abs=0.06)  # 19 s of reads in the last 20 s
