@@ -179,3 +179,43 @@ async def test_time_paused_is_not_held_against_the_source(rig: Rig) -> None:
     await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
     assert rig.failed() == []
     assert rig.started() == ["A"]
+
+
+async def test_without_fill_a_stalled_source_still_fails_after_the_stall_timeout() -> None:
+    """``fill_silence=False`` sends nothing while the source is late, so no silence frame is
+    there to count the stall by: the judge's timer still ends it."""
+    clock = FakeClock()
+    opener = ScriptedOpener()
+    sink = RecordingSink(clock)
+    events: list[PlayerEvent] = []
+    player = GuildPlayer(
+        sink,
+        opener,
+        clock=clock,
+        executor=InlineExecutor(),
+        buffer_ms=100,
+        on_event=events.append,
+        preload_s=0.0,
+        fill_silence=False,
+        stall_timeout=1.0,
+        starve_window=WINDOW,
+        starve_limit=LIMIT,
+    )
+    player.queue.add([opener.script("A", 1000, trickle=True), opener.script("B", 3)])
+    assert player.start()
+    try:
+        await clock.run_until(lambda: player.state is PlayerState.BUFFERING)
+        sent = len(sink.frames)
+        await clock.advance(1.0 - F)
+        assert player.state is PlayerState.BUFFERING
+        assert len(sink.frames) == sent  # nothing stands in
+        await clock.run_until(lambda: player.state is PlayerState.IDLE)
+    finally:
+        for source in opener.sources:
+            if isinstance(source, TrickleSource):
+                source.deliver()
+        await player.close()
+    failed = [e for e in events if isinstance(e, TrackFailed)]
+    assert [e.track.title for e in failed] == ["A"]
+    assert failed[0].error.user_message == "The track's server stopped sending audio."
+    assert [f.decode() for f in sink.audio][-3:] == ["B:0", "B:1", "B:2"]
