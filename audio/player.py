@@ -28,7 +28,16 @@ explicit state machine):
   fails. A source that is late (a stalled server) has Opus silence sent in its place on the
   frame grid, speaking left on: the receiver's clock keeps going and it hears silence, not its
   decoder's guesses; a stall is expected to end, and two speaking changes would cost a round
-  trip each. After ``stall_timeout`` of that the track fails and the next one plays.
+  trip each. Meanwhile the player is ``BUFFERING`` (not ``PLAYING``), for anyone to see.
+- Slow sources. A source that delivers, but slower than real time (issue #11: a server
+  trickling an MP3 at 1 KB/s gave 2 s of sound in every 30 s and stayed "playing"), is judged
+  by a :class:`~legato.audio.supply.SupplyMonitor`: the time the player wanted audio and had
+  none (``LOADING`` and ``BUFFERING``) is summed over ``starve_window``, and past
+  ``starve_limit`` the track fails as too slow (``SourceTooSlow``) and the next one plays. One
+  spell with no audio at all for ``stall_timeout`` fails it as stalled. The judge is told only at
+  state changes (underrun, frames back, track change, pause) and looks again on one timer per
+  starved spell, so the send path pays nothing for it; it sits at the player, so it judges a
+  source read in a thread and one read in a decode worker process alike.
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ from legato.audio.clock import Clock
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters, SendGate
-from legato.audio.source import FrameSource, ReadsSoon, StreamLost
+from legato.audio.source import FrameSource, ReadsSoon, SourceTooSlow, StreamLost
+from legato.audio.supply import Supply, SupplyMonitor, SupplyReport
 from legato.audio.timers import slot_timers
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
@@ -94,6 +104,10 @@ class PlayerState(enum.Enum):
     """A track should be playing but its first frames are not buffered yet."""
     PLAYING = "playing"
     """Frames are going out."""
+    BUFFERING = "buffering"
+    """A frame was due mid-track and none was buffered: the source is late (silence stands in,
+    speaking stays on). Back to ``PLAYING`` when frames come; a source that stays late is judged
+    too slow and skipped (see ``starve_limit``)."""
     PAUSED = "paused"
     """Paused by the user; the current track keeps its place and its buffer."""
     CLOSED = "closed"
@@ -106,13 +120,32 @@ _ALLOWED: Final[dict[PlayerState, frozenset[PlayerState]]] = {
         {PlayerState.PLAYING, PlayerState.PAUSED, PlayerState.IDLE, PlayerState.CLOSED}
     ),
     PlayerState.PLAYING: frozenset(
-        {PlayerState.LOADING, PlayerState.PAUSED, PlayerState.IDLE, PlayerState.CLOSED}
+        {
+            PlayerState.LOADING,
+            PlayerState.BUFFERING,
+            PlayerState.PAUSED,
+            PlayerState.IDLE,
+            PlayerState.CLOSED,
+        }
+    ),
+    PlayerState.BUFFERING: frozenset(
+        {
+            PlayerState.PLAYING,
+            PlayerState.LOADING,
+            PlayerState.PAUSED,
+            PlayerState.IDLE,
+            PlayerState.CLOSED,
+        }
     ),
     PlayerState.PAUSED: frozenset(
         {PlayerState.PLAYING, PlayerState.LOADING, PlayerState.IDLE, PlayerState.CLOSED}
     ),
     PlayerState.CLOSED: frozenset(),
 }
+#: States in which audio is wanted (what the supply judge watches; any other resets it).
+_WANTED: Final = frozenset({PlayerState.LOADING, PlayerState.PLAYING, PlayerState.BUFFERING})
+#: Of those, the ones in which none is buffered: the source is starving the player.
+_STARVED: Final = frozenset({PlayerState.LOADING, PlayerState.BUFFERING})
 
 
 class EndReason(enum.Enum):
@@ -348,8 +381,11 @@ class _Entry:
     def _apply_read(self, chunk: _Chunk) -> None:
         frames, position, duration, spent = chunk
         if frames:
-            self.player._encode_times.append(spent / len(frames))
+            player = self.player
+            player._encode_times.append(spent / len(frames))
             self.reopens = 0
+            if player._cur is self:  # per read, for the measured rate in the too-slow report
+                player._supply.deliver(player._now(), len(frames) * FRAME_INTERVAL)
         self.frames.extend(frames)
         self.read_position = position
         self.duration = duration if duration is not None else self.track.duration
@@ -695,6 +731,13 @@ class GuildPlayer:
             between, before it fails.
         stall_timeout: Seconds a started track may give no audio (silence stands in meanwhile,
             speaking stays on) before it fails as stalled and the next one plays.
+        starve_window: Seconds of wall time over which a source's supply is judged.
+        starve_limit: Seconds within ``starve_window`` that the current track may leave the
+            player wanting audio with none buffered (``LOADING`` or ``BUFFERING``) before it
+            fails as too slow (``SourceTooSlow``) and the next one plays. The defaults (10 of
+            20) skip a source below half real time within about 10 to 20 s, and a track that
+            gives no audio 10 s after it was due; a stream that stops for a few seconds once is
+            kept. Must be less than ``starve_window``.
         fill_silence: Send Opus silence in place of audio a source is late with, keeping the
             stream's clock going; ``False`` sends nothing until the audio comes.
 
@@ -717,6 +760,8 @@ class GuildPlayer:
         max_reopens: int = 2,
         stall_timeout: float = 10.0,
         fill_silence: bool = True,
+        starve_window: float = 20.0,
+        starve_limit: float = 10.0,
     ) -> None:
         _check_volume(volume)
         self._loop = asyncio.get_running_loop()
@@ -732,9 +777,11 @@ class GuildPlayer:
         if max_reopens < 0 or not stall_timeout > 0:
             raise ValueError("need max_reopens >= 0 and stall_timeout > 0")
         self._max_reopens = max_reopens
-        self._stall_timeout = stall_timeout
         self._fill = fill_silence
-        self._stall_since: float | None = None
+        #: Judges the current track's source (see the module docstring, "Slow sources").
+        self._supply = SupplyMonitor(window=starve_window, limit=starve_limit, stall=stall_timeout)
+        self._supply_timer: _Cancellable | None = None
+        self._supply_when = math.nan
         self._log = GuildLogger(_log, guild_id)
         self._link = sink if isinstance(sink, LinkCounters) else None
         self._gate = sink if isinstance(sink, SendGate) else None
@@ -901,7 +948,7 @@ class GuildPlayer:
     def pause(self) -> bool:
         """Pause; five silence frames then speaking off. Returns False if nothing is playing."""
         self._check_open()
-        if self._state not in (PlayerState.PLAYING, PlayerState.LOADING):
+        if self._state not in _WANTED:
             return False
         self._transition(PlayerState.PAUSED, reason="pause")
         self._pump()
@@ -1068,11 +1115,12 @@ class GuildPlayer:
             entry = _Entry(self, track, 0.0)
         self._cur = entry
         self._in_underrun = False
-        self._stall_since = None
-        if self._state in (PlayerState.PLAYING, PlayerState.LOADING):
+        self._supply.reset(self._now())  # the last track's supply says nothing about this one
+        if self._state in _WANTED:
             target = PlayerState.PLAYING if entry.frames else PlayerState.LOADING
             if target is not self._state:
                 self._transition(target, reason=f"track {track.uid}")
+        self._watch_supply()
 
     def _ensure_preload(self) -> None:
         """Open the track that comes next, unless it is already open (or the queue changed)."""
@@ -1117,7 +1165,7 @@ class GuildPlayer:
             )
         ):
             self._ensure_preload()
-        if entry.frames and self._state is PlayerState.LOADING:
+        if entry.frames and self._state in _STARVED:
             self._transition(PlayerState.PLAYING, reason="frames ready")
         self._pump()
 
@@ -1179,12 +1227,12 @@ class GuildPlayer:
                 except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
                     self._sink_failed()
                 self._silence_sent += 1
-                if pacer.filling and cur is not None:
-                    self._check_stall(cur, now)
             elif action is PacerAction.UNDERRUN:
                 if not self._in_underrun and cur is not None and cur.started:
                     self._in_underrun = True
                     self._underruns += 1
+                if self._state is PlayerState.PLAYING:
+                    self._transition(PlayerState.BUFFERING, reason="buffer ran dry")
                 # The feeder calls back when frames arrive; meanwhile silence may stand in.
                 self._arm(pacer.fill_deadline() if self._fill else None)
                 return
@@ -1194,25 +1242,44 @@ class GuildPlayer:
                 self._speaking_task = self._loop.create_task(self._announce(on))
                 return
 
-    def _check_stall(self, cur: _Entry, now: float) -> None:
-        """Silence is standing in for ``cur``'s audio: fail it once that lasts ``stall_timeout``.
+    def _watch_supply(self) -> None:
+        """Start or end the current track's starved spell from the state (``LOADING`` and
+        ``BUFFERING`` are starved), and keep the judge's timer armed while it lasts."""
+        supply, cur = self._supply, self._cur
+        if cur is not None and self._state in _STARVED:
+            now = self._now()
+            # The stall rule is for a track that has played; one still opening has the limit.
+            supply.starve(now, stall=self._state is PlayerState.BUFFERING and cur.started)
+            when = supply.deadline(now)
+            if when is not None and (self._supply_timer is None or when != self._supply_when):
+                self._cancel_supply_timer()
+                self._supply_when = when
+                self._supply_timer = self._call_at(when, self._on_supply_timer)
+            return
+        if supply.starving:
+            supply.feed(self._now())
+        self._cancel_supply_timer()
 
-        The decoder's own read timeout normally ends a stalled stream first; this bounds any
-        source, whatever blocks it. The read still in the worker is closed when it returns.
+    def _on_supply_timer(self) -> None:
+        """The current track has been starved up to a deadline of the judge's: fail it as
+        stalled or too slow, or look again later.
+
+        The decoder's own read timeout ends a stream that sends nothing at all; this bounds any
+        source, whatever blocks it or however little it trickles. A read or open still in the
+        worker is closed when it returns (see ``_retire``).
         """
-        if self._stall_since is None:
-            self._stall_since = now
+        self._supply_timer = None
+        self._supply_when = math.nan
+        cur = self._cur
+        # A closed current track is not slow: its executor is gone and the player is closing.
+        if cur is None or cur.eof or cur.closed or self._state not in _STARVED:
             return
-        waited = now - self._stall_since
-        # A closed current track is not stalled: its executor is gone and the player is closing.
-        if waited < self._stall_timeout or cur.eof or cur.closed:
+        now = self._now()
+        report = self._supply.check(now)
+        if report.verdict is Supply.OK:
+            self._watch_supply()
             return
-        cur._fail(
-            DecodeError(
-                f"{cur.track.url} stalled: no audio for {waited:.1f}s at {cur.read_position:.2f}s",
-                user_message="The track's server stopped sending audio.",
-            )
-        )
+        cur._fail(_supply_error(cur, report, self._supply.limit))
 
     def _sink_failed(self) -> None:
         """A sink must not raise, but if it does the timer chain must survive it: a raise out of
@@ -1303,7 +1370,6 @@ class GuildPlayer:
         cur.sent += 1
         self._frames_sent += 1
         self._in_underrun = False
-        self._stall_since = None
         late = self._pacer.last_lateness
         if late > 0.0:
             self._hist[min(int(late / _HIST_BIN), _HIST_SIZE - 1)] += 1
@@ -1322,18 +1388,27 @@ class GuildPlayer:
             self._timer = None
             self._timer_when = math.nan
 
+    def _cancel_supply_timer(self) -> None:
+        if self._supply_timer is not None:
+            self._supply_timer.cancel()
+            self._supply_timer = None
+            self._supply_when = math.nan
+
     # -- state machine ---------------------------------------------------------------------
 
     def _transition(self, new: PlayerState, *, reason: str) -> None:
         if new not in _ALLOWED[self._state]:
             raise InvalidTransition(self._state, new)
         self._log.debug("%s -> %s (%s)", self._state.name, new.name, reason)
-        self._state = new
-        if new is PlayerState.PLAYING:
-            self._pacer.play()
+        old, self._state = self._state, new
+        if new is PlayerState.PLAYING or new is PlayerState.BUFFERING:
+            self._pacer.play()  # BUFFERING keeps the grid and speaking: silence stands in
         else:
             self._pacer.stop()
-            self._stall_since = None
+        if old not in _WANTED or new not in _WANTED:
+            # Paused, stopped or resumed: the judge starts afresh (a pause is no one's delay).
+            self._supply.reset(self._now())
+        self._watch_supply()
         for state, future in self._waiters:
             if state is new and not future.done():
                 future.set_result(None)
@@ -1350,6 +1425,26 @@ class GuildPlayer:
         except Exception:  # noqa: BLE001 - logged with traceback below
             # A listener's bug must not stop the music; it is logged with its traceback.
             self._log.exception("on_event handler failed for %r", event)
+
+
+def _supply_error(cur: _Entry, report: SupplyReport, limit: float) -> LegatoError:
+    """The error a track judged stalled or too slow fails with (``str`` has the figures)."""
+    where = f"{cur.track.url} at {cur.read_position:.2f}s"
+    if report.verdict is Supply.STALLED:
+        return DecodeError(
+            f"{where} stalled: no audio for {report.spell:.1f}s",
+            user_message="The track's server stopped sending audio.",
+        )
+    figures = (
+        f"buffer empty {report.starved:.1f}s of the last {report.span:.1f}s; it delivered "
+        f"{report.delivered:.2f}s of audio in that time ({report.rate:.2f}x real time)"
+    )
+    if not cur.started and report.delivered == 0:
+        return SourceTooSlow(
+            f"{where} too slow: no audio {report.spell:.1f}s after it was due; {figures}",
+            user_message=f"The track's server sent no audio within {limit:g} seconds.",
+        )
+    return SourceTooSlow(f"{where} too slow: {figures}")
 
 
 def _check_volume(volume: float) -> None:

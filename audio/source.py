@@ -25,6 +25,16 @@ class StreamLost(DecodeError):
     default_user_message = "The connection to the track's server was lost."
 
 
+class SourceTooSlow(DecodeError):
+    """The track's source delivers audio much slower than real time (or none in time to start).
+
+    Raised by the player's judge, not by a source: a slow server never fails a read, it only
+    makes each one late (see :mod:`legato.audio.supply`). The player skips the track.
+    """
+
+    default_user_message = "The track's server is sending audio slower than real time."
+
+
 class FrameSource(Protocol):
     """An opened track producing Opus frames.
 

@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import discord
 
@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from legato.voice.client import VoiceLinkStats
 
 __all__ = [
+    "BUFFERING_NOTE",
     "EMBED_DESCRIPTION_LIMIT",
     "EMBED_FIELD_LIMIT",
     "EMBED_TITLE_LIMIT",
     "EMBED_TOTAL_LIMIT",
+    "LOADING_NOTE",
     "NOT_E2EE",
     "QUEUE_PAGE_SIZE",
     "BadInput",
@@ -58,6 +60,11 @@ QUEUE_PAGE_SIZE: Final = 10
 LINE_TITLE_LIMIT: Final = 80
 #: Combining marks kept on one base character ("Zalgo" text stacks hundreds).
 MAX_MARKS: Final = 3
+
+#: What /nowplaying says while the player waits for a started track's audio (``BUFFERING``).
+BUFFERING_NOTE: Final = "⏳ Buffering: the track's server is sending audio slower than real time."
+#: ... and while it waits for a track's first audio (``LOADING``).
+LOADING_NOTE: Final = "⏳ Buffering: waiting for the track's server to send audio."
 
 _ELLIPSIS: Final = "…"
 _ZWJ: Final = "\u200d"
@@ -283,21 +290,32 @@ def now_playing_embed(
     paused: bool = False,
     duration: float | None = None,
     privacy_code: str | None = None,
+    waiting: Literal["loading", "buffering"] | None = None,
 ) -> discord.Embed:
     """The /nowplaying embed: title (linked), requester, thumbnail, progress, loop and volume.
 
     ``duration`` (what the decoder found) is used when the track's metadata has none;
     ``privacy_code`` (DAVE's, when the connection is end-to-end encrypted) is shown grouped.
+    ``waiting``: the player is waiting for the track's server, for its first audio
+    (``"loading"``) or mid-track (``"buffering"``); the embed says so (a listener hears silence
+    and should know it is the server, not the bot).
     """
     length = track.duration if track.duration is not None else duration
     bar = progress_bar(position, length, live=track.live)
+    if paused:
+        author, description = "Paused", f"⏸ Paused\n{bar}"
+    elif waiting is not None:
+        note = BUFFERING_NOTE if waiting == "buffering" else LOADING_NOTE
+        author, description = "Buffering", f"{note}\n{bar}"
+    else:
+        author, description = "Now playing", bar
     embed = discord.Embed(
         title=track_title(track, EMBED_TITLE_LIMIT),
         url=_link(track),
-        description=f"⏸ Paused\n{bar}" if paused else bar,
+        description=description,
         colour=discord.Colour.blurple(),
     )
-    embed.set_author(name="Paused" if paused else "Now playing")
+    embed.set_author(name=author)
     if track.requester_id:
         embed.add_field(name="Requested by", value=f"<@{track.requester_id}>")
     embed.add_field(name="Loop", value=loop)

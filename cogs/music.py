@@ -116,6 +116,12 @@ _DISCONNECTED_KEPT: Final = (
 
 Interaction = discord.Interaction[Any]
 
+#: What /nowplaying says the player waits for, by its state (see ``now_playing_embed``).
+_WAITING: Final[dict[PlayerState, Literal["loading", "buffering"]]] = {
+    PlayerState.LOADING: "loading",
+    PlayerState.BUFFERING: "buffering",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class SessionStats:
@@ -159,6 +165,8 @@ class GuildSession:
             guild_id=guild.id,
             max_reopens=config.max_reopens,
             stall_timeout=config.stall_timeout,
+            starve_window=config.starve_window,
+            starve_limit=config.starve_limit,
         )
         self.votes: set[int] = set()
         self.closed = False
@@ -1266,14 +1274,16 @@ class MusicCog(commands.Cog, name="Music"):
         current = session.player.current if session is not None else None
         if session is None or current is None:
             raise NotPlaying("nowplaying with nothing playing")
+        state = session.player.state
         embed = now_playing_embed(
             current,
             position=session.player.position,
             volume=session.volume_percent,
             loop=session.queue.loop.value,
-            paused=session.player.state is PlayerState.PAUSED,
+            paused=state is PlayerState.PAUSED,
             duration=session.duration,
             privacy_code=session.voice.voice_privacy_code,
+            waiting=_WAITING.get(state),
         )
         await self._say(interaction, embed=embed)
 

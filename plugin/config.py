@@ -480,6 +480,17 @@ class PlaybackConfig:
         _integer(0, 10),
         "times a stream that breaks off mid-track is resolved again and reopened where it stopped",
     )
+    starve_window: float = _key(
+        20.0,
+        _number(1, 600, "seconds"),
+        "the stretch of time over which a track's server is judged too slow (see starve_limit)",
+    )
+    starve_limit: float = _key(
+        10.0,
+        _number(0.5, 300, "seconds"),
+        "a track that leaves the player without audio (waiting for its server) for more than this"
+        " within starve_window is skipped as too slow; also bounds the wait for its first audio",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -780,6 +791,11 @@ def _cross_check(cfg: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: playback.default_volume = {pb.default_volume} is invalid: expected at most "
             f"playback.max_volume ({pb.max_volume})"
+        )
+    if pb.starve_limit >= pb.starve_window:
+        raise ConfigError(
+            f"{where}: playback.starve_limit = {pb.starve_limit:g} is invalid: expected less than "
+            f"playback.starve_window ({pb.starve_window:g})"
         )
     sb = cfg.sandbox
     ports = [(n, getattr(sb, n)) for n in ("gateway_port", "rest_port", "voice_port", "media_port")]

@@ -27,7 +27,9 @@ Session-scoped, made once per test run:
 
   Add your own with ``media_server.add_route(path, body=..., status=..., truncate_at=N,
   stall_after=N, fail_after=N, fail_status=403)`` or ``add_route(path, handler=fn)``; see
-  ``tests.media.Route``. ``media_server.request_count(path)`` counts requests to a path.
+  ``tests.media.Route``; ``handler=tests.media.Trickle(body, rate=1000)`` serves a body slower
+  than real time (no Content-Length). ``media_server.request_count(path)`` counts requests to a
+  path.
   Give added routes names unique to your test: the server is shared by the whole session.
 - ``media_url(name)``: the server's URL for a file or route name.
 """

@@ -558,6 +558,50 @@ def expiring_stream(server: MediaServer, name: str, body: Path, *, renewed: bool
     return Expiring(url, first, second)
 
 
+class Trickle:
+    """A route handler (``add_route(path, handler=Trickle(body))``) that sends ``body`` at
+    ``rate`` bytes a second, after its first ``burst`` bytes at once, with no Content-Length: a
+    server slower than real time (issue #11). It stops early, closing the connection, once
+    :meth:`stop` is called, so that no decoder waits on it after the test.
+
+    Attributes:
+        gets: GET requests answered so far.
+    """
+
+    def __init__(
+        self, body: bytes, *, rate: int = 1000, burst: int = 0, content_type: str = "audio/mpeg"
+    ) -> None:
+        self.body = body
+        self.rate = rate
+        self.burst = burst
+        self.content_type = content_type
+        self.gets = 0
+        self._stopped = threading.Event()
+
+    def __call__(self, request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Type", self.content_type)
+        request.end_headers()
+        if request.command == "HEAD":
+            return
+        self.gets += 1
+        step = max(1, self.rate // 10)  # a tenth of a second's worth every tenth of a second
+        try:
+            request.wfile.write(self.body[: self.burst])
+            request.wfile.flush()
+            pos = self.burst
+            while pos < len(self.body) and not self._stopped.wait(0.1):
+                request.wfile.write(self.body[pos : pos + step])
+                request.wfile.flush()
+                pos += step
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+    def stop(self) -> None:
+        """End every response under way, and any later one after its burst."""
+        self._stopped.set()
+
+
 def expected_frames(seconds: float) -> int:
     """The number of 20 ms frames a source of ``seconds`` yields (the last one padded)."""
     return math.ceil(round(seconds * 48000) / 960)

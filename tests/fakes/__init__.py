@@ -5,7 +5,14 @@ from __future__ import annotations
 from tests.fakes.clock import FakeClock, FakeTimer, settle
 from tests.fakes.executor import InlineExecutor, SettlingPool
 from tests.fakes.sink import GatedSink, RecordingSink, SinkEvent
-from tests.fakes.source import ScriptedOpener, ScriptedSource, ToneSource, frame_id, make_frames
+from tests.fakes.source import (
+    ScriptedOpener,
+    ScriptedSource,
+    ToneSource,
+    TrickleSource,
+    frame_id,
+    make_frames,
+)
 
 __all__ = [
     "FakeClock",
@@ -18,6 +25,7 @@ __all__ = [
     "SettlingPool",
     "SinkEvent",
     "ToneSource",
+    "TrickleSource",
     "frame_id",
     "make_frames",
     "settle",

@@ -7,6 +7,7 @@ test sees from which frame on a volume change took effect.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +141,41 @@ class ScriptedSource:
         self.closed = True
 
 
+class TrickleSource(ScriptedSource):
+    """A ``ScriptedSource`` whose refills wait for the test, as reads of a slow server do.
+
+    A parked player refills with ``read_soon`` (see ``legato.audio.source.ReadsSoon``); here that
+    read waits until the test calls :meth:`deliver`, so a test on a ``FakeClock`` says exactly
+    when, in fake time, each read comes back and with how much audio. The feeder's own reads (the
+    first fill, through ``read``) answer at once.
+    """
+
+    def __init__(self, tag: str, count: int, **kwargs: object) -> None:
+        super().__init__(tag, count, **kwargs)  # type: ignore[arg-type]  # ScriptedSource's kwargs
+        self.waiting: tuple[concurrent.futures.Future[list[bytes]], int] | None = None
+
+    def read_soon(self, max_frames: int) -> concurrent.futures.Future[list[bytes]]:
+        if self.waiting is not None:
+            raise AssertionError("two FrameSource reads at once")
+        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        self.waiting = (future, max_frames)
+        return future
+
+    def deliver(self, frames: int | None = None) -> bool:
+        """Answer the read waiting (with at most ``frames`` frames); False if none waits."""
+        if self.waiting is None:
+            return False
+        future, count = self.waiting
+        self.waiting = None
+        try:
+            out = self.read(count if frames is None else min(count, frames))
+        except BaseException as exc:  # noqa: BLE001 - handed to the future, as a pool does
+            future.set_exception(exc)
+        else:
+            future.set_result(out)
+        return True
+
+
 @dataclass
 class _Script:
     count: int = 0
@@ -149,6 +185,7 @@ class _Script:
     seekable: bool = True
     lost_at: tuple[int, ...] = ()
     opens: int = 0
+    trickle: bool = False
 
 
 @dataclass
@@ -175,13 +212,15 @@ class ScriptedOpener:
         gate: asyncio.Event | None = None,
         seekable: bool = True,
         lost_at: tuple[int, ...] = (),
+        trickle: bool = False,
     ) -> Track:
         """Register what opening ``url`` gives and return a ``Track`` for it.
 
         ``lost_at[i]``: the ``i``-th opening's stream breaks off (``StreamLost``) at that frame
-        index; openings past the tuple's end do not.
+        index; openings past the tuple's end do not. ``trickle``: the source is a
+        :class:`TrickleSource` (its refills wait for the test).
         """
-        self.scripts[url] = _Script(count, fail_at, error, gate, seekable, lost_at)
+        self.scripts[url] = _Script(count, fail_at, error, gate, seekable, lost_at, trickle=trickle)
         return Track(url=url, title=url)
 
     async def __call__(self, track: Track, start: float) -> ScriptedSource:
@@ -195,7 +234,8 @@ class ScriptedOpener:
             raise spec.error
         opening, spec.opens = spec.opens, spec.opens + 1
         lost = opening < len(spec.lost_at)
-        source = ScriptedSource(
+        kind = TrickleSource if spec.trickle else ScriptedSource
+        source = kind(
             track.title,
             spec.count,
             fail_at=spec.lost_at[opening] if lost else spec.fail_at,

@@ -32,13 +32,14 @@ from legato.audio.player import (
 )
 from legato.audio.resolve import UNSUPPORTED_SCHEME, Resolver, ResolverSettings
 from legato.audio.sink import OPUS_SILENCE
-from legato.audio.source import SAMPLE_RATE
+from legato.audio.source import SAMPLE_RATE, SourceTooSlow
 from legato.audio.track import Track
 from legato.errors import AudioError
 from tests.fakes import RecordingSink
 from tests.media import (
     Expiring,
     MediaServer,
+    Trickle,
     expected_frames,
     expiring_stream,
     html_page,
@@ -317,7 +318,8 @@ async def test_a_stalled_source_is_filled_with_silence_then_skipped(pipeline: Pi
     assert isinstance(failed, TrackFailed)
     assert failed.error.user_message == "The track's server stopped sending audio."
     # Where the audio stopped, silence went on in its place (speaking on) for the stall's
-    # length (at least the 1 s timeout) before the track was given up.
+    # length (the 1 s timeout, counted from when the missing frame was due; the first silence
+    # frame goes out one frame after that) before the track was given up.
     timeline = sink.timeline()
     start, end = recorder.spans["stalls"]
     frames_at = [i for i, t in enumerate(timeline) if t not in ("on", "off")]
@@ -325,11 +327,54 @@ async def test_a_stalled_source_is_filled_with_silence_then_skipped(pipeline: Pi
     last_audio = max(i for i, t in enumerate(stalled) if t != "S")
     fill = stalled[last_audio + 1 :]
     assert "off" not in fill
-    assert fill.count("S") >= 1.0 / 0.020
+    assert fill.count("S") >= 1.0 / 0.020 - 1
     audio = [f for f in recorder.frames_of("stalls") if f != OPUS_SILENCE]
     assert abs(len(audio) - 6.0 / 0.020) <= 15
     assert tone_of(audio) == pytest.approx(440.0, abs=2.0)
     assert tone_of(recorder.frames_of("after-770.webm")) == pytest.approx(770.0, abs=2.0)
+
+
+async def test_a_source_that_falls_to_1kbs_in_a_thread_is_buffering_then_skipped(
+    pipeline: Pipeline,
+) -> None:
+    """Issue #11 on the thread path (no decode worker): a 128 kbit/s MP3 whose first 40 KB come
+    at once, then 1 KB/s with no Content-Length. It starts, falls behind (``BUFFERING``, silence
+    standing in), is judged too slow and the next track plays."""
+    body = write_tone(
+        pipeline.tmp / "trickles.mp3",
+        container="mp3",
+        codec="libmp3lame",
+        freq=440.0,
+        seconds=30.0,
+        rate=44100,
+    )
+    trickle = Trickle(body.read_bytes(), rate=1000, burst=40_000)
+    url = pipeline.server.add_route("player-real/trickles.mp3", handler=trickle)
+    track = Track(url=url, title="trickles")
+    after = await pipeline.track("after-slow-770.webm", 770.0, "webm", "libopus")
+    sink = RecordingSink()
+    recorder = Recorder(sink)
+    player = pipeline.player(sink, recorder, starve_window=3.0, starve_limit=1.5)
+    player.queue.add([track, after])
+    try:
+        async with asyncio.timeout(60):
+            assert player.start()
+            await player.wait_for(PlayerState.BUFFERING)
+            assert player.current == track
+            await player.wait_for(PlayerState.IDLE)
+    finally:
+        trickle.stop()
+        await player.close()
+
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds == ["TrackStarted", "TrackFailed", "TrackStarted", "TrackEnded", "QueueEnded"]
+    failed = recorder.events[1]
+    assert isinstance(failed, TrackFailed)
+    assert isinstance(failed.error, SourceTooSlow)
+    assert "x real time" in str(failed.error)
+    audio = [f for f in recorder.frames_of("trickles") if f != OPUS_SILENCE]
+    assert tone_of(audio) == pytest.approx(440.0, abs=2.0)
+    assert tone_of(recorder.frames_of("after-slow-770.webm")) == pytest.approx(770.0, abs=2.0)
 
 
 @dataclass(frozen=True)

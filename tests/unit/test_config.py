@@ -137,6 +137,8 @@ resolve_timeout = 5
 stream_timeout = 4
 stall_timeout = 2.5
 max_reopens = 0
+starve_window = 8
+starve_limit = 3.5
 
 [permissions]
 dj_role = "DJ"
@@ -203,6 +205,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         stream_timeout=4.0,
         stall_timeout=2.5,
         max_reopens=0,
+        starve_window=8.0,
+        starve_limit=3.5,
     )
     assert cfg.permissions == PermissionsConfig(
         dj_role="DJ", skip="requester", stop="everyone", clear="requester", vote_skip_ratio=0.75
@@ -305,6 +309,8 @@ BAD: list[tuple[str, str, str, str]] = [
     ("playback", "max_reopens", "-1", "an integer from 0 to 10"),
     ("playback", "max_reopens", "11", "an integer from 0 to 10"),
     ("playback", "max_reopens", "1.5", "an integer from 0 to 10"),
+    ("playback", "starve_window", "0.5", "a number from 1 to 600"),
+    ("playback", "starve_limit", "0", "a number from 0.5 to 300"),
     ("permissions", "dj_role", "[1]", "a role name, a role id"),
     ("permissions", "dj_role", "-3", "a role name, a role id"),
     ("permissions", "skip", '"admins"', "'requester', 'dj', 'everyone'"),
@@ -471,6 +477,15 @@ def test_default_volume_above_max_names_both(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[playback]\ndefault_volume = 200\nmax_volume = 150\n")
     assert "playback.default_volume = 200" in message
     assert "playback.max_volume (150)" in message
+
+
+def test_starve_limit_must_be_under_its_window(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[playback]\nstarve_window = 5\nstarve_limit = 5\n")
+    assert "playback.starve_limit = 5 is invalid: expected less than" in message
+    assert "playback.starve_window (5)" in message
+    cfg = load_config(write(tmp_path, "[playback]\nstarve_window = 3\nstarve_limit = 1\n"), env={})
+    assert (cfg.playback.starve_window, cfg.playback.starve_limit) == (3.0, 1.0)
+    assert (PlaybackConfig().starve_window, PlaybackConfig().starve_limit) == (20.0, 10.0)
 
 
 def test_duplicate_sandbox_ports(tmp_path: Path) -> None:

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from legato.audio.track import Track
 from legato.cogs.format import (
+    BUFFERING_NOTE,
     EMBED_DESCRIPTION_LIMIT,
     EMBED_TITLE_LIMIT,
     EMBED_TOTAL_LIMIT,
+    LOADING_NOTE,
     BadInput,
     embed_length,
     format_time,
@@ -250,6 +252,23 @@ def test_now_playing_embed_fields() -> None:
     values = {f.name: f.value for f in embed.fields}
     assert values == {"Requested by": "<@42>", "Loop": "queue", "Volume": "80%"}
     assert embed.thumbnail.url == "https://media.test/t.png"
+
+
+def test_now_playing_embed_says_when_the_player_waits_for_the_server() -> None:
+    track = Track(url="https://media.test/a.mp3", title="a", duration=60.0)
+    buffering = now_playing_embed(track, position=5.0, volume=100, loop="off", waiting="buffering")
+    assert buffering.author.name == "Buffering"
+    assert buffering.description == f"{BUFFERING_NOTE}\n{progress_bar(5.0, 60.0)}"
+    assert "slower than real time" in BUFFERING_NOTE
+    loading = now_playing_embed(track, position=0.0, volume=100, loop="off", waiting="loading")
+    assert loading.author.name == "Buffering"
+    assert loading.description is not None
+    assert loading.description.startswith(LOADING_NOTE)
+    # Paused says paused, whatever the server does.
+    paused = now_playing_embed(
+        track, position=5.0, volume=100, loop="off", paused=True, waiting="buffering"
+    )
+    assert paused.author.name == "Paused"
 
 
 def test_now_playing_embed_refuses_non_http_thumbnail() -> None:

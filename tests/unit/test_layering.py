@@ -17,6 +17,7 @@ CORE_MODULES = [
     "plugin/voice/payloads.py",
     "audio/pacer.py",
     "audio/queue.py",
+    "audio/supply.py",
 ]
 FORBIDDEN = {"asyncio", "socket", "time", "websockets", "aiortc", "discord", "aiohttp"}
 

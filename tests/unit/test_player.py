@@ -38,6 +38,7 @@ from tests.fakes import (
     ScriptedOpener,
     ScriptedSource,
     SettlingPool,
+    TrickleSource,
     make_frames,
     settle,
 )
@@ -657,31 +658,43 @@ async def test_a_raising_sink_loses_frames_but_not_the_player(
 
 async def test_a_stalled_source_is_filled_with_silence_on_the_grid() -> None:
     """While the source is stuck, silence goes out every 20 ms with speaking on (the stream's
-    clock keeps going); when audio comes back it continues on the same grid."""
+    clock keeps going); when audio comes back it continues on the same grid.
+
+    The source's refills come back when the test says (``TrickleSource``), in fake time: with a
+    real thread pool the reads after the stall raced the fake clock, and a read that came back
+    late in fake time underran the buffer a second time.
+    """
     clock = FakeClock()
     sink = RecordingSink(clock)
-    gate = threading.Event()
-    gate.set()
-    holder: list[ScriptedSource] = []
-    opener = ScriptedOpener(on_open=holder.append)
-    track = opener.script("A", 60)
-    with ThreadPoolExecutor(1) as pool:
-        player = GuildPlayer(
-            sink, opener, clock=clock, executor=pool, buffer_ms=100, stall_timeout=600.0
-        )
-        player.queue.add([track])
-        player.start()
-        async with asyncio.timeout(20):
-            await sink.wait_frames(1)
-            holder[0].gate = gate
-            gate.clear()  # the next read blocks: the source is stuck
-            await clock.run_until(lambda: player.stats.silence_sent >= 10)
-            assert player.stats.underruns == 1
-            assert sink.speaking
-            gate.set()
-            await clock.run_until(lambda: player.state is PlayerState.IDLE)
-            await clock.advance(1.0)
-        await player.close()
+    opener = ScriptedOpener()
+    track = opener.script("A", 60, trickle=True)
+    player = GuildPlayer(
+        sink,
+        opener,
+        clock=clock,
+        executor=InlineExecutor(),
+        buffer_ms=100,
+        stall_timeout=600.0,
+        starve_window=1200.0,
+        starve_limit=600.0,
+    )
+    player.queue.add([track])
+    player.start()
+    await settle()
+    source = opener.sources[0]
+    assert isinstance(source, TrickleSource)
+    # The first refill is held: the source is stuck.
+    await clock.run_until(lambda: player.stats.silence_sent >= 10)
+    assert player.stats.underruns == 1
+    assert sink.speaking
+    # Then every read comes back at the next frame's time.
+    for _ in range(1000):
+        if player.state is PlayerState.IDLE:
+            break
+        source.deliver()
+        await clock.advance(F)
+    await clock.advance(1.0)
+    await player.close()
     timeline = sink.timeline()
     first_fill = timeline.index("S")
     last_fill = len(timeline) - 1 - timeline[::-1].index("A:59") - 1
