@@ -17,7 +17,6 @@ import re
 import sqlite3
 import sys
 import time
-import urllib.parse
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -41,7 +40,7 @@ from legato.audio.player import (
     make_opener,
 )
 from legato.audio.queue import LoopMode, TrackQueue
-from legato.audio.resolve import Resolver, ResolverSettings
+from legato.audio.resolve import Resolver, ResolverSettings, split_url
 from legato.audio.track import Track
 from legato.audio.urlguard import UrlPolicy
 from legato.audio.workers import DecodePool
@@ -839,7 +838,7 @@ class MusicCog(commands.Cog, name="Music"):
         if not query:
             raise BadInput("empty query", user_message="Tell me what to play.")
         if _is_url(query):
-            host = (urllib.parse.urlsplit(query).hostname or "").lower().rstrip(".")
+            host = (split_url(query).hostname or "").lower().rstrip(".")
             allowed = pb.allowed_domains
             if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
                 raise BadInput(

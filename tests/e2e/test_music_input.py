@@ -1,0 +1,53 @@
+"""Issue #11, hostile input: what users type reaches the cog whole, and nothing breaks.
+
+Malformed links, blank queries, text that would forge log lines, /seek used as a skip, two
+/skip at once, the length limit at the edge, and lengths only the decoder learns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from legato.sandbox.server import Sandbox
+from tests.e2e import test_music_cog
+from tests.e2e.test_music_cog import (
+    Tones,
+    make_config,
+    refused,
+    running,
+)
+
+pytestmark = pytest.mark.e2e
+
+sandbox = test_music_cog.sandbox
+tones = test_music_cog.tones
+
+
+def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("legato")]
+
+
+# --- malformed links ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("allowed_domains", [(), ("example.com",)])
+async def test_malformed_bracketed_links_are_refused_plainly(
+    sandbox: Sandbox,
+    tones: Tones,
+    caplog: pytest.LogCaptureFixture,
+    allowed_domains: tuple[str, ...],
+) -> None:
+    sb = sandbox
+    config = make_config(tones, allowed_domains=allowed_domains)
+    async with running(sb, config) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        with caplog.at_level(logging.INFO, logger="legato"):
+            for query in ("http://[::1", "http://[127.0.0.1]/", "https://]/", "http://x:abc/"):
+                for command in ("play", "playnext"):
+                    text = await refused(await alice.invoke(command, query=query))
+                    assert text == "That is not a valid web address.", (query, text)
+        assert bot.music.session(sb.guild.id) is None
+        assert not [r for r in _records(caplog) if r.levelno >= logging.ERROR]
