@@ -35,6 +35,7 @@ __all__ = [
     "embed_length",
     "format_privacy_code",
     "format_time",
+    "is_blank",
     "now_playing_embed",
     "parse_position",
     "progress_bar",
@@ -196,6 +197,12 @@ def _clean(text: str) -> str:
             marks = 0
         out.append(ch)
     return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace (any Unicode space), control and format
+    characters (NUL, ESC, zero-width and bidi marks) or unassigned code points."""
+    return not _clean(text)
 
 
 def _cut(text: str, limit: int) -> str:

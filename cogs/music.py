@@ -61,6 +61,7 @@ from legato.cogs.format import (
     debug_embed,
     format_privacy_code,
     format_time,
+    is_blank,
     now_playing_embed,
     parse_position,
     queue_embed,
@@ -835,8 +836,9 @@ class MusicCog(commands.Cog, name="Music"):
     def _check_query(self, query: str) -> None:
         pb = self.config.playback
         query = query.strip()
-        if not query:
-            raise BadInput("empty query", user_message="Tell me what to play.")
+        if is_blank(query):
+            # Not only "": NUL, ESC or U+3000 alone would be searched for as if they were words.
+            raise BadInput(f"blank query {query!r}", user_message="Tell me what to play.")
         if _is_url(query):
             host = (split_url(query).hostname or "").lower().rstrip(".")
             allowed = pb.allowed_domains
@@ -966,7 +968,12 @@ class MusicCog(commands.Cog, name="Music"):
         """Search suggestions for what the user typed, answered within the 3 s budget."""
         query = current.strip()
         pb = self.config.playback
-        if len(query) < 2 or not _is_search(query) or pb.search_provider == "none":
+        if (
+            len(query) < 2
+            or is_blank(query)
+            or not _is_search(query)
+            or pb.search_provider == "none"
+        ):
             return []
         budget = AUTOCOMPLETE_BUDGET - (time.monotonic() - started)
         tracks = await self._suggestions.get(query, budget)

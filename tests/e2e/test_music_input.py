@@ -51,3 +51,24 @@ async def test_malformed_bracketed_links_are_refused_plainly(
                     assert text == "That is not a valid web address.", (query, text)
         assert bot.music.session(sb.guild.id) is None
         assert not [r for r in _records(caplog) if r.levelno >= logging.ERROR]
+
+
+# --- blank queries ------------------------------------------------------------------------------
+
+
+async def test_blank_queries_are_answered_like_an_empty_one(
+    sandbox: Sandbox, tones: Tones
+) -> None:
+    sb = sandbox
+    search = tones.server.add_route("blank-find", body=b"<html></html>")
+    config = make_config(tones, search_provider=search + "?q={query}")
+    async with running(sb, config) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        for query in ("\x00", "\x00\x01\x1b", " \t\u3000\u00a0\u2028", "\u200b\u200e\x7f", "\n"):
+            text = await refused(await alice.invoke("play", query=query))
+            assert text == "Tell me what to play.", (query, text)
+        # Nor are they searched for suggestions.
+        assert await alice.autocomplete("play", "query", "\x00\x00\x1b") == []
+        assert tones.server.request_count("blank-find") == 0
+        assert bot.music.session(sb.guild.id) is None
