@@ -37,6 +37,7 @@ __all__ = [
     "format_time",
     "is_blank",
     "now_playing_embed",
+    "over_limit",
     "parse_position",
     "progress_bar",
     "queue_embed",
@@ -84,6 +85,13 @@ def format_time(seconds: float | None) -> str:
     h, rest = divmod(total, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def over_limit(length: float, limit: float) -> bool:
+    """Whether ``length`` is over ``limit``, compared in the whole seconds :func:`format_time`
+    shows: 3:00:00.0065 is not over 3:00:00, or the refusal would read "3:00:00 long; the limit
+    is 3:00:00"."""
+    return math.floor(length) > math.floor(limit)
 
 
 def parse_position(text: str, *, current: float, duration: float | None) -> float:

@@ -63,6 +63,7 @@ from legato.cogs.format import (
     format_time,
     is_blank,
     now_playing_embed,
+    over_limit,
     parse_position,
     queue_embed,
     queue_pages,
@@ -237,7 +238,9 @@ class GuildSession:
         """Skip a track whose length only the decoder knew (links without metadata)."""
         limit = self.cog.config.playback.max_track_duration
         length = self.player.duration
-        if limit <= 0 or track.duration is not None or length is None or length <= limit:
+        if limit <= 0 or track.duration is not None or length is None:
+            return False
+        if not over_limit(length, limit):
             return False
         self.log.info("skipping %r: %.0f s is over the %.0f s limit", track.title, length, limit)
         # Not from inside the player's own callback: on the next loop turn.
@@ -865,7 +868,7 @@ class MusicCog(commands.Cog, name="Music"):
             tracks = tracks[:1]
         if limit <= 0:
             return tracks, 0
-        fitting = [t for t in tracks if t.duration is None or t.duration <= limit]
+        fitting = [t for t in tracks if t.duration is None or not over_limit(t.duration, limit)]
         if not fitting:
             longest = max(t.duration or 0.0 for t in tracks)
             raise BadInput(

@@ -7,16 +7,22 @@ Malformed links, blank queries, text that would forge log lines, /seek used as a
 from __future__ import annotations
 
 import logging
+import struct
+from pathlib import Path
 
 import pytest
 
 from legato.sandbox.server import Sandbox
 from tests.e2e import test_music_cog
 from tests.e2e.test_music_cog import (
+    GUARD,
     Tones,
+    answer,
     make_config,
+    recording,
     refused,
     running,
+    start_playing,
 )
 
 pytestmark = pytest.mark.e2e
@@ -72,3 +78,38 @@ async def test_blank_queries_are_answered_like_an_empty_one(
         assert await alice.autocomplete("play", "query", "\x00\x00\x1b") == []
         assert tones.server.request_count("blank-find") == 0
         assert bot.music.session(sb.guild.id) is None
+
+
+# --- the length limit ---------------------------------------------------------------------------
+
+
+def _silent_wav(path: Path, seconds: float, rate: int = 2000) -> str:
+    """A mono 8-bit WAV of ``seconds`` (to 1/``rate`` s), sparse on disk: its length is in the
+    header, which is all the resolver reads."""
+    frames = round(seconds * rate)
+    header = b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate, 1, 8)
+    header += b"data" + struct.pack("<I", frames)
+    with path.open("wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", len(header) + frames) + header)
+        f.truncate(f.tell() + frames)
+    return str(path)
+
+
+async def test_the_length_limit_compares_the_seconds_it_shows(
+    sandbox: Sandbox, tones: Tones, tmp_path: Path
+) -> None:
+    sb = sandbox
+    config = make_config(tones, max_track_duration=3 * 3600, allow_local_files=True)
+    just = _silent_wav(tmp_path / "just.wav", 10800.0065)
+    over = _silent_wav(tmp_path / "over.wav", 10801)
+    async with running(sb, config) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        # Shown as 3:00:00 and the limit is 3:00:00: it fits.
+        await start_playing(sb, alice, just)
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+        assert session.queue.current is not None
+        assert session.queue.current.duration == pytest.approx(10800.0065)
+        text = await refused(await alice.invoke("play", query=over))
+        assert text == "That is 3:00:01 long; the limit is 3:00:00."
