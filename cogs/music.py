@@ -21,7 +21,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import discord
@@ -168,6 +168,8 @@ class GuildSession:
         self._idle: asyncio.Task[None] | None = None
         self._alone: asyncio.Task[None] | None = None
         self._announced = 0  # uid of the track last announced (a looped track is told once)
+        #: Lengths the player learned on opening tracks whose metadata had none, by track uid.
+        self._lengths: dict[int, float] = {}
         #: Tracks kept from a lost connection put back by ``_connect`` (told once, then 0).
         self.restored = 0
 
@@ -184,7 +186,26 @@ class GuildSession:
         current = self.player.current
         if current is None:
             return None
-        return current.duration if current.duration is not None else self.player.duration
+        known = self.shown(current).duration
+        return known if known is not None else self.player.duration
+
+    def shown(self, track: Track) -> Track:
+        """``track`` as users see it: with the length the player learned when it opened it
+        (yt-dlp gives none for a direct media link), when its metadata had none."""
+        if track.duration is not None or track.live:
+            return track
+        length = self._lengths.get(track.uid)
+        return track if length is None else replace(track, duration=length)
+
+    def _learn_length(self, track: Track) -> None:
+        length = self.player.duration
+        if track.duration is not None or track.live or length is None or length <= 0:
+            return
+        self._lengths[track.uid] = length
+        # Only tracks still in the queue (or its history) can be shown again.
+        queue = self.queue
+        keep = {t.uid for t in (queue.current, *queue.upcoming, *queue.history) if t is not None}
+        self._lengths = {uid: s for uid, s in self._lengths.items() if uid in keep}
 
     @property
     def volume_percent(self) -> int:
@@ -220,12 +241,13 @@ class GuildSession:
             self.votes.clear()
             self.cancel_idle()
             self.log.info("playing %r", event.track.title)
+            self._learn_length(event.track)
             if self._too_long(event.track):
                 return
             repeat = event.track.uid == self._announced
             self._announced = event.track.uid
             if self.cog.config.playback.announce_now_playing and not repeat:
-                self.post(embed=announce_embed(event.track))
+                self.post(embed=announce_embed(self.shown(event.track)))
         elif isinstance(event, TrackFailed):
             self.votes.clear()
             self.log.warning("track %r failed: %s", event.track.title, event.error)
@@ -1250,9 +1272,13 @@ class MusicCog(commands.Cog, name="Music"):
             raise NotPlaying("no session", user_message="I'm not in a voice channel.")
 
         def render(page: int) -> tuple[discord.Embed, int]:
-            upcoming = session.queue.upcoming
+            upcoming = [session.shown(t) for t in session.queue.upcoming]
+            current = session.player.current
             embed = queue_embed(
-                session.player.current, upcoming, page=page, loop=session.queue.loop.value
+                None if current is None else session.shown(current),
+                upcoming,
+                page=page,
+                loop=session.queue.loop.value,
             )
             return embed, queue_pages(len(upcoming))
 
@@ -1276,7 +1302,7 @@ class MusicCog(commands.Cog, name="Music"):
         if session is None or current is None:
             raise NotPlaying("nowplaying with nothing playing")
         embed = now_playing_embed(
-            current,
+            session.shown(current),
             position=session.player.position,
             volume=session.volume_percent,
             loop=session.queue.loop.value,

@@ -62,9 +62,7 @@ async def test_malformed_bracketed_links_are_refused_plainly(
 # --- blank queries ------------------------------------------------------------------------------
 
 
-async def test_blank_queries_are_answered_like_an_empty_one(
-    sandbox: Sandbox, tones: Tones
-) -> None:
+async def test_blank_queries_are_answered_like_an_empty_one(sandbox: Sandbox, tones: Tones) -> None:
     sb = sandbox
     search = tones.server.add_route("blank-find", body=b"<html></html>")
     config = make_config(tones, search_provider=search + "?q={query}")
@@ -113,3 +111,43 @@ async def test_the_length_limit_compares_the_seconds_it_shows(
         assert session.queue.current.duration == pytest.approx(10800.0065)
         text = await refused(await alice.invoke("play", query=over))
         assert text == "That is 3:00:01 long; the limit is 3:00:00."
+
+
+# --- lengths only the decoder knows -------------------------------------------------------------
+
+
+async def test_a_length_learned_when_the_track_opens_is_shown(
+    sandbox: Sandbox, tones: Tones
+) -> None:
+    sb = sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        # yt-dlp reports no length for a direct link: the decoder learns 0:20 once it opens it.
+        await start_playing(sb, alice, tones.a)
+        await start_playing(sb, alice, tones.b)
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+        assert session.queue.current is not None
+        assert session.queue.current.duration is None
+        await recording(sb).wait_speaking(True, timeout=GUARD)
+
+        announced = await sb.wait_for_message(sb.music, lambda m: bool(m.embeds))
+        assert "a440" in str(announced.embeds[0]["description"])
+        assert "0:20" in str(announced.embeds[0]["description"])
+
+        shown = (await alice.invoke("queue")).embeds[0]
+        now = str(shown["description"]).split("\n")[0]
+        assert now.startswith("**Now:**")
+        assert "0:20" in now and "?:??" not in now, now
+        playing = (await alice.invoke("nowplaying")).embeds[0]
+        assert "/ 0:20" in str(playing["description"]), playing
+
+        # Looped back into the queue, it keeps its length.
+        await alice.invoke("loop", mode="queue")
+        skipped = await alice.invoke("skip")
+        assert "Skipped **a440**" in await answer(skipped)
+        shown = (await alice.invoke("queue")).embeds[0]
+        lines = str(shown["description"]).split("\n")
+        assert lines[-1].startswith("`1.` [a440]"), lines
+        assert "0:20" in lines[-1], lines
