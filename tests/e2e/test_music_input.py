@@ -6,6 +6,7 @@ Malformed links, blank queries, text that would forge log lines, /seek used as a
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 from pathlib import Path
@@ -57,6 +58,51 @@ async def test_malformed_bracketed_links_are_refused_plainly(
                     assert text == "That is not a valid web address.", (query, text)
         assert bot.music.session(sb.guild.id) is None
         assert not [r for r in _records(caplog) if r.levelno >= logging.ERROR]
+
+
+# --- log injection -----------------------------------------------------------------------------
+
+_FORGED = "ERROR legato.cogs.music: FORGED LINE"
+
+
+async def test_user_text_cannot_forge_log_lines(
+    sandbox: Sandbox, tones: Tones, tmp_path: Path
+) -> None:
+    sb = sandbox
+    search = tones.server.add_route("forge-find", body=b"<html></html>")
+    config = make_config(tones, search_provider=search + "?q={query}", allow_local_files=True)
+    evil = f"x\n{_FORGED}\x1b[31m\r\u2028\x85"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    legato_log = logging.getLogger("legato")
+    legato_log.addHandler(handler)
+    level = legato_log.level
+    legato_log.setLevel(logging.DEBUG)
+    try:
+        async with running(sb, config):
+            alice = sb.add_user("alice")
+            await alice.join_voice(sb.general)
+            for query in (
+                evil,  # a search
+                f"{tones.a}?q={evil}".replace(" ", "%20"),  # words after a link: a search
+                f"http://{evil}".replace(" ", ""),  # a link
+                f"/{evil}",  # a local path
+            ):
+                await refused(await alice.invoke("play", query=query))
+            await start_playing(sb, alice, tones.a)
+            for position in (evil, f"+{evil}"):
+                await refused(await alice.invoke("seek", position=position))
+            await alice.autocomplete("play", "query", evil)
+    finally:
+        legato_log.removeHandler(handler)
+        legato_log.setLevel(level)
+    output = stream.getvalue()
+    assert "FORGED LINE" in output  # the text was logged...
+    for line in output.splitlines():
+        assert not line.startswith(_FORGED), line  # ...but never as a line of its own
+    for raw in ("\x1b", "\r", "\u2028", "\x85"):
+        assert raw not in output
 
 
 # --- blank queries ------------------------------------------------------------------------------
@@ -139,7 +185,8 @@ async def test_a_length_learned_when_the_track_opens_is_shown(
         shown = (await alice.invoke("queue")).embeds[0]
         now = str(shown["description"]).split("\n")[0]
         assert now.startswith("**Now:**")
-        assert "0:20" in now and "?:??" not in now, now
+        assert "0:20" in now, now
+        assert "?:??" not in now, now
         playing = (await alice.invoke("nowplaying")).embeds[0]
         assert "/ 0:20" in str(playing["description"]), playing
 
