@@ -109,6 +109,7 @@ _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
 _POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to go out
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
+_ALREADY_SKIPPED: Final = "That track was already skipped."
 _UNLOADING: Final = "The music player is shutting down; try again in a moment."
 _DISCONNECTED_KEPT: Final = (
     "I was disconnected from the voice channel; the queue ({count}) is kept: /join or /play "
@@ -1081,9 +1082,28 @@ class MusicCog(commands.Cog, name="Music"):
     @app_commands.command(name="skip", description="Skip the current track (or vote to).")
     async def skip(self, interaction: Interaction) -> None:
         session, member = self._playing_session(interaction)
-        current = session.player.current
-        if current is None:
+        seen = session.player.current
+        if seen is None:
             raise NotPlaying("skip with nothing playing")
+        await self._skip(interaction, session, member, seen)
+
+    async def _skip(
+        self, interaction: Interaction, session: GuildSession, member: discord.Member, seen: Track
+    ) -> None:
+        """Skip ``seen``, the track the caller saw playing, or vote to; /skip and /seek to the end.
+
+        Raises:
+            NotPlaying: ``seen`` is no longer current (two /skip at once: one track goes).
+            Denied: The caller may not skip and voting is off.
+        """
+        # Interactions that arrive together are started one after another in the same loop
+        # turn, each running to its first real await. Yield once so that every one of them has
+        # taken its view of what plays before the first changes it.
+        await asyncio.sleep(0)
+        if session.player.current is not seen:
+            raise NotPlaying(
+                f"skip of track {seen.uid}, no longer current", user_message=_ALREADY_SKIPPED
+            )
         perms = self.config.permissions
         try:
             require_may(
@@ -1091,7 +1111,7 @@ class MusicCog(commands.Cog, name="Music"):
                 member,
                 perms,
                 action="skip",
-                requester_id=current.requester_id,
+                requester_id=seen.requester_id,
                 channel=session.channel,
             )
         except Denied:
@@ -1104,8 +1124,9 @@ class MusicCog(commands.Cog, name="Music"):
             if votes < needed:
                 await self._say(interaction, f"Vote to skip recorded: {votes}/{needed}.")
                 return
-        title = track_title(current, _TITLE)
-        session.player.skip()
+        title = track_title(seen, _TITLE)
+        if not session.player.skip(seen):
+            raise NotPlaying(f"skip of track {seen.uid} lost", user_message=_ALREADY_SKIPPED)
         await self._say(interaction, f"Skipped **{title}**.")
 
     @app_commands.guild_only()

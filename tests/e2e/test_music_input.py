@@ -6,6 +6,7 @@ Malformed links, blank queries, text that would forge log lines, /seek used as a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import struct
@@ -198,3 +199,41 @@ async def test_a_length_learned_when_the_track_opens_is_shown(
         lines = str(shown["description"]).split("\n")
         assert lines[-1].startswith("`1.` [a440]"), lines
         assert "0:20" in lines[-1], lines
+
+
+# --- skipping ----------------------------------------------------------------------------------
+
+
+async def test_two_skips_at_once_skip_one_track(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    first, second, third = tones.a, tones.b, f"{tones.a}?n=third"
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        bob = sb.add_user("bob")
+        for user in (alice, bob):
+            await user.join_voice(sb.general)
+        for url in (first, second, third):
+            await start_playing(sb, alice, url)
+        await recording(sb).wait_speaking(True, timeout=GUARD)
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+
+        # Both saw a440 playing and pressed /skip at the same instant: a440 is skipped, once.
+        replies = await asyncio.gather(alice.invoke("skip"), bob.invoke("skip"))
+        texts = [await answer(r) for r in replies]
+        assert texts[0] == "Skipped **a440**.", texts
+        assert not replies[0].ephemeral
+        assert await refused(replies[1]) == "That track was already skipped."
+        current = session.queue.current
+        assert current is not None
+        assert current.url == second
+        assert [t.url for t in session.queue.upcoming] == [third]
+        # b880 is what plays next.
+        announced = await sb.wait_for_message(
+            sb.music, lambda m: bool(m.embeds) and "b880" in str(m.embeds[0]["description"])
+        )
+        assert announced.embeds
+        assert session.queue.current is current
+
+        # A later /skip is of the track playing then.
+        assert await answer(await bob.invoke("skip")) == "Skipped **b880**."
