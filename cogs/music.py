@@ -110,6 +110,10 @@ _TITLE: Final = 100  # title length in one-line replies
 _POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to go out
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
 _ALREADY_SKIPPED: Final = "That track was already skipped."
+_ENDED: Final = "That track has ended."
+_LIVE: Final = "This stream is live; it cannot be seeked."
+#: A seek leaving less than this much of the track ends it: it counts as a skip.
+_SEEK_END: Final = 1.0
 _UNLOADING: Final = "The music player is shutting down; try again in a moment."
 _DISCONNECTED_KEPT: Final = (
     "I was disconnected from the voice channel; the queue ({count}) is kept: /join or /play "
@@ -1163,22 +1167,34 @@ class MusicCog(commands.Cog, name="Music"):
     @app_commands.command(name="seek", description="Jump to a position in the current track.")
     @app_commands.describe(position="Like 1:23, 83 (seconds), +10 or -5")
     async def seek(self, interaction: Interaction, position: str) -> None:
-        session, _ = self._playing_session(interaction)
-        current = session.player.current
-        if current is None:
+        session, member = self._playing_session(interaction)
+        seen = session.player.current
+        if seen is None:
             raise NotPlaying("seek with nothing playing")
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        if seen.live:
+            raise BadInput("seek on a live stream", user_message=_LIVE)
         if session.duration is None and session.player.state is PlayerState.LOADING:
             # A link's length is known once its source opens: wait for that, so that a seek
-            # past the end is refused instead of ending the track.
+            # to the end counts as a skip and a stream with no end is refused.
+            await interaction.response.defer(ephemeral=True, thinking=True)
             try:
                 async with asyncio.timeout(self.config.playback.resolve_timeout):
                     await session.player.wait_for(PlayerState.PLAYING)
             except TimeoutError:
                 session.log.info("seek: the track's length is still unknown")
-        target = parse_position(
-            position, current=session.player.position, duration=session.duration
-        )
+        duration = session.duration
+        if duration is None:
+            # No length: a live stream, whose server would stop sending once seeked.
+            raise BadInput("seek on a stream with no length", user_message=_LIVE)
+        target = parse_position(position, current=session.player.position, duration=None)
+        if target >= duration - _SEEK_END:
+            # That ends the track: a skip, with /skip's permissions and votes.
+            await self._skip(interaction, session, member, seen)
+            return
+        if not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        if session.player.current is not seen:
+            raise NotPlaying(f"seek in track {seen.uid}, no longer current", user_message=_ENDED)
         await session.player.seek(target)
         await self._say(interaction, f"Jumped to {format_time(target)}.")
 

@@ -10,10 +10,12 @@ import asyncio
 import io
 import logging
 import struct
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from legato.config import PermissionsConfig
 from legato.sandbox.server import Sandbox
 from tests.e2e import test_music_cog
 from tests.e2e.test_music_cog import (
@@ -237,3 +239,61 @@ async def test_two_skips_at_once_skip_one_track(sandbox: Sandbox, tones: Tones) 
 
         # A later /skip is of the track playing then.
         assert await answer(await bob.invoke("skip")) == "Skipped **b880**."
+
+
+async def test_seeking_to_the_end_is_a_skip_with_its_votes(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    perms = PermissionsConfig(
+        dj_role="DJ", skip="requester", vote_skip_ratio=0.6, cooldown_commands=0
+    )
+    async with running(sb, make_config(tones, permissions=perms)) as bot:
+        alice = sb.add_user("alice")
+        bob = sb.add_user("bob")
+        carol = sb.add_user("carol")
+        for user in (alice, bob, carol):
+            await user.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        await start_playing(sb, alice, tones.b)
+        await recording(sb).wait_speaking(True, timeout=GUARD)
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+        playing = session.queue.current
+
+        # Bob only votes: past the end (or into the last second) is a vote, as /skip would be.
+        for position in ("999", "0:19.5", "+99:00"):
+            vote = await bob.invoke("seek", position=position)
+            assert await answer(vote) == "Vote to skip recorded: 1/2.", position
+        assert session.queue.current is playing
+        # Carol's is the second vote: a440 is skipped.
+        assert await answer(await carol.invoke("seek", position="+10:00")) == "Skipped **a440**."
+        assert session.queue.current is not None
+        assert session.queue.current.url == tones.b
+        # A seek within the track is still anyone's.
+        assert await answer(await bob.invoke("seek", position="0:05")) == "Jumped to 0:05."
+
+
+async def test_a_stream_without_a_length_is_not_seeked(sandbox: Sandbox, tones: Tones) -> None:
+    sb = sandbox
+    body = (tones.root / "a440.ogg").read_bytes()
+
+    def endless(request: BaseHTTPRequestHandler) -> None:
+        # No length and no ranges: what a live radio stream looks like to the decoder.
+        request.send_response(200)
+        request.send_header("Content-Type", "audio/ogg")
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    radio = tones.server.add_route("radio.ogg", handler=endless)
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, radio)
+        await recording(sb).wait_speaking(True, timeout=GUARD)
+        session = bot.music.session(sb.guild.id)
+        assert session is not None
+        assert session.duration is None
+        for position in ("+60", "0:05", "-5"):
+            text = await refused(await alice.invoke("seek", position=position))
+            assert text == "This stream is live; it cannot be seeked.", position
+        assert session.player.state.value == "playing"
