@@ -281,8 +281,8 @@ class GuildSession:
         return True
 
     def _skip_if_current(self, track: Track) -> None:
-        if not self.closed and self.player.current is track:
-            self.player.skip()
+        if not self.closed:
+            self.player.skip(track)
 
     def post(self, *, content: str | None = None, embed: discord.Embed | None = None) -> None:
         """Send a message to the channel where /play was last used (if any), in the background."""
@@ -1187,7 +1187,7 @@ class MusicCog(commands.Cog, name="Music"):
             # No length: a live stream, whose server would stop sending once seeked.
             raise BadInput("seek on a stream with no length", user_message=_LIVE)
         target = parse_position(position, current=session.player.position, duration=None)
-        if target >= duration - _SEEK_END:
+        if duration - target < _SEEK_END:
             # That ends the track: a skip, with /skip's permissions and votes.
             await self._skip(interaction, session, member, seen)
             return

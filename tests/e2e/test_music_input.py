@@ -270,6 +270,8 @@ async def test_seeking_to_the_end_is_a_skip_with_its_votes(sandbox: Sandbox, ton
         assert session.queue.current.url == tones.b
         # A seek within the track is still anyone's.
         assert await answer(await bob.invoke("seek", position="0:05")) == "Jumped to 0:05."
+        # A whole second left is not the end.
+        assert await answer(await bob.invoke("seek", position="0:19")) == "Jumped to 0:19."
 
 
 async def test_a_stream_without_a_length_is_not_seeked(sandbox: Sandbox, tones: Tones) -> None:
