@@ -981,15 +981,20 @@ class GuildPlayer:
         self._pump()
         return True
 
-    def skip(self) -> bool:
+    def skip(self, track: Track | None = None) -> bool:
         """Skip to the next track (a looped track does not repeat). While paused, the next track
         loads and stays paused.
 
+        Args:
+            track: Skip only if this track (this very object, as ``current`` gave it) is still
+                the current one: a skip asked for while it played must not skip the track that
+                replaced it in the meantime.
+
         Returns:
-            False if nothing was playing.
+            False if nothing was playing, or ``track`` is no longer current.
         """
         self._check_open()
-        if self._cur is None:
+        if self._cur is None or (track is not None and self._cur.track is not track):
             return False
         self._end_current(EndReason.SKIPPED)
         self._begin(self._queue.advance(skip=True))

@@ -45,7 +45,7 @@ from legato.audio.track import Track
 from legato.audio.urlguard import NOT_ALLOWED, UrlPolicy
 from legato.errors import ResolveError
 
-__all__ = ["Resolver", "ResolverSettings", "StreamInfo"]
+__all__ = ["Resolver", "ResolverSettings", "StreamInfo", "split_url"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +68,25 @@ UNSUPPORTED_SCHEME: Final = "I can only play web links (http or https) and searc
 NO_LOCAL: Final = "Playing files from the bot's computer is turned off."
 NO_RESULTS: Final = "The search found nothing playable."
 GENERIC: Final = "I could not find anything playable for that."
+NOT_A_URL: Final = "That is not a valid web address."
+
+
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """Split a link a user gave, as ``urllib.parse.urlsplit`` does, checking its port too.
+
+    ``urlsplit`` raises a bare ``ValueError`` on an unclosed or stray bracket (``http://[::1``,
+    ``https://]/``), an IPv4 address in brackets or a port that is not a number; such a link is
+    the user's mistake, not a bug.
+
+    Raises:
+        ResolveError: The link cannot be split (``user_message`` is :data:`NOT_A_URL`).
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parsed lazily: a bad port raises only here
+    except ValueError as exc:
+        raise ResolveError(f"malformed link {url!r}: {exc}", user_message=NOT_A_URL) from exc
+    return parts
 
 
 @dataclass(frozen=True)
@@ -561,7 +580,7 @@ class Resolver:
         return tracks
 
     def _check_url(self, url: str) -> None:
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        scheme = split_url(url).scheme.lower()
         if scheme == "file":
             raise ResolveError(f"local files are disabled: {url}", user_message=NO_LOCAL)
         if scheme not in _WEB_SCHEMES:
@@ -624,7 +643,7 @@ class Resolver:
         if query.lower().startswith("file://"):
             if not self.settings.allow_local_files:
                 raise ResolveError(f"local files are disabled: {query}", user_message=NO_LOCAL)
-            return Path(urllib.parse.unquote(urllib.parse.urlsplit(query).path))
+            return Path(urllib.parse.unquote(split_url(query).path))
         if _URL.match(query):
             return None
         if os.path.isabs(query) or query.startswith(("./", "../", "~")):

@@ -37,7 +37,9 @@ __all__ = [
     "embed_length",
     "format_privacy_code",
     "format_time",
+    "is_blank",
     "now_playing_embed",
+    "over_limit",
     "parse_position",
     "progress_bar",
     "queue_embed",
@@ -90,6 +92,13 @@ def format_time(seconds: float | None) -> str:
     h, rest = divmod(total, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def over_limit(length: float, limit: float) -> bool:
+    """Whether ``length`` is over ``limit``, compared in the whole seconds :func:`format_time`
+    shows: 3:00:00.0065 is not over 3:00:00, or the refusal would read "3:00:00 long; the limit
+    is 3:00:00"."""
+    return math.floor(length) > math.floor(limit)
 
 
 def parse_position(text: str, *, current: float, duration: float | None) -> float:
@@ -203,6 +212,12 @@ def _clean(text: str) -> str:
             marks = 0
         out.append(ch)
     return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace (any Unicode space), control and format
+    characters (NUL, ESC, zero-width and bidi marks) or unassigned code points."""
+    return not _clean(text)
 
 
 def _cut(text: str, limit: int) -> str:

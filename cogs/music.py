@@ -17,12 +17,11 @@ import re
 import sqlite3
 import sys
 import time
-import urllib.parse
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import discord
@@ -41,7 +40,7 @@ from legato.audio.player import (
     make_opener,
 )
 from legato.audio.queue import LoopMode, TrackQueue
-from legato.audio.resolve import Resolver, ResolverSettings
+from legato.audio.resolve import Resolver, ResolverSettings, split_url
 from legato.audio.track import Track
 from legato.audio.urlguard import UrlPolicy
 from legato.audio.workers import DecodePool
@@ -62,7 +61,9 @@ from legato.cogs.format import (
     debug_embed,
     format_privacy_code,
     format_time,
+    is_blank,
     now_playing_embed,
+    over_limit,
     parse_position,
     queue_embed,
     queue_pages,
@@ -108,6 +109,11 @@ _NO_MENTIONS: Final = discord.AllowedMentions.none()
 _TITLE: Final = 100  # title length in one-line replies
 _POST_GRACE: Final = 10.0  # seconds a closing session waits for its messages to go out
 _DISCONNECTED: Final = "I was disconnected from the voice channel; the queue is cleared."
+_ALREADY_SKIPPED: Final = "That track was already skipped."
+_ENDED: Final = "That track has ended."
+_LIVE: Final = "This stream is live; it cannot be seeked."
+#: A seek leaving less than this much of the track ends it: it counts as a skip.
+_SEEK_END: Final = 1.0
 _UNLOADING: Final = "The music player is shutting down; try again in a moment."
 _DISCONNECTED_KEPT: Final = (
     "I was disconnected from the voice channel; the queue ({count}) is kept: /join or /play "
@@ -175,6 +181,8 @@ class GuildSession:
         self._idle: asyncio.Task[None] | None = None
         self._alone: asyncio.Task[None] | None = None
         self._announced = 0  # uid of the track last announced (a looped track is told once)
+        #: Lengths the player learned on opening tracks whose metadata had none, by track uid.
+        self._lengths: dict[int, float] = {}
         #: Tracks kept from a lost connection put back by ``_connect`` (told once, then 0).
         self.restored = 0
 
@@ -191,7 +199,26 @@ class GuildSession:
         current = self.player.current
         if current is None:
             return None
-        return current.duration if current.duration is not None else self.player.duration
+        known = self.shown(current).duration
+        return known if known is not None else self.player.duration
+
+    def shown(self, track: Track) -> Track:
+        """``track`` as users see it: with the length the player learned when it opened it
+        (yt-dlp gives none for a direct media link), when its metadata had none."""
+        if track.duration is not None or track.live:
+            return track
+        length = self._lengths.get(track.uid)
+        return track if length is None else replace(track, duration=length)
+
+    def _learn_length(self, track: Track) -> None:
+        length = self.player.duration
+        if track.duration is not None or track.live or length is None or length <= 0:
+            return
+        self._lengths[track.uid] = length
+        # Only tracks still in the queue (or its history) can be shown again.
+        queue = self.queue
+        keep = {t.uid for t in (queue.current, *queue.upcoming, *queue.history) if t is not None}
+        self._lengths = {uid: s for uid, s in self._lengths.items() if uid in keep}
 
     @property
     def volume_percent(self) -> int:
@@ -227,12 +254,13 @@ class GuildSession:
             self.votes.clear()
             self.cancel_idle()
             self.log.info("playing %r", event.track.title)
+            self._learn_length(event.track)
             if self._too_long(event.track):
                 return
             repeat = event.track.uid == self._announced
             self._announced = event.track.uid
             if self.cog.config.playback.announce_now_playing and not repeat:
-                self.post(embed=announce_embed(event.track))
+                self.post(embed=announce_embed(self.shown(event.track)))
         elif isinstance(event, TrackFailed):
             self.votes.clear()
             self.log.warning("track %r failed: %s", event.track.title, event.error)
@@ -245,7 +273,9 @@ class GuildSession:
         """Skip a track whose length only the decoder knew (links without metadata)."""
         limit = self.cog.config.playback.max_track_duration
         length = self.player.duration
-        if limit <= 0 or track.duration is not None or length is None or length <= limit:
+        if limit <= 0 or track.duration is not None or length is None:
+            return False
+        if not over_limit(length, limit):
             return False
         self.log.info("skipping %r: %.0f s is over the %.0f s limit", track.title, length, limit)
         # Not from inside the player's own callback: on the next loop turn.
@@ -259,8 +289,8 @@ class GuildSession:
         return True
 
     def _skip_if_current(self, track: Track) -> None:
-        if not self.closed and self.player.current is track:
-            self.player.skip()
+        if not self.closed:
+            self.player.skip(track)
 
     def post(self, *, content: str | None = None, embed: discord.Embed | None = None) -> None:
         """Send a message to the channel where /play was last used (if any), in the background."""
@@ -844,10 +874,11 @@ class MusicCog(commands.Cog, name="Music"):
     def _check_query(self, query: str) -> None:
         pb = self.config.playback
         query = query.strip()
-        if not query:
-            raise BadInput("empty query", user_message="Tell me what to play.")
+        if is_blank(query):
+            # Not only "": NUL, ESC or U+3000 alone would be searched for as if they were words.
+            raise BadInput(f"blank query {query!r}", user_message="Tell me what to play.")
         if _is_url(query):
-            host = (urllib.parse.urlsplit(query).hostname or "").lower().rstrip(".")
+            host = (split_url(query).hostname or "").lower().rstrip(".")
             allowed = pb.allowed_domains
             if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
                 raise BadInput(
@@ -872,7 +903,7 @@ class MusicCog(commands.Cog, name="Music"):
             tracks = tracks[:1]
         if limit <= 0:
             return tracks, 0
-        fitting = [t for t in tracks if t.duration is None or t.duration <= limit]
+        fitting = [t for t in tracks if t.duration is None or not over_limit(t.duration, limit)]
         if not fitting:
             longest = max(t.duration or 0.0 for t in tracks)
             raise BadInput(
@@ -975,7 +1006,12 @@ class MusicCog(commands.Cog, name="Music"):
         """Search suggestions for what the user typed, answered within the 3 s budget."""
         query = current.strip()
         pb = self.config.playback
-        if len(query) < 2 or not _is_search(query) or pb.search_provider == "none":
+        if (
+            len(query) < 2
+            or is_blank(query)
+            or not _is_search(query)
+            or pb.search_provider == "none"
+        ):
             return []
         budget = AUTOCOMPLETE_BUDGET - (time.monotonic() - started)
         tracks = await self._suggestions.get(query, budget)
@@ -1058,9 +1094,28 @@ class MusicCog(commands.Cog, name="Music"):
     @app_commands.command(name="skip", description="Skip the current track (or vote to).")
     async def skip(self, interaction: Interaction) -> None:
         session, member = self._playing_session(interaction)
-        current = session.player.current
-        if current is None:
+        seen = session.player.current
+        if seen is None:
             raise NotPlaying("skip with nothing playing")
+        await self._skip(interaction, session, member, seen)
+
+    async def _skip(
+        self, interaction: Interaction, session: GuildSession, member: discord.Member, seen: Track
+    ) -> None:
+        """Skip ``seen``, the track the caller saw playing, or vote to; /skip and /seek to the end.
+
+        Raises:
+            NotPlaying: ``seen`` is no longer current (two /skip at once: one track goes).
+            Denied: The caller may not skip and voting is off.
+        """
+        # Interactions that arrive together are started one after another in the same loop
+        # turn, each running to its first real await. Yield once so that every one of them has
+        # taken its view of what plays before the first changes it.
+        await asyncio.sleep(0)
+        if session.player.current is not seen:
+            raise NotPlaying(
+                f"skip of track {seen.uid}, no longer current", user_message=_ALREADY_SKIPPED
+            )
         perms = self.config.permissions
         try:
             require_may(
@@ -1068,7 +1123,7 @@ class MusicCog(commands.Cog, name="Music"):
                 member,
                 perms,
                 action="skip",
-                requester_id=current.requester_id,
+                requester_id=seen.requester_id,
                 channel=session.channel,
             )
         except Denied:
@@ -1081,8 +1136,9 @@ class MusicCog(commands.Cog, name="Music"):
             if votes < needed:
                 await self._say(interaction, f"Vote to skip recorded: {votes}/{needed}.")
                 return
-        title = track_title(current, _TITLE)
-        session.player.skip()
+        title = track_title(seen, _TITLE)
+        if not session.player.skip(seen):
+            raise NotPlaying(f"skip of track {seen.uid} lost", user_message=_ALREADY_SKIPPED)
         await self._say(interaction, f"Skipped **{title}**.")
 
     @app_commands.guild_only()
@@ -1119,22 +1175,34 @@ class MusicCog(commands.Cog, name="Music"):
     @app_commands.command(name="seek", description="Jump to a position in the current track.")
     @app_commands.describe(position="Like 1:23, 83 (seconds), +10 or -5")
     async def seek(self, interaction: Interaction, position: str) -> None:
-        session, _ = self._playing_session(interaction)
-        current = session.player.current
-        if current is None:
+        session, member = self._playing_session(interaction)
+        seen = session.player.current
+        if seen is None:
             raise NotPlaying("seek with nothing playing")
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        if seen.live:
+            raise BadInput("seek on a live stream", user_message=_LIVE)
         if session.duration is None and session.player.state is PlayerState.LOADING:
             # A link's length is known once its source opens: wait for that, so that a seek
-            # past the end is refused instead of ending the track.
+            # to the end counts as a skip and a stream with no end is refused.
+            await interaction.response.defer(ephemeral=True, thinking=True)
             try:
                 async with asyncio.timeout(self.config.playback.resolve_timeout):
                     await session.player.wait_for(PlayerState.PLAYING)
             except TimeoutError:
                 session.log.info("seek: the track's length is still unknown")
-        target = parse_position(
-            position, current=session.player.position, duration=session.duration
-        )
+        duration = session.duration
+        if duration is None:
+            # No length: a live stream, whose server would stop sending once seeked.
+            raise BadInput("seek on a stream with no length", user_message=_LIVE)
+        target = parse_position(position, current=session.player.position, duration=None)
+        if duration - target < _SEEK_END:
+            # That ends the track: a skip, with /skip's permissions and votes.
+            await self._skip(interaction, session, member, seen)
+            return
+        if not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        if session.player.current is not seen:
+            raise NotPlaying(f"seek in track {seen.uid}, no longer current", user_message=_ENDED)
         await session.player.seek(target)
         await self._say(interaction, f"Jumped to {format_time(target)}.")
 
@@ -1249,9 +1317,13 @@ class MusicCog(commands.Cog, name="Music"):
             raise NotPlaying("no session", user_message="I'm not in a voice channel.")
 
         def render(page: int) -> tuple[discord.Embed, int]:
-            upcoming = session.queue.upcoming
+            upcoming = [session.shown(t) for t in session.queue.upcoming]
+            current = session.player.current
             embed = queue_embed(
-                session.player.current, upcoming, page=page, loop=session.queue.loop.value
+                None if current is None else session.shown(current),
+                upcoming,
+                page=page,
+                loop=session.queue.loop.value,
             )
             return embed, queue_pages(len(upcoming))
 
@@ -1276,7 +1348,7 @@ class MusicCog(commands.Cog, name="Music"):
             raise NotPlaying("nowplaying with nothing playing")
         state = session.player.state
         embed = now_playing_embed(
-            current,
+            session.shown(current),
             position=session.player.position,
             volume=session.volume_percent,
             loop=session.queue.loop.value,

@@ -12,6 +12,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+# First: every record of a legato logger has what users typed escaped (see legato.log).
+from legato import log as _log_escaping  # noqa: F401  # imported for its set-up
 from legato.config import ENV_CONFIG, Config, load_config
 from legato.errors import (
     AudioError,

@@ -41,6 +41,7 @@ REFUSALS: Final = (
     "There is nothing to shuffle",
     "The queue is already empty",
     "Nothing is playing",
+    "That track was already skipped",  # two /skip of the same track at once
 )
 PREFILL: Final = 3
 GUARD: Final = 60.0

@@ -17,6 +17,7 @@ from legato.audio.resolve import (
     NO_AUDIO,
     NO_LOCAL,
     NO_RESULTS,
+    NOT_A_URL,
     NOT_FOUND,
     REFUSED,
     TOO_SLOW,
@@ -25,6 +26,7 @@ from legato.audio.resolve import (
     Resolver,
     ResolverSettings,
 )
+from legato.audio.track import Track
 from legato.errors import ResolveError
 from tests.conftest import FEED_ENTRIES, LIST_ENTRIES
 from tests.media import MediaServer, audio_list_page
@@ -199,6 +201,23 @@ async def test_refused_queries(resolver: Resolver, query: str, message: str) -> 
         await resolver.resolve(query)
     assert caught.value.user_message == message
     assert query in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "http://[127.0.0.1]/", "https://]/", "http://x:abc/", "file://[::1"]
+)
+async def test_malformed_links_are_a_resolve_error(
+    executor: concurrent.futures.ThreadPoolExecutor, url: str
+) -> None:
+    # Brackets and ports urlsplit cannot make sense of: refused in words, not a ValueError,
+    # whether the link is resolved for /play or again at play time.
+    resolver = Resolver(ResolverSettings(allow_local_files=True), executor)
+    with pytest.raises(ResolveError) as caught:
+        await resolver.resolve(url)
+    assert caught.value.user_message == NOT_A_URL
+    with pytest.raises(ResolveError) as caught:
+        await resolver.stream(Track(url=url, title="x"))
+    assert caught.value.user_message == NOT_A_URL
 
 
 async def test_words_around_a_url_are_searched(

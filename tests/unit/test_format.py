@@ -19,6 +19,7 @@ from legato.cogs.format import (
     embed_length,
     format_time,
     now_playing_embed,
+    over_limit,
     parse_position,
     progress_bar,
     queue_embed,
@@ -327,3 +328,12 @@ def test_track_line_without_http_url_is_plain() -> None:
 def test_empty_title_falls_back_to_url() -> None:
     line = track_line(None, Track(url="https://m.test/x", title="\u200b\u202e", duration=None))
     assert line.startswith("[https://m.test/x](https://m.test/x)")
+
+
+@pytest.mark.parametrize(
+    ("length", "limit", "over"),
+    [(10800.0065, 10800, False), (10800.999, 10800, False), (10801, 10800, True), (5, 0.5, True)],
+)
+def test_over_limit_compares_the_seconds_shown(length: float, limit: float, over: bool) -> None:
+    assert over_limit(length, limit) is over
+    assert (format_time(length) != format_time(limit)) is over

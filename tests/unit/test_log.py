@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from legato.log import RedactToken, guild_logger
+from legato.log import RedactToken, escape_text, guild_logger
 
 
 def test_guild_logger_prefixes_and_tags(caplog: pytest.LogCaptureFixture) -> None:
@@ -41,3 +41,44 @@ def test_short_secrets_are_not_redacted() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "banana", None, None)
     assert flt.filter(record)
     assert record.getMessage() == "banana"
+
+
+# --- user text is escaped in every legato record ------------------------------------------------
+
+
+def _message(caplog: pytest.LogCaptureFixture) -> str:
+    (record,) = caplog.records
+    caplog.clear()
+    return record.getMessage()
+
+
+def test_legato_records_escape_control_characters_in_their_arguments(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = logging.getLogger("legato.cogs.test")
+    evil = "x\nERROR legato: forged\x1b[31m\r\u2028\u202e\x00"
+    with caplog.at_level(logging.INFO, logger="legato"):
+        log.info("query %s", evil)
+        assert _message(caplog) == r"query x\nERROR legato: forged\x1b[31m\r\u2028\u202e\x00"
+        log.info("query %r", evil)
+        assert _message(caplog) == "query " + repr(evil)
+        log.info("%(q)s at %(n)d", {"q": evil, "n": 3})
+        assert "\n" not in _message(caplog)
+        log.warning("failed: %s", ValueError(f"bad {evil}"))
+        assert _message(caplog) == r"failed: bad x\nERROR legato: forged\x1b[31m\r\u2028\u202e\x00"
+        # Numbers keep their formats; printable text is untouched; the format string is code.
+        log.info("%d frames, %.1f ms, %s\ttab", 5, 2.25, "plain text")
+        assert _message(caplog) == "5 frames, 2.2 ms, plain text\ttab"
+        guild_logger("legato.cogs.test", 7).info("joined %s", "a\nb")
+        assert _message(caplog) == r"[guild 7] joined a\nb"
+
+
+def test_other_loggers_records_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="legatox"):
+        logging.getLogger("legatox").info("%s", "a\nb")
+    assert _message(caplog) == "a\nb"
+
+
+def test_escape_text() -> None:
+    assert escape_text("plain ünïcode ✓") == "plain ünïcode ✓"
+    assert escape_text("a\tb\x7f\x85\U000e0001") == r"a\tb\x7f\x85\U000e0001"

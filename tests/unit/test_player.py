@@ -202,6 +202,20 @@ async def test_skip_on_last_track_ends_queue(rig: Rig) -> None:
     assert not rig.player.skip()
 
 
+async def test_skip_of_a_track_no_longer_current_skips_nothing(rig: Rig) -> None:
+    a, b, c = rig.track("A", 50), rig.track("B", 50), rig.track("C", 50)
+    rig.play(a, b, c)
+    await rig.clock.advance(2 * F)
+    assert rig.player.skip(a)
+    # A second skip of A (asked for while A played) does not skip B, which replaced it.
+    assert not rig.player.skip(a)
+    assert rig.player.current is b
+    await rig.clock.advance(2 * F)
+    assert rig.names() == ["started A", "ended A skipped", "started B"]
+    assert rig.player.skip(b)
+    assert rig.player.current is c
+
+
 async def test_failing_open_is_reported_and_next_track_plays(rig: Rig) -> None:
     error = DecodeError("404 from http://x/bad", user_message="That track could not be opened.")
     rig.play(rig.track("A", 3), rig.track("BAD", error=error), rig.track("C", 3))
