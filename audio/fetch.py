@@ -556,6 +556,11 @@ def _guarded_handler_class() -> type:
             super().__init__(**kwargs)
             self.policy = policy
 
+        def _check_proxies(self, proxies: Any) -> None:
+            # Connections go straight to a checked address: a proxy (from the environment)
+            # would be a connection the guard cannot check the far end of. Not used.
+            del proxies
+
         def _create_instance(
             self, proxies: Any, cookiejar: Any, legacy_ssl_support: Any = None
         ) -> Any:
