@@ -1,4 +1,5 @@
 """``python -m legato run``: a ready-made bot with the Music extension, for owners without one.
+``python -m legato doctor``: checks what a working bot needs (:mod:`legato.doctor`).
 
 Reads the configuration like the extension does (``--config``, ``$LEGATO_CONFIG``,
 ``legato.toml``) and the token from ``DISCORD_TOKEN`` only.
@@ -19,6 +20,7 @@ import discord
 from discord.ext import commands
 
 from legato.config import ENV_TOKEN, Config, load_config
+from legato.doctor import Status, check_all, format_table, log_rows
 from legato.errors import ConfigError
 from legato.log import RedactToken
 
@@ -50,12 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", metavar="PATH", help="configuration file (default: $LEGATO_CONFIG, legato.toml)"
     )
+    doctor = sub.add_parser(
+        "doctor", help="check what a working bot needs; exits 1 when something is missing"
+    )
+    doctor.add_argument(
+        "--config", metavar="PATH", help="configuration file (default: $LEGATO_CONFIG, legato.toml)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        rows = check_all(args.config)
+        print(format_table(rows))
+        return 1 if any(row.status is Status.FAIL for row in rows) else 0
     if args.command != "run":  # pragma: no cover - argparse refuses other commands
         return _EXIT_USAGE
     token = os.environ.get(ENV_TOKEN, "").strip()
@@ -112,6 +124,9 @@ async def _run(config: Config, token: str) -> int:
     redact = RedactToken(token)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
+    # What `python -m legato doctor` would say, in the log: a missing JS runtime or a broken
+    # cookies file shows here rather than at the first /play.
+    log_rows(await asyncio.to_thread(check_all, config=config))
     bot = LegatoBot(config)
     try:
         async with bot:
