@@ -100,6 +100,9 @@ class LegatoBot(commands.Bot):
         self._gc_frozen = False
 
     async def setup_hook(self) -> None:
+        # What `python -m legato doctor` would say, in the log: a missing JS runtime or a broken
+        # cookies file shows at start rather than at the first /play.
+        log_rows(await asyncio.to_thread(check_all, config=self.legato_config))
         await self.load_extension("legato")
         if self.legato_config.bot.sync_commands:
             synced = await self.tree.sync()
@@ -124,9 +127,6 @@ async def _run(config: Config, token: str) -> int:
     redact = RedactToken(token)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
-    # What `python -m legato doctor` would say, in the log: a missing JS runtime or a broken
-    # cookies file shows here rather than at the first /play.
-    log_rows(await asyncio.to_thread(check_all, config=config))
     bot = LegatoBot(config)
     try:
         async with bot:

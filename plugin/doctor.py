@@ -11,6 +11,7 @@ import datetime
 import enum
 import importlib.metadata
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def _javascript(settings: SourceSettings) -> list[Row]:
     with yt_dlp.YoutubeDL(options):  # verbose: it writes its debug header as it starts
         pass
     configured = ", ".join(
-        f"{kind} at {conf['path']}" if conf.get("path") else f"{kind} on PATH"
+        f"{kind} at {path}" if os.sep in (path := conf.get("path") or "") else f"{kind} on PATH"
         for kind, conf in params["js_runtimes"].items()
     )
     runtimes = _header_value(logger.lines, "JS runtimes") or "none"
@@ -271,7 +272,7 @@ def check_all(
 
 def format_table(rows: Sequence[Row]) -> str:
     """The rows as a plain-text table, with a last line counting blockers and warnings."""
-    width = max(len(r.check) for r in rows)
+    width = max(len("check"), *(len(r.check) for r in rows))
     lines = [f"{'check':<{width}}  status  detail"]
     lines += [f"{r.check:<{width}}  {r.status.value:<6}  {r.detail}" for r in rows]
     lines.append(_summary(rows))

@@ -645,23 +645,28 @@ async def test_idle_and_alone_timeouts_leave(sandbox: Sandbox, tones: Tones) -> 
         assert bot.music.session(sb.guild.id) is None
 
 
-async def test_ready_made_bot_of_legato_run_plays(sandbox: Sandbox, tones: Tones) -> None:
+async def test_ready_made_bot_of_legato_run_plays(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
     from legato.__main__ import LegatoBot
 
     sb = sandbox
     config = make_config(tones)
     bot = LegatoBot(config, chunk_guilds_at_startup=False)
     gc.unfreeze()
-    async with running(sb, config, bot):
-        # What start-up made is frozen at READY, out of the collector's full scans.
-        assert gc.get_freeze_count() > 0
-        gc.unfreeze()  # the rest of this test process collects as usual
-        assert {c.name for c in sb.commands(guild=False)} >= {"play", "queue", "nowplaying"}
-        alice = sb.add_user("alice")
-        await alice.join_voice(sb.general)
-        await start_playing(sb, alice, tones.a)
-        freq, _ = await heard(recording(sb), 30, skip=10)
-        assert freq == pytest.approx(A_HZ, abs=15)
+    with caplog.at_level(logging.INFO, logger="legato.doctor"):
+        async with running(sb, config, bot):
+            # The doctor's summary is logged at start, before the extension loads.
+            assert "doctor: 10 checks: 0 blocker(s)" in caplog.text
+            # What start-up made is frozen at READY, out of the collector's full scans.
+            assert gc.get_freeze_count() > 0
+            gc.unfreeze()  # the rest of this test process collects as usual
+            assert {c.name for c in sb.commands(guild=False)} >= {"play", "queue", "nowplaying"}
+            alice = sb.add_user("alice")
+            await alice.join_voice(sb.general)
+            await start_playing(sb, alice, tones.a)
+            freq, _ = await heard(recording(sb), 30, skip=10)
+            assert freq == pytest.approx(A_HZ, abs=15)
 
 
 async def test_decoding_in_worker_processes(sandbox: Sandbox, tones: Tones) -> None:
