@@ -19,6 +19,7 @@ act on; :data:`REMEDIES` holds what the operator is told.
 from __future__ import annotations
 
 import http.cookiejar
+import importlib
 import os
 import re
 import stat
@@ -89,13 +90,15 @@ REMEDIES: Final = {
 
 # yt-dlp's text for each refusal, lower-cased: YouTube's own reasons (which yt-dlp passes on,
 # curly apostrophe and all) and yt-dlp's (yt_dlp/extractor/youtube/_video.py, YoutubeDL.py,
-# extractor/common.py). Order matters: "sign in to confirm your age" is about age, not bots,
-# and "video unavailable. this video is private" is about privacy.
+# extractor/common.py). Order matters: "sign in to confirm your age" is about age, not bots;
+# "private video. sign in if you've been granted access" (to which yt-dlp adds its cookies hint)
+# and "video unavailable. this video is private" are about privacy.
 _PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     (
         re.compile(r"confirm your age|age[- ]restricted|inappropriate for some users|age.gate"),
         AGE_RESTRICTED,
     ),
+    (re.compile(r"this video is private|private video"), PRIVATE),
     (
         re.compile(
             r"not a bot|sign in to confirm|captcha|login details are needed|"
@@ -110,7 +113,6 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
         ),
         REGION_BLOCKED,
     ),
-    (re.compile(r"this video is private|private video"), PRIVATE),
     (
         re.compile(r"live event will begin|premieres in|will begin in a few moments|is_upcoming"),
         LIVE_NOT_STARTED,
@@ -251,6 +253,7 @@ def use_plugin_dirs(dirs: tuple[str, ...]) -> None:
         return
     plugin_dirs.value = wanted
     if all_plugins_loaded.value:
+        importlib.invalidate_caches()  # yt-dlp's plugin finder forgets the old directories
         load_all_plugins()
 
 
