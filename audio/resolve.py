@@ -6,7 +6,8 @@ entries are resolved one by one in :meth:`Resolver.stream`, when each is about t
 stream URLs expire. Each worker thread keeps its own ``YoutubeDL`` per mode (listing, playing)
 and reuses it, as yt-dlp's command line does for several URLs: making one costs more than a
 local extraction (~45 ms registering its extractors, ~20 ms loading CA certificates), paid with
-the GIL held, which stalls the event loop. Cookies are dropped after each call. Every yt-dlp
+the GIL held, which stalls the event loop. Cookies are dropped after each call (those of
+``[sources] cookies_file`` are loaded afresh into each; :mod:`legato.audio.sources`). Every yt-dlp
 failure becomes a :class:`ResolveError` whose ``str`` keeps the detail and whose
 ``user_message`` is a safe sentence.
 

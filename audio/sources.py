@@ -10,7 +10,8 @@ A server's address is often asked to sign in ("confirm you're not a bot"). The r
 cookies file and a PO-token provider; ``[sources]`` configures both. The cookies file is only
 read: its cookies are loaded afresh into yt-dlp's jar for each call (and the jar emptied after),
 and the file is never written (yt-dlp's own ``cookiefile`` option saves the jar back on close).
-Its contents are never logged, nor quoted in an error.
+Its contents are never logged, nor quoted in an error. The cookies go with yt-dlp's requests
+only: the stream URL it answers with is opened without them (YouTube's are signed URLs).
 
 :func:`classify_refusal` turns yt-dlp's text for a site's refusal into one sentence a user can
 act on; :data:`REMEDIES` holds what the operator is told.
