@@ -7,7 +7,9 @@ First resolve: each run is a new Python process that imports ``legato.audio.reso
 resolves and streams one local WebM track (``Resolver.resolve`` then ``Resolver.stream``, as
 ``/play`` does) from the sandbox's media server on loopback, then does the same again (warm).
 Times are ``time.perf_counter`` in the child; the median of the runs is printed. Both in the bot's
-threads and with one resolver worker process.
+threads and with one resolver worker process. And what the JavaScript runtime adds to a YouTube
+resolve: an n-challenge solved by yt-dlp's Deno provider on the tests' synthetic player, the first
+(a Deno process started, the EJS scripts parsed) and a second.
 
     python bench/bench_resolve.py [--runs 5]
 """
@@ -97,6 +99,49 @@ print(json.dumps({"import": t1 - t0, "first": first, "warm": warm}))
 """
 
 
+_SOLVE = """
+import json, sys, time
+t0 = time.perf_counter()
+import yt_dlp
+from yt_dlp.extractor.youtube.jsc.provider import (
+    JsChallengeRequest, JsChallengeType, NChallengeInput)
+from legato.audio.sources import SourceSettings, ydl_params
+url = "https://www.youtube.com/s/player/0123abcd/player_ias.vflset/en_US/base.js"
+with yt_dlp.YoutubeDL({"quiet": True, "cachedir": False, **ydl_params(SourceSettings())}) as ydl:
+    ie = ydl.get_info_extractor("Youtube")
+    ie.initialize()
+    ie._code_cache[ie._player_js_cache_key(url)] = open(sys.argv[1]).read()
+    times = []
+    for n in ("abcdef", "ghijkl"):
+        a = time.perf_counter()
+        [(_, response)] = ie._jsc_director.bulk_solve(
+            [JsChallengeRequest(JsChallengeType.N, NChallengeInput(url, [n]), "x")])
+        times.append(time.perf_counter() - a)
+print(json.dumps({"first": times[0], "second": times[1]}))
+"""
+
+
+def solve_times(runs: int) -> dict[str, float] | None:
+    """Median seconds of a first and a second n-challenge solve under the runtime, in a fresh
+    process, on the synthetic player of the tests (None without the EJS scripts)."""
+    try:
+        import yt_dlp_ejs  # noqa: F401 - only whether it is there
+    except ImportError:
+        return None
+    player = ROOT / "tests" / "js" / "challenge_player.js"
+    samples = []
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", _SOLVE, str(player)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(s[key] for s in samples) for key in ("first", "second")}
+
+
 def _one_run(url: str, processes: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, url, str(processes)],
@@ -144,6 +189,12 @@ def main() -> int:
         print(
             f"  {label:18s} import {row['import']:.3f}  first resolve+stream {row['first']:.3f}"
             f"  warm {row['warm']:.3f}"
+        )
+    solve = solve_times(args.runs)
+    if solve is not None:
+        print(
+            f"YouTube n-challenge under the JS runtime: first {solve['first']:.3f} s, "
+            f"second {solve['second']:.3f} s (median of {args.runs} fresh processes)"
         )
     print(f"(measured in {time.perf_counter() - started:.0f} s)")
     return 0
