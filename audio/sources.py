@@ -61,7 +61,9 @@ RUNTIME_KINDS: Final = {
     "qjs": "quickjs",
 }
 
-SIGN_IN: Final = "YouTube wants the bot to sign in before it plays that; the bot's owner was told."
+SIGN_IN: Final = (
+    "YouTube wants me to sign in before I can play that; the bot's owner has been told."
+)
 AGE_RESTRICTED: Final = "That video is age-restricted, so I can't play it."
 REGION_BLOCKED: Final = "That video isn't available in the country the bot runs in."
 PRIVATE: Final = "That video is private."

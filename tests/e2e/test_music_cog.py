@@ -26,8 +26,9 @@ from discord.ext import commands
 import legato
 from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
+from legato.audio.sources import PRIVATE, SIGN_IN
 from legato.cogs.music import MusicCog
-from legato.config import Config, PermissionsConfig, PlaybackConfig, VoiceConfig
+from legato.config import Config, PermissionsConfig, PlaybackConfig, SourcesConfig, VoiceConfig
 from legato.errors import ConfigError
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
@@ -37,6 +38,8 @@ from legato.sandbox.world import ChannelType
 from tests.media import MediaServer, audio_list_page, send_html, serve_page, write_tone
 
 pytestmark = pytest.mark.e2e
+
+PLUGINS = str(Path(__file__).resolve().parents[1] / "ytdlp_plugins")
 
 GUARD = 30.0
 A_HZ = 440.0
@@ -691,6 +694,29 @@ async def test_decoding_in_worker_processes(sandbox: Sandbox, tones: Tones) -> N
         assert psutil.pid_exists(workers[0])
     # Unloading the cog (closing the bot) ends its worker processes.
     assert not any(psutil.pid_exists(pid) for pid in workers)
+
+
+async def test_youtube_refusals_reach_the_user_as_one_sentence(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
+    sb = sandbox
+    # tests/ytdlp_plugins fails as yt-dlp's YouTube extractor does (see its docstring); loaded
+    # through [sources] plugin_dirs, as a PO-token provider's plugin would be.
+    config = dataclasses.replace(make_config(tones), sources=SourcesConfig(plugin_dirs=(PLUGINS,)))
+    async with running(sb, config):
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        base = tones.server.url("legato-refuse")
+        with caplog.at_level(logging.INFO, logger="legato"):
+            text = await refused(await alice.invoke("play", query=f"{base}/bot"), SIGN_IN)
+            assert "yt-dlp" not in text
+            assert "Sign in to confirm" not in text
+            await refused(await alice.invoke("play", query=f"{base}/private"), PRIVATE)
+        remedies = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(
+            m.startswith("YouTube asked this bot to sign in: set `[sources] cookies_file`")
+            for m in remedies
+        ), remedies
 
 
 # --- loading ----------------------------------------------------------------------------------
