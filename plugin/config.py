@@ -699,7 +699,8 @@ class SourcesConfig:
     def settings(self) -> SourceSettings:
         """These settings as the resolver takes them."""
         return SourceSettings(
-            cookies_file=self.cookies_file or None,
+            # Absolute: worker processes may not share the bot's working directory.
+            cookies_file=os.path.abspath(self.cookies_file) if self.cookies_file else None,
             player_clients=self.youtube_player_clients,
             extractor_args=self.extractor_args,
             pot_provider=self.pot_provider or None,

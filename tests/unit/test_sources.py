@@ -92,6 +92,16 @@ generic = {{ impersonate = "chrome" }}
     assert "cookiefile" not in ydl_params(settings)  # yt-dlp would write the jar back to it
 
 
+def test_a_relative_cookies_file_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_cookies(tmp_path / "cookies.txt", f".youtube.com\tTRUE\t/\tTRUE\t{FAR}\tA\tb")
+    src = load(tmp_path, '[sources]\ncookies_file = "cookies.txt"\n')
+    assert src.cookies_file == "cookies.txt"
+    assert src.settings().cookies_file == str(tmp_path / "cookies.txt")
+
+
 def test_a_provider_directory_is_its_script_server(tmp_path: Path) -> None:
     src = load(tmp_path, f'[sources]\npot_provider = "{tmp_path}"\n')
     assert ydl_params(src.settings())["extractor_args"] == {
