@@ -6,7 +6,8 @@ entries are resolved one by one in :meth:`Resolver.stream`, when each is about t
 stream URLs expire. Each worker thread keeps its own ``YoutubeDL`` per mode (listing, playing)
 and reuses it, as yt-dlp's command line does for several URLs: making one costs more than a
 local extraction (~45 ms registering its extractors, ~20 ms loading CA certificates), paid with
-the GIL held, which stalls the event loop. Cookies are dropped after each call. Every yt-dlp
+the GIL held, which stalls the event loop. Cookies are dropped after each call (those of
+``[sources] cookies_file`` are loaded afresh into each; :mod:`legato.audio.sources`). Every yt-dlp
 failure becomes a :class:`ResolveError` whose ``str`` keeps the detail and whose
 ``user_message`` is a safe sentence.
 
@@ -22,6 +23,7 @@ import asyncio
 import concurrent.futures
 import concurrent.futures.process
 import functools
+import http.cookiejar
 import logging
 import multiprocessing
 import os
@@ -39,8 +41,10 @@ import yt_dlp
 import yt_dlp.networking.exceptions
 import yt_dlp.utils
 
+from legato.audio import sources
 from legato.audio.fetch import VOUCHED, guard_ydl, request
 from legato.audio.playlists import PlaylistEntry, looks_like_playlist, parse_playlist
+from legato.audio.sources import SourceSettings
 from legato.audio.track import Track
 from legato.audio.urlguard import NOT_ALLOWED, UrlPolicy
 from legato.errors import ResolveError
@@ -69,6 +73,7 @@ NO_LOCAL: Final = "Playing files from the bot's computer is turned off."
 NO_RESULTS: Final = "The search found nothing playable."
 GENERIC: Final = "I could not find anything playable for that."
 NOT_A_URL: Final = "That is not a valid web address."
+COOKIES_BROKEN: Final = "The bot's sign-in is misconfigured; the bot's owner has been told."
 
 
 def split_url(url: str) -> urllib.parse.SplitResult:
@@ -101,6 +106,9 @@ class ResolverSettings:
         search_results: How many results a search returns.
         allow_local_files: Whether paths and ``file://`` URLs on the bot's machine may be played.
         timeout: Seconds one yt-dlp call (or one local probe) may take.
+        sources: Cookies, JavaScript runtime, PO-token provider and extractor arguments for
+            sites that check who is asking (:mod:`legato.audio.sources`); the same in the bot's
+            threads and in worker processes, which are handed these settings with each call.
         url_policy: Which addresses may be fetched (:mod:`legato.audio.urlguard`): every
             connection yt-dlp makes, and later the decoder's (it travels with the
             :class:`StreamInfo`), goes through it (:mod:`legato.audio.fetch`). ``None``: the
@@ -114,6 +122,7 @@ class ResolverSettings:
     allow_local_files: bool = False
     timeout: float = 30.0
     url_policy: UrlPolicy | None = None
+    sources: SourceSettings = field(default_factory=SourceSettings)
 
     def __post_init__(self) -> None:
         if self.max_playlist < 1:
@@ -208,7 +217,13 @@ def _classify(chain: list[BaseException]) -> str:
             return UNREACHABLE
         if isinstance(item, yt_dlp.utils.UnsupportedError):
             return NO_AUDIO
+        if isinstance(item, yt_dlp.utils.GeoRestrictedError):
+            return sources.REGION_BLOCKED
     text = " ".join(str(item) for item in chain).lower()
+    # A site's refusal (sign-in, age, region, private, removed, not started, no format).
+    refusal = sources.classify_refusal(text)
+    if refusal is not None:
+        return refusal
     if "http error 404" in text or "404: not found" in text:
         return NOT_FOUND
     if "timed out" in text:
@@ -276,7 +291,8 @@ _YDLS: Final = threading.local()
 
 
 def _ydl_options(settings: ResolverSettings, *, flat: bool) -> dict[str, Any]:
-    return {
+    """The YoutubeDL options for a listing (``flat``) or a playing extraction."""
+    options: dict[str, Any] = {
         "quiet": True,
         "no_warnings": True,
         "noprogress": True,
@@ -296,6 +312,31 @@ def _ydl_options(settings: ResolverSettings, *, flat: bool) -> dict[str, Any]:
         "check_formats": False,
         "default_search": "error",
     }
+    # JS runtime (js_runtimes), player clients, PO-token provider (extractor_args). Never
+    # "cookiefile": yt-dlp writes its jar back to that file on close.
+    options.update(sources.ydl_params(settings.sources))
+    return options
+
+
+def _file_cookies(settings: ResolverSettings) -> list[http.cookiejar.Cookie]:
+    """The cookies file's cookies, read now (``[sources] cookies_file``)."""
+    path = settings.sources.cookies_file
+    if path is None:
+        return []
+    try:
+        return sources.read_cookies(path)
+    except sources.CookieFileError as exc:
+        raise ResolveError(str(exc), user_message=COOKIES_BROKEN) from exc
+
+
+def _failure(detail: str, message: str) -> ResolveError:
+    """The error for a failed extraction; the operator is told the remedy when there is one."""
+    remedy = sources.REMEDIES.get(message)
+    if remedy is not None:
+        _log.warning("%s (%s)", remedy, detail)
+    elif message == COOKIES_BROKEN:
+        _log.error("fix `[sources] cookies_file`: %s", detail)
+    return ResolveError(detail, user_message=message)
 
 
 def _extract_blocking(
@@ -310,9 +351,15 @@ def _extract_blocking(
         cache = _YDLS.cache = {}
     ydl = cache.get(key)
     if ydl is None:
+        sources.use_plugin_dirs(settings.sources.plugin_dirs)
         ydl = cache[key] = yt_dlp.YoutubeDL(_ydl_options(settings, flat=flat))
         guard_ydl(ydl, settings.url_policy or VOUCHED)
+    # The cookies file's cookies, read afresh each call and never written back; the jar is
+    # emptied below.
+    cookies = _file_cookies(settings)
     try:
+        for cookie in cookies:
+            ydl.cookiejar.set_cookie(cookie)
         info = ydl.extract_info(url, download=False)
     except BaseException:
         # Whatever state a failed extraction left behind is not carried into the next one.
@@ -602,10 +649,13 @@ class Resolver:
             raise ResolveError(
                 f"yt-dlp took longer than {self.settings.timeout}s for {url}", user_message=TOO_SLOW
             ) from exc
-        except ResolveError:
+        except ResolveError as exc:
+            if exc.user_message == COOKIES_BROKEN:
+                raise _failure(str(exc), exc.user_message) from exc
             raise
         except (yt_dlp.utils.YoutubeDLError, OSError, ValueError, KeyError) as exc:
-            raise _wrapped(exc, url) from exc
+            error = _wrapped(exc, url)
+            raise _failure(str(error), error.user_message) from exc
 
     async def _extract_isolated(self, url: str, *, flat: bool, trusted: bool) -> dict[str, Any]:
         """:meth:`_extract` in a worker process."""
@@ -633,7 +683,7 @@ class Resolver:
                 f"yt-dlp's worker process died on {url}", user_message=GENERIC
             ) from exc
         if info is None:
-            raise ResolveError(detail, user_message=message)
+            raise _failure(detail, message)
         return info
 
     # ---- local files

@@ -456,6 +456,7 @@ class MusicCog(commands.Cog, name="Music"):
                 search_results=pb.search_results,
                 allow_local_files=pb.allow_local_files,
                 timeout=pb.resolve_timeout,
+                sources=config.sources.settings(),
                 # Users' links make the bot fetch things: no internal addresses, and only the
                 # allowed domains when some are configured (legato.audio.urlguard).
                 url_policy=UrlPolicy(

@@ -1,4 +1,5 @@
 """``python -m legato run``: a ready-made bot with the Music extension, for owners without one.
+``python -m legato doctor``: checks what a working bot needs (:mod:`legato.doctor`).
 
 Reads the configuration like the extension does (``--config``, else ``$LEGATO_CONFIG``, else
 ``legato.toml``; a file named by the first two must exist) and the token from ``DISCORD_TOKEN``
@@ -25,6 +26,7 @@ import yarl
 from discord.ext import commands
 
 from legato.config import ENV_TOKEN, BotConfig, Config, load_config
+from legato.doctor import Status, check_all, format_table, log_rows
 from legato.errors import ConfigError
 from legato.log import RedactToken
 
@@ -66,12 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", metavar="PATH", help="configuration file (default: $LEGATO_CONFIG, legato.toml)"
     )
+    doctor = sub.add_parser(
+        "doctor", help="check what a working bot needs; exits 1 when something is missing"
+    )
+    doctor.add_argument(
+        "--config", metavar="PATH", help="configuration file (default: $LEGATO_CONFIG, legato.toml)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        rows = check_all(args.config)
+        print(format_table(rows))
+        return 1 if any(row.status is Status.FAIL for row in rows) else 0
     if args.command != "run":  # pragma: no cover - argparse refuses other commands
         return _EXIT_USAGE
     token = os.environ.get(ENV_TOKEN, "").strip()
@@ -104,6 +116,9 @@ class LegatoBot(commands.Bot):
         self._gc_frozen = False
 
     async def setup_hook(self) -> None:
+        # What `python -m legato doctor` would say, in the log: a missing JS runtime or a broken
+        # cookies file shows at start rather than at the first /play.
+        log_rows(await asyncio.to_thread(check_all, config=self.legato_config))
         await self.load_extension("legato")
         if self.legato_config.bot.sync_commands:
             synced = await self.tree.sync()
@@ -201,7 +216,10 @@ def unreachable(exc: BaseException) -> Unreachable | None:
 
 
 def _status(exc: discord.HTTPException) -> str:
-    return f"{exc.status} {exc.response.reason} to {exc.response.method} {exc.response.url}"
+    # discord.py types the response as aiohttp's or requests' (for webhooks); only aiohttp's
+    # reaches here, but requests' has no ``method``.
+    method = getattr(exc.response, "method", "a request")
+    return f"{exc.status} {exc.response.reason} to {method} {exc.response.url}"
 
 
 def _os_cause(cause: OSError) -> tuple[str, bool]:

@@ -26,6 +26,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, cast
 
+from legato.audio.sources import (
+    CookieFileError,
+    SourceSettings,
+    check_cookie_file,
+    readable_by_others,
+    runtime_kind,
+)
 from legato.audio.urlguard import HostEntryError, canonical_hosts
 from legato.errors import ConfigError
 
@@ -39,6 +46,7 @@ __all__ = [
     "PermissionsConfig",
     "PlaybackConfig",
     "SandboxConfig",
+    "SourcesConfig",
     "StorageConfig",
     "VoiceConfig",
     "WhoMay",
@@ -369,6 +377,175 @@ def _port() -> _Conv:
     return _integer(0, 65535, "0 picks a free port")
 
 
+def _file_path() -> _Conv:
+    expected = 'a file path, or "" for none'
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str) or "\x00" in v or len(v) > 4096:
+            raise _Bad(expected)
+        return v.strip()
+
+    return _Conv(from_toml, from_toml)
+
+
+def _player_clients() -> _Conv:
+    def known() -> list[str]:
+        # yt-dlp's own list (yt_dlp/extractor/youtube/_base.py), so a new client needs no
+        # change here; names starting with "_" are yt-dlp's internal ones.
+        from yt_dlp.extractor.youtube._base import INNERTUBE_CLIENTS
+
+        return sorted(c for c in INNERTUBE_CLIENTS if not c.startswith("_"))
+
+    def expected() -> str:
+        return (
+            "a list of YouTube player clients: 'default', 'all', "
+            + ", ".join(repr(c) for c in known())
+            + " (a leading '-' leaves one out)"
+        )
+
+    def check(items: list[object]) -> tuple[str, ...]:
+        clients = known()
+        names: list[str] = []
+        for item in items:
+            if not isinstance(item, str):
+                raise _Bad(expected())
+            name = item.strip()
+            if name not in ("default", "all") and name.removeprefix("-") not in clients:
+                raise _Bad(expected())
+            names.append(name)
+        return tuple(names)
+
+    def from_toml(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise _Bad(expected())
+        return check(v)
+
+    def from_env(s: str) -> tuple[str, ...]:
+        return check([x.strip() for x in s.split(",") if x.strip()])
+
+    return _Conv(from_toml, from_env)
+
+
+_EXTRACTOR: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_ARG_KEY: Final = re.compile(r"[a-z0-9_][a-z0-9_-]{0,63}")
+_ARG_VALUE: Final = re.compile(r"[^\x00-\x1f\x7f]{0,1000}")
+#: Extractor arguments refused in extractor_args: they have keys of their own, or are yt-dlp's
+#: developer switches (which turn the EJS scripts' hash checks off).
+_OWN_KEYS: Final = {
+    ("youtube", "player_client"): "sources.youtube_player_clients",
+    ("youtubepot-bgutilhttp", "base_url"): "sources.pot_provider",
+    ("youtubepot-bgutilscript", "server_home"): "sources.pot_provider",
+}
+
+
+def _extractor_args() -> _Conv:
+    expected = (
+        'a table of yt-dlp extractor arguments, {extractor = {key = ["value", ...]}}, such as '
+        '{youtube = {player_skip = ["webpage"]}} (in the environment: '
+        "'youtube:player_skip=webpage,configs;key=value other:key=value')"
+    )
+
+    def triple(extractor: object, key: object, values: object) -> tuple[str, str, tuple[str, ...]]:
+        if not isinstance(extractor, str) or not _EXTRACTOR.fullmatch(extractor.lower()):
+            raise _Bad(expected)
+        if not isinstance(key, str) or not _ARG_KEY.fullmatch(key.lower()):
+            raise _Bad(expected)
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not all(
+            isinstance(x, str) and _ARG_VALUE.fullmatch(x) for x in values
+        ):
+            raise _Bad(expected)
+        name, arg = extractor.lower(), key.lower().replace("-", "_")
+        if name == "youtube-ejs":
+            raise _Bad("no 'youtube-ejs' arguments: they are yt-dlp's developer switches")
+        own = _OWN_KEYS.get((name, arg))
+        if own is not None:
+            raise _Bad(f"{own} instead of {name}.{arg}")
+        return name, arg, tuple(cast(list[str], values))
+
+    def from_toml(v: object) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        if not isinstance(v, dict):
+            raise _Bad(expected)
+        out: list[tuple[str, str, tuple[str, ...]]] = []
+        for extractor, table in v.items():
+            if not isinstance(table, dict):
+                raise _Bad(expected)
+            out.extend(triple(extractor, key, values) for key, values in table.items())
+        return tuple(out)
+
+    def from_env(s: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        out: list[tuple[str, str, tuple[str, ...]]] = []
+        for part in s.split():
+            extractor, colon, rest = part.partition(":")
+            if not colon:
+                raise _Bad(expected)
+            for pair in filter(None, rest.split(";")):
+                key, eq, values = pair.partition("=")
+                if not eq:
+                    raise _Bad(expected)
+                out.append(triple(extractor, key, values.split(",")))
+        return tuple(out)
+
+    return _Conv(from_toml, from_env)
+
+
+def _pot_provider() -> _Conv:
+    expected = (
+        'the PO-token provider\'s address ("http://127.0.0.1:4416"), the directory of its script '
+        'server, or "" for none'
+    )
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str) or "\x00" in v:
+            raise _Bad(expected)
+        v = v.strip()
+        if not v or re.fullmatch(r"https?://[^\s/?#]+/?", v) or os.path.isabs(v):
+            return v.rstrip("/") if v.startswith("http") else v
+        raise _Bad(expected)
+
+    return _Conv(from_toml, from_toml)
+
+
+def _directories() -> _Conv:
+    expected = "a list of absolute directory paths"
+
+    def check(items: list[object]) -> tuple[str, ...]:
+        if not all(isinstance(x, str) and os.path.isabs(x) and "\x00" not in x for x in items):
+            raise _Bad(expected)
+        return tuple(cast(list[str], items))
+
+    def from_toml(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise _Bad(expected)
+        return check(v)
+
+    def from_env(s: str) -> tuple[str, ...]:
+        return check([x.strip() for x in s.split(os.pathsep) if x.strip()])
+
+    return _Conv(from_toml, from_env)
+
+
+def _js_runtime() -> _Conv:
+    expected = (
+        'a deno, node, bun or qjs executable (a path, or a name looked up in PATH), or "" for '
+        "the Deno installed with Legato"
+    )
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str) or "\x00" in v:
+            raise _Bad(expected)
+        v = v.strip()
+        if v:
+            try:
+                runtime_kind(v)
+            except ValueError:
+                raise _Bad(expected) from None
+        return v
+
+    return _Conv(from_toml, from_toml)
+
+
 _WHO: Final = _choice("requester", "dj", "everyone")
 
 
@@ -547,6 +724,46 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SourcesConfig:
+    """``[sources]``: what yt-dlp is given for sites that check who is asking (YouTube)."""
+
+    cookies_file: str = _key(
+        "",
+        _file_path(),
+        'Netscape-format cookies file sent with yt-dlp\'s requests (only read); "" for none',
+    )
+    youtube_player_clients: tuple[str, ...] = _key(
+        (), _player_clients(), "YouTube player clients yt-dlp tries, in order; empty: its default"
+    )
+    extractor_args: tuple[tuple[str, str, tuple[str, ...]], ...] = _key(
+        (), _extractor_args(), "more yt-dlp extractor arguments"
+    )
+    pot_provider: str = _key(
+        "",
+        _pot_provider(),
+        "PO-token provider (bgutil-ytdlp-pot-provider): its address or script server's directory",
+    )
+    plugin_dirs: tuple[str, ...] = _key(
+        (), _directories(), "directories of yt-dlp plugins not installed with pip"
+    )
+    js_runtime: str = _key(
+        "", _js_runtime(), 'JavaScript runtime for yt-dlp; "" the Deno installed with Legato'
+    )
+
+    def settings(self) -> SourceSettings:
+        """These settings as the resolver takes them."""
+        return SourceSettings(
+            # Absolute: worker processes may not share the bot's working directory.
+            cookies_file=os.path.abspath(self.cookies_file) if self.cookies_file else None,
+            player_clients=self.youtube_player_clients,
+            extractor_args=self.extractor_args,
+            pot_provider=self.pot_provider or None,
+            plugin_dirs=self.plugin_dirs,
+            js_runtime=self.js_runtime or None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class BotConfig:
     """``[bot]``: the ready-made bot of ``python -m legato run``. The token is not here."""
 
@@ -595,6 +812,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "permissions": PermissionsConfig,
     "sandbox": SandboxConfig,
     "storage": StorageConfig,
+    "sources": SourcesConfig,
     "bot": BotConfig,
 }
 
@@ -612,6 +830,7 @@ class Config:
     permissions: PermissionsConfig = field(default_factory=PermissionsConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
     bot: BotConfig = field(default_factory=BotConfig)
     source: str | None = None
 
@@ -807,6 +1026,37 @@ def _cross_check(cfg: Config, where: str) -> None:
                 f"sandbox.{seen[port]}'s (or 0)"
             )
         seen[port] = name
+    _check_sources(cfg.sources, where)
+
+
+def _check_sources(src: SourcesConfig, where: str) -> None:
+    if src.cookies_file:
+        try:
+            check_cookie_file(src.cookies_file)
+        except CookieFileError as exc:
+            raise ConfigError(
+                f"{where}: sources.cookies_file = {_show(src.cookies_file)} is invalid: {exc}"
+            ) from None
+        if readable_by_others(src.cookies_file):
+            # Cookies sign in as the account they came from.
+            _log.warning(
+                "%s: sources.cookies_file %s can be read by other users of this machine; "
+                "make it readable by the bot's user only (chmod 600)",
+                where,
+                src.cookies_file,
+            )
+    for directory in src.plugin_dirs:
+        if not os.path.isdir(directory):
+            raise ConfigError(
+                f"{where}: sources.plugin_dirs = {_show(list(src.plugin_dirs))} is invalid: "
+                f"{directory} is not a directory"
+            )
+    provider = src.pot_provider
+    if provider and not provider.startswith("http") and not os.path.isdir(provider):
+        raise ConfigError(
+            f"{where}: sources.pot_provider = {_show(provider)} is invalid: expected an "
+            "http(s) address or an existing directory (the provider's script server)"
+        )
 
 
 def _refuse_token(data: Mapping[str, object], where: str, *, prefix: str) -> None:

@@ -26,8 +26,9 @@ from discord.ext import commands
 import legato
 from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
+from legato.audio.sources import PRIVATE, SIGN_IN
 from legato.cogs.music import MusicCog
-from legato.config import Config, PermissionsConfig, PlaybackConfig, VoiceConfig
+from legato.config import Config, PermissionsConfig, PlaybackConfig, SourcesConfig, VoiceConfig
 from legato.errors import ConfigError
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
@@ -37,6 +38,8 @@ from legato.sandbox.world import ChannelType
 from tests.media import MediaServer, audio_list_page, send_html, serve_page, write_tone
 
 pytestmark = pytest.mark.e2e
+
+PLUGINS = str(Path(__file__).resolve().parents[1] / "ytdlp_plugins")
 
 GUARD = 30.0
 A_HZ = 440.0
@@ -644,23 +647,28 @@ async def test_idle_and_alone_timeouts_leave(sandbox: Sandbox, tones: Tones) -> 
         assert bot.music.session(sb.guild.id) is None
 
 
-async def test_ready_made_bot_of_legato_run_plays(sandbox: Sandbox, tones: Tones) -> None:
+async def test_ready_made_bot_of_legato_run_plays(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
     from legato.__main__ import LegatoBot
 
     sb = sandbox
     config = make_config(tones)
     bot = LegatoBot(config, chunk_guilds_at_startup=False)
     gc.unfreeze()
-    async with running(sb, config, bot):
-        # What start-up made is frozen at READY, out of the collector's full scans.
-        assert gc.get_freeze_count() > 0
-        gc.unfreeze()  # the rest of this test process collects as usual
-        assert {c.name for c in sb.commands(guild=False)} >= {"play", "queue", "nowplaying"}
-        alice = sb.add_user("alice")
-        await alice.join_voice(sb.general)
-        await start_playing(sb, alice, tones.a)
-        freq, _ = await heard(recording(sb), 30, skip=10)
-        assert freq == pytest.approx(A_HZ, abs=15)
+    with caplog.at_level(logging.INFO, logger="legato.doctor"):
+        async with running(sb, config, bot):
+            # The doctor's summary is logged at start, before the extension loads.
+            assert "doctor: 10 checks: 0 blocker(s)" in caplog.text
+            # What start-up made is frozen at READY, out of the collector's full scans.
+            assert gc.get_freeze_count() > 0
+            gc.unfreeze()  # the rest of this test process collects as usual
+            assert {c.name for c in sb.commands(guild=False)} >= {"play", "queue", "nowplaying"}
+            alice = sb.add_user("alice")
+            await alice.join_voice(sb.general)
+            await start_playing(sb, alice, tones.a)
+            freq, _ = await heard(recording(sb), 30, skip=10)
+            assert freq == pytest.approx(A_HZ, abs=15)
 
 
 async def test_decoding_in_worker_processes(sandbox: Sandbox, tones: Tones) -> None:
@@ -685,6 +693,29 @@ async def test_decoding_in_worker_processes(sandbox: Sandbox, tones: Tones) -> N
         assert psutil.pid_exists(workers[0])
     # Unloading the cog (closing the bot) ends its worker processes.
     assert not any(psutil.pid_exists(pid) for pid in workers)
+
+
+async def test_youtube_refusals_reach_the_user_as_one_sentence(
+    sandbox: Sandbox, tones: Tones, caplog: pytest.LogCaptureFixture
+) -> None:
+    sb = sandbox
+    # tests/ytdlp_plugins fails as yt-dlp's YouTube extractor does (see its docstring); loaded
+    # through [sources] plugin_dirs, as a PO-token provider's plugin would be.
+    config = dataclasses.replace(make_config(tones), sources=SourcesConfig(plugin_dirs=(PLUGINS,)))
+    async with running(sb, config):
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        base = tones.server.url("legato-refuse")
+        with caplog.at_level(logging.INFO, logger="legato"):
+            text = await refused(await alice.invoke("play", query=f"{base}/bot"), SIGN_IN)
+            assert "yt-dlp" not in text
+            assert "Sign in to confirm" not in text
+            await refused(await alice.invoke("play", query=f"{base}/private"), PRIVATE)
+        remedies = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(
+            m.startswith("YouTube asked this bot to sign in: set `[sources] cookies_file`")
+            for m in remedies
+        ), remedies
 
 
 # --- loading ----------------------------------------------------------------------------------

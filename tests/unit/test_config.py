@@ -238,7 +238,7 @@ def test_example_file_has_every_key_and_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "legato.toml"
     cfg = load_config(example, env={})
     text = example.read_text(encoding="utf-8")
-    for section in ("voice", "playback", "permissions", "sandbox", "bot"):
+    for section in ("voice", "playback", "permissions", "sandbox", "sources", "bot"):
         assert f"[{section}]" in text
         for f in dataclasses.fields(getattr(cfg, section)):
             assert f"\n{f.name} = " in text, f"examples/legato.toml lacks {section}.{f.name}"
