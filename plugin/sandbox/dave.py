@@ -7,12 +7,18 @@ leaves, picks one commit per epoch and relays it, and runs the transitions:
 - a member that identifies with DAVE gets op25 (the external sender) and answers op26 (its key
   package);
 - with no group yet, the *founder* (the preferred committer if it has a key package, else the
-  member that joined first) gets op27 Add proposals for every other waiting member at epoch 0,
-  against its pending one-member group; its op28 commit founds the group;
+  committing member that joined first) gets op27 Add proposals for every other waiting member
+  at epoch 0, against its pending one-member group; its op28 commit founds the group. (The
+  protocol sends them to every pending member and takes the first commit; one founder is the
+  sandbox's simplification: founding races are not played out.)
 - with a group, every member gets op27 with Add proposals for waiting key packages and Remove
   proposals for members who left or asked to be re-added (op31), signed as the external sender;
   the first acceptable op28 wins (or only the preferred committer's, when one is set and in the
-  group), the others are counted and dropped;
+  group), the others (and late ones, for an epoch already committed) are counted and dropped;
+- members may be non-committing (:meth:`~DaveGroupServer.join`): they get proposals but their
+  commits are not taken; when only such members, or a single member, would be left to commit
+  a departure, the group is dropped instead (the protocol's *sole member reset*: op24
+  ``epoch: 1``, op21 transition 0) and the next arrival founds a new one;
 - the winning commit goes to the group's members as op29 and its welcome to the new members as
   op30, under a fresh ``transition_id``; once every participant answered op23, op22 executes it;
 - a member whose commit or welcome failed sends op31: it stops counting for that transition and
@@ -32,11 +38,14 @@ proves the frames were end-to-end encrypted. It hears as Discord's receivers do:
 is in force, a plaintext frame is heard only where davey's decryptor for that sender passes
 plaintext through (a downgrade's window, the seconds after an upgrade), and is dropped
 otherwise; :class:`DaveChannel` wires the two together and
-routes the listener's traffic in-process.
+routes the listener's traffic in-process. Its :class:`ListenerRole` says when it joins and
+whether it commits: first and founding every group (the default), late and never committing
+(so that the clients found and race as they would among themselves), or not at all.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -111,6 +120,8 @@ class _Member:
     key_package: KeyPackageInfo | None = None
     #: Reported op31 while in the group: remove its old leaf and add its new key package.
     needs_readd: bool = False
+    #: Whether it commits (the protocol allows members that only receive).
+    commits: bool = True
 
 
 @dataclass(slots=True)
@@ -187,6 +198,11 @@ class DaveGroupServer:
         return tuple(u for u in self._leaves if u is not None)
 
     @property
+    def pending_members(self) -> tuple[int, ...]:
+        """User ids whose key package waits for a commit to add them, in joining order."""
+        return tuple(u for u, m in self._members.items() if m.key_package is not None)
+
+    @property
     def open_transitions(self) -> dict[int, int]:
         """``transition_id -> protocol_version`` not executed yet."""
         return {tid: t.version for tid, t in self._transitions.items()}
@@ -197,14 +213,20 @@ class DaveGroupServer:
 
     # -- membership -------------------------------------------------------------------------
 
-    def join(self, user_id: int) -> list[Deliver]:
+    def join(self, user_id: int, *, commits: bool = True) -> list[Deliver]:
         """A member identified (send after op4): op25 when DAVE is on.
 
         A member identifying again (a new voice session) starts a new MLS session: if its old
         leaf is still in the group, it is removed and re-added with the new key package.
+
+        Args:
+            user_id: the member.
+            commits: False for a member that never commits (it gets proposals, since it must
+                process the commit that carries them, but neither founds a group nor wins a
+                round; the DAVE protocol lets a session have such members).
         """
         known = user_id in self._members
-        self._members[user_id] = _Member(needs_readd=user_id in self._leaves)
+        self._members[user_id] = _Member(needs_readd=user_id in self._leaves, commits=commits)
         out = self._withdraw(user_id) if known else []
         if self._target_version > 0:
             package = self.external_sender.package()
@@ -387,6 +409,9 @@ class DaveGroupServer:
         if not recipients:
             self._reset_group()
             return self._propose_founding()
+        if not any(self._members[u].commits for u in recipients):
+            # Nobody left in the group can commit what comes next: start a new one.
+            return self._restart_group(recipients)
         removes = [
             i
             for i, u in enumerate(self._leaves)
@@ -403,6 +428,10 @@ class DaveGroupServer:
         }
         if not removes and not adds:
             return []
+        if len(recipients) == 1 and not adds:
+            # Sole member reset (https://daveprotocol.com/#sole-member-reset): no member keeps
+            # an established group to itself; the next to join founds a new one.
+            return self._restart_group(recipients)
         round_ = _Round(self._epoch, None, recipients)
         proposals: list[SignedProposal] = []
         for leaf in removes:
@@ -416,12 +445,31 @@ class DaveGroupServer:
             proposals.append(p)
         return self._send_round(round_, proposals)
 
+    def _restart_group(self, remaining: set[int]) -> list[Deliver]:
+        """Drop the group: its remaining members get op24 ``epoch: 1`` and op21 transition 0
+        (executed at once), make a new MLS session and send a fresh key package."""
+        self._reset_group()
+        version = self._target_version
+        out: list[Deliver] = []
+        for u in sorted(remaining):
+            self._members[u].key_package = None
+            self._members[u].needs_readd = False
+            epoch = {"epoch": 1, "protocol_version": version}
+            out.append(Deliver(u, SendJson(OP_PREPARE_EPOCH, epoch)))
+            ready = {"transition_id": 0, "protocol_version": version}
+            out.append(Deliver(u, SendJson(OP_PREPARE_TRANSITION, ready)))
+        _log.debug("group restarted for %s", sorted(remaining))
+        return out + self._propose_founding()
+
     def _propose_founding(self) -> list[Deliver]:
         candidates = [u for u, m in self._members.items() if m.key_package is not None]
-        if len(candidates) < 2:
-            return []  # alone: nobody to encrypt for yet
+        committers = [u for u in candidates if self._members[u].commits]
+        if len(candidates) < 2 or not committers:
+            return []  # alone, or nobody who commits: no group yet
+        # The member waiting longest founds it (unless a committer is preferred): the one
+        # whose pending group the others are added to.
         founder = (
-            self.preferred_committer if self.preferred_committer in candidates else candidates[0]
+            self.preferred_committer if self.preferred_committer in committers else committers[0]
         )
         assert founder is not None
         round_ = _Round(0, founder, {founder})
@@ -451,7 +499,9 @@ class DaveGroupServer:
             self.stats.ignored_commits += 1
             return []
         preferred = self.preferred_committer
-        if preferred is not None and preferred in round_.recipients and user_id != preferred:
+        if (preferred is not None and preferred in round_.recipients and user_id != preferred) or (
+            not self._members[user_id].commits
+        ):
             self.stats.ignored_commits += 1
             return []
         try:
@@ -459,6 +509,10 @@ class DaveGroupServer:
         except MLSDecodeError as exc:
             self.stats.bad_commits += 1
             _log.info("commit from %d refused: %s", user_id, exc)
+            return []
+        if commit.group_id == self.group_id and commit.epoch < round_.epoch:
+            # For an epoch already committed: it lost the race to the commit relayed then.
+            self.stats.ignored_commits += 1
             return []
         expected = set(round_.adds) | set(round_.removes)
         problem = None
@@ -594,6 +648,20 @@ class DaveListener:
         return plain
 
 
+class ListenerRole(enum.Enum):
+    """What the sandbox's listener is in a channel's DAVE group."""
+
+    #: In the channel before anyone, so it founds every group and, answering in-process,
+    #: wins every commit race: the simplest way to prove what a client sends.
+    FOUNDER = "founder"
+    #: Joins once the remote members have formed the group, welcomed like anyone, and never
+    #: commits: it hears everything while the clients found, commit and race as they would
+    #: without it.
+    LATE = "late"
+    #: Not a member: a passive recorder of what arrives (DAVE frames stay encrypted).
+    OFF = "off"
+
+
 class DaveChannel:
     """A channel's DAVE server plus the sandbox listener, with the listener's traffic routed.
 
@@ -603,6 +671,7 @@ class DaveChannel:
     Args:
         channel_id: the channel.
         listener_id: the listener's user id.
+        listener_role: what the listener is in the group (see :class:`ListenerRole`).
         protocol_version: 1 for DAVE.
         preferred_committer: see :class:`DaveGroupServer`.
         external_sender: see :class:`DaveGroupServer`.
@@ -613,6 +682,7 @@ class DaveChannel:
         channel_id: int,
         *,
         listener_id: int,
+        listener_role: ListenerRole = ListenerRole.FOUNDER,
         protocol_version: int = 1,
         preferred_committer: int | None = None,
         external_sender: ExternalSender | None = None,
@@ -623,10 +693,29 @@ class DaveChannel:
             preferred_committer=preferred_committer,
             external_sender=external_sender,
         )
-        self.listener = DaveListener(listener_id, channel_id)
-        answers = self.listener.client.start(self.server.session_protocol_version)
-        routed = self.server.join(listener_id)
-        self._held = self._route(routed + self._from_listener(answers))
+        self.listener_id = listener_id
+        self.listener_role = listener_role
+        self._listener: DaveListener | None = None
+        self._held: list[Deliver] = []
+        if listener_role is ListenerRole.FOUNDER:
+            self._held = self._route(self._listener_joins())
+
+    @property
+    def listener(self) -> DaveListener:
+        """The listener.
+
+        Raises:
+            LookupError: it is not a member (:attr:`ListenerRole.OFF`, or a late listener
+                before the group formed).
+        """
+        if self._listener is None:
+            raise LookupError(f"no DAVE listener in channel {self.server.channel_id}")
+        return self._listener
+
+    @property
+    def joined_listener(self) -> DaveListener | None:
+        """The listener if it is a member, else None."""
+        return self._listener
 
     def take_held(self) -> list[Deliver]:
         """Deliveries produced at construction (none unless a remote member was added)."""
@@ -657,12 +746,23 @@ class DaveChannel:
         """See :meth:`DaveGroupServer.upgrade`."""
         return self._route(self.server.upgrade(protocol_version))
 
+    def _listener_joins(self) -> list[Deliver]:
+        listener = self._listener = DaveListener(self.listener_id, self.server.channel_id)
+        answers = listener.client.start(self.server.session_protocol_version)
+        commits = self.listener_role is ListenerRole.FOUNDER
+        return self.server.join(self.listener_id, commits=commits) + self._from_listener(answers)
+
     def _from_listener(self, answers: list[DaveOutput]) -> list[Deliver]:
-        lid = self.listener.user_id
+        lid = self.listener_id
         out: list[Deliver] = []
         for answer in answers:
             if isinstance(answer, SendJson):
                 out += self.server.receive_json(lid, answer.op, answer.data)
+            elif (
+                answer.op == OP_MLS_COMMIT_WELCOME
+                and self.listener_role is not ListenerRole.FOUNDER
+            ):
+                continue  # a member that does not commit keeps its commit to itself
             else:
                 out += self.server.receive_binary(lid, answer.op, answer.payload)
         return out
@@ -670,10 +770,23 @@ class DaveChannel:
     def _route(self, deliveries: list[Deliver]) -> list[Deliver]:
         queue = deque(deliveries)
         remote: list[Deliver] = []
-        while queue:
-            item = queue.popleft()
-            if item.user_id != self.listener.user_id:
-                remote.append(item)
-                continue
-            queue.extend(self._from_listener(self.listener.handle(item.message)))
-        return remote
+        while True:
+            while queue:
+                item = queue.popleft()
+                if item.user_id != self.listener_id:
+                    remote.append(item)
+                    continue
+                if self._listener is not None:
+                    queue.extend(self._from_listener(self._listener.handle(item.message)))
+            if not self._late_listener_due():
+                return remote
+            queue.extend(self._listener_joins())
+
+    def _late_listener_due(self) -> bool:
+        """A late listener joins once a group is in force among the remote members."""
+        return (
+            self.listener_role is ListenerRole.LATE
+            and self._listener is None
+            and self.server.epoch is not None
+            and not self.server.open_transitions
+        )
