@@ -6,11 +6,11 @@ leaves, picks one commit per epoch and relays it, and runs the transitions:
 
 - a member that identifies with DAVE gets op25 (the external sender) and answers op26 (its key
   package);
-- with no group yet, the *founder* (the preferred committer if it has a key package, else the
-  committing member that joined first) gets op27 Add proposals for every other waiting member
-  at epoch 0, against its pending one-member group; its op28 commit founds the group. (The
-  protocol sends them to every pending member and takes the first commit; one founder is the
-  sandbox's simplification: founding races are not played out.)
+- with no group yet, every waiting member that commits gets op27 with Add proposals for every
+  other waiting member at epoch 0, against its pending one-member group, and the first op28
+  founds the group: the committer's own commit goes back to it (op29), the others are
+  welcomed (op30). A chosen founder (the preferred committer, or the server's ``founder``)
+  alone gets them when it is waiting;
 - with a group, every member gets op27 with Add proposals for waiting key packages and Remove
   proposals for members who left or asked to be re-added (op31), signed as the external sender;
   the first acceptable op28 wins (or only the preferred committer's, when one is set and in the
@@ -127,11 +127,21 @@ class _Member:
 @dataclass(slots=True)
 class _Round:
     epoch: int
-    founder: int | None
+    #: No group yet: each recipient commits to its own pending one-member group.
+    founding: bool
     recipients: set[int]
     adds: dict[bytes, int] = field(default_factory=dict)
     add_packages: dict[int, KeyPackageInfo] = field(default_factory=dict)
     removes: dict[bytes, int] = field(default_factory=dict)
+
+    def expected(self, committer: int) -> set[bytes]:
+        """The proposal refs ``committer`` was sent, which its commit must cover exactly:
+        everything but its own Add (a founding round sends each member the others')."""
+        return {ref for ref, uid in self.adds.items() if uid != committer} | set(self.removes)
+
+    def alive(self) -> bool:
+        """Whether some recipient has something to commit."""
+        return any(self.expected(u) for u in self.recipients)
 
 
 @dataclass(slots=True)
@@ -150,6 +160,9 @@ class DaveGroupServer:
         external_sender: the signing identity; generated when omitted.
         preferred_committer: when set and eligible, only this member's commits are taken (and
             it founds the group); tests use it to choose who commits.
+        founder: when set and waiting with a key package, it alone gets the founding
+            proposals (it founds every group); otherwise every pending member that commits
+            does, and the first commit wins.
     """
 
     def __init__(
@@ -159,11 +172,13 @@ class DaveGroupServer:
         protocol_version: int = 1,
         external_sender: ExternalSender | None = None,
         preferred_committer: int | None = None,
+        founder: int | None = None,
     ) -> None:
         self.channel_id = channel_id
         self.group_id = channel_id.to_bytes(8, "big")
         self.external_sender = external_sender or ExternalSender()
         self.preferred_committer = preferred_committer
+        self.founder = founder
         self.stats = DaveServerStats()
         self._version = protocol_version
         self._target_version = protocol_version
@@ -254,6 +269,7 @@ class DaveGroupServer:
             round_.add_packages.pop(user_id, None)
         if revoked and round_.recipients:
             # Members stored the proposal; unless revoked, their next commit would carry it.
+            # Every remaining recipient was sent it (only the leaver is not sent its own Add).
             payload = bytes([_OPTYPE_REVOKE]) + encode_opaque(
                 b"".join(encode_opaque(ref) for ref in revoked)
             )
@@ -261,8 +277,9 @@ class DaveGroupServer:
             out += [
                 Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)) for u in sorted(round_.recipients)
             ]
-        if not round_.recipients or not (round_.adds or round_.removes):
-            # Nothing left to commit or nobody left to commit it: start the round over.
+        if not round_.alive():
+            # Nothing left to commit or nobody left to commit it (and nobody holds a proposal
+            # not revoked): start the round over.
             self._round = None
         return out
 
@@ -293,7 +310,7 @@ class DaveGroupServer:
             out = self._drop_from_transition(tid, user_id)
             if self._round is not None and user_id in self._round.recipients:
                 self._round.recipients.discard(user_id)
-                if not self._round.recipients:
+                if not self._round.alive():
                     self._round = None
             return out + self._propose()
         return []
@@ -432,7 +449,7 @@ class DaveGroupServer:
             # Sole member reset (https://daveprotocol.com/#sole-member-reset): no member keeps
             # an established group to itself; the next to join founds a new one.
             return self._restart_group(recipients)
-        round_ = _Round(self._epoch, None, recipients)
+        round_ = _Round(self._epoch, False, recipients)
         proposals: list[SignedProposal] = []
         for leaf in removes:
             p = self.external_sender.propose_remove(self.group_id, self._epoch, leaf)
@@ -466,17 +483,17 @@ class DaveGroupServer:
         committers = [u for u in candidates if self._members[u].commits]
         if len(candidates) < 2 or not committers:
             return []  # alone, or nobody who commits: no group yet
-        # The member waiting longest founds it (unless a committer is preferred): the one
-        # whose pending group the others are added to.
-        founder = (
-            self.preferred_committer if self.preferred_committer in committers else committers[0]
+        # Every pending member that commits gets the others' Add proposals for its own pending
+        # group, and the first commit founds the group (https://daveprotocol.com/#initial-group-
+        # creation); unless a founder is chosen, which alone gets them.
+        chosen = next(
+            (u for u in (self.preferred_committer, self.founder) if u in committers), None
         )
-        assert founder is not None
-        round_ = _Round(0, founder, {founder})
+        round_ = _Round(0, True, {chosen} if chosen is not None else set(committers))
         proposals: list[SignedProposal] = []
         for u in candidates:
-            if u == founder:
-                continue
+            if u == chosen:
+                continue  # nobody else is sent its Add
             package = self._members[u].key_package
             assert package is not None
             p = self.external_sender.propose_add(self.group_id, 0, package.raw)
@@ -488,10 +505,12 @@ class DaveGroupServer:
     def _send_round(self, round_: _Round, proposals: list[SignedProposal]) -> list[Deliver]:
         self._round = round_
         self.stats.proposals_sent += len(proposals)
-        payload = bytes([_OPTYPE_APPEND]) + encode_opaque(b"".join(p.message for p in proposals))
-        return [
-            Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)) for u in sorted(round_.recipients)
-        ]
+        out: list[Deliver] = []
+        for u in sorted(round_.recipients):
+            mine = [p.message for p in proposals if round_.adds.get(p.ref) != u]
+            payload = bytes([_OPTYPE_APPEND]) + encode_opaque(b"".join(mine))
+            out.append(Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)))
+        return out
 
     def _on_commit(self, user_id: int, payload: bytes) -> list[Deliver]:
         round_ = self._round
@@ -514,24 +533,25 @@ class DaveGroupServer:
             # For an epoch already committed: it lost the race to the commit relayed then.
             self.stats.ignored_commits += 1
             return []
-        expected = set(round_.adds) | set(round_.removes)
+        expected = round_.expected(user_id)
         problem = None
         if commit.group_id != self.group_id or commit.epoch != round_.epoch:
             problem = f"group/epoch {commit.group_id.hex()}/{commit.epoch}"
         elif commit.inline or set(commit.proposal_refs) != expected:
             # Stale (a revoke crossed it) or not what was proposed.
             problem = "proposals differ from the round's"
-        elif round_.adds and welcome is None:
+        elif any(ref in round_.adds for ref in expected) and welcome is None:
             problem = "adds members without a welcome"
         if problem is not None:
             self.stats.bad_commits += 1
             _log.info("commit from %d refused: %s", user_id, problem)
             return []
 
-        old_members = set(round_.recipients)
-        if round_.founder is not None:
-            self._leaves = [round_.founder]
-            self._members[round_.founder].key_package = None
+        # The committer's own pending group, when it founds one, is the only old member.
+        old_members = {user_id} if round_.founding else set(round_.recipients)
+        if round_.founding:
+            self._leaves = [user_id]
+            self._members[user_id].key_package = None
         for ref in commit.proposal_refs:
             if ref in round_.removes:
                 self._leaves[round_.removes[ref]] = None
@@ -691,6 +711,7 @@ class DaveChannel:
             channel_id,
             protocol_version=protocol_version,
             preferred_committer=preferred_committer,
+            founder=listener_id if listener_role is ListenerRole.FOUNDER else None,
             external_sender=external_sender,
         )
         self.listener_id = listener_id

@@ -42,7 +42,8 @@ def _ops(net: DaveNet, user_id: int) -> list[int]:
     return [op for uid, op in net.log if uid == user_id]
 
 
-def test_without_a_listener_the_first_client_founds_when_the_second_arrives() -> None:
+@pytest.mark.parametrize("first_commit", ["bot", "other"])
+def test_without_a_listener_the_clients_race_to_found_the_group(first_commit: str) -> None:
     net = DaveNet.make(listener_role=ListenerRole.OFF)
     assert net.channel.joined_listener is None
     bot = net.connect(BOT_ID)
@@ -51,18 +52,23 @@ def test_without_a_listener_the_first_client_founds_when_the_second_arrives() ->
     assert net.channel.server.epoch is None
     assert _ops(net, BOT_ID) == [OP_MLS_EXTERNAL_SENDER]
     assert not bot.media_allowed
+    founder, loser = (BOT_ID, OTHER_ID) if first_commit == "bot" else (OTHER_ID, BOT_ID)
+    net.hold_commits(loser)
     other = net.connect(OTHER_ID)
-    # The bot's pending group gets the other's Add proposal; its commit founds the group.
-    assert _ops(net, BOT_ID) == [
-        OP_MLS_EXTERNAL_SENDER,
+    # Each pending member got the other's Add proposal and committed it to its own pending
+    # group; the first commit founded the group, and the other member was welcomed.
+    assert _ops(net, founder)[-3:] == [
         OP_MLS_PROPOSALS,
         OP_MLS_ANNOUNCE_COMMIT_TRANSITION,
         OP_EXECUTE_TRANSITION,
     ]
-    assert _ops(net, OTHER_ID) == [OP_MLS_EXTERNAL_SENDER, OP_MLS_WELCOME, OP_EXECUTE_TRANSITION]
-    assert net.channel.server.group_members == (BOT_ID, OTHER_ID)
-    assert bot.stats.commits_sent == 1
-    assert other.stats.commits_sent == 0
+    assert _ops(net, loser)[-3:] == [OP_MLS_PROPOSALS, OP_MLS_WELCOME, OP_EXECUTE_TRANSITION]
+    assert net.channel.server.group_members == (founder, loser)
+    assert bot.stats.commits_sent == other.stats.commits_sent == 1
+    net.release_commits(loser)
+    assert net.channel.server.stats.ignored_commits == 1
+    assert net.channel.server.stats.bad_commits == 0
+    assert bot.stats.invalid_welcomes == other.stats.invalid_welcomes == 0
     assert len(_codes(net, BOT_ID, OTHER_ID)) == 1
     assert _hears(net, OTHER_ID, BOT_ID)
     assert _hears(net, BOT_ID, OTHER_ID)
@@ -76,12 +82,12 @@ def test_a_late_listener_is_welcomed_by_the_clients_and_never_commits() -> None:
     assert net.channel.joined_listener is None  # no group yet: the listener waits
     net.connect(OTHER_ID)
     listener = net.channel.listener
-    # The bot founded the group; then the listener's Add went to both clients and a client's
-    # commit (the bot's, delivered first) added it.
+    # The clients founded the group (the bot's commit, delivered first, won); then the
+    # listener's Add went to both clients and a client's commit (the bot's again) added it.
     assert net.channel.server.group_members == (BOT_ID, OTHER_ID, LISTENER_ID)
     assert net.channel.server.epoch == 2
     assert bot.stats.commits_sent == 2
-    assert net.channel.server.stats.ignored_commits == 1  # the other's, for the same epoch
+    assert net.channel.server.stats.ignored_commits == 2  # the other's, for the same epochs
     assert net.channel.server.stats.commits_relayed == 2
     assert len(_codes(net, BOT_ID, OTHER_ID)) == 1
     frame = opus_like(5)
@@ -90,7 +96,7 @@ def test_a_late_listener_is_welcomed_by_the_clients_and_never_commits() -> None:
     third = net.connect(THIRD_ID)
     assert net.channel.server.epoch == 3
     assert listener.client.stats.commits_sent == 1  # made (for the third), kept to itself
-    assert net.channel.server.stats.ignored_commits == 2  # the other's again, not the listener's
+    assert net.channel.server.stats.ignored_commits == 3  # the other's again, not the listener's
     assert len(_codes(net, BOT_ID, OTHER_ID, THIRD_ID)) == 1
     assert _hears(net, THIRD_ID, BOT_ID)
     assert third.stats.commits_sent == 0
@@ -99,13 +105,14 @@ def test_a_late_listener_is_welcomed_by_the_clients_and_never_commits() -> None:
 def test_a_commit_for_an_epoch_already_committed_lost_the_race() -> None:
     net = DaveNet.make(listener_role=ListenerRole.OFF)
     bot = net.connect(BOT_ID)
-    other = net.connect(OTHER_ID)
+    other = net.connect(OTHER_ID)  # the bot's founding commit won (delivered first)
+    ignored = net.channel.server.stats.ignored_commits
     net.hold_commits(BOT_ID)
     net.connect(THIRD_ID)
     # The bot committed the third's Add too, but its commit is still on the wire: the other's
     # commit arrived first and won; the bot applied it instead of its own.
     assert len(net.held_commits[BOT_ID]) == 1
-    assert other.stats.commits_sent == 1
+    assert other.stats.commits_sent == 2
     assert net.channel.server.epoch == 2
     assert bot.session is not None
     assert bot.session.epoch == 2
@@ -118,11 +125,11 @@ def test_a_commit_for_an_epoch_already_committed_lost_the_race() -> None:
     net.release_commits(BOT_ID)
     stats = net.channel.server.stats
     # The stale commit lost its race (not a bad one); the bot's next commit won this round.
-    assert (stats.ignored_commits, stats.bad_commits) == (1, 0)
+    assert (stats.ignored_commits - ignored, stats.bad_commits) == (1, 0)
     net.release(OTHER_ID)
     net.release(THIRD_ID)
     assert net.channel.server.epoch == 3
-    assert stats.ignored_commits == 3  # and the other two's for epoch 2
+    assert stats.ignored_commits - ignored == 3  # and the other two's for epoch 2
     assert set(net.channel.server.group_members) == {BOT_ID, OTHER_ID, THIRD_ID, FOURTH_ID}
     assert len(_codes(net, BOT_ID, OTHER_ID, THIRD_ID, FOURTH_ID)) == 1
     assert _hears(net, THIRD_ID, BOT_ID)
@@ -170,3 +177,26 @@ def test_a_late_listener_left_with_no_committer_is_reset() -> None:
     assert len(_codes(net, BOT_ID, THIRD_ID)) == 1
     frame = opus_like(9)
     assert net.channel.listener.decrypt(BOT_ID, bot.encrypt(frame)) == frame
+
+
+def test_a_member_leaving_during_a_founding_race_is_revoked() -> None:
+    net = DaveNet.make(listener_role=ListenerRole.OFF)
+    bot = net.connect(BOT_ID)
+    net.hold(BOT_ID)
+    net.hold(OTHER_ID)
+    net.connect(OTHER_ID)
+    net.disconnect(OTHER_ID)  # before anyone saw the founding proposals
+    # The bot's Add for the other is revoked; with nothing left for it to commit, the round
+    # is over and nobody founds anything.
+    assert net.channel.server.stats.revokes_sent == 1
+    net.release(BOT_ID)
+    assert net.channel.server.epoch is None
+    assert net.channel.server.stats.commits_relayed == 0
+    assert net.channel.server.stats.bad_commits == 0
+    # The next arrival starts a founding race as usual, with nothing stale in it.
+    net.connect(THIRD_ID)
+    assert net.channel.server.group_members == (BOT_ID, THIRD_ID)
+    assert net.channel.server.stats.bad_commits == 0
+    assert len(_codes(net, BOT_ID, THIRD_ID)) == 1
+    assert _hears(net, THIRD_ID, BOT_ID)
+    assert bot.stats.invalid_commits == bot.stats.invalid_welcomes == 0
