@@ -109,15 +109,44 @@ async def test_legato_first_and_alone_founds_the_group(
     await server.wait_dave_group(GUILD, CHANNEL, lambda ch: LEGATO in ch.server.pending_members)
     assert not conn.can_send
     assert conn.voice_privacy_code is None
+    # alice arrives: the external sender proposes alice to Legato's pending group and Legato
+    # to alice's; both commit, and the first commit the server gets founds the group. alice's
+    # is slow on the wire here, so Legato's founds it and alice is welcomed.
+    server.hold_dave_commits(ALICE)
     alice = await _dpy(stack, server, http, ALICE)
-    # The external sender proposes alice to Legato, whose commit founds the group.
+    await server.wait_dave_commit_held(ALICE, timeout=GUARD)
     expected = {LEGATO, ALICE} | ({DAVE_LISTENER_ID} if listener == "late" else set())
     epoch = 1 if listener == "off" else 2
     dave = await settled(server, expected, epoch=epoch)
     await legato_in_epoch(conn, epoch)
     assert dave.server.group_members[0] == LEGATO
     assert conn.dave.stats.commits_sent >= 1
+    await server.release_dave_commits(ALICE)
+    assert dave.server.stats.ignored_commits >= 1  # alice's founding commit lost
     assert dave.server.stats.bad_commits == 0
+    _assert_agree(conn, [alice], dave)
+    await _everyone_hears_legato(server, conn, [alice])
+
+
+async def test_a_founding_race_won_by_a_discord_py_client(stack: AsyncExitStack) -> None:
+    server = await _server(stack, "off")
+    http = await stack.enter_async_context(dpy_http(server))
+    conn = await stack.enter_async_context(legato_member(server))
+    await server.wait_dave_group(GUILD, CHANNEL, lambda ch: LEGATO in ch.server.pending_members)
+    # Legato's founding commit is the slow one: alice's founds the group, and Legato, with a
+    # commit of its own pending, joins through alice's welcome instead.
+    server.hold_dave_commits(LEGATO)
+    alice = await _dpy(stack, server, http, ALICE)
+    await server.wait_dave_commit_held(LEGATO, timeout=GUARD)
+    dave = await settled(server, {ALICE, LEGATO}, epoch=1)
+    await legato_in_epoch(conn, 1)
+    assert dave.server.group_members == (ALICE, LEGATO)
+    await server.release_dave_commits(LEGATO)
+    stats = dave.server.stats
+    assert (stats.commits_relayed, stats.ignored_commits, stats.bad_commits) == (1, 1, 0)
+    assert conn.dave.stats.commits_sent == 1
+    assert conn.dave.stats.invalid_welcomes == 0
+    assert conn.dave.stats.recoveries == 0
     _assert_agree(conn, [alice], dave)
     await _everyone_hears_legato(server, conn, [alice])
 
@@ -127,9 +156,9 @@ async def test_legato_joins_the_group_discord_py_clients_formed(stack: AsyncExit
     http = await stack.enter_async_context(dpy_http(server))
     alice = await _dpy(stack, server, http, ALICE)
     bob = await _dpy(stack, server, http, BOB)
-    # alice founded it (the first to wait), bob was welcomed, then the late listener.
+    # alice and bob raced to found it, then added the late listener.
     dave = await settled(server, {ALICE, BOB, DAVE_LISTENER_ID})
-    assert dave.server.group_members[0] == ALICE
+    assert set(dave.server.group_members[:2]) == {ALICE, BOB}
     epoch = dave.server.epoch
     assert epoch is not None
     conn = await stack.enter_async_context(legato_member(server))
@@ -148,9 +177,11 @@ async def test_a_commit_race_won_by_a_discord_py_client(stack: AsyncExitStack) -
     server = await _server(stack, "off")
     http = await stack.enter_async_context(dpy_http(server))
     conn = await stack.enter_async_context(legato_member(server))
+    server.hold_dave_commits(ALICE)  # Legato founds the group (see the first test)
     alice = await _dpy(stack, server, http, ALICE)
     await settled(server, {LEGATO, ALICE}, epoch=1)
     await legato_in_epoch(conn, 1)
+    await server.release_dave_commits(ALICE)
     # bob's Add goes to Legato and alice; both commit it. Legato's commit is slow on the wire:
     # alice's arrives first, and the server relays hers as epoch 2's.
     server.hold_dave_commits(LEGATO)
@@ -161,7 +192,7 @@ async def test_a_commit_race_won_by_a_discord_py_client(stack: AsyncExitStack) -
     assert conn.dave.stats.commits_sent == 2  # the founding commit and the one that lost
     await server.release_dave_commits(LEGATO)
     stats = dave.server.stats
-    assert (stats.commits_relayed, stats.ignored_commits, stats.bad_commits) == (2, 1, 0)
+    assert (stats.commits_relayed, stats.ignored_commits, stats.bad_commits) == (2, 2, 0)
     # Legato dropped its own pending commit and applied alice's.
     assert conn.dave.stats.invalid_commits == 0
     assert conn.dave.stats.recoveries == 0
@@ -198,10 +229,13 @@ async def test_members_leaving_are_removed_then_a_sole_legato_starts_over(
     await server.wait_dave_group(GUILD, CHANNEL, lambda ch: ch.server.pending_members == (LEGATO,))
     await conn.wait_dave(lambda d: d.privacy_code is None and not d.media_allowed, GUARD)
     assert dave.server.epoch is None
-    # The next member to arrive is added to Legato's new pending group: Legato founds again.
+    # The next member to arrive races Legato's new pending group (held back here): Legato
+    # founds again.
+    server.hold_dave_commits(CAROL)
     carol = await _dpy(stack, server, http, CAROL)
     dave = await settled(server, {LEGATO, CAROL}, epoch=1)
     await legato_in_epoch(conn, 1)
+    await server.release_dave_commits(CAROL)
     assert dave.server.group_members[0] == LEGATO
     assert dave.server.stats.bad_commits == 0
     assert conn.dave.stats.recoveries == 0
@@ -237,8 +271,8 @@ async def test_downgrade_to_protocol_0_and_upgrade_back(stack: AsyncExitStack) -
     # before answering op23, so before the server could execute the downgrade.
     for member in (alice, bob):
         assert member.hears(LEGATO, wire) == frames
-    # Upgrade: op24 epoch 1 (a new group for protocol 1); Legato, the first committing member
-    # waiting, founds it; its execute switches everyone back to DAVE.
+    # Upgrade: op24 epoch 1 (a new group for protocol 1); the members race to found it, and
+    # the founding commit's execute switches everyone back to DAVE.
     await server.dave_upgrade(GUILD, CHANNEL)
     dave = await settled(server, members)
     assert dave.server.protocol_version == 1
