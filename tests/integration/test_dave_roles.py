@@ -9,6 +9,8 @@ with its own DAVE session, and every member shows the same voice privacy code.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
 
@@ -31,7 +33,7 @@ from tests.integration.dave_members import (
     legato_plays,
     settled,
 )
-from tests.integration.voice_support import tone_frames, voice_server
+from tests.integration.voice_support import Player, tone_frames, voice_server
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +201,59 @@ async def test_a_commit_race_won_by_a_discord_py_client(stack: AsyncExitStack) -
     assert dave.server.epoch == 2
     _assert_agree(conn, [alice, bob], dave)
     await _everyone_hears_legato(server, conn, [alice, bob])
+
+
+async def test_audio_flows_through_a_lost_race_and_a_departure(stack: AsyncExitStack) -> None:
+    """Legato keeps playing while bob joins (a race alice wins) and leaves again: alice hears
+    every frame, bob every frame from his welcome to his removal and nothing outside it."""
+    server = await _server(stack, "off")
+    http = await stack.enter_async_context(dpy_http(server))
+    conn = await stack.enter_async_context(legato_member(server))
+    server.hold_dave_commits(ALICE)
+    alice = await _dpy(stack, server, http, ALICE)
+    await settled(server, {LEGATO, ALICE}, epoch=1)
+    await legato_in_epoch(conn, 1)
+    await server.release_dave_commits(ALICE)
+    frames = tone_frames(30.0)  # longer than the test: stopped once the steps are done
+    recording = server.recording(LEGATO, GUILD)
+    before = recording.frames + recording.dropped
+    player = Player(conn, frames)
+    playing = asyncio.create_task(player.play())
+    await player.wait_sent(25)
+    joining = player.sent  # everything before this went out before bob was there
+    server.hold_dave_commits(LEGATO)
+    bob = DpyMember(server, http, BOB)
+    await bob.connect()
+    await settled(server, {LEGATO, ALICE, BOB}, epoch=2)
+    await legato_in_epoch(conn, 2)
+    joined = player.sent  # from here on, epoch 2's keys, which bob has
+    await server.release_dave_commits(LEGATO)
+    await player.wait_sent(player.sent + 25)
+    leaving = player.sent
+    await bob.disconnect()
+    dave = await settled(server, {LEGATO, ALICE}, epoch=3)
+    await legato_in_epoch(conn, 3)
+    removed = player.sent  # from here on, epoch 3's keys, which bob never gets
+    await player.wait_sent(player.sent + 25)
+    playing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await playing
+    sent = player.sent
+    await recording.wait_arrivals(before + sent, timeout=GUARD)
+    wire = server.dave_wire_frames(LEGATO, GUILD)[-sent:]
+    assert conn.dave.stats.withheld_frames == 0
+    assert alice.hears(LEGATO, wire) == frames[:sent]
+    heard = bob.hears(LEGATO, wire)
+    first = next(i for i, f in enumerate(heard) if f is not None)
+    last = max(i for i, f in enumerate(heard) if f is not None)
+    assert heard[first : last + 1] == frames[first : last + 1]
+    # bob opens nothing from before he was there, everything while he was (the marks are taken
+    # after the events, so they bound the switching frame from one side each), and nothing of
+    # the epoch that removed him.
+    assert joining <= first <= joined
+    assert leaving - 1 <= last < removed
+    assert dave.server.stats.bad_commits == 0
+    _assert_agree(conn, [alice], dave)
 
 
 async def test_members_leaving_are_removed_then_a_sole_legato_starts_over(
