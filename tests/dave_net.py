@@ -4,7 +4,9 @@ Every message crosses real DAVE framing: server binary ops are packed ``[u16 seq
 and parsed by :func:`parse_server_binary`, client binary ops go through
 :meth:`SendBinary.frame` and :func:`parse_client_binary`. Delivery is breadth-first in send
 order, like one ordered websocket per member. A member can be *held* (its messages queue up
-until :meth:`DaveNet.release`), and ``tamper`` can rewrite a message on its way to a member.
+until :meth:`DaveNet.release`), so can a member's commits on their way to the server
+(:meth:`DaveNet.hold_commits`, so that another member's commit wins the race), and ``tamper``
+can rewrite a message on its way to a member.
 After every delivered message the ``on_step`` hook runs, which the rekey tests use to send
 media continuously through every step of a transition.
 """
@@ -15,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from legato.sandbox.dave import DaveChannel, Deliver
+from legato.sandbox.dave import DaveChannel, Deliver, ListenerRole
 from legato.voice.dave import (
     DaveClient,
     DaveOutput,
@@ -42,16 +44,26 @@ class DaveNet:
     held: dict[int, deque[Deliver]] = field(default_factory=dict)
     #: Every message delivered to a remote member, in order: ``(user_id, op)``.
     log: list[tuple[int, int]] = field(default_factory=list)
+    #: op28 commits kept on their way to the server, per member.
+    held_commits: dict[int, list[SendBinary]] = field(default_factory=dict)
     tamper: Tamper | None = None
     on_step: Callable[[], None] | None = None
     _seq: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, *, preferred_committer: int | None = None) -> DaveNet:
-        """A DAVE channel (protocol 1) with the sandbox listener in it."""
+    def make(
+        cls,
+        *,
+        preferred_committer: int | None = None,
+        listener_role: ListenerRole = ListenerRole.FOUNDER,
+    ) -> DaveNet:
+        """A DAVE channel (protocol 1) with the sandbox listener in the given role."""
         return cls(
             DaveChannel(
-                CHANNEL_ID, listener_id=LISTENER_ID, preferred_committer=preferred_committer
+                CHANNEL_ID,
+                listener_id=LISTENER_ID,
+                listener_role=listener_role,
+                preferred_committer=preferred_committer,
             )
         )
 
@@ -79,6 +91,12 @@ class DaveNet:
     def release(self, user_id: int) -> None:
         queue = self.held.pop(user_id)
         self.deliver(list(queue))
+
+    def hold_commits(self, user_id: int) -> None:
+        self.held_commits.setdefault(user_id, [])
+
+    def release_commits(self, user_id: int) -> None:
+        self.send(user_id, list(self.held_commits.pop(user_id)))
 
     def send(self, user_id: int, outputs: list[DaveOutput]) -> None:
         """A member's messages reach the server in order."""
@@ -115,7 +133,9 @@ class DaveNet:
             else:
                 outputs = client.receive_json(message.op, message.data)
             for out in outputs:
-                if isinstance(out, SendBinary):
+                if isinstance(out, SendBinary) and out.op == 28 and uid in self.held_commits:
+                    self.held_commits[uid].append(out)
+                elif isinstance(out, SendBinary):
                     op, payload = parse_client_binary(out.frame())
                     queue.extend(self.channel.receive_binary(uid, op, payload))
                 else:

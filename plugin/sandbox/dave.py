@@ -6,13 +6,19 @@ leaves, picks one commit per epoch and relays it, and runs the transitions:
 
 - a member that identifies with DAVE gets op25 (the external sender) and answers op26 (its key
   package);
-- with no group yet, the *founder* (the preferred committer if it has a key package, else the
-  member that joined first) gets op27 Add proposals for every other waiting member at epoch 0,
-  against its pending one-member group; its op28 commit founds the group;
+- with no group yet, every waiting member that commits gets op27 with Add proposals for every
+  other waiting member at epoch 0, against its pending one-member group, and the first op28
+  founds the group: the committer's own commit goes back to it (op29), the others are
+  welcomed (op30). A chosen founder (the preferred committer, or the server's ``founder``)
+  alone gets them when it is waiting;
 - with a group, every member gets op27 with Add proposals for waiting key packages and Remove
   proposals for members who left or asked to be re-added (op31), signed as the external sender;
   the first acceptable op28 wins (or only the preferred committer's, when one is set and in the
-  group), the others are counted and dropped;
+  group), the others (and late ones, for an epoch already committed) are counted and dropped;
+- members may be non-committing (:meth:`~DaveGroupServer.join`): they get proposals but their
+  commits are not taken; when only such members, or a single member, would be left to commit
+  a departure, the group is dropped instead (the protocol's *sole member reset*: op24
+  ``epoch: 1``, op21 transition 0) and the next arrival founds a new one;
 - the winning commit goes to the group's members as op29 and its welcome to the new members as
   op30, under a fresh ``transition_id``; once every participant answered op23, op22 executes it;
 - a member whose commit or welcome failed sends op31: it stops counting for that transition and
@@ -32,11 +38,14 @@ proves the frames were end-to-end encrypted. It hears as Discord's receivers do:
 is in force, a plaintext frame is heard only where davey's decryptor for that sender passes
 plaintext through (a downgrade's window, the seconds after an upgrade), and is dropped
 otherwise; :class:`DaveChannel` wires the two together and
-routes the listener's traffic in-process.
+routes the listener's traffic in-process. Its :class:`ListenerRole` says when it joins and
+whether it commits: first and founding every group (the default), late and never committing
+(so that the clients found and race as they would among themselves), or not at all.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -111,16 +120,28 @@ class _Member:
     key_package: KeyPackageInfo | None = None
     #: Reported op31 while in the group: remove its old leaf and add its new key package.
     needs_readd: bool = False
+    #: Whether it commits (the protocol allows members that only receive).
+    commits: bool = True
 
 
 @dataclass(slots=True)
 class _Round:
     epoch: int
-    founder: int | None
+    #: No group yet: each recipient commits to its own pending one-member group.
+    founding: bool
     recipients: set[int]
     adds: dict[bytes, int] = field(default_factory=dict)
     add_packages: dict[int, KeyPackageInfo] = field(default_factory=dict)
     removes: dict[bytes, int] = field(default_factory=dict)
+
+    def expected(self, committer: int) -> set[bytes]:
+        """The proposal refs ``committer`` was sent, which its commit must cover exactly:
+        everything but its own Add (a founding round sends each member the others')."""
+        return {ref for ref, uid in self.adds.items() if uid != committer} | set(self.removes)
+
+    def alive(self) -> bool:
+        """Whether some recipient has something to commit."""
+        return any(self.expected(u) for u in self.recipients)
 
 
 @dataclass(slots=True)
@@ -139,6 +160,9 @@ class DaveGroupServer:
         external_sender: the signing identity; generated when omitted.
         preferred_committer: when set and eligible, only this member's commits are taken (and
             it founds the group); tests use it to choose who commits.
+        founder: when set and waiting with a key package, it alone gets the founding
+            proposals (it founds every group); otherwise every pending member that commits
+            does, and the first commit wins.
     """
 
     def __init__(
@@ -148,11 +172,13 @@ class DaveGroupServer:
         protocol_version: int = 1,
         external_sender: ExternalSender | None = None,
         preferred_committer: int | None = None,
+        founder: int | None = None,
     ) -> None:
         self.channel_id = channel_id
         self.group_id = channel_id.to_bytes(8, "big")
         self.external_sender = external_sender or ExternalSender()
         self.preferred_committer = preferred_committer
+        self.founder = founder
         self.stats = DaveServerStats()
         self._version = protocol_version
         self._target_version = protocol_version
@@ -187,6 +213,11 @@ class DaveGroupServer:
         return tuple(u for u in self._leaves if u is not None)
 
     @property
+    def pending_members(self) -> tuple[int, ...]:
+        """User ids whose key package waits for a commit to add them, in joining order."""
+        return tuple(u for u, m in self._members.items() if m.key_package is not None)
+
+    @property
     def open_transitions(self) -> dict[int, int]:
         """``transition_id -> protocol_version`` not executed yet."""
         return {tid: t.version for tid, t in self._transitions.items()}
@@ -197,14 +228,20 @@ class DaveGroupServer:
 
     # -- membership -------------------------------------------------------------------------
 
-    def join(self, user_id: int) -> list[Deliver]:
+    def join(self, user_id: int, *, commits: bool = True) -> list[Deliver]:
         """A member identified (send after op4): op25 when DAVE is on.
 
         A member identifying again (a new voice session) starts a new MLS session: if its old
         leaf is still in the group, it is removed and re-added with the new key package.
+
+        Args:
+            user_id: the member.
+            commits: False for a member that never commits (it gets proposals, since it must
+                process the commit that carries them, but neither founds a group nor wins a
+                round; the DAVE protocol lets a session have such members).
         """
         known = user_id in self._members
-        self._members[user_id] = _Member(needs_readd=user_id in self._leaves)
+        self._members[user_id] = _Member(needs_readd=user_id in self._leaves, commits=commits)
         out = self._withdraw(user_id) if known else []
         if self._target_version > 0:
             package = self.external_sender.package()
@@ -232,6 +269,7 @@ class DaveGroupServer:
             round_.add_packages.pop(user_id, None)
         if revoked and round_.recipients:
             # Members stored the proposal; unless revoked, their next commit would carry it.
+            # Every remaining recipient was sent it (only the leaver is not sent its own Add).
             payload = bytes([_OPTYPE_REVOKE]) + encode_opaque(
                 b"".join(encode_opaque(ref) for ref in revoked)
             )
@@ -239,8 +277,9 @@ class DaveGroupServer:
             out += [
                 Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)) for u in sorted(round_.recipients)
             ]
-        if not round_.recipients or not (round_.adds or round_.removes):
-            # Nothing left to commit or nobody left to commit it: start the round over.
+        if not round_.alive():
+            # Nothing left to commit or nobody left to commit it (and nobody holds a proposal
+            # not revoked): start the round over.
             self._round = None
         return out
 
@@ -271,7 +310,7 @@ class DaveGroupServer:
             out = self._drop_from_transition(tid, user_id)
             if self._round is not None and user_id in self._round.recipients:
                 self._round.recipients.discard(user_id)
-                if not self._round.recipients:
+                if not self._round.alive():
                     self._round = None
             return out + self._propose()
         return []
@@ -387,6 +426,9 @@ class DaveGroupServer:
         if not recipients:
             self._reset_group()
             return self._propose_founding()
+        if not any(self._members[u].commits for u in recipients):
+            # Nobody left in the group can commit what comes next: start a new one.
+            return self._restart_group(recipients)
         removes = [
             i
             for i, u in enumerate(self._leaves)
@@ -403,7 +445,11 @@ class DaveGroupServer:
         }
         if not removes and not adds:
             return []
-        round_ = _Round(self._epoch, None, recipients)
+        if len(recipients) == 1 and not adds:
+            # Sole member reset (https://daveprotocol.com/#sole-member-reset): no member keeps
+            # an established group to itself; the next to join founds a new one.
+            return self._restart_group(recipients)
+        round_ = _Round(self._epoch, False, recipients)
         proposals: list[SignedProposal] = []
         for leaf in removes:
             p = self.external_sender.propose_remove(self.group_id, self._epoch, leaf)
@@ -416,19 +462,38 @@ class DaveGroupServer:
             proposals.append(p)
         return self._send_round(round_, proposals)
 
+    def _restart_group(self, remaining: set[int]) -> list[Deliver]:
+        """Drop the group: its remaining members get op24 ``epoch: 1`` and op21 transition 0
+        (executed at once), make a new MLS session and send a fresh key package."""
+        self._reset_group()
+        version = self._target_version
+        out: list[Deliver] = []
+        for u in sorted(remaining):
+            self._members[u].key_package = None
+            self._members[u].needs_readd = False
+            epoch = {"epoch": 1, "protocol_version": version}
+            out.append(Deliver(u, SendJson(OP_PREPARE_EPOCH, epoch)))
+            ready = {"transition_id": 0, "protocol_version": version}
+            out.append(Deliver(u, SendJson(OP_PREPARE_TRANSITION, ready)))
+        _log.debug("group restarted for %s", sorted(remaining))
+        return out + self._propose_founding()
+
     def _propose_founding(self) -> list[Deliver]:
         candidates = [u for u, m in self._members.items() if m.key_package is not None]
-        if len(candidates) < 2:
-            return []  # alone: nobody to encrypt for yet
-        founder = (
-            self.preferred_committer if self.preferred_committer in candidates else candidates[0]
+        committers = [u for u in candidates if self._members[u].commits]
+        if len(candidates) < 2 or not committers:
+            return []  # alone, or nobody who commits: no group yet
+        # Every pending member that commits gets the others' Add proposals for its own pending
+        # group, and the first commit founds the group (https://daveprotocol.com/#initial-group-
+        # creation); unless a founder is chosen, which alone gets them.
+        chosen = next(
+            (u for u in (self.preferred_committer, self.founder) if u in committers), None
         )
-        assert founder is not None
-        round_ = _Round(0, founder, {founder})
+        round_ = _Round(0, True, {chosen} if chosen is not None else set(committers))
         proposals: list[SignedProposal] = []
         for u in candidates:
-            if u == founder:
-                continue
+            if u == chosen:
+                continue  # nobody else is sent its Add
             package = self._members[u].key_package
             assert package is not None
             p = self.external_sender.propose_add(self.group_id, 0, package.raw)
@@ -440,10 +505,12 @@ class DaveGroupServer:
     def _send_round(self, round_: _Round, proposals: list[SignedProposal]) -> list[Deliver]:
         self._round = round_
         self.stats.proposals_sent += len(proposals)
-        payload = bytes([_OPTYPE_APPEND]) + encode_opaque(b"".join(p.message for p in proposals))
-        return [
-            Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)) for u in sorted(round_.recipients)
-        ]
+        out: list[Deliver] = []
+        for u in sorted(round_.recipients):
+            mine = [p.message for p in proposals if round_.adds.get(p.ref) != u]
+            payload = bytes([_OPTYPE_APPEND]) + encode_opaque(b"".join(mine))
+            out.append(Deliver(u, SendBinary(OP_MLS_PROPOSALS, payload)))
+        return out
 
     def _on_commit(self, user_id: int, payload: bytes) -> list[Deliver]:
         round_ = self._round
@@ -451,7 +518,9 @@ class DaveGroupServer:
             self.stats.ignored_commits += 1
             return []
         preferred = self.preferred_committer
-        if preferred is not None and preferred in round_.recipients and user_id != preferred:
+        if (preferred is not None and preferred in round_.recipients and user_id != preferred) or (
+            not self._members[user_id].commits
+        ):
             self.stats.ignored_commits += 1
             return []
         try:
@@ -460,24 +529,29 @@ class DaveGroupServer:
             self.stats.bad_commits += 1
             _log.info("commit from %d refused: %s", user_id, exc)
             return []
-        expected = set(round_.adds) | set(round_.removes)
+        if commit.group_id == self.group_id and commit.epoch < round_.epoch:
+            # For an epoch already committed: it lost the race to the commit relayed then.
+            self.stats.ignored_commits += 1
+            return []
+        expected = round_.expected(user_id)
         problem = None
         if commit.group_id != self.group_id or commit.epoch != round_.epoch:
             problem = f"group/epoch {commit.group_id.hex()}/{commit.epoch}"
         elif commit.inline or set(commit.proposal_refs) != expected:
             # Stale (a revoke crossed it) or not what was proposed.
             problem = "proposals differ from the round's"
-        elif round_.adds and welcome is None:
+        elif any(ref in round_.adds for ref in expected) and welcome is None:
             problem = "adds members without a welcome"
         if problem is not None:
             self.stats.bad_commits += 1
             _log.info("commit from %d refused: %s", user_id, problem)
             return []
 
-        old_members = set(round_.recipients)
-        if round_.founder is not None:
-            self._leaves = [round_.founder]
-            self._members[round_.founder].key_package = None
+        # The committer's own pending group, when it founds one, is the only old member.
+        old_members = {user_id} if round_.founding else set(round_.recipients)
+        if round_.founding:
+            self._leaves = [user_id]
+            self._members[user_id].key_package = None
         for ref in commit.proposal_refs:
             if ref in round_.removes:
                 self._leaves[round_.removes[ref]] = None
@@ -594,6 +668,20 @@ class DaveListener:
         return plain
 
 
+class ListenerRole(enum.Enum):
+    """What the sandbox's listener is in a channel's DAVE group."""
+
+    #: In the channel before anyone, so it founds every group and, answering in-process,
+    #: wins every commit race: the simplest way to prove what a client sends.
+    FOUNDER = "founder"
+    #: Joins once the remote members have formed the group, welcomed like anyone, and never
+    #: commits: it hears everything while the clients found, commit and race as they would
+    #: without it.
+    LATE = "late"
+    #: Not a member: a passive recorder of what arrives (DAVE frames stay encrypted).
+    OFF = "off"
+
+
 class DaveChannel:
     """A channel's DAVE server plus the sandbox listener, with the listener's traffic routed.
 
@@ -603,6 +691,7 @@ class DaveChannel:
     Args:
         channel_id: the channel.
         listener_id: the listener's user id.
+        listener_role: what the listener is in the group (see :class:`ListenerRole`).
         protocol_version: 1 for DAVE.
         preferred_committer: see :class:`DaveGroupServer`.
         external_sender: see :class:`DaveGroupServer`.
@@ -613,6 +702,7 @@ class DaveChannel:
         channel_id: int,
         *,
         listener_id: int,
+        listener_role: ListenerRole = ListenerRole.FOUNDER,
         protocol_version: int = 1,
         preferred_committer: int | None = None,
         external_sender: ExternalSender | None = None,
@@ -621,12 +711,32 @@ class DaveChannel:
             channel_id,
             protocol_version=protocol_version,
             preferred_committer=preferred_committer,
+            founder=listener_id if listener_role is ListenerRole.FOUNDER else None,
             external_sender=external_sender,
         )
-        self.listener = DaveListener(listener_id, channel_id)
-        answers = self.listener.client.start(self.server.session_protocol_version)
-        routed = self.server.join(listener_id)
-        self._held = self._route(routed + self._from_listener(answers))
+        self.listener_id = listener_id
+        self.listener_role = listener_role
+        self._listener: DaveListener | None = None
+        self._held: list[Deliver] = []
+        if listener_role is ListenerRole.FOUNDER:
+            self._held = self._route(self._listener_joins())
+
+    @property
+    def listener(self) -> DaveListener:
+        """The listener.
+
+        Raises:
+            LookupError: it is not a member (:attr:`ListenerRole.OFF`, or a late listener
+                before the group formed).
+        """
+        if self._listener is None:
+            raise LookupError(f"no DAVE listener in channel {self.server.channel_id}")
+        return self._listener
+
+    @property
+    def joined_listener(self) -> DaveListener | None:
+        """The listener if it is a member, else None."""
+        return self._listener
 
     def take_held(self) -> list[Deliver]:
         """Deliveries produced at construction (none unless a remote member was added)."""
@@ -657,12 +767,23 @@ class DaveChannel:
         """See :meth:`DaveGroupServer.upgrade`."""
         return self._route(self.server.upgrade(protocol_version))
 
+    def _listener_joins(self) -> list[Deliver]:
+        listener = self._listener = DaveListener(self.listener_id, self.server.channel_id)
+        answers = listener.client.start(self.server.session_protocol_version)
+        commits = self.listener_role is ListenerRole.FOUNDER
+        return self.server.join(self.listener_id, commits=commits) + self._from_listener(answers)
+
     def _from_listener(self, answers: list[DaveOutput]) -> list[Deliver]:
-        lid = self.listener.user_id
+        lid = self.listener_id
         out: list[Deliver] = []
         for answer in answers:
             if isinstance(answer, SendJson):
                 out += self.server.receive_json(lid, answer.op, answer.data)
+            elif (
+                answer.op == OP_MLS_COMMIT_WELCOME
+                and self.listener_role is not ListenerRole.FOUNDER
+            ):
+                continue  # a member that does not commit keeps its commit to itself
             else:
                 out += self.server.receive_binary(lid, answer.op, answer.payload)
         return out
@@ -670,10 +791,23 @@ class DaveChannel:
     def _route(self, deliveries: list[Deliver]) -> list[Deliver]:
         queue = deque(deliveries)
         remote: list[Deliver] = []
-        while queue:
-            item = queue.popleft()
-            if item.user_id != self.listener.user_id:
-                remote.append(item)
-                continue
-            queue.extend(self._from_listener(self.listener.handle(item.message)))
-        return remote
+        while True:
+            while queue:
+                item = queue.popleft()
+                if item.user_id != self.listener_id:
+                    remote.append(item)
+                    continue
+                if self._listener is not None:
+                    queue.extend(self._from_listener(self._listener.handle(item.message)))
+            if not self._late_listener_due():
+                return remote
+            queue.extend(self._listener_joins())
+
+    def _late_listener_due(self) -> bool:
+        """A late listener joins once a group is in force among the remote members."""
+        return (
+            self.listener_role is ListenerRole.LATE
+            and self._listener is None
+            and self.server.epoch is not None
+            and not self.server.open_transitions
+        )

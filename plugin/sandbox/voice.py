@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 from aiohttp import WSMsgType, web
 
 from legato.errors import TransportError
-from legato.sandbox.dave import DaveChannel, Deliver
+from legato.sandbox.dave import DaveChannel, Deliver, ListenerRole
 from legato.sandbox.profiles import VoiceProfile, voice_profile
 from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.relay import LossyRelay, RelayOptions
@@ -71,6 +71,7 @@ from legato.voice.crypto import (
     PacketDecryptor,
 )
 from legato.voice.dave import (
+    OP_MLS_COMMIT_WELCOME,
     MalformedDaveFrame,
     SendJson,
     pack_server_binary,
@@ -373,6 +374,11 @@ class SandboxVoiceServer:
             server's own view is kept by :meth:`dave_wire_frames`). 0: no DAVE.
         dave_preferred_committer: Only this member's commits are taken when it can commit
             (tests use it to make a client, not the listener, commit).
+        dave_listener: The listener's role in each channel's group, a
+            :class:`~legato.sandbox.dave.ListenerRole` or its value: ``"founder"`` (in the
+            group first: it founds every group and wins every commit race), ``"late"`` (joins
+            once the clients formed the group, never commits) or ``"off"`` (no listener: media
+            is recorded as it arrives, still encrypted).
         heartbeat_interval: Seconds, sent in op8 (in milliseconds). Small in tests.
         heartbeat_timeout: Seconds without a heartbeat before closing 4009; None picks
             ``max(3 * heartbeat_interval, 5.0)``; ``float("inf")`` never closes.
@@ -397,6 +403,7 @@ class SandboxVoiceServer:
         modes: Sequence[str] | None = None,
         dave_protocol_version: int = 0,
         dave_preferred_committer: int | None = None,
+        dave_listener: ListenerRole | str = ListenerRole.FOUNDER,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         heartbeat_timeout: float | None = None,
         strict_v6: bool = False,
@@ -417,6 +424,7 @@ class SandboxVoiceServer:
             raise ValueError(f"cannot offer encryption modes {unknown or self.modes!r}")
         self.dave_protocol_version = dave_protocol_version
         self.dave_preferred_committer = dave_preferred_committer
+        self.dave_listener = ListenerRole(dave_listener)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = (
             max(3 * heartbeat_interval, 5.0) if heartbeat_timeout is None else heartbeat_timeout
@@ -457,6 +465,10 @@ class SandboxVoiceServer:
         self._dave_corrupt: dict[int, int] = {}
         #: DAVE messages kept from a user by :meth:`hold_dave`: ``user_id -> (server_id, item)``.
         self._dave_held: dict[int, list[tuple[int, Deliver]]] = {}
+        #: op28 commits kept by :meth:`hold_dave_commits`: ``user_id -> [(session, payload)]``.
+        self._commits_held: dict[int, list[tuple[_Session, bytes]]] = {}
+        self._extra_sites: list[web.SockSite] = []
+        self._plain_endpoint = ""
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -509,15 +521,33 @@ class SandboxVoiceServer:
         )
 
     async def _add_listener(self, port: int) -> str:
+        endpoint, site = await self._open_site(port, self._ssl)
+        self._listeners.append((endpoint, site))
+        return endpoint
+
+    async def _open_site(self, port: int, ssl_context: Any) -> tuple[str, web.SockSite]:
         assert self._runner is not None, "start() first"
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, port))
-        site = web.SockSite(self._runner, sock, ssl_context=self._ssl)
+        site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
         await site.start()
-        endpoint = f"{self.host}:{sock.getsockname()[1]}"
-        self._listeners.append((endpoint, site))
-        return endpoint
+        return f"{self.host}:{sock.getsockname()[1]}", site
+
+    async def plain_endpoint(self) -> str:
+        """A ``ws://`` endpoint of this server beside its ``wss://`` one (made on first use).
+
+        The same server, sessions and DAVE groups: a TLS server can hold discord.py's stock
+        client (``wss://`` only) and a client that has no way to trust a self-signed
+        certificate in one channel. Not one of :meth:`move`'s targets.
+        """
+        if not self.tls:
+            return self.endpoint
+        if not self._extra_sites:
+            endpoint, site = await self._open_site(0, None)
+            self._extra_sites.append(site)
+            self._plain_endpoint = endpoint
+        return self._plain_endpoint
 
     async def close(self) -> None:
         """Close every connection (1001), the listeners and the UDP socket."""
@@ -534,6 +564,7 @@ class SandboxVoiceServer:
             await self._runner.cleanup()
             self._runner = None
         self._listeners.clear()
+        self._extra_sites.clear()
         if self._relay is not None:
             await self._relay.close()
         if self._udp is not None:
@@ -1315,6 +1346,39 @@ class SandboxVoiceServer:
         for server_id, item in self._dave_held.pop(user_id, []):
             await self._dave_deliver(server_id, [item])
 
+    def hold_dave_commits(self, user_id: int) -> None:
+        """Fault: keep ``user_id``'s op28 commits from the DAVE group until
+        :meth:`release_dave_commits`: a commit slow on the wire, so that another member's
+        commit for the same epoch arrives first and wins the race."""
+        self._commits_held.setdefault(user_id, [])
+
+    async def wait_dave_commit_held(
+        self,
+        user_id: int,
+        *,
+        count: int = 1,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> None:
+        """Return once :meth:`hold_dave_commits` keeps ``count`` of ``user_id``'s commits.
+
+        Raises:
+            TimeoutError: they did not arrive in time.
+        """
+        await self._waiters.wait_for(
+            lambda: len(self._commits_held.get(user_id, ())) >= count,
+            timeout,
+            f"{count} held commits of user {user_id}",
+        )
+
+    async def release_dave_commits(self, user_id: int) -> None:
+        """Deliver the commits :meth:`hold_dave_commits` kept, in order, and stop holding."""
+        for session, payload in self._commits_held.pop(user_id, []):
+            channel = self._dave.get(self._dave_key(session))
+            if channel is None or session.ended:
+                continue
+            deliveries = channel.receive_binary(user_id, OP_MLS_COMMIT_WELCOME, payload)
+            await self._dave_deliver(session.grant.server_id, deliveries)
+
     def _dave_key(self, session: _Session) -> tuple[int, int]:
         server_id = session.grant.server_id
         return (server_id, self._channel_ids.get(session.key, server_id))
@@ -1334,6 +1398,7 @@ class SandboxVoiceServer:
             channel = self._dave[key] = DaveChannel(
                 key[1],
                 listener_id=DAVE_LISTENER_ID,
+                listener_role=self.dave_listener,
                 protocol_version=self.dave_protocol_version,
                 preferred_committer=self.dave_preferred_committer,
             )
@@ -1362,10 +1427,44 @@ class SandboxVoiceServer:
         channel = self._dave.get(self._dave_key(session))
         if channel is None:
             return
+        held = self._commits_held.get(session.grant.user_id)
+        if held is not None and op == OP_MLS_COMMIT_WELCOME:
+            held.append((session, payload))
+            self._waiters.notify()
+            return
         deliveries = channel.receive_binary(session.grant.user_id, op, payload)
         await self._dave_deliver(session.grant.server_id, deliveries)
 
+    async def wait_dave_group(
+        self,
+        server_id: int,
+        channel_id: int | None,
+        predicate: Callable[[DaveChannel], bool],
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> DaveChannel:
+        """Return a channel's DAVE group once ``predicate`` holds for it (rechecked after every
+        DAVE message the server handles or sends).
+
+        Raises:
+            TimeoutError: it did not hold in time.
+        """
+        key = (server_id, channel_id or server_id)
+
+        def holds() -> bool:
+            channel = self._dave.get(key)
+            return channel is not None and predicate(channel)
+
+        await self._waiters.wait_for(holds, timeout, f"DAVE group of {key}")
+        return self._dave[key]
+
     async def _dave_deliver(self, server_id: int, deliveries: list[Deliver]) -> None:
+        try:
+            await self._dave_send(server_id, deliveries)
+        finally:
+            self._waiters.notify()
+
+    async def _dave_send(self, server_id: int, deliveries: list[Deliver]) -> None:
         for item in deliveries:
             held = self._dave_held.get(item.user_id)
             if held is not None:
@@ -1401,9 +1500,9 @@ class SandboxVoiceServer:
             return payload
         wire.append(payload)
         channel = self._dave.get(self._dave_key(session))
-        if channel is None:
-            return payload
-        listener = channel.listener
+        listener = channel.joined_listener if channel is not None else None
+        if listener is None:
+            return payload  # no listener (yet): recorded as it arrived
         dropped = listener.stats.plaintext_dropped
         opened = listener.decrypt(session.grant.user_id, payload)
         if opened is None:
