@@ -175,11 +175,24 @@ def request(
         return response, url
 
 
+class _Stream(io.RawIOBase):
+    """A readable stream whose ``read`` its subclass gives; ``readinto`` is made from it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
 class _Refused(Exception):
     """A reopen answered with an error status (inside :class:`GuardedReader` only)."""
 
 
-class GuardedReader(io.RawIOBase):
+class GuardedReader(_Stream):
     """A remote file read through :func:`request`, for PyAV: seekable when the server takes
     ``Range`` requests and says how long the file is, reopened at its position when the
     connection drops (a few times, with growing waits, as FFmpeg's ``reconnect`` options did).
@@ -220,20 +233,11 @@ class GuardedReader(io.RawIOBase):
 
     # ---- io.RawIOBase
 
-    def readable(self) -> bool:
-        return True
-
     def seekable(self) -> bool:
         return self._rangeable
 
     def tell(self) -> int:
         return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
     def read(self, size: int = -1) -> bytes:
         if self.closed:
@@ -329,7 +333,7 @@ class GuardedReader(io.RawIOBase):
             self._response = None
 
 
-class FragmentReader(io.RawIOBase):
+class FragmentReader(_Stream):
     """The fragments of a DASH stream (yt-dlp lists them: an initialisation segment, then the
     media segments) read one after another, each a :class:`GuardedReader`: one fragmented MP4
     or WebM file for PyAV (whose FFmpeg has no DASH demuxer). Not seekable."""
@@ -354,9 +358,6 @@ class FragmentReader(io.RawIOBase):
         self._next = 1
         self._current: GuardedReader | None = self._open(self._urls[0])
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         while self._current is not None:
             data = self._current.read(size)
@@ -375,12 +376,6 @@ class FragmentReader(io.RawIOBase):
             self._policy, url, self._headers, timeout=self._timeout, on_failure=self._on_failure
         )
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
     def close(self) -> None:
         if self._current is not None:
             self._current.close()
@@ -388,7 +383,7 @@ class FragmentReader(io.RawIOBase):
         super().close()
 
 
-class _Decrypting(io.RawIOBase):
+class _Decrypting(_Stream):
     """HLS's AES-128: a segment encrypted in CBC mode with PKCS#7 padding, decrypted as read."""
 
     def __init__(self, inner: GuardedReader, key: bytes, iv: bytes) -> None:
@@ -399,9 +394,6 @@ class _Decrypting(io.RawIOBase):
         self._cipher = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
         self._held = b""  # the last decrypted block: padding, when the input ends
         self._done = False
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         while not self._done:
@@ -418,12 +410,6 @@ class _Decrypting(io.RawIOBase):
             if data:
                 return data
         return b""
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._inner.close()

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import av
@@ -29,6 +28,7 @@ from legato.audio.resolve import Resolver, ResolverSettings
 from legato.audio.source import FrameSource
 from legato.audio.urlguard import NOT_ALLOWED, TOO_MANY_REDIRECTS, UrlPolicy
 from legato.errors import AudioError, ResolveError
+from tests.integration.test_urlguard_redirects import Target
 from tests.media import MediaServer, Route
 
 pytestmark = pytest.mark.integration
@@ -37,52 +37,9 @@ TONE = "mp3-44k-stereo.mp3"
 OPUS = "ogg-opus-stereo.ogg"
 
 
-class Listener:
-    """An internal service that must never be reached: it records every request line."""
-
-    def __init__(self, host: str) -> None:
-        self.hits: list[str] = []
-        hits = self.hits
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                hits.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", "6")
-                self.end_headers()
-                self.wfile.write(b"secret")
-
-            do_HEAD = do_GET
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        self.server = Server((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def url(self, path: str) -> str:
-        host = str(self.server.server_address[0])
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self.port}/{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture(scope="module", params=["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
-def inside(request: pytest.FixtureRequest) -> Iterator[Listener]:
-    listener = Listener(request.param)
+def inside(request: pytest.FixtureRequest) -> Iterator[Target]:
+    listener = Target(request.param)
     yield listener
     listener.close()
 
@@ -181,7 +138,7 @@ def pls(entries: list[str]) -> bytes:
 async def test_playlist_entries_pointing_inward_reach_nobody(
     resolver: Resolver,
     serve: Callable[..., str],
-    inside: Listener,
+    inside: Target,
     media_server: MediaServer,
     name: str,
     make: Callable[[list[str]], bytes],
@@ -191,7 +148,7 @@ async def test_playlist_entries_pointing_inward_reach_nobody(
     assert await outcome_of(resolver, serve(name, body, content_type)) == [NOT_ALLOWED]
     # Behind a name that resolves inside (the entry passes by its form, not when it connects).
     named = [f"http://inside.test:{inside.port}/e.mp3", media_server.url(TONE)]
-    lookup = _lookup({"inside.test": str(inside.server.server_address[0])})
+    lookup = _lookup({"inside.test": inside.host})
     strict = Resolver(
         ResolverSettings(timeout=10.0, url_policy=_with_lookup(resolver, lookup)), None
     )
@@ -306,7 +263,7 @@ async def test_allowed_encrypted_hls_plays(
 
 
 async def test_hls_segments_pointing_inward_reach_nobody(
-    resolver: Resolver, serve: Callable[..., str], segments: list[bytes], inside: Listener
+    resolver: Resolver, serve: Callable[..., str], segments: list[bytes], inside: Target
 ) -> None:
     urls = [serve("seg0.ts", segments[0], "video/mp2t"), inside.url("seg1.ts")]
     urls += [inside.url("seg2.ts")]
@@ -319,7 +276,7 @@ async def test_hls_segments_pointing_inward_reach_nobody(
 
 
 async def test_hls_key_pointing_inward_reaches_nobody(
-    resolver: Resolver, serve: Callable[..., str], segments: list[bytes], inside: Listener
+    resolver: Resolver, serve: Callable[..., str], segments: list[bytes], inside: Target
 ) -> None:
     key, iv = bytes(range(16)), bytes(16)
     urls = [serve(f"seg{i}.ts", encrypt(d, key, iv), "video/mp2t") for i, d in enumerate(segments)]
@@ -331,7 +288,7 @@ async def test_hls_key_pointing_inward_reaches_nobody(
 
 
 async def test_hls_master_variant_pointing_inward_reaches_nobody(
-    resolver: Resolver, serve: Callable[..., str], inside: Listener
+    resolver: Resolver, serve: Callable[..., str], inside: Target
 ) -> None:
     master = (
         '#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=128000,CODECS="mp4a.40.2"\n'
@@ -362,7 +319,7 @@ async def test_allowed_dash_plays(
 
 
 async def test_dash_manifest_pointing_inward_reaches_nobody(
-    resolver: Resolver, serve: Callable[..., str], inside: Listener
+    resolver: Resolver, serve: Callable[..., str], inside: Target
 ) -> None:
     base = inside.url("dash/")
     mpd = f"""<?xml version="1.0" encoding="utf-8"?>
@@ -407,7 +364,7 @@ def redirect_route(location: str, *, get_only: bool = False) -> Route:
 
 
 async def test_get_only_redirect_inward_reaches_nobody(
-    resolver: Resolver, media_server: MediaServer, inside: Listener, request: pytest.FixtureRequest
+    resolver: Resolver, media_server: MediaServer, inside: Target, request: pytest.FixtureRequest
 ) -> None:
     url = media_server.add_route(
         f"guard/get-only-{request.node.callspec.id}.mp3",
@@ -418,7 +375,7 @@ async def test_get_only_redirect_inward_reaches_nobody(
 
 
 async def test_five_hop_chain_ending_inward_reaches_nobody(
-    resolver: Resolver, media_server: MediaServer, inside: Listener, request: pytest.FixtureRequest
+    resolver: Resolver, media_server: MediaServer, inside: Target, request: pytest.FixtureRequest
 ) -> None:
     url = inside.url("secret.mp3")
     for hop in range(5):
@@ -464,12 +421,12 @@ def _with_lookup(resolver: Resolver, lookup: Callable[..., object]) -> UrlPolicy
 
 
 async def test_name_rebinding_between_lookups_reaches_nobody(
-    resolver: Resolver, inside: Listener
+    resolver: Resolver, inside: Target
 ) -> None:
     """First lookup: a public address (unroutable from here); every later one: inside. The
     connection goes where the checked answer said, so the second answer is never used."""
     answers: list[str] = []
-    inside_address = str(inside.server.server_address[0])
+    inside_address = inside.host
 
     def flip(host: str, port: int) -> list[tuple[object, ...]]:
         address = "2001:4860:4860::8888" if not answers else inside_address

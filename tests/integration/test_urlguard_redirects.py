@@ -9,6 +9,7 @@ let a hop through. Each counts the requests it gets: a refused hop must reach no
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +27,10 @@ TONE = "mp3-44k-stereo.mp3"
 
 
 class Target:
-    """A server that must never be reached: it counts requests and answers 200 "secret"."""
+    """A server that must never be reached: it counts requests and answers 200 "secret".
+
+    ``host`` is an IPv4 or IPv6 address (``::1``).
+    """
 
     def __init__(self, host: str, port: int = 0) -> None:
         self.hits: list[str] = []
@@ -45,14 +49,25 @@ class Target:
 
             do_HEAD = do_GET
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    @property
+    def host(self) -> str:
+        return str(self.server.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
     def url(self, path: str) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/{path}"
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}/{path}"
 
     def close(self) -> None:
         self.server.shutdown()
