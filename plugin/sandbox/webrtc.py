@@ -13,14 +13,21 @@ so the peer replaces the ``_handle_rtp_packet`` coroutine of its one receiver *i
 DTLS transport's RTP router calls it after SRTP decryption). aiortc's own depacketizing,
 jitter buffer and decoder never run: nobody would read their output, and the sandbox records
 the exact bytes the client sent.
+
+An op1 without a fingerprint is accepted, as Discord accepted the seed capture's (Firefox writes
+its fingerprint at session level, so the browser's fragment carried none, and the call went on):
+the client's DTLS certificate is then taken unverified. A fingerprint that is given must match.
+aiortc insists on one, so the offer carries a placeholder and the peer's DTLS transport skips the
+check for that connection only (:attr:`WebRtcServerPeer.client_verified` says which it was).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtpPacket
@@ -37,6 +44,13 @@ from legato.voice.transport.aiortc_compat import (
 _log = logging.getLogger(__name__)
 
 RtpCallback = Callable[[int, int, int, bytes], None]
+
+#: Stands in for the fingerprint an op1 did not carry; never matches a certificate (all zero).
+_NO_FINGERPRINT: Final = ":".join(["00"] * 32)
+
+
+def _take_any_certificate(_remote: object) -> None:
+    """Stands in for aiortc's fingerprint check when op1 carried no fingerprint."""
 
 
 class WebRtcServerPeer:
@@ -70,6 +84,12 @@ class WebRtcServerPeer:
         self._connected = asyncio.Event()
         self._state = "new"
         self._closed = False
+        self._client_verified = True
+
+    @property
+    def client_verified(self) -> bool:
+        """False once :meth:`accept` took an op1 without a fingerprint (DTLS left unverified)."""
+        return self._client_verified
 
     @property
     def connection_state(self) -> str:
@@ -97,6 +117,9 @@ class WebRtcServerPeer:
         try:
             fragment = sdp.OfferFragment.parse(offer_fragment)
             pt = self._opus_payload_type(fragment, codecs)
+            if fragment.fingerprint is None:
+                self._client_verified = False
+                fragment = dataclasses.replace(fragment, fingerprint=_NO_FINGERPRINT)
             offer = sdp.build_remote_offer(fragment, opus_payload_type=pt)
         except sdp.SdpError as exc:
             raise TransportError(f"bad webrtc offer fragment: {exc}") from exc
@@ -115,6 +138,10 @@ class WebRtcServerPeer:
             (transceiver,) = pc.getTransceivers()
             # See the module docstring: raw payloads straight from the RTP router.
             transceiver.receiver._handle_rtp_packet = self._handle_rtp_packet  # type: ignore[method-assign]  # deliberate, see module docstring
+            if not self._client_verified:
+                # See the module docstring: no fingerprint in op1, no check of the client's.
+                dtls = transceiver.receiver.transport
+                dtls._validate_peer_identity = _take_any_certificate  # type: ignore[method-assign,assignment]  # deliberate, see module docstring
             answer = await pc.createAnswer()
             with host_addresses(lambda _found: [self._host]):
                 await pc.setLocalDescription(answer)
