@@ -10,17 +10,13 @@ It runs twice: with the page's own op1 (one fingerprint, opus only in ``codecs``
 shaped as the capture's (``?shape=capture``: no fingerprint, the video rtpmaps, H264/VP8/VP9
 beside opus in ``codecs``), which Discord accepted and the sandbox must too.
 
-Chromium must be installed (``make test`` installs it through ``scripts/system-deps.sh``); when
-it is missing the set-up tries ``apt-get install chromium`` and otherwise FAILS: a browser
-fidelity test that silently does not run proves nothing.
+Chromium must be installed, or the test fails (see ``chromium_support``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
-import shutil
 import struct
 import wave
 from collections.abc import AsyncIterator
@@ -34,6 +30,7 @@ from aiohttp import web
 
 from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.voice import SandboxVoiceServer
+from tests.integration.chromium_support import running_chromium
 
 PAGE = Path(__file__).parent / "chromium" / "voice.html"
 RATE = 48_000
@@ -41,43 +38,6 @@ TONE_HZ = 440.0
 SERVER_ID, USER_ID, SESSION_ID = 4100, 4200, "chromium-session"
 FRAMES = 150  # 3 s of 20 ms frames
 GUARD = 90.0  # seconds; Chromium's first start on a loaded 2-core machine is slow
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-)
-
-
-async def ensure_chromium() -> str:
-    """The Chromium binary, installed with apt-get if missing; fails the test if impossible."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(
-            "Chromium is missing and cannot be installed here (need root and apt-get): "
-            "install it with `sudo apt-get install chromium`"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (("apt-get", "update", "-qq"), ("apt-get", "install", "-y", "-qq", "chromium")):
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            pytest.fail(f"`{' '.join(argv)}` failed ({proc.returncode}): {err.decode()[-2000:]}")
-    found = shutil.which("chromium")
-    if not found:
-        pytest.fail("apt-get installed chromium but no `chromium` binary is on PATH")
-    return found
 
 
 def write_tone_wav(path: Path, seconds: int = 2) -> None:
@@ -125,7 +85,6 @@ class Browser:
 
 @pytest.fixture(params=["fragment", "capture"])
 async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Browser]:
-    chromium = await ensure_chromium()
     wav = tmp_path / "tone.wav"
     await asyncio.to_thread(write_tone_wav, wav)
     reports = PageReports()
@@ -162,28 +121,15 @@ async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         }
     )
     log = tmp_path / "chromium.log"
-    with log.open("wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--use-file-for-fake-audio-capture={wav}",
-            f"http://127.0.0.1:{http_port}/?{query}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-        )
     try:
-        yield Browser(request.param, voice, reports, log)
+        async with running_chromium(
+            f"http://127.0.0.1:{http_port}/?{query}",
+            tmp_path / "profile",
+            log,
+            [f"--use-file-for-fake-audio-capture={wav}"],
+        ):
+            yield Browser(request.param, voice, reports, log)
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
         await voice.close()
         await runner.cleanup()
 
