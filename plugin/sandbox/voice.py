@@ -91,6 +91,7 @@ from legato.voice.rtp import (
 
 if TYPE_CHECKING:
     # Typing only: aiortc is imported lazily, where the webrtc path needs it.
+    from legato.sandbox.webrtc import SharedMediaPort
     from legato.voice.transport.aiortc_compat import DtlsCertificate
 
 _log = logging.getLogger(__name__)
@@ -449,6 +450,8 @@ class SandboxVoiceServer:
         self._listeners: list[tuple[str, web.SockSite]] = []
         self._ssl: Any = None
         self._udp: asyncio.DatagramTransport | None = None
+        #: The webrtc peers' demultiplexer on the media socket, made with the first peer.
+        self._webrtc_port: SharedMediaPort | None = None
         self._udp_port = 0
         self._grants: dict[str, _Grant] = {}
         self._sessions: dict[tuple[int, int], _Session] = {}
@@ -1189,11 +1192,16 @@ class SandboxVoiceServer:
                 session, asyncio.get_running_loop().time(), ssrc, sequence, timestamp, opus
             )
 
+        if self._webrtc_port is None:
+            assert self._udp is not None, "start() first"
+            # op2's port serves webrtc too, as a Discord voice server's one media port does.
+            self._webrtc_port = module.SharedMediaPort(self._udp, self.media_port)
         peer = module.WebRtcServerPeer(
             self.host,
             on_rtp=on_rtp,
             key_type=self.profile.dtls_key_type,
             certificate=self.dtls_certificate,
+            shared=self._webrtc_port,
         )
         session.peer = peer
         if not gated:
@@ -1653,6 +1661,8 @@ class SandboxVoiceServer:
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int], arrival: float) -> None:
         self.stats.udp_datagrams += 1
+        if self._webrtc_port is not None and self._webrtc_port.datagram_received(data, addr):
+            return  # a webrtc peer's STUN, DTLS or SRTP
         try:
             if len(data) == DISCOVERY_PACKET_SIZE and data[:2] == b"\x00\x01":
                 ssrc = parse_discovery_request(data)

@@ -13,15 +13,32 @@ so the peer replaces the ``_handle_rtp_packet`` coroutine of its one receiver *i
 DTLS transport's RTP router calls it after SRTP decryption). aiortc's own depacketizing,
 jitter buffer and decoder never run: nobody would read their output, and the sandbox records
 the exact bytes the client sent.
+
+An op1 without a fingerprint is accepted, as Discord accepted the seed capture's (Firefox writes
+its fingerprint at session level, so the browser's fragment carried none, and the call went on):
+the client's DTLS certificate is then taken unverified. A fingerprint that is given must match.
+aiortc insists on one, so the offer carries a placeholder and the peer's DTLS transport skips the
+check for that connection only (:attr:`WebRtcServerPeer.client_verified` says which it was).
+
+op4 is answered in the capture's shape: the fingerprint line twice, Discord's candidate line
+(``1 1 UDP 4261412862 IP PORT typ host``) and, given a :class:`SharedMediaPort`, the media port
+of op2. A Discord voice server has one media port for every user and transport; so does the
+sandbox: each peer's ICE agent gathers as aiortc does, then sends through the voice server's
+media socket instead of its own, and :meth:`SharedMediaPort.datagram_received` hands the
+socket's STUN, DTLS and SRTP datagrams to the peer they belong to (RFC 7983's demultiplexing: a
+STUN request names its peer by ICE username, and its source address is that peer's from then on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Protocol
 
+from aioice import stun
+from aioice.ice import StunProtocol
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtpPacket
 
@@ -38,6 +55,102 @@ _log = logging.getLogger(__name__)
 
 RtpCallback = Callable[[int, int, int, bytes], None]
 
+#: Stands in for the fingerprint an op1 did not carry; never matches a certificate (all zero).
+_NO_FINGERPRINT: Final = ":".join(["00"] * 32)
+#: op4's candidate as the seed capture's Discord server wrote it (foundation 1, ``UDP``).
+CANDIDATE_PRIORITY: Final = 4261412862
+#: RFC 5389: every STUN message carries this cookie at bytes 4..8; IP discovery does not.
+_STUN_COOKIE: Final = b"\x21\x12\xa4\x42"
+
+
+def discord_candidate(address: str, port: int) -> str:
+    """op4's one host candidate in the capture's format (the value after ``a=candidate:``)."""
+    return f"1 1 UDP {CANDIDATE_PRIORITY} {address} {port} typ host"
+
+
+def is_stun(data: bytes) -> bool:
+    """A STUN message (RFC 7983: first byte 0-3, then the magic cookie)."""
+    return len(data) >= 20 and data[0] < 4 and data[4:8] == _STUN_COOKIE
+
+
+class MediaSocket(Protocol):
+    """The voice server's media socket, as a peer sends through it."""
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Send one datagram to ``addr``."""
+
+
+class _SharedTransport(asyncio.DatagramTransport):
+    """What an aioice protocol sends through once it is moved onto the shared socket."""
+
+    def __init__(self, media: MediaSocket) -> None:
+        super().__init__()
+        self._media: MediaSocket | None = media
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        if self._media is not None and addr is not None:
+            self._media.sendto(bytes(data), (str(addr[0]), int(addr[1])))
+
+    def close(self) -> None:
+        self._media = None  # the socket is the server's: closing a peer leaves it open
+
+    def is_closing(self) -> bool:
+        return self._media is None
+
+
+class SharedMediaPort:
+    """op2's media port, shared by every ``webrtc`` peer of a voice server.
+
+    Args:
+        media: The server's media socket; peers send their STUN, DTLS and SRTP through it.
+        port: The port clients reach it on (op2's ``port``: a relay's, if one is in front).
+    """
+
+    def __init__(self, media: MediaSocket, port: int) -> None:
+        self._media = media
+        self.port = port
+        self._by_ufrag: dict[str, WebRtcServerPeer] = {}
+        self._by_addr: dict[tuple[str, int], WebRtcServerPeer] = {}
+
+    @property
+    def media(self) -> MediaSocket:
+        """The socket peers send through."""
+        return self._media
+
+    def attach(self, ufrag: str, peer: WebRtcServerPeer) -> None:
+        """Route STUN requests for the ICE username fragment ``ufrag`` to ``peer``."""
+        self._by_ufrag[ufrag] = peer
+
+    def detach(self, peer: WebRtcServerPeer) -> None:
+        """Forget ``peer``'s username fragment and addresses."""
+        for ufrag in [u for u, p in self._by_ufrag.items() if p is peer]:
+            del self._by_ufrag[ufrag]
+        for addr in [a for a, p in self._by_addr.items() if p is peer]:
+            del self._by_addr[addr]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """Hand a datagram to its peer; False when it belongs to none (``udp`` media, noise)."""
+        if is_stun(data):
+            try:
+                message = stun.parse_message(data)
+            except ValueError:
+                return False
+            username = message.attributes.get("USERNAME")
+            if message.message_class == stun.Class.REQUEST and isinstance(username, str):
+                # RFC 8445 7.2.2: USERNAME is "<receiver's ufrag>:<sender's ufrag>".
+                peer = self._by_ufrag.get(username.partition(":")[0])
+                if peer is not None:
+                    self._by_addr[addr] = peer
+        peer = self._by_addr.get(addr)
+        if peer is None:
+            return False
+        peer.datagram_received(data, addr)
+        return True
+
+
+def _take_any_certificate(_remote: object) -> None:
+    """Stands in for aiortc's fingerprint check when op1 carried no fingerprint."""
+
 
 class WebRtcServerPeer:
     """The server end of one client's WebRTC connection.
@@ -51,6 +164,8 @@ class WebRtcServerPeer:
             (medooze-based servers; only clients offering RSA suites can connect).
         certificate: Use this certificate (a server's one, shared by its peers) instead of
             generating one of ``key_type``.
+        shared: The server's media port: ICE, DTLS and SRTP go through it and op4 names its
+            port. None: the peer keeps the port aiortc bound for it (standalone tests).
     """
 
     def __init__(
@@ -60,8 +175,11 @@ class WebRtcServerPeer:
         *,
         key_type: KeyType = "ecdsa",
         certificate: DtlsCertificate | None = None,
+        shared: SharedMediaPort | None = None,
     ) -> None:
         self._host = host
+        self._shared = shared
+        self._ice: list[StunProtocol] = []
         self._on_rtp = on_rtp
         self._key_type: KeyType = key_type
         self._certificate = certificate
@@ -70,6 +188,12 @@ class WebRtcServerPeer:
         self._connected = asyncio.Event()
         self._state = "new"
         self._closed = False
+        self._client_verified = True
+
+    @property
+    def client_verified(self) -> bool:
+        """False once :meth:`accept` took an op1 without a fingerprint (DTLS left unverified)."""
+        return self._client_verified
 
     @property
     def connection_state(self) -> str:
@@ -97,6 +221,9 @@ class WebRtcServerPeer:
         try:
             fragment = sdp.OfferFragment.parse(offer_fragment)
             pt = self._opus_payload_type(fragment, codecs)
+            if fragment.fingerprint is None:
+                self._client_verified = False
+                fragment = dataclasses.replace(fragment, fingerprint=_NO_FINGERPRINT)
             offer = sdp.build_remote_offer(fragment, opus_payload_type=pt)
         except sdp.SdpError as exc:
             raise TransportError(f"bad webrtc offer fragment: {exc}") from exc
@@ -115,12 +242,42 @@ class WebRtcServerPeer:
             (transceiver,) = pc.getTransceivers()
             # See the module docstring: raw payloads straight from the RTP router.
             transceiver.receiver._handle_rtp_packet = self._handle_rtp_packet  # type: ignore[method-assign]  # deliberate, see module docstring
+            if not self._client_verified:
+                # See the module docstring: no fingerprint in op1, no check of the client's.
+                dtls = transceiver.receiver.transport
+                dtls._validate_peer_identity = _take_any_certificate  # type: ignore[method-assign,assignment]  # deliberate, see module docstring
             answer = await pc.createAnswer()
             with host_addresses(lambda _found: [self._host]):
                 await pc.setLocalDescription(answer)
-            return sdp.ServerFragment.from_answer(pc.localDescription.sdp).render()
+            found = sdp.ServerFragment.from_answer(pc.localDescription.sdp)
+            port = found.port if self._shared is None else self._share(transceiver)
+            answer_fragment = dataclasses.replace(
+                found, port=port, candidates=(discord_candidate(found.address, port),)
+            )
+            return answer_fragment.render()
         except (ValueError, OSError, sdp.SdpError) as exc:
             raise TransportError(f"cannot answer the webrtc offer: {exc}") from exc
+
+    def _share(self, transceiver: Any) -> int:
+        """Move this peer's ICE onto the shared media socket; return its port."""
+        shared = self._shared
+        assert shared is not None
+        # aiortc exposes no socket: its gatherer's aioice connection holds one protocol per
+        # host candidate, each with the transport it sends through.
+        connection = transceiver.receiver.transport.transport.iceGatherer._connection
+        for protocol in connection._protocols:
+            own = protocol.transport
+            protocol.transport = _SharedTransport(shared.media)
+            protocol.local_candidate.port = shared.port
+            own.close()
+            self._ice.append(protocol)
+        shared.attach(connection.local_username, self)
+        return shared.port
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A datagram for this peer from the shared media socket (see :class:`SharedMediaPort`)."""
+        if self._ice and not self._closed:
+            self._ice[0].datagram_received(data, addr)
 
     @staticmethod
     def _opus_payload_type(fragment: sdp.OfferFragment, codecs: list[dict[str, Any]]) -> int:
@@ -164,5 +321,7 @@ class WebRtcServerPeer:
         self._closed = True
         self._state = "closed"
         self._connected.set()
+        if self._shared is not None:
+            self._shared.detach(self)
         if self._pc is not None:
             await self._pc.close()

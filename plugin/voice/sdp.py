@@ -341,14 +341,20 @@ class ServerFragment:
         return cls(int(fields[5]), fields[4], ufrag, pwd, fingerprint, (candidates[0],))
 
     def render(self) -> str:
-        """The text of op4's ``sdp`` (the capture's layout, one fingerprint)."""
+        """The text of op4's ``sdp`` in the capture's layout.
+
+        Discord's server wrote the fingerprint twice: after the ``m=`` line and again after the
+        ICE password.
+        """
+        fingerprint = f"a=fingerprint:sha-256 {self.fingerprint}"
         lines = [
             f"m=audio {self.port} ICE/SDP",
-            f"a=fingerprint:sha-256 {self.fingerprint}",
+            fingerprint,
             f"c=IN IP4 {self.address}",
             f"a=rtcp:{self.port}",
             f"a=ice-ufrag:{self.ice_ufrag}",
             f"a=ice-pwd:{self.ice_pwd}",
+            fingerprint,
         ]
         lines += [f"a=candidate:{value}" for value in self.candidates]
         return "\n".join(lines) + "\n"

@@ -6,17 +6,17 @@ browser handshake over the sandbox's voice websocket (op0 with streams, op16, op
 fake microphone. The fake microphone plays a 440 Hz WAV written by the test, so the recording
 can be checked for content, not just for being non-silent.
 
-Chromium must be installed (``make test`` installs it through ``scripts/system-deps.sh``); when
-it is missing the set-up tries ``apt-get install chromium`` and otherwise FAILS: a browser
-fidelity test that silently does not run proves nothing.
+It runs twice: with the page's own op1 (one fingerprint, opus only in ``codecs``) and with op1
+shaped as the capture's (``?shape=capture``: no fingerprint, the video rtpmaps, H264/VP8/VP9
+beside opus in ``codecs``), which Discord accepted and the sandbox must too.
+
+Chromium must be installed, or the test fails (see ``chromium_support``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
-import shutil
 import struct
 import wave
 from collections.abc import AsyncIterator
@@ -30,6 +30,7 @@ from aiohttp import web
 
 from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.voice import SandboxVoiceServer
+from tests.integration.chromium_support import running_chromium
 
 PAGE = Path(__file__).parent / "chromium" / "voice.html"
 RATE = 48_000
@@ -37,43 +38,6 @@ TONE_HZ = 440.0
 SERVER_ID, USER_ID, SESSION_ID = 4100, 4200, "chromium-session"
 FRAMES = 150  # 3 s of 20 ms frames
 GUARD = 90.0  # seconds; Chromium's first start on a loaded 2-core machine is slow
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-)
-
-
-async def ensure_chromium() -> str:
-    """The Chromium binary, installed with apt-get if missing; fails the test if impossible."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(
-            "Chromium is missing and cannot be installed here (need root and apt-get): "
-            "install it with `sudo apt-get install chromium`"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (("apt-get", "update", "-qq"), ("apt-get", "install", "-y", "-qq", "chromium")):
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            pytest.fail(f"`{' '.join(argv)}` failed ({proc.returncode}): {err.decode()[-2000:]}")
-    found = shutil.which("chromium")
-    if not found:
-        pytest.fail("apt-get installed chromium but no `chromium` binary is on PATH")
-    return found
 
 
 def write_tone_wav(path: Path, seconds: int = 2) -> None:
@@ -113,14 +77,14 @@ class PageReports:
 class Browser:
     """The served page, the sandbox and the running Chromium."""
 
+    shape: str
     voice: SandboxVoiceServer
     reports: PageReports
     log: Path
 
 
-@pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
-    chromium = await ensure_chromium()
+@pytest.fixture(params=["fragment", "capture"])
+async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Browser]:
     wav = tmp_path / "tone.wav"
     await asyncio.to_thread(write_tone_wav, wav)
     reports = PageReports()
@@ -143,7 +107,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
     await site.start()
     http_port = runner.addresses[0][1]
 
-    voice = SandboxVoiceServer("127.0.0.1")
+    voice = SandboxVoiceServer("127.0.0.1", tls=False, dave_protocol_version=0)
     await voice.start()
     token = voice.register_session(server_id=SERVER_ID, user_id=USER_ID, session_id=SESSION_ID)
     query = urlencode(
@@ -153,31 +117,19 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
             "user_id": str(USER_ID),
             "session_id": SESSION_ID,
             "token": token,
+            "shape": request.param,
         }
     )
     log = tmp_path / "chromium.log"
-    with log.open("wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--use-file-for-fake-audio-capture={wav}",
-            f"http://127.0.0.1:{http_port}/?{query}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-        )
     try:
-        yield Browser(voice, reports, log)
+        async with running_chromium(
+            f"http://127.0.0.1:{http_port}/?{query}",
+            tmp_path / "profile",
+            log,
+            [f"--use-file-for-fake-audio-capture={wav}"],
+        ):
+            yield Browser(request.param, voice, reports, log)
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
         await voice.close()
         await runner.cleanup()
 
@@ -188,7 +140,10 @@ async def wait_for_page_or_fail(browser: Browser, awaitable: Any, what: str) -> 
     try:
         while not task.done():
             browser.reports.changed.clear()
-            errors = browser.reports.of("error")
+            # A close from the sandbox (1011 for an op1 it refuses) ends the page's run too.
+            errors = browser.reports.of("error") + [
+                f"voice websocket closed with {code}" for code in browser.reports.of("ws-closed")
+            ]
             if errors:
                 pytest.fail(f"the page failed while waiting for {what}: {errors}")
             changed = asyncio.ensure_future(browser.reports.changed.wait())
@@ -228,8 +183,18 @@ async def test_chromium_sends_its_microphone_through_the_sandbox(browser: Browse
     (offer,) = reports.of("offer")
     assert offer["pt"] != 96
     fragment_lines = offer["fragment"].split("\n")
-    assert sum(line.startswith("a=fingerprint:sha-256 ") for line in fragment_lines) == 1
     assert not any(line.startswith(("m=", "c=", "a=candidate")) for line in fragment_lines)
+    fingerprints = sum(line.startswith("a=fingerprint:") for line in fragment_lines)
+    names = [codec["name"] for codec in offer["codecs"]]
+    if browser.shape == "capture":
+        # Discord accepted this: no fingerprint, and video codecs listed beside opus.
+        assert fingerprints == 0
+        assert names == ["opus", "H264", "VP8", "VP9"]
+        assert fragment_lines[0] == "a=ice-options:trickle"
+        assert any(line.endswith(" VP8/90000") for line in fragment_lines)
+    else:
+        assert fingerprints == 1
+        assert names == ["opus"]
 
     ssrcs = {packet.ssrc for packet in recording.packets}
     assert ssrcs == {offer["ssrc"]}

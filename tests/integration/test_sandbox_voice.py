@@ -790,6 +790,8 @@ async def test_webrtc_tone_is_recorded(
         description = (await client.expect(4))["d"]
         assert description["audio_codec"] == "opus"
         assert "secret_key" not in description
+        # One media port for both transports, as Discord's: op4 names op2's port.
+        assert f"m=audio {ready['d']['port']} ICE/SDP" in description["sdp"]
         await transport.start(description)
         assert server.session(ALICE).protocol == "webrtc"
         await client.speak(True)
@@ -810,6 +812,46 @@ async def test_webrtc_tone_is_recorded(
     assert recording.ssrcs == [ready["d"]["ssrc"]]
     assert {p.ssrc for p in recording.packets} == {ready["d"]["ssrc"]}
     assert await frequency_of(server, ALICE) == pytest.approx(TONE_HZ, abs=2.0)
+
+
+async def test_udp_and_webrtc_users_share_the_one_media_port(
+    server: SandboxVoiceServer, http: aiohttp.ClientSession, tone: list[bytes]
+) -> None:
+    """IP discovery, udp RTP, and a webrtc peer's STUN, DTLS and SRTP all on op2's port."""
+    alice = await connected(server, http, ALICE)  # udp: discovery and op4 on op2's port
+    bob = ScriptedClient(http, server.url, 8)
+    await bob.open()
+    ready = await bob.identify(server, BOB)
+    assert ready["d"]["port"] == alice.server_udp[1] == server.udp_port
+    transport = WebRtcTransport(host_candidates_allow_loopback=True)
+    try:
+        await bob.send(1, await transport.prepare(ready["d"]))
+        description = (await bob.expect(4))["d"]
+        assert (
+            f"a=candidate:1 1 UDP 4261412862 127.0.0.1 {server.udp_port} typ host"
+            in (description["sdp"])
+        )
+        await transport.start(description)
+        await alice.speak(True)
+        await bob.speak(True)
+        # Interleaved, each burst once the server has the last one (see ScriptedClient.play).
+        for start in range(0, len(tone), 5):
+            burst = tone[start : start + 5]
+            await alice.play(burst, server)
+            for opus in burst:
+                transport.send_frame(opus)
+            await server.recording(BOB).wait_frames(start + len(burst), timeout=GUARD)
+    finally:
+        await transport.close()
+    await alice.close()
+    await bob.close()
+
+    for user in (ALICE, BOB):
+        stats = server.recording(user).stats()
+        assert stats.frames == len(tone)
+        assert stats.gaps == 0
+        assert await frequency_of(server, user) == pytest.approx(TONE_HZ, abs=2.0)
+    assert server.stats.unknown_ssrc_packets == server.stats.malformed_packets == 0
 
 
 async def test_webrtc_without_the_peer_module_closes_4012(

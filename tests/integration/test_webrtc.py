@@ -230,3 +230,52 @@ async def test_track_waits_when_empty_and_drops_the_oldest_when_full() -> None:
     track.stop()
     track.push(b"\x09")
     assert stats.send_errors == 3
+
+
+def without_fingerprint(fragment: str) -> str:
+    """op1's fragment as the seed capture's Firefox sent it: no ``a=fingerprint`` line."""
+    return "\n".join(line for line in fragment.split("\n") if not line.startswith("a=fingerprint"))
+
+
+@pytest.mark.integration
+async def test_an_op1_without_fingerprint_connects_as_discord_accepted_it(
+    tone_frames: list[bytes],
+) -> None:
+    received = Received()
+    server = WebRtcServerPeer("127.0.0.1", received.on_rtp)
+    client = WebRtcTransport(host_candidates_allow_loopback=True)
+    try:
+        async with asyncio.timeout(GUARD):
+            op1 = await client.prepare({"ssrc": OP2_SSRC})
+            op4_sdp = await server.accept(without_fingerprint(op1["sdp"]), op1["codecs"])
+            await client.start({"sdp": op4_sdp, "audio_codec": "opus"})
+            await server.wait_connected()
+        await send_in_lockstep(Pair(client, server, received), tone_frames[:10])
+    finally:
+        await client.close()
+        await server.close()
+    assert not server.client_verified
+    assert [opus for _, _, _, opus in received.packets] == tone_frames[:10]
+
+
+@pytest.mark.integration
+async def test_a_wrong_fingerprint_in_op1_still_fails_dtls() -> None:
+    """Never kinder than Discord: a fingerprint that is given is checked."""
+    server = WebRtcServerPeer("127.0.0.1", lambda *_: None)
+    client = WebRtcTransport(host_candidates_allow_loopback=True)
+    try:
+        async with asyncio.timeout(GUARD):
+            op1 = await client.prepare({"ssrc": OP2_SSRC})
+            wrong = (
+                without_fingerprint(op1["sdp"]) + "\na=fingerprint:sha-256 " + ":".join(["AB"] * 32)
+            )
+            op4_sdp = await server.accept(wrong, op1["codecs"])
+            # The client's side of the handshake completes before the server checks the client's
+            # certificate; the server is the one that refuses.
+            await client.start({"sdp": op4_sdp, "audio_codec": "opus"})
+            with pytest.raises(TransportError, match="failed"):
+                await server.wait_connected()
+    finally:
+        await client.close()
+        await server.close()
+    assert server.client_verified
