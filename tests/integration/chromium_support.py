@@ -1,14 +1,13 @@
-"""Headless Chromium for the integration tests: find (or install) it, start it, stop it.
+"""Headless Chromium for the integration tests: find it, start it, stop it.
 
-Chromium must be installed (``make test`` installs it through ``scripts/system-deps.sh``); when
-it is missing the set-up tries ``apt-get install chromium`` and otherwise FAILS: a browser
-fidelity test that silently does not run proves nothing.
+Chromium must be installed: ``make test`` installs it (``scripts/system-deps.sh test``), as set-up
+belongs there and not in a test. When it is missing the test FAILS with how to install it: a
+browser fidelity test that silently does not run proves nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,26 +31,13 @@ CHROMIUM_FLAGS = (
 
 
 async def ensure_chromium() -> str:
-    """The Chromium binary, installed with apt-get if missing; fails the test if impossible."""
+    """The Chromium binary; fails the test, saying how to install it, when there is none."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(
-            "Chromium is missing and cannot be installed here (need root and apt-get): "
-            "install it with `sudo apt-get install chromium`"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (("apt-get", "update", "-qq"), ("apt-get", "install", "-y", "-qq", "chromium")):
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            pytest.fail(f"`{' '.join(argv)}` failed ({proc.returncode}): {err.decode()[-2000:]}")
-    found = shutil.which("chromium")
     if not found:
-        pytest.fail("apt-get installed chromium but no `chromium` binary is on PATH")
+        pytest.fail(
+            "Chromium is missing: `make test` installs it (scripts/system-deps.sh test), or "
+            "`sudo apt-get install chromium`"
+        )
     return found
 
 
