@@ -173,6 +173,13 @@ def _exit_report(server: SandboxVoiceServer) -> list[str]:
             f"session server {server_id} user {user_id}: v{info.version} {info.protocol} "
             f"{info.mode}, DAVE {info.dave_protocol_version}"
         )
+    for (server_id, channel_id), channel in sorted(server.dave_channels().items()):
+        ls = channel.listener.stats
+        lines.append(
+            f"DAVE group server {server_id} channel {channel_id}: decrypted {ls.decrypted}, "
+            f"plaintext {ls.plaintext}, plaintext dropped {ls.plaintext_dropped}, "
+            f"failed {ls.failed}, privacy code {channel.listener.client.privacy_code}"
+        )
     return [*lines, *recording_report(server, None)]
 
 

@@ -1315,6 +1315,10 @@ class SandboxVoiceServer:
         """
         return self._dave[(server_id, channel_id or server_id)]
 
+    def dave_channels(self) -> dict[tuple[int, int], DaveChannel]:
+        """Every DAVE group so far, by ``(server_id, channel_id)`` (a copy)."""
+        return dict(self._dave)
+
     def dave_wire_frames(self, user_id: int, server_id: int | None = None) -> list[bytes]:
         """The last media payloads of ``user_id`` as the server received them (pre-listener)."""
         session = self._find_session(user_id, server_id, required=False)
