@@ -457,6 +457,8 @@ class SandboxVoiceServer:
         self._relay: LossyRelay | None = None
         #: Every gateway event in order (see :class:`VoiceEvent`).
         self.events: list[VoiceEvent] = []
+        #: Each session as its op1 was answered (version, transport, mode, DAVE), in order.
+        self.selections: list[SessionInfo] = []
         self.certificate: ServerCertificate | None = None
         #: The one DTLS certificate of every WebRTC peer (RSA profiles); None: one each.
         self.dtls_certificate: DtlsCertificate | None = None
@@ -682,6 +684,9 @@ class SandboxVoiceServer:
         """
         s = self._find_session(user_id, server_id, required=True)
         assert s is not None
+        return self._info(s)
+
+    def _info(self, s: _Session) -> SessionInfo:
         return SessionInfo(
             server_id=s.grant.server_id,
             user_id=s.grant.user_id,
@@ -1165,6 +1170,7 @@ class SandboxVoiceServer:
         else:
             await self._close(conn, CLOSE_UNKNOWN_PROTOCOL, "unknown protocol")
             return
+        self.selections.append(self._info(session))
         self._event("select_protocol", session.grant, endpoint=conn.endpoint)
 
     async def _select_webrtc(self, conn: _Connection, session: _Session, d: Any) -> bool:
