@@ -161,7 +161,9 @@ class Sandbox:
             VOICE_SERVER_UPDATE carries `endpoint: null`.
         with_voice: Whether to start an own voice server when `voice` is None.
         voice_options: Keyword arguments for the own `SandboxVoiceServer` (`tls`,
-            `heartbeat_interval`, `modes` ...).
+            `dave_protocol_version`, `heartbeat_interval`, `modes` ...). Without them it is
+            Discord's: a `*.discord.media` endpoint over TLS, DAVE required; `{"tls": False,
+            "dave_protocol_version": 0}` asks for a self-hosted server's `ws://` path.
         heartbeat_interval_ms: Gateway heartbeat interval announced in HELLO.
         timeout: Default seconds scripted users wait for the bot (hang guard).
         bot_name: The bot user's name.
