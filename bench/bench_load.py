@@ -174,7 +174,7 @@ class BotProcess:
 
     async def start(self, timeout: float) -> None:  # noqa: ASYNC109 - a guard passed down
         """Start the child and wait for ``ready`` (RuntimeError if it exits first)."""
-        env = {**os.environ, "DISCORD_TOKEN": self.sb.bot_token}
+        env = {**os.environ, **self.sb.child_environ(), "DISCORD_TOKEN": self.sb.bot_token}
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -238,13 +238,17 @@ async def _send_path(count: int, repeat: int) -> list[list[object]]:
 
 
 # The peer of the webrtc rows: a sandbox voice server in a child process; prints how to reach it,
-# then serves until its stdin closes.
+# then serves until its stdin closes. The rows time the webrtc send path without DAVE, so it is
+# asked for the self-hosted path (ws://, host:port, no DAVE): the default, Discord's, requires DAVE
+# and names itself in a way only its own process resolves.
 _WEBRTC_PEER = """
 import asyncio, json, sys
 from legato.sandbox.voice import SandboxVoiceServer
 
 async def main():
-    async with SandboxVoiceServer(heartbeat_interval=5.0) as server:
+    async with SandboxVoiceServer(
+        heartbeat_interval=5.0, tls=False, dave_protocol_version=0
+    ) as server:
         token = server.register_session(server_id=1, user_id=2, session_id="bench")
         print(json.dumps({"endpoint": server.endpoint, "token": token}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

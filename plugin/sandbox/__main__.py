@@ -6,7 +6,12 @@ Subcommands:
     discord  the whole sandbox Discord (gateway, REST, voice), for pointing a bot at it.
     voice    the voice server alone; ``--session SERVER:USER:SESSION`` prints a token to use.
 
-``voice`` and ``discord`` take ``--profile spacebar`` to play a self-hosted Spacebar voice server.
+``voice`` and ``discord`` play Discord's voice servers by default: ``wss://`` with a certificate
+from a local CA (its ``.pem`` is printed, for ``SSL_CERT_FILE``), DAVE required (4017 without),
+the two ``aead_*_rtpsize`` modes. Their endpoint is ``localhost:PORT``: the ``*.discord.media``
+names the in-process sandbox hands out resolve only inside its own process
+(:mod:`legato.sandbox.names`); ``--endpoint-host`` names another host (one mapped to 127.0.0.1 in
+the hosts file, say). ``--profile spacebar`` plays a self-hosted Spacebar voice server instead.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from legato.config import ENV_CONFIG, load_config
 from legato.errors import ConfigError
-from legato.sandbox.profiles import PROFILES
+from legato.sandbox.profiles import PROFILES, voice_profile
 from legato.sandbox.relay import RelayOptions
 from legato.sandbox.voice import DEFAULT_HEARTBEAT_INTERVAL, SandboxVoiceServer
+from legato.voice.gateway import is_discord_endpoint
 
 # Exit codes of `demo`: the audio checks failed, or the demo could not run at all.
 EXIT_FAILED = 1
@@ -51,6 +58,28 @@ def _fraction(raw: str) -> float:
     return value
 
 
+def _voice_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SandboxVoiceServer`` keywords the profile, TLS, DAVE and endpoint options make."""
+    profile = voice_profile(args.profile)
+    tls = profile.tls if args.tls is None else args.tls
+    options: dict[str, Any] = {"profile": profile, "tls": tls}
+    if args.dave is not None:
+        options["dave_protocol_version"] = 1 if args.dave else 0
+    # A client in another process cannot resolve the in-process *.discord.media names.
+    options["endpoint_host"] = args.endpoint_host or ("localhost" if tls else None)
+    return options
+
+
+def _path_lines(server: SandboxVoiceServer) -> list[str]:
+    """What a client needs to know about the voice path: scheme, version, DAVE, CA file."""
+    version = server.profile.version or 8
+    dave = "DAVE required" if server.dave_protocol_version else "no DAVE"
+    lines = [f"{server.url}/?v={version}, {dave}, modes {', '.join(server.modes)}"]
+    if server.tls:
+        lines.append(f"CA certificate (SSL_CERT_FILE): {server.ca_file}")
+    return lines
+
+
 async def _run_voice(args: argparse.Namespace) -> int:
     relay = (
         RelayOptions(loss=args.loss, reorder=args.reorder, seed=args.seed)
@@ -60,15 +89,16 @@ async def _run_voice(args: argparse.Namespace) -> int:
     server = SandboxVoiceServer(
         args.host,
         port=args.port,
-        tls=args.tls,
         heartbeat_interval=args.heartbeat_interval,
         relay=relay,
-        profile=args.profile,
+        **_voice_options(args),
     )
     async with server:
         version = server.profile.version or 8
         print(f"voice sandbox: endpoint {server.endpoint}  url {server.url}/?v={version}")
         print(f"media (udp): {args.host}:{server.udp_port}")
+        for line in _path_lines(server)[1:]:
+            print(line)
         if relay is not None:
             print(
                 f"lossy relay (op2 names it): {args.host}:{server.media_port}, "
@@ -126,6 +156,33 @@ def recording_report(server: SandboxVoiceServer, out_dir: Path | None) -> list[s
     return lines
 
 
+def _exit_report(server: SandboxVoiceServer) -> list[str]:
+    """What the voice server received, for the end of ``discord``: counts, sessions, recordings."""
+    stats = server.stats
+    lines = [
+        f"voice: rtp {stats.rtp_packets}, undecryptable {stats.undecryptable_packets}, "
+        f"DAVE undecryptable {stats.dave_undecryptable}, "
+        f"plaintext dropped {stats.dave_plaintext_dropped}"
+    ]
+    for server_id, user_id in sorted(server.recordings):
+        try:
+            info = server.session(user_id, server_id)
+        except KeyError:
+            continue  # left the channel: its recording is reported below all the same
+        lines.append(
+            f"session server {server_id} user {user_id}: v{info.version} {info.protocol} "
+            f"{info.mode}, DAVE {info.dave_protocol_version}"
+        )
+    for (server_id, channel_id), channel in sorted(server.dave_channels().items()):
+        ls = channel.listener.stats
+        lines.append(
+            f"DAVE group server {server_id} channel {channel_id}: decrypted {ls.decrypted}, "
+            f"plaintext {ls.plaintext}, plaintext dropped {ls.plaintext_dropped}, "
+            f"failed {ls.failed}, privacy code {channel.listener.client.privacy_code}"
+        )
+    return [*lines, *recording_report(server, None)]
+
+
 async def _run_demo(args: argparse.Namespace) -> int:
     from legato.sandbox.demo import DemoOptions, run_demo
 
@@ -155,14 +212,19 @@ async def _run_demo(args: argparse.Namespace) -> int:
 async def _run_discord(args: argparse.Namespace) -> int:
     from legato.sandbox.server import Sandbox
 
-    async with Sandbox(voice_options={"profile": args.profile}) as sb:
+    async with Sandbox(voice_options=_voice_options(args)) as sb:
+        voice = sb.voice_server
         listeners = [sb.add_user(name) for name in args.user]
         print("sandbox Discord: running (Ctrl-C stops it)")
         print(f"  API base         {sb.api_base}")
         print(f"  gateway          {sb.gateway_url}")
         print(f"  bot token        {sb.bot_token}")
         print(f"  bot user id      {sb.bot.id} ({sb.bot.name}); application id {sb.application_id}")
-        print(f"  voice endpoint   {sb.voice_server.endpoint} ({args.profile} profile)")
+        print(f"  voice endpoint   {voice.endpoint} ({args.profile} profile)")
+        path, *ca = _path_lines(voice)
+        print(f"  voice path       {path}")
+        for line in ca:
+            print(f"  {line}")
         print(f"  guild            {sb.guild.id} ({sb.guild.name})")
         for handle in sb.guilds:
             for channel in (*handle.text_channels.values(), *handle.voice_channels.values()):
@@ -176,13 +238,30 @@ async def _run_discord(args: argparse.Namespace) -> int:
         print(f'  discord.http.Route.BASE = "{sb.api_base}"')
         print(f'  discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL("{sb.gateway_url}")')
         print("(or legato.sandbox.server.point_discord_py_here(api_base=..., gateway_url=...))")
-        print("and pass chunk_guilds_at_startup=False. For Legato's ready-made bot:")
+        print("and pass chunk_guilds_at_startup=False.", end=" ")
+        if voice.tls:
+            print(f"Start it with SSL_CERT_FILE={voice.ca_file} to trust the voice server.")
+        else:
+            print()
+        print("For Legato's ready-made bot:")
         print(
             f"  LEGATO_BOT_API_BASE={sb.api_base} LEGATO_BOT_GATEWAY_URL={sb.gateway_url} "
             "DISCORD_TOKEN=<the bot token> python -m legato run",
             flush=True,
         )
-        await asyncio.Event().wait()
+        if voice.tls and not is_discord_endpoint(voice.endpoint):
+            print(
+                "  (Legato's voice client takes its Discord path, v8 over wss:// with DAVE, only\n"
+                "  toward *.discord.media hosts: map one to 127.0.0.1 in the hosts file and pass\n"
+                "  --endpoint-host NAME, or pass --no-tls --no-dave for its self-hosted path.)",
+                flush=True,
+            )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            print()
+            for line in _exit_report(voice):
+                print(line, flush=True)
     return 0
 
 
@@ -193,6 +272,25 @@ def _add_profile(parser: argparse.ArgumentParser) -> None:
         default="discord",
         help="which voice server to play: Discord's, or a self-hosted Spacebar "
         "(v6, webrtc only, no resume, ws://)",
+    )
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve wss:// with a certificate from a local CA (default: as the profile; "
+        "Discord's yes, Spacebar's no)",
+    )
+    parser.add_argument(
+        "--dave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require DAVE, closing 4017 without it (default: as the profile; Discord's yes)",
+    )
+    parser.add_argument(
+        "--endpoint-host",
+        default=None,
+        metavar="NAME",
+        help="the host VOICE_SERVER_UPDATE names (default: localhost with TLS, else the address)",
     )
 
 
@@ -207,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     voice = commands.add_parser("voice", help="run the voice server alone")
     voice.add_argument("--host", default="127.0.0.1")
     voice.add_argument("--port", type=int, default=0, help="websocket port (0: any free one)")
-    voice.add_argument("--tls", action="store_true", help="serve wss:// (self-signed)")
     voice.add_argument(
         "--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL, help="seconds"
     )

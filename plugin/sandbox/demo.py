@@ -184,6 +184,10 @@ class DemoReport:
     wav_seconds: float = 0.0
     failure: str | None = None
     elapsed: float = 0.0
+    #: The voice path the bot took, as the voice server saw it (``v8 wss:// udp ... DAVE 1``).
+    voice_path: str | None = None
+    #: The DAVE group's voice privacy code, in groups of five digits as Discord shows it.
+    privacy_code: str | None = None
 
     @property
     def loss(self) -> float:
@@ -453,7 +457,9 @@ class _Run:
         chat = Transcript(self.out, sb.world, progress=options.progress)
         chat.line(f"Legato demo: a sandbox Discord on {options.host}")
         chat.line(f"  gateway {sb.gateway_url}   REST {sb.api_base}")
-        chat.line(f"  voice   {sb.voice_server.endpoint}   media {media.base_url}/")
+        voice = sb.voice_server
+        dave = "DAVE required" if voice.dave_protocol_version else "no DAVE"
+        chat.line(f"  voice   {voice.url} ({dave})   media {media.base_url}/")
         for track in self.tracks:
             chat.line(
                 f"  track   {track.file}: {track.freq:g} Hz, {track.seconds:g} s ({track.path})"
@@ -500,6 +506,20 @@ class _Run:
             if message.id not in chat.printed and message.author.id == sb.bot.id:
                 chat.message(message, bot_name)
 
+    @staticmethod
+    def _note_voice_path(sb: Sandbox, home: GuildHandle, report: DemoReport) -> None:
+        """Put the path the bot's voice connection took, and DAVE's privacy code, in `report`."""
+        voice = sb.voice_server
+        info = voice.session(sb.bot.id, home.id)
+        scheme = "wss://" if voice.tls else "ws://"
+        dave = f"DAVE {info.dave_protocol_version}" if info.dave_protocol_version else "no DAVE"
+        report.voice_path = f"v{info.version} {scheme} {info.protocol} {info.mode}, {dave}"
+        if info.dave_protocol_version:
+            groups = [g for (sid, _), g in voice.dave_channels().items() if sid == home.id]
+            code = groups[0].listener.client.privacy_code if len(groups) == 1 else None
+            if code is not None:
+                report.privacy_code = " ".join(code[i : i + 5] for i in range(0, len(code), 5))
+
     async def _conversation(
         self,
         sb: Sandbox,
@@ -523,6 +543,14 @@ class _Run:
         self.step = "waiting for the bot in voice"
         await sb.wait_bot_voice(home.voice, timeout=timeout)
         await voice.wait_identified(sb.bot.id, timeout=timeout)
+        await voice.wait_session_description(sb.bot.id, timeout=timeout)
+        if voice.dave_protocol_version:
+            self.step = "waiting for the bot's DAVE group"
+            await voice.wait_event("dave_execute", sb.bot.id, timeout=timeout)
+        self._note_voice_path(sb, home, report)
+        chat.line(f"  voice path    {report.voice_path}")
+        if report.privacy_code is not None:
+            chat.line(f"  privacy code  {report.privacy_code}")
         rec = voice.recording(sb.bot.id, home.id)
         start = len(rec.packets)
 
@@ -801,6 +829,10 @@ def analyse(rec: Recording, plan: Sequence[tuple[DemoTrack, int, bool]], wav: Pa
 def format_report(report: DemoReport) -> str:
     """The report as printed after the conversation."""
     lines = ["What reached the voice channel"]
+    if report.voice_path is not None:
+        lines.append(f"  voice path   {report.voice_path}")
+    if report.privacy_code is not None:
+        lines.append(f"  privacy code {report.privacy_code}")
     for t in report.tracks:
         how = "skipped halfway" if t.skipped else "played to the end"
         lines.append(f"  {t.track.title} ({t.track.container}, {how})")

@@ -45,8 +45,10 @@ class VoiceProfile:
         dtls_key_type: The key of the DTLS certificate: ``"ecdsa"`` (aiortc's default, one per
             peer) or ``"rsa"`` (medooze's: one RSA 2048 certificate for the whole server, so
             only clients offering ECDHE-RSA suites connect).
-        tls: ``wss://`` may be served. Spacebar hands out ``host:port`` and speaks ``ws://``.
-        dave: DAVE may be run (Spacebar has none).
+        tls: ``wss://`` is served, by default (Discord's servers are TLS whatever their port).
+            Spacebar hands out ``host:port`` and speaks ``ws://``.
+        dave: DAVE is run and required, by default (Discord closes voice without it with
+            4017). Spacebar has none.
         clients_connect_object: op11 is ``{"user_ids": {}}`` (an object, not a list of ids),
             sent to every user after op2, as Spacebar does.
         session_description_dave: op4 carries ``dave_protocol_version``.

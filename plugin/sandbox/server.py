@@ -28,6 +28,7 @@ import discord.gateway
 import discord.http
 import yarl
 
+from legato.sandbox import names
 from legato.sandbox.events import Signal
 from legato.sandbox.gateway import DEFAULT_HEARTBEAT_INTERVAL_MS, GatewayServer
 from legato.sandbox.rest import INTERACTION_DEADLINE, RestServer
@@ -79,7 +80,8 @@ def point_discord_py_here(*, api_base: str, gateway_url: str) -> Callable[[], No
     """Point discord.py (process-wide) at a sandbox; return a function that undoes it.
 
     `Route.BASE` covers REST, interaction callbacks and webhooks; `DEFAULT_GATEWAY` is where a
-    plain `Client` connects (it never asks `/gateway/bot`).
+    plain `Client` connects (it never asks `/gateway/bot`). In a child process started with
+    `Sandbox.child_environ()`, it also makes the voice server's name resolve here.
 
     Args:
         api_base: `http://127.0.0.1:PORT/api/v10`.
@@ -88,6 +90,7 @@ def point_discord_py_here(*, api_base: str, gateway_url: str) -> Callable[[], No
     Returns:
         A function restoring the previous values.
     """
+    names.register_from_environ()
     old_base = discord.http.Route.BASE
     old_gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
     discord.http.Route.BASE = api_base
@@ -158,7 +161,9 @@ class Sandbox:
             VOICE_SERVER_UPDATE carries `endpoint: null`.
         with_voice: Whether to start an own voice server when `voice` is None.
         voice_options: Keyword arguments for the own `SandboxVoiceServer` (`tls`,
-            `heartbeat_interval`, `modes` ...).
+            `dave_protocol_version`, `heartbeat_interval`, `modes` ...). Without them it is
+            Discord's: a `*.discord.media` endpoint over TLS, DAVE required; `{"tls": False,
+            "dave_protocol_version": 0}` asks for a self-hosted server's `ws://` path.
         heartbeat_interval_ms: Gateway heartbeat interval announced in HELLO.
         timeout: Default seconds scripted users wait for the bot (hang guard).
         bot_name: The bot user's name.
@@ -274,6 +279,18 @@ class Sandbox:
     def gateway_url(self) -> str:
         """`ws://127.0.0.1:PORT/`."""
         return self.gateway.url
+
+    def child_environ(self) -> dict[str, str]:
+        """Environment for a bot process pointed at this sandbox: to reach its voice server.
+
+        ``SSL_CERT_FILE`` names the CA that signed the voice server's certificate, and
+        ``SANDBOX_VOICE_HOSTS`` its ``*.discord.media`` name, which the child's
+        `point_discord_py_here` resolves. Empty for a voice server on the lenient path.
+        """
+        voice = self._own_voice
+        if voice is None or not voice.tls:
+            return {}
+        return {"SSL_CERT_FILE": str(voice.ca_file), names.ENV: names.environ_value()}
 
     def point_discord_py_here(self) -> None:
         """Point discord.py (process-wide) at this sandbox until `stop()`."""

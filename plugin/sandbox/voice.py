@@ -9,6 +9,14 @@ purpose through the fault injectors (:meth:`~SandboxVoiceServer.inject_close`,
 :meth:`~SandboxVoiceServer.inject_drop`, :meth:`~SandboxVoiceServer.stop_heartbeat_acks`,
 :meth:`~SandboxVoiceServer.move`).
 
+Its defaults are Discord's: ``wss://`` with a certificate from the process's local CA
+(:mod:`legato.sandbox.tls`), an endpoint named as Discord names them
+(``c-sbx01-1a2b3c4d.discord.media:PORT``, resolved in this process by
+:mod:`legato.sandbox.names`), DAVE required (4017 without ``max_dave_protocol_version``), the two
+``aead_*_rtpsize`` modes, and ``heartbeat_interval`` in op8 as an integer of milliseconds. The
+lenient path (``tls=False, dave_protocol_version=0``: ``ws://``, ``host:port``, no DAVE) is asked
+for explicitly, as self-hosted servers behave.
+
 Choices where Discord's behaviour is not public:
 
 - ``seq`` (v8) is carried by every server message except op8 Hello and op6 Heartbeat ACK, which
@@ -53,17 +61,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from aiohttp import WSMsgType, web
 
 from legato.errors import TransportError
+from legato.sandbox import names
 from legato.sandbox.dave import DaveChannel, Deliver, ListenerRole
 from legato.sandbox.profiles import VoiceProfile, voice_profile
 from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.relay import LossyRelay, RelayOptions
-from legato.sandbox.tls import SelfSignedCert, make_self_signed_cert
+from legato.sandbox.tls import ServerCertificate, local_ca, trust_in_process
 from legato.voice.crypto import (
     KEY_SIZE,
     SUPPORTED_MODES,
@@ -365,14 +375,22 @@ class SandboxVoiceServer:
     Args:
         host: Address to listen on (TCP and UDP).
         port: Websocket port; 0 picks a free one.
-        tls: Serve ``wss://`` with a self-signed certificate made at start
-            (:attr:`certificate` gives it to clients to trust).
-        modes: Encryption modes offered in op2, in order; default :data:`DEFAULT_MODES`.
+        tls: Serve ``wss://`` with a certificate from the process's local CA
+            (:func:`legato.sandbox.tls.local_ca`; :attr:`ca_file` is its ``.pem``), trusted by
+            aiohttp in this process. None (the default): as the profile does, Discord's TLS,
+            Spacebar's plain ``ws://``.
+        endpoint_host: The host VOICE_SERVER_UPDATE names. None: with TLS a name in Discord's
+            form (``c-sbx01-1a2b3c4d.discord.media``) that this process resolves to ``host``
+            (:mod:`legato.sandbox.names`), so clients take their Discord path on their own;
+            without TLS ``host`` itself, as a self-hosted server hands out ``127.0.0.1:3004``.
+        modes: Encryption modes offered in op2, in order; default :data:`DEFAULT_MODES`, the
+            two Discord offers.
         dave_protocol_version: 1 runs DAVE (:mod:`legato.sandbox.dave`): a client identifying
             without ``max_dave_protocol_version`` is closed with 4017, members get op25 after
             op4, the server proposes, relays commits and welcomes and runs the transitions, and
             a listener member decrypts every sender's frames before they are recorded (the
-            server's own view is kept by :meth:`dave_wire_frames`). 0: no DAVE.
+            server's own view is kept by :meth:`dave_wire_frames`). 0: no DAVE. None (the
+            default): 1 where the profile has DAVE (Discord requires it), else 0.
         dave_preferred_committer: Only this member's commits are taken when it can commit
             (tests use it to make a client, not the listener, commit).
         dave_listener: The listener's role in each channel's group, a
@@ -400,9 +418,10 @@ class SandboxVoiceServer:
         host: str = "127.0.0.1",
         *,
         port: int = 0,
-        tls: bool = False,
+        tls: bool | None = None,
+        endpoint_host: str | None = None,
         modes: Sequence[str] | None = None,
-        dave_protocol_version: int = 0,
+        dave_protocol_version: int | None = None,
         dave_preferred_committer: int | None = None,
         dave_listener: ListenerRole | str = ListenerRole.FOUNDER,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
@@ -413,12 +432,18 @@ class SandboxVoiceServer:
         profile: str | VoiceProfile = "discord",
     ) -> None:
         self.profile = voice_profile(profile)
+        tls = self.profile.tls if tls is None else tls
+        if dave_protocol_version is None:
+            dave_protocol_version = 1 if self.profile.dave else 0
         if tls and not self.profile.tls:
             raise ValueError(f"the {self.profile.name} profile serves ws:// only")
         if dave_protocol_version and not self.profile.dave:
             raise ValueError(f"the {self.profile.name} profile has no DAVE")
         self.host = host
         self.tls = tls
+        self._minted_name = tls and endpoint_host is None
+        #: The host of every endpoint handed out (see ``endpoint_host``).
+        self.endpoint_host: str = names.mint() if self._minted_name else (endpoint_host or host)
         self.modes: tuple[str, ...] = tuple(DEFAULT_MODES if modes is None else modes)
         unknown = [m for m in self.modes if m not in SUPPORTED_MODES]
         if unknown or not self.modes:
@@ -441,7 +466,9 @@ class SandboxVoiceServer:
         self._relay: LossyRelay | None = None
         #: Every gateway event in order (see :class:`VoiceEvent`).
         self.events: list[VoiceEvent] = []
-        self.certificate: SelfSignedCert | None = None
+        #: Each session as its op1 was answered (version, transport, mode, DAVE), in order.
+        self.selections: list[SessionInfo] = []
+        self.certificate: ServerCertificate | None = None
         #: The one DTLS certificate of every WebRTC peer (RSA profiles); None: one each.
         self.dtls_certificate: DtlsCertificate | None = None
 
@@ -497,8 +524,12 @@ class SandboxVoiceServer:
         if self.rtcp_interval is not None:
             self._spawn(self._report_loop(self.rtcp_interval))
         if self.tls:
-            self.certificate = make_self_signed_cert((self.host, "localhost"))
+            hosts = dict.fromkeys((self.endpoint_host, self.host, "localhost"))
+            self.certificate = local_ca().issue(tuple(hosts))
             self._ssl = self.certificate.server_context()
+            trust_in_process()
+        if self._minted_name:
+            names.register(self.endpoint_host, self.host)
         if self.profile.dtls_key_type == "rsa":
             await self._make_dtls_certificate()
         app = web.Application()
@@ -535,7 +566,9 @@ class SandboxVoiceServer:
         sock.bind((self.host, port))
         site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
         await site.start()
-        return f"{self.host}:{sock.getsockname()[1]}", site
+        # TLS listeners are named as Discord names its servers; a plain one by its address.
+        host = self.endpoint_host if ssl_context is not None else self.host
+        return f"{host}:{sock.getsockname()[1]}", site
 
     async def plain_endpoint(self) -> str:
         """A ``ws://`` endpoint of this server beside its ``wss://`` one (made on first use).
@@ -553,7 +586,11 @@ class SandboxVoiceServer:
         return self._plain_endpoint
 
     async def close(self) -> None:
-        """Close every connection (1001), the listeners and the UDP socket."""
+        """Close the listeners, every connection (1001) and the UDP socket."""
+        # Listeners first: a client reconnecting at once must be refused, not let in again
+        # while the connections close.
+        for _endpoint, site in self._listeners:
+            await site.stop()
         await asyncio.gather(
             *(self._close(c, CLOSE_GOING_AWAY, "server shutting down") for c in self._connections)
         )
@@ -573,6 +610,8 @@ class SandboxVoiceServer:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+        # The name keeps resolving after close, as a dead voice server's does: a client that
+        # tries again is refused at once rather than left waiting for a DNS answer.
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -597,6 +636,11 @@ class SandboxVoiceServer:
     def url(self) -> str:
         """``ws://host:port`` or ``wss://host:port`` of the first listener."""
         return f"{'wss' if self.tls else 'ws'}://{self.endpoint}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The ``.pem`` of the CA that signed the TLS certificate, for ``SSL_CERT_FILE``."""
+        return local_ca().ca_file
 
     @property
     def udp_port(self) -> int:
@@ -676,6 +720,9 @@ class SandboxVoiceServer:
         """
         s = self._find_session(user_id, server_id, required=True)
         assert s is not None
+        return self._info(s)
+
+    def _info(self, s: _Session) -> SessionInfo:
         return SessionInfo(
             server_id=s.grant.server_id,
             user_id=s.grant.user_id,
@@ -850,7 +897,7 @@ class SandboxVoiceServer:
         )
         await ws.prepare(request)
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        endpoint = f"{self.host}:{sockname[1]}" if sockname else self.endpoint
+        endpoint = f"{self.endpoint_host}:{sockname[1]}" if sockname else self.endpoint
         version = _parse_version(request.query.get("v"))
         if version is not None and self.profile.version is not None:
             version = self.profile.version  # Spacebar speaks v6 whatever ?v= asks for
@@ -861,7 +908,8 @@ class SandboxVoiceServer:
             if version is None:
                 await self._close(conn, CLOSE_BAD_REQUEST, "unsupported gateway version")
                 return ws
-            hello: dict[str, Any] = {"heartbeat_interval": self.heartbeat_interval * 1e3}
+            # An integer of milliseconds, as Discord sends it (13750).
+            hello: dict[str, Any] = {"heartbeat_interval": round(self.heartbeat_interval * 1e3)}
             if self.profile.hello_version:
                 hello = {"v": version, **hello}
             await self._send_raw(conn, {"op": 8, "d": hello})
@@ -1158,6 +1206,7 @@ class SandboxVoiceServer:
         else:
             await self._close(conn, CLOSE_UNKNOWN_PROTOCOL, "unknown protocol")
             return
+        self.selections.append(self._info(session))
         self._event("select_protocol", session.grant, endpoint=conn.endpoint)
 
     async def _select_webrtc(self, conn: _Connection, session: _Session, d: Any) -> bool:
@@ -1312,6 +1361,10 @@ class SandboxVoiceServer:
             KeyError: no DAVE member has joined that channel.
         """
         return self._dave[(server_id, channel_id or server_id)]
+
+    def dave_channels(self) -> dict[tuple[int, int], DaveChannel]:
+        """Every DAVE group so far, by ``(server_id, channel_id)`` (a copy)."""
+        return dict(self._dave)
 
     def dave_wire_frames(self, user_id: int, server_id: int | None = None) -> list[bytes]:
         """The last media payloads of ``user_id`` as the server received them (pre-listener)."""

@@ -96,7 +96,8 @@ class VoiceOptions:
         reconnect_timeout: Seconds a reconnect episode may last before giving up.
         move_timeout: After close 4014, seconds to wait for a VOICE_SERVER_UPDATE (a move).
         secure: ``wss://`` (True) or ``ws://`` (False); ``None`` decides from the endpoint:
-            loopback hosts and ports other than 443 get ``ws://``.
+            Discord's hosts always get ``wss://``; other loopback hosts and ports other than
+            443 get ``ws://``.
         discovery_timeout: Seconds per UDP IP discovery attempt.
         backoff_base: First retry delay in seconds; doubles per failed attempt, with jitter.
         backoff_max: Largest retry delay in seconds.
@@ -182,8 +183,10 @@ def auto_gateway_version(endpoint: str) -> int:
 def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> str:
     """Return the voice websocket URL for a VOICE_SERVER_UPDATE endpoint.
 
-    Discord's endpoints look like ``name.discord.media:443`` and need TLS; self-hosted servers
-    hand out ``127.0.0.1:3004`` and speak plain ``ws://`` (PROTOCOL.md "Voice gateway").
+    Discord's endpoints (``c-waw04-7cacab58.discord.media:2096``; ``:443`` until mid-2025, other
+    HTTPS ports such as 2053, 2087 or 2096 since) always need TLS, whatever the port; self-hosted
+    servers hand out ``127.0.0.1:3004`` and speak plain ``ws://`` (PROTOCOL.md "Voice gateway").
+    For any other host, loopback and ports other than 443 mean ``ws://``.
 
     Args:
         endpoint: ``host``, ``host:port`` or ``[v6]:port``; a ``wss://``/``ws://`` prefix is
@@ -198,7 +201,9 @@ def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> st
         endpoint, secure = endpoint[5:], False if secure is None else secure
     host, port = _split_host_port(endpoint)
     if secure is None:
-        secure = not (_is_loopback(host) or (port is not None and port != 443))
+        secure = is_discord_endpoint(host) or not (
+            _is_loopback(host) or (port is not None and port != 443)
+        )
     return f"{'wss' if secure else 'ws'}://{endpoint}/?v={version}"
 
 

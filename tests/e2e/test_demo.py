@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import os
+import re
 import signal
 import sys
 import wave
@@ -105,6 +106,15 @@ async def test_demo_command_exits_0_after_a_pass(tmp_path: Path) -> None:
     assert "PASS:" in text
     assert "Traceback" not in text
     assert (tmp_path / "demo.wav").stat().st_size > 48_000 * 4 * 3
+    # The path Legato takes on Discord, chosen by itself from the endpoint, and DAVE's code as
+    # Discord shows it: six groups of five digits, the bot's own (/nowplaying shows it too).
+    assert "voice path   v8 wss:// udp aead_aes256_gcm_rtpsize, DAVE 1" in text
+    codes = re.findall(r"privacy code +((?:\d{5} ?){6})$", text, re.MULTILINE)
+    assert codes
+    assert f"Voice privacy code: {codes[-1].strip()}" in text
+    header = text.splitlines()[2]
+    assert re.fullmatch(r"  voice   wss://c-sbx01-[0-9a-f]{8}\.discord\.media:\d+ .*", header)
+    assert "(DAVE required)" in header
 
 
 def tone_packets(freq: float, frames: int, encoder: OpusEncoder, start: int) -> list[bytes]:

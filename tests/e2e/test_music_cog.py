@@ -45,6 +45,21 @@ GUARD = 30.0
 A_HZ = 440.0
 B_HZ = 880.0
 
+#: The voice paths the playback and fault tests run on (issue #12 §1), as sandbox voice options.
+#: Legato's voice settings stay on ``auto`` and choose from the endpoint by themselves: the
+#: sandbox's default, Discord's (a ``*.discord.media`` name over TLS, DAVE required), gets v8,
+#: ``udp`` and DAVE; a self-hosted server's (``127.0.0.1:PORT``, ``ws://``, no DAVE) gets v6 and
+#: ``webrtc``. Every other e2e test runs on the default alone.
+VOICE_PATHS: dict[str, dict[str, Any]] = {
+    "v8-udp-dave": {},
+    "v6-webrtc-plain": {"tls": False, "dave_protocol_version": 0},
+}
+#: What the voice server sees of each path: (gateway version, transport, DAVE protocol).
+EXPECTED_PATH: dict[str, tuple[int, str, int]] = {
+    "v8-udp-dave": (8, "udp", 1),
+    "v6-webrtc-plain": (6, "webrtc", 0),
+}
+
 
 class MusicBot(commands.Bot):
     def __init__(self, config: Config, guild_id: int) -> None:
@@ -121,7 +136,7 @@ def make_config(tones: Tones, **playback: Any) -> Config:
     # These tests run commands faster than a person would: no per-user rate unless one is given.
     permissions = playback.pop("permissions", PermissionsConfig(cooldown_commands=0))
     return Config(
-        voice=VoiceConfig(transport="udp", gateway_version="auto"),
+        voice=VoiceConfig(transport="auto", gateway_version="auto"),
         playback=dataclasses.replace(base, **playback),
         permissions=permissions,
     )
@@ -131,6 +146,24 @@ def make_config(tones: Tones, **playback: Any) -> Config:
 async def sandbox() -> AsyncIterator[Sandbox]:
     async with Sandbox(timeout=GUARD) as sb:
         yield sb
+
+
+@pytest.fixture(params=list(VOICE_PATHS))
+async def path_sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
+    """A sandbox for each voice path of :data:`VOICE_PATHS` (the playback and fault matrix).
+
+    On the way out it checks that every voice session the bot made took the path's version,
+    transport and DAVE protocol, chosen by Legato from the endpoint alone.
+    """
+    name: str = request.param
+    async with Sandbox(timeout=GUARD, voice_options=VOICE_PATHS[name]) as sb:
+        yield sb
+        taken = {
+            (info.version, info.protocol, info.dave_protocol_version)
+            for info in sb.voice_server.selections
+            if info.user_id == sb.bot.id
+        }
+        assert taken <= {EXPECTED_PATH[name]}, (name, taken)
 
 
 @contextlib.asynccontextmanager

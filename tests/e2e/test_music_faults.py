@@ -14,6 +14,7 @@ read from the sandbox's recording: Legato's Opus silence frame tells the fill ap
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,9 +42,9 @@ from tests.media import expected_frames, expiring_stream, write_steps, write_ton
 
 pytestmark = pytest.mark.e2e
 
-# The module-scoped media server and the plain sandbox, shared with test_music_cog.
+# The module-scoped media server, and a sandbox on each voice path, shared with test_music_cog.
 tones = test_music_cog.tones
-sandbox = test_music_cog.sandbox
+path_sandbox = test_music_cog.path_sandbox
 
 #: One second each: what is heard at a time tells where in the track the bot is.
 STEPS = ((440.0, 1.0), (660.0, 1.0), (880.0, 1.0))
@@ -51,6 +52,7 @@ AFTER_HZ = 550.0
 STALL_HZ = 660.0
 B_HZ = test_music_cog.B_HZ
 STALLED = "The track's server stopped sending audio."
+_EXPIRING_RUNS = itertools.count(1)
 
 
 def decode(frames: Sequence[bytes]) -> NDArray[np.float64]:
@@ -67,14 +69,16 @@ def tone(frames: Sequence[bytes]) -> float:
 
 
 async def test_an_expired_stream_url_is_resolved_again_and_heard_to_its_end(
-    sandbox: Sandbox, tones: Tones
+    path_sandbox: Sandbox, tones: Tones
 ) -> None:
-    sb = sandbox
+    sb = path_sandbox
     server = tones.server
     body = write_steps(
         tones.root / "faults-steps.mp3", STEPS, container="mp3", codec="libmp3lame", rate=44100
     )
-    urls = expiring_stream(server, "faults-expiring", body, renewed=True)
+    # A name of its own each run: the module's media server keeps counting a route's requests,
+    # and the page names the renewed URL once the first was asked twice (by any earlier run).
+    urls = expiring_stream(server, f"faults-expiring-{next(_EXPIRING_RUNS)}", body, renewed=True)
     write_tone(
         tones.root / "faults-after.ogg", container="ogg", codec="libopus", freq=AFTER_HZ, seconds=1
     )
@@ -119,9 +123,9 @@ async def test_an_expired_stream_url_is_resolved_again_and_heard_to_its_end(
 
 
 async def test_a_stalled_server_is_heard_as_silence_then_skipped_with_a_notice(
-    sandbox: Sandbox, tones: Tones
+    path_sandbox: Sandbox, tones: Tones
 ) -> None:
-    sb = sandbox
+    sb = path_sandbox
     # The stall comes after FFmpeg's probing (which reads the first seconds at open): 6 s in.
     body = write_tone(
         tones.root / "faults-stalls.mp3",

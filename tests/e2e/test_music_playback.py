@@ -26,12 +26,14 @@ from legato.sandbox.voice import SandboxVoiceServer
 from tests.e2e.test_music_cog import (
     A_HZ,
     B_HZ,
+    EXPECTED_PATH,
     GUARD,
     Tones,
     _search_page,
     answer,
     heard,
     make_config,
+    path_sandbox,
     recording,
     refused,
     running,
@@ -43,7 +45,10 @@ from tests.media import audio_list_page, write_steps, write_tone
 
 pytestmark = pytest.mark.e2e
 
-__all__ = ["sandbox", "tones"]  # fixtures shared with test_music_cog
+# Fixtures shared with test_music_cog. Every test but the transport one runs on each voice path
+# (path_sandbox: Discord's v8/udp/DAVE, a self-hosted server's v6/webrtc); that one forces each
+# transport on Discord's path.
+__all__ = ["path_sandbox", "sandbox", "tones"]
 
 C_HZ = 660.0
 D_HZ = 990.0
@@ -146,11 +151,35 @@ async def test_play_and_skip_are_heard_over_each_transport(
         assert rec.stats().gaps == 0
 
 
+# --- the voice path ---------------------------------------------------------------------------
+
+
+async def test_legato_takes_each_voice_path_by_itself(path_sandbox: Sandbox, tones: Tones) -> None:
+    """``auto`` settings, and the endpoint alone decides: v8/udp/DAVE toward Discord's form."""
+    sb = path_sandbox
+    async with running(sb, make_config(tones)) as bot:
+        alice = sb.add_user("alice")
+        await alice.join_voice(sb.general)
+        await start_playing(sb, alice, tones.a)
+        rec = recording(sb)
+        await rec.wait_speaking(True, timeout=GUARD)
+        freq, _ = await heard(rec, 25, skip=10)
+        assert freq == pytest.approx(A_HZ, abs=15)
+        voice = sb.voice_server
+        (info,) = [s for s in voice.selections if s.user_id == bot.user.id]
+        expected = EXPECTED_PATH["v8-udp-dave" if voice.tls else "v6-webrtc-plain"]
+        assert (info.version, info.protocol, info.dave_protocol_version) == expected
+        if info.dave_protocol_version:
+            assert info.mode == "aead_aes256_gcm_rtpsize"
+            assert voice.stats.dave_plaintext_dropped == 0
+            assert voice.stats.dave_undecryptable == 0
+
+
 # --- loops ------------------------------------------------------------------------------------
 
 
-async def test_loops_are_heard_repeating(sandbox: Sandbox, tones: Tones, steps: Steps) -> None:
-    sb = sandbox
+async def test_loops_are_heard_repeating(path_sandbox: Sandbox, tones: Tones, steps: Steps) -> None:
+    sb = path_sandbox
     async with running(sb, make_config(tones)) as bot:
         alice = sb.add_user("alice")
         await alice.join_voice(sb.general)
@@ -192,8 +221,8 @@ async def test_loops_are_heard_repeating(sandbox: Sandbox, tones: Tones, steps: 
 # --- seeking ----------------------------------------------------------------------------------
 
 
-async def test_seek_moves_what_is_heard(sandbox: Sandbox, tones: Tones, steps: Steps) -> None:
-    sb = sandbox
+async def test_seek_moves_what_is_heard(path_sandbox: Sandbox, tones: Tones, steps: Steps) -> None:
+    sb = path_sandbox
     async with running(sb, make_config(tones)):
         alice = sb.add_user("alice")
         await alice.join_voice(sb.general)
@@ -217,9 +246,9 @@ async def test_seek_moves_what_is_heard(sandbox: Sandbox, tones: Tones, steps: S
 
 
 async def test_search_words_join_a_named_channel_and_idle_answers(
-    sandbox: Sandbox, tones: Tones
+    path_sandbox: Sandbox, tones: Tones
 ) -> None:
-    sb = sandbox
+    sb = path_sandbox
     search = tones.server.add_route("words", handler=_search_page([tones.b, tones.a]))
     async with running(sb, make_config(tones, search_provider=search + "?q={query}")) as bot:
         alice = sb.add_user("alice")

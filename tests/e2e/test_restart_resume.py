@@ -106,7 +106,7 @@ class BotProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        env = {**os.environ, "DISCORD_TOKEN": self.sb.bot_token}
+        env = {**os.environ, **self.sb.child_environ(), "DISCORD_TOKEN": self.sb.bot_token}
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -422,11 +422,14 @@ async def test_voice_server_update_lets_the_bot_identify_at_the_voice_server(
             "user_id": str(sandbox.bot.id),
             "session_id": own_state["session_id"],
             "token": update["token"],
+            "max_dave_protocol_version": 1,  # DAVE is required, as on Discord
         },
     }
+    # The endpoint is named as Discord names its voice servers, and served over TLS.
+    assert update["endpoint"].split(":")[0].endswith(".discord.media")
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(f"ws://{update['endpoint']}/?v=8") as ws,
+        http.ws_connect(f"wss://{update['endpoint']}/?v=8") as ws,
         asyncio.timeout(20),
     ):
         hello = await ws.receive_json()

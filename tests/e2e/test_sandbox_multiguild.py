@@ -191,10 +191,11 @@ async def identify(
             "user_id": str(bot_id),
             "session_id": session_id,
             "token": update["token"],
+            "max_dave_protocol_version": 1,  # DAVE is required, as on Discord
         },
     }
     http = await stack.enter_async_context(aiohttp.ClientSession())
-    ws = await stack.enter_async_context(http.ws_connect(f"ws://{update['endpoint']}/?v=8"))
+    ws = await stack.enter_async_context(http.ws_connect(f"wss://{update['endpoint']}/?v=8"))
     hello = await ws.receive_json()
     assert hello["op"] == 8
     await ws.send_json(payload)

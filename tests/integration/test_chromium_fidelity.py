@@ -107,6 +107,8 @@ async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await site.start()
     http_port = runner.addresses[0][1]
 
+    # The capture's browser handshake has no DAVE and the page trusts no local CA: the lenient
+    # v6-era path (plain ws://, no DAVE), asked for explicitly; Discord itself would close 4017.
     voice = SandboxVoiceServer("127.0.0.1", tls=False, dave_protocol_version=0)
     await voice.start()
     token = voice.register_session(server_id=SERVER_ID, user_id=USER_ID, session_id=SESSION_ID)

@@ -3,6 +3,10 @@
 The client below is deliberately small and separate from Legato's voice client: it speaks the
 protocol op by op so that each test can break it where it wants, and it uses only the pure
 :mod:`legato.voice.rtp` and :mod:`legato.voice.crypto` helpers.
+
+It has no DAVE (it checks the transport layer's frames as sent), so its servers are asked for
+``dave_protocol_version=0``; everything else is the Discord-faithful default (TLS from the local
+CA, which aiohttp in this process trusts, and the ``*.discord.media`` endpoint name).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -261,7 +266,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def server() -> AsyncIterator[SandboxVoiceServer]:
-    async with SandboxVoiceServer(heartbeat_interval=0.25) as srv:
+    async with SandboxVoiceServer(heartbeat_interval=0.25, dave_protocol_version=0) as srv:
         yield srv
 
 
@@ -402,7 +407,9 @@ async def test_op_before_identify_closes_4003(
 
 
 async def test_mode_not_offered_closes_4016(http: aiohttp.ClientSession) -> None:
-    async with SandboxVoiceServer(modes=["aead_xchacha20_poly1305_rtpsize"]) as server:
+    async with SandboxVoiceServer(
+        modes=["aead_xchacha20_poly1305_rtpsize"], dave_protocol_version=0
+    ) as server:
         client = ScriptedClient(http, server.url, 8)
         await client.open(heartbeat=False)
         await client.identify(server, ALICE)
@@ -434,7 +441,9 @@ async def test_unsupported_version_is_refused(
 
 
 async def test_missing_heartbeats_close_4009(http: aiohttp.ClientSession) -> None:
-    async with SandboxVoiceServer(heartbeat_interval=0.05, heartbeat_timeout=0.2) as server:
+    async with SandboxVoiceServer(
+        heartbeat_interval=0.05, heartbeat_timeout=0.2, dave_protocol_version=0
+    ) as server:
         client = ScriptedClient(http, server.url, 8)
         await client.open(heartbeat=False)
         await client.identify(server, ALICE)
@@ -443,7 +452,7 @@ async def test_missing_heartbeats_close_4009(http: aiohttp.ClientSession) -> Non
 
 @pytest.mark.parametrize("strict", [False, True])
 async def test_v8_heartbeat_on_v6(http: aiohttp.ClientSession, strict: bool) -> None:
-    async with SandboxVoiceServer(strict_v6=strict) as server:
+    async with SandboxVoiceServer(strict_v6=strict, dave_protocol_version=0) as server:
         client = ScriptedClient(http, server.url, 6)
         await client.open(heartbeat=False)
         await client.send(3, {"t": 7, "seq_ack": -1})
@@ -668,7 +677,7 @@ async def test_move_to_a_second_listener(
     assert endpoint != server.endpoint
     # As after a real move, the old session cannot be resumed ...
     await client.close(4000)
-    client.url = f"ws://{endpoint}/?v=8"
+    client.url = f"wss://{endpoint}/?v=8"
     await client.open()
     await client.resume(server)
     assert await client.closed() == 4006
@@ -760,11 +769,18 @@ async def test_command_line_voice_server(http: aiohttp.ClientSession) -> None:
             while not lines or not lines[-1].startswith("Ctrl-C"):
                 lines.append((await proc.stdout.readline()).decode())
         endpoint = lines[0].split()[3]
-        token = lines[2].split()[-1]
-        ws = await http.ws_connect(f"ws://{endpoint}/?v=8")
+        assert endpoint.startswith("localhost:")  # resolvable from any process
+        (ca_line,) = [line for line in lines if line.startswith("CA certificate")]
+        ca_file = ca_line.split()[-1]
+        assert ca_file.endswith(".pem")
+        (token_line,) = [line for line in lines if "token" in line]
+        token = token_line.split()[-1]
+        # Only the printed CA file is trusted: what a client given SSL_CERT_FILE does.
+        ctx = ssl.create_default_context(cafile=ca_file)
+        ws = await http.ws_connect(f"wss://{endpoint}/?v=8", ssl=ctx)
         await ws.receive_json()  # hello
         d = {"server_id": str(GUILD), "user_id": str(ALICE), "session_id": "sA", "token": token}
-        await ws.send_json({"op": 0, "d": d})
+        await ws.send_json({"op": 0, "d": {**d, "max_dave_protocol_version": 1}})
         ready = await ws.receive_json()
         assert ready["op"] == 2
         await ws.close()
