@@ -2,8 +2,8 @@
 own user, through ``davey``) beside Legato's voice connection, all on one sandbox voice server.
 
 discord.py's ``VoiceClient`` only speaks ``wss://`` (so the server runs TLS) and reaches through
-a guild, a channel and a connection state: :class:`DpyMember` stands those in as
-``tests/integration/test_dpy_fidelity.py`` does, per user. Everything on the voice path is
+a guild, a channel and a connection state: :class:`DpyMember` stands those in with
+``tests/integration/dpy_voice.py``, per user. Everything on the voice path is
 discord.py's own: its websocket, its DAVE handling (``voice_state.py``/``gateway.py``), its
 ``davey.DaveSession``. It never receives audio (discord.py has no voice receive), so
 :meth:`DpyMember.hears` decrypts what the server received from a sender with that member's own
@@ -15,12 +15,10 @@ trust the sandbox's self-signed certificate, and TLS is not what these scenarios
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-import aiohttp
 import davey
 import discord
 import discord.http
@@ -30,108 +28,13 @@ from legato.sandbox.dave import DaveChannel
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.dave import OPUS_SILENCE
 from legato.voice.gateway import VoiceConnection, VoiceOptions
+from tests.integration.dpy_voice import FakeGuild, stock_voice_client
 from tests.integration.voice_support import Player
 
 GUILD: Final = 7001
 CHANNEL: Final = 7002
 LEGATO: Final = 7100
 GUARD: Final = 30.0
-
-
-class _User:
-    def __init__(self, user_id: int) -> None:
-        self.id = user_id
-
-
-class _Member:
-    voice = None
-
-
-class _State:
-    """The parts of discord.py's ``ConnectionState`` a voice client reaches."""
-
-    def __init__(self, http: discord.http.HTTPClient, user_id: int) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.http = http
-        self.user = _User(user_id)
-
-    def _remove_voice_client(self, guild_id: int) -> None:
-        pass
-
-
-class _Client:
-    def __init__(self, state: _State) -> None:
-        self._connection = state
-        self.loop = state.loop
-
-
-class _Channel:
-    def __init__(self, guild: _Guild) -> None:
-        self.id = CHANNEL
-        self.guild = guild
-
-    def _get_voice_client_key(self) -> tuple[int, str]:
-        return GUILD, "guild_id"
-
-
-class _Guild:
-    """Answers ``change_voice_state`` as Discord's gateway would: two events, two tasks."""
-
-    def __init__(self, server: SandboxVoiceServer, user_id: int) -> None:
-        self.id = GUILD
-        self.me = _Member()
-        self.server = server
-        self.user_id = user_id
-        self.session_id = f"dpy-{user_id}"
-        self.voice_client: discord.VoiceClient | None = None
-        self.channel = _Channel(self)
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def get_channel(self, channel_id: int) -> _Channel | None:
-        return self.channel if channel_id == CHANNEL else None
-
-    async def change_voice_state(
-        self,
-        *,
-        channel: Any,
-        self_mute: bool = False,
-        self_deaf: bool = False,
-        self_video: bool = False,
-    ) -> None:
-        state = {
-            "guild_id": str(GUILD),
-            "channel_id": None if channel is None else str(channel.id),
-            "user_id": str(self.user_id),
-            "session_id": self.session_id,
-            "deaf": False,
-            "mute": False,
-            "self_deaf": self_deaf,
-            "self_mute": self_mute,
-            "self_video": self_video,
-            "suppress": False,
-            "request_to_speak_timestamp": None,
-        }
-        update: dict[str, Any] | None = None
-        if channel is not None:
-            token = self.server.register_session(
-                server_id=GUILD,
-                user_id=self.user_id,
-                session_id=self.session_id,
-                channel_id=CHANNEL,
-            )
-            update = {"token": token, "guild_id": str(GUILD), "endpoint": self.server.endpoint}
-        loop = asyncio.get_running_loop()
-        self.tasks.append(loop.create_task(self._dispatch(state, update)))
-
-    async def _dispatch(self, state: dict[str, Any], update: dict[str, Any] | None) -> None:
-        vc = self.voice_client
-        assert vc is not None
-        # discord.py's state event wakes only waiters already parked: let it park first (see
-        # test_dpy_fidelity.FakeGuild).
-        await asyncio.sleep(0)
-        await vc.on_voice_state_update(state)  # type: ignore[arg-type]  # the gateway's shape
-        if update is not None:
-            await vc.on_voice_server_update(update)  # type: ignore[arg-type]  # the gateway's shape
 
 
 class DpyMember:
@@ -148,10 +51,15 @@ class DpyMember:
     ) -> None:
         self.user_id = user_id
         self.server = server
-        self._guild = _Guild(server, user_id)
-        client = _Client(_State(http, user_id))
-        self.vc = discord.VoiceClient(client, self._guild.channel)  # type: ignore[arg-type]  # stand-ins
-        self._guild.voice_client = self.vc
+        self._guild = FakeGuild(
+            server,
+            guild_id=GUILD,
+            channel_id=CHANNEL,
+            user_id=user_id,
+            session_id=f"dpy-{user_id}",
+            dave_group=True,
+        )
+        self.vc, _ = stock_voice_client(self._guild, http)
 
     async def connect(self) -> None:
         """Join the channel (returns once discord.py's voice handshake is done)."""
@@ -159,9 +67,7 @@ class DpyMember:
 
     async def disconnect(self) -> None:
         """Leave the channel; returns once the server has seen it go."""
-        await self.vc.disconnect(force=True)
-        await self.server.wait_event("left", self.user_id, timeout=GUARD)
-        await asyncio.gather(*self._guild.tasks)
+        await self._guild.leave()
 
     @property
     def session(self) -> davey.DaveSession:
@@ -188,25 +94,6 @@ class DpyMember:
             except ValueError:
                 out.append(None)
         return out
-
-
-@asynccontextmanager
-async def dpy_http(server: SandboxVoiceServer) -> AsyncIterator[discord.http.HTTPClient]:
-    """discord.py's HTTP client with the session ``static_login`` would build, trusting the
-    server's certificate (see test_dpy_fidelity)."""
-    assert server.certificate is not None
-    loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(ssl=server.certificate.client_context())
-    client = discord.http.HTTPClient(loop, connector=connector)
-    client._HTTPClient__session = aiohttp.ClientSession(  # type: ignore[attr-defined]  # what static_login sets
-        connector=connector,
-        ws_response_class=discord.gateway.DiscordClientWebSocketResponse,
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @asynccontextmanager

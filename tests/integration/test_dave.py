@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import aiohttp
 import discord
@@ -25,37 +24,22 @@ from legato.sandbox.dave import DAVE_MAGIC_MARKER
 from legato.sandbox.recording import Recording
 from legato.sandbox.voice import DAVE_LISTENER_ID, SandboxVoiceServer
 from legato.voice.gateway import VoiceConnection, VoiceOptions
-from tests.integration.test_dpy_fidelity import (
+from tests.integration.dpy_voice import (
     BOT_ID,
     GUARD,
     GUILD_ID,
     TONE_FRAMES,
     TONE_HZ,
-    FakeChannel,
-    FakeClient,
-    FakeConnectionState,
     FakeGuild,
     SineSource,
+    dpy_http,
+    play_to_end,
+    stock_voice_client,
 )
-from tests.integration.test_dpy_fidelity import CHANNEL_ID as DPY_CHANNEL_ID
+from tests.integration.dpy_voice import CHANNEL_ID as DPY_CHANNEL_ID
 from tests.integration.voice_support import FRAME_S, Player, tone_frames, voice_server
 
 pytestmark = pytest.mark.integration
-
-
-class _Registrar:
-    """The sandbox server as the fake guild sees it, registering with the channel id (the MLS
-    group id discord.py's session uses)."""
-
-    def __init__(self, server: SandboxVoiceServer) -> None:
-        self._server = server
-
-    @property
-    def endpoint(self) -> str:
-        return self._server.endpoint
-
-    def register_session(self, **kwargs: Any) -> str:
-        return self._server.register_session(channel_id=DPY_CHANNEL_ID, **kwargs)
 
 
 @pytest.fixture
@@ -64,19 +48,12 @@ async def dave_server() -> AsyncIterator[SandboxVoiceServer]:
         yield srv
 
 
-@pytest.fixture
-async def dpy_http(dave_server: SandboxVoiceServer) -> AsyncIterator[discord.http.HTTPClient]:
-    assert dave_server.certificate is not None
-    loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(ssl=dave_server.certificate.client_context())
-    client = discord.http.HTTPClient(loop, connector=connector)
-    client._HTTPClient__session = aiohttp.ClientSession(  # type: ignore[attr-defined]
-        connector=connector,
-        ws_response_class=discord.gateway.DiscordClientWebSocketResponse,
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    yield client
-    await client.close()
+@pytest.fixture(name="dpy_http")
+async def dpy_http_fixture(
+    dave_server: SandboxVoiceServer,
+) -> AsyncIterator[discord.http.HTTPClient]:
+    async with dpy_http(dave_server) as client:
+        yield client
 
 
 def _wire_tone_share(frames: list[bytes], freq: float) -> float | None:
@@ -125,30 +102,14 @@ async def _dpy_plays_a_tone(
 ) -> tuple[discord.VoiceClient, Recording]:
     """discord.py's stock client joins the DAVE channel, waits for its group, plays the tone
     (and its five silence frames) and leaves; the tone's arrival is awaited, heard or not."""
-    loop = asyncio.get_running_loop()
-    state = FakeConnectionState(loop, http)
-    guild = FakeGuild(_Registrar(server))  # type: ignore[arg-type]
-    channel = FakeChannel(guild)
-    guild.channel = channel
-    vc = discord.VoiceClient(FakeClient(state), channel)  # type: ignore[arg-type]
-    guild.voice_client = vc
+    guild = FakeGuild(server, dave_group=True)
+    vc, _ = stock_voice_client(guild, http)
     await vc.connect(reconnect=False, timeout=GUARD)
     await server.wait_event("dave_execute", BOT_ID, timeout=GUARD)
-    finished = asyncio.Event()
-    errors: list[Exception | None] = []
-
-    def after(error: Exception | None) -> None:
-        errors.append(error)
-        loop.call_soon_threadsafe(finished.set)
-
-    vc.play(SineSource(TONE_FRAMES), after=after, fec=False)
-    async with asyncio.timeout(GUARD):
-        await finished.wait()
+    errors = await play_to_end(vc, SineSource(TONE_FRAMES))
     recording = server.recording(BOT_ID)
     await recording.wait_arrivals(TONE_FRAMES + 5, timeout=GUARD)
-    await vc.disconnect(force=True)
-    await server.wait_event("left", BOT_ID, timeout=GUARD)
-    await asyncio.gather(*guild.tasks)
+    await guild.leave()
     assert errors == [None]
     return vc, recording
 
@@ -184,13 +145,8 @@ async def test_a_client_that_never_encrypts_is_not_heard_and_fails_the_recording
 async def test_discord_py_plays_with_its_own_dave_and_the_listener_hears_it(
     dave_server: SandboxVoiceServer, dpy_http: discord.http.HTTPClient
 ) -> None:
-    loop = asyncio.get_running_loop()
-    state = FakeConnectionState(loop, dpy_http)
-    guild = FakeGuild(_Registrar(dave_server))  # type: ignore[arg-type]
-    channel = FakeChannel(guild)
-    guild.channel = channel
-    vc = discord.VoiceClient(FakeClient(state), channel)  # type: ignore[arg-type]
-    guild.voice_client = vc
+    guild = FakeGuild(dave_server, dave_group=True)
+    vc, _ = stock_voice_client(guild, dpy_http)
 
     await vc.connect(reconnect=False, timeout=GUARD)
     # The listener founds the group and welcomes discord.py; op22 executes it.
@@ -203,21 +159,10 @@ async def test_discord_py_plays_with_its_own_dave_and_the_listener_hears_it(
     assert vc.voice_privacy_code is not None
     assert vc.voice_privacy_code == dave.listener.client.privacy_code
 
-    finished = asyncio.Event()
-    errors: list[Exception | None] = []
-
-    def after(error: Exception | None) -> None:
-        errors.append(error)
-        loop.call_soon_threadsafe(finished.set)
-
-    vc.play(SineSource(TONE_FRAMES), after=after, fec=False)
-    async with asyncio.timeout(GUARD):
-        await finished.wait()
+    errors = await play_to_end(vc, SineSource(TONE_FRAMES))
     recording = dave_server.recording(BOT_ID)
     await recording.wait_frames(TONE_FRAMES + 5, timeout=GUARD)
-    await vc.disconnect(force=True)
-    await dave_server.wait_event("left", BOT_ID, timeout=GUARD)
-    await asyncio.gather(*guild.tasks)
+    await guild.leave()
 
     assert errors == [None]
     assert dave_server.stats.dave_undecryptable == 0

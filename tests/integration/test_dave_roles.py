@@ -27,12 +27,12 @@ from tests.integration.dave_members import (
     GUILD,
     LEGATO,
     DpyMember,
-    dpy_http,
     legato_in_epoch,
     legato_member,
     legato_plays,
     settled,
 )
+from tests.integration.dpy_voice import dpy_http
 from tests.integration.voice_support import Player, tone_frames, voice_server
 
 pytestmark = pytest.mark.integration
