@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tests.fakes.clock import FakeClock, FakeTimer, settle
 from tests.fakes.executor import InlineExecutor, SettlingPool
+from tests.fakes.player import inline_player
 from tests.fakes.sink import GatedSink, RecordingSink, SinkEvent
 from tests.fakes.source import (
     ScriptedOpener,
@@ -27,6 +28,7 @@ __all__ = [
     "ToneSource",
     "TrickleSource",
     "frame_id",
+    "inline_player",
     "make_frames",
     "settle",
 ]

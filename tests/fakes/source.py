@@ -249,6 +249,13 @@ class ScriptedOpener:
             self.on_open(source)
         return source
 
+    def release(self) -> None:
+        """Answer the waiting read of every :class:`TrickleSource` handed out, so that
+        ``close()`` can close it (a read still waiting must end first)."""
+        for source in self.sources:
+            if isinstance(source, TrickleSource):
+                source.deliver()
+
 
 class ToneSource:
     """A FrameSource of real Opus: a sine of ``freq`` Hz for ``seconds``, encoded as it is read.

@@ -39,6 +39,7 @@ from tests.fakes import (
     ScriptedSource,
     SettlingPool,
     TrickleSource,
+    inline_player,
     make_frames,
     settle,
 )
@@ -86,15 +87,7 @@ async def rig() -> AsyncIterator[Rig]:
     sink = RecordingSink(clock)
     opener = ScriptedOpener()
     events: list[PlayerEvent] = []
-    player = GuildPlayer(
-        sink,
-        opener,
-        clock=clock,
-        executor=InlineExecutor(),
-        buffer_ms=100,
-        on_event=events.append,
-        guild_id=42,
-    )
+    player = inline_player(sink, opener, clock, on_event=events.append, guild_id=42)
     yield Rig(clock, sink, opener, player, events)
     await player.close()
 
@@ -682,15 +675,8 @@ async def test_a_stalled_source_is_filled_with_silence_on_the_grid() -> None:
     sink = RecordingSink(clock)
     opener = ScriptedOpener()
     track = opener.script("A", 60, trickle=True)
-    player = GuildPlayer(
-        sink,
-        opener,
-        clock=clock,
-        executor=InlineExecutor(),
-        buffer_ms=100,
-        stall_timeout=600.0,
-        starve_window=1200.0,
-        starve_limit=600.0,
+    player = inline_player(
+        sink, opener, clock, stall_timeout=600.0, starve_window=1200.0, starve_limit=600.0
     )
     player.queue.add([track])
     player.start()

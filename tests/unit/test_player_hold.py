@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from legato.audio.player import GuildPlayer, PlayerEvent, PlayerState, TrackStarted
-from tests.fakes import FakeClock, GatedSink, InlineExecutor, ScriptedOpener, settle
+from tests.fakes import FakeClock, GatedSink, ScriptedOpener, inline_player, settle
 
 F = 0.020
 
@@ -30,14 +30,7 @@ async def rig() -> AsyncIterator[Rig]:
     sink = GatedSink(clock, open=False)
     opener = ScriptedOpener()
     events: list[PlayerEvent] = []
-    player = GuildPlayer(
-        sink,
-        opener,
-        clock=clock,
-        executor=InlineExecutor(),
-        buffer_ms=100,
-        on_event=events.append,
-    )
+    player = inline_player(sink, opener, clock, on_event=events.append)
     yield Rig(clock, sink, opener, player, events)
     await player.close()
 

@@ -24,7 +24,7 @@ from legato.audio.player import (
 )
 from legato.audio.source import SourceTooSlow
 from legato.audio.track import Track
-from tests.fakes import FakeClock, InlineExecutor, RecordingSink, ScriptedOpener, TrickleSource
+from tests.fakes import FakeClock, RecordingSink, ScriptedOpener, TrickleSource, inline_player
 
 F = 0.020
 WINDOW = 4.0
@@ -81,12 +81,10 @@ async def rig() -> AsyncIterator[Rig]:
     def on_event(event: PlayerEvent) -> None:
         holder[0].events.append((clock.now(), event))
 
-    player = GuildPlayer(
+    player = inline_player(
         sink,
         opener,
-        clock=clock,
-        executor=InlineExecutor(),
-        buffer_ms=100,
+        clock,
         on_event=on_event,
         preload_s=0.0,
         stall_timeout=60.0,  # the stall rule is not what these tests are about
@@ -95,9 +93,7 @@ async def rig() -> AsyncIterator[Rig]:
     )
     holder.append(Rig(clock, sink, opener, player))
     yield holder[0]
-    for source in opener.sources:
-        if isinstance(source, TrickleSource):
-            source.deliver()  # a read still waiting must end before close() can close it
+    opener.release()
     await player.close()
 
 
@@ -188,12 +184,10 @@ async def test_without_fill_a_stalled_source_still_fails_after_the_stall_timeout
     opener = ScriptedOpener()
     sink = RecordingSink(clock)
     events: list[PlayerEvent] = []
-    player = GuildPlayer(
+    player = inline_player(
         sink,
         opener,
-        clock=clock,
-        executor=InlineExecutor(),
-        buffer_ms=100,
+        clock,
         on_event=events.append,
         preload_s=0.0,
         fill_silence=False,
@@ -211,9 +205,7 @@ async def test_without_fill_a_stalled_source_still_fails_after_the_stall_timeout
         assert len(sink.frames) == sent  # nothing stands in
         await clock.run_until(lambda: player.state is PlayerState.IDLE)
     finally:
-        for source in opener.sources:
-            if isinstance(source, TrickleSource):
-                source.deliver()
+        opener.release()
         await player.close()
     failed = [e for e in events if isinstance(e, TrackFailed)]
     assert [e.track.title for e in failed] == ["A"]
