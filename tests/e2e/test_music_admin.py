@@ -16,7 +16,6 @@ from legato.sandbox.relay import RelayOptions
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
 from legato.sandbox.voice import SandboxVoiceServer
-from tests.e2e import test_music_cog
 from tests.e2e.test_music_cog import (
     GUARD,
     Tones,
@@ -29,10 +28,6 @@ from tests.e2e.test_music_cog import (
 )
 
 pytestmark = pytest.mark.e2e
-
-# The module-scoped media server and the plain sandbox, shared with test_music_cog.
-tones = test_music_cog.tones
-sandbox = test_music_cog.sandbox
 
 #: Discord's MANAGE_GUILD permission bit ("Manage Server").
 MANAGE_GUILD = 1 << 5

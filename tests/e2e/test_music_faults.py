@@ -42,10 +42,6 @@ from tests.media import expected_frames, expiring_stream, write_steps, write_ton
 
 pytestmark = pytest.mark.e2e
 
-# The module-scoped media server, and a sandbox on each voice path, shared with test_music_cog.
-tones = test_music_cog.tones
-path_sandbox = test_music_cog.path_sandbox
-
 #: One second each: what is heard at a time tells where in the track the bot is.
 STEPS = ((440.0, 1.0), (660.0, 1.0), (880.0, 1.0))
 AFTER_HZ = 550.0

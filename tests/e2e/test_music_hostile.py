@@ -18,7 +18,6 @@ import pytest
 from legato.config import PermissionsConfig
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
-from tests.e2e import test_music_cog
 from tests.e2e.test_music_cog import (
     A_HZ,
     GUARD,
@@ -35,10 +34,6 @@ from tests.e2e.test_music_cog import (
 )
 
 pytestmark = pytest.mark.e2e
-
-# The same fixtures as the cog's tests (pytest finds fixtures by their name in the module).
-sandbox = test_music_cog.sandbox
-tones = test_music_cog.tones
 
 _RETRY = re.compile(r"You're sending commands too fast; try again in (\d+) (?:seconds?|minutes)\.")
 

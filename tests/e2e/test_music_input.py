@@ -17,7 +17,6 @@ import pytest
 
 from legato.config import PermissionsConfig
 from legato.sandbox.server import Sandbox
-from tests.e2e import test_music_cog
 from tests.e2e.test_music_cog import (
     GUARD,
     Tones,
@@ -30,9 +29,6 @@ from tests.e2e.test_music_cog import (
 )
 
 pytestmark = pytest.mark.e2e
-
-sandbox = test_music_cog.sandbox
-tones = test_music_cog.tones
 
 
 def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -33,22 +33,18 @@ from tests.e2e.test_music_cog import (
     answer,
     heard,
     make_config,
-    path_sandbox,
     recording,
     refused,
     running,
-    sandbox,
     start_playing,
-    tones,
 )
 from tests.media import audio_list_page, write_steps, write_tone
 
 pytestmark = pytest.mark.e2e
 
-# Fixtures shared with test_music_cog. Every test but the transport one runs on each voice path
-# (path_sandbox: Discord's v8/udp/DAVE, a self-hosted server's v6/webrtc); that one forces each
-# transport on Discord's path.
-__all__ = ["path_sandbox", "sandbox", "tones"]
+# Every test but the transport one runs on each voice path (path_sandbox, from conftest:
+# Discord's v8/udp/DAVE, a self-hosted server's v6/webrtc); that one forces each transport on
+# Discord's path.
 
 C_HZ = 660.0
 D_HZ = 990.0

@@ -21,7 +21,6 @@ from legato.audio.player import PlayerState
 from legato.cogs.format import BUFFERING_NOTE, LOADING_NOTE
 from legato.config import Config
 from legato.sandbox.server import Sandbox
-from tests.e2e import test_music_cog
 from tests.e2e.test_music_cog import (
     B_HZ,
     GUARD,
@@ -36,10 +35,6 @@ from tests.e2e.test_music_cog import (
 from tests.media import Trickle, write_tone
 
 pytestmark = pytest.mark.e2e
-
-# The module-scoped media server and the plain sandbox, shared with test_music_cog.
-tones = test_music_cog.tones
-sandbox = test_music_cog.sandbox
 
 LIMIT = 1.5
 #: For the track that never starts: long enough for two commands to be answered first on a
