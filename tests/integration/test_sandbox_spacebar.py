@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import signal
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +28,8 @@ from tests.integration.test_sandbox_voice import (
     GUARD,
     GUILD,
     ScriptedClient,
+    command_line_voice_server,
+    send_webrtc,
     tone_frames,
 )
 
@@ -160,12 +160,7 @@ async def test_op12_before_dtls_is_answered_once_dtls_is_up_on_an_rsa_certificat
         kinds = [e.kind for e in server.events if e.user_id == ALICE]
         assert kinds.index("dtls_connected") < kinds.index("streams_published")
         recording = server.recording(ALICE)
-        # Bursts no larger than the transport's queue, each once the server has the last one.
-        for start in range(0, len(frames), 5):
-            burst = frames[start : start + 5]
-            for opus in burst:
-                transport.send_frame(opus)
-            await recording.wait_frames(start + len(burst), timeout=GUARD)
+        await send_webrtc(transport, frames, recording)
     finally:
         await transport.close()
     await client.close()
@@ -223,23 +218,7 @@ async def test_the_endpoint_is_plain_ws(server: SandboxVoiceServer) -> None:
 
 
 async def test_the_command_line_voice_server_plays_spacebar(http: aiohttp.ClientSession) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "legato.sandbox",
-        "voice",
-        "--profile",
-        "spacebar",
-        "--session",
-        f"{GUILD}:{ALICE}:sA",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        async with asyncio.timeout(GUARD):
-            while not lines or not lines[-1].startswith("Ctrl-C"):
-                lines.append((await proc.stdout.readline()).decode())
+    async with command_line_voice_server("--profile", "spacebar") as lines:
         url = lines[0].split()[-1]
         assert url.startswith("ws://")
         assert url.endswith("/?v=6")
@@ -251,10 +230,6 @@ async def test_the_command_line_voice_server_plays_spacebar(http: aiohttp.Client
         await ws.receive()
         assert ws.close_code == 4003
         await ws.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(GUARD):
-            assert await proc.wait() == 0
 
 
 def test_the_command_line_takes_a_profile() -> None:

@@ -35,6 +35,7 @@ from legato.audio.encode import OpusEncoder
 from legato.audio.sink import OPUS_SILENCE, SILENCE_FRAMES
 from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
 from legato.sandbox.__main__ import recording_report
+from legato.sandbox.recording import Recording
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.crypto import PacketEncryptor
 from legato.voice.rtp import (
@@ -287,6 +288,49 @@ async def connected(
 
 async def frequency_of(server: SandboxVoiceServer, user_id: int) -> float:
     return await asyncio.to_thread(server.recording(user_id).dominant_frequency)
+
+
+async def send_webrtc(
+    transport: WebRtcTransport, frames: list[bytes], recording: Recording
+) -> None:
+    """Send ``frames`` over a started webrtc ``transport``: bursts no larger than the
+    transport's queue, each once the server has the last one."""
+    for start in range(0, len(frames), 5):
+        burst = frames[start : start + 5]
+        for opus in burst:
+            transport.send_frame(opus)
+        await recording.wait_frames(start + len(burst), timeout=GUARD)
+
+
+@contextlib.asynccontextmanager
+async def command_line_voice_server(*options: str) -> AsyncIterator[list[str]]:
+    """``python -m legato.sandbox voice`` with ``options`` and a session for ALICE (``sA``).
+
+    Yields:
+        What it printed, up to its ``Ctrl-C`` line. On the way out it is sent SIGINT and must
+        exit with 0.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "legato.sandbox",
+        "voice",
+        *options,
+        "--session",
+        f"{GUILD}:{ALICE}:sA",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(GUARD):
+            while not lines or not lines[-1].startswith("Ctrl-C"):
+                lines.append((await proc.stdout.readline()).decode())
+        yield lines
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(GUARD):
+            assert await proc.wait() == 0
 
 
 # -- the happy path on every mode and two gateway versions ---------------------------------------
@@ -753,21 +797,7 @@ async def test_recording_files(
 
 
 async def test_command_line_voice_server(http: aiohttp.ClientSession) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "legato.sandbox",
-        "voice",
-        "--session",
-        f"{GUILD}:{ALICE}:sA",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        async with asyncio.timeout(GUARD):
-            while not lines or not lines[-1].startswith("Ctrl-C"):
-                lines.append((await proc.stdout.readline()).decode())
+    async with command_line_voice_server() as lines:
         endpoint = lines[0].split()[3]
         assert endpoint.startswith("localhost:")  # resolvable from any process
         (ca_line,) = [line for line in lines if line.startswith("CA certificate")]
@@ -784,10 +814,6 @@ async def test_command_line_voice_server(http: aiohttp.ClientSession) -> None:
         ready = await ws.receive_json()
         assert ready["op"] == 2
         await ws.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(GUARD):
-            assert await proc.wait() == 0
 
 
 # -- the webrtc transport ----------------------------------------------------------------------
@@ -812,12 +838,7 @@ async def test_webrtc_tone_is_recorded(
         assert server.session(ALICE).protocol == "webrtc"
         await client.speak(True)
         recording = server.recording(ALICE)
-        # Bursts no larger than the transport's queue, each once the server has the last one.
-        for start in range(0, len(tone), 5):
-            burst = tone[start : start + 5]
-            for opus in burst:
-                transport.send_frame(opus)
-            await recording.wait_frames(start + len(burst), timeout=GUARD)
+        await send_webrtc(transport, tone, recording)
     finally:
         await transport.close()
     await client.close()
