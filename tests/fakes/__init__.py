@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.fakes.clock import FakeClock, FakeTimer, settle
 from tests.fakes.executor import InlineExecutor, SettlingPool
-from tests.fakes.player import inline_player
+from tests.fakes.player import PlayerRig, inline_player
 from tests.fakes.sink import GatedSink, RecordingSink, SinkEvent
 from tests.fakes.source import (
     ScriptedOpener,
@@ -20,6 +20,7 @@ __all__ = [
     "FakeTimer",
     "GatedSink",
     "InlineExecutor",
+    "PlayerRig",
     "RecordingSink",
     "ScriptedOpener",
     "ScriptedSource",

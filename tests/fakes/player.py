@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from legato.audio.player import GuildPlayer, SourceOpener
 from legato.audio.sink import FrameSink
+from legato.audio.track import Track
 from tests.fakes.clock import FakeClock
 from tests.fakes.executor import InlineExecutor
+from tests.fakes.sink import RecordingSink
+from tests.fakes.source import ScriptedOpener
 
 
 def inline_player(
@@ -27,3 +31,19 @@ def inline_player(
     return GuildPlayer(
         sink, opener, clock=clock, executor=InlineExecutor(), buffer_ms=100, **options
     )
+
+
+@dataclass
+class PlayerRig:
+    """A fake-clock player and what it was built from; each test file adds its own events and
+    helpers."""
+
+    clock: FakeClock
+    sink: RecordingSink
+    opener: ScriptedOpener
+    player: GuildPlayer
+
+    def play(self, *tracks: Track) -> None:
+        """Queue ``tracks`` and start the player (it must start)."""
+        self.player.queue.add(tracks)
+        assert self.player.start()

@@ -34,6 +34,7 @@ from legato.errors import AudioError, DecodeError, InvalidTransition, QueueEmpty
 from tests.fakes import (
     FakeClock,
     InlineExecutor,
+    PlayerRig,
     RecordingSink,
     ScriptedOpener,
     ScriptedSource,
@@ -49,19 +50,11 @@ S5 = ["S"] * 5
 
 
 @dataclass
-class Rig:
-    clock: FakeClock
-    sink: RecordingSink
-    opener: ScriptedOpener
-    player: GuildPlayer
+class Rig(PlayerRig):
     events: list[PlayerEvent] = field(default_factory=list)
 
     def track(self, name: str, frames: int = 0, **kw: object) -> Track:
         return self.opener.script(name, frames, **kw)  # type: ignore[arg-type]  # test kwargs
-
-    def play(self, *tracks: Track) -> None:
-        self.player.queue.add(tracks)
-        assert self.player.start()
 
     def names(self) -> list[str]:
         out = []

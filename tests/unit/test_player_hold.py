@@ -9,18 +9,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from legato.audio.player import GuildPlayer, PlayerEvent, PlayerState, TrackStarted
-from tests.fakes import FakeClock, GatedSink, ScriptedOpener, inline_player, settle
+from legato.audio.player import PlayerEvent, PlayerState, TrackStarted
+from tests.fakes import FakeClock, GatedSink, PlayerRig, ScriptedOpener, inline_player, settle
 
 F = 0.020
 
 
 @dataclass
-class Rig:
-    clock: FakeClock
+class Rig(PlayerRig):
     sink: GatedSink
-    opener: ScriptedOpener
-    player: GuildPlayer
     events: list[PlayerEvent]
 
 

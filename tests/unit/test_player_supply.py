@@ -16,15 +16,20 @@ from dataclasses import dataclass, field
 import pytest
 
 from legato.audio.player import (
-    GuildPlayer,
     PlayerEvent,
     PlayerState,
     TrackFailed,
     TrackStarted,
 )
 from legato.audio.source import SourceTooSlow
-from legato.audio.track import Track
-from tests.fakes import FakeClock, RecordingSink, ScriptedOpener, TrickleSource, inline_player
+from tests.fakes import (
+    FakeClock,
+    PlayerRig,
+    RecordingSink,
+    ScriptedOpener,
+    TrickleSource,
+    inline_player,
+)
 
 F = 0.020
 WINDOW = 4.0
@@ -32,17 +37,9 @@ LIMIT = 2.0
 
 
 @dataclass
-class Rig:
-    clock: FakeClock
-    sink: RecordingSink
-    opener: ScriptedOpener
-    player: GuildPlayer
+class Rig(PlayerRig):
     #: Each event with the fake time it came at.
     events: list[tuple[float, PlayerEvent]] = field(default_factory=list)
-
-    def play(self, *tracks: Track) -> None:
-        self.player.queue.add(tracks)
-        assert self.player.start()
 
     def source(self, tag: str) -> TrickleSource:
         found = [s for s in self.opener.sources if s.tag == tag]
