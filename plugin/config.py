@@ -225,6 +225,26 @@ def _role() -> _Conv:
     return _Conv(from_toml, from_env)
 
 
+def _listed(
+    check: Callable[[list[object]], tuple[str, ...]],
+    expected: str | Callable[[], str],
+    sep: str = ",",
+) -> _Conv:
+    """A list key: a TOML array, or in the environment ``sep``-separated items (each stripped,
+    blank ones dropped); either list goes whole to ``check``. ``expected`` may be a function,
+    for a message that is costly to build."""
+
+    def from_toml(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise _Bad(expected() if callable(expected) else expected)
+        return check(v)
+
+    def from_env(s: str) -> tuple[str, ...]:
+        return check([x.strip() for x in s.split(sep) if x.strip()])
+
+    return _Conv(from_toml, from_env)
+
+
 _DOMAIN: Final = re.compile(
     r"(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}"
 )
@@ -249,15 +269,7 @@ def _domains() -> _Conv:
             raise _Bad(expected)
         return d
 
-    def from_toml(v: object) -> tuple[str, ...]:
-        if not isinstance(v, list):
-            raise _Bad(expected)
-        return tuple(one(x) for x in v)
-
-    def from_env(s: str) -> tuple[str, ...]:
-        return tuple(one(x) for x in s.split(",") if x.strip())
-
-    return _Conv(from_toml, from_env)
+    return _listed(lambda items: tuple(one(x) for x in items), expected)
 
 
 def _hosts() -> _Conv:
@@ -274,15 +286,7 @@ def _hosts() -> _Conv:
         except HostEntryError as exc:
             raise _Bad(expected, f"entry {exc.entry!r} {exc.why}") from None
 
-    def from_toml(v: object) -> tuple[str, ...]:
-        if not isinstance(v, list):
-            raise _Bad(expected)
-        return check(v)
-
-    def from_env(s: str) -> tuple[str, ...]:
-        return check([x.strip() for x in s.split(",") if x.strip()])
-
-    return _Conv(from_toml, from_env)
+    return _listed(check, expected)
 
 
 def _loopback_host() -> _Conv:
@@ -315,15 +319,7 @@ def _names() -> _Conv:
             raise _Bad(expected)
         return names
 
-    def from_toml(v: object) -> tuple[str, ...]:
-        if not isinstance(v, list):
-            raise _Bad(expected)
-        return check(v)
-
-    def from_env(s: str) -> tuple[str, ...]:
-        return check([x.strip() for x in s.split(",") if x.strip()])
-
-    return _Conv(from_toml, from_env)
+    return _listed(check, expected)
 
 
 def _provider() -> _Conv:
@@ -415,15 +411,7 @@ def _player_clients() -> _Conv:
             names.append(name)
         return tuple(names)
 
-    def from_toml(v: object) -> tuple[str, ...]:
-        if not isinstance(v, list):
-            raise _Bad(expected())
-        return check(v)
-
-    def from_env(s: str) -> tuple[str, ...]:
-        return check([x.strip() for x in s.split(",") if x.strip()])
-
-    return _Conv(from_toml, from_env)
+    return _listed(check, expected)
 
 
 _EXTRACTOR: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -490,21 +478,31 @@ def _extractor_args() -> _Conv:
     return _Conv(from_toml, from_env)
 
 
+def _optional_text(expected: str, accept: Callable[[str], str]) -> _Conv:
+    """A string without NUL, stripped: ``""`` for none, else what ``accept`` makes of it
+    (``accept`` raises ``_Bad`` on a value it refuses)."""
+
+    def from_toml(v: object) -> str:
+        if not isinstance(v, str) or "\x00" in v:
+            raise _Bad(expected)
+        v = v.strip()
+        return accept(v) if v else v
+
+    return _Conv(from_toml, from_toml)
+
+
 def _pot_provider() -> _Conv:
     expected = (
         'the PO-token provider\'s address ("http://127.0.0.1:4416"), the directory of its script '
         'server, or "" for none'
     )
 
-    def from_toml(v: object) -> str:
-        if not isinstance(v, str) or "\x00" in v:
-            raise _Bad(expected)
-        v = v.strip()
-        if not v or re.fullmatch(r"https?://[^\s/?#]+/?", v) or os.path.isabs(v):
+    def accept(v: str) -> str:
+        if re.fullmatch(r"https?://[^\s/?#]+/?", v) or os.path.isabs(v):
             return v.rstrip("/") if v.startswith("http") else v
         raise _Bad(expected)
 
-    return _Conv(from_toml, from_toml)
+    return _optional_text(expected, accept)
 
 
 def _directories() -> _Conv:
@@ -515,15 +513,7 @@ def _directories() -> _Conv:
             raise _Bad(expected)
         return tuple(cast(list[str], items))
 
-    def from_toml(v: object) -> tuple[str, ...]:
-        if not isinstance(v, list):
-            raise _Bad(expected)
-        return check(v)
-
-    def from_env(s: str) -> tuple[str, ...]:
-        return check([x.strip() for x in s.split(os.pathsep) if x.strip()])
-
-    return _Conv(from_toml, from_env)
+    return _listed(check, expected, os.pathsep)
 
 
 def _js_runtime() -> _Conv:
@@ -532,18 +522,14 @@ def _js_runtime() -> _Conv:
         "the Deno installed with Legato"
     )
 
-    def from_toml(v: object) -> str:
-        if not isinstance(v, str) or "\x00" in v:
-            raise _Bad(expected)
-        v = v.strip()
-        if v:
-            try:
-                runtime_kind(v)
-            except ValueError:
-                raise _Bad(expected) from None
+    def accept(v: str) -> str:
+        try:
+            runtime_kind(v)
+        except ValueError:
+            raise _Bad(expected) from None
         return v
 
-    return _Conv(from_toml, from_toml)
+    return _optional_text(expected, accept)
 
 
 _WHO: Final = _choice("requester", "dj", "everyone")
