@@ -101,8 +101,28 @@ def _connection(policy: UrlPolicy, url: str, timeout: float) -> http.client.HTTP
         conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=_tls())
     else:
         conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+    return _pin(conn, policy)
+
+
+def _pin(conn: http.client.HTTPConnection, policy: UrlPolicy) -> http.client.HTTPConnection:
+    """Have :meth:`UrlPolicy.connect` make ``conn``'s socket."""
     conn._create_connection = policy.connect  # type: ignore[attr-defined]  # http.client's seam
     return conn
+
+
+def _check_hop(policy: UrlPolicy, url: str, following: str, hops: int, seen: set[str]) -> None:
+    """Check redirect number ``hops`` from ``url`` to ``following`` (``seen``: the chain so far,
+    ``url`` included) before it is followed: no loop, no more than ``max_redirects``, and a URL
+    the policy takes.
+
+    Raises:
+        ResolveError: It is refused.
+    """
+    if following in seen or hops > policy.max_redirects:
+        why = "a redirect loop" if following in seen else f"more than {hops - 1} redirects"
+        _log.info("refused %s: %s", _short(url), why)
+        raise ResolveError(f"{_short(url)}: {why}", user_message=TOO_MANY_REDIRECTS)
+    policy.check_url(following)
 
 
 def request(
@@ -141,8 +161,8 @@ def request(
         sent["Range"] = f"bytes={offset}-"
     seen = {url}
     hops = 0
+    policy.check_url(url)
     while True:
-        policy.check_url(url)
         parts = urllib.parse.urlsplit(url)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         conn = _connection(policy, url, timeout)
@@ -160,10 +180,7 @@ def request(
                 policy._refuse(url, f"a {response.status} with no Location")
             hops += 1
             following = urllib.parse.urljoin(url, location.strip())
-            if following in seen or hops > policy.max_redirects:
-                why = "a redirect loop" if following in seen else f"more than {hops - 1} redirects"
-                _log.info("refused %s: %s", _short(url), why)
-                raise ResolveError(f"{_short(url)}: {why}", user_message=TOO_MANY_REDIRECTS)
+            _check_hop(policy, url, following, hops, seen)
             seen.add(following)
             url = following
             continue
@@ -494,9 +511,7 @@ def _guarded_handler_class() -> type:
             self.policy = policy
 
         def _pinned(self, cls: type[http.client.HTTPConnection], *args: Any, **kw: Any) -> Any:
-            conn = cls(*args, **kw)
-            conn._create_connection = self.policy.connect  # type: ignore[attr-defined]
-            return conn
+            return _pin(cls(*args, **kw), self.policy)
 
         def http_open(self, req: urllib.request.Request) -> Any:
             return self.do_open(functools.partial(self._pinned, http.client.HTTPConnection), req)
@@ -518,13 +533,7 @@ def _guarded_handler_class() -> type:
         ) -> Any:
             hops = getattr(req, "legato_hops", 0) + 1
             seen: set[str] = getattr(req, "legato_seen", {req.full_url})
-            if new in seen or hops > self.policy.max_redirects:
-                why = "a redirect loop" if new in seen else f"more than {hops - 1} redirects"
-                _log.info("refused %s: %s", _short(req.full_url), why)
-                raise ResolveError(
-                    f"{_short(req.full_url)}: {why}", user_message=TOO_MANY_REDIRECTS
-                )
-            self.policy.check_url(new)
+            _check_hop(self.policy, req.full_url, new, hops, seen)
             following = super().redirect_request(req, fp, code, msg, headers, new)
             if following is not None:
                 following.legato_hops = hops

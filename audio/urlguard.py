@@ -32,8 +32,6 @@ redirect hop and each playlist, manifest, segment and key), so nothing fetches a
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ipaddress
 import logging
 import re
@@ -383,17 +381,6 @@ class UrlPolicy:
         """
         self._target(url)
 
-    def check_resolved(self, url: str) -> None:
-        """:meth:`check_url`, then every address the host name resolves to. Blocking (DNS).
-
-        Raises:
-            ResolveError: The URL is refused, or its host does not resolve.
-        """
-        target = self._target(url)
-        if target.scheme == "file":
-            return
-        self._addresses(target, url)
-
     def connect(
         self,
         address: tuple[str, int],
@@ -427,21 +414,6 @@ class UrlPolicy:
                 continue
             return sock
         raise error if error is not None else OSError(f"{host} has no address to connect to")
-
-    async def check(
-        self,
-        url: str,
-        loop: asyncio.AbstractEventLoop | None = None,
-        executor: concurrent.futures.Executor | None = None,
-    ) -> None:
-        """:meth:`check_resolved` with the DNS lookup in ``executor``, off the event loop.
-
-        Raises:
-            ResolveError: As :meth:`check_resolved`.
-        """
-        self.check_url(url)  # cheap refusals without a thread hop
-        running = loop or asyncio.get_running_loop()
-        await running.run_in_executor(executor, self.check_resolved, url)
 
     def check_headers(self, headers: Mapping[str, str]) -> None:
         """Refuse request headers that could redirect or split a request FFmpeg makes.

@@ -329,32 +329,28 @@ def _own_name() -> tuple[str, list[str]]:
 
 
 def test_names_resolving_to_internal_addresses_are_refused() -> None:
-    # The host name escapes every rule about names; only its DNS answer gives it away.
+    # The host name escapes every rule about names; only its DNS answer gives it away, and the
+    # answer is judged where the connection is made: nothing is connected to when it is refused.
     name, addresses = _own_name()
     DEFAULT.check_url(f"http://{name}/a.mp3")
     with pytest.raises(ResolveError) as info:
-        DEFAULT.check_resolved(f"http://{name}/a.mp3")
+        DEFAULT.connect((name, 80), 2.0)
     if addresses:
         assert f"{name} resolves to " in str(info.value)
         assert info.value.user_message == NOT_ALLOWED
-        UrlPolicy(allow_private=True).check_resolved(f"http://{name}/a.mp3")
+        # Allowed, it is connected to: port 1 refuses, which is the socket's answer, not ours.
+        with pytest.raises(ConnectionRefusedError):
+            UrlPolicy(allow_private=True).connect((name, 1), 2.0)
     else:
         assert info.value.user_message == UNKNOWN_HOST
+    with pytest.raises(ResolveError, match="loopback name"):
+        DEFAULT.connect(("localhost.", 80), 2.0)
 
 
 def test_names_that_do_not_resolve_say_so() -> None:
     with pytest.raises(ResolveError) as info:
-        DEFAULT.check_resolved("http://no-such-host.invalid/a.mp3")
+        DEFAULT.connect(("no-such-host.invalid", 80), 2.0)
     assert info.value.user_message == UNKNOWN_HOST
-
-
-async def test_async_check_runs_the_lookup_off_the_loop() -> None:
-    name, addresses = _own_name()
-    with pytest.raises(ResolveError, match="resolves to" if addresses else "does not resolve"):
-        await DEFAULT.check(f"http://{name}/")
-    with pytest.raises(ResolveError, match="loopback name"):
-        await DEFAULT.check("http://localhost./")
-    await DEFAULT.check("https://8.8.8.8/")  # a literal: no lookup at all
 
 
 # --- yt-dlp answers and headers -------------------------------------------------------------
