@@ -1,24 +1,35 @@
-"""Who may do what: voice-channel presence and the DJ rules of ``[permissions]``.
+"""Who may do what (voice-channel presence, the DJ rules of ``[permissions]``) and what may be
+played (the query of /play, the tracks it found, against ``[playback]``).
 
 These are plain functions the commands call with the state they already hold; a refusal raises
-:class:`Denied`, whose ``user_message`` the cog sends ephemerally.
+:class:`Denied` or :class:`~legato.cogs.format.BadInput`, whose ``user_message`` the cog sends
+ephemerally.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections import deque
 from typing import Final, Literal
 
 import discord
 
-from legato.config import PermissionsConfig
+from legato.audio.resolve import split_url
+from legato.audio.track import Track
+from legato.cogs.format import BadInput, format_time, is_blank, over_limit
+from legato.config import PermissionsConfig, PlaybackConfig
 from legato.errors import LegatoError
 
 __all__ = [
     "CommandRate",
     "Denied",
     "NotPlaying",
+    "check_query",
+    "check_tracks",
     "is_dj",
+    "is_search",
+    "is_url",
     "listeners",
     "require_may",
     "require_same_channel",
@@ -27,6 +38,9 @@ __all__ = [
 ]
 
 VoiceLike = discord.VoiceChannel | discord.StageChannel
+
+# As legato.audio.resolve decides: a URL is the whole query; words around one are a search.
+_URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
 
 
 class Denied(LegatoError):
@@ -184,3 +198,69 @@ class CommandRate:
         horizon = now - self.window
         self._seen = {u: t for u, t in self._seen.items() if t and t[-1] > horizon}
         self._sweep_at = max(self._SWEEP_EVERY, 2 * len(self._seen))
+
+
+# --- what may be played -----------------------------------------------------------------------
+
+
+def is_url(query: str) -> bool:
+    """Whether the resolver takes ``query`` as a link (the whole query is one URL)."""
+    return _URL.match(query.strip()) is not None
+
+
+def is_search(query: str) -> bool:
+    """Whether the resolver takes ``query`` as words to search for (no link, no path)."""
+    q = query.strip()
+    return not is_url(q) and not os.path.isabs(q) and not q.startswith(("./", "../", "~"))
+
+
+def check_query(query: str, playback: PlaybackConfig) -> None:
+    """Refuse a blank query, a link to a site not allowed, or a search when searching is off.
+
+    Raises:
+        BadInput: The query may not be played; ``user_message`` says why.
+    """
+    query = query.strip()
+    if is_blank(query):
+        # Not only "": NUL, ESC or U+3000 alone would be searched for as if they were words.
+        raise BadInput(f"blank query {query!r}", user_message="Tell me what to play.")
+    if is_url(query):
+        host = (split_url(query).hostname or "").lower().rstrip(".")
+        allowed = playback.allowed_domains
+        if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
+            raise BadInput(
+                f"host {host!r} not allowed",
+                user_message=(
+                    "Links from that site are not allowed here. Allowed: "
+                    + ", ".join(allowed[:10])
+                    + "."
+                ),
+            )
+    elif playback.search_provider == "none" and is_search(query):
+        raise BadInput("search is off", user_message="Searching is turned off; give me a link.")
+
+
+def check_tracks(
+    tracks: list[Track], playback: PlaybackConfig, *, search: bool
+) -> tuple[list[Track], int]:
+    """Apply the length limit; a search keeps its first result.
+
+    Returns:
+        The tracks to queue and how many were left out for being too long.
+
+    Raises:
+        BadInput: Every track is too long.
+    """
+    limit = playback.max_track_duration
+    if search:
+        tracks = tracks[:1]
+    if limit <= 0:
+        return tracks, 0
+    fitting = [t for t in tracks if t.duration is None or not over_limit(t.duration, limit)]
+    if not fitting:
+        longest = max(t.duration or 0.0 for t in tracks)
+        raise BadInput(
+            f"track {longest}s over limit {limit}s",
+            user_message=f"That is {format_time(longest)} long; the limit is {format_time(limit)}.",
+        )
+    return fitting, len(tracks) - len(fitting)

@@ -63,7 +63,7 @@ _Fingerprint = tuple[object, ...]
 
 
 class GuildSession(Protocol):
-    """What is read of a :class:`legato.cogs.music.GuildSession` (structural, so that this
+    """What is read of a :class:`legato.cogs.session.GuildSession` (structural, so that this
     module does not import the cog's)."""
 
     @property
@@ -94,7 +94,7 @@ class MusicCog(Protocol):
     @property
     def decode_pool(self) -> DecodePool | None: ...
 
-    async def _connect(
+    async def connect(
         self,
         guild: discord.Guild,
         channel: VoiceLike,
@@ -365,7 +365,7 @@ class Persistence:
             return False
         text = guild.get_channel(snap.text_channel_id or 0)
         messageable = text if isinstance(text, discord.abc.Messageable) else None
-        session = await self.cog._connect(guild, channel, messageable)
+        session = await self.cog.connect(guild, channel, messageable)
         if session.queue.current is not None or len(session.queue):
             return False  # someone started something meanwhile: theirs wins
         assert snap.current is not None

@@ -347,12 +347,23 @@ async def test_unexpected_error_is_logged_and_answered_generically(
         pass
 
     class ExplodingResolver:
+        """Fault injection: a bug below the cog."""
+
         async def resolve(self, query: str, *, requester_id: int = 0) -> list[Any]:
             raise Broken("secret internal detail")
 
+        def close(self) -> None:
+            pass
+
+    class InjectedBot(MusicBot):
+        async def setup_hook(self) -> None:
+            resolver: Any = ExplodingResolver()
+            await self.add_cog(MusicCog(self, self.legato_config, resolver=resolver))
+            await self.tree.sync()
+
     sb = sandbox
-    async with running(sb, make_config(tones)) as bot:
-        bot.music.resolver = ExplodingResolver()  # fault injection: a bug below the cog
+    config = make_config(tones)
+    async with running(sb, config, InjectedBot(config, sb.guild.id)) as bot:
         alice = sb.add_user("alice")
         await alice.join_voice(sb.general)
         with caplog.at_level("ERROR", logger="legato.cogs.music"):
