@@ -40,11 +40,12 @@ import yt_dlp.extractor
 from discord.ext import commands
 
 from legato.audio.player import GuildPlayer, PlayerState
-from legato.audio.queue import TrackQueue
+from legato.audio.queue import LoopMode, TrackQueue
+from legato.audio.track import Track
 from legato.cogs.checks import VoiceLike
 from legato.errors import LegatoError
 from legato.log import guild_logger
-from legato.store import GuildSnapshot, GuildStore
+from legato.store import GuildSnapshot, GuildStore, TrackRecord
 
 if TYPE_CHECKING:
     from legato.audio.workers import DecodePool
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from legato.log import GuildLogger
     from legato.voice.client import LegatoVoiceClient
 
-__all__ = ["Persistence", "snapshot_of"]
+__all__ = ["Persistence", "record_of", "snapshot_of", "track_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -102,19 +103,46 @@ class MusicCog(Protocol):
     ) -> GuildSession: ...
 
 
+def record_of(track: Track) -> TrackRecord:
+    """``track`` as the store keeps it (its uid is a per-process identity and is not kept)."""
+    return TrackRecord(
+        url=track.url,
+        title=track.title,
+        duration=track.duration,
+        page_url=track.page_url,
+        thumbnail=track.thumbnail,
+        requester_id=track.requester_id,
+        live=track.live,
+    )
+
+
+def track_of(record: TrackRecord) -> Track:
+    """A stored track as a new :class:`Track` (with a new uid)."""
+    return Track(
+        url=record.url,
+        title=record.title,
+        duration=record.duration,
+        page_url=record.page_url,
+        thumbnail=record.thumbnail,
+        requester_id=record.requester_id,
+        live=record.live,
+    )
+
+
 def snapshot_of(session: GuildSession) -> GuildSnapshot:
     """The state of ``session`` now, as the store keeps it."""
     queue = session.queue
     player = session.player
+    current = queue.current
     return GuildSnapshot(
         guild_id=session.guild_id,
         voice_channel_id=_id_of(session.voice.channel),
         text_channel_id=_id_of(session.text_channel),
-        current=queue.current,
-        position=player.position if queue.current is not None else 0.0,
-        upcoming=tuple(queue.upcoming),
-        history=tuple(queue.history),
-        loop=queue.loop,
+        current=record_of(current) if current is not None else None,
+        position=player.position if current is not None else 0.0,
+        upcoming=tuple(record_of(t) for t in queue.upcoming),
+        history=tuple(record_of(t) for t in queue.history),
+        loop=queue.loop.value,
         volume=session.volume_percent,
         paused=player.state is PlayerState.PAUSED,
         updated_at=time.time(),
@@ -139,6 +167,20 @@ def _warmed_up(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Only the first restore is slower for it.
         _log.warning("warming up yt-dlp failed", exc_info=task.exception())
+
+
+def _readable(snap: GuildSnapshot, store: GuildStore) -> bool:
+    """Whether the cog can put ``snap`` back (the store does not check its loop mode)."""
+    if snap.loop in {m.value for m in LoopMode}:
+        return True
+    _log.error(
+        "guild state database %s: the row of guild %s has loop mode %r; it is left in place"
+        " and not restored",
+        store.path,
+        snap.guild_id,
+        snap.loop,
+    )
+    return False
 
 
 def _id_of(channel: object) -> int | None:
@@ -345,7 +387,9 @@ class Persistence:
         async with self._loading:
             if self._pending is None:
                 snapshots = await self.store.load_all()
-                self._pending = {s.guild_id: s for s in snapshots if s.was_playing}
+                self._pending = {
+                    s.guild_id: s for s in snapshots if s.was_playing and _readable(s, self.store)
+                }
             return self._pending
 
     async def _restore_one(self, snap: GuildSnapshot) -> bool:
@@ -370,12 +414,12 @@ class Persistence:
             return False  # someone started something meanwhile: theirs wins
         assert snap.current is not None
         room = session.queue.max_length
-        tracks = [snap.current, *snap.upcoming]
+        tracks = [track_of(r) for r in (snap.current, *snap.upcoming)]
         if room is not None:
             tracks = tracks[: room + 1]
-        session.queue.restore_history(snap.history)
+        session.queue.restore_history([track_of(r) for r in snap.history])
         session.queue.add(tracks[:1])
-        session.queue.loop = snap.loop
+        session.queue.loop = LoopMode(snap.loop)
         await session.player.set_volume(snap.volume / 100)
         # Paused while the track opens and seeks: nothing from its start is sent.
         session.player.start()
@@ -390,7 +434,7 @@ class Persistence:
             session.player.resume()
         session.log.info(
             "resumed %r at %.1f s after a restart (%d queued)",
-            snap.current.title,
+            tracks[0].title,
             snap.position,
             len(tracks) - 1,
         )

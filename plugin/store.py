@@ -1,8 +1,11 @@
 """Each guild's player state kept in SQLite, so a killed bot comes back where it was.
 
 One database file (WAL journal, ``synchronous=NORMAL``) holds one row per guild: queue, current
-track and position, loop mode, volume, channels, pause flag. Every database call runs on one
-writer thread (a single-thread executor that owns the connection), never on the event loop.
+track and position, loop mode, volume, channels, pause flag. The store keeps plain records
+(:class:`TrackRecord`, the loop mode as its name): it knows nothing of the player's types, and
+the cog maps its tracks to records and back (:mod:`legato.cogs.persist`). Every database call
+runs on one writer thread (a single-thread executor that owns the connection), never on the
+event loop.
 
 Writes are batched. :meth:`GuildStore.save` puts a whole snapshot in a pending map and waits for
 a group commit: while one transaction is on the writer thread, every snapshot saved meanwhile
@@ -36,15 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from legato.audio.queue import LoopMode
-from legato.audio.track import Track
-
 __all__ = [
     "DEFAULT_SAVE_INTERVAL",
     "HISTORY_LIMIT",
     "SCHEMA_VERSION",
     "GuildSnapshot",
     "GuildStore",
+    "TrackRecord",
 ]
 
 _log = logging.getLogger(__name__)
@@ -59,6 +60,29 @@ HISTORY_LIMIT: Final = 50
 
 
 @dataclass(frozen=True, slots=True)
+class TrackRecord:
+    """One track as stored: what is needed to resolve and show it again (no per-process uid).
+
+    Attributes:
+        url: What to resolve again.
+        title: Display title.
+        duration: Length in seconds, or ``None``.
+        page_url: The page a user can open, or ``None``.
+        thumbnail: Image URL or ``None``.
+        requester_id: Discord user id of whoever asked for it (0 when not from a user).
+        live: A live stream.
+    """
+
+    url: str
+    title: str
+    duration: float | None = None
+    page_url: str | None = None
+    thumbnail: str | None = None
+    requester_id: int = 0
+    live: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class GuildSnapshot:
     """Everything needed to put a guild's player back as it was.
 
@@ -70,7 +94,7 @@ class GuildSnapshot:
         position: Seconds into ``current``.
         upcoming: Queued tracks, next first.
         history: Finished tracks, most recent last (at most ``HISTORY_LIMIT`` are stored).
-        loop: Loop mode.
+        loop: Loop mode, by name (``off``, ``track``, ``queue``; the store does not check it).
         volume: Volume in percent.
         paused: ``current`` is paused rather than playing.
         updated_at: Unix time the state was taken (``time.time()``).
@@ -79,11 +103,11 @@ class GuildSnapshot:
     guild_id: int
     voice_channel_id: int | None = None
     text_channel_id: int | None = None
-    current: Track | None = None
+    current: TrackRecord | None = None
     position: float = 0.0
-    upcoming: tuple[Track, ...] = ()
-    history: tuple[Track, ...] = ()
-    loop: LoopMode = LoopMode.OFF
+    upcoming: tuple[TrackRecord, ...] = ()
+    history: tuple[TrackRecord, ...] = ()
+    loop: str = "off"
     volume: int = 100
     paused: bool = False
     updated_at: float = field(default_factory=time.time)
@@ -97,8 +121,7 @@ class GuildSnapshot:
 # --- encoding -------------------------------------------------------------------------------
 
 
-def _track_to_json(track: Track) -> dict[str, Any]:
-    # uid is a per-process identity: a restored track gets a new one.
+def _track_to_json(track: TrackRecord) -> dict[str, Any]:
     return {
         "url": track.url,
         "title": track.title,
@@ -110,12 +133,12 @@ def _track_to_json(track: Track) -> dict[str, Any]:
     }
 
 
-def _track_from_json(data: object) -> Track:
+def _track_from_json(data: object) -> TrackRecord:
     if not isinstance(data, dict) or not isinstance(data.get("url"), str):
         raise ValueError(f"not a track: {data!r:.200}")
     duration = data.get("duration")
     requester = data.get("requester_id", 0)
-    return Track(
+    return TrackRecord(
         url=data["url"],
         title=str(data.get("title") or data["url"]),
         duration=float(duration) if isinstance(duration, int | float) else None,
@@ -126,11 +149,11 @@ def _track_from_json(data: object) -> Track:
     )
 
 
-def _tracks_to_json(tracks: Sequence[Track]) -> str:
+def _tracks_to_json(tracks: Sequence[TrackRecord]) -> str:
     return json.dumps([_track_to_json(t) for t in tracks], ensure_ascii=False)
 
 
-def _tracks_from_json(text: str) -> tuple[Track, ...]:
+def _tracks_from_json(text: str) -> tuple[TrackRecord, ...]:
     data = json.loads(text)
     if not isinstance(data, list):
         raise ValueError(f"not a track list: {text[:200]!r}")
@@ -592,7 +615,7 @@ def _row(s: GuildSnapshot) -> tuple[object, ...]:
         float(s.position),
         _tracks_to_json(s.upcoming),
         _tracks_to_json(s.history[-HISTORY_LIMIT:]),
-        s.loop.value,
+        str(s.loop),
         int(s.volume),
         1 if s.paused else 0,
         float(s.updated_at),
@@ -609,7 +632,7 @@ def _snapshot(row: Sequence[Any]) -> GuildSnapshot:
         position=float(position),
         upcoming=_tracks_from_json(upcoming),
         history=_tracks_from_json(history),
-        loop=LoopMode(loop),
+        loop=str(loop),
         volume=int(volume),
         paused=bool(paused),
         updated_at=float(at),

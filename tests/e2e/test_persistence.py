@@ -16,7 +16,6 @@ from typing import Any, Final
 
 import pytest
 
-from legato.cogs.persist import DEFAULT_TICK
 from legato.config import Config, PlaybackConfig, StorageConfig, VoiceConfig
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
@@ -39,6 +38,7 @@ class Row:
     loop: str
     volume: int
     voice_channel_id: int | None
+    paused: bool
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +66,13 @@ def stored(db: Path, guild_id: int) -> Row | None:
     """The guild's row now, read as another process would (read-only, committed data only)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         found = conn.execute(
-            "SELECT current, position, upcoming, loop_mode, volume, voice_channel_id"
+            "SELECT current, position, upcoming, loop_mode, volume, voice_channel_id, paused"
             " FROM guild_state WHERE guild_id = ?",
             (guild_id,),
         ).fetchone()
     if found is None:
         return None
-    current, position, upcoming, loop, volume, channel = found
+    current, position, upcoming, loop, volume, channel, paused = found
     return Row(
         current=json.loads(current)["url"] if current is not None else None,
         position=float(position),
@@ -80,6 +80,7 @@ def stored(db: Path, guild_id: int) -> Row | None:
         loop=str(loop),
         volume=int(volume),
         voice_channel_id=channel,
+        paused=bool(paused),
     )
 
 
@@ -123,13 +124,22 @@ async def test_changes_are_saved_and_positions_written_as_it_plays(
             await answer(await alice.invoke("loop", mode="queue"))
             row = await until_stored(rec, db, gid, lambda r: r.loop == "queue")
 
-            # The position moves on as it plays, written by the store's timer.
+            # The position moves on as it plays, written by the store's timer (no command), and
+            # is never ahead of what was played.
             later = await until_stored(rec, db, gid, lambda r: r.position >= row.position + 1.0)
             player = music(bot).session(gid).player
             assert later.position <= player.position
-            # Lost on a crash: at most a save interval and a watcher tick (plus 1 s of slack for
-            # a busy machine).
-            assert player.position - later.position <= SAVE_INTERVAL + DEFAULT_TICK + 1.0
+
+            # A pause is a change: the watcher's next step saves the state whole, at the exact
+            # position the player stopped at. (No audio while paused to wake on: the step is
+            # awaited instead.)
+            await answer(await alice.invoke("pause"))
+            await music(bot).persistence.save_changes()
+            paused = stored(db, gid)
+            assert paused is not None
+            assert paused.paused
+            assert paused.position == player.position
+            await answer(await alice.invoke("resume"))
 
             # /stop keeps the session (still in voice) but nothing is playing: nothing to resume.
             # (No audio after it to wake on: the watcher's own step is awaited instead.)

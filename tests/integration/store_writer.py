@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from legato.audio.queue import LoopMode
-from legato.audio.track import Track
-from legato.store import GuildSnapshot, GuildStore
+from legato.store import GuildSnapshot, GuildStore, TrackRecord
 
 GUILDS: Final = (101, 102, 103)
 CHECKPOINTED: Final = 5
@@ -27,9 +25,11 @@ HOLD_LAST: Final = 30
 POSITIONS: Final = 5
 
 
-def step_track(n: int) -> Track:
+def step_track(n: int) -> TrackRecord:
     """The n-th track of the script."""
-    return Track(url=f"https://example.com/{n}", title=f"t{n}", duration=600.0, requester_id=n)
+    return TrackRecord(
+        url=f"https://example.com/{n}", title=f"t{n}", duration=600.0, requester_id=n
+    )
 
 
 def step_snapshot(guild_id: int, step: int) -> GuildSnapshot:
@@ -42,7 +42,7 @@ def step_snapshot(guild_id: int, step: int) -> GuildSnapshot:
         position=step * 10.0,
         upcoming=tuple(step_track(step + i) for i in range(1, 1 + step % 7)),
         history=tuple(step_track(i) for i in range(max(1, step - 20), step)),
-        loop=(LoopMode.OFF, LoopMode.TRACK, LoopMode.QUEUE)[step % 3],
+        loop=("off", "track", "queue")[step % 3],
         volume=step % 201,
         paused=step % 2 == 1,
         updated_at=1_700_000_000.0 + step,

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from legato.audio.queue import LoopMode
-from legato.audio.track import Track
-from legato.store import HISTORY_LIMIT, SCHEMA_VERSION, GuildSnapshot, GuildStore
+from legato.store import HISTORY_LIMIT, SCHEMA_VERSION, GuildSnapshot, GuildStore, TrackRecord
 
 
-def track(n: int, **kw: object) -> Track:
+def track(n: int, **kw: object) -> TrackRecord:
     fields: dict[str, object] = {
         "url": f"https://example.com/watch?v={n}",
         "title": f"Track {n} \u266b \U0001f3b5",
@@ -28,11 +26,11 @@ def track(n: int, **kw: object) -> Track:
         "requester_id": 1000 + n,
     }
     fields.update(kw)
-    return Track(**fields)  # type: ignore[arg-type]  # test helper: keys are Track's fields
+    return TrackRecord(**fields)  # type: ignore[arg-type]  # test helper: keys are the fields
 
 
-def plain(t: Track | None) -> tuple[object, ...] | None:
-    """A track without its per-process uid (a restored track gets a new one)."""
+def plain(t: TrackRecord | None) -> tuple[object, ...] | None:
+    """A record as a tuple of its fields."""
     if t is None:
         return None
     return (t.url, t.title, t.duration, t.page_url, t.thumbnail, t.requester_id, t.live)
@@ -63,7 +61,7 @@ def snapshot(guild_id: int, step: int = 1, **kw: object) -> GuildSnapshot:
         "position": 12.5 + step,
         "upcoming": tuple(track(step + i) for i in range(1, 4)),
         "history": tuple(track(i) for i in range(max(0, step - 3), step)),
-        "loop": LoopMode.QUEUE,
+        "loop": "queue",
         "volume": 80 + step % 20,
         "paused": step % 2 == 0,
         "updated_at": 1_700_000_000.0 + step,
@@ -129,7 +127,7 @@ async def test_round_trip_survives_reopen(db: Path) -> None:
         current=None,
         upcoming=(),
         history=(),
-        loop=LoopMode.OFF,
+        loop="off",
         paused=False,
         position=0.0,
     )
@@ -152,13 +150,13 @@ async def test_round_trip_survives_reopen(db: Path) -> None:
 
 async def test_save_replaces_and_forget_deletes(store: GuildStore) -> None:
     await store.save(snapshot(1, 1))
-    await store.save(snapshot(1, 2, loop=LoopMode.TRACK, volume=5))
+    await store.save(snapshot(1, 2, loop="track", volume=5))
     await store.save(snapshot(2, 1))
     store.save_position(2, 99.0)
     await store.forget(2)
     loaded = await store.load_all()
     assert [plain_snapshot(s) for s in loaded] == [
-        plain_snapshot(snapshot(1, 2, loop=LoopMode.TRACK, volume=5))
+        plain_snapshot(snapshot(1, 2, loop="track", volume=5))
     ]
 
 
@@ -467,9 +465,9 @@ async def test_version_1_database_is_migrated(db: Path, caplog: pytest.LogCaptur
         ("https://a.example/3", "Three", None, None, "https://a.example/3.png", 0, False),
     ]
     assert (one.voice_channel_id, one.text_channel_id, one.position) == (111, 112, 42.5)
-    assert (one.loop, one.volume, one.paused, one.history) == (LoopMode.QUEUE, 70, False, ())
+    assert (one.loop, one.volume, one.paused, one.history) == ("queue", 70, False, ())
     assert one.was_playing
-    assert (two.current, two.upcoming, two.loop, two.was_playing) == (None, (), LoopMode.OFF, False)
+    assert (two.current, two.upcoming, two.loop, two.was_playing) == (None, (), "off", False)
     assert any("migrated schema 1 to 2" in r.getMessage() for r in caplog.records)
     with sqlite3.connect(db) as raw:
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
