@@ -31,9 +31,9 @@ from legato.audio.player import PlayerState, make_opener
 from legato.audio.queue import TrackQueue
 from legato.audio.resolve import Resolver, ResolverSettings
 from legato.audio.track import Track
-from legato.audio.urlguard import UrlPolicy
 from legato.audio.workers import DecodePool
 from legato.cogs.base import Interaction, interaction_log
+from legato.cogs.build import source_settings, url_policy
 from legato.cogs.checks import (
     CommandRate,
     VoiceLike,
@@ -454,7 +454,8 @@ class MusicCog(PlaybackCommands, QueueCommands, name="Music"):
 
 
 def _resolver(config: Config, executor: ThreadPoolExecutor) -> Resolver:
-    """yt-dlp resolving with ``config``'s settings, its URL guard built from ``[playback]``."""
+    """yt-dlp resolving with ``config``'s settings, its URL guard built from ``[playback]``
+    (:func:`~legato.cogs.build.url_policy`)."""
     pb = config.playback
     provider = pb.search_provider
     return Resolver(
@@ -464,16 +465,8 @@ def _resolver(config: Config, executor: ThreadPoolExecutor) -> Resolver:
             search_results=pb.search_results,
             allow_local_files=pb.allow_local_files,
             timeout=pb.resolve_timeout,
-            sources=config.sources.settings(),
-            # Users' links make the bot fetch things: no internal addresses, and only the
-            # allowed domains when some are configured (legato.audio.urlguard).
-            url_policy=UrlPolicy(
-                allowed_domains=pb.allowed_domains or None,
-                allow_private=pb.allow_private_addresses,
-                allow_local_files=pb.allow_local_files,
-                allowed_hosts=pb.allowed_hosts,
-                timeout=pb.resolve_timeout,
-            ),
+            sources=source_settings(config.sources),
+            url_policy=url_policy(pb),
         ),
         executor=executor,
         processes=pb.resolve_processes,

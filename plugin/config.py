@@ -26,15 +26,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, cast
 
-from legato.audio.sources import (
-    CookieFileError,
-    SourceSettings,
-    check_cookie_file,
-    readable_by_others,
-    runtime_kind,
-)
-from legato.audio.urlguard import HostEntryError, canonical_hosts
 from legato.errors import ConfigError
+from legato.hosts import HostEntryError, canonical_hosts
+from legato.sourcecheck import CookieFileError, check_cookie_file, readable_by_others, runtime_kind
 
 __all__ = [
     "DEFAULT_PATH",
@@ -735,18 +729,6 @@ class SourcesConfig:
     js_runtime: str = _key(
         "", _js_runtime(), 'JavaScript runtime for yt-dlp; "" the Deno installed with Legato'
     )
-
-    def settings(self) -> SourceSettings:
-        """These settings as the resolver takes them."""
-        return SourceSettings(
-            # Absolute: worker processes may not share the bot's working directory.
-            cookies_file=os.path.abspath(self.cookies_file) if self.cookies_file else None,
-            player_clients=self.youtube_player_clients,
-            extractor_args=self.extractor_args,
-            pot_provider=self.pot_provider or None,
-            plugin_dirs=self.plugin_dirs,
-            js_runtime=self.js_runtime or None,
-        )
 
 
 @dataclass(frozen=True, slots=True)

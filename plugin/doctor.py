@@ -24,6 +24,7 @@ from legato.audio.sources import (
     readable_by_others,
     ydl_params,
 )
+from legato.cogs.build import source_settings
 from legato.config import Config, load_config
 from legato.errors import ConfigError
 
@@ -264,7 +265,7 @@ def check_all(
             config_row = Row("configuration", Status.OK, f"valid ({where})")
     else:
         config_row = Row("configuration", Status.OK, f"valid ({config.source or 'the defaults'})")
-    settings = config.sources.settings() if config is not None else SourceSettings()
+    settings = source_settings(config.sources) if config is not None else SourceSettings()
     rows += _javascript(settings)
     rows += [_davey(), config_row, _cookies(config)]
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 
 import legato
-from legato import resolve_config
+from legato import hosts, resolve_config
+from legato.audio import urlguard
 from legato.config import (
     BotConfig,
     Config,
@@ -431,6 +433,43 @@ def test_allowed_hosts_bad_env_entry_names_the_variable() -> None:
     message = str(info.value)
     assert message.startswith("environment variable LEGATO_PLAYBACK_ALLOWED_HOSTS = ")
     assert 'did you mean "h.lan:81"?' in message
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "http://127.0.0.1:8000/",
+        "https://media.lan",
+        "user@media.lan:80",
+        "127.0.0.1:65536",
+        "::1",
+        "[127.0.0.1]",
+        "[fe80::1%eth0]",
+        "my_nas",
+        "",
+        "LOCALHOST",
+        "0x7f.1:80",
+        "2130706433",
+        "0177.0.0.1:9",
+        "256.1.1.1",
+        "[::ffff:127.0.0.1]:8080",
+        "Bücher.example:8080",
+        "media.lan.",
+        "a" * 64 + ".lan",
+    ],
+)
+def test_allowed_hosts_read_as_the_url_guard_reads_them(entry: str) -> None:
+    """The configuration's reader (``legato.hosts``) and the URL guard's agree on every entry:
+    the same canonical form, or the same refusal. (The guard keeps a reader of its own until it
+    reads its exceptions with ``legato.hosts``.)"""
+
+    def outcome(read: Callable[[list[str]], tuple[str, ...]]) -> object:
+        try:
+            return read([entry])
+        except ValueError as exc:
+            return ("refused", getattr(exc, "entry", None), getattr(exc, "why", str(exc)))
+
+    assert outcome(hosts.canonical_hosts) == outcome(urlguard.canonical_hosts)
 
 
 def test_allowed_hosts_good_entries_in_canonical_form(tmp_path: Path) -> None:

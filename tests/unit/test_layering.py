@@ -65,3 +65,71 @@ def test_checker_catches_forbidden_imports(tmp_path: Path) -> None:
 )
 def test_core_modules_import(module: str) -> None:
     assert importlib.util.find_spec(module) is not None
+
+
+# --- the package root imports no subpackage ---------------------------------------------------
+
+#: Root modules whose job is wiring: the extension entry, the CLI, the environment check.
+WIRING = {"__init__.py", "__main__.py", "doctor.py"}
+#: The subpackages a root module may not import: the root is what they stand on.
+SUBPACKAGES = ("legato.audio", "legato.cogs", "legato.voice", "legato.sandbox")
+
+
+def imported_modules(path: Path, package: str = "legato") -> set[str]:
+    """Dotted names of every module imported anywhere in ``path``, a module of ``package``'s
+    top level (relative imports resolved against it)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(p for p in (package, base) if p)
+            names.add(base)
+            # ``from legato import audio`` imports the subpackage by its name.
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def root_modules() -> list[str]:
+    return sorted(p.name for p in (ROOT / "plugin").glob("*.py") if p.name not in WIRING)
+
+
+def reaches_down(path: Path) -> set[str]:
+    return {
+        name
+        for name in imported_modules(path)
+        if any(name == sub or name.startswith(sub + ".") for sub in SUBPACKAGES)
+    }
+
+
+@pytest.mark.parametrize("name", root_modules())
+def test_root_module_imports_no_subpackage(name: str) -> None:
+    bad = reaches_down(ROOT / "plugin" / name)
+    assert not bad, f"plugin/{name} imports {sorted(bad)}: the root must not depend on them"
+
+
+def test_root_modules_are_found() -> None:
+    assert {"config.py", "store.py", "errors.py"} <= set(root_modules())
+
+
+def test_subpackage_checker_catches_every_spelling(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import legato.audio.queue\nfrom legato.cogs import music\nfrom .voice import client\n"
+        "from . import sandbox\nfrom legato import errors, audio\nimport legato_other\n"
+        "def f():\n    from legato.audio.urlguard import UrlPolicy\n"
+    )
+    assert reaches_down(sample) == {
+        "legato.audio.queue",
+        "legato.cogs",
+        "legato.cogs.music",
+        "legato.voice",
+        "legato.voice.client",
+        "legato.sandbox",
+        "legato.audio",
+        "legato.audio.urlguard",
+        "legato.audio.urlguard.UrlPolicy",
+    }

@@ -16,6 +16,7 @@ from legato.audio.sources import (
     runtime_kind,
     ydl_params,
 )
+from legato.cogs.build import source_settings
 from legato.config import SourcesConfig, load_config
 from legato.errors import ConfigError
 
@@ -52,7 +53,7 @@ def test_defaults_point_yt_dlp_at_the_bundled_deno_and_nothing_else() -> None:
     deno = bundled_deno()
     assert deno is not None, "the deno package is one of Legato's dependencies"
     assert os.access(deno, os.X_OK)
-    assert SourcesConfig().settings() == SourceSettings()
+    assert source_settings(SourcesConfig()) == SourceSettings()
     assert ydl_params(SourceSettings()) == {"js_runtimes": {"deno": {"path": deno}}}
 
 
@@ -75,7 +76,7 @@ youtube = {{ player_skip = ["webpage", "configs"] }}
 generic = {{ impersonate = "chrome" }}
 """,
     )
-    settings = src.settings()
+    settings = source_settings(src)
     assert settings.cookies_file == str(cookies)
     assert settings.plugin_dirs == (str(plugins),)
     assert ydl_params(settings) == {
@@ -99,12 +100,12 @@ def test_a_relative_cookies_file_is_made_absolute(
     write_cookies(tmp_path / "cookies.txt", f".youtube.com\tTRUE\t/\tTRUE\t{FAR}\tA\tb")
     src = load(tmp_path, '[sources]\ncookies_file = "cookies.txt"\n')
     assert src.cookies_file == "cookies.txt"
-    assert src.settings().cookies_file == str(tmp_path / "cookies.txt")
+    assert source_settings(src).cookies_file == str(tmp_path / "cookies.txt")
 
 
 def test_a_provider_directory_is_its_script_server(tmp_path: Path) -> None:
     src = load(tmp_path, f'[sources]\npot_provider = "{tmp_path}"\n')
-    assert ydl_params(src.settings())["extractor_args"] == {
+    assert ydl_params(source_settings(src))["extractor_args"] == {
         "youtubepot-bgutilscript": {"server_home": [str(tmp_path)]}
     }
 
@@ -127,7 +128,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ("youtube", "lang", ("en",)),
         ("generic", "x", ("1",)),
     )
-    assert ydl_params(src.settings())["js_runtimes"] == {"bun": {"path": "bun"}}
+    assert ydl_params(source_settings(src))["js_runtimes"] == {"bun": {"path": "bun"}}
 
 
 @pytest.mark.parametrize(
