@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import Any, Final
 
 import discord
 from discord.ext import commands
@@ -21,7 +21,10 @@ from legato.log import GuildLogger, guild_logger
 
 __all__ = ["CommandBase", "Interaction", "interaction_log"]
 
-_log = logging.getLogger("legato.cogs.music")
+#: The cog's logger: a command's records keep the name they had before the commands were split
+#: out of ``legato.cogs.music`` (what operators filter on).
+_LOGGER: Final = "legato.cogs.music"
+_log = logging.getLogger(_LOGGER)
 
 Interaction = discord.Interaction[Any]
 
@@ -91,4 +94,4 @@ class CommandBase(commands.Cog):
 def interaction_log(interaction: Interaction) -> logging.Logger | GuildLogger:
     """The cog's logger, with the guild in every record when the interaction has one."""
     guild_id = interaction.guild_id
-    return _log if guild_id is None else guild_logger("legato.cogs.music", guild_id)
+    return _log if guild_id is None else guild_logger(_LOGGER, guild_id)

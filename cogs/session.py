@@ -121,7 +121,7 @@ class GuildSession:
         self._announced = 0  # uid of the track last announced (a looped track is told once)
         #: Lengths the player learned on opening tracks whose metadata had none, by track uid.
         self._lengths: dict[int, float] = {}
-        #: Tracks kept from a lost connection put back by ``_connect`` (told once, then 0).
+        #: Tracks kept from a lost connection, put back when it was made (told once, then 0).
         self.restored = 0
 
     @property
