@@ -23,11 +23,18 @@ import http.cookiejar
 import importlib
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+
+from legato.sourcecheck import (
+    RUNTIME_KINDS,
+    CookieFileError,
+    check_cookie_file,
+    readable_by_others,
+    runtime_kind,
+)
 
 __all__ = [
     "AGE_RESTRICTED",
@@ -51,15 +58,6 @@ __all__ = [
     "use_plugin_dirs",
     "ydl_params",
 ]
-
-#: yt-dlp's name for each runtime, by the executable's name.
-RUNTIME_KINDS: Final = {
-    "deno": "deno",
-    "node": "node",
-    "nodejs": "node",
-    "bun": "bun",
-    "qjs": "quickjs",
-}
 
 SIGN_IN: Final = (
     "YouTube wants me to sign in before I can play that; the bot's owner has been told."
@@ -150,10 +148,6 @@ def classify_refusal(text: str) -> str | None:
     return None
 
 
-class CookieFileError(ValueError):
-    """The cookies file cannot be used; the message names the file, never its contents."""
-
-
 @dataclass(frozen=True)
 class SourceSettings:
     """What yt-dlp is given for sites that check who is asking (``[sources]``).
@@ -179,23 +173,6 @@ class SourceSettings:
     def __post_init__(self) -> None:
         if self.js_runtime is not None:
             runtime_kind(self.js_runtime)  # raises ValueError for a name yt-dlp cannot run
-
-
-def runtime_kind(path: str) -> str:
-    """yt-dlp's name (``deno``, ``node``, ``bun``, ``quickjs``) for a runtime executable.
-
-    Raises:
-        ValueError: The executable's name is none of deno, node, nodejs, bun, qjs.
-    """
-    name = Path(path).name.lower().removesuffix(".exe")
-    base = re.split(r"[^a-z]", name, maxsplit=1)[0]
-    kind = RUNTIME_KINDS.get(base)
-    if kind is None:
-        raise ValueError(
-            f"cannot tell which JavaScript runtime {path!r} is: its name must start with "
-            f"{', '.join(sorted(RUNTIME_KINDS))}"
-        )
-    return kind
 
 
 def bundled_deno() -> str | None:
@@ -258,33 +235,6 @@ def use_plugin_dirs(dirs: tuple[str, ...]) -> None:
     if all_plugins_loaded.value:
         importlib.invalidate_caches()  # yt-dlp's plugin finder forgets the old directories
         load_all_plugins()
-
-
-def readable_by_others(path: str | os.PathLike[str]) -> bool:
-    """Whether users other than the file's owner may read it (group or other read bit)."""
-    return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
-
-
-def check_cookie_file(path: str | os.PathLike[str]) -> None:
-    """Check that ``path`` is a readable regular file (its format is :func:`read_cookies`'s).
-
-    Raises:
-        CookieFileError: It does not exist, is not a file, or cannot be read.
-    """
-    file = Path(path)
-    try:
-        st = file.stat()
-    except FileNotFoundError:
-        raise CookieFileError(f"the cookies file {file} does not exist") from None
-    except OSError as exc:
-        raise CookieFileError(f"the cookies file {file} cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CookieFileError(f"the cookies file {file} is not a regular file")
-    try:
-        with file.open("rb") as f:
-            f.read(1)
-    except OSError as exc:
-        raise CookieFileError(f"the cookies file {file} cannot be read: {exc.strerror}") from None
 
 
 def read_cookies(path: str | os.PathLike[str]) -> list[http.cookiejar.Cookie]:

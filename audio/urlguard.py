@@ -37,11 +37,19 @@ import logging
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn, TypeAlias
 
 from legato.errors import ResolveError
+from legato.hosts import (
+    DEFAULT_PORTS,
+    HostEntryError,
+    IPAddress,
+    canonical_hosts,
+    normalise_host,
+    parse_host_entry,
+)
 
 __all__ = [
     "METADATA_ADDRESSES",
@@ -57,8 +65,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: What ``socket.getaddrinfo`` answers: (family, type, proto, canonname, sockaddr) tuples.
 AddrInfo: TypeAlias = Sequence[tuple[Any, ...]]
@@ -92,8 +98,6 @@ METADATA_ADDRESSES: Final = frozenset(
 _CGNAT: Final = ipaddress.ip_network("100.64.0.0/10")
 _NAT64: Final = ipaddress.ip_network("64:ff9b::/96")
 _V4_COMPATIBLE: Final = ipaddress.ip_network("::/96")
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-_NUMERIC_LABEL: Final = re.compile(r"0x[0-9a-f]*|[0-9]+")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_AUTHORITY: Final = re.compile(r"[ \\]")
 _BAD_HEADER: Final = re.compile(r"[\r\n\x00]")
@@ -146,38 +150,6 @@ def address_problem(ip: IPAddress, *, allow_private: bool = False) -> str | None
     return None
 
 
-def _loose_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """Read ``host`` the way ``inet_aton`` (and so ``getaddrinfo``) does, if it is numeric.
-
-    ``2130706433``, ``0x7f.1``, ``0177.0.0.1`` and ``127.1`` all mean 127.0.0.1.
-
-    Raises:
-        ValueError: It is all numeric labels but no valid address (such a name never resolves
-            through DNS the same way on every resolver, so it is refused rather than guessed).
-    """
-    labels = host.split(".")
-    if not all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
-        return None
-    if len(labels) > 4:
-        raise ValueError(f"{host!r} has more than four numeric parts")
-    values: list[int] = []
-    for label in labels:
-        if label.startswith("0x"):
-            values.append(int(label[2:] or "0", 16))
-        elif len(label) > 1 and label.startswith("0"):
-            values.append(int(label, 8))  # ValueError on 8 and 9
-        else:
-            values.append(int(label))
-    *head, last = values
-    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
-        raise ValueError(f"{host!r} is out of range")
-    number = 0
-    for v in head:
-        number = number << 8 | v
-    number = number << (8 * (4 - len(head))) | last
-    return ipaddress.IPv4Address(number)
-
-
 @dataclass(frozen=True, slots=True)
 class _Target:
     scheme: str
@@ -186,140 +158,12 @@ class _Target:
     port: int | None
 
 
-def _normalise_host(raw: str) -> tuple[str, IPAddress | None]:
-    """Canonical host and its address when it is an IP literal (any spelling)."""
-    host = raw.strip().lower()
-    if "%" in host:  # an IPv6 zone id: only link-local addresses have one
-        host = host.split("%", 1)[0]
-    host = host.rstrip(".")
-    if not host:
-        raise ValueError("no host")
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"{raw!r} is not a valid international domain name") from exc
-        host = host.rstrip(".")
-    ip: IPAddress | None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = _loose_ipv4(host)
-    if ip is not None:
-        return str(ip), ip
-    if not all(0 < len(label) <= 63 for label in host.split(".")):
-        raise ValueError(f"{raw!r} is not a valid host name")
-    return host, None
-
-
 def _normalise_checked(policy: UrlPolicy, raw: str, url: str) -> tuple[str, IPAddress | None]:
-    """:func:`_normalise_host`, a malformed host refused through ``policy``."""
+    """:func:`~legato.hosts.normalise_host`, a malformed host refused through ``policy``."""
     try:
-        return _normalise_host(raw)
+        return normalise_host(raw)
     except ValueError as exc:
         policy._refuse(url, f"host: {exc}")
-
-
-class HostEntryError(ValueError):
-    """An ``allowed_hosts`` entry that is not ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
-
-    Attributes:
-        entry: The entry as given.
-        why: What is wrong with it, worded to follow the entry ("is a URL; did you mean
-            "127.0.0.1:8000"?").
-    """
-
-    def __init__(self, entry: str, why: str) -> None:
-        super().__init__(
-            f"allowed_hosts entry {entry!r} {why}; expected host or host:port ([v6] or [v6]:port)"
-        )
-        self.entry = entry
-        self.why = why
-
-
-_URL_START: Final = re.compile(r"(?:([a-z][a-z0-9+.-]*):)?//", re.IGNORECASE)
-_HOST_PORT: Final = re.compile(r"(\[[^\]]*\]|[^:\[\]]+)(?::([0-9]{1,6}))?")
-_HOST_LABEL: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def _show_host(host: str, port: int | None) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return shown if port is None else f"{shown}:{port}"
-
-
-def _parse_exception(entry: str) -> tuple[str, int | None]:
-    """``host`` / ``host:port`` / ``[v6]`` / ``[v6]:port`` of ``allowed_hosts`` → (canonical
-    host, port).
-
-    Nothing else is taken: no scheme, user name, path or query; a port from 1 to 65535; a host
-    that is an IP address (IPv6 in brackets) or a name of letters, digits and hyphens once IDNA
-    has encoded it. A URL (or a host with a path or user name) is refused with the entry it
-    probably meant.
-
-    Raises:
-        HostEntryError: It is anything else.
-    """
-    text = entry.strip()
-    if not text:
-        raise HostEntryError(entry, "is empty")
-    url = _URL_START.match(text)
-    rest = text[url.end() :] if url else text
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    has_path = len(authority) < len(rest)
-    _, at, authority = authority.rpartition("@")
-    if url or at or has_path:
-        what = "is a URL" if url else "has a user name" if at else "has a path or query"
-        try:
-            host, port = _parse_host_port(entry, authority)
-        except HostEntryError:
-            raise HostEntryError(entry, what) from None
-        scheme = (url[1] or "").lower() if url else ""
-        if port is None and scheme in _DEFAULT_PORTS:
-            port = _DEFAULT_PORTS[scheme]  # the URL meant that port, not every port
-        raise HostEntryError(entry, f'{what}; did you mean "{_show_host(host, port)}"?')
-    return _parse_host_port(entry, text)
-
-
-def _parse_host_port(entry: str, text: str) -> tuple[str, int | None]:
-    """:func:`_parse_exception` of a ``text`` without scheme, user name or path."""
-    m = _HOST_PORT.fullmatch(text)
-    if m is None:
-        if "[" not in text and text.count(":") > 1:
-            try:
-                ip = ipaddress.IPv6Address(text)
-            except ValueError:
-                pass
-            else:
-                raise HostEntryError(
-                    entry, f'needs brackets around an IPv6 address; did you mean "[{ip}]"?'
-                )
-        raise HostEntryError(entry, "is malformed")
-    raw, port_text = m[1], m[2]
-    port = None if port_text is None else int(port_text)
-    if port is not None and not 1 <= port <= 65535:
-        raise HostEntryError(entry, f"has port {port}, not from 1 to 65535")
-    if raw.startswith("["):
-        inner = raw[1:-1]
-        not_v6 = HostEntryError(entry, f"has {inner!r} in brackets, which is not an IPv6 address")
-        if "%" in inner:  # a zone id names an interface of this machine, not a host
-            raise not_v6
-        try:
-            ip = ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise not_v6 from None
-        return str(ip), port
-    invalid = HostEntryError(entry, f"has host {raw!r}, which is not a valid host name")
-    if "%" in raw:
-        raise invalid
-    try:
-        host, ip_or_none = _normalise_host(raw)
-    except ValueError:
-        raise invalid from None
-    if ip_or_none is None and (
-        len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
-    ):
-        raise invalid
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -359,14 +203,14 @@ class UrlPolicy:
         if self.allowed_domains:
             normalised = []
             for d in self.allowed_domains:
-                host, ip = _normalise_host(d)
+                host, ip = normalise_host(d)
                 if ip is not None:
                     raise ValueError(f"allowed_domains entry {d!r} is an address, not a domain")
                 normalised.append(host)
             domains = tuple(normalised)
         object.__setattr__(self, "_domains", domains)
         object.__setattr__(
-            self, "_exceptions", frozenset(_parse_exception(h) for h in self.allowed_hosts)
+            self, "_exceptions", frozenset(parse_host_entry(h) for h in self.allowed_hosts)
         )
         if self.max_redirects < 0:
             raise ValueError(f"max_redirects must be >= 0, got {self.max_redirects}")
@@ -516,7 +360,7 @@ class UrlPolicy:
 
     def _addresses(self, target: _Target, url: str) -> AddrInfo:
         """Look ``target`` up once and check every address; the answer, for connecting."""
-        port = target.port or _DEFAULT_PORTS.get(target.scheme, 0)
+        port = target.port or DEFAULT_PORTS.get(target.scheme, 0)
         if target.ip is not None:
             family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
             sockaddr: tuple[Any, ...] = (str(target.ip), port)
@@ -547,7 +391,7 @@ class UrlPolicy:
             return False
         if (target.host, None) in self._exceptions:
             return True
-        port = target.port or _DEFAULT_PORTS.get(target.scheme)
+        port = target.port or DEFAULT_PORTS.get(target.scheme)
         return port is not None and (target.host, port) in self._exceptions
 
     def _refuse(self, url: str, why: str) -> NoReturn:
@@ -568,13 +412,3 @@ def _short(url: str, limit: int = 200) -> str:
     """A URL fit for a log line: bounded, without control characters."""
     clean = "".join(c if c.isprintable() else "?" for c in url)
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
-
-
-def canonical_hosts(entries: Iterable[str]) -> tuple[str, ...]:
-    """Canonical forms of ``allowed_hosts`` entries (for configuration checks); each is
-    accepted by :class:`UrlPolicy` as it is.
-
-    Raises:
-        HostEntryError: An entry is not ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
-    """
-    return tuple(_show_host(*_parse_exception(entry)) for entry in entries)
