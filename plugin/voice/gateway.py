@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +36,14 @@ from legato.voice.close import (
     ReconnectPolicy,
 )
 from legato.voice.dave import MAX_PROTOCOL_VERSION, DaveClient, DaveOutput, SendJson
+from legato.voice.endpoint import (
+    auto_gateway_version,
+    auto_transports,
+    is_discord_endpoint,
+    is_loopback,
+    split_host_port,
+    websocket_url,
+)
 from legato.voice.events import (
     CloseRequested,
     DaveBinary,
@@ -59,24 +66,18 @@ if TYPE_CHECKING:
 __all__ = [
     "VoiceConnection",
     "VoiceOptions",
-    "auto_gateway_version",
-    "auto_transports",
+    # Re-exported: legato.sandbox (``python -m legato.sandbox``) imports it from here.
     "is_discord_endpoint",
-    "websocket_url",
 ]
 
 _log = logging.getLogger(__name__)
 
-_LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
 #: Largest voice gateway message accepted (1 MiB); a larger one closes the websocket with 1009,
 #: which ends the session (CLOSE_TABLE). The largest legitimate messages are DAVE's op30 welcome
 #: and op29 commit (MLS, a few hundred bytes per group member: tens of KB in a full 99-member
 #: channel); anything near a megabyte is a broken or hostile server, and must not make us buffer
 #: without bound (aiohttp refuses the frame from its header, before reading it).
 MAX_MESSAGE_SIZE: Final = 1 << 20
-#: Domains Discord's voice servers live under (``c-ams07-1a2b.discord.media:443``; older
-#: endpoints were ``us-east123.discord.gg``).
-DISCORD_VOICE_DOMAINS: Final = ("discord.media", "discord.gg")
 
 TransportName = Literal["udp", "webrtc", "auto"]
 
@@ -143,92 +144,6 @@ class VoiceOptions:
         )
 
 
-def is_discord_endpoint(endpoint: str) -> bool:
-    """Whether VOICE_SERVER_UPDATE's ``endpoint`` is one of Discord's voice servers.
-
-    Args:
-        endpoint: ``host``, ``host:port``, ``[v6]:port``, optionally with a ``wss://``/``ws://``
-            prefix.
-    """
-    endpoint = endpoint.strip().rstrip("/").removeprefix("wss://").removeprefix("ws://")
-    host = _split_host_port(endpoint)[0].lower().rstrip(".")
-    return any(host == d or host.endswith("." + d) for d in DISCORD_VOICE_DOMAINS)
-
-
-def auto_transports(endpoint: str) -> list[str]:
-    """The transports ``transport = "auto"`` tries toward ``endpoint``, in order.
-
-    Discord's voice servers get ``udp`` first: it is the path Discord documents for bots and the
-    cheaper one (no ICE, DTLS or SRTP). Any other endpoint gets ``webrtc`` first: Spacebar's
-    voice server speaks only that. The second is tried when the first fails.
-    """
-    return ["udp", "webrtc"] if is_discord_endpoint(endpoint) else ["webrtc", "udp"]
-
-
-def auto_gateway_version(endpoint: str) -> int:
-    """Return the voice gateway version ``"auto"`` uses toward ``endpoint``.
-
-    Discord's voice servers (hosts under ``discord.media`` or ``discord.gg``) get v8: DAVE's
-    binary messages and buffered resume need it, and Discord closes non-E2EE voice with 4017.
-    Every other endpoint gets v6, which every server from v4 up accepts: Spacebar speaks only v6
-    (it closes 4002 on v8's heartbeat object, a heartbeat interval after media started), and the
-    sandbox, self-hosted by definition, takes either. The host decides, not ``:443`` and TLS
-    (PROTOCOL.md "Voice gateway"): a Spacebar behind a TLS proxy on 443 is still v6-only. There is
-    no fallback from one version to the other; set ``gateway_version`` to override.
-
-    Args:
-        endpoint: VOICE_SERVER_UPDATE's ``endpoint`` (``host``, ``host:port``, ``[v6]:port``,
-            optionally with a ``wss://``/``ws://`` prefix).
-    """
-    return 8 if is_discord_endpoint(endpoint) else 6
-
-
-def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> str:
-    """Return the voice websocket URL for a VOICE_SERVER_UPDATE endpoint.
-
-    Discord's endpoints (``c-waw04-7cacab58.discord.media:2096``; ``:443`` until mid-2025, other
-    HTTPS ports such as 2053, 2087 or 2096 since) always need TLS, whatever the port; self-hosted
-    servers hand out ``127.0.0.1:3004`` and speak plain ``ws://`` (PROTOCOL.md "Voice gateway").
-    For any other host, loopback and ports other than 443 mean ``ws://``.
-
-    Args:
-        endpoint: ``host``, ``host:port`` or ``[v6]:port``; a ``wss://``/``ws://`` prefix is
-            honoured.
-        version: The ``v`` query parameter.
-        secure: Force ``wss`` (True) or ``ws`` (False); ``None`` decides from the endpoint.
-    """
-    endpoint = endpoint.strip().rstrip("/")
-    if endpoint.startswith("wss://"):
-        endpoint, secure = endpoint[6:], True if secure is None else secure
-    elif endpoint.startswith("ws://"):
-        endpoint, secure = endpoint[5:], False if secure is None else secure
-    host, port = _split_host_port(endpoint)
-    if secure is None:
-        secure = is_discord_endpoint(host) or not (
-            _is_loopback(host) or (port is not None and port != 443)
-        )
-    return f"{'wss' if secure else 'ws'}://{endpoint}/?v={version}"
-
-
-def _split_host_port(endpoint: str) -> tuple[str, int | None]:
-    if endpoint.startswith("["):
-        host, _, rest = endpoint[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-    host, sep, port = endpoint.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host, int(port)
-    return endpoint, None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _make_transport(name: str, endpoint_host: str, options: VoiceOptions) -> Transport:
     if name == "udp":
         from legato.voice.transport.udp import UdpTransport
@@ -237,7 +152,7 @@ def _make_transport(name: str, endpoint_host: str, options: VoiceOptions) -> Tra
     # Imported lazily: aiortc is heavy and only the webrtc path needs it.
     from legato.voice.transport.webrtc import WebRtcTransport
 
-    return WebRtcTransport(host_candidates_allow_loopback=_is_loopback(endpoint_host))
+    return WebRtcTransport(host_candidates_allow_loopback=is_loopback(endpoint_host))
 
 
 class VoiceConnection:
@@ -839,7 +754,7 @@ class VoiceConnection:
     async def _on_ready(self, event: Ready) -> None:
         await self._drop_transport()
         name = self._transports[0]
-        transport = _make_transport(name, _split_host_port(self._endpoint)[0], self.options)
+        transport = _make_transport(name, split_host_port(self._endpoint)[0], self.options)
         self._transport = transport
         try:
             op1 = await transport.prepare(dict(event.data))

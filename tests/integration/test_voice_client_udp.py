@@ -13,7 +13,8 @@ import pytest
 
 from legato.errors import VoiceConnectError
 from legato.voice.client import LegatoVoiceClient, VoiceOptions
-from legato.voice.gateway import VoiceConnection, websocket_url
+from legato.voice.endpoint import websocket_url
+from legato.voice.gateway import VoiceConnection
 from tests.integration.voice_support import (
     BOT_ID,
     GUILD_ID,
