@@ -155,6 +155,10 @@ def _make_transport(name: str, endpoint_host: str, options: VoiceOptions) -> Tra
     return WebRtcTransport(host_candidates_allow_loopback=is_loopback(endpoint_host))
 
 
+class _FellBack(TransportError):
+    """The first of ``"auto"``'s transports failed; the supervisor identifies with the next."""
+
+
 class VoiceConnection:
     """One voice session: websocket, heartbeats, transport, and the reconnect policy.
 
@@ -241,7 +245,6 @@ class VoiceConnection:
         self._move_pending = False
         self._close_request: CloseRequested | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._fell_back = False
         #: Why the connection ended; set with the move to CLOSED (see :meth:`_end`).
         self._error: VoiceError | None = None
         self._speaking = False
@@ -527,10 +530,8 @@ class VoiceConnection:
                     resume = False
                 try:
                     code, reason, reached_media = await self._run_websocket(resume=resume)
-                except TransportError:
-                    if not self._fell_back:
-                        raise
-                    self._fell_back = False  # "auto": identify again with the next transport
+                except _FellBack:
+                    # "auto": identify again with the next transport.
                     await self._drop_transport()
                     self._renew_core()
                     resume = False
@@ -758,12 +759,12 @@ class VoiceConnection:
         self._transport = transport
         try:
             op1 = await transport.prepare(dict(event.data))
-        except TransportError:
+        except TransportError as exc:
             if len(self._transports) > 1:
                 # "auto": the first choice failed; the next connect identifies with the next one.
                 self.log.warning("voice transport %s failed; falling back to %s", *self._transports)
                 self._transports.pop(0)
-                self._fell_back = True
+                raise _FellBack(str(exc)) from exc
             raise
         if name == "webrtc":
             self._core.request_backend_version()
