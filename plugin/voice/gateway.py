@@ -426,7 +426,7 @@ class VoiceConnection:
         self._dave_notify()
 
     def _media_lost(self, reason: str) -> None:
-        """Frames are dropped from here until the next session reaches media."""
+        """Back to CONNECTING (socket lost, or a move answered): frames are dropped from here."""
         if self.lifecycle.state in (LinkState.CONNECTED, LinkState.AWAITING_MOVE):
             self.lifecycle.move(LinkState.CONNECTING, reason=reason)
 
