@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Final
 import discord
 
 from legato.errors import VoiceConnectError, VoiceError
+from legato.lifecycle import Lifecycle
 from legato.voice.gateway import VoiceConnection, VoiceOptions
-from legato.voice.transport.base import TransportStats
+from legato.voice.state import CLIENT_TRANSITIONS, ClientState
+from legato.voice.transport.base import NoMediaPath, TransportStats
 
 if TYPE_CHECKING:
     from discord.types.voice import GuildVoiceState as GuildVoiceStatePayload
@@ -38,6 +40,15 @@ _log = logging.getLogger(__name__)
 
 #: Seconds to wait for the VOICE_STATE_UPDATE that confirms we left (see ``_teardown``).
 LEAVE_CONFIRM_TIMEOUT: Final = 2.0
+
+#: The two main-gateway events a join or a move waits for.
+_VOICE_STATE: Final = "voice state"
+_VOICE_SERVER: Final = "voice server"
+_BOTH: Final = frozenset({_VOICE_STATE, _VOICE_SERVER})
+#: The states that wait for them.
+_AWAITING: Final = frozenset({ClientState.JOINING, ClientState.MOVING})
+#: The states of a teardown begun or done.
+_LEAVING: Final = (ClientState.DISCONNECTING, ClientState.LEFT_CHANNEL, ClientState.CLOSED)
 
 #: Called once when the client is gone for good: ``None`` after ``disconnect()``, else why.
 DisconnectListener = Callable[["LegatoVoiceClient", VoiceError | None], Awaitable[None] | None]
@@ -121,19 +132,17 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         self._session_id: str | None = None
         self._token: str | None = None
         self._endpoint: str | None = None
-        self._got_state = asyncio.Event()
-        self._got_server = asyncio.Event()
+        #: Where this client is: joining, connected, moving, leaving, gone.
+        self.lifecycle = Lifecycle(ClientState.JOINING, CLIENT_TRANSITIONS, log=self.log)
+        # JOINING's and MOVING's data: which of the two main-gateway events is still awaited.
+        self._awaiting: frozenset[str] = _BOTH
         self._conn: VoiceConnection | None = None
         self._listeners: list[DisconnectListener] = []
-        self._closing = False
         self._teardown_task: asyncio.Task[None] | None = None
-        self._torn_down = asyncio.Event()
-        self._left = asyncio.Event()
-        # Until connect() returns, a failure is connect()'s to report, not the listeners'.
-        self._connected_once = False
         self._self_deaf = self.options.self_deaf
         self._self_mute = self.options.self_mute
-        self._frames_dropped = 0
+        #: Counts every frame dropped for want of a media path; shared with each connection.
+        self._no_media_path = NoMediaPath()
 
     @classmethod
     def configured(
@@ -233,10 +242,14 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         )
 
     @property
+    def state(self) -> ClientState:
+        """Where this client is (see :attr:`lifecycle`)."""
+        return self.lifecycle.state
+
+    @property
     def frames_dropped(self) -> int:
         """Frames the player handed over while no media path was up."""
-        conn = self._conn.frames_dropped if self._conn is not None else 0
-        return self._frames_dropped + conn
+        return self._no_media_path.frames_dropped
 
     def add_disconnect_listener(self, listener: DisconnectListener) -> None:
         """Call ``listener(self, error)`` once when this client is gone for good.
@@ -270,7 +283,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
     def send_frame(self, opus: bytes) -> None:
         """Send one Opus frame; dropped and counted while there is no media path."""
         if self._conn is None:
-            self._frames_dropped += 1
+            self._no_media_path.send_frame(opus)
             return
         self._conn.send_frame(opus)
 
@@ -295,8 +308,8 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         try:
             async with asyncio.timeout(timeout):
                 await self._change_voice_state(self.channel)  # type: ignore[arg-type]  # a channel is a Snowflake
-                await asyncio.gather(self._got_state.wait(), self._got_server.wait())
-                if self._closing:
+                await self.lifecycle.wait_for(ClientState.CONNECTING, *_LEAVING)
+                if self.lifecycle.state is not ClientState.CONNECTING:
                     raise VoiceConnectError("disconnected while connecting")
                 conn = self._new_connection(reconnect=reconnect)
                 self._conn = conn
@@ -312,7 +325,8 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             if isinstance(exc, VoiceError | discord.DiscordException | OSError):
                 raise VoiceConnectError(f"voice connect failed: {exc}") from exc
             raise
-        self._connected_once = True
+        if self.lifecycle.state is ClientState.CONNECTING:
+            self.lifecycle.move(ClientState.CONNECTED, reason="voice connected")
         self.log.info(
             "voice connected: guild %s over %s (%s)", self.guild.id, conn.transport_name, conn.mode
         )
@@ -321,10 +335,13 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         """Take ``session_id``; a ``channel_id`` of ``None`` we did not ask for is a kick."""
         channel_id = data.get("channel_id")
         if channel_id is None:
-            self._left.set()
-            if self._closing:
+            state = self.lifecycle.state
+            if state is ClientState.DISCONNECTING:
+                self.lifecycle.move(ClientState.LEFT_CHANNEL, reason="leave confirmed")
+                return
+            if state in _LEAVING:
                 return  # the confirmation of our own leave
-            if not self._got_state.is_set():
+            if state in _AWAITING and _VOICE_STATE in self._awaiting:
                 # Before our join was even acknowledged: the tail of an earlier leave in this
                 # guild (discord.py hits the same race), not a kick.
                 self.log.debug("ignoring a stale leave while joining")
@@ -341,7 +358,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                 self._conn.dave.channel_id = int(channel_id)  # the next DAVE group is there
         if self._conn is not None:
             self._conn.update_session(data["session_id"])
-        self._got_state.set()
+        self._arrived(_VOICE_STATE)
 
     async def on_voice_server_update(self, data: VoiceServerUpdatePayload, /) -> None:
         """Take ``token``/``endpoint``; a new one while connected moves the session there."""
@@ -354,7 +371,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
         self._endpoint = endpoint
         if self._conn is not None:
             self._conn.update_server(endpoint, data["token"])
-        self._got_server.set()
+        self._arrived(_VOICE_SERVER)
 
     async def disconnect(self, *, force: bool = False) -> None:
         """Leave the channel and close everything; safe to call twice.
@@ -380,16 +397,20 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             return
         if channel.id == getattr(self.channel, "id", None):
             return
+        if self.lifecycle.state not in (ClientState.CONNECTED, ClientState.MOVING):
+            raise VoiceConnectError(f"cannot move while {self.lifecycle.state.name}")
         # Discord answers a move with a VOICE_STATE_UPDATE and a VOICE_SERVER_UPDATE again.
-        self._got_state.clear()
-        self._got_server.clear()
+        self._awaiting = _BOTH
+        self.lifecycle.move(ClientState.MOVING, reason=f"moving to channel {channel.id}")
         await self._change_voice_state(channel)
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.gather(self._got_state.wait(), self._got_server.wait())
+                await self.lifecycle.wait_for(ClientState.CONNECTED, *_LEAVING)
                 if self._conn is not None:
                     await self._conn.wait_connected()
         except (TimeoutError, VoiceError) as exc:
+            if self.lifecycle.state is ClientState.MOVING:
+                self.lifecycle.move(ClientState.CONNECTED, reason="move failed")
             raise VoiceConnectError(f"moving to channel {channel.id} failed: {exc!r}") from exc
 
     def cleanup(self) -> None:
@@ -416,6 +437,7 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             options=self.options if reconnect else self.options.without_reconnect(),
             on_close=self._connection_closed,
             channel_id=getattr(self.channel, "id", None),
+            no_media_path=self._no_media_path,
         )
 
     async def _change_voice_state(self, channel: discord.abc.Snowflake | None) -> None:
@@ -423,9 +445,23 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             channel=channel, self_mute=self._self_mute, self_deaf=self._self_deaf
         )
 
+    def _arrived(self, update: str) -> None:
+        """One of the two main-gateway events a join or a move waits for arrived."""
+        state = self.lifecycle.state
+        if state not in _AWAITING:
+            return
+        self._awaiting -= {update}
+        if not self._awaiting:
+            # A move is carried out by the connection itself (update_server/update_session).
+            after = (
+                ClientState.CONNECTING if state is ClientState.JOINING else ClientState.CONNECTED
+            )
+            self.lifecycle.move(after, reason="voice state and server received")
+
     def _connection_closed(self, error: VoiceError | None) -> None:
         """The session ended on its own (fatal close, kicked, reconnect gave up)."""
-        if not self._closing and self._connected_once:
+        # Until connect() returns, a failure is connect()'s to report, not the listeners'.
+        if self.lifecycle.state in (ClientState.CONNECTED, ClientState.MOVING):
             self._schedule_teardown(error, leave=True)
 
     def _schedule_teardown(self, error: VoiceError | None, *, leave: bool) -> None:
@@ -444,11 +480,11 @@ class LegatoVoiceClient(discord.VoiceProtocol):
             confirm: Wait (briefly) for the VOICE_STATE_UPDATE that confirms the leave before
                 unregistering, so it cannot reach a client created right after this one.
         """
-        if self._closing:
+        if self.lifecycle.state in _LEAVING:
             # A second caller (disconnect twice, Client.close during a kick) waits for the first.
-            await self._torn_down.wait()
+            await self.lifecycle.wait_for(ClientState.CLOSED)
             return
-        self._closing = True
+        self.lifecycle.move(ClientState.DISCONNECTING, reason=str(error) if error else "leaving")
         try:
             if self._conn is not None:
                 await self._conn.close()
@@ -462,12 +498,12 @@ class LegatoVoiceClient(discord.VoiceProtocol):
                     if confirm:
                         try:
                             async with asyncio.timeout(LEAVE_CONFIRM_TIMEOUT):
-                                await self._left.wait()
+                                await self.lifecycle.wait_for(ClientState.LEFT_CHANNEL)
                         except TimeoutError:
                             self.log.debug("no confirmation of the leave")
         finally:
             self.cleanup()
-            self._torn_down.set()
+            self.lifecycle.move(ClientState.CLOSED, reason="torn down")
         if notify:
             await self._notify(error)
 

@@ -5,8 +5,10 @@ gateway events carry (endpoint, token, session id) it opens ``ws(s)://{endpoint}
 every text frame to :class:`~legato.voice.protocol.VoiceGatewayCore`, sleeps until the core's
 next deadline (heartbeats, ACK timeouts) on the loop clock, sends what the core queues, and runs
 the transport the handshake asks for. It makes no protocol decisions: the close policy is the
-core's ``closed(code)``; this module only carries it out (resume, new session, wait for a move,
-stop), with jittered backoff bounded in total time.
+core's ``closed(code)``, and what follows (resume, new session, wait how long, wait for a move,
+give up) is :class:`~legato.voice.close.ReconnectPolicy`'s ``step``; this module only carries
+it out. Its own state is one :class:`~legato.lifecycle.Lifecycle` over
+:class:`~legato.voice.state.LinkState`.
 
 Tasks: one supervisor per connection, and per websocket one reader (the supervisor itself) and
 one timer. All of them are cancelled and awaited by :meth:`VoiceConnection.close`.
@@ -16,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,27 +26,39 @@ from typing import TYPE_CHECKING, Final, Literal
 
 import aiohttp
 
-from legato.errors import TransportError, VoiceClosed, VoiceConnectError, VoiceError
-from legato.voice.dave import MAX_PROTOCOL_VERSION, DaveClient, DaveOutput, SendJson
-from legato.voice.protocol import (
+from legato.errors import TransportError, VoiceConnectError, VoiceError
+from legato.lifecycle import Lifecycle
+from legato.voice.close import (
+    ABNORMAL_CLOSURE,
     CLOSE_RECONNECT,
-    CloseAction,
-    CloseDecision,
+    AwaitMove,
+    GiveUp,
+    ReconnectPolicy,
+)
+from legato.voice.dave import MAX_PROTOCOL_VERSION, DaveClient, DaveOutput, SendJson
+from legato.voice.endpoint import (
+    auto_gateway_version,
+    auto_transports,
+    is_discord_endpoint,
+    is_loopback,
+    split_host_port,
+    websocket_url,
+)
+from legato.voice.events import (
     CloseRequested,
     DaveBinary,
     DaveMessage,
     Event,
-    GatewayStats,
     HeartbeatAck,
     HeartbeatTimeout,
     ProtocolError,
     Ready,
     Resumed,
     SessionDescription,
-    VoiceGatewayCore,
 )
-from legato.voice.state import ConnState
-from legato.voice.transport.base import Transport, TransportStats
+from legato.voice.protocol import GatewayStats, VoiceGatewayCore
+from legato.voice.state import LINK_TRANSITIONS, ConnState, LinkState
+from legato.voice.transport.base import NoMediaPath, Transport, TransportStats
 
 if TYPE_CHECKING:
     from legato.config import VoiceConfig
@@ -54,26 +66,18 @@ if TYPE_CHECKING:
 __all__ = [
     "VoiceConnection",
     "VoiceOptions",
-    "auto_gateway_version",
-    "auto_transports",
+    # Re-exported: legato.sandbox (``python -m legato.sandbox``) imports it from here.
     "is_discord_endpoint",
-    "websocket_url",
 ]
 
 _log = logging.getLogger(__name__)
 
-#: What aiohttp reports when the TCP connection went away without a close frame.
-ABNORMAL_CLOSURE: Final = 1006
-_LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
 #: Largest voice gateway message accepted (1 MiB); a larger one closes the websocket with 1009,
 #: which ends the session (CLOSE_TABLE). The largest legitimate messages are DAVE's op30 welcome
 #: and op29 commit (MLS, a few hundred bytes per group member: tens of KB in a full 99-member
 #: channel); anything near a megabyte is a broken or hostile server, and must not make us buffer
 #: without bound (aiohttp refuses the frame from its header, before reading it).
 MAX_MESSAGE_SIZE: Final = 1 << 20
-#: Domains Discord's voice servers live under (``c-ams07-1a2b.discord.media:443``; older
-#: endpoints were ``us-east123.discord.gg``).
-DISCORD_VOICE_DOMAINS: Final = ("discord.media", "discord.gg")
 
 TransportName = Literal["udp", "webrtc", "auto"]
 
@@ -140,92 +144,6 @@ class VoiceOptions:
         )
 
 
-def is_discord_endpoint(endpoint: str) -> bool:
-    """Whether VOICE_SERVER_UPDATE's ``endpoint`` is one of Discord's voice servers.
-
-    Args:
-        endpoint: ``host``, ``host:port``, ``[v6]:port``, optionally with a ``wss://``/``ws://``
-            prefix.
-    """
-    endpoint = endpoint.strip().rstrip("/").removeprefix("wss://").removeprefix("ws://")
-    host = _split_host_port(endpoint)[0].lower().rstrip(".")
-    return any(host == d or host.endswith("." + d) for d in DISCORD_VOICE_DOMAINS)
-
-
-def auto_transports(endpoint: str) -> list[str]:
-    """The transports ``transport = "auto"`` tries toward ``endpoint``, in order.
-
-    Discord's voice servers get ``udp`` first: it is the path Discord documents for bots and the
-    cheaper one (no ICE, DTLS or SRTP). Any other endpoint gets ``webrtc`` first: Spacebar's
-    voice server speaks only that. The second is tried when the first fails.
-    """
-    return ["udp", "webrtc"] if is_discord_endpoint(endpoint) else ["webrtc", "udp"]
-
-
-def auto_gateway_version(endpoint: str) -> int:
-    """Return the voice gateway version ``"auto"`` uses toward ``endpoint``.
-
-    Discord's voice servers (hosts under ``discord.media`` or ``discord.gg``) get v8: DAVE's
-    binary messages and buffered resume need it, and Discord closes non-E2EE voice with 4017.
-    Every other endpoint gets v6, which every server from v4 up accepts: Spacebar speaks only v6
-    (it closes 4002 on v8's heartbeat object, a heartbeat interval after media started), and the
-    sandbox, self-hosted by definition, takes either. The host decides, not ``:443`` and TLS
-    (PROTOCOL.md "Voice gateway"): a Spacebar behind a TLS proxy on 443 is still v6-only. There is
-    no fallback from one version to the other; set ``gateway_version`` to override.
-
-    Args:
-        endpoint: VOICE_SERVER_UPDATE's ``endpoint`` (``host``, ``host:port``, ``[v6]:port``,
-            optionally with a ``wss://``/``ws://`` prefix).
-    """
-    return 8 if is_discord_endpoint(endpoint) else 6
-
-
-def websocket_url(endpoint: str, version: int, secure: bool | None = None) -> str:
-    """Return the voice websocket URL for a VOICE_SERVER_UPDATE endpoint.
-
-    Discord's endpoints (``c-waw04-7cacab58.discord.media:2096``; ``:443`` until mid-2025, other
-    HTTPS ports such as 2053, 2087 or 2096 since) always need TLS, whatever the port; self-hosted
-    servers hand out ``127.0.0.1:3004`` and speak plain ``ws://`` (PROTOCOL.md "Voice gateway").
-    For any other host, loopback and ports other than 443 mean ``ws://``.
-
-    Args:
-        endpoint: ``host``, ``host:port`` or ``[v6]:port``; a ``wss://``/``ws://`` prefix is
-            honoured.
-        version: The ``v`` query parameter.
-        secure: Force ``wss`` (True) or ``ws`` (False); ``None`` decides from the endpoint.
-    """
-    endpoint = endpoint.strip().rstrip("/")
-    if endpoint.startswith("wss://"):
-        endpoint, secure = endpoint[6:], True if secure is None else secure
-    elif endpoint.startswith("ws://"):
-        endpoint, secure = endpoint[5:], False if secure is None else secure
-    host, port = _split_host_port(endpoint)
-    if secure is None:
-        secure = is_discord_endpoint(host) or not (
-            _is_loopback(host) or (port is not None and port != 443)
-        )
-    return f"{'wss' if secure else 'ws'}://{endpoint}/?v={version}"
-
-
-def _split_host_port(endpoint: str) -> tuple[str, int | None]:
-    if endpoint.startswith("["):
-        host, _, rest = endpoint[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-    host, sep, port = endpoint.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host, int(port)
-    return endpoint, None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _make_transport(name: str, endpoint_host: str, options: VoiceOptions) -> Transport:
     if name == "udp":
         from legato.voice.transport.udp import UdpTransport
@@ -234,7 +152,11 @@ def _make_transport(name: str, endpoint_host: str, options: VoiceOptions) -> Tra
     # Imported lazily: aiortc is heavy and only the webrtc path needs it.
     from legato.voice.transport.webrtc import WebRtcTransport
 
-    return WebRtcTransport(host_candidates_allow_loopback=_is_loopback(endpoint_host))
+    return WebRtcTransport(host_candidates_allow_loopback=is_loopback(endpoint_host))
+
+
+class _FellBack(TransportError):
+    """The first of ``"auto"``'s transports failed; the supervisor identifies with the next."""
 
 
 class VoiceConnection:
@@ -253,6 +175,8 @@ class VoiceConnection:
         options: See :class:`VoiceOptions`.
         on_close: Called (on the loop) when the session ends by itself, with the reason.
         channel_id: The voice channel (DAVE's MLS group id); the server id stands in without it.
+        no_media_path: Counts the frames dropped while no media path is up; the voice client
+            shares its own so that a drop is counted in one place.
     """
 
     def __init__(
@@ -266,6 +190,7 @@ class VoiceConnection:
         options: VoiceOptions | None = None,
         on_close: Callable[[VoiceError | None], None] | None = None,
         channel_id: int | None = None,
+        no_media_path: NoMediaPath | None = None,
     ) -> None:
         self.options = options or VoiceOptions()
         #: End-to-end encryption of every frame (both transports); outlives resumes.
@@ -274,6 +199,8 @@ class VoiceConnection:
             channel_id or server_id,
             max_protocol_version=MAX_PROTOCOL_VERSION if self.options.dave else 0,
         )
+        # A pure wake-up signal, not state: "DAVE may have changed, check your predicate again"
+        # (replaced by a fresh Event each time it fires; see _dave_notify).
         self._dave_changed = asyncio.Event()
         #: Logs with the guild id attached (STYLE.md §5); tokens and keys are never logged.
         self.log = logging.LoggerAdapter(_log, {"guild_id": server_id})
@@ -299,32 +226,52 @@ class VoiceConnection:
         self._old_stats = TransportStats()
         self._runner: asyncio.Task[None] | None = None
         self._timer: asyncio.Task[None] | None = None
+        # A pure wake-up signal for the timer task, not state: "the core may have a new
+        # deadline" (set after every pump).
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
-        self._media_ready = asyncio.Event()
-        self._finished = asyncio.Event()
-        self._server_changed = asyncio.Event()
+        #: Where this connection is (media flowing, reconnecting, awaiting a move, ended).
+        self.lifecycle = Lifecycle(LinkState.IDLE, LINK_TRANSITIONS, log=self.log)
+        #: What to do after each close (resume, new session, backoff, give up): pure, timed.
+        self.reconnect_policy = ReconnectPolicy(
+            enabled=self.options.reconnect,
+            timeout=self.options.reconnect_timeout,
+            move_timeout=self.options.move_timeout,
+            backoff_base=self.options.backoff_base,
+            backoff_max=self.options.backoff_max,
+        )
+        # A VOICE_SERVER_UPDATE not acted on yet: the next websocket opens at the new endpoint
+        # with a new session. A request that may arrive in any state, so not a state itself.
+        self._move_pending = False
         self._close_request: CloseRequested | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._fell_back = False
+        #: Why the connection ended; set with the move to CLOSED (see :meth:`_end`).
         self._error: VoiceError | None = None
-        self._closing = False
         self._speaking = False
         self._rtts: deque[float] = deque(maxlen=20)
-        #: Frames handed to :meth:`send_frame` while no media path was up.
-        self.frames_dropped = 0
+        self._no_media_path = no_media_path or NoMediaPath()
 
     # -- what callers read ----------------------------------------------------------------
 
     def is_connected(self) -> bool:
         """True while frames reach the server (handshake done, not reconnecting)."""
-        return self._media_ready.is_set() and not self._finished.is_set()
+        return self.lifecycle.state is LinkState.CONNECTED
 
     @property
     def state(self) -> ConnState:
-        """The gateway core's state."""
+        """The gateway core's state (the current websocket's handshake)."""
         state: ConnState = self._core.state
         return state
+
+    @property
+    def link_state(self) -> LinkState:
+        """The whole connection's state (see :attr:`lifecycle`)."""
+        return self.lifecycle.state
+
+    @property
+    def frames_dropped(self) -> int:
+        """Frames handed to :meth:`send_frame` while no media path was up."""
+        return self._no_media_path.frames_dropped
 
     @property
     def gateway_stats(self) -> GatewayStats:
@@ -417,6 +364,9 @@ class VoiceConnection:
         """
         if self._runner is not None:
             raise VoiceConnectError("connect() was already called")
+        if self.lifecycle.state is not LinkState.IDLE:
+            raise VoiceConnectError("the connection was closed before connect()")
+        self.lifecycle.move(LinkState.CONNECTING, reason="connect")
         self._runner = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"legato-voice-{self._server_id}"
         )
@@ -432,32 +382,28 @@ class VoiceConnection:
         Raises:
             VoiceConnectError: the connection ended first, or ``timeout`` passed.
         """
-        ready = asyncio.ensure_future(self._media_ready.wait())
-        finished = asyncio.ensure_future(self._finished.wait())
         try:
-            done, _ = await asyncio.wait(
-                {ready, finished}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            ready.cancel()
-            finished.cancel()
-        if self._finished.is_set():
+            async with asyncio.timeout(timeout):
+                await self.lifecycle.wait_for(LinkState.CONNECTED, LinkState.CLOSED)
+        except TimeoutError:
+            raise VoiceConnectError(
+                f"voice connection to {self._endpoint} timed out ({timeout} s)"
+            ) from None
+        if self.lifecycle.state is LinkState.CLOSED:
             raise VoiceConnectError(
                 f"voice connection to {self._endpoint} ended: {self._error}",
                 user_message=self._error.user_message if self._error else None,
             ) from self._error
-        if not done:
-            raise VoiceConnectError(f"voice connection to {self._endpoint} timed out ({timeout} s)")
 
     async def wait_closed(self) -> VoiceError | None:
         """Wait until the connection has ended; return why (``None`` if closed cleanly)."""
-        await self._finished.wait()
+        await self.lifecycle.wait_for(LinkState.CLOSED)
         return self._error
 
     async def close(self) -> None:
         """End the session (close code 1000), stop every task, close the transport. Idempotent."""
-        if not self._closing:
-            self._closing = True
+        if self.lifecycle.state not in (LinkState.CLOSING, LinkState.CLOSED):
+            self.lifecycle.move(LinkState.CLOSING, reason="close()")
             self._core.close("leaving")
             ws = self._ws
             if ws is not None and not ws.closed:
@@ -470,8 +416,19 @@ class VoiceConnection:
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
         await self._release()
-        self._finished.set()
+        self._end(None)
+
+    def _end(self, error: VoiceError | None) -> None:
+        """Move to CLOSED with why (once), and wake the DAVE waiters a last time."""
+        if self.lifecycle.state is not LinkState.CLOSED:
+            self._error = error
+            self.lifecycle.move(LinkState.CLOSED, reason=str(error) if error else "closed")
         self._dave_notify()
+
+    def _media_lost(self, reason: str) -> None:
+        """Back to CONNECTING (socket lost, or a move answered): frames are dropped from here."""
+        if self.lifecycle.state in (LinkState.CONNECTED, LinkState.AWAITING_MOVE):
+            self.lifecycle.move(LinkState.CONNECTING, reason=reason)
 
     def update_server(self, endpoint: str, token: str) -> None:
         """A new VOICE_SERVER_UPDATE: reconnect to ``endpoint`` with a new session.
@@ -488,8 +445,9 @@ class VoiceConnection:
         self._token = token
         self._version = self._pick_version(endpoint)
         self._transports = self._pick_transports(endpoint)
-        self._media_ready.clear()  # the old server is being left: frames are dropped from here
-        self._server_changed.set()
+        self._move_pending = True
+        # The old server is being left (or a 4014 is answered): frames are dropped from here.
+        self._media_lost(f"moving to {endpoint}")
         ws = self._ws
         if ws is not None and not ws.closed and self._closer is None:
             # Closing wakes the reader, which then reconnects to the new endpoint.
@@ -534,7 +492,7 @@ class VoiceConnection:
     async def wait_can_send(self) -> None:
         """Return once :attr:`can_send` holds (rechecked after every DAVE message), or once the
         connection has ended: its frames are then dropped and counted, not sent."""
-        while not self.dave.media_allowed and not self._finished.is_set():
+        while not self.dave.media_allowed and self.lifecycle.state is not LinkState.CLOSED:
             await self._dave_changed.wait()
 
     # -- FrameSink ------------------------------------------------------------------------
@@ -550,8 +508,8 @@ class VoiceConnection:
     def send_frame(self, opus: bytes) -> None:
         """Send one Opus frame now; while reconnecting it is dropped and counted."""
         transport = self._transport
-        if transport is None or not self._media_ready.is_set():
-            self.frames_dropped += 1
+        if transport is None or self.lifecycle.state is not LinkState.CONNECTED:
+            self._no_media_path.send_frame(opus)
             return
         transport.send_frame(self.dave.encrypt(opus))
 
@@ -559,53 +517,51 @@ class VoiceConnection:
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
+        policy = self.reconnect_policy
         error: VoiceError | None = None
         resume = False
-        failures = 0
-        episode_start: float | None = None
         try:
             while True:
-                if self._server_changed.is_set():
+                if self._move_pending:
                     # Moved (or a 4014 was followed by a new server): a fresh session there.
-                    self._server_changed.clear()
+                    self._move_pending = False
                     await self._drop_transport()
                     self._renew_core()
                     resume = False
                 try:
-                    code, reason, reached_ready = await self._run_websocket(resume=resume)
-                except TransportError:
-                    if not self._fell_back:
-                        raise
-                    self._fell_back = False  # "auto": identify again with the next transport
+                    code, reason, reached_media = await self._run_websocket(resume=resume)
+                except _FellBack:
+                    # "auto": identify again with the next transport.
                     await self._drop_transport()
                     self._renew_core()
                     resume = False
                     continue
-                self._media_ready.clear()
-                if self._closing:
+                self._media_lost("websocket closed")
+                if self.lifecycle.state in (LinkState.CLOSING, LinkState.CLOSED):
                     return
-                if reached_ready:
-                    failures, episode_start = 0, None
-                else:
-                    failures += 1
-                if episode_start is None:
-                    episode_start = loop.time()
-                if self._server_changed.is_set():
+                policy.socket_ended(loop.time(), reached_media=reached_media)
+                if self._move_pending:
                     continue
                 decision = self._core.closed(code, reason)
-                resume = await self._follow(decision)
-                if not self.options.reconnect:
-                    raise VoiceClosed(
-                        code or ABNORMAL_CLOSURE, f"{decision.reason}; reconnect is off"
-                    )
-                elapsed = loop.time() - episode_start
-                if elapsed > self.options.reconnect_timeout:
-                    raise VoiceConnectError(
-                        f"gave up reconnecting to {self._endpoint} after {elapsed:.0f} s "
-                        f"(last close {code}: {decision.reason})"
-                    )
-                if failures > 1:
-                    await asyncio.sleep(self._backoff(failures - 1))
+                step = policy.step(decision, loop.time(), endpoint=self._endpoint)
+                if isinstance(step, AwaitMove):
+                    # Moved to AWAITING_MOVE before any await, so update_server() cannot slip
+                    # between the decision and the wait.
+                    self.lifecycle.move(LinkState.AWAITING_MOVE, reason=decision.reason)
+                    await self._drop_transport()
+                    try:
+                        async with asyncio.timeout(step.timeout):
+                            await self.lifecycle.wait_for(LinkState.CONNECTING)
+                    except TimeoutError:
+                        raise step.error from None
+                    step = policy.after_move(decision, loop.time(), endpoint=self._endpoint)
+                if isinstance(step, GiveUp):
+                    raise step.error
+                if not step.resume:
+                    await self._drop_transport()
+                resume = step.resume
+                if step.delay > 0:
+                    await asyncio.sleep(step.delay)
         except VoiceError as exc:
             error = exc
             self.log.warning("voice connection ended: %s", exc)
@@ -614,34 +570,11 @@ class VoiceConnection:
             self.log.exception("voice connection crashed")
             error = VoiceError(f"voice connection crashed: {exc!r}")
         finally:
-            self._error = error
             await self._release()
-            self._finished.set()
-            self._dave_notify()
-            if not self._closing and self._on_close is not None:
+            by_us = self.lifecycle.state in (LinkState.CLOSING, LinkState.CLOSED)
+            self._end(error)
+            if not by_us and self._on_close is not None:
                 self._on_close(error)
-
-    async def _follow(self, decision: CloseDecision) -> bool:
-        """Carry out the core's verdict on a close; return whether to resume.
-
-        Raises:
-            VoiceClosed: the verdict is to stop (or no move followed a 4014).
-        """
-        action = decision.action
-        if action is CloseAction.RESUME:
-            return True
-        if action is CloseAction.NEW_SESSION:
-            await self._drop_transport()
-            return False
-        if action is CloseAction.AWAIT_MOVE:
-            await self._drop_transport()
-            try:
-                async with asyncio.timeout(self.options.move_timeout):
-                    await self._server_changed.wait()
-            except TimeoutError:
-                raise decision.error() from None
-            return False  # the loop starts the fresh session at the new server
-        raise decision.error()
 
     def _pick_transports(self, endpoint: str) -> list[str]:
         name = self.options.transport
@@ -650,10 +583,6 @@ class VoiceConnection:
     def _pick_version(self, endpoint: str) -> int:
         version = self.options.gateway_version
         return auto_gateway_version(endpoint) if version == "auto" else version
-
-    def _backoff(self, failures: int) -> float:
-        delay = min(self.options.backoff_max, self.options.backoff_base * 2.0 ** (failures - 1))
-        return delay * random.uniform(0.5, 1.0)  # jitter: many guilds must not retry in step
 
     # -- one websocket --------------------------------------------------------------------
 
@@ -699,11 +628,11 @@ class VoiceConnection:
                         self.log.warning("voice websocket %s error: %s", self._endpoint, msg.data)
                     break
                 await self._pump()
-                reached_ready = reached_ready or self._media_ready.is_set()
+                reached_ready = reached_ready or self.is_connected()
         except (aiohttp.ClientError, OSError) as exc:
             self.log.info("voice websocket read failed: %r", exc)
         finally:
-            self._media_ready.clear()
+            self._media_lost("websocket closed")
             await self._stop_timer()
             self._ws = None
             if not ws.closed:
@@ -809,7 +738,7 @@ class VoiceConnection:
         elif isinstance(event, DaveBinary):
             self._send_dave(self.dave.receive_binary(event.op, event.payload))
         elif isinstance(event, Resumed):
-            self._media_ready.set()
+            self._media_flows("resumed")
             self._resend_speaking()
         elif isinstance(event, HeartbeatAck):
             if event.rtt is not None:
@@ -826,16 +755,16 @@ class VoiceConnection:
     async def _on_ready(self, event: Ready) -> None:
         await self._drop_transport()
         name = self._transports[0]
-        transport = _make_transport(name, _split_host_port(self._endpoint)[0], self.options)
+        transport = _make_transport(name, split_host_port(self._endpoint)[0], self.options)
         self._transport = transport
         try:
             op1 = await transport.prepare(dict(event.data))
-        except TransportError:
+        except TransportError as exc:
             if len(self._transports) > 1:
                 # "auto": the first choice failed; the next connect identifies with the next one.
                 self.log.warning("voice transport %s failed; falling back to %s", *self._transports)
                 self._transports.pop(0)
-                self._fell_back = True
+                raise _FellBack(str(exc)) from exc
             raise
         if name == "webrtc":
             self._core.request_backend_version()
@@ -850,8 +779,12 @@ class VoiceConnection:
         if transport.name == "webrtc":
             # Spacebar drops an op12 sent long before DTLS is up: announce again now.
             self._core.announce_streams(transport.ssrc)
-        self._media_ready.set()
+        self._media_flows("session description applied")
         self._resend_speaking()
+
+    def _media_flows(self, reason: str) -> None:
+        if self.lifecycle.state is LinkState.CONNECTING:
+            self.lifecycle.move(LinkState.CONNECTED, reason=reason)
 
     def _send_dave(self, outputs: list[DaveOutput]) -> None:
         for out in outputs:
@@ -888,7 +821,7 @@ class VoiceConnection:
         await transport.close()
 
     async def _release(self) -> None:
-        self._media_ready.clear()
+        self._media_lost("released")
         await self._stop_timer()
         closer = self._closer
         if closer is not None and closer is not asyncio.current_task():

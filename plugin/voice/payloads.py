@@ -1,11 +1,16 @@
 """Voice gateway payload shapes (PROTOCOL.md op table; the seed capture for browser fields).
 
-Incoming payloads are validated field by field in :mod:`legato.voice.protocol` before use; these
-types describe what a valid one holds.
+Incoming payloads are validated field by field before use, by the sans-I/O core
+(:mod:`legato.voice.protocol`) with the readers below (``read_int``... raise :class:`Malformed`);
+the types describe what a valid one holds. :func:`dumps` writes a message as the capture shows,
+and :func:`redact` makes one safe to log.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
 from typing import Any, Final, Literal, NotRequired, TypedDict
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "GatewayMessage",
     "HelloData",
     "IdentifyData",
+    "Malformed",
     "MaxResolution",
     "ReadyData",
     "ResumeData",
@@ -43,6 +49,16 @@ __all__ = [
     "StreamRequest",
     "UdpSelectData",
     "VideoData",
+    "as_object",
+    "dumps",
+    "is_int",
+    "read_int",
+    "read_opt_int",
+    "read_opt_str",
+    "read_snowflake",
+    "read_str",
+    "read_str_list",
+    "redact",
 ]
 
 OP_IDENTIFY: Final = 0
@@ -200,3 +216,100 @@ class VideoData(TypedDict):
     video_ssrc: int
     rtx_ssrc: int
     streams: list[StreamAnnounce]
+
+
+# --- reading, writing and logging messages -------------------------------------------------
+
+_REDACTED: Final = "<redacted>"
+_SECRET_KEYS: Final = frozenset({"token", "session_id", "secret_key"})
+_ICE_PWD = re.compile(r"(a=ice-pwd:)\S+")
+_MAX_LOG_DEPTH: Final = 32
+
+
+def redact(payload: Any, *, _depth: int = 0) -> Any:
+    """Return a copy of ``payload`` safe to log: tokens, session ids, keys, ICE passwords hidden.
+
+    Args:
+        payload: a gateway message or any JSON-like value. Nesting deeper than 32 levels is
+            elided (a hostile server must not make logging recurse without bound).
+    """
+    if isinstance(payload, Mapping | list | tuple) and _depth >= _MAX_LOG_DEPTH:
+        return "..."
+    if isinstance(payload, Mapping):
+        return {
+            k: (_REDACTED if k in _SECRET_KEYS else redact(v, _depth=_depth + 1))
+            for k, v in payload.items()
+        }
+    if isinstance(payload, list | tuple):
+        return [redact(v, _depth=_depth + 1) for v in payload]
+    if isinstance(payload, str) and "a=ice-pwd:" in payload:
+        return _ICE_PWD.sub(r"\1" + _REDACTED, payload)
+    return payload
+
+
+def dumps(message: Mapping[str, Any]) -> str:
+    """Serialize a gateway message compactly, as the capture shows (``{"op":3,"d":1}``)."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+class Malformed(ValueError):
+    """A field of an incoming payload is missing, of the wrong type, or out of range."""
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise Malformed(f"{what} is {type(value).__name__}, expected an object")
+    return value
+
+
+def read_int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:
+    value = d.get(key)
+    if not is_int(value):
+        raise Malformed(f"{key!r} is {type(value).__name__}, expected an integer")
+    assert isinstance(value, int)
+    if not lo <= value <= hi:
+        raise Malformed(f"{key!r}={value} out of range")
+    return value
+
+
+def read_opt_int(d: Mapping[str, Any], key: str, default: int) -> int:
+    if d.get(key) is None:
+        return default
+    return read_int(d, key, lo=-(2**63), hi=2**63)
+
+
+def read_str(d: Mapping[str, Any], key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        raise Malformed(f"{key!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def read_opt_str(d: Mapping[str, Any], key: str) -> str | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Malformed(f"{key!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def read_snowflake(d: Mapping[str, Any], key: str) -> str:
+    """User ids arrive as strings; tolerate integers (some servers send them)."""
+    value = d.get(key)
+    if is_int(value):
+        assert isinstance(value, int)
+        if not 0 <= value < 2**64:
+            raise Malformed(f"{key!r}={value} is not a snowflake")
+        return str(value)
+    return read_str(d, key)
+
+
+def read_str_list(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Malformed(f"{what} is not a list of strings")
+    return tuple(value)

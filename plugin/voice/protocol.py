@@ -5,9 +5,12 @@
 and the shell's requests (:meth:`~VoiceGatewayCore.connected`,
 :meth:`~VoiceGatewayCore.select_protocol`, :meth:`~VoiceGatewayCore.speaking`...), and buffers
 what to send (:meth:`~VoiceGatewayCore.outgoing`) and what happened
-(:meth:`~VoiceGatewayCore.events`). The asyncio shell moves the bytes, sleeps until
-:meth:`~VoiceGatewayCore.next_deadline`, and acts on :class:`CloseRequested` and on the
-:class:`CloseDecision` that :meth:`~VoiceGatewayCore.closed` returns. Time is always passed in.
+(:meth:`~VoiceGatewayCore.events`, the dataclasses of :mod:`legato.voice.events`). The asyncio
+shell moves the bytes, sleeps until :meth:`~VoiceGatewayCore.next_deadline`, and acts on
+:class:`~legato.voice.events.CloseRequested` and on the :class:`~legato.voice.close.CloseDecision`
+that :meth:`~VoiceGatewayCore.closed` returns (:mod:`legato.voice.close` holds the close-code
+table and the reconnect policy). Its state is one :class:`~legato.lifecycle.Lifecycle` over
+:class:`~legato.voice.state.ConnState`. Time is always passed in.
 
 Handshake (PROTOCOL.md, seed capture)::
 
@@ -24,17 +27,48 @@ op16/op12 are queued by the shell (:meth:`~VoiceGatewayCore.request_backend_vers
 from __future__ import annotations
 
 import copy
-import enum
 import json
 import logging
 import math
-import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
-from legato.errors import VoiceClosed
+from legato.lifecycle import Lifecycle
+from legato.voice.close import (
+    BUG_MESSAGE,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_RECONNECT,
+    CLOSE_UNKNOWN_MODE,
+    CloseAction,
+    CloseDecision,
+    close_policy,
+)
+from legato.voice.events import (
+    BackendVersion,
+    ClientDisconnected,
+    ClientFlags,
+    ClientPlatform,
+    ClientsConnected,
+    CloseRequested,
+    DaveBinary,
+    DaveMessage,
+    Event,
+    HeartbeatAck,
+    HeartbeatTimeout,
+    Hello,
+    MediaSinkWants,
+    ProtocolError,
+    Ready,
+    Resumed,
+    SessionDescription,
+    SessionUpdate,
+    SpeakingSeen,
+    StateChanged,
+    StreamsSeen,
+    Unknown,
+)
 from legato.voice.payloads import (
     DAVE_BINARY_OPS,
     DAVE_JSON_OPS,
@@ -57,47 +91,30 @@ from legato.voice.payloads import (
     OP_SPEAKING,
     OP_VIDEO,
     Codec,
+    Malformed,
     StreamAnnounce,
     StreamRequest,
+    as_object,
+    dumps,
+    is_int,
+    read_int,
+    read_opt_int,
+    read_opt_str,
+    read_snowflake,
+    read_str,
+    read_str_list,
+    redact,
 )
-from legato.voice.state import ConnState, ConnStateMachine
+from legato.voice.state import TRANSITIONS, ConnState
 
 __all__ = [
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_TABLE",
     "DEFAULT_WEBRTC_CODECS",
     "MAX_SSRC_USERS",
-    "RESUME_REFUSALS",
     "SPEAKING_MICROPHONE",
     "SPEAKING_PRIORITY",
     "SPEAKING_SOUNDSHARE",
-    "BackendVersion",
-    "ClientDisconnected",
-    "ClientFlags",
-    "ClientPlatform",
-    "ClientsConnected",
-    "CloseAction",
-    "CloseDecision",
-    "CloseRequested",
-    "DaveBinary",
-    "DaveMessage",
-    "Event",
     "GatewayStats",
-    "HeartbeatAck",
-    "HeartbeatTimeout",
-    "Hello",
-    "MediaSinkWants",
-    "ProtocolError",
-    "Ready",
-    "Resumed",
-    "SessionDescription",
-    "SessionUpdate",
-    "SpeakingSeen",
-    "StateChanged",
-    "StreamsSeen",
-    "Unknown",
     "VoiceGatewayCore",
-    "close_policy",
     "dumps",
     "redact",
 ]
@@ -108,13 +125,6 @@ SPEAKING_MICROPHONE: Final = 1
 SPEAKING_SOUNDSHARE: Final = 2
 SPEAKING_PRIORITY: Final = 4
 
-#: The close code we use when *we* end a connection over a protocol violation (RFC 6455 §7.4.1).
-CLOSE_PROTOCOL_ERROR: Final = 1002
-#: The close code we use to drop a dead link we mean to resume: not 1000/1001, which would end
-#: the session server-side (Discord's gateway guidance; discord.py uses 4000 the same way).
-CLOSE_RECONNECT: Final = 4000
-#: The close code we use when op4 names a mode we did not select (the server's own 4016).
-CLOSE_UNKNOWN_MODE: Final = 4016
 
 #: op1 ``codecs`` when the transport gives none: Chrome's opus payload type (PROTOCOL.md).
 DEFAULT_WEBRTC_CODECS: Final[tuple[Codec, ...]] = (
@@ -155,367 +165,6 @@ _SOCKET_OPEN: Final = frozenset(
 )
 
 
-# --- close codes -----------------------------------------------------------------------------
-
-
-class CloseAction(enum.Enum):
-    """What to do after the voice websocket closed."""
-
-    #: Reconnect and send op7 Resume (keeps the session, and the v8 message buffer).
-    RESUME = "resume"
-    #: Reconnect and identify afresh: the session is gone.
-    NEW_SESSION = "new_session"
-    #: Stop, unless a new VOICE_SERVER_UPDATE arrives (moved to another channel or server).
-    AWAIT_MOVE = "await_move"
-    #: Stop for good and report the error.
-    STOP = "stop"
-
-
-@dataclass(frozen=True, slots=True)
-class CloseDecision:
-    """The policy's answer to a close: an action and why.
-
-    Attributes:
-        action: what the shell does next.
-        code: the close code (None when the TCP connection dropped without one).
-        reason: an operator-facing sentence (safe to log).
-        user_message: a short sentence safe to show in Discord when ``action`` is STOP.
-        resume_refused: the server answered op7 as a server without resume does: op7 must not
-            be sent to it again (the core's ``resume_supported`` becomes False).
-    """
-
-    action: CloseAction
-    code: int | None
-    reason: str
-    user_message: str | None = None
-    resume_refused: bool = False
-
-    def error(self) -> VoiceClosed:
-        """The exception to raise or report when the connection ends here."""
-        return VoiceClosed(
-            self.code if self.code is not None else 1006,
-            self.reason,
-            user_message=self.user_message,
-        )
-
-
-_STOP, _RESUME, _NEW, _MOVE = (
-    CloseAction.STOP,
-    CloseAction.RESUME,
-    CloseAction.NEW_SESSION,
-    CloseAction.AWAIT_MOVE,
-)
-_BUG = "The voice connection failed because of a bug; it has been logged."
-
-#: Close codes, their action and meaning. Source: PROTOCOL.md "Close codes" (Discord's voice
-#: docs, discord-userdoccers) and discord.py 2.7.1 ``voice_state.py`` (1000 stops, 4014/4022
-#: end the call, 4015 resumes, 4021 must not reconnect). 4001-4005, 4011, 4012 and 4020 mean we
-#: sent something wrong: reconnecting would only repeat it, so they stop with the reason logged.
-CLOSE_TABLE: Final[dict[int, tuple[CloseAction, str, str | None]]] = {
-    1000: (_STOP, "normal closure", None),
-    # RFC 6455: a message exceeded the receiver's size limit. Sent by aiohttp on our side when the
-    # server's message is over legato.voice.gateway.MAX_MESSAGE_SIZE: a resume would be answered
-    # with the same message (v8 replays it), so stop.
-    1009: (
-        _STOP,
-        "message too big: a voice gateway message exceeded the size limit",
-        "The voice server sent a message too large to accept.",
-    ),
-    4001: (_STOP, "unknown opcode: we sent an op the server does not know", _BUG),
-    4002: (_STOP, "failed to decode payload: the server could not parse what we sent", _BUG),
-    4003: (_STOP, "not authenticated: we sent a payload before identifying", _BUG),
-    4004: (
-        _STOP,
-        "authentication failed: the voice token or session was refused",
-        "The voice server refused my credentials.",
-    ),
-    4005: (_STOP, "already authenticated: we identified twice", _BUG),
-    4006: (_NEW, "session no longer valid", None),
-    4009: (_NEW, "session timed out", None),
-    4011: (_STOP, "voice server not found", "The voice server could not be found."),
-    4012: (_STOP, "unknown protocol: the server refused our transport", _BUG),
-    4014: (
-        _MOVE,
-        "disconnected: kicked, moved, or the channel was deleted",
-        "I was disconnected from the voice channel.",
-    ),
-    4015: (_RESUME, "voice server crashed", None),
-    4016: (
-        _STOP,
-        "unknown encryption mode: the server refused our mode",
-        "The voice server and I share no encryption mode.",
-    ),
-    4017: (
-        _STOP,
-        "DAVE (end-to-end encryption) is required by this channel",
-        "This channel requires end-to-end encrypted voice, which I cannot do yet.",
-    ),
-    4020: (_STOP, "bad request: the server rejected a malformed payload", _BUG),
-    4021: (_STOP, "rate limited: not reconnecting", "The voice server is rate limiting me."),
-    4022: (_STOP, "call terminated", "The call was ended."),
-}
-
-
-#: Closes that answer an op7 Resume (sent, not yet answered with op9) with "identify afresh".
-#: 4003: a server without op7 (Spacebar) closes anything before identify with "not
-#: authenticated" (PROTOCOL.md, "Facts from running real peers"); it is the server's answer to
-#: a resume, not our bug, and every later resume would get it too. 4006: the session expired
-#: (Discord's documented answer, and the sandbox's); the server can still resume later sessions.
-RESUME_REFUSALS: Final[dict[int, tuple[str, bool]]] = {
-    4003: (
-        "the server answered op7 Resume with 4003 (not authenticated): it has no resume "
-        "(Spacebar); identifying afresh, and not resuming toward it again",
-        True,
-    ),
-    4006: ("the server answered op7 Resume with 4006: session no longer valid", False),
-}
-
-
-def close_policy(
-    code: int | None, *, resumable: bool = True, resuming: bool = False
-) -> CloseDecision:
-    """Decide what a close code means, from :data:`CLOSE_TABLE`.
-
-    Args:
-        code: the close code, or None when the TCP connection dropped without a close frame.
-        resumable: False when there is no established session to resume (a RESUME becomes
-            NEW_SESSION).
-        resuming: op7 was sent and not answered yet: a code in :data:`RESUME_REFUSALS` means
-            "identify afresh" (NEW_SESSION, at once) rather than what the table says.
-
-    Returns:
-        The decision. Abnormal closes (None, 1006, other 1xxx) resume; unknown 4xxx codes stop.
-    """
-    refusal = RESUME_REFUSALS.get(code) if resuming and code is not None else None
-    if refusal is not None:
-        reason, refused = refusal
-        return CloseDecision(_NEW, code, reason, resume_refused=refused)
-    entry = CLOSE_TABLE.get(code) if code is not None else None
-    if entry is not None:
-        action, reason, user_message = entry
-    elif code is None or code == 1006:
-        action, reason, user_message = _RESUME, "connection dropped without a close frame", None
-    elif 1000 < code < 4000:
-        action, reason, user_message = _RESUME, f"websocket closed with {code}", None
-    else:
-        action, reason = _STOP, f"unknown close code {code}"
-        user_message = "The voice server closed the connection."
-    if action is _RESUME and not resumable:
-        action = _NEW
-        reason += " (no session to resume: identifying afresh)"
-    return CloseDecision(action, code, reason, user_message)
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StateChanged:
-    """The connection moved from ``old`` to ``new``."""
-
-    old: ConnState
-    new: ConnState
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """op8: heartbeats start (``heartbeat_interval`` in seconds)."""
-
-    heartbeat_interval: float
-    version: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """op2: our SSRC, the media server's address and the offered encryption modes.
-
-    ``data`` is op2's validated ``d`` for :meth:`Transport.prepare`.
-    """
-
-    ssrc: int
-    ip: str
-    port: int
-    modes: tuple[str, ...]
-    streams: tuple[dict[str, Any], ...]
-    experiments: tuple[str, ...]
-    data: dict[str, Any] = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class SessionDescription:
-    """op4: the negotiated session; ``data`` (op4's ``d``) goes to :meth:`Transport.start`.
-
-    ``secret_key`` and ``data`` stay out of ``repr`` so the key never reaches a log.
-    """
-
-    mode: str | None
-    secret_key: bytes | None = field(repr=False)
-    sdp: str | None
-    audio_codec: str | None
-    video_codec: str | None
-    media_session_id: str | None
-    dave_protocol_version: int
-    data: dict[str, Any] = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Resumed:
-    """op9: the resume worked; media may flow again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SpeakingSeen:
-    """op5 from the server: ``user_id`` speaks (or stopped) on ``ssrc``."""
-
-    user_id: str | None
-    ssrc: int
-    speaking: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamsSeen:
-    """op12 from the server: another client's SSRCs."""
-
-    user_id: str | None
-    audio_ssrc: int
-    video_ssrc: int
-    data: dict[str, Any] = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientsConnected:
-    """op11: users joined the call."""
-
-    user_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ClientDisconnected:
-    """op13: a user left the call."""
-
-    user_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class BackendVersion:
-    """op16's answer."""
-
-    voice: str | None
-    rtc_worker: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class MediaSinkWants:
-    """op15: which streams (by SSRC, or ``any``) the server wants and at what quality."""
-
-    wants: dict[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionUpdate:
-    """op14 from the server (codec changes)."""
-
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ClientFlags:
-    """op18."""
-
-    user_id: str
-    flags: int
-
-
-@dataclass(frozen=True, slots=True)
-class ClientPlatform:
-    """op20."""
-
-    user_id: str
-    platform: int
-
-
-@dataclass(frozen=True, slots=True)
-class DaveMessage:
-    """A JSON DAVE op (21-24, 31) for the DAVE session layer."""
-
-    op: int
-    data: Any
-
-
-@dataclass(frozen=True, slots=True)
-class DaveBinary:
-    """A binary DAVE op (25-30) for the DAVE session layer."""
-
-    op: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatAck:
-    """op6 matched a heartbeat; ``rtt`` in seconds (None when the ACK named no nonce)."""
-
-    rtt: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatTimeout:
-    """A heartbeat came due while ``missed`` earlier ones were unanswered: the link is dead."""
-
-    missed: int
-    since: float
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolError:
-    """The server sent something we could not use; counted in :class:`GatewayStats`."""
-
-    reason: str
-    op: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Unknown:
-    """An op we do not know; counted in :class:`GatewayStats`."""
-
-    op: int
-    data: Any = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class CloseRequested:
-    """The core wants the websocket closed with ``code``; then follow ``action``."""
-
-    code: int
-    reason: str
-    action: CloseAction
-
-
-Event = (
-    StateChanged
-    | Hello
-    | Ready
-    | SessionDescription
-    | Resumed
-    | SpeakingSeen
-    | StreamsSeen
-    | ClientsConnected
-    | ClientDisconnected
-    | BackendVersion
-    | MediaSinkWants
-    | SessionUpdate
-    | ClientFlags
-    | ClientPlatform
-    | DaveMessage
-    | DaveBinary
-    | HeartbeatAck
-    | HeartbeatTimeout
-    | ProtocolError
-    | Unknown
-    | CloseRequested
-)
-
-
 @dataclass(slots=True)
 class GatewayStats:
     """Counters; ``malformed``/``unknown_ops``/``protocol_errors`` move on every bad input."""
@@ -535,12 +184,6 @@ class GatewayStats:
     ssrc_users_evicted: int = 0
 
 
-# --- helpers ---------------------------------------------------------------------------------
-
-_REDACTED: Final = "<redacted>"
-_SECRET_KEYS: Final = frozenset({"token", "session_id", "secret_key"})
-_ICE_PWD = re.compile(r"(a=ice-pwd:)\S+")
-_MAX_LOG_DEPTH: Final = 32
 # Heartbeat intervals above a day are nonsense (Discord sends about 13.75 s).
 _MAX_INTERVAL_MS: Final = 86_400_000
 #: Most SSRC -> user entries kept from op5/op12. A voice channel seldom holds more than a few
@@ -549,99 +192,10 @@ _MAX_INTERVAL_MS: Final = 86_400_000
 MAX_SSRC_USERS: Final = 4096
 
 
-def redact(payload: Any, *, _depth: int = 0) -> Any:
-    """Return a copy of ``payload`` safe to log: tokens, session ids, keys, ICE passwords hidden.
-
-    Args:
-        payload: a gateway message or any JSON-like value. Nesting deeper than 32 levels is
-            elided (a hostile server must not make logging recurse without bound).
-    """
-    if isinstance(payload, Mapping | list | tuple) and _depth >= _MAX_LOG_DEPTH:
-        return "..."
-    if isinstance(payload, Mapping):
-        return {
-            k: (_REDACTED if k in _SECRET_KEYS else redact(v, _depth=_depth + 1))
-            for k, v in payload.items()
-        }
-    if isinstance(payload, list | tuple):
-        return [redact(v, _depth=_depth + 1) for v in payload]
-    if isinstance(payload, str) and "a=ice-pwd:" in payload:
-        return _ICE_PWD.sub(r"\1" + _REDACTED, payload)
-    return payload
-
-
-def dumps(message: Mapping[str, Any]) -> str:
-    """Serialize a gateway message compactly, as the capture shows (``{"op":3,"d":1}``)."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-
-
-class _Malformed(ValueError):
-    """Raised inside :meth:`VoiceGatewayCore.receive` for input we cannot use."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _dict(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _Malformed(f"{what} is {type(value).__name__}, expected an object")
-    return value
-
-
-def _int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:
-    value = d.get(key)
-    if not _is_int(value):
-        raise _Malformed(f"{key!r} is {type(value).__name__}, expected an integer")
-    assert isinstance(value, int)
-    if not lo <= value <= hi:
-        raise _Malformed(f"{key!r}={value} out of range")
-    return value
-
-
-def _opt_int(d: Mapping[str, Any], key: str, default: int) -> int:
-    if d.get(key) is None:
-        return default
-    return _int(d, key, lo=-(2**63), hi=2**63)
-
-
-def _str(d: Mapping[str, Any], key: str) -> str:
-    value = d.get(key)
-    if not isinstance(value, str):
-        raise _Malformed(f"{key!r} is {type(value).__name__}, expected a string")
-    return value
-
-
-def _opt_str(d: Mapping[str, Any], key: str) -> str | None:
-    value = d.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _Malformed(f"{key!r} is {type(value).__name__}, expected a string")
-    return value
-
-
-def _snowflake(d: Mapping[str, Any], key: str) -> str:
-    """User ids arrive as strings; tolerate integers (some servers send them)."""
-    value = d.get(key)
-    if _is_int(value):
-        assert isinstance(value, int)
-        if not 0 <= value < 2**64:
-            raise _Malformed(f"{key!r}={value} is not a snowflake")
-        return str(value)
-    return _str(d, key)
-
-
-def _str_list(value: object, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Malformed(f"{what} is not a list of strings")
-    return tuple(value)
-
-
 # --- the core --------------------------------------------------------------------------------
 
 
-class VoiceGatewayCore(ConnStateMachine):
+class VoiceGatewayCore:
     """The voice gateway's protocol logic, with no I/O.
 
     Args:
@@ -676,7 +230,6 @@ class VoiceGatewayCore(ConnStateMachine):
         resume_supported: bool = True,
         max_failed_connects: int = 5,
     ) -> None:
-        super().__init__()
         if transport_name not in ("udp", "webrtc"):
             raise ValueError(f"unknown transport {transport_name!r}")
         if version < 4:
@@ -696,6 +249,10 @@ class VoiceGatewayCore(ConnStateMachine):
         self.max_failed_connects = max_failed_connects
         self.stats = GatewayStats()
         self.log = logging.LoggerAdapter(_log, {"guild_id": self.server_id})
+        #: The connection's state; every move queues a :class:`StateChanged` event.
+        self.lifecycle = Lifecycle(
+            ConnState.DISCONNECTED, TRANSITIONS, on_change=self._notify, log=self.log
+        )
 
         self._out: list[dict[str, Any]] = []
         self._out_binary: list[bytes] = []
@@ -768,6 +325,11 @@ class VoiceGatewayCore(ConnStateMachine):
         return out
 
     @property
+    def state(self) -> ConnState:
+        """The connection's state (:attr:`lifecycle` holds it)."""
+        return self.lifecycle.state
+
+    @property
     def close_request(self) -> CloseRequested | None:
         """The pending request to close the websocket, if any."""
         return self._close_request
@@ -799,7 +361,7 @@ class VoiceGatewayCore(ConnStateMachine):
         self._resume_next = resume and can_resume
         if not self._resume_next:
             self._forget_session()
-        self._transition(ConnState.AWAITING_HELLO, reason="websocket open")
+        self.lifecycle.move(ConnState.AWAITING_HELLO, reason="websocket open")
 
     def _forget_session(self) -> None:
         self._established = False
@@ -821,7 +383,7 @@ class VoiceGatewayCore(ConnStateMachine):
         if self.max_dave_protocol_version > 0:
             d["max_dave_protocol_version"] = self.max_dave_protocol_version
         self._send(OP_IDENTIFY, d)
-        self._transition(ConnState.AWAITING_READY, reason="identify sent")
+        self.lifecycle.move(ConnState.AWAITING_READY, reason="identify sent")
 
     def _resume(self) -> None:
         d: dict[str, Any] = {
@@ -833,7 +395,7 @@ class VoiceGatewayCore(ConnStateMachine):
             d["seq_ack"] = self.seq_ack
         self.stats.resumes += 1
         self._send(OP_RESUME, d)
-        self._transition(ConnState.RESUMING, reason="resume sent")
+        self.lifecycle.move(ConnState.RESUMING, reason="resume sent")
 
     def select_protocol(self, d: Mapping[str, Any]) -> bool:
         """Queue op1 from the transport's half (:meth:`Transport.prepare`'s result).
@@ -849,8 +411,8 @@ class VoiceGatewayCore(ConnStateMachine):
         Raises:
             ValueError: the payload does not fit the transport (a bug in the caller).
         """
-        if self._state is not ConnState.SELECTING_PROTOCOL:
-            self.log.info("op1 not sent: state is %s", self._state.name)
+        if self.state is not ConnState.SELECTING_PROTOCOL:
+            self.log.info("op1 not sent: state is %s", self.state.name)
             return False
         protocol = d.get("protocol", self.transport_name)
         if protocol != self.transport_name:
@@ -885,11 +447,11 @@ class VoiceGatewayCore(ConnStateMachine):
                 }
             )
         self._send(OP_SELECT_PROTOCOL, out)
-        self._transition(ConnState.AWAITING_SESSION, reason=f"select protocol {protocol}")
+        self.lifecycle.move(ConnState.AWAITING_SESSION, reason=f"select protocol {protocol}")
         return True
 
     def _can_send(self) -> bool:
-        return self._state in _SOCKET_OPEN and self._close_request is None
+        return self.state in _SOCKET_OPEN and self._close_request is None
 
     def announce_streams(self, audio_ssrc: int, *, video_ssrc: int = 0, rtx_ssrc: int = 0) -> bool:
         """Queue op12 announcing our SSRCs (the capture's shape when ``browser_like``).
@@ -968,8 +530,8 @@ class VoiceGatewayCore(ConnStateMachine):
     def close(self, reason: str = "leaving") -> None:
         """We are leaving: the connection ends for good (the shell closes with 1000)."""
         self._next_heartbeat = None
-        if self._state is not ConnState.CLOSED:
-            self._transition(ConnState.CLOSED, reason=reason)
+        if self.state is not ConnState.CLOSED:
+            self.lifecycle.move(ConnState.CLOSED, reason=reason)
 
     def closed(self, code: int | None, reason: str = "") -> CloseDecision:
         """The websocket closed: decide what to do (:data:`CLOSE_TABLE`).
@@ -984,20 +546,20 @@ class VoiceGatewayCore(ConnStateMachine):
         self._next_heartbeat = None
         self._unacked.clear()
         requested, self._close_request = self._close_request, None
-        if self._state is ConnState.CLOSED:
+        if self.state is ConnState.CLOSED:
             decision = CloseDecision(CloseAction.STOP, code, "closed by us")
         elif requested is not None:
             action = requested.action
             if action is CloseAction.RESUME and not (self._established and self.resume_supported):
                 action = CloseAction.NEW_SESSION
             decision = CloseDecision(
-                action, code, requested.reason, _BUG if action is CloseAction.STOP else None
+                action, code, requested.reason, BUG_MESSAGE if action is CloseAction.STOP else None
             )
         else:
             decision = close_policy(
                 code,
                 resumable=self._established and self.resume_supported,
-                resuming=self._state is ConnState.RESUMING,
+                resuming=self.state is ConnState.RESUMING,
             )
             if decision.resume_refused and self.resume_supported:
                 self.resume_supported = False
@@ -1023,12 +585,12 @@ class VoiceGatewayCore(ConnStateMachine):
             decision.reason,
             decision.action.name,
         )
-        if self._state is not ConnState.CLOSED:
+        if self.state is not ConnState.CLOSED:
             target = (
                 ConnState.CLOSED if decision.action is CloseAction.STOP else ConnState.DISCONNECTED
             )
-            if self._state is not target:
-                self._transition(target, reason=decision.reason)
+            if self.state is not target:
+                self.lifecycle.move(target, reason=decision.reason)
         return decision
 
     # -- time ---------------------------------------------------------------------------------
@@ -1096,18 +658,18 @@ class VoiceGatewayCore(ConnStateMachine):
         self.stats.messages_received += 1
         op: int | None = None
         try:
-            message = _dict(payload, "message")
+            message = as_object(payload, "message")
             raw_op = message.get("op")
-            if not _is_int(raw_op):
-                raise _Malformed(f"op is {type(raw_op).__name__}, expected an integer")
+            if not is_int(raw_op):
+                raise Malformed(f"op is {type(raw_op).__name__}, expected an integer")
             assert isinstance(raw_op, int)
             op = raw_op
             if self.version >= 8 and message.get("seq") is not None:
-                self.seq_ack = _int(message, "seq", lo=0, hi=2**63)
+                self.seq_ack = read_int(message, "seq", lo=0, hi=2**63)
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("recv %s", dumps(redact(message)))
             self._dispatch(op, message.get("d"), now)
-        except _Malformed as exc:
+        except Malformed as exc:
             self.stats.malformed += 1
             self._protocol_error(f"malformed op {op}: {exc}", op)
 
@@ -1123,10 +685,10 @@ class VoiceGatewayCore(ConnStateMachine):
             self._events.append(Unknown(op, d))
 
     def _unexpected(self, op: int) -> None:
-        self._protocol_error(f"op {op} unexpected in state {self._state.name}", op)
+        self._protocol_error(f"op {op} unexpected in state {self.state.name}", op)
 
     def _on_hello(self, d: Any, now: float) -> None:
-        d = _dict(d, "hello")
+        d = as_object(d, "hello")
         interval = d.get("heartbeat_interval")
         if (
             not isinstance(interval, int | float)
@@ -1134,57 +696,57 @@ class VoiceGatewayCore(ConnStateMachine):
             or not math.isfinite(interval)
             or not 0 < interval <= _MAX_INTERVAL_MS
         ):
-            raise _Malformed(f"heartbeat_interval {interval!r} is not a positive number")
+            raise Malformed(f"heartbeat_interval {interval!r} is not a positive number")
         version = d.get("v")
         self.heartbeat_interval = interval / 1000.0
-        if self._state in _SOCKET_OPEN or self._state is ConnState.AWAITING_HELLO:
+        if self.state in _SOCKET_OPEN or self.state is ConnState.AWAITING_HELLO:
             self._next_heartbeat = now + self.heartbeat_interval
-        self._events.append(Hello(self.heartbeat_interval, version if _is_int(version) else None))
-        if self._state is ConnState.AWAITING_HELLO:
+        self._events.append(Hello(self.heartbeat_interval, version if is_int(version) else None))
+        if self.state is ConnState.AWAITING_HELLO:
             if self._resume_next:
                 self._resume()
             else:
                 self._identify()
 
     def _on_ready(self, d: Any, now: float) -> None:
-        if self._state is not ConnState.AWAITING_READY:
+        if self.state is not ConnState.AWAITING_READY:
             self._unexpected(OP_READY)
             return
         try:
-            d = _dict(d, "ready")
-            ssrc = _int(d, "ssrc")
+            d = as_object(d, "ready")
+            ssrc = read_int(d, "ssrc")
             if self.transport_name == "udp":
-                ip = _str(d, "ip")
-                port = _int(d, "port", hi=0xFFFF)
-                modes = _str_list(d.get("modes"), "modes")
+                ip = read_str(d, "ip")
+                port = read_int(d, "port", hi=0xFFFF)
+                modes = read_str_list(d.get("modes"), "modes")
             else:  # webrtc servers may omit the udp fields (Spacebar sends them empty)
-                ip = _opt_str(d, "ip") or ""
-                port = _int(d, "port", hi=0xFFFF) if d.get("port") is not None else 0
-                modes = _str_list(d.get("modes") or [], "modes")
+                ip = read_opt_str(d, "ip") or ""
+                port = read_int(d, "port", hi=0xFFFF) if d.get("port") is not None else 0
+                modes = read_str_list(d.get("modes") or [], "modes")
             streams = d.get("streams") or []
             if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
-                raise _Malformed("streams is not a list of objects")
+                raise Malformed("streams is not a list of objects")
             experiments = d.get("experiments") or []
-            experiments_t = _str_list(experiments, "experiments")
-        except _Malformed as exc:
+            experiments_t = read_str_list(experiments, "experiments")
+        except Malformed as exc:
             self.stats.malformed += 1
             reason = f"invalid op2 Ready: {exc}"
             self._protocol_error(reason, OP_READY)
             self._request_close(CLOSE_PROTOCOL_ERROR, reason, CloseAction.STOP)
             return
         self.ready = Ready(ssrc, ip, port, modes, tuple(streams), experiments_t, d)
-        self._transition(ConnState.SELECTING_PROTOCOL, reason="ready")
+        self.lifecycle.move(ConnState.SELECTING_PROTOCOL, reason="ready")
         self._events.append(self.ready)
 
     def _on_session_description(self, d: Any, now: float) -> None:
-        if self._state not in (ConnState.AWAITING_SESSION, ConnState.READY):
+        if self.state not in (ConnState.AWAITING_SESSION, ConnState.READY):
             self._unexpected(OP_SESSION_DESCRIPTION)
             return
         try:
-            d = _dict(d, "session description")
-            mode = _opt_str(d, "mode")
+            d = as_object(d, "session description")
+            mode = read_opt_str(d, "mode")
             key: bytes | None = None
-            sdp = _opt_str(d, "sdp")
+            sdp = read_opt_str(d, "sdp")
             if self.transport_name == "udp":
                 if mode != self.selected_mode:
                     reason = f"server chose mode {mode!r}, we selected {self.selected_mode!r}"
@@ -1195,41 +757,41 @@ class VoiceGatewayCore(ConnStateMachine):
                 if (
                     not isinstance(raw_key, list)
                     or len(raw_key) != 32
-                    or not all(_is_int(b) and 0 <= b <= 255 for b in raw_key)
+                    or not all(is_int(b) and 0 <= b <= 255 for b in raw_key)
                 ):
-                    raise _Malformed("secret_key is not 32 bytes")
+                    raise Malformed("secret_key is not 32 bytes")
                 key = bytes(raw_key)
             elif sdp is None:
-                raise _Malformed("webrtc op4 has no sdp")
+                raise Malformed("webrtc op4 has no sdp")
             session = SessionDescription(
                 mode=mode,
                 secret_key=key,
                 sdp=sdp,
-                audio_codec=_opt_str(d, "audio_codec"),
-                video_codec=_opt_str(d, "video_codec"),
-                media_session_id=_opt_str(d, "media_session_id"),
-                dave_protocol_version=_opt_int(d, "dave_protocol_version", 0),
+                audio_codec=read_opt_str(d, "audio_codec"),
+                video_codec=read_opt_str(d, "video_codec"),
+                media_session_id=read_opt_str(d, "media_session_id"),
+                dave_protocol_version=read_opt_int(d, "dave_protocol_version", 0),
                 data=d,
             )
-        except _Malformed as exc:
+        except Malformed as exc:
             self.stats.malformed += 1
             reason = f"invalid op4 Session Description: {exc}"
             self._protocol_error(reason, OP_SESSION_DESCRIPTION)
             self._request_close(CLOSE_PROTOCOL_ERROR, reason, CloseAction.STOP)
             return
         self.session = session
-        if self._state is ConnState.AWAITING_SESSION:
+        if self.state is ConnState.AWAITING_SESSION:
             self._established = True
             self._failed_connects = 0
-            self._transition(ConnState.READY, reason="session description")
+            self.lifecycle.move(ConnState.READY, reason="session description")
         self._events.append(session)
 
     def _on_resumed(self, d: Any, now: float) -> None:
-        if self._state is not ConnState.RESUMING:
+        if self.state is not ConnState.RESUMING:
             self._unexpected(OP_RESUMED)
             return
         self._failed_connects = 0
-        self._transition(ConnState.READY, reason="resumed")
+        self.lifecycle.move(ConnState.READY, reason="resumed")
         self._events.append(Resumed())
 
     def _on_heartbeat_ack(self, d: Any, now: float) -> None:
@@ -1239,8 +801,8 @@ class VoiceGatewayCore(ConnStateMachine):
             # No nonce to match: any ACK still proves the link is alive.
             acked = bool(self._unacked)
             self._unacked.clear()
-        elif not _is_int(nonce):
-            raise _Malformed(f"heartbeat ACK nonce {type(nonce).__name__}")
+        elif not is_int(nonce):
+            raise Malformed(f"heartbeat ACK nonce {type(nonce).__name__}")
         else:
             assert isinstance(nonce, int)
             sent = self._unacked.get(nonce)
@@ -1258,23 +820,23 @@ class VoiceGatewayCore(ConnStateMachine):
         self._events.append(HeartbeatAck(rtt))
 
     def _on_speaking(self, d: Any, now: float) -> None:
-        d = _dict(d, "speaking")
-        ssrc = _int(d, "ssrc")
+        d = as_object(d, "speaking")
+        ssrc = read_int(d, "ssrc")
         speaking = d.get("speaking")
         if isinstance(speaking, bool):
             speaking = int(speaking)
-        if not _is_int(speaking):
-            raise _Malformed("speaking is not an integer")
-        user_id = _snowflake(d, "user_id") if d.get("user_id") is not None else None
+        if not is_int(speaking):
+            raise Malformed("speaking is not an integer")
+        user_id = read_snowflake(d, "user_id") if d.get("user_id") is not None else None
         if user_id is not None:
             self._remember_ssrc(ssrc, user_id)
         self._events.append(SpeakingSeen(user_id, ssrc, speaking))
 
     def _on_video(self, d: Any, now: float) -> None:
-        d = _dict(d, "video")
-        user_id = _snowflake(d, "user_id") if d.get("user_id") is not None else None
-        audio = _opt_int(d, "audio_ssrc", 0)
-        video = _opt_int(d, "video_ssrc", 0)
+        d = as_object(d, "video")
+        user_id = read_snowflake(d, "user_id") if d.get("user_id") is not None else None
+        audio = read_opt_int(d, "audio_ssrc", 0)
+        video = read_opt_int(d, "video_ssrc", 0)
         if user_id is not None and 0 < audio <= 0xFFFFFFFF:
             self._remember_ssrc(audio, user_id)
         self._events.append(StreamsSeen(user_id, audio, video, d))
@@ -1288,41 +850,43 @@ class VoiceGatewayCore(ConnStateMachine):
             self.stats.ssrc_users_evicted += 1
 
     def _on_clients_connect(self, d: Any, now: float) -> None:
-        d = _dict(d, "clients connect")
+        d = as_object(d, "clients connect")
         ids = d.get("user_ids")
-        if not isinstance(ids, list) or not all(isinstance(u, str) or _is_int(u) for u in ids):
-            raise _Malformed("user_ids is not a list of ids")
+        if not isinstance(ids, list) or not all(isinstance(u, str) or is_int(u) for u in ids):
+            raise Malformed("user_ids is not a list of ids")
         self._events.append(ClientsConnected(tuple(str(u) for u in ids)))
 
     def _on_client_disconnect(self, d: Any, now: float) -> None:
-        d = _dict(d, "client disconnect")
-        user_id = _snowflake(d, "user_id")
+        d = as_object(d, "client disconnect")
+        user_id = read_snowflake(d, "user_id")
         self.ssrc_users = {s: u for s, u in self.ssrc_users.items() if u != user_id}
         self._events.append(ClientDisconnected(user_id))
 
     def _on_session_update(self, d: Any, now: float) -> None:
-        self._events.append(SessionUpdate(_dict(d, "session update")))
+        self._events.append(SessionUpdate(as_object(d, "session update")))
 
     def _on_media_sink_wants(self, d: Any, now: float) -> None:
-        d = _dict(d, "media sink wants")
+        d = as_object(d, "media sink wants")
         wants: dict[str, int] = {}
         for key, value in d.items():
-            if not _is_int(value):
-                raise _Malformed(f"media sink quality for {key!r} is not an integer")
+            if not is_int(value):
+                raise Malformed(f"media sink quality for {key!r} is not an integer")
             wants[str(key)] = value
         self._events.append(MediaSinkWants(wants))
 
     def _on_backend_version(self, d: Any, now: float) -> None:
-        d = _dict(d, "backend version")
-        self._events.append(BackendVersion(_opt_str(d, "voice"), _opt_str(d, "rtc_worker")))
+        d = as_object(d, "backend version")
+        self._events.append(BackendVersion(read_opt_str(d, "voice"), read_opt_str(d, "rtc_worker")))
 
     def _on_client_flags(self, d: Any, now: float) -> None:
-        d = _dict(d, "client flags")
-        self._events.append(ClientFlags(_snowflake(d, "user_id"), _opt_int(d, "flags", 0)))
+        d = as_object(d, "client flags")
+        self._events.append(ClientFlags(read_snowflake(d, "user_id"), read_opt_int(d, "flags", 0)))
 
     def _on_client_platform(self, d: Any, now: float) -> None:
-        d = _dict(d, "client platform")
-        self._events.append(ClientPlatform(_snowflake(d, "user_id"), _opt_int(d, "platform", 0)))
+        d = as_object(d, "client platform")
+        self._events.append(
+            ClientPlatform(read_snowflake(d, "user_id"), read_opt_int(d, "platform", 0))
+        )
 
 
 _HANDLERS: Final = {

@@ -19,14 +19,13 @@ import aiohttp
 import pytest
 
 from legato.sandbox.voice import SandboxVoiceServer
-from legato.voice.gateway import (
-    VoiceConnection,
-    VoiceOptions,
+from legato.voice.endpoint import (
     auto_gateway_version,
     auto_transports,
     is_discord_endpoint,
     websocket_url,
 )
+from legato.voice.gateway import VoiceConnection, VoiceOptions
 from tests.integration.voice_support import Player, tone_frames
 
 pytestmark = pytest.mark.integration

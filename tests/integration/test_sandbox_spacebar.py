@@ -21,7 +21,7 @@ from legato.sandbox.__main__ import build_parser
 from legato.sandbox.profiles import SPACEBAR, voice_profile
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice import sdp
-from legato.voice.gateway import websocket_url
+from legato.voice.endpoint import websocket_url
 from legato.voice.transport.webrtc import WebRtcTransport
 from tests.integration.test_sandbox_voice import (
     ALICE,

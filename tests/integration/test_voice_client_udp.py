@@ -13,7 +13,9 @@ import pytest
 
 from legato.errors import VoiceConnectError
 from legato.voice.client import LegatoVoiceClient, VoiceOptions
-from legato.voice.gateway import VoiceConnection, websocket_url
+from legato.voice.endpoint import websocket_url
+from legato.voice.gateway import VoiceConnection
+from legato.voice.state import ClientState, LinkState
 from tests.integration.voice_support import (
     BOT_ID,
     GUILD_ID,
@@ -57,6 +59,7 @@ async def test_tone_through_discord_voice_protocol(version: int) -> None:
         vc = await world.channel.connect(cls=LegatoVoiceClient.configured(options), timeout=20)
         assert isinstance(vc, LegatoVoiceClient)
         assert vc.is_connected()
+        assert vc.lifecycle.state is ClientState.CONNECTED
         assert world.guild.voice_client is vc
         assert vc.transport_name == "udp"
         assert vc.mode == "aead_aes256_gcm_rtpsize"
@@ -70,8 +73,12 @@ async def test_tone_through_discord_voice_protocol(version: int) -> None:
         assert vc.frames_dropped == 0
         assert vc.latency < 5.0  # a heartbeat was acknowledged (0.5 s interval)
 
+        conn = vc.connection
         await vc.disconnect()
         await vc.disconnect()  # twice is fine
+        assert vc.state is ClientState.CLOSED
+        assert conn is not None
+        assert conn.link_state is LinkState.CLOSED
         assert voice_tasks() == []
         assert world.guild.voice_client is None
         assert world.gateway.calls[-1][1] is None
@@ -158,6 +165,7 @@ async def test_move_to_another_channel_and_kick() -> None:
         await vc.move_to(world.other_channel, timeout=20)
         assert vc.channel.id == world.other_channel.id  # type: ignore[attr-defined]
         assert vc.is_connected()
+        assert vc.lifecycle.state is ClientState.CONNECTED
         await server.wait_identified(BOT_ID, count=2)  # a fresh session for the new token
         frames = tone_frames(0.5)
         await Player(vc, frames).play()
@@ -174,6 +182,7 @@ async def test_move_to_another_channel_and_kick() -> None:
             error = await gone
         assert error is not None
         assert not vc.is_connected()
+        assert vc.state is ClientState.CLOSED
         assert world.guild.voice_client is None
 
 

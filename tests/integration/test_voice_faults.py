@@ -20,6 +20,7 @@ from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.client import LegatoVoiceClient
 from legato.voice.gateway import MAX_MESSAGE_SIZE, VoiceConnection, VoiceOptions
 from legato.voice.rtp import discovery_response, parse_discovery_request
+from legato.voice.state import ClientState, LinkState
 from legato.voice.transport.udp import UdpTransport
 from tests.integration.voice_support import (
     BOT_ID,
@@ -166,6 +167,7 @@ async def test_4014_then_a_new_server_within_the_grace_period_reconnects() -> No
 
         await play_with_fault(conn, strike)
         assert conn.is_connected()
+        assert conn.link_state is LinkState.CONNECTED
         assert server.session(BOT_ID).endpoint == conn.endpoint
         rec = server.recording(BOT_ID)
         await rec.wait_frames(conn.stats.frames_sent, timeout=20)
@@ -207,6 +209,9 @@ async def test_4014_without_a_move_stops_and_cleans_up() -> None:
         assert world.guild.voice_client is None  # cleanup() ran
         assert world.gateway.left.is_set()  # and we told the main gateway we left
         assert not vc.is_connected()
+        assert vc.state is ClientState.CLOSED
+        assert vc.connection is not None
+        assert vc.connection.link_state is LinkState.CLOSED
         vc.send_frame(b"\xf8\xff\xfe")  # the player may still hand over a frame: no crash
         await vc.disconnect()  # and a late disconnect is harmless
 

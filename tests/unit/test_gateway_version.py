@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 
 from legato.config import VoiceConfig
-from legato.voice.gateway import (
-    VoiceOptions,
-    auto_gateway_version,
-    auto_transports,
-    websocket_url,
-)
+from legato.voice.endpoint import auto_gateway_version, auto_transports, websocket_url
+from legato.voice.gateway import VoiceOptions
 
 
 @pytest.mark.parametrize(

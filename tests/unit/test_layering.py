@@ -11,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CORE_MODULES = [
     "plugin/voice/protocol.py",
+    "plugin/voice/events.py",
+    "plugin/voice/close.py",
+    "plugin/voice/endpoint.py",
     "plugin/voice/state.py",
     "plugin/voice/rtp.py",
     "plugin/voice/crypto.py",
@@ -61,7 +64,16 @@ def test_checker_catches_forbidden_imports(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["legato.voice.protocol", "legato.voice.rtp", "legato.voice.crypto"]
+    "module",
+    [
+        "legato.voice.protocol",
+        "legato.voice.events",
+        "legato.voice.close",
+        "legato.voice.endpoint",
+        "legato.voice.state",
+        "legato.voice.rtp",
+        "legato.voice.crypto",
+    ],
 )
 def test_core_modules_import(module: str) -> None:
     assert importlib.util.find_spec(module) is not None

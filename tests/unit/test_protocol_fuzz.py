@@ -10,12 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from legato.voice.protocol import (
-    CloseAction,
-    ProtocolError,
-    Unknown,
-    VoiceGatewayCore,
-)
+from legato.voice.close import CloseAction
+from legato.voice.events import ProtocolError, Unknown
+from legato.voice.protocol import VoiceGatewayCore
 from legato.voice.state import ConnState
 
 KNOWN_OPS = [2, 4, 5, 6, 8, 9, 11, 12, 13, 14, 15, 16, 18, 20, 21, 22, 23, 24, 31]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from legato.sandbox import names
-from legato.voice.gateway import auto_gateway_version, is_discord_endpoint
+from legato.voice.endpoint import auto_gateway_version, is_discord_endpoint
 
 
 def test_a_minted_name_is_discords_shape_and_resolves_here() -> None:

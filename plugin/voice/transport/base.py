@@ -44,6 +44,26 @@ class TransportStats:
     packets_lost: int = 0
 
 
+class NoMediaPath:
+    """Where frames go while no transport can carry them: each is dropped and counted, here only.
+
+    A voice client makes one and hands it to every :class:`~legato.voice.gateway.VoiceConnection`
+    it creates; a frame that finds no media path (before the first connect, while reconnecting,
+    after the end) is sent here, and everyone reads :attr:`frames_dropped` from it. Frames a
+    transport's socket refuses are that transport's ``send_errors``.
+    """
+
+    __slots__ = ("frames_dropped",)
+
+    def __init__(self) -> None:
+        #: Frames handed over while no media path was up.
+        self.frames_dropped = 0
+
+    def send_frame(self, opus: bytes) -> None:
+        """Drop ``opus`` and count it."""
+        self.frames_dropped += 1
+
+
 class Transport(Protocol):
     """One media path to the voice server."""
 
