@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
@@ -77,6 +78,7 @@ from legato.voice.dave import (
     OPUS_SILENCE,
     DaveClient,
     DaveOutput,
+    MalformedDaveFrame,
     SendBinary,
     SendJson,
 )
@@ -96,6 +98,24 @@ class Deliver:
 
     user_id: int
     message: SendJson | SendBinary
+
+
+def pack_server_binary(seq: int, op: int, payload: bytes) -> bytes:
+    """Build a server binary frame ``[u16 seq][u8 op][payload]`` (the client parses it with
+    :func:`legato.voice.dave.parse_server_binary`)."""
+    return struct.pack(">HB", seq & 0xFFFF, op) + payload
+
+
+def parse_client_binary(data: bytes) -> tuple[int, bytes]:
+    """Split a client binary frame ``[u8 op][payload]`` (what
+    :func:`legato.voice.dave.pack_client_binary` builds).
+
+    Raises:
+        MalformedDaveFrame: empty frame.
+    """
+    if not data:
+        raise MalformedDaveFrame("empty binary frame")
+    return data[0], bytes(data[1:])
 
 
 @dataclass(slots=True)

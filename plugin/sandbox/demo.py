@@ -34,8 +34,8 @@ import discord
 import numpy as np
 from discord.ext import commands
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.media import MediaServer, write_tone
 from legato.sandbox.recording import ReceivedPacket, Recording
 from legato.sandbox.server import GuildHandle, Sandbox

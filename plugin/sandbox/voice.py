@@ -69,32 +69,26 @@ from aiohttp import WSMsgType, web
 
 from legato.errors import TransportError
 from legato.sandbox import names
-from legato.sandbox.dave import DaveChannel, Deliver, ListenerRole
-from legato.sandbox.profiles import VoiceProfile, voice_profile
-from legato.sandbox.recording import Recording, Waiters
-from legato.sandbox.relay import LossyRelay, RelayOptions
-from legato.sandbox.tls import ServerCertificate, local_ca, trust_in_process
-from legato.voice.crypto import (
-    KEY_SIZE,
-    SUPPORTED_MODES,
-    DecryptionFailed,
-    PacketDecryptor,
-)
-from legato.voice.dave import (
-    OP_MLS_COMMIT_WELCOME,
-    MalformedDaveFrame,
-    SendJson,
+from legato.sandbox.crypto import DecryptionFailed, PacketDecryptor
+from legato.sandbox.dave import (
+    DaveChannel,
+    Deliver,
+    ListenerRole,
     pack_server_binary,
     parse_client_binary,
 )
+from legato.sandbox.profiles import VoiceProfile, voice_profile
+from legato.sandbox.recording import Recording, Waiters
+from legato.sandbox.relay import LossyRelay, RelayOptions
+from legato.sandbox.rtp import discovery_response, pack_receiver_report, parse_discovery_request
+from legato.sandbox.tls import ServerCertificate, local_ca, trust_in_process
+from legato.voice.crypto import KEY_SIZE, SUPPORTED_MODES
+from legato.voice.dave import OP_MLS_COMMIT_WELCOME, MalformedDaveFrame, SendJson
 from legato.voice.rtp import (
     DISCOVERY_PACKET_SIZE,
     MalformedPacket,
     ReportBlock,
-    discovery_response,
     is_rtcp,
-    pack_receiver_report,
-    parse_discovery_request,
     parse_rtcp,
     parse_rtp,
 )

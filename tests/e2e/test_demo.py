@@ -16,9 +16,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono
 from legato.audio.encode import OpusEncoder
 from legato.config import load_config
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono
 from legato.sandbox.demo import (
     EXAMPLES,
     FREQ_TOLERANCE_HZ,

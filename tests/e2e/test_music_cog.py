@@ -24,12 +24,12 @@ import pytest
 from discord.ext import commands
 
 import legato
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
 from legato.audio.sources import PRIVATE, SIGN_IN
 from legato.cogs.music import MusicCog
 from legato.config import Config, PermissionsConfig, PlaybackConfig, SourcesConfig, VoiceConfig
 from legato.errors import ConfigError
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser

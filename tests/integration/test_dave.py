@@ -16,10 +16,10 @@ import discord
 import discord.http
 import pytest
 
-from legato.audio.analysis import pcm_to_mono
 from legato.audio.player import GuildPlayer, PlayerState
 from legato.audio.source import FrameSource
 from legato.audio.track import Track
+from legato.sandbox.analysis import pcm_to_mono
 from legato.sandbox.dave import DAVE_MAGIC_MARKER
 from legato.sandbox.recording import Recording
 from legato.sandbox.voice import DAVE_LISTENER_ID, SandboxVoiceServer

@@ -30,20 +30,16 @@ import av
 import numpy as np
 import pytest
 
-from legato.audio.analysis import dominant_frequency
 from legato.audio.encode import OpusEncoder
 from legato.audio.sink import OPUS_SILENCE, SILENCE_FRAMES
 from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
 from legato.sandbox.__main__ import recording_report
+from legato.sandbox.analysis import dominant_frequency
 from legato.sandbox.recording import Recording
+from legato.sandbox.rtp import pack_receiver_report
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.crypto import PacketEncryptor
-from legato.voice.rtp import (
-    discovery_request,
-    pack_receiver_report,
-    pack_rtp_header,
-    parse_discovery_response,
-)
+from legato.voice.rtp import discovery_request, pack_rtp_header, parse_discovery_response
 from legato.voice.transport.webrtc import WebRtcTransport
 
 pytestmark = pytest.mark.integration
