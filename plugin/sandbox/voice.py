@@ -43,8 +43,9 @@ Choices where Discord's behaviour is not public:
   heartbeats (4002 otherwise), op1's top-level ``sdp``, op12 answered only once DTLS is
   connected, one RSA DTLS certificate, ``ws://`` only, op11 as ``{"user_ids": {}}``.
 
-The server is four rooms behind :class:`SandboxVoiceServer`, the facade tests and the CLI use:
+The server is five rooms behind :class:`SandboxVoiceServer`, the facade tests and the CLI use:
 :mod:`legato.sandbox.voice_gateway` (the websocket: ops, sessions' lifecycles),
+:mod:`legato.sandbox.voice_negotiation` (op1, op5, op12: how each session's media is set up),
 :mod:`legato.sandbox.voice_media` (the media socket: discovery, RTP, RTCP, webrtc peers,
 recording), :mod:`legato.sandbox.voice_dave` (DAVE groups on the websockets) and
 :mod:`legato.sandbox.voice_session` (options, sessions, connections and the event log they
@@ -55,14 +56,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
-
-from aiohttp import web
 
 from legato.sandbox import names
 from legato.sandbox.dave import DaveChannel, ListenerRole
@@ -71,7 +69,7 @@ from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.relay import LossyRelay, RelayOptions
 from legato.sandbox.tls import ServerCertificate, local_ca, trust_in_process
 from legato.sandbox.voice_dave import DAVE_LISTENER_ID, DaveHub
-from legato.sandbox.voice_gateway import VoiceGateway
+from legato.sandbox.voice_gateway import Listeners, VoiceGateway
 from legato.sandbox.voice_media import MediaPlane
 from legato.sandbox.voice_session import (
     CLOSE_DISCONNECTED,
@@ -210,11 +208,6 @@ class SandboxVoiceServer:
         self.certificate: ServerCertificate | None = None
 
         self._port = port
-        self._runner: web.AppRunner | None = None
-        self._listeners: list[tuple[str, web.SockSite]] = []
-        self._extra_sites: list[web.SockSite] = []
-        self._plain_endpoint = ""
-        self._ssl: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters = Waiters()
         self._table = SessionTable(self._waiters)
@@ -231,6 +224,7 @@ class SandboxVoiceServer:
             self._spawn,
             lambda: self.endpoint,
         )
+        self._listeners = Listeners(self.host, self.endpoint_host, self._gateway.handle_ws)
         #: Every gateway event in order (see :class:`VoiceEvent`).
         self.events: list[VoiceEvent] = self._table.events
         #: Each session as its op1 was answered (version, transport, mode, DAVE), in order.
@@ -243,37 +237,16 @@ class SandboxVoiceServer:
     async def start(self) -> None:
         """Bind the websocket listener and the UDP socket."""
         await self._media.start()
+        ssl_context = None
         if self.tls:
             hosts = dict.fromkeys((self.endpoint_host, self.host, "localhost"))
             self.certificate = local_ca().issue(tuple(hosts))
-            self._ssl = self.certificate.server_context()
+            ssl_context = self.certificate.server_context()
             trust_in_process()
         if self._minted_name:
             names.register(self.endpoint_host, self.host)
-        app = web.Application()
-        app.router.add_get("/", self._gateway.handle_ws)
-        self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        await self._add_listener(self._port)
+        await self._listeners.start(self._port, ssl_context)
         _log.info("voice sandbox on %s (udp %s:%d)", self.url, self.host, self.udp_port)
-
-    async def _add_listener(self, port: int) -> str:
-        endpoint, site = await self._open_site(port, self._ssl)
-        self._listeners.append((endpoint, site))
-        return endpoint
-
-    async def _open_site(self, port: int, ssl_context: Any) -> tuple[str, web.SockSite]:
-        assert self._runner is not None, "start() first"
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, port))
-        site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
-        await site.start()
-        # TLS listeners are named as Discord names its servers; a plain one by its address.
-        host = self.endpoint_host if ssl_context is not None else self.host
-        return f"{host}:{sock.getsockname()[1]}", site
 
     async def plain_endpoint(self) -> str:
         """A ``ws://`` endpoint of this server beside its ``wss://`` one (made on first use).
@@ -282,30 +255,19 @@ class SandboxVoiceServer:
         client (``wss://`` only) and a client that has no way to trust a self-signed
         certificate in one channel. Not one of :meth:`move`'s targets.
         """
-        if not self.tls:
-            return self.endpoint
-        if not self._extra_sites:
-            endpoint, site = await self._open_site(0, None)
-            self._extra_sites.append(site)
-            self._plain_endpoint = endpoint
-        return self._plain_endpoint
+        return await self._listeners.plain() if self.tls else self.endpoint
 
     async def close(self) -> None:
         """Close the listeners, every connection (1001) and the UDP socket."""
         # Listeners first: a client reconnecting at once must be refused, not let in again
         # while the connections close.
-        for _endpoint, site in self._listeners:
-            await site.stop()
+        await self._listeners.stop_accepting()
         await self._gateway.close_all(CLOSE_GOING_AWAY, "server shutting down")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        self._listeners.clear()
-        self._extra_sites.clear()
+        await self._listeners.cleanup()
         await self._media.close()
         # The name keeps resolving after close, as a dead voice server's does: a client that
         # tries again is refused at once rather than left waiting for a DNS answer.
@@ -330,9 +292,7 @@ class SandboxVoiceServer:
     @property
     def endpoint(self) -> str:
         """``host:port`` of the first listener, as VOICE_SERVER_UPDATE hands it out."""
-        if not self._listeners:
-            raise RuntimeError("the voice sandbox is not started")
-        return self._listeners[0][0]
+        return self._listeners.endpoint
 
     @property
     def url(self) -> str:
@@ -420,7 +380,7 @@ class SandboxVoiceServer:
         """
         s = self._table.find(user_id, server_id, required=True)
         assert s is not None
-        return self._gateway.info(s)
+        return s.info(self.dave_protocol_version)
 
     def close_codes(self, user_id: int) -> list[int | None]:
         """Close codes of the user's connections so far, in order (None: TCP just ended)."""
@@ -561,9 +521,7 @@ class SandboxVoiceServer:
         assert session is not None
         session.resumable = False
         current = session.conn.endpoint if session.conn is not None else self.endpoint
-        target = next((ep for ep, _site in self._listeners if ep != current), None)
-        if target is None:
-            target = await self._add_listener(0)
+        target = await self._listeners.other_than(current)
         if close_code is not None and session.conn is not None:
             await session.conn.close(close_code, "moved")
         return target

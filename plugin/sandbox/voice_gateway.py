@@ -4,41 +4,36 @@
 dispatches the client's ops (identify, select protocol, heartbeat, speaking, resume, video,
 backend version, DAVE's JSON replies) to one handler each. It decides what a session is: which
 token identifies it, when it resumes (and what a v8 resume replays), when it ends and who is
-told (op11, op13). Media and DAVE are the other rooms': op1 gives the session its key or its
-WebRTC peer from the :class:`~legato.sandbox.voice_media.MediaPlane`, and DAVE members are
-handed to the :class:`~legato.sandbox.voice_dave.DaveHub`.
+told (op11, op13). The ops that set up media (op1, op5, op12) are
+:class:`~legato.sandbox.voice_negotiation.MediaNegotiation`'s; DAVE members' ops go to the
+:class:`~legato.sandbox.voice_dave.DaveHub`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
-import secrets
-from collections.abc import Callable, Coroutine
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 from aiohttp import WSMsgType, web
 
-from legato.errors import TransportError
-from legato.sandbox.crypto import PacketDecryptor
 from legato.sandbox.voice_dave import DaveHub
 from legato.sandbox.voice_media import MediaPlane
+from legato.sandbox.voice_negotiation import MediaNegotiation
 from legato.sandbox.voice_session import (
     CLOSE_ALREADY_AUTHENTICATED,
     CLOSE_AUTHENTICATION_FAILED,
     CLOSE_BAD_REQUEST,
     CLOSE_DAVE_REQUIRED,
     CLOSE_DECODE_ERROR,
-    CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     CLOSE_NOT_AUTHENTICATED,
     CLOSE_SESSION_INVALID,
     CLOSE_SESSION_TIMEOUT,
-    CLOSE_UNKNOWN_MODE,
     CLOSE_UNKNOWN_OPCODE,
-    CLOSE_UNKNOWN_PROTOCOL,
     MAX_VERSION,
     MIN_VERSION,
     Connection,
@@ -49,7 +44,6 @@ from legato.sandbox.voice_session import (
     SessionInfo,
     SessionTable,
 )
-from legato.voice.crypto import KEY_SIZE
 
 _log = logging.getLogger(__name__)
 
@@ -104,24 +98,21 @@ class VoiceGateway:
         self.connections: set[Connection] = set()
         #: Users whose heartbeats go unanswered (``stop_heartbeat_acks``).
         self.silenced: set[int] = set()
+        negotiation = MediaNegotiation(options, table, media, dave, stats, spawn)
         #: Each session as its op1 was answered (version, transport, mode, DAVE), in order.
-        self.selections: list[SessionInfo] = []
-
-    def info(self, s: Session) -> SessionInfo:
-        """A snapshot of ``s``."""
-        return SessionInfo(
-            server_id=s.grant.server_id,
-            user_id=s.grant.user_id,
-            session_id=s.grant.session_id,
-            ssrc=s.ssrc,
-            version=s.version,
-            protocol=s.protocol,
-            mode=s.mode,
-            connected=s.conn is not None,
-            endpoint=s.conn.endpoint if s.conn is not None else None,
-            resumable=s.resumable,
-            dave_protocol_version=self._options.dave_protocol_version,
-        )
+        self.selections: list[SessionInfo] = negotiation.selections
+        #: One handler per client op; the ops that set up media are :class:`MediaNegotiation`'s.
+        self._handlers: dict[int, Callable[[Connection, Any], Awaitable[None]]] = {
+            0: self._op_identify,
+            1: negotiation.select_protocol,
+            3: self._op_heartbeat,
+            5: negotiation.speaking,
+            7: self._op_resume,
+            12: negotiation.video,
+            16: self._op_backend_version,
+            23: self._op_dave_transition_ready,
+            31: self._op_dave_invalid_commit_welcome,
+        }
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every connection with ``code``, then every session's WebRTC peer."""
@@ -251,7 +242,7 @@ class VoiceGateway:
             await conn.close(CLOSE_NOT_AUTHENTICATED, f"op {op} before identify")
             return
         try:
-            await handler(self, conn, d)
+            await handler(conn, d)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             # A payload of the wrong shape (d missing, a list for a dict, "abc" for an id).
             self._stats.bad_payloads += 1
@@ -374,160 +365,6 @@ class VoiceGateway:
         else:
             await conn.send_raw({"op": 16, "d": dict(BACKEND_VERSION)})
 
-    async def _op_select_protocol(self, conn: Connection, d: Any) -> None:
-        session = conn.session
-        assert session is not None
-        protocol = d["protocol"]
-        profile = self._options.profile
-        if protocol == "udp" and not profile.udp:
-            await conn.close(profile.udp_close_code, "only webrtc protocol supported currently")
-            return
-        if protocol == "udp":
-            data = d["data"]
-            mode = data.get("mode") or d.get("mode")
-            if mode not in self._options.modes:
-                await conn.close(CLOSE_UNKNOWN_MODE, "unknown encryption mode")
-                return
-            address, port = str(data["address"]), int(data["port"])
-            key = secrets.token_bytes(KEY_SIZE)
-            session.protocol, session.mode = "udp", mode
-            session.decryptor = PacketDecryptor(mode, key)
-            session.client_address = (address, port)
-            session.media_session_id = secrets.token_hex(16)
-            await session.send(
-                4,
-                {
-                    "mode": mode,
-                    "secret_key": list(key),
-                    "audio_codec": "opus",
-                    "media_session_id": session.media_session_id,
-                    "dave_protocol_version": self._dave.version(session),
-                },
-            )
-            await self._dave.join(session)
-        elif protocol == "webrtc":
-            if not await self._select_webrtc(conn, session, d):
-                return
-        else:
-            await conn.close(CLOSE_UNKNOWN_PROTOCOL, "unknown protocol")
-            return
-        self.selections.append(self.info(session))
-        self._table.event("select_protocol", session.grant, endpoint=conn.endpoint)
-
-    async def _select_webrtc(self, conn: Connection, session: Session, d: Any) -> bool:
-        profile = self._options.profile
-        if profile.op1_reads_sdp_only:
-            fragment = d.get("sdp")
-            if not isinstance(fragment, str):
-                # Spacebar's schema check throws; the error is logged and nothing answers.
-                self._stats.ignored_payloads += 1
-                _log.info("op1 webrtc without a top-level sdp: ignored (Spacebar profile)")
-                return False
-        else:
-            fragment = d.get("sdp") or d.get("data")
-        if not isinstance(fragment, str):
-            raise TypeError("webrtc offer fragment")
-        codecs = d.get("codecs") or []
-        try:
-            module = importlib.import_module("legato.sandbox.webrtc")
-        except ImportError:
-            _log.warning("webrtc asked for but legato.sandbox.webrtc is not available")
-            await conn.close(CLOSE_UNKNOWN_PROTOCOL, "webrtc unavailable")
-            return False
-        await session.close_peer()
-        gated = profile.streams_after_dtls is not None
-        peer = self._media.new_peer(module, session, gated=gated)
-        session.peer = peer
-        if not gated:
-            await session.send(15, {"any": 100})
-        try:
-            sdp = await peer.accept(fragment, list(codecs))
-        except Exception:  # noqa: BLE001 - any failure of the peer ends this connection, logged
-            _log.exception("the WebRTC peer refused the offer")
-            await conn.close(CLOSE_INTERNAL_ERROR, "webrtc negotiation failed")
-            return False
-        session.protocol, session.mode = "webrtc", None
-        session.media_session_id = secrets.token_hex(16)
-        op4: dict[str, Any] = {
-            "sdp": sdp,
-            "audio_codec": "opus",
-            "video_codec": "H264",
-            "media_session_id": session.media_session_id,
-        }
-        if profile.session_description_dave:
-            op4["dave_protocol_version"] = self._dave.version(session)
-        await session.send(4, op4)
-        self._spawn(self._watch_dtls(session, peer))
-        await self._dave.join(session)
-        return True
-
-    async def _watch_dtls(self, session: Session, peer: Any) -> None:
-        try:
-            await peer.wait_connected()
-        except TransportError:
-            return  # failed or closed (a new session replaced it): nothing is published
-        if session.peer is peer and not session.ended:
-            session.dtls_connected.set()
-            self._table.event("dtls_connected", session.grant)
-
-    async def _op_speaking(self, conn: Connection, d: Any) -> None:
-        session = conn.session
-        assert session is not None
-        speaking = int(d["speaking"])
-        ssrc = d.get("ssrc")
-        ssrc = int(ssrc) if ssrc is not None else None
-        if ssrc is not None and ssrc != session.ssrc:
-            self._table.by_ssrc.setdefault(ssrc, session)
-        session.recording.add_speaking(
-            arrival=asyncio.get_running_loop().time(), speaking=speaking, ssrc=ssrc
-        )
-        relay = {"user_id": str(session.grant.user_id), "ssrc": ssrc or session.ssrc}
-        relay["speaking"] = speaking
-        for other in self._table.members(session.grant.server_id, exclude=session):
-            await other.send(5, relay)
-
-    async def _op_video(self, conn: Connection, d: Any) -> None:
-        session = conn.session
-        assert session is not None
-        audio_ssrc = int(d.get("audio_ssrc") or 0)
-        window = self._options.profile.streams_after_dtls
-        if window is not None:
-            # Held, not awaited: the connection's other messages (heartbeats) go on meanwhile.
-            self._spawn(self._publish_after_dtls(session, audio_ssrc, dict(d), window))
-            return
-        if audio_ssrc:
-            session.recording.note_ssrc(audio_ssrc)
-            if audio_ssrc != session.ssrc:
-                self._table.by_ssrc.setdefault(audio_ssrc, session)
-        relay = {**d, "user_id": str(session.grant.user_id)}
-        for other in self._table.members(session.grant.server_id, exclude=session):
-            await other.send(12, relay)
-
-    async def _publish_after_dtls(
-        self, session: Session, audio_ssrc: int, d: dict[str, Any], window: float
-    ) -> None:
-        """Spacebar publishes a client's audio on op12, and only once DTLS is connected."""
-        try:
-            async with asyncio.timeout(window):
-                await session.dtls_connected.wait()
-        except TimeoutError:
-            if session.ended:
-                return  # a new identify replaced the session: nothing to drop
-            self._stats.streams_dropped += 1
-            _log.info("op12 %.1f s before DTLS: dropped (Spacebar profile)", window)
-            self._table.event("streams_dropped", session.grant)
-            return
-        if session.ended:
-            return
-        if audio_ssrc:
-            session.published.add(audio_ssrc)
-            session.recording.note_ssrc(audio_ssrc)
-        await session.send(15, {"any": 100})
-        relay = {**d, "user_id": str(session.grant.user_id)}
-        for other in self._table.members(session.grant.server_id, exclude=session):
-            await other.send(12, relay)
-        self._table.event("streams_published", session.grant)
-
     async def _op_dave_transition_ready(self, conn: Connection, d: Any) -> None:
         assert conn.session is not None
         await self._dave.on_json(conn.session, 23, d)
@@ -538,18 +375,6 @@ class VoiceGateway:
         if self._dave.is_member(session):
             self._table.event("dave_invalid", session.grant)
         await self._dave.on_json(session, 31, d)
-
-    _handlers: Final[dict[int, Callable[[VoiceGateway, Connection, Any], Any]]] = {
-        0: _op_identify,
-        1: _op_select_protocol,
-        3: _op_heartbeat,
-        5: _op_speaking,
-        7: _op_resume,
-        12: _op_video,
-        16: _op_backend_version,
-        23: _op_dave_transition_ready,
-        31: _op_dave_invalid_commit_welcome,
-    }
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -575,3 +400,94 @@ class VoiceGateway:
             await other.send(13, {"user_id": str(session.grant.user_id)})
         await self._dave.leave(session)
         self._table.event("left", session.grant)
+
+
+class Listeners:
+    """Where clients reach the voice websocket: one aiohttp app on one or more listening sockets.
+
+    The first listener is the endpoint VOICE_SERVER_UPDATE names; a move adds another (a second
+    "voice server"); :meth:`plain` adds a ``ws://`` one beside a TLS server's.
+
+    Args:
+        host: the address to listen on.
+        endpoint_host: the host TLS listeners are named by (a plain one is named by ``host``).
+        handler: the websocket's aiohttp handler.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        endpoint_host: str,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> None:
+        self._host = host
+        self._endpoint_host = endpoint_host
+        self._handler = handler
+        self._ssl: Any = None
+        self._runner: web.AppRunner | None = None
+        self._sites: list[tuple[str, web.SockSite]] = []
+        self._plain: tuple[str, web.SockSite] | None = None
+
+    async def start(self, port: int, ssl_context: Any) -> None:
+        """Serve the websocket on ``port`` (0: a free one), with TLS when ``ssl_context``."""
+        self._ssl = ssl_context
+        app = web.Application()
+        app.router.add_get("/", self._handler)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        await self.add(port)
+
+    async def add(self, port: int) -> str:
+        """Open another listener like the first; return its endpoint."""
+        endpoint, site = await self._open(port, self._ssl)
+        self._sites.append((endpoint, site))
+        return endpoint
+
+    async def _open(self, port: int, ssl_context: Any) -> tuple[str, web.SockSite]:
+        assert self._runner is not None, "start() first"
+        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, port))
+        site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
+        await site.start()
+        # TLS listeners are named as Discord names its servers; a plain one by its address.
+        host = self._endpoint_host if ssl_context is not None else self._host
+        return f"{host}:{sock.getsockname()[1]}", site
+
+    async def plain(self) -> str:
+        """A ``ws://`` listener's endpoint (made on first use); not one :meth:`other_than`
+        returns."""
+        if self._plain is None:
+            self._plain = await self._open(0, None)
+        return self._plain[0]
+
+    async def other_than(self, current: str) -> str:
+        """An endpoint other than ``current``: an existing listener, or a new one."""
+        target = next((ep for ep, _site in self._sites if ep != current), None)
+        return target if target is not None else await self.add(0)
+
+    @property
+    def endpoint(self) -> str:
+        """The first listener's ``host:port``.
+
+        Raises:
+            RuntimeError: not started.
+        """
+        if not self._sites:
+            raise RuntimeError("the voice sandbox is not started")
+        return self._sites[0][0]
+
+    async def stop_accepting(self) -> None:
+        """Stop the listeners that :meth:`add` opened: new clients are refused."""
+        for _endpoint, site in self._sites:
+            await site.stop()
+
+    async def cleanup(self) -> None:
+        """Shut the app down and forget every listener."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._sites.clear()
+        self._plain = None

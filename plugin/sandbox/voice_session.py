@@ -308,6 +308,22 @@ class Session:
         if self.conn is not None:
             await self.conn.send_raw(frame)
 
+    def info(self, dave_protocol_version: int) -> SessionInfo:
+        """A snapshot of the session (``dave_protocol_version``: the server's)."""
+        return SessionInfo(
+            server_id=self.grant.server_id,
+            user_id=self.grant.user_id,
+            session_id=self.grant.session_id,
+            ssrc=self.ssrc,
+            version=self.version,
+            protocol=self.protocol,
+            mode=self.mode,
+            connected=self.conn is not None,
+            endpoint=self.conn.endpoint if self.conn is not None else None,
+            resumable=self.resumable,
+            dave_protocol_version=dave_protocol_version,
+        )
+
     async def close_peer(self) -> None:
         """Close the WebRTC peer, if there is one."""
         peer, self.peer = self.peer, None
