@@ -576,8 +576,8 @@ async def test_arrivals_are_the_kernels_receive_times_not_the_loops(
     await client.close()
     received = recording.packets
     assert [p.sequence for p in received] == [parse_rtp_header(p)[0].sequence for p in packets]
-    for packet, sent_by in zip(received, sent, strict=True):
-        assert packet.arrival <= sent_by < unblocked, "recorded when read, not when received"
+    for heard, sent_by in zip(received, sent, strict=True):
+        assert heard.arrival <= sent_by < unblocked, "recorded when read, not when received"
 
 
 # -- resume, faults, membership ----------------------------------------------------------------
