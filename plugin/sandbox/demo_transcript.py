@@ -5,8 +5,9 @@ import re
 import time
 from typing import Any, TextIO
 
+from legato.sandbox.models import JSON, Message
 from legato.sandbox.users import Reply, ScriptedUser
-from legato.sandbox.world import JSON, Message, World
+from legato.sandbox.world import World
 
 _log = logging.getLogger(__name__)
 
