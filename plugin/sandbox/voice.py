@@ -63,7 +63,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from legato.sandbox import names
-from legato.sandbox.dave import DaveChannel, ListenerRole
+from legato.sandbox.dave_listener import DaveChannel, ListenerRole
 from legato.sandbox.profiles import VoiceProfile, voice_profile
 from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.relay import LossyRelay, RelayOptions
@@ -129,7 +129,7 @@ class SandboxVoiceServer:
         dave_preferred_committer: Only this member's commits are taken when it can commit
             (tests use it to make a client, not the listener, commit).
         dave_listener: The listener's role in each channel's group, a
-            :class:`~legato.sandbox.dave.ListenerRole` or its value: ``"founder"`` (in the
+            :class:`~legato.sandbox.dave_listener.ListenerRole` or its value: ``"founder"`` (in the
             group first: it founds every group and wins every commit race), ``"late"`` (joins
             once the clients formed the group, never commits) or ``"off"`` (no listener: media
             is recorded as it arrives, still encrypted).

@@ -1,12 +1,13 @@
 """The sandbox voice server's DAVE glue: channels' groups on the websockets, and DAVE faults.
 
-:mod:`legato.sandbox.dave` does the protocol (:class:`~legato.sandbox.dave.DaveChannel`, one per
-voice channel, sans-I/O). :class:`DaveHub` moves its messages: it makes a channel's group when its
-first DAVE member selects a protocol, hands the group each member's DAVE ops (JSON 23/31, binary
-26/28), sends what the group answers to the sessions it names (binary frames sequenced with the
-session's other messages), and gives the media plane the listener's view of each payload. The
-faults tests use (:meth:`~DaveHub.hold`, :meth:`~DaveHub.hold_commits`,
-:meth:`~DaveHub.corrupt_next`) sit on that path.
+:mod:`legato.sandbox.dave` and :mod:`legato.sandbox.dave_listener` do the protocol
+(:class:`~legato.sandbox.dave_listener.DaveChannel`, one per voice channel, sans-I/O).
+:class:`DaveHub` moves its messages: it makes a channel's group when its first DAVE member
+selects a protocol, hands the group each member's DAVE ops (JSON 23/31, binary 26/28), sends
+what the group answers to the sessions it names (binary frames sequenced with the session's
+other messages), and gives the media plane the listener's view of each payload. The faults
+tests use (:meth:`~DaveHub.hold`, :meth:`~DaveHub.hold_commits`, :meth:`~DaveHub.corrupt_next`)
+sit on that path.
 """
 
 from __future__ import annotations
@@ -16,12 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from legato.sandbox.dave import (
-    DaveChannel,
-    Deliver,
-    pack_server_binary,
-    parse_client_binary,
-)
+from legato.sandbox.dave import Deliver, pack_server_binary, parse_client_binary
+from legato.sandbox.dave_listener import DaveChannel
 from legato.sandbox.recording import Waiters
 from legato.sandbox.voice_session import ServerOptions, ServerStats, Session, SessionTable
 from legato.voice.dave import OP_MLS_COMMIT_WELCOME, MalformedDaveFrame, SendJson

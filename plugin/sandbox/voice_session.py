@@ -26,7 +26,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from legato.sandbox.crypto import PacketDecryptor
-from legato.sandbox.dave import ListenerRole
+from legato.sandbox.dave_listener import ListenerRole
 from legato.sandbox.profiles import VoiceProfile
 from legato.sandbox.recording import Recording, Waiters
 from legato.sandbox.relay import RelayOptions
