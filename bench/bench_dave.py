@@ -2,7 +2,7 @@
 
 Both clients encrypt with the same ``davey`` session code (``DaveSession.encrypt_opus``); what
 differs is how each calls it. A real MLS group is formed first (the sandbox's
-:class:`~legato.sandbox.dave.DaveChannel` with its listener, plus two members), so every
+:class:`~legato.sandbox.dave_listener.DaveChannel` with its listener, plus two members), so every
 encryption below runs with a live key ratchet.
 
 1. The DAVE step alone: Legato's ``DaveClient.encrypt`` (encrypting, and at protocol 0 where it
@@ -46,7 +46,8 @@ FRAMES_PER_SECOND = 50
 
 def _form_group() -> tuple[Any, Any]:
     """Two members (Legato's client for each) in a formed DAVE group with the listener."""
-    from legato.sandbox.dave import DaveChannel, Deliver
+    from legato.sandbox.dave import Deliver
+    from legato.sandbox.dave_listener import DaveChannel
     from legato.voice.dave import DaveClient, SendBinary
 
     channel = DaveChannel(CHANNEL_ID, listener_id=LISTENER_ID)

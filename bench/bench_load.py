@@ -14,7 +14,7 @@ reports of the bot:
   frame so late that the pacer moved its grid rather than burst) in the window, or whose
   stream holds fewer than `MIN_DELIVERED` of the frames the window should, or whose arrivals
   at the listener have a gap over `STALL_GAP_S` (each cause counted too). The arrivals are the
-  kernel's receive stamps at the sandbox's socket (see `legato.sandbox.voice`), so a pause of
+  kernel's receive stamps at the sandbox's socket (see `legato.sandbox.voice_media`), so a pause of
   this process, which runs the sandbox, does not pass for one of the bot;
 - frames lost: RTP sequence numbers the voice server never received in the window; frames sent
   is the bot's own count (audio and silence) over the same window;

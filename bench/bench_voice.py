@@ -74,7 +74,7 @@ class _Sink:
     """A UDP socket on loopback that answers IP discovery while asked to, then is never read."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        from legato.voice.rtp import discovery_response, parse_discovery_request
+        from legato.sandbox.rtp import discovery_response, parse_discovery_request
 
         self._response = discovery_response
         self._parse = parse_discovery_request

@@ -17,16 +17,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from legato.sandbox.dave import DaveChannel, Deliver, ListenerRole
-from legato.voice.dave import (
-    DaveClient,
-    DaveOutput,
-    SendBinary,
-    SendJson,
-    pack_server_binary,
-    parse_client_binary,
-    parse_server_binary,
-)
+from legato.sandbox.dave import Deliver, pack_server_binary, parse_client_binary
+from legato.sandbox.dave_listener import DaveChannel, ListenerRole
+from legato.voice.dave import DaveClient, DaveOutput, SendBinary, SendJson, parse_server_binary
 
 CHANNEL_ID = 1_100_000_000_000_000_001
 LISTENER_ID = 1_100_000_000_000_000_900

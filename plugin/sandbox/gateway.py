@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Final, TypedDict, cast
 from aiohttp import WSMsgType, web
 
 from legato.sandbox.events import Signal
-from legato.sandbox.world import JSON, Guild, User, VoiceState, World
+from legato.sandbox.models import JSON, Guild, User, VoiceState
+from legato.sandbox.world import World
 
 if TYPE_CHECKING:
     from legato.sandbox.server import VoiceBackend

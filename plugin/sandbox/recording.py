@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono
 from legato.audio.encode import OpusDecoder
 from legato.audio.source import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono
 
 #: RTP clock rate of Opus (RFC 7587): always 48 kHz whatever the audio bandwidth.
 RTP_CLOCK: Final = 48_000

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from legato.sandbox.events import Signal
 from legato.sandbox.gateway import GatewayServer
-from legato.sandbox.world import (
+from legato.sandbox.models import (
     EPHEMERAL,
     JSON,
     LOADING,
@@ -30,8 +30,8 @@ from legato.sandbox.world import (
     Message,
     MessageType,
     User,
-    World,
 )
+from legato.sandbox.world import World
 
 _log = logging.getLogger(__name__)
 

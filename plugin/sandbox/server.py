@@ -31,10 +31,7 @@ import yarl
 from legato.sandbox import names
 from legato.sandbox.events import Signal
 from legato.sandbox.gateway import DEFAULT_HEARTBEAT_INTERVAL_MS, GatewayServer
-from legato.sandbox.rest import INTERACTION_DEADLINE, RestServer
-from legato.sandbox.users import ScriptedUser
-from legato.sandbox.voice import SandboxVoiceServer
-from legato.sandbox.world import (
+from legato.sandbox.models import (
     Channel,
     ChannelType,
     Command,
@@ -43,8 +40,11 @@ from legato.sandbox.world import (
     Role,
     User,
     VoiceState,
-    World,
 )
+from legato.sandbox.rest import INTERACTION_DEADLINE, RestServer
+from legato.sandbox.users import ScriptedUser
+from legato.sandbox.voice import SandboxVoiceServer
+from legato.sandbox.world import World
 
 _log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 from legato.sandbox.events import Signal
 from legato.sandbox.gateway import GatewayServer
-from legato.sandbox.world import (
+from legato.sandbox.models import (
     JSON,
     CallbackType,
     Channel,
@@ -22,8 +22,8 @@ from legato.sandbox.world import (
     Message,
     Role,
     User,
-    World,
 )
+from legato.sandbox.world import World
 
 T = TypeVar("T")
 

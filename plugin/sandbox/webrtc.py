@@ -43,6 +43,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtpPacket
 
 from legato.errors import TransportError
+from legato.sandbox.sdp import build_remote_offer
 from legato.voice import sdp
 from legato.voice.transport.aiortc_compat import (
     DtlsCertificate,
@@ -224,7 +225,7 @@ class WebRtcServerPeer:
             if fragment.fingerprint is None:
                 self._client_verified = False
                 fragment = dataclasses.replace(fragment, fingerprint=_NO_FINGERPRINT)
-            offer = sdp.build_remote_offer(fragment, opus_payload_type=pt)
+            offer = build_remote_offer(fragment, opus_payload_type=pt)
         except sdp.SdpError as exc:
             raise TransportError(f"bad webrtc offer fragment: {exc}") from exc
         self._payload_type = pt

@@ -18,8 +18,9 @@ In the three legacy modes everything after the fixed header and CSRCs is encrypt
 extension preamble included (discord.py encrypted the whole payload after 12 bytes); their
 header is not authenticated except as the nonce of plain ``xsalsa20_poly1305``.
 
-Decryptors face untrusted datagrams: they raise :class:`~legato.voice.rtp.MalformedPacket` or
-:class:`DecryptionFailed` (both ``ValueError``) and nothing else.
+This is the sender's side; the receiver's (:class:`~legato.sandbox.crypto.PacketDecryptor`, the
+sandbox voice server's) is :mod:`legato.sandbox.crypto`, over the layout constants and helpers
+exported here.
 """
 
 from __future__ import annotations
@@ -30,33 +31,32 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import nacl.bindings
-import nacl.exceptions
 import nacl.secret
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from legato.voice.rtp import (
     RTP_HEADER_SIZE,
     MalformedPacket,
-    RtpPacket,
-    parse_rtp,
     parse_rtp_header,
 )
 
 __all__ = [
     "AEAD_AES256_GCM_RTPSIZE",
     "AEAD_XCHACHA20_POLY1305_RTPSIZE",
+    "COUNTER_SIZE",
     "KEY_SIZE",
+    "NONCE24_SIZE",
+    "RTPSIZE_MODES",
     "SUPPORTED_MODES",
     "TAG_SIZE",
     "XSALSA20_POLY1305",
     "XSALSA20_POLY1305_LITE",
     "XSALSA20_POLY1305_SUFFIX",
-    "DecryptionFailed",
-    "PacketDecryptor",
     "PacketEncryptor",
     "UnsupportedMode",
+    "checked_key",
     "choose_mode",
+    "clear_size",
     "overhead",
 ]
 
@@ -76,22 +76,20 @@ SUPPORTED_MODES: Final[tuple[str, ...]] = (
     XSALSA20_POLY1305_SUFFIX,
     XSALSA20_POLY1305,
 )
-_RTPSIZE_MODES: Final = frozenset({AEAD_AES256_GCM_RTPSIZE, AEAD_XCHACHA20_POLY1305_RTPSIZE})
+RTPSIZE_MODES: Final = frozenset({AEAD_AES256_GCM_RTPSIZE, AEAD_XCHACHA20_POLY1305_RTPSIZE})
 
 KEY_SIZE: Final = 32
 TAG_SIZE: Final = 16
-_COUNTER_SIZE: Final = 4
-_NONCE24: Final = 24
+#: The 32-bit counter the ``*_rtpsize`` and ``_lite`` modes append as their nonce.
+COUNTER_SIZE: Final = 4
+#: XSalsa20's and XChaCha20's nonce size.
+NONCE24_SIZE: Final = 24
 _COUNTER_MODULO: Final = 1 << 32
 _U32 = struct.Struct(">I")
 
 
 class UnsupportedMode(ValueError):
     """No encryption mode the server offers is one we implement."""
-
-
-class DecryptionFailed(ValueError):
-    """A packet's authentication tag did not verify (wrong key, tampering, corruption)."""
 
 
 def choose_mode(offered: Sequence[str]) -> str:
@@ -113,16 +111,22 @@ def overhead(mode: str) -> int:
     Raises:
         UnsupportedMode: unknown mode.
     """
-    if mode in _RTPSIZE_MODES or mode == XSALSA20_POLY1305_LITE:
-        return TAG_SIZE + _COUNTER_SIZE
+    if mode in RTPSIZE_MODES or mode == XSALSA20_POLY1305_LITE:
+        return TAG_SIZE + COUNTER_SIZE
     if mode == XSALSA20_POLY1305_SUFFIX:
-        return TAG_SIZE + _NONCE24
+        return TAG_SIZE + NONCE24_SIZE
     if mode == XSALSA20_POLY1305:
         return TAG_SIZE
     raise UnsupportedMode(f"unknown encryption mode {mode!r}")
 
 
-def _check(mode: str, secret_key: bytes) -> bytes:
+def checked_key(mode: str, secret_key: bytes) -> bytes:
+    """``secret_key`` as bytes, once ``mode`` is known and the key is 32 bytes.
+
+    Raises:
+        UnsupportedMode: unknown mode.
+        ValueError: the key is not 32 bytes.
+    """
     if mode not in SUPPORTED_MODES:
         raise UnsupportedMode(f"unknown encryption mode {mode!r}")
     key = bytes(secret_key)
@@ -131,7 +135,7 @@ def _check(mode: str, secret_key: bytes) -> bytes:
     return key
 
 
-def _clear_size(header: bytes) -> int:
+def clear_size(header: bytes) -> int:
     """Length of the part a legacy mode leaves in clear: fixed header and CSRCs."""
     return RTP_HEADER_SIZE + 4 * (header[0] & 0x0F)
 
@@ -153,7 +157,7 @@ class PacketEncryptor:
 
     def __init__(self, mode: str, secret_key: bytes | Sequence[int], *, counter: int = 0) -> None:
         self.mode = mode
-        self._key = _check(mode, bytes(secret_key))
+        self._key = checked_key(mode, bytes(secret_key))
         self.counter = counter % _COUNTER_MODULO
         self._aes = AESGCM(self._key) if mode == AEAD_AES256_GCM_RTPSIZE else None
         self._box = nacl.secret.SecretBox(self._key)
@@ -200,111 +204,26 @@ class PacketEncryptor:
     def _xchacha(self, header: bytes, payload: bytes) -> bytes:
         counter = self._next_counter()
         sealed = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            payload, header, counter + bytes(_NONCE24 - _COUNTER_SIZE), self._key
+            payload, header, counter + bytes(NONCE24_SIZE - COUNTER_SIZE), self._key
         )
         return header + sealed + counter
 
     def _legacy_split(self, header: bytes, payload: bytes) -> tuple[bytes, bytes]:
-        clear = _clear_size(header)
+        clear = clear_size(header)
         return header[:clear], header[clear:] + payload
 
     def _lite(self, header: bytes, payload: bytes) -> bytes:
         clear, plain = self._legacy_split(header, payload)
         counter = self._next_counter()
-        nonce = counter + bytes(_NONCE24 - _COUNTER_SIZE)
+        nonce = counter + bytes(NONCE24_SIZE - COUNTER_SIZE)
         return clear + self._box.encrypt(plain, nonce).ciphertext + counter
 
     def _suffix(self, header: bytes, payload: bytes) -> bytes:
         clear, plain = self._legacy_split(header, payload)
-        nonce = os.urandom(_NONCE24)
+        nonce = os.urandom(NONCE24_SIZE)
         return clear + self._box.encrypt(plain, nonce).ciphertext + nonce
 
     def _plain(self, header: bytes, payload: bytes) -> bytes:
         clear, plain = self._legacy_split(header, payload)
-        nonce = header[:RTP_HEADER_SIZE] + bytes(_NONCE24 - RTP_HEADER_SIZE)
+        nonce = header[:RTP_HEADER_SIZE] + bytes(NONCE24_SIZE - RTP_HEADER_SIZE)
         return clear + self._box.encrypt(plain, nonce).ciphertext
-
-
-class PacketDecryptor:
-    """Decrypts incoming RTP packets (the sandbox server's side, or a receiving client).
-
-    Args:
-        mode: one of :data:`SUPPORTED_MODES`.
-        secret_key: the 32-byte session key.
-
-    Raises:
-        UnsupportedMode: unknown mode.
-        ValueError: the key is not 32 bytes.
-    """
-
-    __slots__ = ("_aes", "_box", "_key", "mode")
-
-    def __init__(self, mode: str, secret_key: bytes | Sequence[int]) -> None:
-        self.mode = mode
-        self._key = _check(mode, bytes(secret_key))
-        self._aes = AESGCM(self._key) if mode == AEAD_AES256_GCM_RTPSIZE else None
-        self._box = nacl.secret.SecretBox(self._key)
-
-    def decrypt(self, packet: bytes) -> tuple[RtpPacket, bytes]:
-        """Authenticate and decrypt one packet.
-
-        Returns:
-            ``(rtp, media)``: ``rtp`` is the packet as if it had been sent in clear (its
-            ``payload`` is the plaintext after the header and extension preamble); ``media`` is
-            the Opus payload, without the extension body and RTP padding.
-
-        Raises:
-            MalformedPacket: not RTP, truncated, or a plaintext whose extension/padding does
-                not fit.
-            DecryptionFailed: the tag does not verify.
-        """
-        data = bytes(packet)
-        if self.mode in _RTPSIZE_MODES:
-            outer = parse_rtp(data)
-            header = outer.header_bytes
-            body = outer.payload
-            if len(body) < TAG_SIZE + _COUNTER_SIZE:
-                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
-            counter = body[-_COUNTER_SIZE:]
-            sealed = body[:-_COUNTER_SIZE]
-            plain = self._open_aead(header, sealed, counter)
-            rtp = parse_rtp(header + plain)
-        else:
-            parse_rtp(data)  # validates version, CSRCs, and that it is not RTCP
-            clear = _clear_size(data)
-            plain = self._open_legacy(data, clear)
-            rtp = parse_rtp(data[:clear] + plain)
-        return rtp, rtp.media()
-
-    def _open_aead(self, header: bytes, sealed: bytes, counter: bytes) -> bytes:
-        try:
-            if self._aes is not None:
-                return self._aes.decrypt(counter + bytes(8), sealed, header)
-            result: bytes = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                sealed, header, counter + bytes(_NONCE24 - _COUNTER_SIZE), self._key
-            )
-            return result
-        except (InvalidTag, nacl.exceptions.CryptoError) as exc:
-            raise DecryptionFailed(f"{self.mode}: authentication failed") from exc
-
-    def _open_legacy(self, data: bytes, clear: int) -> bytes:
-        body = data[clear:]
-        if self.mode == XSALSA20_POLY1305_LITE:
-            if len(body) < TAG_SIZE + _COUNTER_SIZE:
-                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
-            nonce = body[-_COUNTER_SIZE:] + bytes(_NONCE24 - _COUNTER_SIZE)
-            sealed = body[:-_COUNTER_SIZE]
-        elif self.mode == XSALSA20_POLY1305_SUFFIX:
-            if len(body) < TAG_SIZE + _NONCE24:
-                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
-            nonce = body[-_NONCE24:]
-            sealed = body[:-_NONCE24]
-        else:
-            if len(body) < TAG_SIZE:
-                raise MalformedPacket(f"{len(body)} bytes cannot hold a tag")
-            nonce = data[:RTP_HEADER_SIZE] + bytes(_NONCE24 - RTP_HEADER_SIZE)
-            sealed = body
-        try:
-            return self._box.decrypt(sealed, nonce)
-        except nacl.exceptions.CryptoError as exc:
-            raise DecryptionFailed(f"{self.mode}: authentication failed") from exc

@@ -48,7 +48,6 @@ op29/op30/op21 is remembered and executed as soon as the transition is prepared.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -106,22 +105,6 @@ def parse_server_binary(data: bytes) -> tuple[int, int, bytes]:
 def pack_client_binary(op: int, payload: bytes) -> bytes:
     """Build a client binary frame ``[u8 op][payload]`` (clients send no sequence number)."""
     return bytes([op]) + payload
-
-
-def pack_server_binary(seq: int, op: int, payload: bytes) -> bytes:
-    """Build a server binary frame ``[u16 seq][u8 op][payload]`` (the sandbox's side)."""
-    return struct.pack(">HB", seq & _U16, op) + payload
-
-
-def parse_client_binary(data: bytes) -> tuple[int, bytes]:
-    """Split a client binary frame ``[u8 op][payload]`` (the sandbox's side).
-
-    Raises:
-        MalformedDaveFrame: empty frame.
-    """
-    if not data:
-        raise MalformedDaveFrame("empty binary frame")
-    return data[0], bytes(data[1:])
 
 
 @dataclass(frozen=True, slots=True)

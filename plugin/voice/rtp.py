@@ -1,5 +1,8 @@
 """RTP and RTCP packets, sequence/timestamp arithmetic and Discord's IP discovery.
 
+The client's side: what a sender builds and parses. The server's half (answering IP discovery,
+receiver reports) is :mod:`legato.sandbox.rtp`.
+
 Pure functions over bytes: no sockets, no clocks. Everything that parses untrusted input raises
 :class:`MalformedPacket` (a ``ValueError``) and nothing else.
 
@@ -15,6 +18,8 @@ from typing import Final
 
 __all__ = [
     "DISCOVERY_PACKET_SIZE",
+    "DISCOVERY_REQUEST",
+    "DISCOVERY_RESPONSE",
     "NTP_UNIX_OFFSET",
     "OPUS_PAYLOAD_TYPE",
     "RTCP_BYE",
@@ -32,18 +37,18 @@ __all__ = [
     "RtpSequencer",
     "SenderReport",
     "discovery_request",
-    "discovery_response",
     "is_rtcp",
-    "pack_receiver_report",
+    "pack_discovery",
+    "pack_rtcp",
     "pack_rtp_header",
     "pack_sender_report",
-    "parse_discovery_request",
     "parse_discovery_response",
     "parse_rtcp",
     "parse_rtp",
     "parse_rtp_header",
     "seq_diff",
     "ts_diff",
+    "unpack_discovery",
 ]
 
 RTP_HEADER_SIZE: Final = 12
@@ -67,8 +72,9 @@ RTCP_APP: Final = 204
 NTP_UNIX_OFFSET: Final = 2_208_988_800
 
 DISCOVERY_PACKET_SIZE: Final = 74
-_DISCOVERY_REQUEST: Final = 0x0001
-_DISCOVERY_RESPONSE: Final = 0x0002
+#: The discovery packet's type field: the client's request, the server's response.
+DISCOVERY_REQUEST: Final = 0x0001
+DISCOVERY_RESPONSE: Final = 0x0002
 # The length field counts what follows it: ssrc (4) + address (64) + port (2).
 _DISCOVERY_LENGTH: Final = 70
 _DISCOVERY_ADDRESS_SIZE: Final = 64
@@ -338,33 +344,7 @@ class RtpSequencer:
 
 def discovery_request(ssrc: int) -> bytes:
     """Build the 74-byte IP discovery request: ``00 01 | 00 46 | ssrc | 66 zero bytes``."""
-    return _DISCOVERY.pack(_DISCOVERY_REQUEST, _DISCOVERY_LENGTH, ssrc & 0xFFFFFFFF, b"", 0)
-
-
-def parse_discovery_request(data: bytes) -> int:
-    """Return the SSRC of an IP discovery request.
-
-    Raises:
-        MalformedPacket: wrong size, type or length field.
-    """
-    kind, _length, ssrc = _unpack_discovery(data)[:3]
-    if kind != _DISCOVERY_REQUEST:
-        raise MalformedPacket(f"discovery type {kind:#06x} is not a request")
-    return ssrc
-
-
-def discovery_response(ssrc: int, ip: str, port: int) -> bytes:
-    """Build the 74-byte IP discovery response for ``ip:port``.
-
-    Raises:
-        ValueError: the address does not fit in 63 ASCII bytes, or the port is out of range.
-    """
-    address = ip.encode("ascii")
-    if len(address) >= _DISCOVERY_ADDRESS_SIZE or b"\0" in address or not address:
-        raise ValueError(f"address {ip!r} does not fit the discovery packet")
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"port {port} out of range")
-    return _DISCOVERY.pack(_DISCOVERY_RESPONSE, _DISCOVERY_LENGTH, ssrc & 0xFFFFFFFF, address, port)
+    return pack_discovery(DISCOVERY_REQUEST, ssrc)
 
 
 def parse_discovery_response(data: bytes) -> tuple[str, int]:
@@ -373,8 +353,8 @@ def parse_discovery_response(data: bytes) -> tuple[str, int]:
     Raises:
         MalformedPacket: wrong size/type/length, or an address that is empty or not ASCII.
     """
-    kind, _length, _ssrc, raw, port = _unpack_discovery(data)
-    if kind != _DISCOVERY_RESPONSE:
+    kind, _ssrc, raw, port = unpack_discovery(data)
+    if kind != DISCOVERY_RESPONSE:
         raise MalformedPacket(f"discovery type {kind:#06x} is not a response")
     address = raw.split(b"\0", 1)[0]
     if not address:
@@ -388,13 +368,34 @@ def parse_discovery_response(data: bytes) -> tuple[str, int]:
     return ip, port
 
 
-def _unpack_discovery(data: bytes) -> tuple[int, int, int, bytes, int]:
+def pack_discovery(kind: int, ssrc: int, address: bytes = b"", port: int = 0) -> bytes:
+    """Build a 74-byte IP discovery packet of type ``kind`` (the layout both sides share).
+
+    Raises:
+        ValueError: the address does not fit in 63 bytes with its terminator, or the port is
+            out of range.
+    """
+    if len(address) >= _DISCOVERY_ADDRESS_SIZE or b"\0" in address:
+        raise ValueError(f"address {address!r} does not fit the discovery packet")
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port {port} out of range")
+    return _DISCOVERY.pack(kind, _DISCOVERY_LENGTH, ssrc & 0xFFFFFFFF, address, port)
+
+
+def unpack_discovery(data: bytes) -> tuple[int, int, bytes, int]:
+    """Split a discovery packet into ``(kind, ssrc, raw_address, port)``.
+
+    ``raw_address`` is the 64-byte field as sent (NUL-padded).
+
+    Raises:
+        MalformedPacket: wrong size or length field.
+    """
     if len(data) != DISCOVERY_PACKET_SIZE:
         raise MalformedPacket(f"discovery packet of {len(data)} bytes, expected 74")
     kind, length, ssrc, raw, port = _DISCOVERY.unpack(bytes(data))
     if length != _DISCOVERY_LENGTH:
         raise MalformedPacket(f"discovery length field {length}, expected 70")
-    return kind, length, ssrc, raw, port
+    return kind, ssrc, raw, port
 
 
 # --- RTCP (RFC 3550 §6.4) ------------------------------------------------------------------
@@ -411,6 +412,17 @@ class ReportBlock:
     jitter: int
     last_sr: int
     delay_since_last_sr: int
+
+    def pack(self) -> bytes:
+        """The block's 24 bytes (RFC 3550 6.4.1)."""
+        return _REPORT_BLOCK.pack(
+            self.ssrc & 0xFFFFFFFF,
+            ((self.fraction_lost & 0xFF) << 24) | (self.cumulative_lost & 0xFFFFFF),
+            self.highest_sequence & 0xFFFFFFFF,
+            self.jitter & 0xFFFFFFFF,
+            self.last_sr & 0xFFFFFFFF,
+            self.delay_since_last_sr & 0xFFFFFFFF,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,28 +507,21 @@ def pack_sender_report(
         packet_count & 0xFFFFFFFF,
         octet_count & 0xFFFFFFFF,
     )
-    body += b"".join(_pack_block(block) for block in reports)
-    return _RTCP_COMMON.pack(0x80 | len(reports), RTCP_SR, len(body) // 4) + body
+    body += b"".join(block.pack() for block in reports)
+    return pack_rtcp(RTCP_SR, len(reports), body)
 
 
-def pack_receiver_report(ssrc: int, reports: tuple[ReportBlock, ...] = ()) -> bytes:
-    """Build an RTCP receiver report with the given report blocks (at most 31)."""
-    if len(reports) > 31:
-        raise ValueError("at most 31 report blocks fit in one RR")
-    body = struct.pack(">I", ssrc & 0xFFFFFFFF) + b"".join(_pack_block(b) for b in reports)
-    return _RTCP_COMMON.pack(0x80 | len(reports), RTCP_RR, len(body) // 4) + body
+def pack_rtcp(packet_type: int, count: int, body: bytes) -> bytes:
+    """Put RTCP's common header (version 2, no padding, ``count``) in front of ``body``.
 
-
-def _pack_block(block: ReportBlock) -> bytes:
-    lost = block.cumulative_lost & 0xFFFFFF
-    return _REPORT_BLOCK.pack(
-        block.ssrc & 0xFFFFFFFF,
-        ((block.fraction_lost & 0xFF) << 24) | lost,
-        block.highest_sequence & 0xFFFFFFFF,
-        block.jitter & 0xFFFFFFFF,
-        block.last_sr & 0xFFFFFFFF,
-        block.delay_since_last_sr & 0xFFFFFFFF,
-    )
+    Raises:
+        ValueError: ``body`` is not a whole number of 32-bit words, or ``count`` is over 31.
+    """
+    if len(body) % 4:
+        raise ValueError(f"an RTCP body of {len(body)} bytes is not whole 32-bit words")
+    if not 0 <= count <= 31:
+        raise ValueError(f"RTCP count {count} out of range")
+    return _RTCP_COMMON.pack(0x80 | count, packet_type, len(body) // 4) + body
 
 
 def _parse_blocks(body: bytes, offset: int, count: int) -> tuple[ReportBlock, ...]:

@@ -16,19 +16,16 @@ import aiohttp
 import numpy as np
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono
 from legato.audio.encode import OpusEncoder
 from legato.config import load_config
-from legato.sandbox.demo import (
-    EXAMPLES,
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono
+from legato.sandbox.demo import EXAMPLES, DemoOptions, demo_config, run_demo
+from legato.sandbox.demo_report import (
     FREQ_TOLERANCE_HZ,
     MAX_LOSS,
-    DemoOptions,
     DemoReport,
     analyse,
-    demo_config,
     format_report,
-    run_demo,
 )
 from legato.sandbox.media import MediaServer
 from legato.sandbox.recording import Recording

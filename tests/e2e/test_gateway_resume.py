@@ -16,10 +16,10 @@ from typing import Final
 
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono
 from legato.audio.encode import OpusDecoder
 from legato.audio.sink import OPUS_SILENCE
 from legato.config import Config, PlaybackConfig, VoiceConfig
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
 from tests.e2e.test_music_cog import MusicBot, answer, running

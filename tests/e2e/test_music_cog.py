@@ -24,17 +24,17 @@ import pytest
 from discord.ext import commands
 
 import legato
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
 from legato.audio.sources import PRIVATE, SIGN_IN
 from legato.cogs.music import MusicCog
 from legato.config import Config, PermissionsConfig, PlaybackConfig, SourcesConfig, VoiceConfig
 from legato.errors import ConfigError
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
+from legato.sandbox.models import ChannelType
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
 from legato.sandbox.users import Reply, ScriptedUser
 from legato.sandbox.voice import SandboxVoiceServer
-from legato.sandbox.world import ChannelType
 from tests.media import MediaServer, audio_list_page, send_html, serve_page, write_tone
 
 pytestmark = pytest.mark.e2e

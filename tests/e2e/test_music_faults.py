@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
 from legato.audio.player import PlayerState
 from legato.audio.sink import OPUS_SILENCE
 from legato.audio.source import SAMPLE_RATE
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.server import Sandbox
 from tests.e2e import test_music_cog
 from tests.e2e.test_music_admin import add_admin, fields

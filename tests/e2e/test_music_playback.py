@@ -16,10 +16,10 @@ from typing import Literal
 
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusDecoder
 from legato.audio.player import PlayerState
 from legato.config import Config
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.recording import Recording
 from legato.sandbox.server import Sandbox
 from legato.sandbox.voice import SandboxVoiceServer

@@ -16,8 +16,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from legato.sandbox.events import Signal
+from legato.sandbox.models import CallbackType
 from legato.sandbox.server import Sandbox
-from legato.sandbox.world import CallbackType
 
 pytestmark = pytest.mark.e2e
 

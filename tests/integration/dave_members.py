@@ -24,7 +24,7 @@ import discord
 import discord.http
 
 from legato.audio.sink import SILENCE_FRAMES
-from legato.sandbox.dave import DaveChannel
+from legato.sandbox.dave_listener import DaveChannel
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.dave import OPUS_SILENCE
 from legato.voice.gateway import VoiceConnection, VoiceOptions

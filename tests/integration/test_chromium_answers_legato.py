@@ -40,8 +40,8 @@ import numpy.typing as npt
 import pytest
 from aiohttp import web
 
-from legato.audio.analysis import dominant_frequency, rms
 from legato.audio.sink import OPUS_SILENCE, SILENCE_FRAMES
+from legato.sandbox.analysis import dominant_frequency, rms
 from legato.voice.transport.webrtc import WebRtcTransport
 from tests.integration.chromium_support import running_chromium
 from tests.integration.voice_support import FRAME_S, tone_frames

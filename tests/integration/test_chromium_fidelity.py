@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp import web
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.voice import SandboxVoiceServer
 from tests.integration.chromium_support import running_chromium
 

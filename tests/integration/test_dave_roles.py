@@ -17,7 +17,8 @@ from contextlib import AsyncExitStack
 import discord.http
 import pytest
 
-from legato.sandbox.dave import DAVE_MAGIC_MARKER, DaveChannel
+from legato.sandbox.dave import DAVE_MAGIC_MARKER
+from legato.sandbox.dave_listener import DaveChannel
 from legato.sandbox.voice import DAVE_LISTENER_ID, SandboxVoiceServer
 from legato.voice.dave import OPUS_SILENCE
 from legato.voice.gateway import VoiceConnection

@@ -15,12 +15,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.decode import open_source, opus_packet_samples
 from legato.audio.encode import OpusSettings, decode_opus_packets
 from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
 from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, FrameSource, StreamLost
 from legato.errors import DecodeError
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from tests.media import CATALOG, MediaServer, ToneSpec
 
 pytestmark = pytest.mark.integration

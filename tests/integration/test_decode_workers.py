@@ -19,7 +19,6 @@ import psutil
 import pytest
 
 from legato.audio import workers
-from legato.audio.analysis import dominant_frequency
 from legato.audio.decode import DEFAULT_TIMEOUT, open_source
 from legato.audio.encode import OpusSettings
 from legato.audio.player import GuildPlayer, PlayerState, TrackFailed, make_opener
@@ -29,6 +28,7 @@ from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
 from legato.audio.track import Track
 from legato.audio.workers import STOPPED, DecodePool, WorkerSource
 from legato.errors import DecodeError
+from legato.sandbox.analysis import dominant_frequency
 from tests.fakes import RecordingSink
 from tests.integration.test_decode import check_seek_lands, mono_of, read_all
 from tests.integration.test_player_real import Recorder, play_queue, tone_of

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.encode import OpusSettings, decode_opus_packets
 from legato.audio.player import (
     EndReason,
@@ -35,6 +34,7 @@ from legato.audio.sink import OPUS_SILENCE
 from legato.audio.source import SAMPLE_RATE, SourceTooSlow
 from legato.audio.track import Track
 from legato.errors import AudioError
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from tests.fakes import RecordingSink
 from tests.media import (
     Expiring,

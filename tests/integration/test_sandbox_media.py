@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from legato.audio.analysis import dominant_frequency
+from legato.sandbox.analysis import dominant_frequency
 from legato.sandbox.media import MediaServer, write_tone
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.rtcdtlstransport import SRTP_AES128_CM_SHA1_80, RTCCertificate
 from OpenSSL import SSL
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.errors import TransportError
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.sandbox.webrtc import WebRtcServerPeer
 from legato.voice import sdp
 from legato.voice.transport.aiortc_compat import DtlsCertificate, KeyType, host_addresses

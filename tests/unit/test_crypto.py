@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
+from legato.sandbox.crypto import DecryptionFailed, PacketDecryptor
 from legato.voice.crypto import (
     AEAD_AES256_GCM_RTPSIZE,
     AEAD_XCHACHA20_POLY1305_RTPSIZE,
@@ -21,8 +22,6 @@ from legato.voice.crypto import (
     XSALSA20_POLY1305,
     XSALSA20_POLY1305_LITE,
     XSALSA20_POLY1305_SUFFIX,
-    DecryptionFailed,
-    PacketDecryptor,
     PacketEncryptor,
     UnsupportedMode,
     choose_mode,

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from legato.sandbox.dave import pack_server_binary, parse_client_binary
 from legato.voice.dave import (
     MAX_PROTOCOL_VERSION,
     OP_EXECUTE_TRANSITION,
@@ -25,8 +26,6 @@ from legato.voice.dave import (
     SendBinary,
     SendJson,
     pack_client_binary,
-    pack_server_binary,
-    parse_client_binary,
     parse_server_binary,
 )
 from tests.dave_net import BOT_ID, CHANNEL_ID, LISTENER_ID, DaveNet, opus_like

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from legato.audio.analysis import dominant_frequency, pcm_to_mono, rms
 from legato.audio.decode import opus_packet_samples
 from legato.audio.encode import (
     OpusDecoder,
@@ -15,6 +14,7 @@ from legato.audio.encode import (
 )
 from legato.audio.source import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
 from legato.errors import DecodeError
+from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 
 
 def sine_frames(freq: float, count: int, amplitude: float = 0.5) -> list[bytes]:

@@ -88,8 +88,9 @@ SUBPACKAGES = ("legato.audio", "legato.cogs", "legato.voice", "legato.sandbox")
 
 
 def imported_modules(path: Path, package: str = "legato") -> set[str]:
-    """Dotted names of every module imported anywhere in ``path``, a module of ``package``'s
-    top level (relative imports resolved against it)."""
+    """Dotted names of every module imported anywhere in ``path``, a module of ``package``
+    (relative imports resolved against it), also inside functions and through
+    ``importlib.import_module``/``__import__`` with a literal name."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -98,10 +99,19 @@ def imported_modules(path: Path, package: str = "legato") -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(p for p in (package, base) if p)
+                parts = package.split(".")
+                parent = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(p for p in (*parent, base) if p)
             names.add(base)
             # ``from legato import audio`` imports the subpackage by its name.
             names.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            literal = first.value if isinstance(first, ast.Constant) else None
+            if name in ("import_module", "__import__") and isinstance(literal, str):
+                names.add(literal)
     return names
 
 
@@ -145,3 +155,78 @@ def test_subpackage_checker_catches_every_spelling(tmp_path: Path) -> None:
         "legato.audio.urlguard",
         "legato.audio.urlguard.UrlPolicy",
     }
+
+
+# -- client modules hold no server code (issue #14) ------------------------------------------
+
+#: The client's packages: what a bot loads. The sandbox (Discord's side) builds on them, never
+#: the other way round.
+CLIENT_PACKAGES = ["plugin/voice", "audio", "cogs"]
+
+#: Server halves that moved out of the client's modules: ``client module -> (names, new home)``.
+MOVED_TO_SANDBOX = {
+    "legato.voice.rtp": (
+        ("parse_discovery_request", "discovery_response", "pack_receiver_report"),
+        "legato.sandbox.rtp",
+    ),
+    "legato.voice.crypto": (("PacketDecryptor", "DecryptionFailed"), "legato.sandbox.crypto"),
+    "legato.voice.sdp": (("build_remote_offer",), "legato.sandbox.sdp"),
+    "legato.voice.dave": (("pack_server_binary", "parse_client_binary"), "legato.sandbox.dave"),
+}
+
+
+def _is_sandbox(module: str) -> bool:
+    return module == "legato.sandbox" or module.startswith("legato.sandbox.")
+
+
+_IMPORT_ROOTS = {"plugin": "legato", "cogs": "legato.cogs", "audio": "legato.audio"}
+
+
+def _package_of(path: Path) -> str:
+    """The package a source file's relative imports resolve against."""
+    top, *folders = path.relative_to(ROOT).parent.parts
+    return ".".join((_IMPORT_ROOTS[top], *folders))
+
+
+def _client_files() -> list[Path]:
+    files = [p for package in CLIENT_PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
+    assert files, "no client modules found"
+    return files
+
+
+@pytest.mark.parametrize("path", _client_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_client_module_never_imports_the_sandbox(path: Path) -> None:
+    bad = sorted(m for m in imported_modules(path, _package_of(path)) if _is_sandbox(m))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_sandbox_import_checker_catches_every_form(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import legato.sandbox.rtp\nfrom legato import sandbox\nfrom legato.voice import rtp\n"
+        "def f():\n    import importlib\n    importlib.import_module('legato.sandbox.webrtc')\n"
+        "    from ..sandbox import dave\n"
+    )
+    found = {m for m in imported_modules(sample, "legato.voice") if _is_sandbox(m)}
+    assert found == {
+        "legato.sandbox.rtp",
+        "legato.sandbox",
+        "legato.sandbox.webrtc",
+        "legato.sandbox.dave",
+    }
+
+
+@pytest.mark.parametrize("client_module", sorted(MOVED_TO_SANDBOX))
+def test_server_halves_live_in_the_sandbox_only(client_module: str) -> None:
+    names, home = MOVED_TO_SANDBOX[client_module]
+    client = importlib.import_module(client_module)
+    server = importlib.import_module(home)
+    for name in names:
+        assert not hasattr(client, name), f"{client_module}.{name} is server code"
+        assert name not in getattr(client, "__all__", ()), f"{client_module}.__all__ has {name}"
+        assert hasattr(server, name), f"{home}.{name} is missing"
+
+
+def test_audio_analysis_lives_in_the_sandbox() -> None:
+    assert importlib.util.find_spec("legato.audio.analysis") is None
+    assert importlib.util.find_spec("legato.sandbox.analysis") is not None

@@ -585,8 +585,8 @@ async def test_source_calls_never_overlap_with_a_real_thread_pool(
 
 
 async def test_tone_source_plays_real_opus_at_its_frequency() -> None:
-    from legato.audio.analysis import dominant_frequency, pcm_to_mono
     from legato.audio.encode import decode_opus_packets
+    from legato.sandbox.analysis import dominant_frequency, pcm_to_mono
     from tests.fakes import ToneSource
 
     clock = FakeClock()

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from legato.sandbox.rtp import discovery_response, pack_receiver_report, parse_discovery_request
 from legato.voice.rtp import (
     DISCOVERY_PACKET_SIZE,
     OPUS_PAYLOAD_TYPE,
@@ -21,12 +22,9 @@ from legato.voice.rtp import (
     RtpSequencer,
     SenderReport,
     discovery_request,
-    discovery_response,
     is_rtcp,
-    pack_receiver_report,
     pack_rtp_header,
     pack_sender_report,
-    parse_discovery_request,
     parse_discovery_response,
     parse_rtcp,
     parse_rtp,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from legato.sandbox.dave import DAVE_MAGIC_MARKER, DaveChannel
+from legato.sandbox.dave import DAVE_MAGIC_MARKER
+from legato.sandbox.dave_listener import DaveChannel
 from legato.voice.dave import (
     OP_EXECUTE_TRANSITION,
     OP_MLS_ANNOUNCE_COMMIT_TRANSITION,

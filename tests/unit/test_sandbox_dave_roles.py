@@ -5,7 +5,7 @@ from __future__ import annotations
 import davey
 import pytest
 
-from legato.sandbox.dave import ListenerRole
+from legato.sandbox.dave_listener import ListenerRole
 from legato.voice.dave import (
     OP_EXECUTE_TRANSITION,
     OP_MLS_ANNOUNCE_COMMIT_TRANSITION,

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from legato.sandbox.world import (
-    EPHEMERAL,
-    LOADING,
-    ChannelType,
-    InteractionType,
-    World,
-    snowflake_time,
-)
+from legato.sandbox.models import EPHEMERAL, LOADING, ChannelType, InteractionType, snowflake_time
+from legato.sandbox.world import World
 
 START_MS = 1_764_000_000_000
 

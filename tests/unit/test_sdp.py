@@ -6,6 +6,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.sdp import SessionDescription
 
+from legato.sandbox.sdp import build_remote_offer
 from legato.voice import sdp
 from legato.voice.transport.webrtc import remap_opus_payload_type
 
@@ -171,7 +172,7 @@ def test_seed_op1_fragment_parses_and_becomes_an_offer_aiortc_reads() -> None:
     # client's certificate unchecked, as Discord did (legato.sandbox.webrtc).
     assert seed.fingerprint is None
     with pytest.raises(sdp.SdpError, match="fingerprint"):
-        sdp.build_remote_offer(seed, opus_payload_type=109)
+        build_remote_offer(seed, opus_payload_type=109)
     fragment = sdp.OfferFragment.parse(
         f"{SEED_OP1_FRAGMENT}\na=fingerprint:sha-256 {SEED_FINGERPRINT}"
     )
@@ -183,7 +184,7 @@ def test_seed_op1_fragment_parses_and_becomes_an_offer_aiortc_reads() -> None:
     pt = sdp.opus_payload_type(SEED_OP1_CODECS)
     assert pt == 109
 
-    offer = SessionDescription.parse(sdp.build_remote_offer(fragment, opus_payload_type=pt))
+    offer = SessionDescription.parse(build_remote_offer(fragment, opus_payload_type=pt))
     (media,) = offer.media
     assert media.ice is not None
     assert media.dtls is not None

@@ -10,16 +10,9 @@ from typing import Any, cast
 import pytest
 
 from legato.errors import TransportError
-from legato.voice.crypto import PacketDecryptor
-from legato.voice.rtp import (
-    ReportBlock,
-    SenderReport,
-    discovery_response,
-    is_rtcp,
-    pack_receiver_report,
-    parse_discovery_request,
-    parse_rtcp,
-)
+from legato.sandbox.crypto import PacketDecryptor
+from legato.sandbox.rtp import discovery_response, pack_receiver_report, parse_discovery_request
+from legato.voice.rtp import ReportBlock, SenderReport, is_rtcp, parse_rtcp
 from legato.voice.transport.udp import SENDER_REPORT_FRAMES, UdpTransport
 
 pytestmark = pytest.mark.integration

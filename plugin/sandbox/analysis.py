@@ -1,4 +1,4 @@
-"""Measuring audio: what tests, the sandbox's reports and the demo say about a recording."""
+"""Measuring audio: what the sandbox's reports, the demo and the tests say about a recording."""
 
 from __future__ import annotations
 
