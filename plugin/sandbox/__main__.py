@@ -31,7 +31,7 @@ from legato.errors import ConfigError
 from legato.sandbox.profiles import PROFILES, voice_profile
 from legato.sandbox.relay import RelayOptions
 from legato.sandbox.voice import DEFAULT_HEARTBEAT_INTERVAL, SandboxVoiceServer
-from legato.voice.gateway import is_discord_endpoint
+from legato.voice.endpoint import is_discord_endpoint
 
 # Exit codes of `demo`: the audio checks failed, or the demo could not run at all.
 EXIT_FAILED = 1

@@ -39,7 +39,6 @@ from legato.voice.dave import MAX_PROTOCOL_VERSION, DaveClient, DaveOutput, Send
 from legato.voice.endpoint import (
     auto_gateway_version,
     auto_transports,
-    is_discord_endpoint,
     is_loopback,
     split_host_port,
     websocket_url,
@@ -66,8 +65,6 @@ if TYPE_CHECKING:
 __all__ = [
     "VoiceConnection",
     "VoiceOptions",
-    # Re-exported: legato.sandbox (``python -m legato.sandbox``) imports it from here.
-    "is_discord_endpoint",
 ]
 
 _log = logging.getLogger(__name__)

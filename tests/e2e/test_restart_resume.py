@@ -26,11 +26,7 @@ import pytest
 from legato.audio.encode import OpusDecoder
 from legato.audio.queue import LoopMode
 from legato.audio.sink import OPUS_SILENCE
-<<<<<<< HEAD
-=======
-from legato.cogs.persist import DEFAULT_TICK
 from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
->>>>>>> h-sandbox
 from legato.sandbox.recording import ReceivedPacket, Recording
 from legato.sandbox.server import GuildHandle, Sandbox
 from legato.sandbox.users import Reply, ScriptedUser

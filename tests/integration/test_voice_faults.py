@@ -20,11 +20,7 @@ from legato.sandbox.rtp import discovery_response, parse_discovery_request
 from legato.sandbox.voice import SandboxVoiceServer
 from legato.voice.client import LegatoVoiceClient
 from legato.voice.gateway import MAX_MESSAGE_SIZE, VoiceConnection, VoiceOptions
-<<<<<<< HEAD
-from legato.voice.rtp import discovery_response, parse_discovery_request
 from legato.voice.state import ClientState, LinkState
-=======
->>>>>>> h-sandbox
 from legato.voice.transport.udp import UdpTransport
 from tests.integration.voice_support import (
     BOT_ID,
