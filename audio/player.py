@@ -28,8 +28,8 @@ How it plays:
   through one batched hand-off per loop (:class:`~legato.audio.handoff.Inbox`), not a
   self-pipe write each.
 - Source faults. A stream that breaks off mid-track is opened again by the feeder (see
-  :mod:`legato.audio.feeder`). A source that is late (a stalled server) has Opus silence sent in its place on the
-  frame grid, speaking left on: the receiver's clock keeps going and it hears silence, not its
+  :mod:`legato.audio.feeder`). A source that is late (a stalled server) has Opus silence sent
+  in its place on the frame grid, speaking left on: the receiver's clock keeps going and it hears silence, not its
   decoder's guesses; a stall is expected to end, and two speaking changes would cost a round
   trip each. Meanwhile the player is ``BUFFERING`` (not ``PLAYING``), for anyone to see.
 - Slow sources. A source that delivers, but slower than real time (issue #11: a server
