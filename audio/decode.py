@@ -53,7 +53,7 @@ from legato.audio.fetch import (
     HttpStatusError,
     IoOpener,
 )
-from legato.audio.resolve import StreamInfo
+from legato.audio.track import StreamInfo
 from legato.audio.source import (
     CHANNELS,
     FRAME_BYTES,

@@ -228,6 +228,8 @@ class _Worker:
         child.close()
         self.conn: multiprocessing.connection.Connection = parent
         self.sources = 0  # open sources, for choosing the least loaded worker
+        self.messages = 0  # messages sent (a batch of requests is one)
+        self.requests = 0  # requests sent
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _pending and _dead
@@ -246,6 +248,11 @@ class _Worker:
     @property
     def alive(self) -> bool:
         return self._dead is None
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
         """Send a request and block for its result (raising the worker's error)."""
@@ -348,6 +355,8 @@ class _Worker:
         try:
             with self._send_lock:
                 self.conn.send(request)
+                self.messages += 1
+                self.requests += len(request) if isinstance(request, list) else 1
         except (OSError, ValueError) as exc:  # a closed pipe: the worker is gone
             self._die(DecodeError(f"sending to decode worker failed: {exc}", user_message=STOPPED))
 
@@ -414,11 +423,13 @@ class _Worker:
 class DecodePool:
     """Worker processes that open, decode and encode tracks for the players."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, *, reply_margin: float = _REPLY_MARGIN) -> None:
         """Make a pool; its processes start with the first :meth:`open`.
 
         Args:
             processes: How many worker processes (1 or more).
+            reply_margin: Seconds beyond a source's own timeout that a call waits for the
+                worker's reply before it takes the worker for hung.
 
         Raises:
             ValueError: ``processes`` is below 1.
@@ -430,6 +441,7 @@ class DecodePool:
         self._sids = itertools.count(1)
         self._closed = False
         self._context: Any = None
+        self._margin = reply_margin
 
     @property
     def pids(self) -> list[int]:
@@ -453,10 +465,25 @@ class DecodePool:
         """
         worker = self._pick()
         sid = next(self._sids)
-        meta = worker.call("open", sid, (info, start, opus, timeout), timeout + _REPLY_MARGIN)
+        meta = worker.call("open", sid, (info, start, opus, timeout), timeout + self._margin)
         with self._lock:
             worker.sources += 1
-        return WorkerSource(self, worker, sid, meta, timeout + _REPLY_MARGIN)
+        return WorkerSource(self, worker, sid, meta, timeout + self._margin)
+
+    @property
+    def pending(self) -> int:
+        """Requests sent to the workers and not answered yet (nor given up on)."""
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+        return sum(w.pending for w in workers)
+
+    @property
+    def sent(self) -> tuple[int, int]:
+        """Messages and requests sent to the workers so far (several queued requests go as one
+        message)."""
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+        return sum(w.messages for w in workers), sum(w.requests for w in workers)
 
     def start(self) -> None:
         """Start every worker now rather than with the first track. Blocks while they start.

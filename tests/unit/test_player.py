@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from legato.audio.handoff import inbox
+from legato.audio.handoff import settle as settle_future
 from legato.audio.player import (
     EndReason,
     GuildPlayer,
@@ -27,8 +29,6 @@ from legato.audio.player import (
     TrackFailed,
     TrackStarted,
 )
-from legato.audio.handoff import inbox
-from legato.audio.handoff import settle as settle_future
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.source import FrameSource, ShutDown, StreamLost
 from legato.audio.track import Track
