@@ -53,7 +53,6 @@ from legato.audio.fetch import (
     HttpStatusError,
     IoOpener,
 )
-from legato.audio.track import StreamInfo
 from legato.audio.source import (
     CHANNELS,
     FRAME_BYTES,
@@ -62,6 +61,7 @@ from legato.audio.source import (
     FrameSource,
     StreamLost,
 )
+from legato.audio.track import StreamInfo
 from legato.errors import DecodeError, ResolveError
 
 __all__ = ["DEFAULT_TIMEOUT", "decode_opus_packets", "open_source", "opus_packet_samples"]

@@ -70,8 +70,11 @@ def make_opener(
     threads_first: int = 0,
     fresh_for: float = STREAM_FRESH_FOR,
     clock: Callable[[], float] = time.monotonic,
-) -> SourceOpener:
+) -> Callable[[Track, float], Awaitable[FrameReader]]:
     """A ``SourceOpener`` that plays a track's resolved stream, resolving it when needed.
+
+    Returns:
+        ``await opener(track, start)``: a ``FrameReader`` positioned at ``start`` seconds.
 
     Args:
         resolver: Gives ``await stream(track)`` (a ``StreamInfo``) when the track needs one.

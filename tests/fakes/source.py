@@ -183,7 +183,11 @@ class TrickleSource(ScriptedSource, FrameReader):
             self.waiting = None
 
     def seek_to(self, seconds: float) -> asyncio.Future[float]:
-        return _run_now(lambda: (self.seek(seconds), self.position)[1])
+        def seek_and_tell() -> float:
+            self.seek(seconds)
+            return self.position
+
+        return _run_now(seek_and_tell)
 
     def volume_to(self, volume: float) -> asyncio.Future[None]:
         return _run_now(lambda: self.set_volume(volume))
