@@ -31,7 +31,8 @@ How it plays:
   :mod:`legato.audio.feeder`). A source that is late (a stalled server) has Opus silence sent
   in its place on the frame grid, speaking left on: the receiver's clock keeps going and it
   hears silence, not its decoder's guesses; a stall is expected to end, and two speaking
-  changes would cost a round trip each. Meanwhile the player is ``BUFFERING`` (not ``PLAYING``), for anyone to see.
+  changes would cost a round trip each. Meanwhile the player is ``BUFFERING`` (not
+  ``PLAYING``), for anyone to see.
 - Slow sources. A source that delivers, but slower than real time (issue #11: a server
   trickling an MP3 at 1 KB/s gave 2 s of sound in every 30 s and stayed "playing"), is judged
   by a :class:`~legato.audio.supply.SupplyMonitor`: the time the player wanted audio and had
