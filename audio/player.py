@@ -9,6 +9,7 @@ explicit state machine). Three rooms:
   (through the opener) and keeps its buffer (``buffer_ms`` of frames) filled, whatever process
   decodes it; the send path only takes ready frames and wakes the feeder when the buffer is low.
 - :mod:`legato.audio.opener`: opening a track (resolve if need be, thread or worker process).
+- :mod:`legato.audio.events`: what the player reports (events, ``PlayerStats``).
 
 A drop-in ``discord.VoiceClient``-style ``play(source, after=)`` fits here as a thin command:
 queue a one-off track whose opener hands back a ``FrameReader`` adapted from the
@@ -55,10 +56,18 @@ import math
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
 from legato.audio.clock import Clock
+from legato.audio.events import (
+    EndReason,
+    PlayerEvent,
+    PlayerStats,
+    QueueEnded,
+    TrackEnded,
+    TrackFailed,
+    TrackStarted,
+)
 from legato.audio.feeder import Entry, Feeder, TrackClosed
 from legato.audio.opener import SourceOpener, make_opener
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
@@ -155,100 +164,6 @@ _ALLOWED: Final = table(
 _WANTED: Final = frozenset({PlayerState.LOADING, PlayerState.PLAYING, PlayerState.BUFFERING})
 #: Of those, the ones in which none is buffered: the source is starving the player.
 _STARVED: Final = frozenset({PlayerState.LOADING, PlayerState.BUFFERING})
-
-
-class EndReason(enum.Enum):
-    """Why a track stopped playing."""
-
-    FINISHED = "finished"
-    SKIPPED = "skipped"
-    STOPPED = "stopped"
-    REPLACED = "replaced"
-    """``previous()`` put another track in its place."""
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class TrackStarted:
-    """The track's first frame went out."""
-
-    track: Track
-
-
-@dataclass(frozen=True, slots=True)
-class TrackEnded:
-    """The track stopped playing (its last frame went out, or it was skipped/stopped).
-
-    Only for tracks that sent a frame (``TrackStarted``); a track that fails after starting gets
-    ``TrackFailed`` instead.
-    """
-
-    track: Track
-    reason: EndReason
-
-
-@dataclass(frozen=True, slots=True)
-class TrackFailed:
-    """The track could not be opened or read; the player went on with the next one."""
-
-    track: Track
-    error: LegatoError
-
-
-@dataclass(frozen=True, slots=True)
-class QueueEnded:
-    """The queue ran out; the player is idle."""
-
-
-PlayerEvent = TrackStarted | TrackEnded | TrackFailed | QueueEnded
-
-
-@dataclass(frozen=True, slots=True)
-class PlayerStats:
-    """Counters since the player was made.
-
-    Attributes:
-        frames_sent: Audio frames sent.
-        silence_sent: Silence frames sent (trailing silence, and standing in for audio a source
-            is late with).
-        late_frames: Frames sent more than ``LATE_THRESHOLD`` after their deadline.
-        max_lateness_ms: Largest lateness of a frame against its deadline (re-anchors excluded).
-        p99_lateness_ms: 99th percentile of that lateness (0.1 ms bins; 20 ms means "20 or more").
-        reanchors: Times the grid was moved because a frame was more than a frame late.
-        underruns: Times a frame was due mid-track and none was buffered (source too slow).
-        buffer_frames: Frames buffered now for the current track.
-        source_errors: Tracks that failed to open or to read.
-        reopens: Times a stream that broke off mid-track was opened again (each try counts,
-            whether it opened or not).
-        sink_errors: Frames whose ``send_frame`` raised (the frame is lost, playing goes on).
-        encode_ms_mean: Worker time to produce one frame (read, decode and encode; demux only
-            for passthrough), mean over the last reads (each read's time over its frames).
-        encode_ms_p99: 99th percentile of that per-read figure (0.0 before any read).
-        reconnects: Times the sink's link was re-established (voice websocket reconnects,
-            resumes included); 0 for a sink that does not count them.
-        resumes: Of those, how many resumed the session.
-        holds: Times a track was held because the sink could not send it yet (a voice link
-            whose DAVE group is not in force): nothing was sent and no frame consumed meanwhile.
-        held_ms: Time spent holding, in all (a hold under way included).
-    """
-
-    frames_sent: int
-    silence_sent: int
-    late_frames: int
-    max_lateness_ms: float
-    p99_lateness_ms: float
-    reanchors: int
-    underruns: int
-    buffer_frames: int
-    source_errors: int
-    reopens: int
-    sink_errors: int
-    encode_ms_mean: float
-    encode_ms_p99: float
-    reconnects: int
-    resumes: int
-    holds: int = 0
-    held_ms: float = 0.0
 
 
 @runtime_checkable
