@@ -153,7 +153,8 @@ class Feeder:
         self._entries: list[Entry] = []
         #: Entries whose buffer the send path found low (the task reads them).
         self._low_entries: list[Entry] = []
-        self._wake = asyncio.Event()
+        #: What the parked task awaits; ``wake`` resolves it (lighter than an ``Event``).
+        self._waiter: asyncio.Future[None] | None = None
         #: What closed entries still have running (open tasks, executor jobs): ``close`` waits.
         self._closing: list[asyncio.Future[Any]] = []
         self._jobs: list[concurrent.futures.Future[Any]] = []
@@ -174,7 +175,10 @@ class Feeder:
         if entry.busy is not None or entry.eof:
             return  # a call is out: its completion reads again if need be
         self._low_entries.append(entry)
-        self._wake.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set_result(None)
 
     def request(
         self, entry: Entry, kind: Literal["seek", "volume"], value: float
@@ -231,8 +235,9 @@ class Feeder:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            if not self._low_entries:
+                waiter = self._waiter = self._loop.create_future()
+                await waiter
             entries, self._low_entries = self._low_entries, []
             for entry in entries:
                 self._step(entry)
