@@ -409,7 +409,7 @@ class GuildPlayer:
         track = self._queue.current or self._queue.advance()
         if track is None:
             return False
-        self._transition(PlayerState.LOADING, reason="start")
+        self._life.move(PlayerState.LOADING, reason="start")
         self._begin(track)
         self._pump()
         return True
@@ -419,7 +419,7 @@ class GuildPlayer:
         self._check_open()
         if self._life.state not in _WANTED:
             return False
-        self._transition(PlayerState.PAUSED, reason="pause")
+        self._life.move(PlayerState.PAUSED, reason="pause")
         self._pump()
         return True
 
@@ -430,7 +430,7 @@ class GuildPlayer:
             return False
         cur = self._cur
         ready = cur is not None and bool(cur.frames)
-        self._transition(PlayerState.PLAYING if ready else PlayerState.LOADING, reason="resume")
+        self._life.move(PlayerState.PLAYING if ready else PlayerState.LOADING, reason="resume")
         self._pump()
         return True
 
@@ -446,7 +446,7 @@ class GuildPlayer:
         self._end_current(EndReason.STOPPED)
         self._queue.finish_current()
         self._drop_next()
-        self._transition(PlayerState.IDLE, reason="stop")
+        self._life.move(PlayerState.IDLE, reason="stop")
         self._pump()
         return True
 
@@ -484,7 +484,7 @@ class GuildPlayer:
         track = self._queue.previous()
         self._end_current(EndReason.REPLACED)
         if self._life.state is PlayerState.IDLE:
-            self._transition(PlayerState.LOADING, reason="previous")
+            self._life.move(PlayerState.LOADING, reason="previous")
         self._begin(track)
         self._pump()
         return track
@@ -534,7 +534,7 @@ class GuildPlayer:
             return
         self._end_current(EndReason.CLOSED)
         self._drop_next()
-        self._transition(PlayerState.CLOSED, reason="close")
+        self._life.move(PlayerState.CLOSED, reason="close")
         self._cancel_timer()
         tasks: list[asyncio.Future[Any]] = []
         for task in (self._speaking_task, self._hold_task):
@@ -565,7 +565,7 @@ class GuildPlayer:
         if track is None:
             self._drop_next()
             if self._life.state is not PlayerState.IDLE:
-                self._transition(PlayerState.IDLE, reason="queue ended")
+                self._life.move(PlayerState.IDLE, reason="queue ended")
             self._emit(QueueEnded())
             return
         nxt = self._next
@@ -580,7 +580,7 @@ class GuildPlayer:
         if self._life.state in _WANTED:
             target = PlayerState.PLAYING if entry.frames else PlayerState.LOADING
             if target is not self._life.state:
-                self._transition(target, reason=f"track {track.uid}")
+                self._life.move(target, reason=f"track {track.uid}")
         self._watch_supply()
 
     def _ensure_preload(self) -> None:
@@ -641,7 +641,7 @@ class GuildPlayer:
         ):
             self._ensure_preload()
         if entry.frames and self._life.state in _STARVED:
-            self._transition(PlayerState.PLAYING, reason="frames ready")
+            self._life.move(PlayerState.PLAYING, reason="frames ready")
         self._pump()
 
     # -- the send path (timer callback; must stay cheap) -----------------------------------
@@ -707,7 +707,7 @@ class GuildPlayer:
                     self._in_underrun = True
                     self._underruns += 1
                 if self._life.state is PlayerState.PLAYING:
-                    self._transition(PlayerState.BUFFERING, reason="buffer ran dry")
+                    self._life.move(PlayerState.BUFFERING, reason="buffer ran dry")
                 # The feeder calls back when frames arrive; meanwhile silence may stand in.
                 self._arm(pacer.fill_deadline() if self._fill else None)
                 return
@@ -870,9 +870,6 @@ class GuildPlayer:
             self._supply_when = math.nan
 
     # -- state machine ---------------------------------------------------------------------
-
-    def _transition(self, new: PlayerState, *, reason: str) -> None:
-        self._life.move(new, reason=reason)
 
     def _on_state(self, old: PlayerState, new: PlayerState, reason: str) -> None:
         """What a move of the lifecycle does to the pacer and the supply judge."""
