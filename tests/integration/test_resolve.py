@@ -55,6 +55,10 @@ async def test_direct_media_url(resolver: Resolver, media_url: Callable[[str], s
     assert track.url == url
     assert track.title == "mp3-44k-stereo"
     assert track.requester_id == 42
+    # Extracted in full, so it carries its stream: the opener need not resolve it again.
+    assert track.stream is not None
+    assert track.stream.url == url
+    assert track.stream.codec == "mp3"
 
 
 async def test_stream_resolves_again_at_play_time(
