@@ -11,8 +11,13 @@ so errors come back one way: the awaitable raises the ``legato.errors`` class.
 - **Reads.** An entry is read whenever its buffer is at or below the player's low-water mark,
   up to ``cap`` frames; the read's result is applied in its done-callback, which reads again at
   once if the buffer is still low. The send path never starts a read: when a frame it takes
-  leaves the buffer low it calls :meth:`Feeder.wake`, and the feeder's one task starts the reads
-  after the timer slot (the sends of a slot are not interleaved with worker wake-ups).
+  leaves the buffer low it calls :meth:`Feeder.wake`, which notes the entry, and the feeder
+  starts the reads noted in one callback after the timer slot's (the sends of a slot are not
+  interleaved with worker wake-ups). Not a task step per refill: one per refill at 256 players
+  cost 10-20 % more CPU per stream than this (``bench/bench_player.py``, measured side by side).
+- **Tasks.** Opening a track is the one call that is a coroutine (the opener resolves, then
+  opens): each open runs in a task the feeder owns, cancelled when its entry is retired and
+  awaited by :meth:`Feeder.close`.
 - **Requests.** Seek and volume requests queue on the entry and run between reads. A seek
   drops the frames buffered before it only once it succeeded, so a seek that fails leaves no
   hole.
@@ -151,14 +156,11 @@ class Feeder:
         self._log = log
         self._loop = asyncio.get_running_loop()
         self._entries: list[Entry] = []
-        #: Entries whose buffer the send path found low (the task reads them).
+        #: Entries whose buffer the send path found low (read by ``_read_low``).
         self._low_entries: list[Entry] = []
-        #: What the parked task awaits; ``wake`` resolves it (lighter than an ``Event``).
-        self._waiter: asyncio.Future[None] | None = None
         #: What closed entries still have running (open tasks, executor jobs): ``close`` waits.
         self._closing: list[asyncio.Future[Any]] = []
         self._jobs: list[concurrent.futures.Future[Any]] = []
-        self._task = self._loop.create_task(self._run(), name="legato-feeder")
 
     # -- the player's calls (on the loop) -----------------------------------------------------
 
@@ -170,15 +172,13 @@ class Feeder:
         return entry
 
     def wake(self, entry: Entry) -> None:
-        """The send path took frames and ``entry``'s buffer is low: have it read (by the
-        feeder's task, after the current callback). Cheap; never starts a read itself."""
+        """The send path took frames and ``entry``'s buffer is low: have it read right after
+        the current callback. Cheap; never starts a read itself."""
         if entry.busy is not None or entry.eof:
             return  # a call is out: its completion reads again if need be
+        if not self._low_entries:
+            self._loop.call_soon(self._read_low)
         self._low_entries.append(entry)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set_result(None)
 
     def request(
         self, entry: Entry, kind: Literal["seek", "volume"], value: float
@@ -221,26 +221,21 @@ class Feeder:
             reader.close()
 
     async def close(self) -> None:
-        """Close every entry and end the task; waits for what still runs for them."""
+        """Close every entry; waits for what still runs for them (opens, executor jobs)."""
         for entry in list(self._entries):
             self.retire(entry)
-        self._task.cancel()
-        waits: list[asyncio.Future[Any]] = [self._task, *self._closing]
+        waits: list[asyncio.Future[Any]] = list(self._closing)
         waits.extend(asyncio.wrap_future(j) for j in self._jobs if not j.done())
         self._closing.clear()
         self._jobs.clear()
-        await asyncio.wait(waits)
+        if waits:
+            await asyncio.wait(waits)
 
-    # -- the task ---------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        while True:
-            if not self._low_entries:
-                waiter = self._waiter = self._loop.create_future()
-                await waiter
-            entries, self._low_entries = self._low_entries, []
-            for entry in entries:
-                self._step(entry)
+    def _read_low(self) -> None:
+        """Start the reads the send path asked for since the last time."""
+        entries, self._low_entries = self._low_entries, []
+        for entry in entries:
+            self._step(entry)
 
     # -- one call at a time per entry -------------------------------------------------------
 
