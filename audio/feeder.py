@@ -41,6 +41,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from legato.audio.handoff import Completion, completion
 from legato.audio.source import Chunk, FrameReader, ShutDown, StreamLost, ThreadedReader
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, LegatoError
@@ -98,8 +99,8 @@ class Entry:
         self.read_position = start
         self.reader: FrameReader | None = None
         self.ops: deque[_Op] = deque()
-        #: The one call out on this entry (an open task, or a reader's awaitable).
-        self.busy: asyncio.Future[Any] | None = None
+        #: The one call out on this entry (an open task, or a reader's call).
+        self.busy: Completion[Any] | None = None
         #: Open (again) at ``read_position`` when nothing is busy.
         self.need_open = True
         self.reopens = 0  # reopens since the stream last gave audio
@@ -257,13 +258,11 @@ class Feeder:
             call: Awaitable[Any] = (
                 reader.seek_to(op.value) if op.kind == "seek" else reader.volume_to(op.value)
             )
-            busy = entry.busy = asyncio.ensure_future(call)
+            busy = entry.busy = completion(call)
             busy.add_done_callback(lambda f: self._op_done(entry, op, f))
             return
         if not entry.eof and len(entry.frames) <= self._low:
-            read = entry.busy = asyncio.ensure_future(
-                reader.read_chunk(self._cap - len(entry.frames))
-            )
+            read = entry.busy = completion(reader.read_chunk(self._cap - len(entry.frames)))
             read.add_done_callback(lambda f: self._read_done(entry, f))
 
     async def _open(self, entry: Entry) -> FrameReader:
@@ -300,7 +299,7 @@ class Feeder:
             entry.ops.appendleft(_Op("volume", volume, None))
         self._step(entry)
 
-    def _read_done(self, entry: Entry, fut: asyncio.Future[Chunk]) -> None:
+    def _read_done(self, entry: Entry, fut: Completion[Chunk]) -> None:
         entry.busy = None
         if entry.closed or fut.cancelled():
             return
@@ -320,7 +319,7 @@ class Feeder:
         self._step(entry)
         self._on_update(entry)
 
-    def _op_done(self, entry: Entry, op: _Op, fut: asyncio.Future[Any]) -> None:
+    def _op_done(self, entry: Entry, op: _Op, fut: Completion[Any]) -> None:
         entry.busy = None
         if entry.closed or fut.cancelled():
             return

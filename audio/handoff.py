@@ -18,14 +18,15 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Inbox", "default_executor", "inbox", "settle"]
+__all__ = ["Completion", "Inbox", "Pending", "completion", "default_executor", "inbox", "settle"]
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 #: ``deliver(target, value, exc)``: what the loop calls with one result.
 Deliver = Callable[[Any, Any, BaseException | None], None]
@@ -58,16 +59,16 @@ class Inbox:
         except RuntimeError:  # the loop is closed: no one awaits these results any more
             _log.debug("result of an executor job dropped: its event loop is closed")
 
-    def future(self, job: concurrent.futures.Future[T]) -> asyncio.Future[T]:
-        """A loop future settled (through this inbox) when ``job`` is; on the loop only."""
-        result: asyncio.Future[T] = self._loop.create_future()
+    def future(self, job: concurrent.futures.Future[T]) -> Pending[T]:
+        """What ``job`` gives, delivered to the loop through this inbox; on the loop only."""
+        result: Pending[T] = Pending(self._loop)
 
         def done(ended: concurrent.futures.Future[T]) -> None:
             if ended.cancelled():
                 self.put(_cancel, result, None, None)
                 return
             exc = ended.exception()
-            self.put(settle, result, None if exc is not None else ended.result(), exc)
+            self.put(_deliver, result, None if exc is not None else ended.result(), exc)
 
         job.add_done_callback(done)
         return result
@@ -94,8 +95,117 @@ def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> N
         fut.set_exception(exc)
 
 
-def _cancel(fut: asyncio.Future[Any], _value: Any, _exc: BaseException | None) -> None:
-    fut.cancel()
+class Pending(Generic[T]):
+    """A result on its way to the loop through an :class:`Inbox`: awaitable, and with
+    ``asyncio.Future``'s ``add_done_callback``, ``done``, ``cancelled``, ``exception`` and
+    ``result``.
+
+    Unlike a loop future's, its callbacks run when the inbox delivers it, in the same drain, not
+    one loop turn later: a reader's result is applied without a ``call_soon`` per read.
+    """
+
+    __slots__ = ("_callbacks", "_cancelled", "_done", "_exc", "_loop", "_value")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._done = False
+        self._cancelled = False
+        self._value: Any = None
+        self._exc: BaseException | None = None
+        self._callbacks: list[Callable[[Pending[T]], object]] = []
+
+    @classmethod
+    def ready(cls, value: T) -> Pending[T]:
+        """One delivered already (on the loop) with ``value``."""
+        pending: Pending[T] = cls(asyncio.get_running_loop())
+        pending._settle(value, None)
+        return pending
+
+    @classmethod
+    def failed(cls, exc: BaseException) -> Pending[Any]:
+        """One delivered already (on the loop) with ``exc`` raised."""
+        pending: Pending[Any] = cls(asyncio.get_running_loop())
+        pending._settle(None, exc)
+        return pending
+
+    def done(self) -> bool:
+        """Whether it was delivered (or cancelled)."""
+        return self._done
+
+    def cancelled(self) -> bool:
+        """Whether the job was cancelled (an executor shut down with it queued)."""
+        return self._cancelled
+
+    def exception(self) -> BaseException | None:
+        """What the job raised, if it did (only once done and not cancelled)."""
+        if self._cancelled:
+            raise asyncio.CancelledError
+        if not self._done:
+            raise asyncio.InvalidStateError("result is not ready")
+        return self._exc
+
+    def result(self) -> T:
+        """What the job returned (raises what it raised)."""
+        exc = self.exception()
+        if exc is not None:
+            raise exc
+        value: T = self._value
+        return value
+
+    def add_done_callback(self, fn: Callable[[Pending[T]], object]) -> None:
+        """Call ``fn(self)`` when delivered (at once if it was)."""
+        if self._done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def _settle(self, value: Any, exc: BaseException | None, *, cancelled: bool = False) -> None:
+        if self._done:
+            return
+        self._done, self._cancelled, self._value, self._exc = True, cancelled, value, exc
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if not self._done:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+
+            def wake(_pending: Pending[T]) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            self.add_done_callback(wake)
+            yield from waiter.__await__()
+        return self.result()
+
+
+class Completion(Protocol[T_co]):
+    """What a started call is watched through: a ``Pending``, a loop future or a task."""
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+    def exception(self) -> BaseException | None: ...
+
+    def result(self) -> T_co: ...
+
+
+def completion(call: Awaitable[T]) -> Completion[T]:
+    """Watch ``call``: a ``Pending`` or a future as it is, anything else (a reader's coroutine)
+    as a task."""
+    if isinstance(call, Pending | asyncio.Future):
+        return call
+    return asyncio.ensure_future(call)
+
+
+def _deliver(pending: Pending[Any], value: Any, exc: BaseException | None) -> None:
+    pending._settle(value, exc)
+
+
+def _cancel(pending: Pending[Any], _value: Any, _exc: BaseException | None) -> None:
+    pending._settle(None, None, cancelled=True)
 
 
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Inbox] = weakref.WeakKeyDictionary()

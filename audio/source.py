@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
-from legato.audio.handoff import default_executor, inbox
+from legato.audio.handoff import Pending, default_executor, inbox
 from legato.errors import DecodeError
 
 T = TypeVar("T")
@@ -201,13 +201,13 @@ class ThreadedReader(FrameReader):
         job = self._inflight
         return job if job is not None and not job.done() else None
 
-    def read_chunk(self, max_frames: int) -> asyncio.Future[Chunk]:
+    def read_chunk(self, max_frames: int) -> Pending[Chunk]:
         return self._run(_read_chunk, self.source, max_frames)
 
-    def seek_to(self, seconds: float) -> asyncio.Future[float]:
+    def seek_to(self, seconds: float) -> Pending[float]:
         return self._run(_seek_and_tell, self.source, seconds)
 
-    def volume_to(self, volume: float) -> asyncio.Future[None]:
+    def volume_to(self, volume: float) -> Pending[None]:
         return self._run(self.source.set_volume, volume)
 
     def close(self) -> None:
@@ -222,13 +222,11 @@ class ThreadedReader(FrameReader):
         else:
             source.close()
 
-    def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    def _run(self, fn: Callable[..., T], *args: Any) -> Pending[T]:
         try:
             job = self._inflight = self._executor.submit(fn, *args)
         except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
-            failed: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-            failed.set_exception(ShutDown(str(exc)))
-            return failed
+            return Pending.failed(ShutDown(str(exc)))
         return self._inbox.future(job)
 
 

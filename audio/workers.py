@@ -43,7 +43,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from legato.audio.decode import open_source
 from legato.audio.encode import OpusSettings
-from legato.audio.handoff import Inbox, inbox
+from legato.audio.handoff import Inbox, Pending, inbox
 from legato.audio.resolve import worker_context
 from legato.audio.source import Chunk, FrameReader, FrameSource, ShutDown, StreamLost
 from legato.audio.track import StreamInfo
@@ -564,9 +564,9 @@ class WorkerSource(FrameReader):
         pid: int | None = self._worker.process.pid
         return pid
 
-    def read_chunk(self, max_frames: int) -> asyncio.Future[Chunk]:
+    def read_chunk(self, max_frames: int) -> Pending[Chunk]:
         if self._closed:
-            return self._done(Chunk([], self._position, self._duration, 0.0))
+            return Pending.ready(Chunk([], self._position, self._duration, 0.0))
         started = time.perf_counter()
 
         def chunk(reply: tuple[list[bytes], _Meta]) -> Chunk:
@@ -578,12 +578,12 @@ class WorkerSource(FrameReader):
 
         return self._request("read", max_frames, chunk)
 
-    def seek_to(self, seconds: float) -> asyncio.Future[float]:
+    def seek_to(self, seconds: float) -> Pending[float]:
         if self._closed:
-            return self._failed(DecodeError("seek on a closed source"))
+            return Pending.failed(DecodeError("seek on a closed source"))
         return self._request("seek", seconds, self._meta_position)
 
-    def volume_to(self, volume: float) -> asyncio.Future[None]:
+    def volume_to(self, volume: float) -> Pending[None]:
         return self._request("volume", volume, self._meta_none)
 
     def close(self) -> None:
@@ -601,18 +601,8 @@ class WorkerSource(FrameReader):
     def _meta_none(self, meta: _Meta) -> None:
         self._passthrough, self._position, self._duration = meta
 
-    def _request(self, op: str, arg: Any, then: Callable[[Any], T]) -> asyncio.Future[T]:
+    def _request(self, op: str, arg: Any, then: Callable[[Any], T]) -> Pending[T]:
         box = self._inbox
         if box is None:
             box = self._inbox = inbox(asyncio.get_running_loop())
         return box.future(self._worker.submit(op, self._sid, (arg,), self._wait, then))
-
-    def _done(self, value: T) -> asyncio.Future[T]:
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        fut.set_result(value)
-        return fut
-
-    def _failed(self, exc: Exception) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        fut.set_exception(exc)
-        return fut
