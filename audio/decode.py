@@ -29,6 +29,14 @@ the error comes with the next call.
 
 Channels: mono is copied to both sides at full level; 5.1 and other layouts are downmixed by
 FFmpeg's resampler (which normalises its matrix, so they do not clip).
+
+Stages of a decoded frame: decode -> resample (48 kHz stereo s16, 960-sample frames) -> PCM
+stage (:class:`Gain` today: the volume, ramped) -> Opus encode. The PCM stage is where effects
+and loudness normalisation belong: an FFmpeg filter graph (PyAV's ``av.filter.Graph``, e.g.
+``volume``, ``loudnorm``, ``equalizer``) fed each 20 ms frame and drained of as many, behind the
+same two calls as :class:`Gain` (``apply(pcm) -> pcm`` and ``neutral``). Passthrough holds only
+while the whole stage is neutral: a source with an effect on decodes and re-encodes, as one
+with a volume does.
 """
 
 from __future__ import annotations
@@ -53,7 +61,6 @@ from legato.audio.fetch import (
     HttpStatusError,
     IoOpener,
 )
-from legato.audio.resolve import StreamInfo
 from legato.audio.source import (
     CHANNELS,
     FRAME_BYTES,
@@ -62,6 +69,7 @@ from legato.audio.source import (
     FrameSource,
     StreamLost,
 )
+from legato.audio.track import StreamInfo
 from legato.errors import DecodeError, ResolveError
 
 __all__ = ["DEFAULT_TIMEOUT", "decode_opus_packets", "open_source", "opus_packet_samples"]
@@ -291,6 +299,46 @@ def _check_volume(volume: float) -> None:
         raise ValueError(f"volume must be between 0 and 10, got {volume!r}")
 
 
+class Gain:
+    """The decoder's PCM stage: the volume, ramped over one frame when it changes.
+
+    Args:
+        volume: The gain to start at (1.0 unchanged).
+    """
+
+    def __init__(self, volume: float) -> None:
+        self.gain = volume  # the gain applied at the end of the last frame
+        self.target = volume  # the gain asked for
+
+    @property
+    def neutral(self) -> bool:
+        """True when the stage leaves audio as it is (Opus may then pass through)."""
+        return self.gain == self.target == 1.0
+
+    def set(self, volume: float) -> None:
+        """Ramp to ``volume`` over the next frame."""
+        self.target = volume
+
+    def jump(self) -> None:
+        """Take the target at once (after a seek there is nothing to be continuous with)."""
+        self.gain = self.target
+
+    def apply(self, pcm: bytes) -> bytes:
+        """One 20 ms frame of s16 stereo PCM, scaled."""
+        if self.neutral:
+            return pcm
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32).reshape(-1, CHANNELS)
+        if self.gain == self.target:
+            samples *= self.gain
+        else:
+            # A step in gain is a click; a 20 ms linear ramp is not.
+            ramp = np.linspace(self.gain, self.target, FRAME_SAMPLES + 1, dtype=np.float32)[1:]
+            samples *= ramp[:, np.newaxis]
+            self.gain = self.target
+        np.clip(samples, -32768.0, 32767.0, out=samples)
+        return np.rint(samples).astype("<i2").tobytes()
+
+
 class _BaseSource:
     """What both sources share: the encoder, volume ramps, reading and closing."""
 
@@ -308,8 +356,8 @@ class _BaseSource:
         self._remote = not info.is_local
         self._encoder = OpusEncoder(opus)
         self._lookahead = int(self._encoder.lookahead)
-        self._gain = volume  # the gain applied at the end of the last frame
-        self._target = volume  # the gain asked for
+        #: The PCM stage between resampling and encoding (see the module docstring).
+        self._stage = Gain(volume)
         self._closed = False
         self._pending_error: DecodeError | None = None
         self._emitted = 0
@@ -379,7 +427,7 @@ class _BaseSource:
 
     def set_volume(self, volume: float) -> None:
         _check_volume(volume)
-        self._target = volume
+        self._stage.set(volume)
 
     def seek(self, seconds: float) -> None:
         if self._closed:
@@ -405,7 +453,7 @@ class _BaseSource:
                 user_message="I could not seek in that track.",
             ) from exc
         self._emitted = 0
-        self._gain = self._target  # a jump needs no ramp: there is nothing to be continuous with
+        self._stage.jump()  # a jump needs no ramp: there is nothing to be continuous with
         try:
             self._restart(target)
         except (av.error.FFmpegError, OSError) as exc:
@@ -483,19 +531,8 @@ class _BaseSource:
             yield packet
 
     def _scale_and_encode(self, pcm: bytes) -> bytes:
-        """Apply the volume (ramped over one frame when it changes) and encode one frame."""
-        if self._gain == self._target == 1.0:
-            return self._encoder.encode(pcm)
-        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32).reshape(-1, CHANNELS)
-        if self._gain == self._target:
-            samples *= self._gain
-        else:
-            # A step in gain is a click; a 20 ms linear ramp is not.
-            ramp = np.linspace(self._gain, self._target, FRAME_SAMPLES + 1, dtype=np.float32)[1:]
-            samples *= ramp[:, np.newaxis]
-            self._gain = self._target
-        np.clip(samples, -32768.0, 32767.0, out=samples)
-        return self._encoder.encode(np.rint(samples).astype("<i2").tobytes())
+        """Run one frame through the PCM stage and encode it."""
+        return self._encoder.encode(self._stage.apply(pcm))
 
 
 class _TranscodeSource(_BaseSource):
@@ -623,7 +660,7 @@ class _OpusSource(_BaseSource):
         return self._want_passthrough() and not self._decoding
 
     def _want_passthrough(self) -> bool:
-        return self._allow and self._packets_ok and self._gain == 1.0 and self._target == 1.0
+        return self._allow and self._packets_ok and self._stage.neutral
 
     def _packet_time(self, packet: av.Packet[av.AudioStream]) -> float | None:
         if packet.pts is None or packet.time_base is None:

@@ -1,17 +1,23 @@
 """One guild's player: the queue's tracks, opened and read off the loop, paced out on it.
 
 Shape (songbird's driver/track split, discord.py's absolute deadlines, @discordjs/voice's
-explicit state machine):
+explicit state machine). Three rooms:
 
-- Each opened track is an ``_Entry`` with its own feeder task, which opens (and reopens) the
-  source, fills its buffer and applies seek and volume requests between reads. The
-  ``FrameSource`` is only ever called in the executor, in chunks of several frames, one call at
-  a time. In the steady state (the feeder parked, nothing requested) the player's refills go to
-  the executor straight from the send path, batched after the timer slot, and come back through
-  the loop's ``_Inbox``: no task step per refill. A source in a decode worker process
-  (``ReadsSoon``) is not read through the executor at all: the loop queues the request for the
-  pool's writer thread and the pool's reader thread hands the reply to the inbox, so no thread
-  waits out the round trip. The buffer holds ``buffer_ms`` of frames.
+- ``player.py`` (here): ``GuildPlayer``, its public commands, its state (``PlayerState``, one
+  table held by a :class:`~legato.lifecycle.Lifecycle`) and the send path.
+- :mod:`legato.audio.feeder`: the one read path. The player's one ``Feeder`` opens each track
+  (through the opener) and keeps its buffer (``buffer_ms`` of frames) filled, whatever process
+  decodes it; the send path only takes ready frames and wakes the feeder when the buffer is low.
+- :mod:`legato.audio.opener`: opening a track (resolve if need be, thread or worker process).
+- :mod:`legato.audio.events`: what the player reports (events, ``PlayerStats``).
+
+A drop-in ``discord.VoiceClient``-style ``play(source, after=)`` fits here as a thin command:
+queue a one-off track whose opener hands back a ``FrameReader`` adapted from the
+``discord.AudioSource`` (see :mod:`legato.audio.source`), and call ``after`` from the
+``TrackEnded``/``TrackFailed`` event; pacing, holds and silence come as they are.
+
+How it plays:
+
 - The next track is opened as soon as the current one is within ``preload_s`` of its end (or
   its end is known), so its first frames are buffered before the last frame of the current one
   goes out: track changes leave no empty 20 ms slot.
@@ -19,16 +25,15 @@ explicit state machine):
   :class:`~legato.audio.pacer.Pacer` what is due. The timers are the loop's shared
   :class:`~legato.audio.timers.SlotTimers` (one loop timer per 1 ms slot for every player on the
   loop), and the steady state is one fused pacer call: per frame the loop pops a deque, calls
-  ``sink.send_frame`` and appends the next deadline to its slot. Feeders' read results come back
-  through one batched hand-off per loop (``_Inbox``), not a self-pipe write each.
-- Source faults. A stream that breaks off mid-track (``StreamLost``: stream URLs expire, so a
-  server that answered may refuse FFmpeg's reconnect with 403) is opened again through the
-  opener, which resolves a fresh stream URL, at the position its frames end: the buffered frames
-  run straight into the new ones. ``max_reopens`` tries without audio in between, then the track
-  fails. A source that is late (a stalled server) has Opus silence sent in its place on the
-  frame grid, speaking left on: the receiver's clock keeps going and it hears silence, not its
-  decoder's guesses; a stall is expected to end, and two speaking changes would cost a round
-  trip each. Meanwhile the player is ``BUFFERING`` (not ``PLAYING``), for anyone to see.
+  ``sink.send_frame`` and appends the next deadline to its slot. Reads' results come back
+  through one batched hand-off per loop (:class:`~legato.audio.handoff.Inbox`), not a
+  self-pipe write each.
+- Source faults. A stream that breaks off mid-track is opened again by the feeder (see
+  :mod:`legato.audio.feeder`). A source that is late (a stalled server) has Opus silence sent
+  in its place on the frame grid, speaking left on: the receiver's clock keeps going and it
+  hears silence, not its decoder's guesses; a stall is expected to end, and two speaking
+  changes would cost a round trip each. Meanwhile the player is ``BUFFERING`` (not
+  ``PLAYING``), for anyone to see.
 - Slow sources. A source that delivers, but slower than real time (issue #11: a server
   trickling an MP3 at 1 KB/s gave 2 s of sound in every 30 s and stayed "playing"), is judged
   by a :class:`~legato.audio.supply.SupplyMonitor`: the time the player wanted audio and had
@@ -43,44 +48,55 @@ explicit state machine):
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import enum
 import itertools
 import logging
 import math
-import os
-import threading
-import time
-import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from legato.audio.clock import Clock
+from legato.audio.events import (
+    EndReason,
+    PlayerEvent,
+    PlayerStats,
+    QueueEnded,
+    TrackEnded,
+    TrackFailed,
+    TrackStarted,
+)
+from legato.audio.feeder import Entry, Feeder, TrackClosed
+from legato.audio.opener import SourceOpener, make_opener
 from legato.audio.pacer import FRAME_INTERVAL, Pacer, PacerAction
 from legato.audio.queue import LoopMode, TrackQueue
 from legato.audio.sink import OPUS_SILENCE, FrameSink, LinkCounters, SendGate
-from legato.audio.source import FrameSource, ReadsSoon, SourceTooSlow, StreamLost
+from legato.audio.source import Chunk, SourceTooSlow
 from legato.audio.supply import Supply, SupplyMonitor, SupplyReport
 from legato.audio.timers import slot_timers
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, LegatoError, QueueEmpty
+from legato.lifecycle import Lifecycle, table
 from legato.log import GuildLogger
 
-if TYPE_CHECKING:
-    from legato.audio.encode import OpusSettings
-    from legato.audio.resolve import Resolver, StreamInfo
-    from legato.audio.workers import DecodePool
+__all__ = [
+    "MAX_VOLUME",
+    "EndReason",
+    "GuildPlayer",
+    "PlayerEvent",
+    "PlayerState",
+    "PlayerStats",
+    "QueueEnded",
+    "SourceOpener",
+    "TrackEnded",
+    "TrackFailed",
+    "TrackStarted",
+    "make_opener",
+]
 
 _log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-#: ``(track, start seconds) -> opened source``; runs blocking work in an executor itself.
-SourceOpener = Callable[[Track, float], Awaitable[FrameSource]]
 
 #: A frame sent later than this after its deadline counts as late in ``PlayerStats``.
 LATE_THRESHOLD: Final = 0.002
@@ -114,132 +130,40 @@ class PlayerState(enum.Enum):
     """Closed for good."""
 
 
-_ALLOWED: Final[dict[PlayerState, frozenset[PlayerState]]] = {
-    PlayerState.IDLE: frozenset({PlayerState.LOADING, PlayerState.CLOSED}),
-    PlayerState.LOADING: frozenset(
-        {PlayerState.PLAYING, PlayerState.PAUSED, PlayerState.IDLE, PlayerState.CLOSED}
-    ),
-    PlayerState.PLAYING: frozenset(
-        {
-            PlayerState.LOADING,
-            PlayerState.BUFFERING,
-            PlayerState.PAUSED,
-            PlayerState.IDLE,
-            PlayerState.CLOSED,
-        }
-    ),
-    PlayerState.BUFFERING: frozenset(
-        {
-            PlayerState.PLAYING,
-            PlayerState.LOADING,
-            PlayerState.PAUSED,
-            PlayerState.IDLE,
-            PlayerState.CLOSED,
-        }
-    ),
-    PlayerState.PAUSED: frozenset(
-        {PlayerState.PLAYING, PlayerState.LOADING, PlayerState.IDLE, PlayerState.CLOSED}
-    ),
-    PlayerState.CLOSED: frozenset(),
-}
+_ALLOWED: Final = table(
+    {
+        PlayerState.IDLE: frozenset({PlayerState.LOADING, PlayerState.CLOSED}),
+        PlayerState.LOADING: frozenset(
+            {PlayerState.PLAYING, PlayerState.PAUSED, PlayerState.IDLE, PlayerState.CLOSED}
+        ),
+        PlayerState.PLAYING: frozenset(
+            {
+                PlayerState.LOADING,
+                PlayerState.BUFFERING,
+                PlayerState.PAUSED,
+                PlayerState.IDLE,
+                PlayerState.CLOSED,
+            }
+        ),
+        PlayerState.BUFFERING: frozenset(
+            {
+                PlayerState.PLAYING,
+                PlayerState.LOADING,
+                PlayerState.PAUSED,
+                PlayerState.IDLE,
+                PlayerState.CLOSED,
+            }
+        ),
+        PlayerState.PAUSED: frozenset(
+            {PlayerState.PLAYING, PlayerState.LOADING, PlayerState.IDLE, PlayerState.CLOSED}
+        ),
+        PlayerState.CLOSED: frozenset(),
+    }
+)
 #: States in which audio is wanted (what the supply judge watches; any other resets it).
 _WANTED: Final = frozenset({PlayerState.LOADING, PlayerState.PLAYING, PlayerState.BUFFERING})
 #: Of those, the ones in which none is buffered: the source is starving the player.
 _STARVED: Final = frozenset({PlayerState.LOADING, PlayerState.BUFFERING})
-
-
-class EndReason(enum.Enum):
-    """Why a track stopped playing."""
-
-    FINISHED = "finished"
-    SKIPPED = "skipped"
-    STOPPED = "stopped"
-    REPLACED = "replaced"
-    """``previous()`` put another track in its place."""
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class TrackStarted:
-    """The track's first frame went out."""
-
-    track: Track
-
-
-@dataclass(frozen=True, slots=True)
-class TrackEnded:
-    """The track stopped playing (its last frame went out, or it was skipped/stopped).
-
-    Only for tracks that sent a frame (``TrackStarted``); a track that fails after starting gets
-    ``TrackFailed`` instead.
-    """
-
-    track: Track
-    reason: EndReason
-
-
-@dataclass(frozen=True, slots=True)
-class TrackFailed:
-    """The track could not be opened or read; the player went on with the next one."""
-
-    track: Track
-    error: LegatoError
-
-
-@dataclass(frozen=True, slots=True)
-class QueueEnded:
-    """The queue ran out; the player is idle."""
-
-
-PlayerEvent = TrackStarted | TrackEnded | TrackFailed | QueueEnded
-
-
-@dataclass(frozen=True, slots=True)
-class PlayerStats:
-    """Counters since the player was made.
-
-    Attributes:
-        frames_sent: Audio frames sent.
-        silence_sent: Silence frames sent (trailing silence, and standing in for audio a source
-            is late with).
-        late_frames: Frames sent more than ``LATE_THRESHOLD`` after their deadline.
-        max_lateness_ms: Largest lateness of a frame against its deadline (re-anchors excluded).
-        p99_lateness_ms: 99th percentile of that lateness (0.1 ms bins; 20 ms means "20 or more").
-        reanchors: Times the grid was moved because a frame was more than a frame late.
-        underruns: Times a frame was due mid-track and none was buffered (source too slow).
-        buffer_frames: Frames buffered now for the current track.
-        source_errors: Tracks that failed to open or to read.
-        reopens: Times a stream that broke off mid-track was opened again (each try counts,
-            whether it opened or not).
-        sink_errors: Frames whose ``send_frame`` raised (the frame is lost, playing goes on).
-        encode_ms_mean: Worker time to produce one frame (read, decode and encode; demux only
-            for passthrough), mean over the last reads (each read's time over its frames).
-        encode_ms_p99: 99th percentile of that per-read figure (0.0 before any read).
-        reconnects: Times the sink's link was re-established (voice websocket reconnects,
-            resumes included); 0 for a sink that does not count them.
-        resumes: Of those, how many resumed the session.
-        holds: Times a track was held because the sink could not send it yet (a voice link
-            whose DAVE group is not in force): nothing was sent and no frame consumed meanwhile.
-        held_ms: Time spent holding, in all (a hold under way included).
-    """
-
-    frames_sent: int
-    silence_sent: int
-    late_frames: int
-    max_lateness_ms: float
-    p99_lateness_ms: float
-    reanchors: int
-    underruns: int
-    buffer_frames: int
-    source_errors: int
-    reopens: int
-    sink_errors: int
-    encode_ms_mean: float
-    encode_ms_p99: float
-    reconnects: int
-    resumes: int
-    holds: int = 0
-    held_ms: float = 0.0
 
 
 @runtime_checkable
@@ -251,462 +175,6 @@ class TimerClock(Clock, Protocol):
 
 class _Cancellable(Protocol):
     def cancel(self) -> None: ...
-
-
-@dataclass
-class _Op:
-    kind: Literal["seek", "volume"]
-    value: float
-    done: asyncio.Future[None]
-
-
-class _Entry:
-    """One opened (or opening) track: its source, its buffered frames and its feeder task."""
-
-    def __init__(self, player: GuildPlayer, track: Track, start: float) -> None:
-        self.player = player
-        self.track = track
-        self.frames: deque[bytes] = deque()
-        self.source: FrameSource | None = None
-        self.eof = False
-        self.error: LegatoError | None = None
-        self.base = start  # seconds at which the `sent` count starts
-        self.sent = 0
-        self.started = False
-        self.closed = False
-        self.duration: float | None = None
-        self.read_position = start
-        self.ops: deque[_Op] = deque()
-        self.wake = asyncio.Event()
-        self.inflight: concurrent.futures.Future[Any] | None = None
-        #: ``source.read_soon`` when the source has it (refills then hold no executor thread).
-        self.read_soon: Callable[[int], concurrent.futures.Future[list[bytes]]] | None = None
-        #: The feeder waits in ``_feed`` for a wake: reads may be sent from ``refill``.
-        self.parked = False
-        #: A read sent by ``refill`` is out (in the executor, or with a decode worker).
-        self.reading = False
-        #: What that read raised, for the feeder to handle (reopen, fail).
-        self.read_error: BaseException | None = None
-        self.reopens = 0  # reopens since the stream last gave audio
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(start), name=f"legato-feed-{track.uid}"
-        )
-
-    # -- requests from the player (on the loop) -----------------------------------------------
-
-    def request(self, kind: Literal["seek", "volume"], value: float) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.closed or self.task.done():
-            done.set_exception(_gone(self.track))
-            return done
-        self.ops.append(_Op(kind, value, done))
-        self.wake.set()
-        return done
-
-    def refill(self) -> None:
-        """The player took frames and the buffer is low: read more.
-
-        In the steady state (the feeder parked, no request waiting, no read in flight) the
-        read goes to the executor from here and ``_read_done`` applies it: no feeder task step
-        on the loop either way, which at hundreds of players is most of the loop's work besides
-        sending. Otherwise the feeder is woken to do it.
-        """
-        if self.reading:
-            return
-        if not self.parked or self.ops or self.eof or self.closed or self.source is None:
-            self.wake.set()
-            return
-        self.reading = True
-        self.player._inbox.submit_soon(self)
-
-    def _submit_read(self) -> None:
-        """Start the read ``refill`` asked for (after the loop's current callback: the sends of
-        a timer slot are not interleaved with worker wake-ups): with the source's ``read_soon``
-        when it has one (a decode pool's source: the reply comes back through the inbox from
-        the pool's reader thread), else in the executor."""
-        source = self.source
-        if self.closed or source is None:
-            self.reading = False
-            return
-        count = self.player._cap - len(self.frames)
-        inbox = self.player._inbox
-        read_soon = self.read_soon
-        fut: concurrent.futures.Future[Any]
-        started = time.perf_counter()
-        if read_soon is not None:
-            fut = read_soon(count)
-        else:
-            try:
-                fut = (self.player._executor or _default_executor()).submit(
-                    _read_chunk, source, count
-                )
-            except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
-                self.reading = False
-                self._executor_gone(_ExecutorGone(str(exc)))
-                return
-
-        def done(ended: concurrent.futures.Future[Any]) -> None:
-            # In the thread that finished the read; the loop gets it through the inbox.
-            if ended.cancelled():
-                return  # an executor shut down with the job still queued: the player is closing
-            exc = ended.exception()
-            if exc is not None:
-                inbox.put(_Entry._read_done, self, None, exc)
-                return
-            value = ended.result()
-            if read_soon is not None:  # frames alone: add what _read_chunk adds to them
-                value = (value, source.position, source.duration, time.perf_counter() - started)
-            inbox.put(_Entry._read_done, self, value, None)
-
-        self.inflight = fut
-        fut.add_done_callback(done)
-
-    def _read_done(self, value: _Chunk | None, exc: BaseException | None) -> None:
-        """A read sent by ``refill`` returned (on the loop)."""
-        self.reading = False
-        if self.closed:
-            return  # close() closes the source once the read is done
-        if exc is not None:
-            if isinstance(exc, RuntimeError) and _shut_down(exc):
-                exc = _ExecutorGone(str(exc))
-            self.read_error = exc  # raised in the feeder, which handles it as its own reads'
-            self.wake.set()
-            return
-        assert value is not None
-        self._apply_read(value)
-        self.player._on_entry_update(self)
-        if self.ops:
-            self.wake.set()
-
-    def _apply_read(self, chunk: _Chunk) -> None:
-        frames, position, duration, spent = chunk
-        if frames:
-            player = self.player
-            player._encode_times.append(spent / len(frames))
-            self.reopens = 0
-            if player._cur is self:  # per read, for the measured rate in the too-slow report
-                player._supply.deliver(player._now(), len(frames) * FRAME_INTERVAL)
-        self.frames.extend(frames)
-        self.read_position = position
-        self.duration = duration if duration is not None else self.track.duration
-        if not frames:
-            self.eof = True
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.task.cancel()
-        self._settle_ops(_gone(self.track))
-        source = self.source
-        if source is None:
-            return
-        inflight = self.inflight
-        if inflight is not None and not inflight.done():
-            # Never call close while a read runs in the worker; close right after it (in the
-            # worker: FrameSource.close does not block).
-            inflight.add_done_callback(lambda _f: source.close())
-        else:
-            source.close()
-
-    # -- the feeder task ---------------------------------------------------------------------
-
-    async def _run(self, start: float) -> None:
-        player = self.player
-        try:
-            source: FrameSource | None = await self._open(start)
-        except LegatoError as exc:
-            self._fail(exc)
-            return
-        except _ExecutorGone as exc:
-            self._executor_gone(exc)
-            return
-        while source is not None:
-            if self.closed:  # closed while the opener was returning
-                source.close()
-                return
-            self.source = source
-            self.read_soon = source.read_soon if isinstance(source, ReadsSoon) else None
-            try:
-                if player._volume != 1.0:
-                    await self._call(source.set_volume, player._volume)
-                await self._feed(source)
-            except asyncio.CancelledError:
-                raise
-            except StreamLost as exc:
-                source = await self._reopen(source, exc)
-            except LegatoError as exc:
-                self._fail(exc)
-                return
-            except _ExecutorGone as exc:
-                self._executor_gone(exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - logged with traceback, reported as TrackFailed
-                player._log.exception("reading %s failed unexpectedly", self.track.url)
-                self._fail(DecodeError(f"reading {self.track.url} failed: {exc!r}"))
-                return
-
-    async def _open(self, start: float) -> FrameSource:
-        """Open the track at ``start`` with the player's opener (unexpected errors wrapped)."""
-        try:
-            return await self.player._opener(self.track, start)
-        except (asyncio.CancelledError, LegatoError):
-            raise
-        except Exception as exc:  # logged with traceback, re-raised as AudioError (TrackFailed)
-            if isinstance(exc, RuntimeError) and _shut_down(exc):
-                raise _ExecutorGone(str(exc)) from exc
-            self.player._log.exception("opening %s failed unexpectedly", self.track.url)
-            raise AudioError(f"opening {self.track.url} failed: {exc!r}") from exc
-
-    async def _reopen(self, old: FrameSource, lost: StreamLost) -> FrameSource | None:
-        """The stream broke off: open the track again (the opener resolves a fresh stream URL)
-        where the frames read so far end, so the buffered frames run straight into the new ones.
-
-        At most ``max_reopens`` tries without audio in between; then the track fails with the
-        last error. Returns the new source, or None once the track has failed.
-        """
-        player = self.player
-        self.source = None
-        old.close()  # no read is in flight: the one that raised has returned
-        error: LegatoError = lost
-        while self.reopens < player._max_reopens:
-            self.reopens += 1
-            player._reopens += 1
-            player._log.warning(
-                "track %r broke off at %.2fs (%s); reopening (try %d of %d)",
-                self.track.title,
-                self.read_position,
-                error,
-                self.reopens,
-                player._max_reopens,
-            )
-            try:
-                return await self._open(self.read_position)
-            except LegatoError as exc:
-                error = exc
-        self._fail(error)
-        return None
-
-    async def _feed(self, source: FrameSource) -> None:
-        player = self.player
-        cap, low = player._cap, player._low
-        while True:
-            if self.read_error is not None:
-                error, self.read_error = self.read_error, None
-                raise error
-            # While a read sent by refill() is out, nothing else may touch the source: wait for
-            # it (it wakes the feeder when a request waits or it failed).
-            while self.ops and not self.reading:
-                op = self.ops[0]
-                try:
-                    if op.kind == "seek":
-                        position = await self._call(_seek_and_tell, source, op.value)
-                        # Everything buffered is from before the seek. Until here the old
-                        # frames kept playing, so a seek that fails leaves no hole.
-                        self.base, self.sent, self.read_position = position, 0, position
-                        self.frames.clear()
-                        self.eof = False
-                        if player._cur is self:
-                            player._in_underrun = True  # the refill gap is not the source's fault
-                    else:
-                        await self._call(source.set_volume, op.value)
-                except LegatoError as exc:
-                    self.ops.popleft()
-                    if not op.done.done():
-                        op.done.set_exception(exc)
-                    continue
-                self.ops.popleft()
-                if not op.done.done():
-                    op.done.set_result(None)
-            if not self.eof and len(self.frames) <= low and not self.ops and not self.reading:
-                self._apply_read(await self._call(_read_chunk, source, cap - len(self.frames)))
-                player._on_entry_update(self)
-                continue
-            self.wake.clear()
-            self.parked = True
-            try:
-                await self.wake.wait()
-            finally:
-                self.parked = False
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the executor and await its result.
-
-        Lighter than ``run_in_executor`` + ``shield`` (this runs every few frames per player):
-        one loop future, its result handed back through the loop's ``_Inbox``. A cancel leaves
-        the job running; its concurrent future stays in ``inflight`` so ``close`` can wait for
-        it.
-        """
-        result: asyncio.Future[T] = self.player._loop.create_future()
-        inbox = self.player._inbox
-
-        def job() -> None:
-            try:
-                value = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting feeder
-                inbox.put(_settle, result, None, exc)
-            else:
-                inbox.put(_settle, result, value, None)
-
-        try:
-            inflight = self.inflight = (self.player._executor or _default_executor()).submit(job)
-        except RuntimeError as exc:  # submit raises nothing else: the executor is shut down
-            raise _ExecutorGone(str(exc)) from exc
-        try:
-            return await result
-        except RuntimeError as exc:
-            if _shut_down(exc):  # a decode pool shut down under the source (see make_opener)
-                raise _ExecutorGone(str(exc)) from exc
-            raise
-        finally:
-            if inflight.done():
-                self.inflight = None
-
-    def _executor_gone(self, exc: _ExecutorGone) -> None:
-        """The executor was shut down under the track (its owner is unloading): nothing more
-        can be read or opened, so the track ends as a closed one does, without a failure."""
-        self.player._log.info("%r stops: the player is closing (%s)", self.track.title, exc)
-        self.close()
-
-    def _fail(self, error: LegatoError) -> None:
-        self.error = error
-        self.eof = True
-        self._settle_ops(error)
-        self.player._on_entry_update(self)
-
-    def _settle_ops(self, error: LegatoError) -> None:
-        while self.ops:
-            op = self.ops.popleft()
-            if not op.done.done():
-                op.done.set_exception(error)
-
-
-class _ExecutorGone(Exception):
-    """The executor refused work: it was shut down (the player's owner is going away)."""
-
-
-def _shut_down(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is an executor's refusal after ``shutdown()`` (from ``run_in_executor``
-    deeper down, e.g. in the opener's resolver)."""
-    return "after shutdown" in str(exc) or "after interpreter shutdown" in str(exc)
-
-
-class _Gone(AudioError):
-    """A request reached a track that was closed (skipped, finished) before it ran."""
-
-
-def _gone(track: Track) -> AudioError:
-    return _Gone(
-        f"track {track.uid} closed before the request ran",
-        user_message="The track changed before that could be done.",
-    )
-
-
-class _Inbox:
-    """Results of executor jobs on their way to the loop, handed over in batches.
-
-    A job's ``call_soon_threadsafe`` writes to the loop's self-pipe, and the worker thread then
-    takes the GIL back from the loop, which waits for it. With hundreds of players refilling,
-    that is thousands of wake-ups a second; here a result is appended under a lock and only the
-    first one since the loop last drained wakes it. A busy loop drains many at once.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list[
-            tuple[Callable[[Any, Any, BaseException | None], None], Any, Any, BaseException | None]
-        ] = []
-        self._woken = False
-        self._reads: list[_Entry] = []
-
-    def submit_soon(self, entry: _Entry) -> None:
-        """Have ``entry._submit_read()`` called right after the loop's current callback, with
-        every other read asked for meanwhile (on the loop)."""
-        if not self._reads:
-            self._loop.call_soon(self._submit_reads)
-        self._reads.append(entry)
-
-    def _submit_reads(self) -> None:
-        entries, self._reads = self._reads, []
-        for entry in entries:
-            entry._submit_read()
-
-    def put(
-        self,
-        deliver: Callable[[Any, Any, BaseException | None], None],
-        target: Any,
-        value: Any,
-        exc: BaseException | None,
-    ) -> None:
-        """Call ``deliver(target, value, exc)`` on the loop (from any thread)."""
-        with self._lock:
-            self._items.append((deliver, target, value, exc))
-            if self._woken:
-                return
-            self._woken = True
-        try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: no one awaits these results any more
-            _log.debug("result of an executor job dropped: its event loop is closed")
-
-    def _drain(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-            self._woken = False
-        for deliver, target, value, exc in items:
-            try:
-                deliver(target, value, exc)
-            except Exception:  # noqa: BLE001 - one broken delivery must not lose the others
-                _log.exception("delivering an executor job's result failed")
-
-
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(value)
-    else:
-        fut.set_exception(exc)
-
-
-_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
-
-
-def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
-    inbox = _inboxes.get(loop)
-    if inbox is None:
-        inbox = _inboxes[loop] = _Inbox(loop)
-    return inbox
-
-
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _default_executor() -> concurrent.futures.Executor:
-    """The players' shared pool when none is given: a few threads are plenty (reads are short)."""
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="legato-audio"
-        )
-    return _pool
-
-
-#: What ``_read_chunk`` returns: frames, read position, duration, seconds the read took.
-_Chunk = tuple[list[bytes], float, float | None, float]
-
-
-def _read_chunk(source: FrameSource, count: int) -> _Chunk:
-    """Read up to ``count`` frames (in the worker); also return the seconds the read took."""
-    started = time.perf_counter()
-    frames = source.read(count)
-    return frames, source.position, source.duration, time.perf_counter() - started
-
-
-def _seek_and_tell(source: FrameSource, seconds: float) -> float:
-    source.seek(seconds)
-    return source.position
 
 
 class GuildPlayer:
@@ -765,12 +233,8 @@ class GuildPlayer:
     ) -> None:
         _check_volume(volume)
         self._loop = asyncio.get_running_loop()
-        #: The loop's hand-off of executor results (and of refill reads to the executor).
-        self._inbox = _inbox(self._loop)
         self._sink = sink
-        self._opener = opener
         self._queue = queue if queue is not None else TrackQueue()
-        self._executor = executor
         self._on_event = on_event
         self._volume = volume
         self._preload_s = preload_s
@@ -807,10 +271,22 @@ class GuildPlayer:
         hi = max(lo, (2 * self._cap) // 3)
         self._low = self._cap - (lo + next(_spread) % (hi - lo + 1))
         self._pacer = Pacer()
-        self._state = PlayerState.IDLE
-        self._waiters: list[tuple[PlayerState, asyncio.Future[None]]] = []
-        self._cur: _Entry | None = None
-        self._next: _Entry | None = None
+        self._life = Lifecycle(PlayerState.IDLE, _ALLOWED, on_change=self._on_state, log=self._log)
+        self._feeder = Feeder(
+            opener,
+            executor=executor,
+            cap=self._cap,
+            low=self._low,
+            max_reopens=max_reopens,
+            volume=lambda: self._volume,
+            on_update=self._on_entry_update,
+            on_chunk=self._on_chunk,
+            on_seek=self._on_seek,
+            on_reopen=self._on_reopen,
+            log=self._log,
+        )
+        self._cur: Entry | None = None
+        self._next: Entry | None = None
         self._timer: _Cancellable | None = None
         self._timer_when = math.nan
         self._speaking_task: asyncio.Task[None] | None = None
@@ -821,8 +297,6 @@ class GuildPlayer:
         self._repump = False
         self._in_underrun = False
         self._fail_streak = 0
-        self._closing: list[asyncio.Task[None]] = []
-        self._inflight: list[concurrent.futures.Future[None]] = []
         # stats
         self._frames_sent = 0
         self._silence_sent = 0
@@ -843,7 +317,7 @@ class GuildPlayer:
     @property
     def state(self) -> PlayerState:
         """The current ``PlayerState``."""
-        return self._state
+        return self._life.state
 
     @property
     def queue(self) -> TrackQueue:
@@ -917,14 +391,9 @@ class GuildPlayer:
         Raises:
             InvalidTransition: The player closed first.
         """
-        if self._state is state:
-            return
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append((state, future))
-        try:
-            await future
-        finally:
-            self._waiters = [w for w in self._waiters if w[1] is not future]
+        reached = await self._life.wait_for(state, PlayerState.CLOSED)
+        if reached is not state:
+            raise InvalidTransition(PlayerState.CLOSED, state)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -935,12 +404,12 @@ class GuildPlayer:
             False when already busy or when there is nothing to play.
         """
         self._check_open()
-        if self._state is not PlayerState.IDLE:
+        if self._life.state is not PlayerState.IDLE:
             return False
         track = self._queue.current or self._queue.advance()
         if track is None:
             return False
-        self._transition(PlayerState.LOADING, reason="start")
+        self._life.move(PlayerState.LOADING, reason="start")
         self._begin(track)
         self._pump()
         return True
@@ -948,20 +417,20 @@ class GuildPlayer:
     def pause(self) -> bool:
         """Pause; five silence frames then speaking off. Returns False if nothing is playing."""
         self._check_open()
-        if self._state not in _WANTED:
+        if self._life.state not in _WANTED:
             return False
-        self._transition(PlayerState.PAUSED, reason="pause")
+        self._life.move(PlayerState.PAUSED, reason="pause")
         self._pump()
         return True
 
     def resume(self) -> bool:
         """Resume after ``pause``. Returns False if not paused."""
         self._check_open()
-        if self._state is not PlayerState.PAUSED:
+        if self._life.state is not PlayerState.PAUSED:
             return False
         cur = self._cur
         ready = cur is not None and bool(cur.frames)
-        self._transition(PlayerState.PLAYING if ready else PlayerState.LOADING, reason="resume")
+        self._life.move(PlayerState.PLAYING if ready else PlayerState.LOADING, reason="resume")
         self._pump()
         return True
 
@@ -972,12 +441,12 @@ class GuildPlayer:
             False if nothing was playing.
         """
         self._check_open()
-        if self._state is PlayerState.IDLE:
+        if self._life.state is PlayerState.IDLE:
             return False
         self._end_current(EndReason.STOPPED)
         self._queue.finish_current()
         self._drop_next()
-        self._transition(PlayerState.IDLE, reason="stop")
+        self._life.move(PlayerState.IDLE, reason="stop")
         self._pump()
         return True
 
@@ -1014,8 +483,8 @@ class GuildPlayer:
         self._check_open()
         track = self._queue.previous()
         self._end_current(EndReason.REPLACED)
-        if self._state is PlayerState.IDLE:
-            self._transition(PlayerState.LOADING, reason="previous")
+        if self._life.state is PlayerState.IDLE:
+            self._life.move(PlayerState.LOADING, reason="previous")
         self._begin(track)
         self._pump()
         return track
@@ -1031,7 +500,7 @@ class GuildPlayer:
         cur = self._cur
         if cur is None:
             raise QueueEmpty("seek with no current track", user_message="Nothing is playing.")
-        await cur.request("seek", max(0.0, seconds))
+        await self._feeder.request(cur, "seek", max(0.0, seconds))
 
     async def set_volume(self, volume: float) -> None:
         """Change the volume of this and later tracks.
@@ -1049,67 +518,54 @@ class GuildPlayer:
         if nxt is not None:
             # The preloaded track gets it too, and drops what it buffered at the old volume (it
             # has sent nothing yet). Nobody waits for these; an error surfaces when it plays.
-            nxt.request("volume", volume).add_done_callback(_retrieve)
-            nxt.request("seek", nxt.base).add_done_callback(_retrieve)
+            for request in (
+                self._feeder.request(nxt, "volume", volume),
+                self._feeder.request(nxt, "seek", nxt.base),
+            ):
+                asyncio.ensure_future(request).add_done_callback(_retrieve)
         if self._cur is not None:
             # If the track changes meanwhile, the next one opens at the new volume anyway.
-            with contextlib.suppress(_Gone):
-                await self._cur.request("volume", volume)
+            with contextlib.suppress(TrackClosed):
+                await self._feeder.request(self._cur, "volume", volume)
 
     async def close(self) -> None:
         """Stop everything: cancel every task, close every source. Safe to call twice."""
-        if self._state is PlayerState.CLOSED:
+        if self._life.state is PlayerState.CLOSED:
             return
         self._end_current(EndReason.CLOSED)
         self._drop_next()
-        self._transition(PlayerState.CLOSED, reason="close")
-        for state, future in self._waiters:
-            if not future.done():
-                future.set_exception(InvalidTransition(PlayerState.CLOSED, state))
+        self._life.move(PlayerState.CLOSED, reason="close")
         self._cancel_timer()
         tasks: list[asyncio.Future[Any]] = []
         for task in (self._speaking_task, self._hold_task):
             if task is not None:
                 task.cancel()
                 tasks.append(task)
-        tasks.extend(self._closing)
-        inflight = [f for f in self._inflight if not f.done()]
-        self._closing.clear()
-        self._inflight.clear()
-        if tasks or inflight:
-            await asyncio.wait([*tasks, *(asyncio.wrap_future(f) for f in inflight)])
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._feeder.close()
 
     # -- track changes -----------------------------------------------------------------------
-
-    def _retire(self, entry: _Entry) -> None:
-        """Close an entry, keeping its task and in-flight read until ``close()`` waits for them."""
-        self._closing = [t for t in self._closing if not t.done()]
-        self._inflight = [f for f in self._inflight if not f.done()]
-        if entry.inflight is not None and not entry.inflight.done():
-            self._inflight.append(entry.inflight)
-        entry.close()
-        if not entry.task.done():
-            self._closing.append(entry.task)
 
     def _end_current(self, reason: EndReason) -> None:
         cur, self._cur = self._cur, None
         if cur is None:
             return
-        self._retire(cur)
+        self._feeder.retire(cur)
         if cur.started:
             self._emit(TrackEnded(cur.track, reason))
 
     def _drop_next(self) -> None:
         nxt, self._next = self._next, None
         if nxt is not None:
-            self._retire(nxt)
+            self._feeder.retire(nxt)
 
     def _begin(self, track: Track | None) -> None:
         """Make ``track`` current (the preloaded entry when it is that track), or end the queue."""
         if track is None:
             self._drop_next()
-            if self._state is not PlayerState.IDLE:
-                self._transition(PlayerState.IDLE, reason="queue ended")
+            if self._life.state is not PlayerState.IDLE:
+                self._life.move(PlayerState.IDLE, reason="queue ended")
             self._emit(QueueEnded())
             return
         nxt = self._next
@@ -1117,14 +573,14 @@ class GuildPlayer:
             self._next, entry = None, nxt
         else:
             self._drop_next()
-            entry = _Entry(self, track, 0.0)
+            entry = self._feeder.open(track)
         self._cur = entry
         self._in_underrun = False
         self._supply.reset(self._now())  # the last track's supply says nothing about this one
-        if self._state in _WANTED:
+        if self._life.state in _WANTED:
             target = PlayerState.PLAYING if entry.frames else PlayerState.LOADING
-            if target is not self._state:
-                self._transition(target, reason=f"track {track.uid}")
+            if target is not self._life.state:
+                self._life.move(target, reason=f"track {track.uid}")
         self._watch_supply()
 
     def _ensure_preload(self) -> None:
@@ -1134,7 +590,7 @@ class GuildPlayer:
             return
         self._drop_next()
         if predicted is not None:
-            self._next = _Entry(self, predicted, 0.0)
+            self._next = self._feeder.open(predicted)
 
     def _finish_current(self) -> None:
         """The current entry is exhausted (or failed): report it and move on."""
@@ -1145,7 +601,7 @@ class GuildPlayer:
             self._begin(self._queue.advance())
             return
         self._cur = None
-        self._retire(cur)
+        self._feeder.retire(cur)
         self._source_errors += 1
         self._fail_streak += 1
         self._log.warning("track %r failed: %s", cur.track.title, cur.error)
@@ -1159,8 +615,22 @@ class GuildPlayer:
 
     # -- feeder callbacks ----------------------------------------------------------------------
 
-    def _on_entry_update(self, entry: _Entry) -> None:
-        if self._state is PlayerState.CLOSED or entry is not self._cur:
+    def _on_chunk(self, entry: Entry, chunk: Chunk) -> None:
+        """A read gave frames (stats; the supply judge's measured rate, per read)."""
+        self._encode_times.append(chunk.spent / len(chunk.frames))
+        if entry is self._cur:
+            self._supply.deliver(self._now(), len(chunk.frames) * FRAME_INTERVAL)
+
+    def _on_seek(self, entry: Entry) -> None:
+        if entry is self._cur:
+            self._in_underrun = True  # the refill gap is not the source's fault
+
+    def _on_reopen(self, entry: Entry) -> None:
+        del entry
+        self._reopens += 1
+
+    def _on_entry_update(self, entry: Entry) -> None:
+        if self._life.state is PlayerState.CLOSED or entry is not self._cur:
             return
         if entry.error is None and (
             entry.eof
@@ -1170,8 +640,8 @@ class GuildPlayer:
             )
         ):
             self._ensure_preload()
-        if entry.frames and self._state in _STARVED:
-            self._transition(PlayerState.PLAYING, reason="frames ready")
+        if entry.frames and self._life.state in _STARVED:
+            self._life.move(PlayerState.PLAYING, reason="frames ready")
         self._pump()
 
     # -- the send path (timer callback; must stay cheap) -----------------------------------
@@ -1183,7 +653,7 @@ class GuildPlayer:
         if (
             self._speaking_task is not None
             or self._hold_task is not None
-            or self._state is PlayerState.CLOSED
+            or self._life.state is PlayerState.CLOSED
         ):
             return
         self._pumping = True
@@ -1201,7 +671,7 @@ class GuildPlayer:
         sink = self._sink
         while True:
             cur = self._cur
-            if cur is not None and cur.eof and not cur.frames and not cur.ops:
+            if cur is not None and cur.eof and not cur.frames and not cur.pending:
                 self._finish_current()
                 continue
             ready = cur is not None and bool(cur.frames)
@@ -1236,8 +706,8 @@ class GuildPlayer:
                 if not self._in_underrun and cur is not None and cur.started:
                     self._in_underrun = True
                     self._underruns += 1
-                if self._state is PlayerState.PLAYING:
-                    self._transition(PlayerState.BUFFERING, reason="buffer ran dry")
+                if self._life.state is PlayerState.PLAYING:
+                    self._life.move(PlayerState.BUFFERING, reason="buffer ran dry")
                 # The feeder calls back when frames arrive; meanwhile silence may stand in.
                 self._arm(pacer.fill_deadline() if self._fill else None)
                 return
@@ -1251,10 +721,10 @@ class GuildPlayer:
         """Start or end the current track's starved spell from the state (``LOADING`` and
         ``BUFFERING`` are starved), and keep the judge's timer armed while it lasts."""
         supply, cur = self._supply, self._cur
-        if cur is not None and self._state in _STARVED:
+        if cur is not None and self._life.state in _STARVED:
             now = self._now()
             # The stall rule is for a track that has played; one still opening has the limit.
-            supply.starve(now, stall=self._state is PlayerState.BUFFERING and cur.started)
+            supply.starve(now, stall=self._life.state is PlayerState.BUFFERING and cur.started)
             when = supply.deadline(now)
             if when is not None and (self._supply_timer is None or when != self._supply_when):
                 self._cancel_supply_timer()
@@ -1277,14 +747,14 @@ class GuildPlayer:
         self._supply_when = math.nan
         cur = self._cur
         # A closed current track is not slow: its executor is gone and the player is closing.
-        if cur is None or cur.eof or cur.closed or self._state not in _STARVED:
+        if cur is None or cur.eof or cur.closed or self._life.state not in _STARVED:
             return
         now = self._now()
         report = self._supply.check(now)
         if report.verdict is Supply.OK:
             self._watch_supply()
             return
-        cur._fail(_supply_error(cur, report, self._supply.limit))
+        self._feeder.fail(cur, _supply_error(cur, report, self._supply.limit))
 
     def _sink_failed(self) -> None:
         """A sink must not raise, but if it does the timer chain must survive it: a raise out of
@@ -1365,7 +835,7 @@ class GuildPlayer:
                 return
         self._pump()
 
-    def _sent_audio(self, cur: _Entry) -> None:
+    def _sent_audio(self, cur: Entry) -> None:
         """Send ``cur``'s next frame, which the pacer just took as sent, and count it."""
         frames = cur.frames
         try:
@@ -1385,7 +855,7 @@ class GuildPlayer:
         else:
             self._hist[0] += 1
         if len(frames) <= self._low:
-            cur.refill()
+            self._feeder.wake(cur)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -1401,11 +871,9 @@ class GuildPlayer:
 
     # -- state machine ---------------------------------------------------------------------
 
-    def _transition(self, new: PlayerState, *, reason: str) -> None:
-        if new not in _ALLOWED[self._state]:
-            raise InvalidTransition(self._state, new)
-        self._log.debug("%s -> %s (%s)", self._state.name, new.name, reason)
-        old, self._state = self._state, new
+    def _on_state(self, old: PlayerState, new: PlayerState, reason: str) -> None:
+        """What a move of the lifecycle does to the pacer and the supply judge."""
+        del reason
         if new is PlayerState.PLAYING or new is PlayerState.BUFFERING:
             self._pacer.play()  # BUFFERING keeps the grid and speaking: silence stands in
         else:
@@ -1414,13 +882,10 @@ class GuildPlayer:
             # Paused, stopped or resumed: the judge starts afresh (a pause is no one's delay).
             self._supply.reset(self._now())
         self._watch_supply()
-        for state, future in self._waiters:
-            if state is new and not future.done():
-                future.set_result(None)
 
     def _check_open(self) -> None:
-        if self._state is PlayerState.CLOSED:
-            raise InvalidTransition(self._state, "command on a closed player")
+        if self._life.state is PlayerState.CLOSED:
+            raise InvalidTransition(PlayerState.CLOSED, "command on a closed player")
 
     def _emit(self, event: PlayerEvent) -> None:
         if self._on_event is None:
@@ -1432,7 +897,7 @@ class GuildPlayer:
             self._log.exception("on_event handler failed for %r", event)
 
 
-def _supply_error(cur: _Entry, report: SupplyReport, limit: float) -> LegatoError:
+def _supply_error(cur: Entry, report: SupplyReport, limit: float) -> LegatoError:
     """The error a track judged stalled or too slow fails with (``str`` has the figures)."""
     where = f"{cur.track.url} at {cur.read_position:.2f}s"
     if report.verdict is Supply.STALLED:
@@ -1458,79 +923,6 @@ def _check_volume(volume: float) -> None:
             f"volume {volume!r} out of range",
             user_message=f"Volume must be between 0 % and {MAX_VOLUME * 100:.0f} %.",
         )
-
-
-def make_opener(
-    resolver: Resolver,
-    *,
-    opus: OpusSettings | None = None,
-    executor: Executor | None = None,
-    timeout: float | None = None,
-    pool: DecodePool | None = None,
-    threads_first: int = 0,
-) -> SourceOpener:
-    """A ``SourceOpener`` that resolves the track's stream URL again and opens it.
-
-    Stream URLs expire, so they are fetched at play time (``resolver.stream``), then
-    ``open_source`` runs in ``executor``; a source that finishes opening after the caller gave
-    up (the player skipped or closed) is closed, not leaked.
-
-    Args:
-        resolver: Gives ``await stream(track)`` (a ``StreamInfo``).
-        opus: Encoder settings for sources that cannot pass Opus through.
-        executor: Where ``open_source`` runs (``None``: the loop's default).
-        timeout: Seconds a stream may take to open, and any one read of it (a stalled server
-            fails the track after this); ``None``: the decoder's ``DEFAULT_TIMEOUT``.
-        pool: Open (and so decode and encode) in these worker processes instead of in this
-            process; the open still waits in ``executor``. ``None``: in this process.
-        threads_first: With a pool, open in this process while fewer than this many sources
-            opened here are decoding (not passing Opus through), and streams that are Opus
-            (likely passed through, which costs next to nothing) or of an unknown codec
-            always; the rest in the pool. A few transcodes stay cheap in threads and a small
-            bot never starts a worker; many would hold the interpreter lock the event loop
-            needs to send. 0: everything in the pool.
-    """
-    from legato.audio.decode import DEFAULT_TIMEOUT, open_source
-
-    limit = DEFAULT_TIMEOUT if timeout is None else timeout
-    local: weakref.WeakSet[FrameSource] = weakref.WeakSet()
-
-    def in_process(info: StreamInfo) -> bool:
-        if pool is None:
-            return True
-        if threads_first <= 0:
-            return False
-        if info.codec in (None, "opus"):
-            return True
-        decoding = sum(1 for s in list(local) if not s.passthrough and not _closed(s))
-        return decoding < threads_first
-
-    async def open_track(track: Track, start: float) -> FrameSource:
-        info = await resolver.stream(track)
-        here = in_process(info)
-        opener: Callable[..., FrameSource] = open_source if here or pool is None else pool.open
-        fut = asyncio.get_running_loop().run_in_executor(
-            executor, lambda: opener(info, start=start, opus=opus, timeout=limit)
-        )
-        try:
-            source = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(_close_result)
-            raise
-        if here:
-            local.add(source)
-        return source
-
-    return open_track
-
-
-def _closed(source: FrameSource) -> bool:
-    return bool(getattr(source, "closed", False))
-
-
-def _close_result(fut: asyncio.Future[FrameSource]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

@@ -29,11 +29,12 @@ import multiprocessing
 import os
 import re
 import threading
+import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import av
 import av.error
@@ -44,12 +45,15 @@ import yt_dlp.utils
 from legato.audio import sources
 from legato.audio.fetch import VOUCHED, guard_ydl, request
 from legato.audio.playlists import PlaylistEntry, looks_like_playlist, parse_playlist
+from legato.audio.source import ShutDown
 from legato.audio.sources import SourceSettings
-from legato.audio.track import Track
+from legato.audio.track import StreamInfo, Track
 from legato.audio.urlguard import NOT_ALLOWED, UrlPolicy
 from legato.errors import ResolveError
 
 __all__ = ["Resolver", "ResolverSettings", "StreamInfo", "split_url"]
+
+T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
@@ -139,31 +143,6 @@ class ResolverSettings:
                 raise ValueError(f"a search URL template must be http(s): {provider!r}")
         elif not provider.isalnum():
             raise ValueError(f"search_provider must be a yt-dlp prefix or a URL: {provider!r}")
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    """Where to read a track's audio from, now (stream URLs expire: get a fresh one to play).
-
-    Attributes:
-        url: A media URL (or a local path when ``is_local``).
-        http_headers: Headers the server expects (user agent, cookies, referer).
-        codec: Audio codec name when known (``opus``, ``mp3``, ``aac``...).
-        sample_rate: Hz, when known.
-        duration: Seconds, when known.
-        is_local: ``url`` is a path on this machine.
-        url_policy: What the decoder may fetch for it (``None``: the caller vouches for it).
-        fragments: A DASH stream's fragment URLs, in order (``url`` is then its manifest).
-    """
-
-    url: str
-    http_headers: dict[str, str] = field(default_factory=dict)
-    codec: str | None = None
-    sample_rate: int | None = None
-    duration: float | None = None
-    is_local: bool = False
-    url_policy: UrlPolicy | None = None
-    fragments: tuple[str, ...] = ()
 
 
 class _YdlLogger:
@@ -482,7 +461,16 @@ class Resolver:
             listed = await self._plain_playlist(query, info, requester_id)
             if listed is not None:
                 return listed
-            return self._tracks(info, query, requester_id, limit=self.settings.max_playlist)
+            tracks = self._tracks(info, query, requester_id, limit=self.settings.max_playlist)
+            if info.get("_type") not in ("playlist", "multi_video") and info.get("formats"):
+                # One item, extracted in full: its stream is known now, and the opener plays
+                # it without resolving it again (see Track.stream).
+                try:
+                    found = self._stream_info(info, tracks[0].url, tracks[0].duration)
+                except ResolveError:
+                    return tracks
+                return [tracks[0].with_stream(found, time.monotonic())]
+            return tracks
         return await self._search(query, requester_id)
 
     async def stream(self, track: Track) -> StreamInfo:
@@ -496,10 +484,20 @@ class Resolver:
             return await self._stream_local(local)
         self._check_url(track.url)
         info = await self._extract(track.url, flat=False)
+        return self._stream_info(info, track.url, track.duration)
+
+    def _stream_info(
+        self, info: Mapping[str, Any], page: str, duration_hint: float | None
+    ) -> StreamInfo:
+        """The stream yt-dlp's answer for one item names (its chosen audio format).
+
+        Raises:
+            ResolveError: the answer names no stream.
+        """
         while info.get("_type") in ("playlist", "multi_video"):
             entries = [e for e in info.get("entries") or [] if e]
             if not entries:
-                raise ResolveError(f"{track.url}: playlist is empty", user_message=NO_AUDIO)
+                raise ResolveError(f"{page}: playlist is empty", user_message=NO_AUDIO)
             info = entries[0]
         requested = info.get("requested_formats")
         chosen: Mapping[str, Any] = info
@@ -508,9 +506,7 @@ class Resolver:
             chosen = audio[0] if audio else requested[0]
         url = chosen.get("url") or info.get("url")
         if not url:
-            raise ResolveError(
-                f"{track.url}: no stream URL in yt-dlp's answer", user_message=NO_AUDIO
-            )
+            raise ResolveError(f"{page}: no stream URL in yt-dlp's answer", user_message=NO_AUDIO)
         acodec = chosen.get("acodec")
         rate = chosen.get("asr")
         duration = info.get("duration")
@@ -528,7 +524,7 @@ class Resolver:
             http_headers=sent,
             codec=str(acodec) if acodec and acodec != "none" else None,
             sample_rate=int(rate) if isinstance(rate, int | float) else None,
-            duration=float(duration) if isinstance(duration, int | float) else track.duration,
+            duration=float(duration) if isinstance(duration, int | float) else duration_hint,
             is_local=False,
             url_policy=self.settings.url_policy,
             fragments=fragments,
@@ -600,7 +596,7 @@ class Resolver:
         call = functools.partial(_read_text, policy, manifest, self.settings.timeout)
         try:
             async with asyncio.timeout(self.settings.timeout):
-                text, final = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+                text, final = await _submit(self._executor, call)
         except TimeoutError as exc:
             raise ResolveError(f"reading {manifest} timed out", user_message=TOO_SLOW) from exc
         except OSError as exc:
@@ -640,11 +636,10 @@ class Resolver:
     async def _extract(self, url: str, *, flat: bool, trusted: bool = False) -> dict[str, Any]:
         if self._processes:
             return await self._extract_isolated(url, flat=flat, trusted=trusted)
-        loop = asyncio.get_running_loop()
         call = functools.partial(_extract_blocking, self.settings, url, flat, trusted)
         try:
             async with asyncio.timeout(self.settings.timeout):
-                return await loop.run_in_executor(self._executor, call)
+                return await _submit(self._executor, call)
         except TimeoutError as exc:
             raise ResolveError(
                 f"yt-dlp took longer than {self.settings.timeout}s for {url}", user_message=TOO_SLOW
@@ -660,15 +655,14 @@ class Resolver:
     async def _extract_isolated(self, url: str, *, flat: bool, trusted: bool) -> dict[str, Any]:
         """:meth:`_extract` in a worker process."""
         if self._closed:
-            raise RuntimeError("cannot schedule new futures after shutdown")  # as an executor
+            raise ShutDown("cannot schedule new futures after shutdown")  # as an executor says
         if self._pool is None:
             self._pool = _process_pool(self._processes)
         pool = self._pool
-        loop = asyncio.get_running_loop()
         call = functools.partial(_extract_in_process, self.settings, url, flat, trusted)
         try:
             async with asyncio.timeout(self.settings.timeout):
-                info, detail, message = await loop.run_in_executor(pool, call)
+                info, detail, message = await _submit(pool, call)
         except TimeoutError as exc:
             raise ResolveError(
                 f"yt-dlp took longer than {self.settings.timeout}s for {url}", user_message=TOO_SLOW
@@ -703,10 +697,9 @@ class Resolver:
         return None
 
     async def _probe_local(self, path: Path) -> StreamInfo:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.settings.timeout):
-                return await loop.run_in_executor(self._executor, _probe_blocking, path)
+                return await _submit(self._executor, functools.partial(_probe_blocking, path))
         except TimeoutError as exc:
             raise ResolveError(f"probing {path} timed out", user_message=TOO_SLOW) from exc
 
@@ -718,10 +711,21 @@ class Resolver:
             duration=info.duration,
             page_url=None,
             requester_id=requester_id,
+            stream=info,
+            resolved_at=time.monotonic(),
         )
 
     async def _stream_local(self, path: Path) -> StreamInfo:
         return await self._probe_local(path)
+
+
+def _submit(executor: concurrent.futures.Executor | None, call: Callable[[], T]) -> Awaitable[T]:
+    """``run_in_executor``, with an executor shut down under it told apart by type
+    (:class:`~legato.audio.source.ShutDown`; ``submit`` raises no other ``RuntimeError``)."""
+    try:
+        return asyncio.get_running_loop().run_in_executor(executor, call)
+    except RuntimeError as exc:
+        raise ShutDown(str(exc)) from exc
 
 
 def _probe_blocking(path: Path) -> StreamInfo:

@@ -8,20 +8,27 @@ or read (the network) does not hold up its other sources. Requests and replies c
 parent has one reader thread per worker completing the callers' futures, and one writer thread
 sending the requests queued from the event loop (``WorkerSource.read_soon``: the players' refills).
 
-:meth:`DecodePool.open` returns a :class:`WorkerSource`, a ``FrameSource`` whose blocking calls
-(they run in the player's executor) are requests to the worker holding the real source; each
-reply carries the source's ``passthrough``, ``position`` and ``duration``, which the proxy keeps.
-Errors come back as plain data and are raised again as the same Legato error class with the
-same ``user_message`` (a ``StreamLost`` stays one, so the player reopens the track).
+:meth:`DecodePool.open` returns a :class:`WorkerSource`, a
+:class:`~legato.audio.source.FrameReader` whose calls are requests to the worker holding the
+real source: queued from the loop for the writer thread, answered through the reader thread and
+the loop's :class:`~legato.audio.handoff.Inbox`, so no thread waits out the round trip. Each
+reply carries the source's ``passthrough``, ``position`` and ``duration``, which the proxy
+keeps. Errors come back as an :class:`ErrorRecord` (an :class:`ErrorKind` and the detail) and
+are raised again as the same Legato error class with the same ``user_message`` (a
+``StreamLost`` stays one, so the player reopens the track): the player handles them as it
+handles a thread's.
 
 A worker that dies (killed, out of memory) fails its sources' pending and later calls with a
 ``DecodeError``; the next open starts a replacement. After :meth:`DecodePool.close`, calls
-raise ``RuntimeError`` as a shut-down executor does, which the player takes for closing.
+raise :class:`~legato.audio.source.ShutDown` (a ``RuntimeError``, as a shut-down executor's),
+which the player takes for closing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import enum
 import itertools
 import logging
 import math
@@ -32,15 +39,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeVar
 
 from legato.audio.decode import open_source
 from legato.audio.encode import OpusSettings
-from legato.audio.resolve import StreamInfo, worker_context
-from legato.audio.source import FrameSource, StreamLost
+from legato.audio.handoff import Inbox, Pending, inbox
+from legato.audio.resolve import worker_context
+from legato.audio.source import Chunk, FrameReader, FrameSource, ShutDown, StreamLost
+from legato.audio.track import StreamInfo
 from legato.errors import AudioError, DecodeError, LegatoError, ResolveError
 
-__all__ = ["DecodePool", "WorkerSource"]
+__all__ = ["DecodePool", "ErrorKind", "ErrorRecord", "WorkerSource"]
+
+T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
@@ -59,9 +70,50 @@ _EXIT_WAIT: Final = 2.0
 
 STOPPED: Final = "The audio decoder stopped; skipping."
 
-#: Errors that cross back as themselves (by name); anything else becomes a ``DecodeError``.
-_CROSSING: Final = (StreamLost, DecodeError, AudioError, ResolveError)
-_ERRORS: Final[dict[str, type[LegatoError]]] = {cls.__name__: cls for cls in _CROSSING}
+
+class ErrorKind(enum.Enum):
+    """Which error a worker's call raised (the class it is raised again as in the bot)."""
+
+    STREAM_LOST = "stream_lost"
+    DECODE = "decode"
+    RESOLVE = "resolve"
+    AUDIO = "audio"
+    VALUE = "value"
+    """A bad argument (``ValueError``): a bug of the caller's, raised as one."""
+
+
+#: The class each kind is raised again as; any other failure crosses as ``DECODE``.
+_CLASSES: Final[dict[ErrorKind, type[Exception]]] = {
+    ErrorKind.STREAM_LOST: StreamLost,
+    ErrorKind.DECODE: DecodeError,
+    ErrorKind.RESOLVE: ResolveError,
+    ErrorKind.AUDIO: AudioError,
+    ErrorKind.VALUE: ValueError,
+}
+_KINDS: Final[dict[type[Exception], ErrorKind]] = {cls: kind for kind, cls in _CLASSES.items()}
+
+
+class ErrorRecord(NamedTuple):
+    """A worker's failure as data: its kind, the log detail and the user message."""
+
+    kind: ErrorKind
+    detail: str
+    user_message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorRecord:
+        """The record of ``exc``: the kind of its nearest class that crosses as itself."""
+        kind = next((_KINDS[c] for c in type(exc).__mro__ if c in _KINDS), ErrorKind.DECODE)
+        message = exc.user_message if isinstance(exc, LegatoError) else ""
+        return cls(kind, f"{type(exc).__name__}: {exc}", message)
+
+    def error(self) -> Exception:
+        """The exception to raise in the bot for this record."""
+        cls = _CLASSES[self.kind]
+        if issubclass(cls, LegatoError):
+            return cls(self.detail, user_message=self.user_message or None)
+        return cls(self.detail)
+
 
 #: The source's metadata sent with every reply: passthrough, position, duration.
 _Meta = tuple[bool, float, float | None]
@@ -69,7 +121,7 @@ _Meta = tuple[bool, float, float | None]
 #: A request: id (0: no reply wanted), operation, source id, arguments.
 _Request = tuple[int, str, int, tuple[Any, ...]]
 
-#: A reply: id, True and the result, or False and (error class name, detail, user message).
+#: A reply: id, True and the result, or False and an ``ErrorRecord``.
 _Reply = tuple[int, bool, Any]
 
 #: A request's future, what to apply to its result before it is set, and the
@@ -100,12 +152,8 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
         except Exception as exc:  # noqa: BLE001 - every failure crosses back as data
             if not isinstance(exc, LegatoError | ValueError):
                 _log.exception("decode worker: %s on source %d failed unexpectedly", op, sid)
-            name = next((c.__name__ for c in type(exc).__mro__ if c in _CROSSING), "")
-            if isinstance(exc, ValueError):
-                name = "ValueError"
-            message = exc.user_message if isinstance(exc, LegatoError) else ""
             if rid:
-                reply((rid, False, (name, f"{type(exc).__name__}: {exc}", message)))
+                reply((rid, False, ErrorRecord.of(exc)))
             return
         if rid:
             reply((rid, True, result))
@@ -169,14 +217,6 @@ def _meta(source: FrameSource) -> _Meta:
 # ---- the parent side
 
 
-def _error(name: str, detail: str, message: str) -> Exception:
-    """The parent-side exception for an error a worker reported."""
-    if name == "ValueError":
-        return ValueError(detail)
-    cls = _ERRORS.get(name, DecodeError)
-    return cls(detail, user_message=message or None)
-
-
 class _Worker:
     """One worker process: its pipe, a send lock, a reader thread completing futures, and a
     writer thread sending what :meth:`submit` queued."""
@@ -188,6 +228,8 @@ class _Worker:
         child.close()
         self.conn: multiprocessing.connection.Connection = parent
         self.sources = 0  # open sources, for choosing the least loaded worker
+        self.messages = 0  # messages sent (a batch of requests is one)
+        self.requests = 0  # requests sent
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _pending and _dead
@@ -206,6 +248,11 @@ class _Worker:
     @property
     def alive(self) -> bool:
         return self._dead is None
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
         """Send a request and block for its result (raising the worker's error)."""
@@ -308,13 +355,15 @@ class _Worker:
         try:
             with self._send_lock:
                 self.conn.send(request)
+                self.messages += 1
+                self.requests += len(request) if isinstance(request, list) else 1
         except (OSError, ValueError) as exc:  # a closed pipe: the worker is gone
             self._die(DecodeError(f"sending to decode worker failed: {exc}", user_message=STOPPED))
 
     def _failure(self) -> Exception:
         dead = self._dead
-        if isinstance(dead, RuntimeError):
-            return RuntimeError(str(dead))
+        if isinstance(dead, ShutDown):
+            return ShutDown(str(dead))
         return DecodeError(str(dead), user_message=STOPPED)
 
     def _read(self) -> None:
@@ -335,7 +384,7 @@ class _Worker:
                 continue  # its caller gave up waiting
             fut, then, _due = waiting
             if not ok:
-                fut.set_exception(_error(*payload))
+                fut.set_exception(ErrorRecord(*payload).error())
             elif then is None:
                 fut.set_result(payload)
             else:
@@ -345,7 +394,7 @@ class _Worker:
         with self._lock:
             if self._dead is None:
                 self._dead = error
-                if not isinstance(error, RuntimeError):
+                if not isinstance(error, ShutDown):
                     _log.warning("%s; its tracks fail", error)
             pending, self._pending = [fut for fut, _then, _due in self._pending.values()], {}
         self._outbox.put(None)  # the writer ends
@@ -359,7 +408,7 @@ class _Worker:
             alive = self._dead is None
         # Shut down first: the reader, seeing the worker exit, then takes it for the stop it is
         # rather than warning of a worker that died.
-        self._die(RuntimeError(_SHUT_DOWN))
+        self._die(ShutDown(_SHUT_DOWN))
         if alive:
             self._send((0, "stop", 0, ()))
         self.process.join(_EXIT_WAIT)
@@ -374,11 +423,13 @@ class _Worker:
 class DecodePool:
     """Worker processes that open, decode and encode tracks for the players."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, *, reply_margin: float = _REPLY_MARGIN) -> None:
         """Make a pool; its processes start with the first :meth:`open`.
 
         Args:
             processes: How many worker processes (1 or more).
+            reply_margin: Seconds beyond a source's own timeout that a call waits for the
+                worker's reply before it takes the worker for hung.
 
         Raises:
             ValueError: ``processes`` is below 1.
@@ -390,6 +441,7 @@ class DecodePool:
         self._sids = itertools.count(1)
         self._closed = False
         self._context: Any = None
+        self._margin = reply_margin
 
     @property
     def pids(self) -> list[int]:
@@ -409,25 +461,40 @@ class DecodePool:
 
         Raises:
             DecodeError: as ``open_source`` does, or the worker died.
-            RuntimeError: the pool is closed.
+            ShutDown: the pool is closed.
         """
         worker = self._pick()
         sid = next(self._sids)
-        meta = worker.call("open", sid, (info, start, opus, timeout), timeout + _REPLY_MARGIN)
+        meta = worker.call("open", sid, (info, start, opus, timeout), timeout + self._margin)
         with self._lock:
             worker.sources += 1
-        return WorkerSource(self, worker, sid, meta, timeout + _REPLY_MARGIN)
+        return WorkerSource(self, worker, sid, meta, timeout + self._margin)
+
+    @property
+    def pending(self) -> int:
+        """Requests sent to the workers and not answered yet (nor given up on)."""
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+        return sum(w.pending for w in workers)
+
+    @property
+    def sent(self) -> tuple[int, int]:
+        """Messages and requests sent to the workers so far (several queued requests go as one
+        message)."""
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+        return sum(w.messages for w in workers), sum(w.requests for w in workers)
 
     def start(self) -> None:
         """Start every worker now rather than with the first track. Blocks while they start.
 
         Raises:
-            RuntimeError: the pool is closed.
+            ShutDown: the pool is closed.
         """
         self._pick()  # starts a worker in every empty slot
 
     def close(self) -> None:
-        """End the workers; later calls raise ``RuntimeError``. Safe to call twice."""
+        """End the workers; later calls raise ``ShutDown``. Safe to call twice."""
         with self._lock:
             self._closed = True
             workers = [w for w in self._workers if w is not None]
@@ -439,7 +506,7 @@ class DecodePool:
         """The least loaded live worker, starting one in an empty or dead slot."""
         with self._lock:
             if self._closed:
-                raise RuntimeError(_SHUT_DOWN)
+                raise ShutDown(_SHUT_DOWN)
             for i, worker in enumerate(self._workers):
                 if worker is None or not worker.alive:
                     if worker is not None:
@@ -455,8 +522,12 @@ class DecodePool:
             worker.sources -= 1
 
 
-class WorkerSource:
-    """A ``FrameSource`` living in a :class:`DecodePool` worker; its calls block on replies."""
+class WorkerSource(FrameReader):
+    """A source living in a :class:`DecodePool` worker, read through the one read path.
+
+    Every call is queued on the loop for the pool's writer thread and its reply comes back
+    through the loop's inbox: no thread of this process waits while the worker works.
+    """
 
     def __init__(
         self, pool: DecodePool, worker: _Worker, sid: int, meta: _Meta, wait: float
@@ -467,6 +538,7 @@ class WorkerSource:
         self._wait = wait
         self._passthrough, self._position, self._duration = meta
         self._closed = False
+        self._inbox: Inbox | None = None
 
     @property
     def passthrough(self) -> bool:
@@ -474,39 +546,45 @@ class WorkerSource:
 
     @property
     def position(self) -> float:
+        """Seconds read so far, as of the last reply."""
         return self._position
 
     @property
     def duration(self) -> float | None:
+        """Length in seconds when known, as of the last reply."""
         return self._duration
 
-    def read(self, max_frames: int) -> list[bytes]:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The process id of the worker holding the source."""
+        pid: int | None = self._worker.process.pid
+        return pid
+
+    def read_chunk(self, max_frames: int) -> Pending[Chunk]:
         if self._closed:
-            return []
-        return self._read_reply(self._call("read", max_frames))
+            return Pending.ready(Chunk([], self._position, self._duration, 0.0))
+        started = time.perf_counter()
 
-    def read_soon(self, max_frames: int) -> concurrent.futures.Future[list[bytes]]:
-        """Start a read without waiting for it (on the event loop: no executor thread is held
-        while the worker decodes); the future gets what :meth:`read` would return or raise,
-        set in the pool's reader thread after ``position`` and ``duration`` are updated."""
+        def chunk(reply: tuple[list[bytes], _Meta]) -> Chunk:
+            frames, meta = reply
+            self._passthrough, self._position, self._duration = meta
+            return Chunk(
+                list(frames), self._position, self._duration, time.perf_counter() - started
+            )
+
+        return self._request("read", max_frames, chunk)
+
+    def seek_to(self, seconds: float) -> Pending[float]:
         if self._closed:
-            done: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
-            done.set_result([])
-            return done
-        return self._worker.submit("read", self._sid, (max_frames,), self._wait, self._read_reply)
+            return Pending.failed(DecodeError("seek on a closed source"))
+        return self._request("seek", seconds, self._meta_position)
 
-    def _read_reply(self, reply: tuple[list[bytes], _Meta]) -> list[bytes]:
-        frames, meta = reply
-        self._passthrough, self._position, self._duration = meta
-        return list(frames)
-
-    def seek(self, seconds: float) -> None:
-        if self._closed:
-            raise DecodeError("seek on a closed source")
-        self._passthrough, self._position, self._duration = self._call("seek", seconds)
-
-    def set_volume(self, volume: float) -> None:
-        self._passthrough, self._position, self._duration = self._call("volume", volume)
+    def volume_to(self, volume: float) -> Pending[None]:
+        return self._request("volume", volume, self._meta_none)
 
     def close(self) -> None:
         """Tell the worker to close the source; does not wait."""
@@ -516,5 +594,15 @@ class WorkerSource:
         self._worker.tell("close", self._sid)
         self._pool._closed_source(self._worker)
 
-    def _call(self, op: str, arg: Any) -> Any:
-        return self._worker.call(op, self._sid, (arg,), self._wait)
+    def _meta_position(self, meta: _Meta) -> float:
+        self._passthrough, self._position, self._duration = meta
+        return self._position
+
+    def _meta_none(self, meta: _Meta) -> None:
+        self._passthrough, self._position, self._duration = meta
+
+    def _request(self, op: str, arg: Any, then: Callable[[Any], T]) -> Pending[T]:
+        box = self._inbox
+        if box is None:
+            box = self._inbox = inbox(asyncio.get_running_loop())
+        return box.future(self._worker.submit(op, self._sid, (arg,), self._wait, then))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from legato.audio.player import GuildPlayer, SourceOpener
+from legato.audio.opener import SourceOpener
+from legato.audio.player import GuildPlayer
 from legato.audio.sink import FrameSink
 from legato.audio.track import Track
 from tests.fakes.clock import FakeClock

@@ -7,16 +7,18 @@ test sees from which frame on a volume change took effect.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from legato.audio.source import FRAME_MS, StreamLost
+from legato.audio.source import FRAME_MS, Chunk, FrameReader, StreamLost
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, LegatoError
 
 FRAME_S = FRAME_MS / 1000
+
+T = TypeVar("T")
 
 
 def make_frames(tag: str, count: int, start: int = 0) -> list[bytes]:
@@ -141,25 +143,54 @@ class ScriptedSource:
         self.closed = True
 
 
-class TrickleSource(ScriptedSource):
-    """A ``ScriptedSource`` whose refills wait for the test, as reads of a slow server do.
+class TrickleSource(ScriptedSource, FrameReader):
+    """A ``ScriptedSource`` read as a ``FrameReader`` whose refills wait for the test, as reads
+    of a slow server do.
 
-    A parked player refills with ``read_soon`` (see ``legato.audio.source.ReadsSoon``); here that
-    read waits until the test calls :meth:`deliver`, so a test on a ``FakeClock`` says exactly
-    when, in fake time, each read comes back and with how much audio. The feeder's own reads (the
-    first fill, through ``read``) answer at once.
+    The first read (the first fill) answers at once; every later one waits until the test calls
+    :meth:`deliver`, so a test on a ``FakeClock`` says exactly when, in fake time, each read
+    comes back and with how much audio. Seeks and volume changes answer at once.
     """
 
     def __init__(self, tag: str, count: int, **kwargs: object) -> None:
         super().__init__(tag, count, **kwargs)  # type: ignore[arg-type]  # ScriptedSource's kwargs
-        self.waiting: tuple[concurrent.futures.Future[list[bytes]], int] | None = None
+        self.waiting: tuple[asyncio.Future[Chunk], int] | None = None
+        self._first = True
 
-    def read_soon(self, max_frames: int) -> concurrent.futures.Future[list[bytes]]:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
+
+    def read_chunk(self, max_frames: int) -> asyncio.Future[Chunk]:
         if self.waiting is not None:
-            raise AssertionError("two FrameSource reads at once")
-        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+            raise AssertionError("two FrameReader reads at once")
+        future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
         self.waiting = (future, max_frames)
+        if self._first:
+            self._first = False
+            self.deliver()
         return future
+
+    def close(self) -> None:
+        """Close; a read still waiting is given up (as a worker drops a closed source's)."""
+        super().close()
+        if self.waiting is not None:
+            self.waiting[0].cancel()
+            self.waiting = None
+
+    def seek_to(self, seconds: float) -> asyncio.Future[float]:
+        def seek_and_tell() -> float:
+            self.seek(seconds)
+            return self.position
+
+        return _run_now(seek_and_tell)
+
+    def volume_to(self, volume: float) -> asyncio.Future[None]:
+        return _run_now(lambda: self.set_volume(volume))
 
     def deliver(self, frames: int | None = None) -> bool:
         """Answer the read waiting (with at most ``frames`` frames); False if none waits."""
@@ -169,11 +200,20 @@ class TrickleSource(ScriptedSource):
         self.waiting = None
         try:
             out = self.read(count if frames is None else min(count, frames))
-        except BaseException as exc:  # noqa: BLE001 - handed to the future, as a pool does
+        except Exception as exc:  # noqa: BLE001 - handed to the future, as a reader does
             future.set_exception(exc)
         else:
-            future.set_result(out)
+            future.set_result(Chunk(out, self.position, self.duration, 0.0))
         return True
+
+
+def _run_now(call: Callable[[], T]) -> asyncio.Future[T]:
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    try:
+        future.set_result(call())
+    except Exception as exc:  # noqa: BLE001 - handed to the future, as a reader does
+        future.set_exception(exc)
+    return future
 
 
 @dataclass

@@ -17,8 +17,16 @@ import pytest
 
 from legato.audio.decode import open_source, opus_packet_samples
 from legato.audio.encode import OpusSettings, decode_opus_packets
-from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
-from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, FrameSource, StreamLost
+from legato.audio.resolve import Resolver, ResolverSettings
+from legato.audio.source import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    FrameReader,
+    FrameSource,
+    StreamLost,
+    ThreadedReader,
+)
+from legato.audio.track import StreamInfo
 from legato.errors import DecodeError
 from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
 from tests.media import CATALOG, MediaServer, ToneSpec
@@ -54,16 +62,30 @@ def mono_of(frames: list[bytes]) -> npt.NDArray[np.float64]:
     return pcm_to_mono(decode_opus_packets(frames))
 
 
-async def check_seek_lands(source: FrameSource, spec: ToneSpec, target: float) -> None:
+async def read_reader(reader: FrameReader, batch: int = 50) -> list[bytes]:
+    """Every frame left in ``reader``, read through the one read path."""
+    frames: list[bytes] = []
+    while got := (await reader.read_chunk(batch)).frames:
+        frames.extend(got)
+    return frames
+
+
+async def check_seek_lands(
+    source: FrameSource | FrameReader, spec: ToneSpec, target: float
+) -> None:
     """Seek the chirp ``spec`` in ``source`` to ``target`` (after a first read) and check that
-    the position says so and the audio there is within 100 ms of it; closes ``source``."""
+    the position says so and the audio there is within 100 ms of it; closes ``source``.
+
+    A blocking ``FrameSource`` is read as the player reads it, through a ``ThreadedReader``.
+    """
+    reader = source if isinstance(source, FrameReader) else ThreadedReader(source)
     try:
-        await asyncio.to_thread(source.read, 10)
-        await asyncio.to_thread(source.seek, target)
-        assert abs(source.position - target) <= FRAME_S + 1e-6
-        frames = await asyncio.to_thread(source.read, 10)
+        await reader.read_chunk(10)
+        position = await reader.seek_to(target)
+        assert abs(position - target) <= FRAME_S + 1e-6
+        frames = (await reader.read_chunk(10)).frames
     finally:
-        source.close()
+        reader.close()
     mono = mono_of(frames)
     # The chirp's frequency tells the time: measure over 40..140 ms after the landing point.
     window = mono[int(0.04 * SAMPLE_RATE) : int(0.14 * SAMPLE_RATE)]

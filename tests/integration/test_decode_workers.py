@@ -18,19 +18,18 @@ from typing import Any
 import psutil
 import pytest
 
-from legato.audio import workers
 from legato.audio.decode import DEFAULT_TIMEOUT, open_source
 from legato.audio.encode import OpusSettings
 from legato.audio.player import GuildPlayer, PlayerState, TrackFailed, make_opener
-from legato.audio.resolve import Resolver, ResolverSettings, StreamInfo
+from legato.audio.resolve import Resolver, ResolverSettings
 from legato.audio.sink import OPUS_SILENCE
-from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE
-from legato.audio.track import Track
+from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, ShutDown, ThreadedReader
+from legato.audio.track import StreamInfo, Track
 from legato.audio.workers import STOPPED, DecodePool, WorkerSource
 from legato.errors import DecodeError
 from legato.sandbox.analysis import dominant_frequency
 from tests.fakes import RecordingSink
-from tests.integration.test_decode import check_seek_lands, mono_of, read_all
+from tests.integration.test_decode import check_seek_lands, mono_of, read_all, read_reader
 from tests.integration.test_player_real import Recorder, play_queue, tone_of
 from tests.media import (
     CATALOG,
@@ -62,10 +61,10 @@ async def threads() -> AsyncIterator[ThreadPoolExecutor]:
         yield executor
 
 
-def _in_pool(pool: DecodePool, info: StreamInfo) -> list[bytes]:
-    source = pool.open(info, opus=OpusSettings(), timeout=TIMEOUT)
+async def _in_pool(pool: DecodePool, info: StreamInfo) -> list[bytes]:
+    source = await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
     try:
-        return read_all(source)
+        return await read_reader(source)
     finally:
         source.close()
 
@@ -84,7 +83,7 @@ async def test_the_pool_decodes_as_this_process_does(
 ) -> None:
     spec = CATALOG[name]
     info = StreamInfo(url=media_url(name))
-    pooled = await asyncio.to_thread(_in_pool, pool, info)
+    pooled = await _in_pool(pool, info)
     local = await asyncio.to_thread(_in_thread, info)
     assert len(pooled) == len(local)
     assert abs(len(pooled) * FRAME_S - spec.seconds) <= FRAME_S + 1e-9
@@ -103,122 +102,109 @@ async def test_metadata_follows_each_reply(
         assert source.passthrough
         assert source.position == 0.0
         assert source.duration == pytest.approx(CATALOG["webm-opus-stereo.webm"].seconds, abs=0.1)
-        frames = await asyncio.to_thread(source.read, 10)
-        assert len(frames) == 10
-        assert source.position == pytest.approx(10 * FRAME_S)
-        await asyncio.to_thread(source.set_volume, 0.5)
+        chunk = await source.read_chunk(10)
+        assert len(chunk.frames) == 10
+        assert source.position == chunk.position == pytest.approx(10 * FRAME_S)
+        await source.volume_to(0.5)
         assert not source.passthrough
-        await asyncio.to_thread(source.set_volume, 1.0)
-        await asyncio.to_thread(source.read, 1)
+        await source.volume_to(1.0)
+        await source.read_chunk(1)
         assert source.passthrough
     finally:
         source.close()
-    assert await asyncio.to_thread(source.read, 5) == []  # closed: nothing more
+    assert (await source.read_chunk(5)).frames == []  # closed: nothing more
 
 
-async def test_read_soon_gives_what_read_gives_and_holds_no_thread(
+async def test_a_worker_read_gives_what_a_thread_read_gives(
     pool: DecodePool, media_url: Callable[[str], str]
 ) -> None:
+    """The same stream read through a worker and through this process's threads: the same
+    frames and the same position, through the same awaitable read."""
     info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
-    blocking = await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
-    soon = await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
+    local = ThreadedReader(
+        await asyncio.to_thread(open_source, info, opus=OpusSettings(), timeout=TIMEOUT)
+    )
+    pooled = await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
     try:
         for _ in range(3):
-            fut = soon.read_soon(7)  # on the loop: it returns before the worker answers
-            expected = await asyncio.to_thread(blocking.read, 7)
-            assert await asyncio.wrap_future(fut) == expected
-            assert soon.position == blocking.position  # updated before the future was set
-            assert soon.duration == blocking.duration
-        assert soon.position == pytest.approx(21 * FRAME_S)
+            pending = pooled.read_chunk(7)  # on the loop: it returns before the worker answers
+            expected = await local.read_chunk(7)
+            got = await pending
+            assert got.frames == expected.frames
+            assert got.position == expected.position == pooled.position
+            assert got.duration == expected.duration
+        assert pooled.position == pytest.approx(21 * FRAME_S)
     finally:
-        blocking.close()
-        soon.close()
-    assert soon.read_soon(5).result(0) == []  # closed: nothing more, at once
+        local.close()
+        pooled.close()
 
 
-async def test_reads_queued_while_the_writer_is_busy_go_as_one_message(
+async def test_reads_queued_together_go_as_one_message(
     pool: DecodePool, media_url: Callable[[str], str]
 ) -> None:
-    """``read_soon`` only queues; the writer thread sends what queued up meanwhile as one
+    """A read only queues on the loop; the writer thread sends what queued up meanwhile as one
     message, and the worker answers each request of it."""
     info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
     sources = [
         await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
         for _ in range(5)
     ]
-    worker = sources[0]._worker
-    assert all(s._worker is worker for s in sources)  # a pool of one
-    sent: list[type] = []
-    real_send = worker.conn.send
-
-    def recording_send(message: Any) -> None:
-        sent.append(type(message))
-        real_send(message)
-
-    worker.conn.send = recording_send  # type: ignore[method-assign,assignment]
+    assert len({s.worker_pid for s in sources}) == 1  # a pool of one
+    messages, requests = pool.sent
     try:
-        with worker._send_lock:  # the writer blocks on the first read's send
-            futures = [source.read_soon(3) for source in sources]
-        results = [await asyncio.wrap_future(f) for f in futures]
+        # Queued in one go on the loop, before the writer thread can take the first.
+        reads = [source.read_chunk(3) for source in sources]
+        results = [(await r).frames for r in reads]
+        sent_messages, sent_requests = pool.sent
     finally:
-        worker.conn.send = real_send  # type: ignore[method-assign]
         for source in sources:
             source.close()
     assert all(len(r) == 3 for r in results)
     assert all(r == results[0] for r in results)  # each from its own source's start
-    assert list in sent  # the four queued behind the first went together
-    assert len(sent) < len(sources)
+    assert sent_requests - requests >= len(sources)
+    assert sent_messages - messages < len(sources)  # some went together
 
 
-async def test_read_soon_fails_through_its_future_after_the_pool_closes(
+async def test_a_read_fails_through_its_awaitable_after_the_pool_closes(
     media_url: Callable[[str], str],
 ) -> None:
     pool = DecodePool(1)
     info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
     source = await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
     await asyncio.to_thread(pool.close)
-    fut = source.read_soon(5)  # does not raise: the error is the future's
-    with pytest.raises(RuntimeError, match="after shutdown"):
-        fut.result(0)
+    read = source.read_chunk(5)  # does not raise: the error is the awaitable's
+    with pytest.raises(ShutDown, match="after shutdown"):
+        await read
 
 
 async def test_a_hung_worker_fails_reads_after_the_reply_deadline(
-    media_url: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+    media_url: Callable[[str], str],
 ) -> None:
-    """A worker that stops answering (SIGSTOP: alive, silent) fails a blocking read and a
-    queued one alike with a ``DecodeError`` once the stream timeout and the margin are over,
-    instead of leaving the player's read out for good."""
-    monkeypatch.setattr(workers, "_REPLY_MARGIN", 0.5)
-    pool = DecodePool(1)
+    """A worker that stops answering (SIGSTOP: alive, silent) fails a read with a
+    ``DecodeError`` once the stream timeout and the margin are over, instead of leaving the
+    player's read out for good."""
+    pool = DecodePool(1, reply_margin=0.5)
     info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
     try:
         source = await asyncio.to_thread(pool.open, info, timeout=1.0)  # replies due in 1.5 s
         [pid] = pool.pids
         os.kill(pid, signal.SIGSTOP)
         try:
-            queued = source.read_soon(5)
-            with pytest.raises(DecodeError, match="gave no answer") as blocking:
-                await asyncio.to_thread(source.read, 5)
-            assert blocking.value.user_message == STOPPED
+            queued = source.read_chunk(5)
             # The writer's sweep runs once a second: due at 1.5 s, failed by 2.5 s.
             async with asyncio.timeout(5):
                 with pytest.raises(DecodeError, match="gave no answer") as late:
-                    await asyncio.wrap_future(queued)
+                    await queued
             assert late.value.user_message == STOPPED
-            assert worker_pending(source) == 0  # neither is kept waiting
+            assert pool.pending == 0  # it is not kept waiting
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert len(await asyncio.to_thread(source.read, 3)) == 3  # awake again: it still serves
+        # Awake again: it still serves.
+        async with asyncio.timeout(10):
+            assert len((await source.read_chunk(3)).frames) == 3
         source.close()
     finally:
         await asyncio.to_thread(pool.close)
-
-
-def worker_pending(source: WorkerSource) -> int:
-    """Requests of ``source``'s worker still waiting for a reply."""
-    worker = source._worker
-    with worker._lock:
-        return len(worker._pending)
 
 
 async def _tone_track(
@@ -317,8 +303,8 @@ async def test_a_bad_volume_is_a_value_error(
     )
     try:
         with pytest.raises(ValueError, match="volume"):
-            await asyncio.to_thread(source.set_volume, 11.0)
-        assert len(await asyncio.to_thread(source.read, 5)) == 5  # the source is still usable
+            await source.volume_to(11.0)
+        assert len((await source.read_chunk(5)).frames) == 5  # the source is still usable
     finally:
         source.close()
 
@@ -406,7 +392,7 @@ async def test_threads_first_keeps_a_few_decodes_and_all_opus_here_and_sends_the
         assert not any(isinstance(s, WorkerSource) for s in (first, second))
         # What each gives is audio: the local ones and the worker's alike.
         for source in (first, third, passed):
-            assert await asyncio.to_thread(source.read, 5)
+            assert (await source.read_chunk(5)).frames
         first.close()
         fourth = await opener(mp3, 0.0)
         opened.append(fourth)
@@ -445,9 +431,9 @@ async def test_close_ends_every_worker_and_refuses_later_calls(
         await asyncio.to_thread(pool.close)
     assert not any(psutil.pid_exists(pid) for pid in pids)
     assert caplog.records == []  # a stop, not workers that died
-    with pytest.raises(RuntimeError, match="after shutdown"):
-        await asyncio.to_thread(source.read, 5)
-    with pytest.raises(RuntimeError, match="after shutdown"):
+    with pytest.raises(ShutDown, match="after shutdown"):
+        await source.read_chunk(5)
+    with pytest.raises(ShutDown, match="after shutdown"):
         await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
     source.close()
     pool.close()  # twice is fine

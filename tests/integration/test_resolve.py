@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yt_dlp.utils
 
+from legato.audio.opener import STREAM_FRESH_FOR, make_opener
 from legato.audio.resolve import (
     NO_AUDIO,
     NO_LOCAL,
@@ -26,6 +27,7 @@ from legato.audio.resolve import (
     Resolver,
     ResolverSettings,
 )
+from legato.audio.source import FrameReader
 from legato.audio.track import Track
 from legato.errors import ResolveError
 from tests.conftest import FEED_ENTRIES, LIST_ENTRIES
@@ -53,6 +55,10 @@ async def test_direct_media_url(resolver: Resolver, media_url: Callable[[str], s
     assert track.url == url
     assert track.title == "mp3-44k-stereo"
     assert track.requester_id == 42
+    # Extracted in full, so it carries its stream: the opener need not resolve it again.
+    assert track.stream is not None
+    assert track.stream.url == url
+    assert track.stream.codec == "mp3"
 
 
 async def test_stream_resolves_again_at_play_time(
@@ -335,3 +341,71 @@ async def test_extractions_in_worker_processes(
         resolver.close()
     with pytest.raises(RuntimeError, match="after shutdown"):
         await resolver.resolve(media_server.url("pages/list.html"))
+
+
+class _Clock:
+    """A monotonic clock a test moves (``make_opener(clock=...)``)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _one_audio_page(media_server: MediaServer, name: str) -> str:
+    """Serve ``name/page.html`` naming one MP3; its URL."""
+    media_server.add_route(f"{name}/a.mp3", body=media_server.root / "mp3-44k-stereo.mp3")
+    page = audio_list_page(name, [f"/{name}/a.mp3"])
+    return media_server.add_route(f"{name}/page.html", body=page, content_type="text/html")
+
+
+async def test_play_resolves_once(
+    resolver: Resolver,
+    executor: concurrent.futures.ThreadPoolExecutor,
+    media_server: MediaServer,
+) -> None:
+    """What ``/play`` does: resolve the link into a track, then open it to play. The page is
+    asked for once: the opener plays the stream the resolve found."""
+    page = _one_audio_page(media_server, "once")
+    clock = _Clock()
+    [track] = await resolver.resolve(page)
+    assert track.stream is not None
+    assert media_server.request_count("once/page.html", "GET") == 1
+    opener = make_opener(resolver, executor=executor, clock=clock)
+    clock.now = track.resolved_at or 0.0
+    reader = await opener(track, 0.0)
+    try:
+        assert isinstance(reader, FrameReader)
+        assert (await reader.read_chunk(5)).frames
+    finally:
+        reader.close()
+    assert media_server.request_count("once/page.html", "GET") == 1
+
+
+@pytest.mark.parametrize("why", ["unresolved", "stale", "reopen"])
+async def test_a_track_is_resolved_again_when_its_stream_cannot_serve(
+    why: str,
+    resolver: Resolver,
+    executor: concurrent.futures.ThreadPoolExecutor,
+    media_server: MediaServer,
+) -> None:
+    """A track with no stream (restored from the store, a playlist entry), one resolved longer
+    ago than ``fresh_for``, and a reopen (the feeder drops the stream of a track whose stream
+    broke off) are each resolved again when opened."""
+    page = _one_audio_page(media_server, f"again-{why}")
+    clock = _Clock()
+    [track] = await resolver.resolve(page)
+    assert track.stream is not None
+    assert track.resolved_at is not None
+    clock.now = track.resolved_at
+    if why == "unresolved":
+        track = Track(url=track.url, title=track.title)
+    elif why == "stale":
+        clock.now += STREAM_FRESH_FOR + 1
+    else:
+        track = track.with_stream(None, None)
+    opener = make_opener(resolver, executor=executor, clock=clock)
+    reader = await opener(track, 0.0)
+    reader.close()
+    assert media_server.request_count(f"again-{why}/page.html", "GET") == 2

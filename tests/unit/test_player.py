@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from legato.audio.handoff import inbox
+from legato.audio.handoff import settle as settle_future
 from legato.audio.player import (
     EndReason,
     GuildPlayer,
@@ -28,7 +30,7 @@ from legato.audio.player import (
     TrackStarted,
 )
 from legato.audio.queue import LoopMode, TrackQueue
-from legato.audio.source import FrameSource, StreamLost
+from legato.audio.source import FrameSource, ShutDown, StreamLost
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, InvalidTransition, QueueEmpty
 from tests.fakes import (
@@ -541,24 +543,10 @@ async def test_stop_then_start_plays_the_next_track(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("frames_per_step", [1, 8])
-async def test_source_calls_never_overlap_with_a_real_thread_pool(
-    frames_per_step: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Seek and volume requests race the feeder's reads and the player's refill reads; the
-    source must see one call at a time (``ScriptedSource`` raises AssertionError on overlap,
-    which would surface as TrackFailed). Eight frames a step drain the buffer, so refill reads
-    are out when requests arrive."""
-    from legato.audio import player as player_mod
-
-    refill_reads = 0
-    submit = player_mod._Entry._submit_read
-
-    def counted(entry: player_mod._Entry) -> None:
-        nonlocal refill_reads
-        refill_reads += 1
-        submit(entry)
-
-    monkeypatch.setattr(player_mod._Entry, "_submit_read", counted)
+async def test_source_calls_never_overlap_with_a_real_thread_pool(frames_per_step: int) -> None:
+    """Seek and volume requests race the feeder's reads; the source must see one call at a time
+    (``ScriptedSource`` raises AssertionError on overlap, which would surface as TrackFailed).
+    Eight frames a step drain the buffer, so refill reads are out when requests arrive."""
     clock = FakeClock()
     sink = RecordingSink(clock)
     opener = ScriptedOpener()
@@ -581,7 +569,8 @@ async def test_source_calls_never_overlap_with_a_real_thread_pool(
     assert all(s.closed for s in opener.sources)
     assert len(opener.sources[0].seeks) == 40
     if frames_per_step > 1:
-        assert refill_reads > 10  # the player's own refill reads raced the requests
+        # The refills raced the requests: far more reads than the 40 seeks alone would need.
+        assert len(opener.sources[0].reads) > 50
 
 
 async def test_tone_source_plays_real_opus_at_its_frequency() -> None:
@@ -810,8 +799,13 @@ async def test_an_executor_shut_down_under_the_player_ends_tracks_quietly(
     pool = ThreadPoolExecutor(2, thread_name_prefix="test-gone")
 
     async def opener(track: Track, start: float) -> FrameSource:
-        # As the real opener does: resolve and open in the same executor.
-        await asyncio.get_running_loop().run_in_executor(pool, int)
+        # As the real opener does: resolve and open in the same executor, and say that it was
+        # refused for being shut down (``ShutDown``: submit raises no other RuntimeError).
+        try:
+            job = asyncio.get_running_loop().run_in_executor(pool, int)
+        except RuntimeError as exc:
+            raise ShutDown(str(exc)) from exc
+        await job
         return await scripted(track, start)
 
     player = GuildPlayer(
@@ -840,43 +834,30 @@ async def test_an_executor_shut_down_under_the_player_ends_tracks_quietly(
 
 
 async def test_results_from_many_worker_threads_each_reach_their_future_in_batches() -> None:
-    """The feeders' hand-back: every result and exception lands on its own future, and a burst
+    """The readers' hand-back: every result and exception lands on its own future, and a burst
     of results costs fewer loop wake-ups than results."""
-    from legato.audio import player as player_mod
-
     loop = asyncio.get_running_loop()
-    inbox = player_mod._inbox(loop)
-    assert player_mod._inbox(loop) is inbox
+    box = inbox(loop)
+    assert inbox(loop) is box
     futures = [loop.create_future() for _ in range(400)]
-    wakes = 0
-    drain = inbox._drain
+    wakes = box.wakes
+    gate = threading.Barrier(4)
 
-    def counting_drain() -> None:
-        nonlocal wakes
-        wakes += 1
-        drain()
+    def worker(part: int) -> None:
+        gate.wait()
+        for k in range(part, len(futures), 4):
+            if k % 7 == 0:
+                box.put(settle_future, futures[k], None, ValueError(f"job {k}"))
+            else:
+                box.put(settle_future, futures[k], k * 2, None)
 
-    inbox._drain = counting_drain  # type: ignore[method-assign]  # count the loop's wake-ups
-    try:
-        gate = threading.Barrier(4)
-
-        def worker(part: int) -> None:
-            gate.wait()
-            for k in range(part, len(futures), 4):
-                if k % 7 == 0:
-                    inbox.put(player_mod._settle, futures[k], None, ValueError(f"job {k}"))
-                else:
-                    inbox.put(player_mod._settle, futures[k], k * 2, None)
-
-        with ThreadPoolExecutor(4) as pool:
-            await asyncio.gather(*(loop.run_in_executor(pool, worker, p) for p in range(4)))
-        results = await asyncio.gather(*futures, return_exceptions=True)
-    finally:
-        del inbox._drain
+    with ThreadPoolExecutor(4) as pool:
+        await asyncio.gather(*(loop.run_in_executor(pool, worker, p) for p in range(4)))
+    results = await asyncio.gather(*futures, return_exceptions=True)
     for k, r in enumerate(results):
         if k % 7 == 0:
             assert isinstance(r, ValueError)
             assert str(r) == f"job {k}"
         else:
             assert r == k * 2
-    assert 1 <= wakes < len(futures)
+    assert 1 <= box.wakes - wakes < len(futures)
