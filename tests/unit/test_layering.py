@@ -230,3 +230,30 @@ def test_server_halves_live_in_the_sandbox_only(client_module: str) -> None:
 def test_audio_analysis_lives_in_the_sandbox() -> None:
     assert importlib.util.find_spec("legato.audio.analysis") is None
     assert importlib.util.find_spec("legato.sandbox.analysis") is not None
+
+
+# --- audio and voice stand side by side: only the cog joins them -----------------------------
+
+#: For each client package, the packages it may not import (the diagram in README's "How it is
+#: built"): the player knows a frame sink, not the voice client; the voice client knows frames,
+#: not the player; neither knows the cog.
+SIDE_BY_SIDE = {
+    "audio": ("legato.voice", "legato.cogs"),
+    "plugin/voice": ("legato.audio", "legato.cogs"),
+}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for folder in SIDE_BY_SIDE for p in sorted((ROOT / folder).rglob("*.py"))],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_audio_and_voice_do_not_import_each_other_or_the_cog(path: Path) -> None:
+    folder = next(f for f in SIDE_BY_SIDE if path.is_relative_to(ROOT / f))
+    banned = SIDE_BY_SIDE[folder]
+    bad = sorted(
+        name
+        for name in imported_modules(path, _package_of(path))
+        if any(name == b or name.startswith(b + ".") for b in banned)
+    )
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
