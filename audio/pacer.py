@@ -9,6 +9,18 @@ no two frames are ever sent closer than ``min_gap`` (10 ms, less the ``EARLY`` a
 a little late keeps the grid, and the next one waits at least ``min_gap``, so the grid is caught up
 gradually.
 
+How late is "a little" depends on whose fault it is. Audio the source was late with (the pacer
+said ``UNDERRUN`` for that frame) re-anchors past ``stall`` (one frame): the source has fallen
+behind and the stream goes on from where it is. A sender that was late itself (the loop busy, or
+waiting for a CPU) with audio ready keeps the grid up to ``catch_up`` (three frames, as JDA's
+send loop does): a busy loop is late by a few frames now and then (100 ``/play`` starting at
+once, a CPU-bound neighbour), and catching up at ``min_gap`` puts the stream back where it was,
+where a re-anchor at each hiccup would push it later each time. Later than that, the grid is
+re-anchored once; while the sender stays late (no ``rearm`` seconds without a frame more than
+``catch_up`` late) it is not re-anchored again but caught up at ``min_gap``: an overloaded loop
+would otherwise re-anchor every stream at every hiccup, each time adding to its latency, where
+catching up gives the time back once the load passes. A stall on its own still re-anchors (once).
+
 The player drives it::
 
     while (action := pacer.poll(now, audio_ready=bool(buffer))) is not PacerAction.WAIT: ...
@@ -28,6 +40,11 @@ FRAME_INTERVAL: Final = 0.020
 MIN_GAP: Final = 0.010
 #: A frame may go out this much before its deadline (timer and float rounding).
 EARLY: Final = 0.0005
+#: A frame sent late with its audio ready (the sender was late) keeps the grid up to this.
+CATCH_UP: Final = 3 * FRAME_INTERVAL
+#: After a re-anchor for a late sender, seconds with no frame more than ``CATCH_UP`` late before
+#: another late sender may re-anchor the grid (meanwhile it is caught up at ``MIN_GAP``).
+REARM: Final = 10.0
 
 
 class PacerAction(enum.Enum):
@@ -54,8 +71,14 @@ class Pacer:
         interval: Seconds between frames.
         silence_frames: Silence frames sent after audio stops, before speaking goes off.
         min_gap: Smallest interval ever allowed between two frames (less ``EARLY``).
-        stall: A frame later than this re-anchors the grid instead of keeping it (default: one
-            interval).
+        stall: Audio the source was late with (an ``UNDERRUN`` for its frame) re-anchors the grid
+            when it goes out later than this (default: one interval); also the grace before
+            ``fill`` stands silence in.
+        catch_up: A frame whose audio was ready but whose sender was late re-anchors the grid
+            only when later than this (default ``CATCH_UP``); less late, the grid is kept and
+            caught up at ``min_gap``.
+        rearm: After such a re-anchor, seconds without a frame later than ``catch_up`` before
+            the next one may re-anchor (meanwhile late frames keep the grid and catch it up).
     """
 
     def __init__(
@@ -65,12 +88,18 @@ class Pacer:
         silence_frames: int = SILENCE_FRAMES,
         min_gap: float = MIN_GAP,
         stall: float | None = None,
+        catch_up: float = CATCH_UP,
+        rearm: float = REARM,
     ) -> None:
         if interval <= 0 or not 0 <= min_gap <= interval:
             raise ValueError("need interval > 0 and 0 <= min_gap <= interval")
         self.interval = interval
         self.min_gap = min_gap
         self.stall = interval if stall is None else stall
+        self.catch_up = max(catch_up, self.stall)
+        self.rearm = rearm
+        #: A late sender may re-anchor from this time on (see ``rearm``).
+        self._calm_from = float("-inf")
         self._silence_frames = silence_frames
         self._want_audio = False
         self._speaking = False
@@ -79,6 +108,8 @@ class Pacer:
         self._k = 0
         self._last_sent: float | None = None
         self._filling = False
+        #: An ``UNDERRUN`` was said for the frame due now: its lateness is the source's.
+        self._starved = False
         #: Lateness of the last frame sent, against its deadline (after any re-anchor: 0).
         self.last_lateness = 0.0
         #: Frames that re-anchored the grid because they were more than ``stall`` late.
@@ -180,6 +211,7 @@ class Pacer:
             if not self._is_due(now):
                 return PacerAction.WAIT
             if not audio_ready:
+                self._starved = True
                 if not fill or self._anchor is None:
                     return PacerAction.UNDERRUN
                 if not self._filling:
@@ -238,11 +270,20 @@ class Pacer:
             self.last_lateness = 0.0
         else:
             lateness = now - (self._anchor + self._k * self.interval)
-            if lateness > self.stall:
-                # Re-anchor rather than send the backlog in a burst (discord.py #9120).
-                self._anchor, self._k = now, 0
-                self.reanchors += 1
-                lateness = 0.0
+            if self._starved:
+                if lateness > self.stall:
+                    # Re-anchor rather than send the backlog in a burst (discord.py #9120).
+                    self._anchor, self._k = now, 0
+                    self.reanchors += 1
+                    lateness = 0.0
+            elif lateness > self.catch_up:
+                if now >= self._calm_from:
+                    self._anchor, self._k = now, 0
+                    self.reanchors += 1
+                    lateness = 0.0
+                # else: still late since the last re-anchor; min_gap catches the grid up.
+                self._calm_from = now + self.rearm
             self.last_lateness = lateness
+        self._starved = False
         self._last_sent = now
         self._k += 1

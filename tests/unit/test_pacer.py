@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from legato.audio.pacer import MIN_GAP, Pacer, PacerAction
+from legato.audio.pacer import CATCH_UP, MIN_GAP, REARM, Pacer, PacerAction
 
 A = PacerAction
 T0 = 1000.0
@@ -195,6 +195,60 @@ def test_slightly_late_frame_keeps_grid_but_never_closer_than_min_gap() -> None:
     log = run(p, p.next_deadline() or 0.0, T0 + 0.100)
     assert sends(log) == pytest.approx([0.065, 0.080, 0.100])
     assert p.reanchors == 0
+
+
+def test_late_sender_keeps_the_grid_up_to_catch_up_and_catches_it_up() -> None:
+    """A frame with its audio ready but sent 50 ms late (the loop was busy) is not a stall: the
+    grid stays, and the frames after it go out ``MIN_GAP`` apart until they are back on it."""
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.040)  # frames at 0, 20, 40 ms; the next is due at 60 ms
+    run(p, T0 + 0.110, T0 + 0.200, log=log)
+    times = sends(log)
+    assert p.reanchors == 0
+    assert times[3:10] == pytest.approx([0.110, 0.120, 0.130, 0.140, 0.150, 0.160, 0.180])
+    assert min(b - a for a, b in itertools.pairwise(times)) >= MIN_GAP - 1e-9
+
+
+def test_late_sender_re_anchors_past_catch_up() -> None:
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.040)
+    late = T0 + 0.060 + CATCH_UP + 0.005
+    run(p, late, late + 0.040, log=log)
+    assert p.reanchors == 1
+    assert sends(log)[3:6] == pytest.approx([late - T0, late - T0 + 0.020, late - T0 + 0.040])
+
+
+def test_late_sender_re_anchors_once_then_catches_up_until_it_keeps_time() -> None:
+    """Under a loop that stays overloaded, a stream is re-anchored once, not at every hiccup:
+    later stalls are caught up at ``MIN_GAP`` until the sender has kept time for ``REARM``."""
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.100)
+    run(p, T0 + 0.320, T0 + 1.000, log=log)  # a 200 ms stall: re-anchored
+    assert p.reanchors == 1
+    run(p, T0 + 1.200, T0 + 2.000, log=log)  # another, soon after: caught up, no re-anchor
+    assert p.reanchors == 1
+    times = sends(log)
+    assert min(b - a for a, b in itertools.pairwise(times)) >= MIN_GAP - 1e-9
+    # Caught up: by 2 s the frames are back on the grid of the first re-anchor (0.32 + k 20 ms).
+    assert (times[-1] - 0.320) / 0.020 == pytest.approx(round((times[-1] - 0.320) / 0.020))
+    calm = T0 + 2.000 + REARM
+    run(p, T0 + 2.020, calm, log=log)  # keeping time for REARM seconds re-arms it
+    run(p, calm + 0.200, calm + 0.300, log=log)
+    assert p.reanchors == 2
+
+
+def test_audio_late_from_the_source_still_re_anchors_past_one_frame() -> None:
+    """The catch-up allowance is the sender's: audio the source was late with (an underrun for
+    that frame) re-anchors past ``stall`` as before, whatever the sender did."""
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert drain(p, T0 + 0.060, audio=False) == [A.UNDERRUN]
+    assert drain(p, T0 + 0.085) == [A.SEND_AUDIO, A.WAIT]
+    assert p.reanchors == 1
 
 
 def test_no_two_frames_closer_than_min_gap_under_random_wakeups() -> None:
