@@ -15,11 +15,14 @@ behind and the stream goes on from where it is. A sender that was late itself (t
 waiting for a CPU) with audio ready keeps the grid up to ``catch_up`` (three frames, as JDA's
 send loop does): a busy loop is late by a few frames now and then (100 ``/play`` starting at
 once, a CPU-bound neighbour), and catching up at ``min_gap`` puts the stream back where it was,
-where a re-anchor at each hiccup would push it later each time. Later than that, the grid is
-re-anchored once; while the sender stays late (no ``rearm`` seconds without a frame more than
-``catch_up`` late) it is not re-anchored again but caught up at ``min_gap``: an overloaded loop
+where a re-anchor at each hiccup would push it later each time.
+
+Past its limit, a frame re-anchors the grid once; while frames keep going out past their limits
+(until ``rearm`` seconds pass without one), the grid is kept and caught up at ``min_gap`` rather
+than re-anchored again. An overloaded loop, or a decoder falling behind while 100 tracks open,
 would otherwise re-anchor every stream at every hiccup, each time adding to its latency, where
-catching up gives the time back once the load passes. A stall on its own still re-anchors (once).
+catching up gives the time back once the load passes. A stall on its own still re-anchors (once),
+and no two frames are closer than ``min_gap`` either way.
 
 The player drives it::
 
@@ -42,8 +45,8 @@ MIN_GAP: Final = 0.010
 EARLY: Final = 0.0005
 #: A frame sent late with its audio ready (the sender was late) keeps the grid up to this.
 CATCH_UP: Final = 3 * FRAME_INTERVAL
-#: After a re-anchor for a late sender, seconds with no frame more than ``CATCH_UP`` late before
-#: another late sender may re-anchor the grid (meanwhile it is caught up at ``MIN_GAP``).
+#: After a re-anchor, seconds with no frame past its limit before another may re-anchor the grid
+#: (meanwhile late frames keep it and ``MIN_GAP`` catches it up).
 REARM: Final = 10.0
 
 
@@ -77,8 +80,9 @@ class Pacer:
         catch_up: A frame whose audio was ready but whose sender was late re-anchors the grid
             only when later than this (default ``CATCH_UP``); less late, the grid is kept and
             caught up at ``min_gap``.
-        rearm: After such a re-anchor, seconds without a frame later than ``catch_up`` before
-            the next one may re-anchor (meanwhile late frames keep the grid and catch it up).
+        rearm: After a re-anchor, seconds without a frame past its limit (``stall`` or
+            ``catch_up``) before the next may re-anchor (meanwhile the grid is kept and caught
+            up at ``min_gap``).
     """
 
     def __init__(
@@ -196,7 +200,8 @@ class Pacer:
             fill: While audio is wanted and speaking is on, stand in silence for audio that is
                 more than ``stall`` late (and then for every frame until audio is ready), so
                 the stream's clock keeps going through a source's stall. The first fill frame
-                re-anchors the grid; audio that comes back keeps it.
+                re-anchors the grid (as a late frame does: once per ``rearm``); audio that
+                comes back keeps it.
 
         Returns:
             The action; call again until it is ``WAIT`` or ``UNDERRUN``.
@@ -218,8 +223,7 @@ class Pacer:
                     if now < self._deadline() + self.stall - EARLY:
                         return PacerAction.UNDERRUN
                     self._filling = True
-                    self._anchor, self._k = now, 0
-                    self.reanchors += 1
+                    self._late(now)
                 self._sent(now)
                 return PacerAction.SEND_SILENCE
             self._filling = False
@@ -264,25 +268,25 @@ class Pacer:
     def _is_due(self, now: float) -> bool:
         return self._anchor is None or now >= self._deadline() - EARLY
 
+    def _late(self, now: float) -> None:
+        """A frame goes out past its limit: re-anchor the grid at ``now``, unless one was
+        re-anchored less than ``rearm`` seconds after an earlier late frame (then the grid is
+        kept and ``min_gap`` catches it up). Either way the calm period starts over."""
+        if now >= self._calm_from:
+            self._anchor, self._k = now, 0
+            self.reanchors += 1
+        self._calm_from = now + self.rearm
+
     def _sent(self, now: float) -> None:
         if self._anchor is None:
             self._anchor, self._k = now, 0
             self.last_lateness = 0.0
         else:
             lateness = now - (self._anchor + self._k * self.interval)
-            if self._starved:
-                if lateness > self.stall:
-                    # Re-anchor rather than send the backlog in a burst (discord.py #9120).
-                    self._anchor, self._k = now, 0
-                    self.reanchors += 1
-                    lateness = 0.0
-            elif lateness > self.catch_up:
-                if now >= self._calm_from:
-                    self._anchor, self._k = now, 0
-                    self.reanchors += 1
-                    lateness = 0.0
-                # else: still late since the last re-anchor; min_gap catches the grid up.
-                self._calm_from = now + self.rearm
+            if lateness > (self.stall if self._starved else self.catch_up):
+                # Re-anchor rather than send the backlog in a burst (discord.py #9120).
+                self._late(now)
+                lateness = now - (self._anchor + self._k * self.interval)
             self.last_lateness = lateness
         self._starved = False
         self._last_sent = now

@@ -240,6 +240,23 @@ def test_late_sender_re_anchors_once_then_catches_up_until_it_keeps_time() -> No
     assert p.reanchors == 2
 
 
+def test_a_second_fill_soon_after_the_first_keeps_the_grid() -> None:
+    """A decoder falling behind twice in a row (100 tracks opening at once) moves the grid
+    once: the second fill's silence goes out on the same grid, caught up at ``MIN_GAP``."""
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert p.poll(T0 + 0.080, audio_ready=False, fill=True) is A.SEND_SILENCE
+    assert p.reanchors == 1
+    log = run(p, T0 + 0.100, T0 + 0.200)  # audio back on the grid of 80 ms
+    assert p.poll(T0 + 0.220, audio_ready=False, fill=True) is A.UNDERRUN
+    assert p.poll(T0 + 0.240, audio_ready=False, fill=True) is A.SEND_SILENCE
+    assert p.reanchors == 1
+    assert p.next_deadline() == pytest.approx(T0 + 0.250)  # the grid's 240 ms, then MIN_GAP
+    run(p, T0 + 0.250, T0 + 0.300, log=log)
+    assert sends(log)[-4:] == pytest.approx([0.250, 0.260, 0.280, 0.300])
+
+
 def test_audio_late_from_the_source_still_re_anchors_past_one_frame() -> None:
     """The catch-up allowance is the sender's: audio the source was late with (an underrun for
     that frame) re-anchors past ``stall`` as before, whatever the sender did."""
