@@ -1172,6 +1172,14 @@ class GuildPlayer:
             self._ensure_preload()
         if entry.frames and self._state in _STARVED:
             self._transition(PlayerState.PLAYING, reason="frames ready")
+        if (
+            self._timer is not None
+            and self._state is PlayerState.PLAYING
+            and entry.started
+            and entry.error is None
+            and len(entry.frames) > 1
+        ):
+            return  # a refill mid-track: the armed frame timer sends them (perf, issue #14)
         self._pump()
 
     # -- the send path (timer callback; must stay cheap) -----------------------------------
