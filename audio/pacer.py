@@ -5,7 +5,7 @@ this pacer does not do is catch up: discord.py's ``AudioPlayer`` keeps its sched
 and clamps the sleep to zero, so a 200 ms stall comes out as ten frames 0.1 ms apart (discord.py
 issue #9120). A receiver's jitter buffer overflows on such a burst. Here a frame more than one
 frame late re-anchors the grid at "now" (the lost time is lost, as it is for a live stream), and
-no two frames are ever sent closer than ``min_gap`` (10 ms, less the ``EARLY`` allowance): a frame
+no two frames are ever sent closer than ``min_gap`` (15 ms, less the ``EARLY`` allowance): a frame
 a little late keeps the grid, and the next one waits at least ``min_gap``, so the grid is caught up
 gradually.
 
@@ -39,8 +39,11 @@ from legato.audio.sink import SILENCE_FRAMES
 
 #: One Opus frame.
 FRAME_INTERVAL: Final = 0.020
-#: No two frames closer than this, whatever happened before.
-MIN_GAP: Final = 0.010
+#: No two frames closer than this, whatever happened before. A catch-up goes at this pace: at
+#: 15 ms rather than 10, a sender paused between reading the clock and sending (a busy machine
+#: preempts it there too) must be held up more than 10 ms, not 5, for two packets to reach the
+#: listener less than 5 ms apart.
+MIN_GAP: Final = 0.015
 #: A frame may go out this much before its deadline (timer and float rounding).
 EARLY: Final = 0.0005
 #: A frame sent late with its audio ready (the sender was late) keeps the grid up to this.

@@ -11,6 +11,8 @@ from legato.audio.pacer import CATCH_UP, MIN_GAP, REARM, Pacer, PacerAction
 
 A = PacerAction
 T0 = 1000.0
+#: The minimum gap of the tests that follow a catch-up frame by frame (10 ms steps).
+GAP = 0.010
 
 
 def drain(pacer: Pacer, now: float, *, audio: bool = True) -> list[PacerAction]:
@@ -184,14 +186,14 @@ def test_underrun_longer_than_a_frame_re_anchors() -> None:
 
 
 def test_slightly_late_frame_keeps_grid_but_never_closer_than_min_gap() -> None:
-    p = Pacer()
+    p = Pacer(min_gap=GAP)
     p.play()
     run(p, T0, T0 + 0.020)
     # Frame 2 (due 0.040) goes out 15 ms late; frame 3 stays on the grid only as far as the
     # minimum gap allows: 0.055 + 10 ms = 0.065 instead of 0.060; frame 4 is back on 0.080.
     assert drain(p, T0 + 0.055) == [A.SEND_AUDIO, A.WAIT]
     assert p.last_lateness == pytest.approx(0.015)
-    assert p.next_deadline() == pytest.approx(T0 + 0.055 + MIN_GAP)
+    assert p.next_deadline() == pytest.approx(T0 + 0.055 + GAP)
     log = run(p, p.next_deadline() or 0.0, T0 + 0.100)
     assert sends(log) == pytest.approx([0.065, 0.080, 0.100])
     assert p.reanchors == 0
@@ -199,15 +201,15 @@ def test_slightly_late_frame_keeps_grid_but_never_closer_than_min_gap() -> None:
 
 def test_late_sender_keeps_the_grid_up_to_catch_up_and_catches_it_up() -> None:
     """A frame with its audio ready but sent 50 ms late (the loop was busy) is not a stall: the
-    grid stays, and the frames after it go out ``MIN_GAP`` apart until they are back on it."""
-    p = Pacer()
+    grid stays, and the frames after it go out ``GAP`` apart until they are back on it."""
+    p = Pacer(min_gap=GAP)
     p.play()
     log = run(p, T0, T0 + 0.040)  # frames at 0, 20, 40 ms; the next is due at 60 ms
     run(p, T0 + 0.110, T0 + 0.200, log=log)
     times = sends(log)
     assert p.reanchors == 0
     assert times[3:10] == pytest.approx([0.110, 0.120, 0.130, 0.140, 0.150, 0.160, 0.180])
-    assert min(b - a for a, b in itertools.pairwise(times)) >= MIN_GAP - 1e-9
+    assert min(b - a for a, b in itertools.pairwise(times)) >= GAP - 1e-9
 
 
 def test_late_sender_re_anchors_past_catch_up() -> None:
@@ -222,8 +224,8 @@ def test_late_sender_re_anchors_past_catch_up() -> None:
 
 def test_late_sender_re_anchors_once_then_catches_up_until_it_keeps_time() -> None:
     """Under a loop that stays overloaded, a stream is re-anchored once, not at every hiccup:
-    later stalls are caught up at ``MIN_GAP`` until the sender has kept time for ``REARM``."""
-    p = Pacer()
+    later stalls are caught up at ``GAP`` until the sender has kept time for ``REARM``."""
+    p = Pacer(min_gap=GAP)
     p.play()
     log = run(p, T0, T0 + 0.100)
     run(p, T0 + 0.320, T0 + 1.000, log=log)  # a 200 ms stall: re-anchored
@@ -231,7 +233,7 @@ def test_late_sender_re_anchors_once_then_catches_up_until_it_keeps_time() -> No
     run(p, T0 + 1.200, T0 + 2.000, log=log)  # another, soon after: caught up, no re-anchor
     assert p.reanchors == 1
     times = sends(log)
-    assert min(b - a for a, b in itertools.pairwise(times)) >= MIN_GAP - 1e-9
+    assert min(b - a for a, b in itertools.pairwise(times)) >= GAP - 1e-9
     # Caught up: by 2 s the frames are back on the grid of the first re-anchor (0.32 + k 20 ms).
     assert (times[-1] - 0.320) / 0.020 == pytest.approx(round((times[-1] - 0.320) / 0.020))
     calm = T0 + 2.000 + REARM
@@ -242,8 +244,8 @@ def test_late_sender_re_anchors_once_then_catches_up_until_it_keeps_time() -> No
 
 def test_a_second_fill_soon_after_the_first_keeps_the_grid() -> None:
     """A decoder falling behind twice in a row (100 tracks opening at once) moves the grid
-    once: the second fill's silence goes out on the same grid, caught up at ``MIN_GAP``."""
-    p = Pacer()
+    once: the second fill's silence goes out on the same grid, caught up at ``GAP``."""
+    p = Pacer(min_gap=GAP)
     p.play()
     run(p, T0, T0 + 0.040)
     assert p.poll(T0 + 0.080, audio_ready=False, fill=True) is A.SEND_SILENCE
@@ -252,7 +254,7 @@ def test_a_second_fill_soon_after_the_first_keeps_the_grid() -> None:
     assert p.poll(T0 + 0.220, audio_ready=False, fill=True) is A.UNDERRUN
     assert p.poll(T0 + 0.240, audio_ready=False, fill=True) is A.SEND_SILENCE
     assert p.reanchors == 1
-    assert p.next_deadline() == pytest.approx(T0 + 0.250)  # the grid's 240 ms, then MIN_GAP
+    assert p.next_deadline() == pytest.approx(T0 + 0.250)  # the grid's 240 ms, then GAP
     run(p, T0 + 0.250, T0 + 0.300, log=log)
     assert sends(log)[-4:] == pytest.approx([0.250, 0.260, 0.280, 0.300])
 
