@@ -281,6 +281,15 @@ class Pacer:
         grid = anchor + k * interval
         return grid if grid >= now + min_gap else now + min_gap
 
+    def sent_at(self, when: float) -> float | None:
+        """The frame last taken as sent left at ``when`` (the clock read after the send call),
+        later than the ``now`` it was taken at: the sender was held up in between (preempted
+        on a busy machine). The next frame keeps ``min_gap`` from ``when``, so the two cannot
+        reach the listener closer than that. Returns ``next_deadline()``."""
+        if self._last_sent is not None and when > self._last_sent:
+            self._last_sent = when
+        return self.next_deadline()
+
     def _deadline(self) -> float:
         assert self._anchor is not None
         grid = self._anchor + self._k * self.interval

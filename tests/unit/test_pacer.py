@@ -270,6 +270,19 @@ def test_audio_late_from_the_source_still_re_anchors_past_one_frame() -> None:
     assert p.reanchors == 1
 
 
+def test_a_send_held_up_keeps_the_next_frame_min_gap_after_it_left() -> None:
+    """A catch-up frame taken as sent at 110 ms but out only at 122 ms (the sender preempted
+    in between): the next waits ``min_gap`` from 122 ms, not from 110 ms."""
+    p = Pacer(min_gap=GAP)
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert drain(p, T0 + 0.110) == [A.SEND_AUDIO, A.WAIT]
+    assert p.next_deadline() == pytest.approx(T0 + 0.120)
+    assert p.sent_at(T0 + 0.122) == pytest.approx(T0 + 0.132)
+    assert p.sent_at(T0 + 0.115) == pytest.approx(T0 + 0.132)  # never earlier again
+    assert p.reanchors == 0
+
+
 def test_no_two_frames_closer_than_min_gap_under_random_wakeups() -> None:
     import random
 
