@@ -30,6 +30,13 @@ reports of the bot:
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
   third of the samples minus the mean of the first third.
 
+Beside a CPU-bound process (``--hog``, `HOG_CODE` at normal priority from before the first
+/play to the end of the window) the machine is shared as a busy host shares it: at 50 guilds no
+player may re-anchor; at 100 it is overloaded, and the figures per kind (players re-anchored,
+underruns, packets heard less than `BURST_S` apart and the smallest gap) show how it degrades:
+the passthrough guilds should keep their grid, the transcoding ones fall behind as underruns
+(silence), never as bursts.
+
 The sandbox's voice server decrypts and records every packet; that is cheap beside the rest of
 its work (at 20 guilds, 6.0 % of a core when it decrypted one packet in 50, 6.9 % decrypting
 all), so `sandbox cpu %` is mostly receiving datagrams and serving the listeners.
@@ -43,6 +50,7 @@ That bot runs in this process (`tests.e2e.queue_storm.StormBot`, as in the e2e t
 needs the bot object to read the queues for its ledger.
 
     python bench/bench_load.py --guilds 10 --seconds 10
+    python bench/bench_load.py --guilds 50 --hog --no-queue
 """
 
 from __future__ import annotations
