@@ -103,6 +103,9 @@ LATE_THRESHOLD: Final = 0.002
 #: Lateness histogram: 0.1 ms bins up to 20 ms (the last bin holds everything beyond).
 _HIST_BIN: Final = 0.0001
 _HIST_SIZE: Final = 201
+#: A send that took longer than this (the loop preempted in it) keeps the next frame's minimum
+#: gap from when it left rather than from when it was due (``Pacer.sent_at``).
+_HELD_UP: Final = 0.001
 #: Encode times are kept for this many recent reads (a few seconds of audio per player).
 _ENCODE_WINDOW: Final = 256
 #: Hands out refill chunk sizes round-robin (see ``GuildPlayer.__init__``).
@@ -642,6 +645,14 @@ class GuildPlayer:
             self._ensure_preload()
         if entry.frames and self._life.state in _STARVED:
             self._life.move(PlayerState.PLAYING, reason="frames ready")
+        if (
+            self._timer is not None
+            and self._life.state is PlayerState.PLAYING
+            and entry.started
+            and entry.error is None
+            and len(entry.frames) > 1
+        ):
+            return  # a refill mid-track: the armed frame timer sends them
         self._pump()
 
     # -- the send path (timer callback; must stay cheap) -----------------------------------
@@ -691,7 +702,7 @@ class GuildPlayer:
                 if frames and self._cur is cur and pacer.playing:
                     # Steady state: nothing else can be due before the next frame's deadline,
                     # so skip the second poll (this path runs 50 times a second per player).
-                    self._arm(pacer.next_deadline())
+                    self._arm(pacer.sent_at(self._now()))
                     return
             elif action is PacerAction.WAIT:
                 self._arm(pacer.next_deadline())
@@ -701,6 +712,7 @@ class GuildPlayer:
                     sink.send_frame(OPUS_SILENCE)
                 except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
                     self._sink_failed()
+                pacer.sent_at(self._now())
                 self._silence_sent += 1
             elif action is PacerAction.UNDERRUN:
                 if not self._in_underrun and cur is not None and cur.started:
@@ -827,9 +839,12 @@ class GuildPlayer:
             and not self._pumping
             and (self._gate is None or self._gate.can_send)
         ):
-            deadline = self._pacer.send_due(self._now())
+            now = self._now()
+            deadline = self._pacer.send_due(now)
             if deadline is not None:
                 self._sent_audio(cur)
+                if self._now() - now > _HELD_UP:  # preempted before the send: gap from it
+                    deadline = self._pacer.sent_at(self._now()) or deadline
                 self._timer_when = deadline
                 self._timer = self._call_at(deadline, self._on_timer)
                 return

@@ -30,6 +30,13 @@ reports of the bot:
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
   third of the samples minus the mean of the first third.
 
+Beside a CPU-bound process (``--hog``, `HOG_CODE` at normal priority from before the first
+/play to the end of the window) the machine is shared as a busy host shares it: at 50 guilds no
+player may re-anchor; at 100 it is overloaded, and the figures per kind (players re-anchored,
+underruns, packets heard less than `BURST_S` apart and the smallest gap) show how it degrades:
+the passthrough guilds should keep their grid, the transcoding ones fall behind as underruns
+(silence), never as bursts.
+
 The sandbox's voice server decrypts and records every packet; that is cheap beside the rest of
 its work (at 20 guilds, 6.0 % of a core when it decrypted one packet in 50, 6.9 % decrypting
 all), so `sandbox cpu %` is mostly receiving datagrams and serving the listeners.
@@ -43,6 +50,7 @@ That bot runs in this process (`tests.e2e.queue_storm.StormBot`, as in the e2e t
 needs the bot object to read the queues for its ledger.
 
     python bench/bench_load.py --guilds 10 --seconds 10
+    python bench/bench_load.py --guilds 50 --hog --no-queue
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +112,10 @@ GUARD = 120.0
 QUEUE_PROCESSES = 2
 #: Decode worker processes of the second load run (the machine has two cores).
 LOAD_DECODE_PROCESSES = 2
+#: Two arrivals closer than this at the listener are a burst (the pacer keeps 10 ms at least).
+BURST_S = 0.005
+#: A CPU-bound neighbour at normal priority (the "hog" cases): one core's worth of pure Python.
+HOG_CODE = "while True: pass"
 
 
 @dataclass(frozen=True)
@@ -143,15 +155,20 @@ def _streams(packets: Sequence[ReceivedPacket]) -> dict[int, list[tuple[int, flo
 
 
 def _window(packets: Sequence[ReceivedPacket]) -> dict[str, float]:
-    """Frames, losses and the largest gap of one guild's packets in the window."""
-    frames = lost = 0
-    max_gap = 0.0
+    """Frames, losses, the largest and smallest gap, and the arrivals less than `BURST_S` after
+    the one before (a burst) of one guild's packets in the window."""
+    frames = lost = bursts = 0
+    max_gap, min_gap = 0.0, math.inf
     for seqs in _streams(packets).values():
         frames += len(seqs)
         lost += seqs[-1][0] - seqs[0][0] + 1 - len(seqs)
         arrivals = sorted(a for _, a in seqs)
-        max_gap = max([max_gap, *(b - a for a, b in itertools.pairwise(arrivals))])
-    return {"frames": frames, "lost": lost, "max_gap": max_gap}
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        max_gap = max([max_gap, *gaps])
+        min_gap = min([min_gap, *gaps])
+        bursts += sum(g < BURST_S for g in gaps)
+    return {"frames": frames, "lost": lost, "max_gap": max_gap, "min_gap": min_gap,
+            "bursts": bursts}  # fmt: skip
 
 
 class BotProcess:
@@ -292,6 +309,7 @@ async def load(
     decode_processes: int = 2,
     decode_threads_first: int = 0,
     settle: float = SETTLE_S,
+    hog: bool = False,
     out: Any = None,
 ) -> dict[str, float]:
     """Run `guilds` guilds playing at once for a window of `seconds`; return the figures.
@@ -305,6 +323,8 @@ async def load(
         decode_threads_first: ``[playback] decode_threads_first`` (0: every decode in the
             worker processes).
         settle: Seconds between the last guild heard and the window (see `SETTLE_S`).
+        hog: Run a CPU-bound process (`HOG_CODE`, normal priority) beside the bot from before
+            the first /play to the end of the window.
         out: Where to print progress (default stderr).
 
     Returns:
@@ -351,50 +371,69 @@ async def load(
                 ]
                 log = root / "bot.log"
                 async with bot_process(sb, config_path, log, rss_interval, out) as bot:
-                    t_setup = time.monotonic()
-                    gate = asyncio.Semaphore(SETUP_PARALLEL)
-                    async with asyncio.timeout(GUARD + guilds):
-                        answers = await asyncio.gather(
-                            *(
-                                _setup_guild(
-                                    sb,
-                                    h,
-                                    i,
-                                    media.url("load.webm" if k == "passthrough" else "load.mp3"),
-                                    gate,
+                    with cpu_hog(hog):
+                        t_setup = time.monotonic()
+                        gate = asyncio.Semaphore(SETUP_PARALLEL)
+                        async with asyncio.timeout(GUARD + guilds):
+                            answers = await asyncio.gather(
+                                *(
+                                    _setup_guild(
+                                        sb,
+                                        h,
+                                        i,
+                                        media.url(
+                                            "load.webm" if k == "passthrough" else "load.mp3"
+                                        ),
+                                        gate,
+                                    )
+                                    for i, (h, k) in enumerate(zip(handles, kinds, strict=True))
                                 )
-                                for i, (h, k) in enumerate(zip(handles, kinds, strict=True))
                             )
+                            failed = [a for a in answers if a is not None]
+                            for answer in sorted(set(failed)):
+                                print(f"  /play failed: {answer!r}", file=out, flush=True)
+                            voice = sb.voice_server
+                            await voice.wait_identified(
+                                sb.bot.id, count=guilds - len(failed), timeout=GUARD
+                            )
+                            playing = [
+                                _Guild(h, k, voice.recording(sb.bot.id, h.id))
+                                for h, k, a in zip(handles, kinds, answers, strict=True)
+                                if a is None
+                            ]
+                            for g in playing:
+                                await g.rec.wait_frames(25, timeout=GUARD)
+                        setup_s = time.monotonic() - t_setup
+                        print(
+                            f"  {guilds} guilds playing after {setup_s:.1f} s;"
+                            f" settling {settle:g} s, measuring {seconds:g} s",
+                            file=out,
+                            flush=True,
                         )
-                        failed = [a for a in answers if a is not None]
-                        for answer in sorted(set(failed)):
-                            print(f"  /play failed: {answer!r}", file=out, flush=True)
-                        voice = sb.voice_server
-                        await voice.wait_identified(
-                            sb.bot.id, count=guilds - len(failed), timeout=GUARD
-                        )
-                        playing = [
-                            _Guild(h, k, voice.recording(sb.bot.id, h.id))
-                            for h, k, a in zip(handles, kinds, answers, strict=True)
-                            if a is None
-                        ]
-                        for g in playing:
-                            await g.rec.wait_frames(25, timeout=GUARD)
-                    setup_s = time.monotonic() - t_setup
-                    print(
-                        f"  {guilds} guilds playing after {setup_s:.1f} s; settling {settle:g} s,"
-                        f" measuring {seconds:g} s",
-                        file=out,
-                        flush=True,
-                    )
-                    # The last guilds' start-up (their interactions' follow-ups and posts, the
-                    # store's first snapshots, the collector's pass over what start-up made)
-                    # runs on for a few seconds: the window is the steady state after it.
-                    await asyncio.sleep(settle)
-                    figures = await _measure(bot, playing, seconds)
-                    figures["setup_s"] = setup_s
-                    figures["setup_failed"] = float(len(failed))
-                    return figures
+                        # The last guilds' start-up (their interactions' follow-ups and posts, the
+                        # store's first snapshots, the collector's pass over what start-up made)
+                        # runs on for a few seconds: the window is the steady state after it.
+                        await asyncio.sleep(settle)
+                        figures = await _measure(bot, playing, seconds)
+                        figures["setup_s"] = setup_s
+                        figures["setup_failed"] = float(len(failed))
+                        return figures
+
+
+@contextlib.contextmanager
+def cpu_hog(on: bool) -> Iterator[None]:
+    """A CPU-bound process at normal priority while inside (nothing when ``on`` is false)."""
+    if not on:
+        yield
+        return
+    import subprocess
+
+    hog = subprocess.Popen([sys.executable, "-c", HOG_CODE])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> dict[str, float]:
@@ -438,12 +477,22 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         "passthrough": 0,
         "transcode": 0,
     }
+    # Per kind ("passthrough", "transcode"): players that re-anchored, underruns, bursts heard.
+    kinds: dict[str, dict[str, float]] = {
+        kind: {"reanchored": 0, "underruns": 0, "bursts": 0, "min_gap": math.inf}
+        for kind in ("passthrough", "transcode")
+    }
     arrivals: list[list[float]] = []
     frames = lost = sent = underruns = late = reconnects = reanchors = reanchors_before = 0
+    reanchors_before_max = 0
     max_gap = 0.0
     for g, i0, i1 in zip(playing, start_idx, end_idx, strict=True):
         packets = g.rec.packets[i0:i1]
-        w = _window(packets) if packets else {"frames": 0, "lost": 0, "max_gap": wall}
+        w = (
+            _window(packets)
+            if packets
+            else {"frames": 0, "lost": 0, "max_gap": wall, "min_gap": math.inf, "bursts": 0}
+        )
         frames += int(w["frames"])
         lost += int(w["lost"])
         max_gap = max(max_gap, w["max_gap"])
@@ -457,6 +506,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         reconnects += a["reconnects"] - b["reconnects"]
         reanchors += a["reanchors"] - b["reanchors"]
         reanchors_before += b["reanchors"]
+        reanchors_before_max = max(reanchors_before_max, b["reanchors"])
         why = {
             "underrun": under > 0,
             "reanchor": a["reanchors"] > b["reanchors"],
@@ -465,6 +515,11 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         }
         for key, hit in why.items():
             stalls[key] += hit
+        kind = kinds[g.kind]
+        kind["reanchored"] += why["reanchor"]
+        kind["underruns"] += under
+        kind["bursts"] += w["bursts"]
+        kind["min_gap"] = min(kind["min_gap"], w["min_gap"])
         if any(why.values()):
             stalls["any"] += 1
             stalls[g.kind] += 1
@@ -478,7 +533,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
     ours = [r1["players"][str(g.handle.id)] for g in playing]
     p99 = PLAYER_FIELDS.index("p99_lateness_ms")
     worst = PLAYER_FIELDS.index("max_lateness_ms")
-    return {
+    figures = {
         "guilds": float(len(playing)),
         "seconds": wall,
         "passthrough": float(sum(g.kind == "passthrough" for g in playing)),
@@ -494,6 +549,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         "reconnects": float(reconnects),
         "reanchors": float(reanchors),
         "reanchors_before": float(reanchors_before),
+        "reanchors_before_max": float(reanchors_before_max),
         "frames_sent": float(sent),
         "frames": float(frames),
         "frames_expected": expected * len(playing),
@@ -513,7 +569,12 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         "rss_last_mb": sum(last) / len(last),
         "rss_growth_mb": sum(last) / len(last) - sum(first) / len(first),
         "rss_samples": float(len(rss)),
-    } | {f"rss_{t:.1f}s_mb": v for t, v in zip(rss_at, rss, strict=True)}
+        "bursts": sum(k["bursts"] for k in kinds.values()),
+        "min_gap_ms": min(k["min_gap"] for k in kinds.values()) * 1e3,
+    }
+    per_kind = {f"{kind}_{key}": v for kind, fig in kinds.items() for key, v in fig.items()}
+    per_kind |= {f"{kind}_min_gap_ms": fig["min_gap"] * 1e3 for kind, fig in kinds.items()}
+    return figures | per_kind | {f"rss_{t:.1f}s_mb": v for t, v in zip(rss_at, rss, strict=True)}
 
 
 def load_table(r: dict[str, float], title: str) -> str:
@@ -537,13 +598,21 @@ def load_table(r: dict[str, float], title: str) -> str:
         " and CPU: the bot's)",
         ["dev p99 ms", "dev max ms", "gap p99 ms", "gap max ms", "player late p99 ms",
          "player late max ms", "late frames", "re-anchors", "re-anchors before (start-up)",
+         "most re-anchors before, one player",
          "bot cpu %/stream (incl. children)",
          "bot cpu % total (incl. children)", "bot loop on a CPU %", "bot loop waiting for one %",
          "sandbox cpu %"],
         [[r["dev_p99"], r["dev_max"], r["gap_p99"], r["gap_max_ms"], r["player_late_p99_max"],
           r["player_late_max"], int(r["late_frames"]), int(r["reanchors"]),
-          int(r["reanchors_before"]), r["cpu_pct_per_stream"],
+          int(r["reanchors_before"]), int(r["reanchors_before_max"]), r["cpu_pct_per_stream"],
           r["cpu_pct_total"], r["loop_cpu_pct"], r["loop_wait_pct"], r["sandbox_cpu_pct"]]],
+    )  # fmt: skip
+    text += bc.table(
+        f"Per kind, heard by the listener (a burst: two packets < {BURST_S * 1e3:g} ms apart)",
+        ["kind", "players re-anchored", "underruns", "packets < 5 ms apart", "min gap ms"],
+        [[kind, int(r[f"{kind}_reanchored"]), int(r[f"{kind}_underruns"]),
+          int(r[f"{kind}_bursts"]), r[f"{kind}_min_gap_ms"]]
+         for kind in ("passthrough", "transcode")],
     )  # fmt: skip
     series = sorted(
         (float(k[4:-4]), v) for k, v in r.items() if k.startswith("rss_") and k.endswith("s_mb")
@@ -660,56 +729,90 @@ def index_note(probe: dict[str, float], r: dict[str, float], opus: int, mp3: int
     )
 
 
-def run(quick: bool = True) -> str:
-    """The load section of `make bench`: 100 guilds, a mix of passthrough and transcode.
+#: The load cases: name -> (guilds, passthrough share, decode_processes, decode_threads_first,
+#: a CPU-bound process beside the bot). `make bench` runs `QUICK_CASES`; ``--full`` all of them.
+LOAD_CASES: dict[str, tuple[int, float, int, int, bool]] = {
+    "mixed": (100, 0.5, LOAD_DECODE_PROCESSES, 0, False),
+    "mixed_threads_first": (100, 0.5, LOAD_DECODE_PROCESSES, 8, False),
+    "mixed_threads": (100, 0.5, 0, 0, False),
+    "hog50": (50, 0.5, LOAD_DECODE_PROCESSES, 0, True),
+    "hog100": (100, 0.5, LOAD_DECODE_PROCESSES, 0, True),
+    "passthrough": (100, 1.0, LOAD_DECODE_PROCESSES, 0, False),
+    "mp3": (100, 0.0, LOAD_DECODE_PROCESSES, 0, False),
+    "mp3_threads": (100, 0.0, 0, 0, False),
+}
+QUICK_CASES = ("mixed", "mixed_threads_first", "mixed_threads", "hog50", "hog100")
+#: The figures of each case kept in `FIGURES` as ``load.{case}.{key}``.
+CASE_KEYS = (
+    "guilds",
+    "stalled",
+    "stalled_gap",
+    "stalled_reanchor",
+    "underruns",
+    "reanchors",
+    "reanchors_before",
+    "reanchors_before_max",
+    "frames_lost",
+    "dev_p99",
+    "gap_p99",
+    "gap_max_ms",
+    "player_late_p99_max",
+    "cpu_pct_per_stream",
+    "loop_cpu_pct",
+    "loop_wait_pct",
+    "sandbox_cpu_pct",
+    "rss_growth_mb",
+    "setup_s",
+    "bursts",
+    "min_gap_ms",
+    *(
+        f"{kind}_{key}"
+        for kind in ("passthrough", "transcode")
+        for key in ("reanchored", "underruns", "bursts", "min_gap_ms")
+    ),
+)
 
-    The mix runs three times: with the defaults (every track in 2 worker processes), with the
-    first 8 decodes and every Opus stream in the bot's threads (``decode_threads_first = 8``)
-    and everything in the bot's threads (``decode_processes = 0``).
+
+def run(quick: bool = True, cases: Sequence[str] | None = None, queue: bool = True) -> str:
+    """The load section of `make bench`: many guilds, a mix of passthrough and transcode.
+
+    The 100-guild mix runs three times: with the defaults (every track in 2 worker processes),
+    with the first 8 decodes and every Opus stream in the bot's threads
+    (``decode_threads_first = 8``) and everything in the bot's threads
+    (``decode_processes = 0``). Then beside a CPU-bound process at normal priority: 50 guilds
+    (no player may re-anchor) and 100 (overload: the passthrough guilds keep their grid, the
+    transcoding ones may fall behind as underruns, never as bursts).
+
+    Args:
+        quick: `QUICK_CASES` (else every case of `LOAD_CASES`), unless ``cases`` says.
+        cases: The cases to run, by name.
+        queue: Run the queue storm too.
     """
-    # The queue storm first: its bot runs in this process, which the load runs leave holding
-    # their recordings.
-    ops = asyncio.run(queue_ops())
-    FIGURES.update({f"load.queue.{k}": v for k, v in ops.items()})
-    isolated = asyncio.run(queue_ops(processes=QUEUE_PROCESSES))
-    FIGURES.update({f"load.queue.processes.{k}": v for k, v in isolated.items()})
-    text = queue_table(ops, isolated)
-    p = LOAD_DECODE_PROCESSES
-    # (name, passthrough share, decode_processes, decode_threads_first)
-    mixes = [("mixed", 0.5, p, 0), ("mixed_threads_first", 0.5, p, 8), ("mixed_threads", 0.5, 0, 0)]
-    if not quick:
-        mixes += [("passthrough", 1.0, p, 0), ("mp3", 0.0, p, 0), ("mp3_threads", 0.0, 0, 0)]
-    probe = seek_index_probe()
-    FIGURES.update({f"load.seek_index.{k}": v for k, v in probe.items()})
-    for name, share, processes, threads_first in mixes:
+    text = ""
+    if queue:
+        # The queue storm first: its bot runs in this process, which the load runs leave
+        # holding their recordings.
+        ops = asyncio.run(queue_ops())
+        FIGURES.update({f"load.queue.{k}": v for k, v in ops.items()})
+        isolated = asyncio.run(queue_ops(processes=QUEUE_PROCESSES))
+        FIGURES.update({f"load.queue.processes.{k}": v for k, v in isolated.items()})
+        text += queue_table(ops, isolated)
+    names = list(cases) if cases is not None else list(QUICK_CASES if quick else LOAD_CASES)
+    probe: dict[str, float] | None = None
+    for name in names:
+        guilds, share, processes, threads_first, hog = LOAD_CASES[name]
         r = asyncio.run(
             load(
-                100,
+                guilds,
                 60.0,
                 passthrough_share=share,
                 decode_processes=processes,
                 decode_threads_first=threads_first,
+                hog=hog,
             )
         )
-        for key in (
-            "stalled",
-            "stalled_gap",
-            "underruns",
-            "reanchors",
-            "reanchors_before",
-            "frames_lost",
-            "dev_p99",
-            "gap_p99",
-            "gap_max_ms",
-            "player_late_p99_max",
-            "cpu_pct_per_stream",
-            "loop_cpu_pct",
-            "loop_wait_pct",
-            "sandbox_cpu_pct",
-            "rss_growth_mb",
-            "setup_s",
-        ):
-            FIGURES[f"load.{name}.{key}"] = r[key]  # fmt: skip
+        for key in CASE_KEYS:
+            FIGURES[f"load.{name}.{key}"] = r[key]
         if not processes:
             where = "decoding in threads"
         elif threads_first:
@@ -718,11 +821,18 @@ def run(quick: bool = True) -> str:
             )
         else:
             where = f"decoding in {processes} worker processes"
-        title = f"Load: one bot process, 100 guilds, {name}, {where} ({r['seconds']:.0f} s)"
+        beside = ", beside a CPU-bound process" if hog else ""
+        title = (
+            f"Load: one bot process, {guilds} guilds, {name}, {where}{beside}"
+            f" ({r['seconds']:.0f} s)"
+        )
         text += load_table(r, title)
         if not processes or threads_first:  # the demuxers in the bot process
-            opus = round(100 * share)
-            mp3 = 100 - opus if not processes else min(threads_first, 100 - opus)
+            if probe is None:
+                probe = seek_index_probe()
+                FIGURES.update({f"load.seek_index.{k}": v for k, v in probe.items()})
+            opus = round(guilds * share)
+            mp3 = guilds - opus if not processes else min(threads_first, guilds - opus)
             text += index_note(probe, r, opus, mp3)
     return text
 
@@ -755,6 +865,7 @@ def main() -> None:
         default=0,
         help="[playback] decode_threads_first: decodes kept in threads before the processes",
     )
+    ap.add_argument("--hog", action="store_true", help="a CPU-bound process beside the bot")
     ap.add_argument("--queue-only", action="store_true")
     ap.add_argument("--no-queue", action="store_true")
     args = ap.parse_args()  # fmt: skip
@@ -768,6 +879,7 @@ def main() -> None:
                 settle=args.settle,
                 decode_processes=args.decode_processes,
                 decode_threads_first=args.decode_threads_first,
+                hog=args.hog,
             )
         )
         decode = (

@@ -615,7 +615,7 @@ def run(quick: bool = True) -> str:
             ],
         )
     )
-    rss = rss_per_real_player()
+    rss = rss_in_fresh_process()
     FIGURES["ours.player.rss_playing_kib"] = rss["playing"] / 1024
     parts.append(
         bc.table(
@@ -631,13 +631,39 @@ def run(quick: bool = True) -> str:
     return "".join(parts)
 
 
+def rss_in_fresh_process() -> dict[str, float]:
+    """:func:`rss_per_real_player` in a fresh subprocess.
+
+    In a process that has already played (this one, after the sections before it, or an
+    earlier ``--runs``), the allocator hands the players memory it holds from before, and the
+    figure depends on what ran first: 440 and then 150 KiB per player in two runs of one
+    process, against 540-560 in fresh ones. A fresh process each time makes runs comparable.
+    """
+    out = subprocess.run(
+        [sys.executable, __file__, "--_rss"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"the RSS probe failed: {out.stderr[-1500:]}")
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
+    ap.add_argument("--_rss", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._rss:
+        print(json.dumps(rss_per_real_player()), flush=True)
+        os._exit(0)
     if args._case:
         print(json.dumps(_case(json.loads(args._case))), flush=True)
         os._exit(0)

@@ -93,10 +93,13 @@ class _MediaProtocol(asyncio.DatagramProtocol):
         self._stamp()  # the first ask turns the socket's stamping on (and finds none yet)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        # Both clocks read back to back, before the stamp's ioctl: a syscall's return is where a
+        # busy machine preempts, and a pause between the two reads would move the arrival.
         now = self._loop.time()
+        offset = time.time() - now
         stamped = self._stamp()
         # Realtime -> the loop's monotonic clock; never later than the datagram was read.
-        arrival = now if stamped is None else min(now, stamped - (time.time() - now))
+        arrival = now if stamped is None else min(now, stamped - offset)
         self._on_datagram(data, (str(addr[0]), int(addr[1])), arrival)
 
     def _stamp(self) -> float | None:

@@ -7,10 +7,12 @@ import random
 
 import pytest
 
-from legato.audio.pacer import MIN_GAP, Pacer, PacerAction
+from legato.audio.pacer import CATCH_UP, MIN_GAP, REARM, Pacer, PacerAction
 
 A = PacerAction
 T0 = 1000.0
+#: The minimum gap of the tests that follow a catch-up frame by frame (10 ms steps).
+GAP = 0.010
 
 
 def drain(pacer: Pacer, now: float, *, audio: bool = True) -> list[PacerAction]:
@@ -184,16 +186,100 @@ def test_underrun_longer_than_a_frame_re_anchors() -> None:
 
 
 def test_slightly_late_frame_keeps_grid_but_never_closer_than_min_gap() -> None:
-    p = Pacer()
+    p = Pacer(min_gap=GAP)
     p.play()
     run(p, T0, T0 + 0.020)
     # Frame 2 (due 0.040) goes out 15 ms late; frame 3 stays on the grid only as far as the
     # minimum gap allows: 0.055 + 10 ms = 0.065 instead of 0.060; frame 4 is back on 0.080.
     assert drain(p, T0 + 0.055) == [A.SEND_AUDIO, A.WAIT]
     assert p.last_lateness == pytest.approx(0.015)
-    assert p.next_deadline() == pytest.approx(T0 + 0.055 + MIN_GAP)
+    assert p.next_deadline() == pytest.approx(T0 + 0.055 + GAP)
     log = run(p, p.next_deadline() or 0.0, T0 + 0.100)
     assert sends(log) == pytest.approx([0.065, 0.080, 0.100])
+    assert p.reanchors == 0
+
+
+def test_late_sender_keeps_the_grid_up_to_catch_up_and_catches_it_up() -> None:
+    """A frame with its audio ready but sent 50 ms late (the loop was busy) is not a stall: the
+    grid stays, and the frames after it go out ``GAP`` apart until they are back on it."""
+    p = Pacer(min_gap=GAP)
+    p.play()
+    log = run(p, T0, T0 + 0.040)  # frames at 0, 20, 40 ms; the next is due at 60 ms
+    run(p, T0 + 0.110, T0 + 0.200, log=log)
+    times = sends(log)
+    assert p.reanchors == 0
+    assert times[3:10] == pytest.approx([0.110, 0.120, 0.130, 0.140, 0.150, 0.160, 0.180])
+    assert min(b - a for a, b in itertools.pairwise(times)) >= GAP - 1e-9
+
+
+def test_late_sender_re_anchors_past_catch_up() -> None:
+    p = Pacer()
+    p.play()
+    log = run(p, T0, T0 + 0.040)
+    late = T0 + 0.060 + CATCH_UP + 0.005
+    run(p, late, late + 0.040, log=log)
+    assert p.reanchors == 1
+    assert sends(log)[3:6] == pytest.approx([late - T0, late - T0 + 0.020, late - T0 + 0.040])
+
+
+def test_late_sender_re_anchors_once_then_catches_up_until_it_keeps_time() -> None:
+    """Under a loop that stays overloaded, a stream is re-anchored once, not at every hiccup:
+    later stalls are caught up at ``GAP`` until the sender has kept time for ``REARM``."""
+    p = Pacer(min_gap=GAP)
+    p.play()
+    log = run(p, T0, T0 + 0.100)
+    run(p, T0 + 0.320, T0 + 1.000, log=log)  # a 200 ms stall: re-anchored
+    assert p.reanchors == 1
+    run(p, T0 + 1.200, T0 + 2.000, log=log)  # another, soon after: caught up, no re-anchor
+    assert p.reanchors == 1
+    times = sends(log)
+    assert min(b - a for a, b in itertools.pairwise(times)) >= GAP - 1e-9
+    # Caught up: by 2 s the frames are back on the grid of the first re-anchor (0.32 + k 20 ms).
+    assert (times[-1] - 0.320) / 0.020 == pytest.approx(round((times[-1] - 0.320) / 0.020))
+    calm = T0 + 2.000 + REARM
+    run(p, T0 + 2.020, calm, log=log)  # keeping time for REARM seconds re-arms it
+    run(p, calm + 0.200, calm + 0.300, log=log)
+    assert p.reanchors == 2
+
+
+def test_a_second_fill_soon_after_the_first_keeps_the_grid() -> None:
+    """A decoder falling behind twice in a row (100 tracks opening at once) moves the grid
+    once: the second fill's silence goes out on the same grid, caught up at ``GAP``."""
+    p = Pacer(min_gap=GAP)
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert p.poll(T0 + 0.080, audio_ready=False, fill=True) is A.SEND_SILENCE
+    assert p.reanchors == 1
+    log = run(p, T0 + 0.100, T0 + 0.200)  # audio back on the grid of 80 ms
+    assert p.poll(T0 + 0.220, audio_ready=False, fill=True) is A.UNDERRUN
+    assert p.poll(T0 + 0.240, audio_ready=False, fill=True) is A.SEND_SILENCE
+    assert p.reanchors == 1
+    assert p.next_deadline() == pytest.approx(T0 + 0.250)  # the grid's 240 ms, then GAP
+    run(p, T0 + 0.250, T0 + 0.300, log=log)
+    assert sends(log)[-4:] == pytest.approx([0.250, 0.260, 0.280, 0.300])
+
+
+def test_audio_late_from_the_source_still_re_anchors_past_one_frame() -> None:
+    """The catch-up allowance is the sender's: audio the source was late with (an underrun for
+    that frame) re-anchors past ``stall`` as before, whatever the sender did."""
+    p = Pacer()
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert drain(p, T0 + 0.060, audio=False) == [A.UNDERRUN]
+    assert drain(p, T0 + 0.085) == [A.SEND_AUDIO, A.WAIT]
+    assert p.reanchors == 1
+
+
+def test_a_send_held_up_keeps_the_next_frame_min_gap_after_it_left() -> None:
+    """A catch-up frame taken as sent at 110 ms but out only at 122 ms (the sender preempted
+    in between): the next waits ``min_gap`` from 122 ms, not from 110 ms."""
+    p = Pacer(min_gap=GAP)
+    p.play()
+    run(p, T0, T0 + 0.040)
+    assert drain(p, T0 + 0.110) == [A.SEND_AUDIO, A.WAIT]
+    assert p.next_deadline() == pytest.approx(T0 + 0.120)
+    assert p.sent_at(T0 + 0.122) == pytest.approx(T0 + 0.132)
+    assert p.sent_at(T0 + 0.115) == pytest.approx(T0 + 0.132)  # never earlier again
     assert p.reanchors == 0
 
 
