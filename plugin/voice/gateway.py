@@ -692,8 +692,6 @@ class VoiceConnection:
             transport_name=name,
             # A bot on udp identifies as discord.py does; on webrtc as the capture's browser.
             browser_like=name == "webrtc",
-            # Giving up is bounded by options.reconnect_timeout (time), not by a count.
-            max_failed_connects=1_000,
             max_dave_protocol_version=self.dave.max_protocol_version,
             resume_supported=self._resume_supported,
         )

@@ -212,7 +212,6 @@ class VoiceGatewayCore:
         max_missed_acks: unanswered heartbeats tolerated when the next one comes due.
         resume_supported: False for servers without op7 (Spacebar): drops start a new session.
             :meth:`closed` sets it to False when the server answers op7 with 4003.
-        max_failed_connects: connects in a row that never reach READY before giving up.
     """
 
     def __init__(
@@ -228,7 +227,6 @@ class VoiceGatewayCore:
         browser_like: bool = True,
         max_missed_acks: int = 1,
         resume_supported: bool = True,
-        max_failed_connects: int = 5,
     ) -> None:
         if transport_name not in ("udp", "webrtc"):
             raise ValueError(f"unknown transport {transport_name!r}")
@@ -246,7 +244,6 @@ class VoiceGatewayCore:
         self.browser_like = browser_like
         self.max_missed_acks = max_missed_acks
         self.resume_supported = resume_supported
-        self.max_failed_connects = max_failed_connects
         self.stats = GatewayStats()
         self.log = logging.LoggerAdapter(_log, {"guild_id": self.server_id})
         #: The connection's state; every move queues a :class:`StateChanged` event.
@@ -271,7 +268,6 @@ class VoiceGatewayCore:
 
         self._established = False  # a session reached READY and may be resumed
         self._resume_next = False
-        self._failed_connects = 0
         self._close_request: CloseRequested | None = None
         self._speaking: bool | None = None
         #: The decision :meth:`closed` made last (None before the first close).
@@ -350,7 +346,6 @@ class VoiceGatewayCore:
                 established session or the server cannot resume.
         """
         self.stats.connects += 1
-        self._failed_connects += 1
         self._close_request = None
         self._unacked.clear()
         self._next_heartbeat = None
@@ -525,7 +520,6 @@ class VoiceGatewayCore:
         if session_id is not None:
             self.session_id = session_id
         self._forget_session()
-        self._failed_connects = 0
 
     def close(self, reason: str = "leaving") -> None:
         """We are leaving: the connection ends for good (the shell closes with 1000)."""
@@ -564,17 +558,6 @@ class VoiceGatewayCore:
             if decision.resume_refused and self.resume_supported:
                 self.resume_supported = False
                 self.log.warning("the voice server refused op7 Resume: resume is off toward it")
-        if (
-            decision.action in (CloseAction.RESUME, CloseAction.NEW_SESSION)
-            and self._failed_connects >= self.max_failed_connects
-        ):
-            decision = CloseDecision(
-                CloseAction.STOP,
-                code,
-                f"gave up after {self._failed_connects} connects without a session "
-                f"({decision.reason})",
-                "I could not connect to the voice channel.",
-            )
         if decision.action is CloseAction.NEW_SESSION:
             self._forget_session()
         self.last_decision = decision
@@ -782,7 +765,6 @@ class VoiceGatewayCore:
         self.session = session
         if self.state is ConnState.AWAITING_SESSION:
             self._established = True
-            self._failed_connects = 0
             self.lifecycle.move(ConnState.READY, reason="session description")
         self._events.append(session)
 
@@ -790,7 +772,6 @@ class VoiceGatewayCore:
         if self.state is not ConnState.RESUMING:
             self._unexpected(OP_RESUMED)
             return
-        self._failed_connects = 0
         self.lifecycle.move(ConnState.READY, reason="resumed")
         self._events.append(Resumed())
 

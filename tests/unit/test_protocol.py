@@ -684,16 +684,6 @@ def test_leaving_is_closed_and_final() -> None:
     assert state(core) is ConnState.CLOSED
 
 
-def test_gives_up_after_failed_connects() -> None:
-    core = make(max_failed_connects=3)
-    decisions = []
-    for i in range(3):
-        core.connected(float(i))
-        decisions.append(core.closed(None).action)
-    assert decisions == [CloseAction.NEW_SESSION, CloseAction.NEW_SESSION, CloseAction.STOP]
-    assert state(core) is ConnState.CLOSED
-
-
 # --- speaking, op12, events from other clients ------------------------------------------------
 
 
