@@ -51,9 +51,16 @@ from typing import Final
 
 import av
 import av.error
+import av.filter
 import numpy as np
 
-from legato.audio.encode import OpusDecoder, OpusEncoder, OpusSettings, decode_opus_packets
+from legato.audio.encode import (
+    OpusDecoder,
+    OpusEncoder,
+    OpusSettings,
+    decode_opus_packets,
+    encoder_lookahead,
+)
 from legato.audio.fetch import (
     PROTOCOL_WHITELIST,
     VOUCHED,
@@ -100,6 +107,11 @@ _WARM_PACKETS: Final = 6
 
 #: Of those, how many frames also warm the encoder before its first real frame.
 _WARM_ENCODER_FRAMES: Final = 3
+
+#: Bytes of PyAV's buffer per file it reads through Python (FFmpeg's AVIOContext for each of our
+#: readers). PyAV's default, 32 KiB, costs about 25 KiB more per player than this, for a read
+#: callback every 8 KiB (a few a second at streaming bitrates).
+_IO_BUFFER: Final = 8192
 
 #: Containers whose Opus packets we send unchanged.
 _PASSTHROUGH_FORMATS: Final = frozenset({"ogg", "matroska", "webm"})
@@ -262,6 +274,7 @@ def _open_container(
             options={"protocol_whitelist": PROTOCOL_WHITELIST},
             timeout=(timeout, timeout),
             io_open=open_io,
+            buffer_size=_IO_BUFFER,
         )
     return av.open(
         stream.url,
@@ -269,6 +282,7 @@ def _open_container(
         options={"protocol_whitelist": PROTOCOL_WHITELIST, "http_persistent": "0"},
         timeout=(timeout, timeout),
         io_open=open_io,
+        buffer_size=_IO_BUFFER,
     )
 
 
@@ -339,6 +353,66 @@ class Gain:
         return np.rint(samples).astype("<i2").tobytes()
 
 
+class _Resampler:
+    """``av.AudioResampler`` to 48 kHz s16 in ``layout``, in a filter graph of one thread.
+
+    ``av.AudioResampler`` leaves its graph's thread count to FFmpeg, which starts a pool of one
+    thread per core for every resampler (none of whose filters run in slices): two idle threads
+    and about 17 KiB per transcoding player on a 2-core machine. The graph is the same
+    (``abuffer`` -> ``aformat`` -> ``abuffersink``, FFmpeg inserting ``aresample``), so is the
+    audio.
+    """
+
+    def __init__(self, layout: str) -> None:
+        self._layout = layout
+        self._graph: av.filter.Graph | None = None
+
+    def resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        """The frames ``frame`` completes; ``None`` flushes what is held."""
+        if self._graph is None:
+            if frame is None:
+                return []
+            if (frame.format.name, frame.layout.name, frame.sample_rate) == (
+                "s16",
+                self._layout,
+                SAMPLE_RATE,
+            ):
+                return [frame]  # already in shape (as av.AudioResampler, no graph)
+            self._graph = self._build(frame)
+        self._graph.push(frame)
+        out: list[av.AudioFrame] = []
+        while True:
+            try:
+                pulled = self._graph.pull()
+            except (EOFError, av.error.BlockingIOError):
+                return out
+            assert isinstance(pulled, av.AudioFrame)
+            out.append(pulled)
+
+    def _build(self, frame: av.AudioFrame) -> av.filter.Graph:
+        graph = av.filter.Graph()
+        graph.threads = 1
+        extra = {} if frame.time_base is None else {"time_base": str(frame.time_base)}
+        source = graph.add(
+            "abuffer",
+            sample_rate=str(frame.sample_rate),
+            sample_fmt=frame.format.name,
+            channel_layout=frame.layout.name,
+            **extra,
+        )
+        shape = graph.add(
+            "aformat",
+            sample_rates=str(SAMPLE_RATE),
+            sample_fmts="s16",
+            channel_layouts=self._layout,
+        )
+        sink = graph.add("abuffersink")
+        source.link_to(shape)
+        shape.link_to(sink)
+        graph.configure()
+        return graph
+
+
 class _BaseSource:
     """What both sources share: the encoder, volume ramps, reading and closing."""
 
@@ -354,8 +428,9 @@ class _BaseSource:
         self._audio = audio
         self._url = info.url
         self._remote = not info.is_local
-        self._encoder = OpusEncoder(opus)
-        self._lookahead = int(self._encoder.lookahead)
+        self._opus = opus
+        self._encoder_made: OpusEncoder | None = None
+        self._lookahead = encoder_lookahead(opus)
         #: The PCM stage between resampling and encoding (see the module docstring).
         self._stage = Gain(volume)
         self._closed = False
@@ -530,6 +605,14 @@ class _BaseSource:
                 continue  # the demuxer's flush packet
             yield packet
 
+    @property
+    def _encoder(self) -> OpusEncoder:
+        """The Opus encoder, made on first use: a passthrough stream may never need its
+        ~50 KiB of libopus state."""
+        if self._encoder_made is None:
+            self._encoder_made = OpusEncoder(self._opus)
+        return self._encoder_made
+
     def _scale_and_encode(self, pcm: bytes) -> bytes:
         """Run one frame through the PCM stage and encode it."""
         return self._encoder.encode(self._stage.apply(pcm))
@@ -583,7 +666,7 @@ class _TranscodeSource(_BaseSource):
         # Drop the encoder's lookahead (see the module docstring), and after a seek whatever
         # decodes before the target.
         skip = self._lookahead
-        resampler: av.AudioResampler | None = None
+        resampler: _Resampler | None = None
         shape: tuple[str, str, int] | None = None
         first = True
         for frame in self._decoded():
@@ -600,9 +683,7 @@ class _TranscodeSource(_BaseSource):
                 # Mono is resampled as mono and copied to both sides at full level: FFmpeg's
                 # mono-to-stereo matrix would put it 3 dB down.
                 mono = frame.layout.nb_channels == 1
-                resampler = av.AudioResampler(
-                    format="s16", layout="mono" if mono else "stereo", rate=SAMPLE_RATE
-                )
+                resampler = _Resampler("mono" if mono else "stereo")
                 shape = this_shape
             for out in resampler.resample(frame):
                 pcm += _stereo_bytes(out)
@@ -647,7 +728,7 @@ class _OpusSource(_BaseSource):
         super().__init__(container, audio, info, opus, volume)
         self._allow = allow_passthrough
         self._packets_ok = True  # every packet so far was 20 ms (passthrough needs that)
-        self._decoder = OpusDecoder()
+        self._decoder_made: OpusDecoder | None = None
         self._decoding = False
         self._history: deque[bytes] = deque(maxlen=_WARM_PACKETS)
         self._ahead: deque[bytes] = deque()  # read from the container, not yet emitted
@@ -658,6 +739,13 @@ class _OpusSource(_BaseSource):
     @property
     def passthrough(self) -> bool:
         return self._want_passthrough() and not self._decoding
+
+    @property
+    def _decoder(self) -> OpusDecoder:
+        """The libopus decoder, made when the stream is first decoded (not in passthrough)."""
+        if self._decoder_made is None:
+            self._decoder_made = OpusDecoder()
+        return self._decoder_made
 
     def _want_passthrough(self) -> bool:
         return self._allow and self._packets_ok and self._stage.neutral

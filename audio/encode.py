@@ -9,6 +9,7 @@ the whole set is configurable through :class:`OpusSettings`.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -116,6 +117,12 @@ class OpusEncoder:
         if size < 0:
             raise opuslib.OpusError(size)
         return self._out.raw[:size]
+
+
+@functools.cache
+def encoder_lookahead(settings: OpusSettings | None = None) -> int:
+    """:attr:`OpusEncoder.lookahead` for ``settings``, without keeping an encoder."""
+    return OpusEncoder(settings).lookahead
 
 
 class OpusDecoder:

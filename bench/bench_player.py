@@ -407,11 +407,15 @@ def rss_per_real_player(count: int = 16) -> dict[str, float]:
                 for kind in ("mp3", "webm")
             }
             opener = make_opener(resolver, opus=OpusSettings(), executor=pool)
-            # One player first, so that one-off costs (codec tables, threads) are not counted.
-            warm = GuildPlayer(NullSink(), opener, executor=pool)
-            warm.queue.add([tracks["mp3"]])
-            warm.start()
-            await warm.wait_for(PlayerState.PLAYING)
+            # One player of each kind first, so that one-off costs (codec tables, threads, the
+            # first use of each demuxer) are not counted.
+            warm = []
+            for kind in ("mp3", "webm"):
+                w = GuildPlayer(NullSink(), opener, executor=pool)
+                w.queue.add([tracks[kind]])
+                w.start()
+                await w.wait_for(PlayerState.PLAYING)
+                warm.append(w)
             gc.collect()
             before = proc.memory_info().rss
             players = []
@@ -428,7 +432,7 @@ def rss_per_real_player(count: int = 16) -> dict[str, float]:
                     await p.wait_for(PlayerState.PLAYING)
                 await asyncio.sleep(1.0)  # buffers refilled, decoders warm
             playing = proc.memory_info().rss
-            for p in [warm, *players]:
+            for p in [*warm, *players]:
                 await p.close()
         return {"idle": (idle - before) / count, "playing": (playing - before) / count}
 

@@ -11,6 +11,7 @@ from legato.audio.encode import (
     OpusEncoder,
     OpusSettings,
     decode_opus_packets,
+    encoder_lookahead,
 )
 from legato.audio.source import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
 from legato.errors import DecodeError
@@ -67,6 +68,13 @@ def test_lookahead_is_the_delay_of_decoded_audio() -> None:
     frames = [bytes(impulse[i : i + FRAME_BYTES]) for i in range(0, len(impulse), FRAME_BYTES)]
     mono = pcm_to_mono(decode_opus_packets(encoder.encode(f) for f in frames))
     assert int(np.argmax(np.abs(mono))) == pytest.approx(1000 + encoder.lookahead, abs=3)
+
+
+@pytest.mark.parametrize("application", ["audio", "voip", "restricted_lowdelay"])
+def test_encoder_lookahead_is_an_encoders(application: str) -> None:
+    settings = OpusSettings(application=application)
+    assert encoder_lookahead(settings) == OpusEncoder(settings).lookahead
+    assert encoder_lookahead(None) == OpusEncoder().lookahead
 
 
 def test_bitrate_setting_changes_packet_size() -> None:
