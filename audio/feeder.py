@@ -8,13 +8,14 @@ on the loop, awaited through the reader's awaitable, applied on the loop when it
 Where the work runs (an executor thread, a decode worker process) is the reader's business, and
 so errors come back one way: the awaitable raises the ``legato.errors`` class.
 
-- **Reads.** An entry is read whenever its buffer is at or below the player's low-water mark,
-  up to ``cap`` frames (``passthrough_cap`` while its reader passes Opus through); the read's result is applied in its done-callback, which reads again at
-  once if the buffer is still low. The send path never starts a read: when a frame it takes
-  leaves the buffer low it calls :meth:`Feeder.wake`, which notes the entry, and the feeder
-  starts the reads noted in one callback after the timer slot's (the sends of a slot are not
-  interleaved with worker wake-ups). Not a task step per refill: one per refill at 256 players
-  cost 10-20 % more CPU per stream than this (``bench/bench_player.py``, measured side by side).
+- **Reads.** An entry is read whenever its buffer is at or below the player's low-water mark, up
+  to ``cap`` frames (``passthrough_cap`` while its reader passes Opus through); the read's
+  result is applied in its done-callback, which reads again at once if the buffer is still low.
+  The send path never starts a read: when a frame it takes leaves the buffer low it calls
+  :meth:`Feeder.wake`, which notes the entry, and the feeder starts the reads noted in one
+  callback after the timer slot's (the sends of a slot are not interleaved with worker
+  wake-ups). Not a task step per refill: one per refill at 256 players cost 10-20 % more CPU per
+  stream than this (``bench/bench_player.py``, measured side by side).
 - **Tasks.** Opening a track is the one call that is a coroutine (the opener resolves, then
   opens): each open runs in a task the feeder owns, cancelled when its entry is retired and
   awaited by :meth:`Feeder.close`.
