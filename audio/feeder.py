@@ -8,13 +8,14 @@ on the loop, awaited through the reader's awaitable, applied on the loop when it
 Where the work runs (an executor thread, a decode worker process) is the reader's business, and
 so errors come back one way: the awaitable raises the ``legato.errors`` class.
 
-- **Reads.** An entry is read whenever its buffer is at or below the player's low-water mark,
-  up to ``cap`` frames; the read's result is applied in its done-callback, which reads again at
-  once if the buffer is still low. The send path never starts a read: when a frame it takes
-  leaves the buffer low it calls :meth:`Feeder.wake`, which notes the entry, and the feeder
-  starts the reads noted in one callback after the timer slot's (the sends of a slot are not
-  interleaved with worker wake-ups). Not a task step per refill: one per refill at 256 players
-  cost 10-20 % more CPU per stream than this (``bench/bench_player.py``, measured side by side).
+- **Reads.** An entry is read whenever its buffer is at or below the player's low-water mark, up
+  to ``cap`` frames (``passthrough_cap`` while its reader passes Opus through); the read's
+  result is applied in its done-callback, which reads again at once if the buffer is still low.
+  The send path never starts a read: when a frame it takes leaves the buffer low it calls
+  :meth:`Feeder.wake`, which notes the entry, and the feeder starts the reads noted in one
+  callback after the timer slot's (the sends of a slot are not interleaved with worker
+  wake-ups). Not a task step per refill: one per refill at 256 players cost 10-20 % more CPU per
+  stream than this (``bench/bench_player.py``, measured side by side).
 - **Tasks.** Opening a track is the one call that is a coroutine (the opener resolves, then
   opens): each open runs in a task the feeder owns, cancelled when its entry is retired and
   awaited by :meth:`Feeder.close`.
@@ -120,6 +121,9 @@ class Feeder:
             shared pool).
         cap: Frames buffered at most.
         low: Read when this many frames or fewer are buffered.
+        passthrough_cap: Frames buffered at most while the reader passes Opus through (its
+            reads cost microseconds; what costs is each hand-off, so fewer, larger ones).
+            ``None``: ``cap``.
         max_reopens: Tries to reopen a stream that broke off, without audio in between.
         volume: Gives the player's volume (applied to every track opened).
         on_update: Called with an entry after frames came, it ended or failed.
@@ -136,6 +140,7 @@ class Feeder:
         executor: Executor | None,
         cap: int,
         low: int,
+        passthrough_cap: int | None = None,
         max_reopens: int,
         volume: Callable[[], float],
         on_update: Callable[[Entry], None],
@@ -148,6 +153,7 @@ class Feeder:
         self._executor = executor
         self._cap = cap
         self._low = low
+        self._passthrough_cap = cap if passthrough_cap is None else max(cap, passthrough_cap)
         self._max_reopens = max_reopens
         self._volume = volume
         self._on_update = on_update
@@ -262,7 +268,8 @@ class Feeder:
             busy.add_done_callback(lambda f: self._op_done(entry, op, f))
             return
         if not entry.eof and len(entry.frames) <= self._low:
-            read = entry.busy = completion(reader.read_chunk(self._cap - len(entry.frames)))
+            cap = self._passthrough_cap if reader.passthrough else self._cap
+            read = entry.busy = completion(reader.read_chunk(cap - len(entry.frames)))
             read.add_done_callback(lambda f: self._read_done(entry, f))
 
     async def _open(self, entry: Entry) -> FrameReader:

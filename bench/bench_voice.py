@@ -384,8 +384,11 @@ class _TimedSink:
         self.times.append(self._mono())
 
 
-async def _ramp_case(n: int, seconds: float, warmup: float, paced_by: str) -> dict[str, float]:
-    """N prepared UdpTransports fed pre-made frames, paced by one tick or by N GuildPlayers."""
+async def _ramp_case(
+    n: int, seconds: float, warmup: float, paced_by: str, passthrough_buffer_ms: int | None = None
+) -> dict[str, float]:
+    """N prepared UdpTransports fed pre-made frames, paced by one tick or by N GuildPlayers
+    (``passthrough_buffer_ms``: theirs; ``None``: the player's default)."""
     loop = asyncio.get_running_loop()
     sink = _Sink(loop)
     frames = _tone_frames()
@@ -422,7 +425,10 @@ async def _ramp_case(n: int, seconds: float, warmup: float, paced_by: str) -> di
             async def opener(track: Track, start: float) -> FrameSource:
                 return _LoopSource(frames)
 
-            players = [GuildPlayer(s, opener, executor=pool) for s in sinks]
+            players = [
+                GuildPlayer(s, opener, executor=pool, passthrough_buffer_ms=passthrough_buffer_ms)
+                for s in sinks
+            ]
             for i, p in enumerate(players):
                 p.queue.add([Track(url=f"bench:{i}", title=f"bench {i}")])
                 loop.call_at(t_start + i / n * FRAME_S, p.start)
@@ -538,7 +544,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--full", action="store_true")
+    ap.add_argument(
+        "--players",
+        type=int,
+        default=0,
+        help="only N GuildPlayers (8 s windows, 3 runs), not the whole section",
+    )
+    ap.add_argument(
+        "--passthrough-buffer-ms",
+        type=int,
+        default=None,
+        help="with --players: GuildPlayer(passthrough_buffer_ms=) (default: the player's)",
+    )
     args = ap.parse_args()
+    if args.players:
+        for _ in range(3):
+            r = asyncio.run(
+                _ramp_case(args.players, 8.0, 2.0, "player", args.passthrough_buffer_ms)
+            )
+            print(
+                f"{args.players} GuildPlayers, load {os.getloadavg()[0]:.2f}: gap p99 "
+                f"{r['gap_p99']:.2f} ms, p50 {r['gap_p50']:.2f} ms, cpu {r['cpu_pct']:.4f} "
+                f"%/stream, delivered {r['delivered']:.3f}"
+            )
+        return
     print(run(quick=not args.full))
     print(FIGURES, file=sys.stderr)
 

@@ -522,6 +522,34 @@ async def test_frames_are_read_in_chunks_not_one_by_one() -> None:
     await player.close()
 
 
+@pytest.mark.parametrize("volume", [1.0, 0.5])
+async def test_a_passthrough_track_reads_up_to_its_own_buffer(volume: float) -> None:
+    """``passthrough_buffer_ms``: while the source passes Opus through, reads fill up to it
+    (from the same low-water mark, so larger and fewer); a transcoding one (volume 0.5) still
+    reads up to ``buffer_ms``."""
+    clock = FakeClock()
+    sink = RecordingSink(clock)
+    opener = ScriptedOpener()
+    player = GuildPlayer(
+        sink,
+        opener,
+        clock=clock,
+        executor=InlineExecutor(),
+        buffer_ms=300,
+        passthrough_buffer_ms=600,
+        volume=volume,
+    )
+    player.queue.add([opener.script("A", 200)])
+    player.start()
+    await clock.run_until(lambda: player.state is PlayerState.IDLE)
+    reads = opener.sources[0].reads
+    cap = 30 if volume == 1.0 else 15
+    assert max(reads) == cap
+    assert min(reads[:-1]) >= cap - 8  # refills start at the same low-water mark (5 to 8)
+    assert len(sink.audio) == 200
+    await player.close()
+
+
 async def test_previous_after_queue_end_replays_last_track(rig: Rig) -> None:
     rig.play(rig.track("A", 2))
     await rig.clock.run_until(lambda: rig.player.state is PlayerState.IDLE)
