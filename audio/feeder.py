@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -112,6 +113,22 @@ class Entry:
         return bool(self.ops)
 
 
+#: Per loop, the feeders the send path woke since the loop last ran
+#: :func:`_read_low_feeders` (one callback a slot for all of them).
+_LOW_FEEDERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Feeder]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _read_low_feeders(loop: asyncio.AbstractEventLoop) -> None:
+    feeders = _LOW_FEEDERS.get(loop)
+    if not feeders:
+        return
+    _LOW_FEEDERS[loop] = []
+    for feeder in feeders:
+        feeder._read_low()
+
+
 class Feeder:
     """Fills the buffers of one player's open tracks (see the module docstring).
 
@@ -184,7 +201,13 @@ class Feeder:
         if entry.busy is not None or entry.eof:
             return  # a call is out: its completion reads again if need be
         if not self._low_entries:
-            self._loop.call_soon(self._read_low)
+            waiting = _LOW_FEEDERS.get(self._loop)
+            if waiting is None:
+                waiting = _LOW_FEEDERS[self._loop] = []
+            if not waiting:
+                # One callback for every feeder of the loop woken in this slot, not one each.
+                self._loop.call_soon(_read_low_feeders, self._loop)
+            waiting.append(self)
         self._low_entries.append(entry)
 
     def request(

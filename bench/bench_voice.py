@@ -402,20 +402,8 @@ async def _ramp_case(
             )
         sink.stop_reading()
         sinks = [_TimedSink(t) for t in transports]
-        t_start = loop.time() + 0.05
         stop = asyncio.Event()
-        if paced_by == "tick":
-
-            def tick(k: int) -> None:
-                if stop.is_set():
-                    return
-                frame = frames[k % 50]
-                for s in sinks:
-                    s.send_frame(frame)
-                loop.call_at(t_start + (k + 1) * FRAME_S, tick, k + 1)
-
-            loop.call_at(t_start, tick, 0)
-        else:
+        if paced_by != "tick":
             from legato.audio.player import GuildPlayer
             from legato.audio.source import FrameSource
             from legato.audio.track import Track
@@ -431,9 +419,26 @@ async def _ramp_case(
             ]
             for i, p in enumerate(players):
                 p.queue.add([Track(url=f"bench:{i}", title=f"bench {i}")])
-                loop.call_at(t_start + i / n * FRAME_S, p.start)
+        # Collect (and freeze what is made) before the clock starts: in a process that ran other
+        # sections first (``run.py --only load,voice``), a full collection takes seconds, and a
+        # tick or players started before it would begin that far behind their deadlines.
         gc.collect()
         gc.freeze()
+        t_start = loop.time() + 0.05
+        if paced_by == "tick":
+
+            def tick(k: int) -> None:
+                if stop.is_set():
+                    return
+                frame = frames[k % 50]
+                for s in sinks:
+                    s.send_frame(frame)
+                loop.call_at(t_start + (k + 1) * FRAME_S, tick, k + 1)
+
+            loop.call_at(t_start, tick, 0)
+        else:
+            for i, p in enumerate(players):
+                loop.call_at(t_start + i / n * FRAME_S, p.start)
         await asyncio.sleep(t_start - loop.time() + warmup)
         c0, t0 = time.process_time(), time.monotonic()
         await asyncio.sleep(seconds)
