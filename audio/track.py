@@ -74,20 +74,6 @@ class Track:
     stream: StreamInfo | None = field(default=None, compare=False, repr=False)
     resolved_at: float | None = field(default=None, compare=False, repr=False)
 
-    def with_requester(self, requester_id: int) -> Track:
-        """Return a copy (with a new ``uid``) attributed to ``requester_id``."""
-        return Track(
-            url=self.url,
-            title=self.title,
-            duration=self.duration,
-            page_url=self.page_url,
-            thumbnail=self.thumbnail,
-            requester_id=requester_id,
-            live=self.live,
-            stream=self.stream,
-            resolved_at=self.resolved_at,
-        )
-
     def with_stream(self, stream: StreamInfo | None, resolved_at: float | None) -> Track:
         """Return this track (same ``uid``) carrying ``stream``, found at ``resolved_at``."""
         return replace(self, stream=stream, resolved_at=resolved_at)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -103,30 +104,19 @@ class MusicCog(Protocol):
     ) -> GuildSession: ...
 
 
+#: The fields of a track the store keeps: every field of :class:`TrackRecord`, named as on
+#: :class:`Track`.
+_STORED: Final = tuple(f.name for f in dataclasses.fields(TrackRecord))
+
+
 def record_of(track: Track) -> TrackRecord:
     """``track`` as the store keeps it (its uid is a per-process identity and is not kept)."""
-    return TrackRecord(
-        url=track.url,
-        title=track.title,
-        duration=track.duration,
-        page_url=track.page_url,
-        thumbnail=track.thumbnail,
-        requester_id=track.requester_id,
-        live=track.live,
-    )
+    return TrackRecord(**{name: getattr(track, name) for name in _STORED})
 
 
 def track_of(record: TrackRecord) -> Track:
     """A stored track as a new :class:`Track` (with a new uid)."""
-    return Track(
-        url=record.url,
-        title=record.title,
-        duration=record.duration,
-        page_url=record.page_url,
-        thumbnail=record.thumbnail,
-        requester_id=record.requester_id,
-        live=record.live,
-    )
+    return Track(**{name: getattr(record, name) for name in _STORED})
 
 
 def snapshot_of(session: GuildSession) -> GuildSnapshot:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -115,16 +116,17 @@ def imported_modules(path: Path, package: str = "legato") -> set[str]:
     return names
 
 
+def within(module: str, packages: Iterable[str]) -> bool:
+    """Whether ``module`` is one of ``packages`` or inside one of them."""
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 def root_modules() -> list[str]:
     return sorted(p.name for p in (ROOT / "plugin").glob("*.py") if p.name not in WIRING)
 
 
 def reaches_down(path: Path) -> set[str]:
-    return {
-        name
-        for name in imported_modules(path)
-        if any(name == sub or name.startswith(sub + ".") for sub in SUBPACKAGES)
-    }
+    return {name for name in imported_modules(path) if within(name, SUBPACKAGES)}
 
 
 @pytest.mark.parametrize("name", root_modules())
@@ -176,7 +178,7 @@ MOVED_TO_SANDBOX = {
 
 
 def _is_sandbox(module: str) -> bool:
-    return module == "legato.sandbox" or module.startswith("legato.sandbox.")
+    return within(module, ("legato.sandbox",))
 
 
 _IMPORT_ROOTS = {"plugin": "legato", "cogs": "legato.cogs", "audio": "legato.audio"}
@@ -251,9 +253,5 @@ SIDE_BY_SIDE = {
 def test_audio_and_voice_do_not_import_each_other_or_the_cog(path: Path) -> None:
     folder = next(f for f in SIDE_BY_SIDE if path.is_relative_to(ROOT / f))
     banned = SIDE_BY_SIDE[folder]
-    bad = sorted(
-        name
-        for name in imported_modules(path, _package_of(path))
-        if any(name == b or name.startswith(b + ".") for b in banned)
-    )
+    bad = sorted(name for name in imported_modules(path, _package_of(path)) if within(name, banned))
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
