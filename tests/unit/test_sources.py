@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,36 @@ def test_defaults_point_yt_dlp_at_the_bundled_deno_and_nothing_else() -> None:
     assert os.access(deno, os.X_OK)
     assert source_settings(SourcesConfig()) == SourceSettings()
     assert ydl_params(SourceSettings()) == {"js_runtimes": {"deno": {"path": deno}}}
+
+
+_RACE = """
+import threading
+from legato.audio.sources import bundled_deno
+n = 32
+gate = threading.Barrier(n)
+found, errors = [], []
+def look():
+    gate.wait()
+    try:
+        found.append(bundled_deno())
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=look) for _ in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(found), len(set(found)), errors[:1])
+"""
+
+
+def test_the_bundled_deno_is_found_by_many_threads_at_once_in_a_fresh_process() -> None:
+    # Several /play resolving at once look it up from yt-dlp threads; Python 3.11's lazy
+    # sysconfig set-up under the deno package made some of them raise TypeError (4 fresh
+    # processes in 5 before the fix). A fresh interpreter each time: the set-up happens once.
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert done.stdout.split() == ["32", "1", "[]"], done.stdout + done.stderr
 
 
 def test_every_key_becomes_yt_dlp_options(tmp_path: Path) -> None:
