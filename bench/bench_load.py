@@ -633,6 +633,7 @@ async def _measure(
         for kind in ("passthrough", "transcode")
     }
     arrivals: list[list[float]] = []
+    lost_at: dict[int, int] = {}
     frames = lost = sent = underruns = late = reconnects = reanchors = reanchors_before = 0
     reanchors_before_max = 0
     max_gap = 0.0
@@ -673,7 +674,15 @@ async def _measure(
         if any(why.values()):
             stalls["any"] += 1
             stalls[g.kind] += 1
-        arrivals.extend([t for _, t in seqs] for seqs in _streams(packets).values())
+        for seqs in _streams(packets).values():
+            arrivals.append([t for _, t in seqs])
+            for (s0, a0), (s1, _) in itertools.pairwise(seqs):
+                if s1 - s0 > 1:  # a loss: when the packet before it arrived, by the second
+                    lost_at[int(a0 - t0)] = lost_at.get(int(a0 - t0), 0) + s1 - s0 - 1
+    if lost_at:
+        print(
+            f"    frames lost by second of the window: {sorted(lost_at.items())}", file=sys.stderr
+        )
     pacing = bc.pacing_stats(arrivals)
     rss = [r["rss"] / 2**20 for r in samples]
     rss_at = [r["t"] - r0["t"] for r in samples]
