@@ -367,10 +367,10 @@ async def load(
     """
     out = out or sys.stderr
     alive = len(gc.get_objects())
-    recorded = sum(type(o) is ReceivedPacket for o in gc.get_objects())
+    recorded = sum(len(o.packets) for o in gc.get_objects() if type(o) is Recording)
     print(
         f"  this process at the start: {alive} objects the collector tracks,"
-        f" {recorded} recorded packets",
+        f" {recorded} packets in recordings alive",
         file=out,
         flush=True,
     )
@@ -542,30 +542,28 @@ async def _measure(
     """The window: the bot's reports at both ends, the recordings' packets in between."""
     pauses, lag = probes
     sandbox = psutil.Process()
-    start_idx = [len(g.rec.packets) for g in playing]
-    sandbox_cpu0 = sum(sandbox.cpu_times()[:2])
-    t0 = time.monotonic()
-    drops0 = socket_drops(media_port)
-    r0 = await bot.request()
-    # A collection of the recordings' packets (millions of objects) would pause this process,
-    # which runs the sandbox, long enough to fill its media socket's receive buffer.
+    # Collect before the clock starts, and take what is left out of the collector's reach for
+    # the window (this process runs the sandbox: its pauses must not fall in the window).
     c0 = time.perf_counter()
     gc.collect()
     collect_s = time.perf_counter() - c0
     gc.freeze()
-    gc.disable()
     try:
+        start_idx = [len(g.rec.packets) for g in playing]
+        sandbox_cpu0 = sum(sandbox.cpu_times()[:2])
+        t0 = time.monotonic()
+        drops0 = socket_drops(media_port)
+        r0 = await bot.request()
         s0 = time.monotonic()
         await asyncio.sleep(seconds)  # the window itself: nothing to wait on
         sleep_over = time.monotonic() - s0 - seconds
+        r1 = await bot.request()
+        end_idx = [len(g.rec.packets) for g in playing]
+        wall = time.monotonic() - t0
+        t1 = time.monotonic()
+        drops1 = socket_drops(media_port)
     finally:
-        gc.enable()
         gc.unfreeze()
-    r1 = await bot.request()
-    end_idx = [len(g.rec.packets) for g in playing]
-    wall = time.monotonic() - t0
-    t1 = time.monotonic()
-    drops1 = socket_drops(media_port)
     sandbox_long_gc = _during(pauses.long, t0, t1)
     sandbox_long_lag = _during(lag.long, t0, t1)
     bot_gc = [r0["gc"], r1["gc"]] if r0.get("gc") and r1.get("gc") else None
@@ -768,6 +766,15 @@ def load_table(r: dict[str, float], title: str) -> str:
           r["cpu_pct_total"], r["loop_cpu_pct"], r["loop_wait_pct"], r["sandbox_cpu_pct"]]],
     )  # fmt: skip
     text += bc.table(
+        "The instrument: this process (the sandbox, the listener) and the bot's, in the window"
+        " (a datagram the listener's socket dropped is lost to it, however the bot sent it)",
+        ["listener socket drops", "sandbox loop lag max ms", "sandbox collection max ms",
+         "collect before the window s", "bot loop lag max ms", "bot collection max ms",
+         "bot full collections"],
+        [[r["listener_socket_drops"], r["sandbox_lag_max_ms"], r["sandbox_gc_max_ms"],
+          r["sandbox_collect_s"], r["bot_lag_max_ms"], r["bot_gc_max_ms"], r["bot_gc_gen2"]]],
+    )  # fmt: skip
+    text += bc.table(
         f"Per kind, heard by the listener (a burst: two packets < {BURST_S * 1e3:g} ms apart)",
         ["kind", "players re-anchored", "underruns", "packets < 5 ms apart", "min gap ms"],
         [[kind, int(r[f"{kind}_reanchored"]), int(r[f"{kind}_underruns"]),
@@ -923,6 +930,10 @@ CASE_KEYS = (
     "sandbox_cpu_pct",
     "rss_growth_mb",
     "setup_s",
+    "listener_socket_drops",
+    "sandbox_lag_max_ms",
+    "bot_lag_max_ms",
+    "bot_gc_max_ms",
     "bursts",
     "min_gap_ms",
     *(
@@ -981,6 +992,9 @@ def run(
                 keep_log=HERE.parent / "out" / f"load_bot_{name}.log" if dump_stalls else None,
             )
         )
+        # The case's sandbox, recordings and loop are garbage now, some of it in cycles: free
+        # it here, between windows, not in the next case's first collection.
+        gc.collect()
         for key in CASE_KEYS:
             FIGURES[f"load.{name}.{key}"] = r[key]
         if not processes:
