@@ -26,6 +26,7 @@ import faulthandler
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -60,6 +61,8 @@ PAUSE_LISTED_S: Final = 0.050
 #: The loop-lag monitor's period.
 LAG_TICK_S: Final = 0.010
 _LISTED_KEPT: Final = 200
+#: How often `LoopLag` re-arms its stack dump.
+REARM_S: Final = 0.1
 
 
 class GcPauses:
@@ -113,7 +116,8 @@ class LoopLag:
     it (a blocking call, a collection, another thread holding the GIL).
 
     With ``dump`` (a file), a stall of ``dump_after`` seconds or more writes every thread's
-    Python stack there (``faulthandler``'s own thread: it needs no GIL), re-armed each tick.
+    Python stack there (``faulthandler``'s own thread: it needs no GIL), re-armed every
+    `REARM_S` (each arming starts a thread: not at every tick).
     """
 
     def __init__(self, dump: TextIO | None = None, dump_after: float = 0.3) -> None:
@@ -126,12 +130,14 @@ class LoopLag:
 
     async def run(self) -> None:
         """Tick until cancelled."""
+        armed = -math.inf
         try:
             while True:
                 due = time.monotonic() + LAG_TICK_S
-                if self._dump is not None:
+                if self._dump is not None and due - armed >= REARM_S:
+                    armed = due
                     faulthandler.dump_traceback_later(
-                        self._dump_after, repeat=False, file=self._dump
+                        self._dump_after + REARM_S, repeat=False, file=self._dump
                     )
                 await asyncio.sleep(LAG_TICK_S)  # a period: the lateness is the measure
                 late = time.monotonic() - due
