@@ -681,6 +681,14 @@ async def _measure(
         print(
             f"    frames lost by second of the window: {sorted(lost_at.items())}", file=sys.stderr
         )
+    # Frames heard in each second, every stream together: a stall of the sender shows as a
+    # second short and a later one over; falling behind, as every second a little short.
+    heard = [0] * (int(wall) + 1)
+    for stream in arrivals:
+        for a in stream:
+            if 0 <= a - t0 < len(heard):
+                heard[int(a - t0)] += 1
+    print(f"    frames heard by second of the window: {heard}", file=sys.stderr)
     pacing = bc.pacing_stats(arrivals)
     rss = [r["rss"] / 2**20 for r in samples]
     rss_at = [r["t"] - r0["t"] for r in samples]
