@@ -28,7 +28,16 @@ reports of the bot:
   the share it waited runnable for one (the other processes, its own decode workers among them,
   had both CPUs). Every wait is a frame sent late by as much;
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
-  third of the samples minus the mean of the first third.
+  third of the samples minus the mean of the first third;
+- the instrument itself: datagrams the kernel dropped at the sandbox's media socket in the
+  window (this process did not read in time: lost to the listener however the bot sent them),
+  the longest lag of this process's loop and of the bot's (`load_bot.LoopLag`, listed from
+  50 ms) and their longest cyclic collections (`load_bot.GcPauses`). A case measures like a
+  first case only when the first four stay at zero. This process collects and freezes before
+  each window's clock starts and collects between cases; the recordings hold their packets as
+  columns (`legato.sandbox.recording.PacketLog`), which the collector does not scan (as
+  objects, an earlier case's 360,000 packets made the collection at the next window's start
+  take 0.76 s, and the listener lost what arrived meanwhile).
 
 Beside a CPU-bound process (``--hog``, `HOG_CODE` at normal priority from before the first
 /play to the end of the window) the machine is shared as a busy host shares it: at 50 guilds no
