@@ -1113,7 +1113,7 @@ def main() -> None:
         )
         title = f"Load: one bot process, {args.guilds} guilds ({r['seconds']:.0f} s), {decode}"
         print(load_table(r, title))
-    if not args.no_queue:
+    if not args.no_queue and not args.cases:
         runs = [asyncio.run(queue_ops(processes=n)) for n in (0, QUEUE_PROCESSES)]
         print(queue_table(*runs))
 
