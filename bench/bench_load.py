@@ -352,6 +352,7 @@ async def load(
     out: Any = None,
     dump_stalls: bool = False,
     keep_log: Path | None = None,
+    switch_interval_ms: float | None = None,
 ) -> dict[str, float]:
     """Run `guilds` guilds playing at once for a window of `seconds`; return the figures.
 
@@ -370,6 +371,7 @@ async def load(
         dump_stalls: The bot writes every thread's stack to its log when its loop stalls
             0.3 s or more (`load_bot.LoopLag`).
         keep_log: Copy the bot's log here at the end.
+        switch_interval_ms: ``[playback] thread_switch_interval_ms`` (None: the default).
 
     Returns:
         Figures, keyed as in the table (see the module docstring).
@@ -401,6 +403,7 @@ async def load(
             dump_stalls=dump_stalls,
             keep_log=keep_log,
             probes=(pauses, lag),
+            switch_interval_ms=switch_interval_ms,
         )
     finally:
         lag_task.cancel()
@@ -426,6 +429,7 @@ async def _load(
     dump_stalls: bool,
     keep_log: Path | None,
     probes: tuple[GcPauses, LoopLag],
+    switch_interval_ms: float | None,
 ) -> dict[str, float]:
     track_s = seconds + 30.0 + guilds * 0.3  # longer than set-up plus the window
     with tempfile.TemporaryDirectory(prefix="legato-load-") as tmp:
@@ -453,7 +457,12 @@ async def _load(
             config = storm_config(media).replace(
                 "[playback]\n",
                 f"[playback]\ndecode_processes = {decode_processes}\n"
-                f"decode_threads_first = {decode_threads_first}\n",
+                f"decode_threads_first = {decode_threads_first}\n"
+                + (
+                    f"thread_switch_interval_ms = {switch_interval_ms}\n"
+                    if switch_interval_ms is not None
+                    else ""
+                ),
             )
             config_path.write_text(config, encoding="utf-8")
             # No 3 s answer deadline: at 100 /play at once an answer may take longer, and the
@@ -1067,6 +1076,12 @@ def main() -> None:
         help="[playback] decode_threads_first: decodes kept in threads before the processes",
     )
     ap.add_argument("--hog", action="store_true", help="a CPU-bound process beside the bot")
+    ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="[playback] thread_switch_interval_ms of the bot (default: Legato's)",
+    )
     ap.add_argument("--queue-only", action="store_true")
     ap.add_argument("--no-queue", action="store_true")
     ap.add_argument(
@@ -1104,6 +1119,7 @@ def main() -> None:
                 hog=args.hog,
                 dump_stalls=args.dump_stalls,
                 keep_log=HERE.parent / "out" / "load_bot.log" if args.dump_stalls else None,
+                switch_interval_ms=args.switch_interval_ms,
             )
         )
         decode = (
