@@ -703,9 +703,9 @@ async def _measure(
     # second short and a later one over; falling behind, as every second a little short.
     heard = [0] * (int(wall) + 1)
     for stream in arrivals:
-        for a in stream:
-            if 0 <= a - t0 < len(heard):
-                heard[int(a - t0)] += 1
+        for at in stream:
+            if 0 <= at - t0 < len(heard):
+                heard[int(at - t0)] += 1
     print(f"    frames heard by second of the window: {heard}", file=sys.stderr)
     pacing = bc.pacing_stats(arrivals)
     rss = [r["rss"] / 2**20 for r in samples]
