@@ -28,7 +28,16 @@ reports of the bot:
   the share it waited runnable for one (the other processes, its own decode workers among them,
   had both CPUs). Every wait is a frame sent late by as much;
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
-  third of the samples minus the mean of the first third.
+  third of the samples minus the mean of the first third;
+- the instrument itself: datagrams the kernel dropped at the sandbox's media socket in the
+  window (this process did not read in time: lost to the listener however the bot sent them),
+  the longest lag of this process's loop and of the bot's (`load_bot.LoopLag`, listed from
+  50 ms) and their longest cyclic collections (`load_bot.GcPauses`). A case measures like a
+  first case only when the first four stay at zero. This process collects and freezes before
+  each window's clock starts and collects between cases; the recordings hold their packets as
+  columns (`legato.sandbox.recording.PacketLog`), which the collector does not scan (as
+  objects, an earlier case's 360,000 packets made the collection at the next window's start
+  take 0.76 s, and the listener lost what arrived meanwhile).
 
 Beside a CPU-bound process (``--hog``, `HOG_CODE` at normal priority from before the first
 /play to the end of the window) the machine is shared as a busy host shares it: at 50 guilds no
@@ -83,7 +92,13 @@ from legato.sandbox.recording import ReceivedPacket, Recording  # noqa: E402
 from legato.sandbox.server import GuildHandle, Sandbox  # noqa: E402
 
 sys.path.insert(0, str(HERE.parent))
-from bench.load_bot import PLAYER_FIELDS, READY_LINE, REPORT_COMMAND  # noqa: E402  the child's
+from bench.load_bot import (  # noqa: E402  the child's
+    PLAYER_FIELDS,
+    READY_LINE,
+    REPORT_COMMAND,
+    GcPauses,
+    LoopLag,
+)
 from tests.e2e.queue_storm import (  # noqa: E402  the storm and its ledger, shared with the test
     StormResult,
     TrackFiles,
@@ -171,6 +186,26 @@ def _window(packets: Sequence[ReceivedPacket]) -> dict[str, float]:
             "bursts": bursts}  # fmt: skip
 
 
+def socket_drops(port: int) -> int | None:
+    """Datagrams the kernel dropped at this process's UDP socket bound to ``port`` (its receive
+    buffer was full: this process did not read in time), from ``/proc/net/udp``; None where the
+    kernel does not say."""
+    try:
+        lines = Path("/proc/net/udp").read_text(encoding="ascii").splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 13 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[12])
+    return None
+
+
+def _during(events: Sequence[Sequence[float]], t0: float, t1: float) -> list[Sequence[float]]:
+    """The listed pauses (start time first) that began between ``t0`` and ``t1``."""
+    return [e for e in events if t0 <= e[0] <= t1]
+
+
 class BotProcess:
     """`bench/load_bot.py` as a child process: Legato's bot, alone in its process.
 
@@ -178,8 +213,11 @@ class BotProcess:
     :attr:`reports` in order. Its log goes to `log`.
     """
 
-    def __init__(self, sb: Sandbox, config: Path, log: Path, interval: float) -> None:
+    def __init__(
+        self, sb: Sandbox, config: Path, log: Path, interval: float, *, dump_stalls: bool = False
+    ) -> None:
         self.sb = sb
+        self.dump_stalls = dump_stalls
         self.config = config
         self.log = log
         self.interval = interval
@@ -201,6 +239,7 @@ class BotProcess:
                 str(self.config),
                 "--report-interval",
                 str(self.interval),
+                *(["--dump-stalls"] if self.dump_stalls else []),
                 cwd=HERE.parent,
                 env=env,
                 stdin=asyncio.subprocess.PIPE,
@@ -281,10 +320,10 @@ class BotProcess:
 
 @contextlib.asynccontextmanager
 async def bot_process(
-    sb: Sandbox, config: Path, log: Path, interval: float, out: Any
+    sb: Sandbox, config: Path, log: Path, interval: float, out: Any, *, dump_stalls: bool = False
 ) -> AsyncIterator[BotProcess]:
     """A ready `BotProcess` against `sb`, stopped (and its log's problems told) on exit."""
-    bot = BotProcess(sb, config, log, interval)
+    bot = BotProcess(sb, config, log, interval, dump_stalls=dump_stalls)
     try:
         await bot.start(GUARD)
         yield bot
@@ -311,6 +350,9 @@ async def load(
     settle: float = SETTLE_S,
     hog: bool = False,
     out: Any = None,
+    dump_stalls: bool = False,
+    keep_log: Path | None = None,
+    switch_interval_ms: float | None = None,
 ) -> dict[str, float]:
     """Run `guilds` guilds playing at once for a window of `seconds`; return the figures.
 
@@ -326,11 +368,69 @@ async def load(
         hog: Run a CPU-bound process (`HOG_CODE`, normal priority) beside the bot from before
             the first /play to the end of the window.
         out: Where to print progress (default stderr).
+        dump_stalls: The bot writes every thread's stack to its log when its loop stalls
+            0.3 s or more (`load_bot.LoopLag`).
+        keep_log: Copy the bot's log here at the end.
+        switch_interval_ms: ``[playback] thread_switch_interval_ms`` (None: the default).
 
     Returns:
         Figures, keyed as in the table (see the module docstring).
     """
     out = out or sys.stderr
+    alive = len(gc.get_objects())
+    recorded = sum(len(o.packets) for o in gc.get_objects() if type(o) is Recording)
+    print(
+        f"  this process at the start: {alive} objects the collector tracks,"
+        f" {recorded} packets in recordings alive",
+        file=out,
+        flush=True,
+    )
+    pauses = GcPauses()
+    pauses.install()
+    lag = LoopLag()
+    lag_task = asyncio.create_task(lag.run(), name="sandbox-loop-lag")
+    try:
+        figures = await _load(
+            guilds,
+            seconds,
+            passthrough_share=passthrough_share,
+            rss_interval=rss_interval,
+            decode_processes=decode_processes,
+            decode_threads_first=decode_threads_first,
+            settle=settle,
+            hog=hog,
+            out=out,
+            dump_stalls=dump_stalls,
+            keep_log=keep_log,
+            probes=(pauses, lag),
+            switch_interval_ms=switch_interval_ms,
+        )
+    finally:
+        lag_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lag_task
+        pauses.remove()
+    figures["objects_at_start"] = float(alive)
+    figures["recorded_at_start"] = float(recorded)
+    return figures
+
+
+async def _load(
+    guilds: int,
+    seconds: float,
+    *,
+    passthrough_share: float,
+    rss_interval: float,
+    decode_processes: int,
+    decode_threads_first: int,
+    settle: float,
+    hog: bool,
+    out: Any,
+    dump_stalls: bool,
+    keep_log: Path | None,
+    probes: tuple[GcPauses, LoopLag],
+    switch_interval_ms: float | None,
+) -> dict[str, float]:
     track_s = seconds + 30.0 + guilds * 0.3  # longer than set-up plus the window
     with tempfile.TemporaryDirectory(prefix="legato-load-") as tmp:
         root = Path(tmp)
@@ -357,7 +457,12 @@ async def load(
             config = storm_config(media).replace(
                 "[playback]\n",
                 f"[playback]\ndecode_processes = {decode_processes}\n"
-                f"decode_threads_first = {decode_threads_first}\n",
+                f"decode_threads_first = {decode_threads_first}\n"
+                + (
+                    f"thread_switch_interval_ms = {switch_interval_ms}\n"
+                    if switch_interval_ms is not None
+                    else ""
+                ),
             )
             config_path.write_text(config, encoding="utf-8")
             # No 3 s answer deadline: at 100 /play at once an answer may take longer, and the
@@ -370,7 +475,14 @@ async def load(
                     for i in range(guilds)
                 ]
                 log = root / "bot.log"
-                async with bot_process(sb, config_path, log, rss_interval, out) as bot:
+                async with contextlib.AsyncExitStack() as stack:
+                    if keep_log is not None:
+                        stack.callback(lambda: keep_log.write_bytes(log.read_bytes()))
+                    bot = await stack.enter_async_context(
+                        bot_process(
+                            sb, config_path, log, rss_interval, out, dump_stalls=dump_stalls
+                        )
+                    )
                     with cpu_hog(hog):
                         t_setup = time.monotonic()
                         gate = asyncio.Semaphore(SETUP_PARALLEL)
@@ -414,7 +526,9 @@ async def load(
                         # store's first snapshots, the collector's pass over what start-up made)
                         # runs on for a few seconds: the window is the steady state after it.
                         await asyncio.sleep(settle)
-                        figures = await _measure(bot, playing, seconds)
+                        figures = await _measure(
+                            bot, playing, seconds, probes, sb.voice_server.udp_port
+                        )
                         figures["setup_s"] = setup_s
                         figures["setup_failed"] = float(len(failed))
                         return figures
@@ -436,26 +550,78 @@ def cpu_hog(on: bool) -> Iterator[None]:
         hog.wait()
 
 
-async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> dict[str, float]:
+async def _measure(
+    bot: BotProcess,
+    playing: list[_Guild],
+    seconds: float,
+    probes: tuple[GcPauses, LoopLag],
+    media_port: int,
+) -> dict[str, float]:
     """The window: the bot's reports at both ends, the recordings' packets in between."""
+    pauses, lag = probes
     sandbox = psutil.Process()
-    start_idx = [len(g.rec.packets) for g in playing]
-    sandbox_cpu0 = sum(sandbox.cpu_times()[:2])
-    t0 = time.monotonic()
-    r0 = await bot.request()
-    # A collection of the recordings' packets (millions of objects) would pause this process,
-    # which runs the sandbox, long enough to fill its media socket's receive buffer.
+    # Collect before the clock starts, and take what is left out of the collector's reach for
+    # the window (this process runs the sandbox: its pauses must not fall in the window).
+    c0 = time.perf_counter()
     gc.collect()
+    collect_s = time.perf_counter() - c0
     gc.freeze()
-    gc.disable()
     try:
+        start_idx = [len(g.rec.packets) for g in playing]
+        sandbox_cpu0 = sum(sandbox.cpu_times()[:2])
+        t0 = time.monotonic()
+        drops0 = socket_drops(media_port)
+        r0 = await bot.request()
+        s0 = time.monotonic()
         await asyncio.sleep(seconds)  # the window itself: nothing to wait on
+        sleep_over = time.monotonic() - s0 - seconds
+        r1 = await bot.request()
+        end_idx = [len(g.rec.packets) for g in playing]
+        wall = time.monotonic() - t0
+        t1 = time.monotonic()
+        drops1 = socket_drops(media_port)
     finally:
-        gc.enable()
         gc.unfreeze()
-    r1 = await bot.request()
-    end_idx = [len(g.rec.packets) for g in playing]
-    wall = time.monotonic() - t0
+    sandbox_long_gc = _during(pauses.long, t0, t1)
+    sandbox_long_lag = _during(lag.long, t0, t1)
+    bot_gc = [r0["gc"], r1["gc"]] if r0.get("gc") and r1.get("gc") else None
+    bot_lag = _during(r1["lag"]["long"], r0["t"], r1["t"]) if r1.get("lag") else []
+    bot_long_gc = _during(bot_gc[1]["long"], r0["t"], r1["t"]) if bot_gc else []
+    probe_figures = {
+        "listener_socket_drops": float(drops1 - drops0)
+        if drops0 is not None and drops1 is not None
+        else math.nan,
+        "sandbox_collect_s": collect_s,
+        "sandbox_sleep_over_s": sleep_over,
+        "sandbox_gc_long": float(len(sandbox_long_gc)),
+        "sandbox_gc_max_ms": max((e[2] for e in sandbox_long_gc), default=0.0) * 1e3,
+        "sandbox_lag_max_ms": max((e[1] for e in sandbox_long_lag), default=0.0) * 1e3,
+        "bot_gc_gen2": float(bot_gc[1]["count"][2] - bot_gc[0]["count"][2]) if bot_gc else math.nan,
+        "bot_gc_total_ms": (sum(bot_gc[1]["total"]) - sum(bot_gc[0]["total"])) * 1e3
+        if bot_gc
+        else math.nan,
+        "bot_gc_max_ms": max((e[2] for e in bot_long_gc), default=0.0) * 1e3,
+        "bot_lag_max_ms": max((e[1] for e in bot_lag), default=0.0) * 1e3,
+        "bot_lag_long": float(len(bot_lag)),
+    }
+    print(
+        "  probes: " + ", ".join(f"{k} {v:.4g}" for k, v in probe_figures.items()),
+        file=sys.stderr,
+        flush=True,
+    )
+    for what, events in (
+        ("sandbox gc", sandbox_long_gc),
+        ("sandbox loop lag", sandbox_long_lag),
+        ("bot gc", bot_long_gc),
+        ("bot loop lag", bot_lag),
+    ):
+        for e in events[:10]:
+            print(
+                f"    {what} at {e[0] - t0:+.2f} s of the window: "
+                + ", ".join(f"{v:.4g}" for v in e[1:]),
+                file=sys.stderr,
+                flush=True,
+            )
     sandbox_cpu = sum(sandbox.cpu_times()[:2]) - sandbox_cpu0
     samples = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
     cpu = r1["cpu"] - r0["cpu"]
@@ -483,6 +649,7 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         for kind in ("passthrough", "transcode")
     }
     arrivals: list[list[float]] = []
+    lost_at: dict[int, int] = {}
     frames = lost = sent = underruns = late = reconnects = reanchors = reanchors_before = 0
     reanchors_before_max = 0
     max_gap = 0.0
@@ -523,7 +690,23 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
         if any(why.values()):
             stalls["any"] += 1
             stalls[g.kind] += 1
-        arrivals.extend([t for _, t in seqs] for seqs in _streams(packets).values())
+        for seqs in _streams(packets).values():
+            arrivals.append([t for _, t in seqs])
+            for (s0, a0), (s1, _) in itertools.pairwise(seqs):
+                if s1 - s0 > 1:  # a loss: when the packet before it arrived, by the second
+                    lost_at[int(a0 - t0)] = lost_at.get(int(a0 - t0), 0) + s1 - s0 - 1
+    if lost_at:
+        print(
+            f"    frames lost by second of the window: {sorted(lost_at.items())}", file=sys.stderr
+        )
+    # Frames heard in each second, every stream together: a stall of the sender shows as a
+    # second short and a later one over; falling behind, as every second a little short.
+    heard = [0] * (int(wall) + 1)
+    for stream in arrivals:
+        for at in stream:
+            if 0 <= at - t0 < len(heard):
+                heard[int(at - t0)] += 1
+    print(f"    frames heard by second of the window: {heard}", file=sys.stderr)
     pacing = bc.pacing_stats(arrivals)
     rss = [r["rss"] / 2**20 for r in samples]
     rss_at = [r["t"] - r0["t"] for r in samples]
@@ -574,7 +757,8 @@ async def _measure(bot: BotProcess, playing: list[_Guild], seconds: float) -> di
     }
     per_kind = {f"{kind}_{key}": v for kind, fig in kinds.items() for key, v in fig.items()}
     per_kind |= {f"{kind}_min_gap_ms": fig["min_gap"] * 1e3 for kind, fig in kinds.items()}
-    return figures | per_kind | {f"rss_{t:.1f}s_mb": v for t, v in zip(rss_at, rss, strict=True)}
+    rss_series = {f"rss_{t:.1f}s_mb": v for t, v in zip(rss_at, rss, strict=True)}
+    return figures | per_kind | probe_figures | rss_series
 
 
 def load_table(r: dict[str, float], title: str) -> str:
@@ -606,6 +790,15 @@ def load_table(r: dict[str, float], title: str) -> str:
           r["player_late_max"], int(r["late_frames"]), int(r["reanchors"]),
           int(r["reanchors_before"]), int(r["reanchors_before_max"]), r["cpu_pct_per_stream"],
           r["cpu_pct_total"], r["loop_cpu_pct"], r["loop_wait_pct"], r["sandbox_cpu_pct"]]],
+    )  # fmt: skip
+    text += bc.table(
+        "The instrument: this process (the sandbox, the listener) and the bot's, in the window"
+        " (a datagram the listener's socket dropped is lost to it, however the bot sent it)",
+        ["listener socket drops", "sandbox loop lag max ms", "sandbox collection max ms",
+         "collect before the window s", "bot loop lag max ms", "bot collection max ms",
+         "bot full collections"],
+        [[r["listener_socket_drops"], r["sandbox_lag_max_ms"], r["sandbox_gc_max_ms"],
+          r["sandbox_collect_s"], r["bot_lag_max_ms"], r["bot_gc_max_ms"], r["bot_gc_gen2"]]],
     )  # fmt: skip
     text += bc.table(
         f"Per kind, heard by the listener (a burst: two packets < {BURST_S * 1e3:g} ms apart)",
@@ -763,6 +956,10 @@ CASE_KEYS = (
     "sandbox_cpu_pct",
     "rss_growth_mb",
     "setup_s",
+    "listener_socket_drops",
+    "sandbox_lag_max_ms",
+    "bot_lag_max_ms",
+    "bot_gc_max_ms",
     "bursts",
     "min_gap_ms",
     *(
@@ -773,7 +970,13 @@ CASE_KEYS = (
 )
 
 
-def run(quick: bool = True, cases: Sequence[str] | None = None, queue: bool = True) -> str:
+def run(
+    quick: bool = True,
+    cases: Sequence[str] | None = None,
+    queue: bool = True,
+    seconds: float = 60.0,
+    dump_stalls: bool = False,
+) -> str:
     """The load section of `make bench`: many guilds, a mix of passthrough and transcode.
 
     The 100-guild mix runs three times: with the defaults (every track in 2 worker processes),
@@ -787,6 +990,8 @@ def run(quick: bool = True, cases: Sequence[str] | None = None, queue: bool = Tr
         quick: `QUICK_CASES` (else every case of `LOAD_CASES`), unless ``cases`` says.
         cases: The cases to run, by name.
         queue: Run the queue storm too.
+        seconds: Each case's window.
+        dump_stalls: See `load`; each case's bot log is kept as ``out/load_bot_{case}.log``.
     """
     text = ""
     if queue:
@@ -804,13 +1009,18 @@ def run(quick: bool = True, cases: Sequence[str] | None = None, queue: bool = Tr
         r = asyncio.run(
             load(
                 guilds,
-                60.0,
+                seconds,
                 passthrough_share=share,
                 decode_processes=processes,
                 decode_threads_first=threads_first,
                 hog=hog,
+                dump_stalls=dump_stalls,
+                keep_log=HERE.parent / "out" / f"load_bot_{name}.log" if dump_stalls else None,
             )
         )
+        # The case's sandbox, recordings and loop are garbage now, some of it in cycles: free
+        # it here, between windows, not in the next case's first collection.
+        gc.collect()
         for key in CASE_KEYS:
             FIGURES[f"load.{name}.{key}"] = r[key]
         if not processes:
@@ -866,10 +1076,37 @@ def main() -> None:
         help="[playback] decode_threads_first: decodes kept in threads before the processes",
     )
     ap.add_argument("--hog", action="store_true", help="a CPU-bound process beside the bot")
+    ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="[playback] thread_switch_interval_ms of the bot (default: Legato's)",
+    )
     ap.add_argument("--queue-only", action="store_true")
     ap.add_argument("--no-queue", action="store_true")
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="run these LOAD_CASES one after another in this process (comma-separated), as"
+        " `make bench` does, instead of the one case the options above describe",
+    )
+    ap.add_argument(
+        "--dump-stalls",
+        action="store_true",
+        help="the bot logs every thread's stack when its loop stalls 0.3 s (kept in out/)",
+    )
     args = ap.parse_args()  # fmt: skip
-    if not args.queue_only:
+    if args.cases:
+        (HERE.parent / "out").mkdir(exist_ok=True)
+        print(
+            run(
+                cases=args.cases.split(","),
+                queue=False,
+                seconds=args.seconds,
+                dump_stalls=args.dump_stalls,
+            )
+        )
+    elif not args.queue_only:
         r = asyncio.run(
             load(
                 args.guilds,
@@ -880,6 +1117,9 @@ def main() -> None:
                 decode_processes=args.decode_processes,
                 decode_threads_first=args.decode_threads_first,
                 hog=args.hog,
+                dump_stalls=args.dump_stalls,
+                keep_log=HERE.parent / "out" / "load_bot.log" if args.dump_stalls else None,
+                switch_interval_ms=args.switch_interval_ms,
             )
         )
         decode = (
@@ -889,7 +1129,7 @@ def main() -> None:
         )
         title = f"Load: one bot process, {args.guilds} guilds ({r['seconds']:.0f} s), {decode}"
         print(load_table(r, title))
-    if not args.no_queue:
+    if not args.no_queue and not args.cases:
         runs = [asyncio.run(queue_ops(processes=n)) for n in (0, QUEUE_PROCESSES)]
         print(queue_table(*runs))
 

@@ -22,13 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
+import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import psutil
 
@@ -53,6 +56,104 @@ PLAYER_FIELDS: Final = (
 )
 
 
+#: A collection or a loop tick this long is listed (with when it happened) in a report.
+PAUSE_LISTED_S: Final = 0.050
+#: The loop-lag monitor's period.
+LAG_TICK_S: Final = 0.010
+_LISTED_KEPT: Final = 200
+#: How often `LoopLag` re-arms its stack dump.
+REARM_S: Final = 0.1
+
+
+class GcPauses:
+    """Every cyclic collection of this process, timed (``gc.callbacks``), from `install` on.
+
+    A collection holds the GIL: every thread, the event loop's among them, waits it out.
+    """
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total = [0.0, 0.0, 0.0]
+        self.most = [0.0, 0.0, 0.0]
+        #: ``(time.monotonic() at its start, generation, seconds)`` of each long one.
+        self.long: list[tuple[float, int, float]] = []
+        self._started = 0.0
+
+    def install(self) -> None:
+        """Start timing (idempotent: a second call changes nothing)."""
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def remove(self) -> None:
+        """Stop timing."""
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        gen = info["generation"]
+        self.count[gen] += 1
+        self.total[gen] += took
+        self.most[gen] = max(self.most[gen], took)
+        if took >= PAUSE_LISTED_S and len(self.long) < _LISTED_KEPT:
+            self.long.append((time.monotonic() - took, gen, took))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counts, total and longest seconds per generation, and the long ones."""
+        return {
+            "count": list(self.count),
+            "total": list(self.total),
+            "most": list(self.most),
+            "long": list(self.long),
+        }
+
+
+class LoopLag:
+    """How late the event loop wakes a `LAG_TICK_S` sleep: a stall of the loop, whatever holds
+    it (a blocking call, a collection, another thread holding the GIL).
+
+    With ``dump`` (a file), a stall of ``dump_after`` seconds or more writes every thread's
+    Python stack there (``faulthandler``'s own thread: it needs no GIL), re-armed every
+    `REARM_S` (each arming starts a thread: not at every tick).
+    """
+
+    def __init__(self, dump: TextIO | None = None, dump_after: float = 0.3) -> None:
+        self.ticks = 0
+        self.most = 0.0
+        #: ``(time.monotonic() the tick was due, seconds late)`` of each long one.
+        self.long: list[tuple[float, float]] = []
+        self._dump = dump
+        self._dump_after = dump_after
+
+    async def run(self) -> None:
+        """Tick until cancelled."""
+        armed = -math.inf
+        try:
+            while True:
+                due = time.monotonic() + LAG_TICK_S
+                if self._dump is not None and due - armed >= REARM_S:
+                    armed = due
+                    faulthandler.dump_traceback_later(
+                        self._dump_after + REARM_S, repeat=False, file=self._dump
+                    )
+                await asyncio.sleep(LAG_TICK_S)  # a period: the lateness is the measure
+                late = time.monotonic() - due
+                self.ticks += 1
+                self.most = max(self.most, late)
+                if late >= PAUSE_LISTED_S and len(self.long) < _LISTED_KEPT:
+                    self.long.append((due, late))
+        finally:
+            if self._dump is not None:
+                faulthandler.cancel_dump_traceback_later()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Ticks, the latest one's lateness at most, and the long ones."""
+        return {"ticks": self.ticks, "most": self.most, "long": list(self.long)}
+
+
 def loop_schedstat() -> tuple[float, float] | None:
     """Seconds this thread (the event loop's) has run on a CPU, and waited runnable for one
     (Linux's ``/proc/thread-self/schedstat``); None where the kernel does not say."""
@@ -64,7 +165,14 @@ def loop_schedstat() -> tuple[float, float] | None:
     return int(ran) / 1e9, int(waited) / 1e9
 
 
-def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str, Any]:
+def report(
+    bot: LegatoBot,
+    proc: psutil.Process,
+    *,
+    requested: bool,
+    pauses: GcPauses | None = None,
+    lag: LoopLag | None = None,
+) -> dict[str, Any]:
     """This process's figures now.
 
     Returns:
@@ -73,7 +181,8 @@ def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str
         a list or None), ``rss`` (bytes), ``requested``
         (answer to a ``report`` line),
         ``players`` (guild id -> the :data:`PLAYER_FIELDS` values of its session's player) and
-        ``total`` (counters summed over the sessions, lateness as the largest of them).
+        ``total`` (counters summed over the sessions, lateness as the largest of them),
+        ``gc`` (`GcPauses.snapshot`) and ``lag`` (`LoopLag.snapshot`), None when not measured.
     """
     cpu = proc.cpu_times()
     cpu_s = cpu.user + cpu.system
@@ -100,6 +209,8 @@ def report(bot: LegatoBot, proc: psutil.Process, *, requested: bool) -> dict[str
         "sessions": len(sessions),
         "players": players,
         "total": total,
+        "gc": pauses.snapshot() if pauses is not None else None,
+        "lag": lag.snapshot() if lag is not None else None,
     }
 
 
@@ -116,11 +227,16 @@ async def _stdin_lines(on_line: Any) -> None:
         on_line(line.decode().strip())
 
 
-async def main(api_base: str, gateway_url: str, config_path: str, interval: float) -> None:
+async def main(
+    api_base: str, gateway_url: str, config_path: str, interval: float, *, dump_stalls: bool
+) -> None:
     """Run the bot until SIGTERM, SIGINT or end of stdin; report as the module says."""
     point_discord_py_here(api_base=api_base, gateway_url=gateway_url)
     bot = LegatoBot(load_config(config_path), chunk_guilds_at_startup=False)
     proc = psutil.Process()
+    pauses = GcPauses()
+    pauses.install()
+    lag = LoopLag(sys.stderr if dump_stalls else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,7 +247,7 @@ async def main(api_base: str, gateway_url: str, config_path: str, interval: floa
 
     def on_line(line: str) -> None:
         if line == REPORT_COMMAND:
-            _emit(json.dumps(report(bot, proc, requested=True)))
+            _emit(json.dumps(report(bot, proc, requested=True, pauses=pauses, lag=lag)))
 
     async def periodic() -> None:
         await bot.wait_until_ready()
@@ -139,7 +255,7 @@ async def main(api_base: str, gateway_url: str, config_path: str, interval: floa
         while True:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))  # a period, not an event
-            _emit(json.dumps(report(bot, proc, requested=False)))
+            _emit(json.dumps(report(bot, proc, requested=False, pauses=pauses, lag=lag)))
 
     async def watch_stdin() -> None:
         await _stdin_lines(on_line)
@@ -154,6 +270,7 @@ async def main(api_base: str, gateway_url: str, config_path: str, interval: floa
         helpers = [
             asyncio.create_task(periodic(), name="report"),
             asyncio.create_task(watch_stdin(), name="stdin"),
+            asyncio.create_task(lag.run(), name="loop-lag"),
         ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in helpers:
@@ -172,8 +289,21 @@ if __name__ == "__main__":
     ap.add_argument("config")
     ap.add_argument("--report-interval", type=float, default=1.0)
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument(
+        "--dump-stalls",
+        action="store_true",
+        help="write every thread's stack to stderr when the loop stalls 0.3 s or more",
+    )
     args = ap.parse_args()
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(main(args.api_base, args.gateway_url, args.config, args.report_interval))
+    asyncio.run(
+        main(
+            args.api_base,
+            args.gateway_url,
+            args.config,
+            args.report_interval,
+            dump_stalls=args.dump_stalls,
+        )
+    )

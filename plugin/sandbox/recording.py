@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import struct
 import wave
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, overload
 
 from legato.audio.encode import OpusDecoder
 from legato.audio.source import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
@@ -77,7 +78,7 @@ class Waiters:
             self._waiting.remove(entry)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReceivedPacket:
     """One decrypted RTP packet as it arrived."""
 
@@ -86,6 +87,60 @@ class ReceivedPacket:
     sequence: int
     timestamp: int
     opus: bytes
+
+
+class PacketLog(Sequence[ReceivedPacket]):
+    """Packets in arrival order, held as columns: a :class:`ReceivedPacket` is made when read.
+
+    A load of 100 streams records 5,000 packets a second. As objects, each a container the
+    cyclic collector tracks, they made every full collection of the process that runs the
+    sandbox scan all of them (0.76 s at 360,000, measured): a pause in which the media socket's
+    receive buffer overflows and the listener loses what the sender sent. As columns (arrays
+    of numbers, and the payloads, which the collector does not track) they cost it nothing.
+    """
+
+    __slots__ = ("_arrival", "_opus", "_sequence", "_ssrc", "_timestamp")
+
+    def __init__(self) -> None:
+        self._arrival = array("d")
+        self._ssrc = array("I")
+        self._sequence = array("H")
+        self._timestamp = array("I")
+        self._opus: list[bytes] = []
+
+    def append(self, packet: ReceivedPacket) -> None:
+        """Add one packet at the end."""
+        self._arrival.append(packet.arrival)
+        self._ssrc.append(packet.ssrc)
+        self._sequence.append(packet.sequence)
+        self._timestamp.append(packet.timestamp)
+        self._opus.append(packet.opus)
+
+    def __len__(self) -> int:
+        return len(self._opus)
+
+    @overload
+    def __getitem__(self, index: int) -> ReceivedPacket: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ReceivedPacket]: ...
+
+    def __getitem__(self, index: int | slice) -> ReceivedPacket | list[ReceivedPacket]:
+        if isinstance(index, slice):
+            return [self._at(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("packet index out of range")
+        return self._at(index)
+
+    def __iter__(self) -> Iterator[ReceivedPacket]:
+        return (self._at(i) for i in range(len(self)))
+
+    def _at(self, i: int) -> ReceivedPacket:
+        return ReceivedPacket(
+            self._arrival[i], self._ssrc[i], self._sequence[i], self._timestamp[i], self._opus[i]
+        )
 
 
 @dataclass(frozen=True)
@@ -239,7 +294,7 @@ class Recording:
         self.server_id = server_id
         self.user_id = user_id
         #: Every decrypted packet in arrival order (duplicates included).
-        self.packets: list[ReceivedPacket] = []
+        self.packets = PacketLog()
         #: Every op5 in arrival order.
         self.speaking_changes: list[SpeakingChange] = []
         #: SSRCs announced for this user (op2's, plus op12 ``audio_ssrc`` and op5 ``ssrc``).
