@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -139,10 +140,10 @@ async def test_a_worker_read_gives_what_a_thread_read_gives(
         pooled.close()
 
 
-async def test_reads_queued_together_go_as_one_message(
+async def test_reads_queued_in_one_loop_turn_go_as_one_message(
     pool: DecodePool, media_url: Callable[[str], str]
 ) -> None:
-    """A read only queues on the loop; the writer thread sends what queued up meanwhile as one
+    """Reads only queue on the loop; what one turn of it queued reaches the worker as one
     message, and the worker answers each request of it."""
     info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
     sources = [
@@ -152,8 +153,11 @@ async def test_reads_queued_together_go_as_one_message(
     assert len({s.worker_pid for s in sources}) == 1  # a pool of one
     messages, requests = pool.sent
     try:
-        # Queued in one go on the loop, before the writer thread can take the first.
-        reads = [source.read_chunk(3) for source in sources]
+        reads = []
+        for source in sources:  # in one turn of the loop, busy between the reads
+            reads.append(source.read_chunk(3))
+            # The loop kept busy on purpose: the writer thread could send what queued so far.
+            time.sleep(0.02)  # noqa: ASYNC251
         results = [(await r).frames for r in reads]
         sent_messages, sent_requests = pool.sent
     finally:
@@ -161,8 +165,39 @@ async def test_reads_queued_together_go_as_one_message(
             source.close()
     assert all(len(r) == 3 for r in results)
     assert all(r == results[0] for r in results)  # each from its own source's start
-    assert sent_requests - requests >= len(sources)
-    assert sent_messages - messages < len(sources)  # some went together
+    assert (sent_messages - messages, sent_requests - requests) == (1, len(sources))
+
+
+def test_two_loops_reading_from_one_worker_each_get_their_own_replies(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    """A worker serves sources read from two event loops (two threads) at once: each loop's
+    reads are sent and answered, in order per source."""
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    expected = _in_thread(info)[:40]
+
+    async def read_through(source: WorkerSource) -> list[bytes]:
+        frames: list[bytes] = []
+        for _ in range(8):
+            frames += (await source.read_chunk(5)).frames
+        return frames
+
+    def on_a_loop(sources: list[WorkerSource]) -> list[list[bytes]]:
+        async def main() -> list[list[bytes]]:
+            return list(await asyncio.gather(*(read_through(s) for s in sources)))
+
+        return asyncio.run(main())
+
+    sources = [pool.open(info, opus=OpusSettings(), timeout=TIMEOUT) for _ in range(4)]
+    assert len({s.worker_pid for s in sources}) == 1  # a pool of one
+    try:
+        with ThreadPoolExecutor(2) as loops:
+            halves = [loops.submit(on_a_loop, sources[:2]), loops.submit(on_a_loop, sources[2:])]
+            results = [frames for half in halves for frames in half.result(60)]
+    finally:
+        for source in sources:
+            source.close()
+    assert results == [expected] * 4
 
 
 async def test_a_read_fails_through_its_awaitable_after_the_pool_closes(
@@ -416,6 +451,15 @@ def test_start_starts_every_worker_before_any_track_and_not_after_close() -> Non
         pool.close()
     with pytest.raises(RuntimeError):
         pool.start()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_workers_run_as_batch_work_so_their_wakeups_do_not_preempt_the_loop(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    source = pool.open(StreamInfo(url=media_url("mp3-44k-stereo.mp3")), timeout=TIMEOUT)
+    source.close()  # the worker answered: it runs as it serves
+    assert [os.sched_getscheduler(pid) for pid in pool.pids] == [os.SCHED_BATCH]
 
 
 async def test_close_ends_every_worker_and_refuses_later_calls(
