@@ -561,14 +561,24 @@ def main() -> None:
         default=None,
         help="with --players: GuildPlayer(passthrough_buffer_ms=) (default: the player's)",
     )
+    ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="with --players: sys.setswitchinterval (the bot's [playback] "
+        "thread_switch_interval_ms; default: the interpreter's)",
+    )
     args = ap.parse_args()
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.players:
         for _ in range(3):
             r = asyncio.run(
                 _ramp_case(args.players, 8.0, 2.0, "player", args.passthrough_buffer_ms)
             )
             print(
-                f"{args.players} GuildPlayers, load {os.getloadavg()[0]:.2f}: gap p99 "
+                f"{args.players} GuildPlayers, switch {sys.getswitchinterval() * 1e3:g} ms, "
+                f"load {os.getloadavg()[0]:.2f}: gap p99 "
                 f"{r['gap_p99']:.2f} ms, p50 {r['gap_p50']:.2f} ms, cpu {r['cpu_pct']:.4f} "
                 f"%/stream, delivered {r['delivered']:.3f}"
             )
