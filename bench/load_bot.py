@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from typing import Any, Final, TextIO
 
 import psutil
@@ -60,7 +61,10 @@ PLAYER_FIELDS: Final = (
 PAUSE_LISTED_S: Final = 0.050
 #: The loop-lag monitor's period.
 LAG_TICK_S: Final = 0.010
-_LISTED_KEPT: Final = 200
+#: The long ones kept: the latest this many (a 60 s window holds at most 1,000 loop ticks of
+#: 50 ms or more). The earliest would let a busy start-up fill the list and a window after it
+#: read as free of stalls.
+_LISTED_KEPT: Final = 2000
 #: How often `LoopLag` re-arms its stack dump.
 REARM_S: Final = 0.1
 
@@ -76,7 +80,7 @@ class GcPauses:
         self.total = [0.0, 0.0, 0.0]
         self.most = [0.0, 0.0, 0.0]
         #: ``(time.monotonic() at its start, generation, seconds)`` of each long one.
-        self.long: list[tuple[float, int, float]] = []
+        self.long: deque[tuple[float, int, float]] = deque(maxlen=_LISTED_KEPT)
         self._started = 0.0
 
     def install(self) -> None:
@@ -98,7 +102,7 @@ class GcPauses:
         self.count[gen] += 1
         self.total[gen] += took
         self.most[gen] = max(self.most[gen], took)
-        if took >= PAUSE_LISTED_S and len(self.long) < _LISTED_KEPT:
+        if took >= PAUSE_LISTED_S:
             self.long.append((time.monotonic() - took, gen, took))
 
     def snapshot(self) -> dict[str, Any]:
@@ -124,7 +128,7 @@ class LoopLag:
         self.ticks = 0
         self.most = 0.0
         #: ``(time.monotonic() the tick was due, seconds late)`` of each long one.
-        self.long: list[tuple[float, float]] = []
+        self.long: deque[tuple[float, float]] = deque(maxlen=_LISTED_KEPT)
         self._dump = dump
         self._dump_after = dump_after
 
@@ -143,7 +147,7 @@ class LoopLag:
                 late = time.monotonic() - due
                 self.ticks += 1
                 self.most = max(self.most, late)
-                if late >= PAUSE_LISTED_S and len(self.long) < _LISTED_KEPT:
+                if late >= PAUSE_LISTED_S:
                     self.long.append((due, late))
         finally:
             if self._dump is not None:
