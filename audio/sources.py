@@ -19,12 +19,12 @@ act on; :data:`REMEDIES` holds what the operator is told.
 
 from __future__ import annotations
 
+import functools
 import http.cookiejar
 import importlib
 import os
 import re
 import sysconfig
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,24 +177,10 @@ class SourceSettings:
             runtime_kind(self.js_runtime)  # raises ValueError for a name yt-dlp cannot run
 
 
-_deno_lock = threading.Lock()
-_deno_found: list[str | None] = []  # empty until looked up; then the one answer
-
-
+@functools.cache
 def bundled_deno() -> str | None:
-    """The Deno executable the ``deno`` package installed, or ``None``.
-
-    Looked up once per process, under a lock: the package asks ``sysconfig``, whose lazy
-    set-up in Python 3.11 is not thread-safe (several ``/play`` resolving at once in threads
-    got ``None`` for ``EXE`` and failed with a ``TypeError``).
-    """
-    with _deno_lock:
-        if not _deno_found:
-            _deno_found.append(_find_bundled_deno())
-        return _deno_found[0]
-
-
-def _find_bundled_deno() -> str | None:
+    """The Deno executable the ``deno`` package installed, or ``None`` (looked up once: it is
+    asked at every resolve)."""
     try:
         import deno  # type: ignore[import-untyped]  # no type information shipped
     except ImportError:
@@ -205,8 +191,9 @@ def _find_bundled_deno() -> str | None:
         return None
 
 
-# yt-dlp reads sysconfig from its threads too (finding a JS runtime of its own): set it up
-# here, at import, rather than racing on it later.
+# Set sysconfig up here, at import: its lazy set-up in Python 3.11 is not thread-safe, and the
+# deno package (``bundled_deno``) and yt-dlp read it from the threads of several /play resolving
+# at once (some got ``None`` for ``EXE`` and failed with a ``TypeError``).
 sysconfig.get_config_vars()
 
 
