@@ -711,15 +711,20 @@ class GuildPlayer:
             if action is PacerAction.SEND_AUDIO:
                 assert cur is not None
                 self._sent_audio(cur)
+                # The next frame keeps its gap from when this one left, whichever way the loop
+                # goes on: the last frame of the buffer too (held up in its send, the next one,
+                # due from before the send, could reach the listener less than 5 ms after it).
+                deadline = pacer.sent_at(self._now())
                 frames = cur.frames
                 if not cur.started:
                     cur.started = True
                     self._fail_streak = 0
                     self._emit(TrackStarted(cur.track))
+                    deadline = pacer.next_deadline()
                 if frames and self._cur is cur and pacer.playing:
                     # Steady state: nothing else can be due before the next frame's deadline,
                     # so skip the second poll (this path runs 50 times a second per player).
-                    self._arm(pacer.sent_at(self._now()))
+                    self._arm(deadline)
                     return
             elif action is PacerAction.WAIT:
                 self._arm(pacer.next_deadline())

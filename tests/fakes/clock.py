@@ -90,6 +90,11 @@ class FakeClock:
         self._now = max(self._now, when)
         await self._settle()
 
+    def hold(self, seconds: float) -> None:
+        """The running code is held up (preempted) for ``seconds`` where it stands: time jumps
+        under it, and no timer fires before it returns to the loop."""
+        self._now += seconds
+
     async def stall(self, seconds: float) -> None:
         """The loop was blocked for ``seconds``: time jumps, then every overdue timer fires late."""
         await settle()

@@ -19,6 +19,7 @@ import pytest
 
 from legato.audio.handoff import inbox
 from legato.audio.handoff import settle as settle_future
+from legato.audio.pacer import EARLY, MIN_GAP
 from legato.audio.player import (
     EndReason,
     GuildPlayer,
@@ -372,6 +373,45 @@ async def test_stall_re_anchors_without_burst(rig: Rig) -> None:
     assert len(rig.sink.audio) == 6 + 1 + 5
     assert rig.player.stats.reanchors == 1
     assert [f.decode() for f in rig.sink.audio] == [f"A:{i}" for i in range(12)]
+
+
+class HeldSink(RecordingSink):
+    """A sink whose send of one chosen frame is held up (the sender preempted between its clock
+    read and the send call): the frame leaves, and is recorded, ``hold`` seconds later."""
+
+    def __init__(self, clock: FakeClock, frame: bytes, hold: float) -> None:
+        super().__init__(clock)
+        self._clock, self._frame, self._hold = clock, frame, hold
+
+    def send_frame(self, opus: bytes) -> None:
+        if opus == self._frame:
+            self._clock.hold(self._hold)
+        super().send_frame(opus)
+
+
+async def test_the_last_buffered_frame_held_up_in_its_send_keeps_the_next_min_gap_away() -> None:
+    """The buffer's last frame is held up 12 ms in its send, and the refill comes right after:
+    the next frame keeps ``MIN_GAP`` from when the held one left, not from when it was due (8 ms
+    after it left, on the grid; a frame catching up would have been 3 ms after it)."""
+    clock = FakeClock()
+    opener = ScriptedOpener()
+    track = opener.script("A", 60, trickle=True)
+    first_fill = 5  # 100 ms of buffer: the first read's frames
+    sink = HeldSink(clock, f"A:{first_fill - 1}".encode(), 0.012)
+    player = inline_player(sink, opener, clock, stall_timeout=600.0)
+    player.queue.add([track])
+    player.start()
+    await settle()
+    source = opener.sources[0]
+    assert isinstance(source, TrickleSource)
+    await clock.run_until(lambda: len(sink.audio) == first_fill)
+    assert player.stats.underruns == 0
+    source.deliver()  # the refill, at once after the held frame left
+    await clock.run_until(lambda: len(sink.audio) == first_fill + 3)
+    await player.close()
+    assert [f.decode() for f in sink.audio] == [f"A:{i}" for i in range(first_fill + 3)]
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(sink.frame_times)]
+    assert min(gaps) >= MIN_GAP - EARLY
 
 
 async def test_without_fill_a_slow_source_underruns_and_re_anchors() -> None:
