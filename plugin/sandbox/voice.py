@@ -70,7 +70,7 @@ from legato.sandbox.relay import LossyRelay, RelayOptions
 from legato.sandbox.tls import ServerCertificate, local_ca, trust_in_process
 from legato.sandbox.voice_dave import DAVE_LISTENER_ID, DaveHub
 from legato.sandbox.voice_gateway import Listeners, VoiceGateway
-from legato.sandbox.voice_media import MediaPlane
+from legato.sandbox.voice_media import ArrivalClock, MediaPlane
 from legato.sandbox.voice_session import (
     CLOSE_DISCONNECTED,
     CLOSE_GOING_AWAY,
@@ -318,6 +318,11 @@ class SandboxVoiceServer:
     def relay(self) -> LossyRelay | None:
         """The lossy relay in front of the media socket, with ``relay=``."""
         return self._media.relay
+
+    @property
+    def arrival_clock(self) -> ArrivalClock:
+        """What puts the media socket's kernel receive stamps on the loop's clock."""
+        return self._media.arrival_clock
 
     @property
     def dtls_certificate(self) -> DtlsCertificate | None:

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import importlib
 import logging
+import math
 import socket
 import struct
 import sys
@@ -70,19 +71,95 @@ _TIMESPEC: Final = bytes(struct.calcsize("@qq"))
 Hear = Callable[[Session, bytes], "bytes | None"]
 
 
+#: Two monotonic reads around a realtime read this close together give a usable
+#: realtime-monotonic offset (its error is at most half of it). Back to back they are well under
+#: a microsecond apart; further apart, the process was held up between them.
+CLOCK_READ_TOLERANCE: Final = 50e-6
+#: Tries at a tight pair of reads when the clock starts (the tightest is kept if none is).
+_FIRST_TRIES: Final = 100
+
+
+class ArrivalClock:
+    """Puts a kernel receive stamp (realtime) on a monotonic clock (the event loop's).
+
+    The two clocks differ by an offset that only NTP slew (or a step of the wall clock) moves.
+    Reading it afresh for each datagram as ``realtime() - monotonic()`` is wrong whenever the
+    process is held up between the two reads (preempted: on an overloaded machine for many
+    milliseconds): the offset grows by the pause, and a stamp put on the monotonic clock with
+    it moves earlier by as much, so two packets 20 ms apart could be taken for 4 ms apart.
+    Here each :meth:`arrival` brackets its realtime read between two monotonic ones and takes
+    the offset from them only when they are less than ``tolerance`` apart; otherwise the last
+    offset taken stands in (counted in :attr:`held`).
+
+    Args:
+        monotonic: The clock arrivals are put on (the loop's ``time``).
+        realtime: The clock of the kernel's stamps (``time.time``).
+        tolerance: The widest bracket an offset is taken from.
+    """
+
+    def __init__(
+        self,
+        monotonic: Callable[[], float],
+        realtime: Callable[[], float] = time.time,
+        *,
+        tolerance: float = CLOCK_READ_TOLERANCE,
+    ) -> None:
+        self._monotonic = monotonic
+        self._realtime = realtime
+        self._tolerance = tolerance
+        #: Arrivals whose clock reads were held up past ``tolerance`` (the last offset served).
+        self.held = 0
+        #: The longest hold between two reads seen by :meth:`arrival`, seconds.
+        self.longest_hold = 0.0
+        best = (math.inf, 0.0)
+        for _ in range(_FIRST_TRIES):
+            before = monotonic()
+            real = realtime()
+            after = monotonic()
+            best = min(best, (after - before, real - (before + after) / 2))
+            if best[0] <= tolerance:
+                break
+        self._offset = best[1]
+
+    @property
+    def offset(self) -> float:
+        """The realtime clock's lead over the monotonic one, as last measured."""
+        return self._offset
+
+    def arrival(self, stamped: float | None) -> float:
+        """``stamped`` (realtime, or None: not stamped) on the monotonic clock, never later than
+        now (the datagram has been read by now, so it arrived by then)."""
+        now = self._monotonic()
+        real = self._realtime()
+        after = self._monotonic()
+        hold = after - now
+        if hold <= self._tolerance:
+            self._offset = real - (now + after) / 2
+        else:
+            self.held += 1
+            self.longest_hold = max(self.longest_hold, hold)
+        if stamped is None:
+            return now
+        return min(now, stamped - self._offset)
+
+
 class _MediaProtocol(asyncio.DatagramProtocol):
     """The media socket's datagrams, each with the time it reached the socket.
 
     That time is the kernel's receive stamp (Linux's ``SIOCGSTAMPNS`` of the datagram just
-    read), put on the event loop's clock: the recordings then show when a packet arrived, not
-    when this loop got round to it, so a pause of the sandbox's own loop (100 streams are
-    5,000 datagrams a second) is not mistaken for the sender's. Where the kernel does not
-    stamp, the loop's time on reading stands in.
+    read), put on the event loop's clock by an :class:`ArrivalClock`: the recordings then show
+    when a packet arrived, not when this loop got round to it, so a pause of the sandbox's own
+    loop (100 streams are 5,000 datagrams a second) is not mistaken for the sender's. Where the
+    kernel does not stamp, the loop's time on reading stands in.
     """
 
-    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int], float], None]) -> None:
+    def __init__(
+        self,
+        on_datagram: Callable[[bytes, tuple[str, int], float], None],
+        clock: ArrivalClock,
+    ) -> None:
         self._on_datagram = on_datagram
-        self._loop = asyncio.get_running_loop()
+        self._clock = clock
         self._fd: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,13 +170,7 @@ class _MediaProtocol(asyncio.DatagramProtocol):
         self._stamp()  # the first ask turns the socket's stamping on (and finds none yet)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        # Both clocks read back to back, before the stamp's ioctl: a syscall's return is where a
-        # busy machine preempts, and a pause between the two reads would move the arrival.
-        now = self._loop.time()
-        offset = time.time() - now
-        stamped = self._stamp()
-        # Realtime -> the loop's monotonic clock; never later than the datagram was read.
-        arrival = now if stamped is None else min(now, stamped - offset)
+        arrival = self._clock.arrival(self._stamp())
         self._on_datagram(data, (str(addr[0]), int(addr[1])), arrival)
 
     def _stamp(self) -> float | None:
@@ -157,13 +228,15 @@ class MediaPlane:
         self._relay: LossyRelay | None = None
         #: The webrtc peers' demultiplexer on the media socket, made with the first peer.
         self._webrtc_port: SharedMediaPort | None = None
+        self._arrival_clock: ArrivalClock | None = None
 
     async def start(self) -> None:
         """Bind the media socket (and the relay), start the reports, make the DTLS certificate."""
         host = self._options.host
         loop = asyncio.get_running_loop()
+        clock = self._arrival_clock = ArrivalClock(loop.time)
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _MediaProtocol(self._on_datagram), local_addr=(host, 0)
+            lambda: _MediaProtocol(self._on_datagram, clock), local_addr=(host, 0)
         )
         self._udp = transport
         self._udp_port = int(transport.get_extra_info("sockname")[1])
@@ -216,6 +289,13 @@ class MediaPlane:
     def relay(self) -> LossyRelay | None:
         """The lossy relay in front of the media socket, if asked for."""
         return self._relay
+
+    @property
+    def arrival_clock(self) -> ArrivalClock:
+        """What puts the media socket's receive stamps on the loop's clock (its ``held`` and
+        ``longest_hold`` say how often this process was held up between its clock reads)."""
+        assert self._arrival_clock is not None, "start() first"
+        return self._arrival_clock
 
     # -- webrtc ----------------------------------------------------------------------------------
 

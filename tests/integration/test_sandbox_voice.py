@@ -35,6 +35,7 @@ from legato.sandbox.analysis import dominant_frequency
 from legato.sandbox.recording import Recording
 from legato.sandbox.rtp import pack_receiver_report
 from legato.sandbox.voice import SandboxVoiceServer
+from legato.sandbox.voice_media import CLOCK_READ_TOLERANCE
 from legato.voice.crypto import PacketEncryptor
 from legato.voice.rtp import (
     discovery_request,
@@ -565,9 +566,11 @@ async def test_arrivals_are_the_kernels_receive_times_not_the_loops(
     packets = [client.packet(opus) for opus in tone[:10]]
     loop = asyncio.get_running_loop()
     sent: list[float] = []
+    before: list[float] = []
     # Block the loop on purpose from the first send to the last: nothing is read meanwhile.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for packet in packets:
+            before.append(loop.time())
             sock.sendto(packet, client.server_udp)
             sent.append(loop.time())  # loopback: the kernel has stamped it by now
     unblocked = loop.time()
@@ -576,8 +579,10 @@ async def test_arrivals_are_the_kernels_receive_times_not_the_loops(
     await client.close()
     received = recording.packets
     assert [p.sequence for p in received] == [parse_rtp_header(p)[0].sequence for p in packets]
-    for heard, sent_by in zip(received, sent, strict=True):
+    for heard, sent_by, sent_from in zip(received, sent, before, strict=True):
         assert heard.arrival <= sent_by < unblocked, "recorded when read, not when received"
+        # Nor earlier than it was sent (the stamp put on the loop's clock, within its error).
+        assert heard.arrival >= sent_from - CLOCK_READ_TOLERANCE
 
 
 # -- resume, faults, membership ----------------------------------------------------------------
