@@ -33,11 +33,14 @@ reports of the bot:
   window (this process did not read in time: lost to the listener however the bot sent them),
   the longest lag of this process's loop and of the bot's (`load_bot.LoopLag`, listed from
   50 ms) and their longest cyclic collections (`load_bot.GcPauses`). A case measures like a
-  first case only when the first four stay at zero. This process collects and freezes before
-  each window's clock starts and collects between cases; the recordings hold their packets as
-  columns (`legato.sandbox.recording.PacketLog`), which the collector does not scan (as
-  objects, an earlier case's 360,000 packets made the collection at the next window's start
-  take 0.76 s, and the listener lost what arrived meanwhile).
+  first case only when the first four stay at zero. Beside them, how often this process was
+  held up between the clock reads that put a receive stamp on its loop's clock, and the longest
+  hold (`legato.sandbox.voice_media.ArrivalClock`: such a datagram takes the last good offset;
+  taken from the held reads, its arrival would have moved earlier by the hold). This process
+  collects and freezes before each window's clock starts and collects between cases; the
+  recordings hold their packets as columns (`legato.sandbox.recording.PacketLog`), which the
+  collector does not scan (as objects, an earlier case's 360,000 packets made the collection at
+  the next window's start take 0.76 s, and the listener lost what arrived meanwhile).
 
 Beside a CPU-bound process (``--hog``, `HOG_CODE` at normal priority from before the first
 /play to the end of the window) the machine is shared as a busy host shares it: at 50 guilds no
@@ -90,6 +93,7 @@ import bench_common as bc  # type: ignore[import-not-found]  # noqa: E402  share
 from legato.sandbox.media import MediaServer, write_tone  # noqa: E402
 from legato.sandbox.recording import ReceivedPacket, Recording  # noqa: E402
 from legato.sandbox.server import GuildHandle, Sandbox  # noqa: E402
+from legato.sandbox.voice_media import ArrivalClock  # noqa: E402
 
 sys.path.insert(0, str(HERE.parent))
 from bench.load_bot import (  # noqa: E402  the child's
@@ -129,6 +133,8 @@ QUEUE_PROCESSES = 2
 LOAD_DECODE_PROCESSES = 2
 #: Two arrivals closer than this at the listener are a burst (the pacer keeps 10 ms at least).
 BURST_S = 0.005
+#: The guilds' two kinds: Opus passed through, MP3 transcoded.
+KINDS = ("passthrough", "transcode")
 #: A CPU-bound neighbour at normal priority (the "hog" cases): one core's worth of pure Python.
 HOG_CODE = "while True: pass"
 
@@ -527,7 +533,12 @@ async def _load(
                         # runs on for a few seconds: the window is the steady state after it.
                         await asyncio.sleep(settle)
                         figures = await _measure(
-                            bot, playing, seconds, probes, sb.voice_server.udp_port
+                            bot,
+                            playing,
+                            seconds,
+                            probes,
+                            sb.voice_server.udp_port,
+                            sb.voice_server.arrival_clock,
                         )
                         figures["setup_s"] = setup_s
                         figures["setup_failed"] = float(len(failed))
@@ -556,6 +567,7 @@ async def _measure(
     seconds: float,
     probes: tuple[GcPauses, LoopLag],
     media_port: int,
+    clock: ArrivalClock,
 ) -> dict[str, float]:
     """The window: the bot's reports at both ends, the recordings' packets in between."""
     pauses, lag = probes
@@ -571,6 +583,7 @@ async def _measure(
         sandbox_cpu0 = sum(sandbox.cpu_times()[:2])
         t0 = time.monotonic()
         drops0 = socket_drops(media_port)
+        held0, clock.longest_hold = clock.held, 0.0
         r0 = await bot.request()
         s0 = time.monotonic()
         await asyncio.sleep(seconds)  # the window itself: nothing to wait on
@@ -580,6 +593,7 @@ async def _measure(
         wall = time.monotonic() - t0
         t1 = time.monotonic()
         drops1 = socket_drops(media_port)
+        held1, longest_hold = clock.held, clock.longest_hold
     finally:
         gc.unfreeze()
     sandbox_long_gc = _during(pauses.long, t0, t1)
@@ -591,6 +605,8 @@ async def _measure(
         "listener_socket_drops": float(drops1 - drops0)
         if drops0 is not None and drops1 is not None
         else math.nan,
+        "sandbox_clock_held": float(held1 - held0),
+        "sandbox_clock_hold_max_ms": longest_hold * 1e3,
         "sandbox_collect_s": collect_s,
         "sandbox_sleep_over_s": sleep_over,
         "sandbox_gc_long": float(len(sandbox_long_gc)),
@@ -623,6 +639,34 @@ async def _measure(
                 flush=True,
             )
     sandbox_cpu = sum(sandbox.cpu_times()[:2]) - sandbox_cpu0
+    # When players re-anchored: per report of the bot (every `--rss-interval` s), how many of
+    # each kind, and the share of that interval its loop thread waited runnable for a CPU.
+    kind_of = {str(g.handle.id): g.kind for g in playing}
+    at = PLAYER_FIELDS.index("reanchors")
+    reanchored_at: list[str] = []
+    in_window = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
+    for ra, rb in itertools.pairwise([r0, *in_window, r1]):
+        moved = {
+            gid: v[at] - ra["players"][gid][at]
+            for gid, v in rb["players"].items()
+            if gid in ra["players"] and v[at] != ra["players"][gid][at]
+        }
+        if moved and rb["t"] > ra["t"]:
+            per_kind = [sum(n for g, n in moved.items() if kind_of.get(g) == k) for k in KINDS]
+            waited = (
+                f"{(rb['loop'][1] - ra['loop'][1]) / (rb['t'] - ra['t']) * 100:.0f} %"
+                if ra["loop"] and rb["loop"]
+                else "?"
+            )
+            reanchored_at.append(
+                f"{rb['t'] - r0['t']:+.1f} s: {per_kind[0]}/{per_kind[1]} (loop waited {waited})"
+            )
+    if reanchored_at:
+        print(
+            "    re-anchors (passthrough/transcode) by the bot's report: "
+            + ", ".join(reanchored_at),
+            file=sys.stderr,
+        )
     samples = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
     cpu = r1["cpu"] - r0["cpu"]
     bot_wall = r1["t"] - r0["t"]
@@ -645,8 +689,7 @@ async def _measure(
     }
     # Per kind ("passthrough", "transcode"): players that re-anchored, underruns, bursts heard.
     kinds: dict[str, dict[str, float]] = {
-        kind: {"reanchored": 0, "underruns": 0, "bursts": 0, "min_gap": math.inf}
-        for kind in ("passthrough", "transcode")
+        kind: {"reanchored": 0, "underruns": 0, "bursts": 0, "min_gap": math.inf} for kind in KINDS
     }
     arrivals: list[list[float]] = []
     lost_at: dict[int, int] = {}
@@ -796,9 +839,10 @@ def load_table(r: dict[str, float], title: str) -> str:
         " (a datagram the listener's socket dropped is lost to it, however the bot sent it)",
         ["listener socket drops", "sandbox loop lag max ms", "sandbox collection max ms",
          "collect before the window s", "bot loop lag max ms", "bot collection max ms",
-         "bot full collections"],
+         "bot full collections", "arrival clock reads held up", "longest hold ms"],
         [[r["listener_socket_drops"], r["sandbox_lag_max_ms"], r["sandbox_gc_max_ms"],
-          r["sandbox_collect_s"], r["bot_lag_max_ms"], r["bot_gc_max_ms"], r["bot_gc_gen2"]]],
+          r["sandbox_collect_s"], r["bot_lag_max_ms"], r["bot_gc_max_ms"], r["bot_gc_gen2"],
+          int(r["sandbox_clock_held"]), r["sandbox_clock_hold_max_ms"]]],
     )  # fmt: skip
     text += bc.table(
         f"Per kind, heard by the listener (a burst: two packets < {BURST_S * 1e3:g} ms apart)",
@@ -960,6 +1004,8 @@ CASE_KEYS = (
     "sandbox_lag_max_ms",
     "bot_lag_max_ms",
     "bot_gc_max_ms",
+    "sandbox_clock_held",
+    "sandbox_clock_hold_max_ms",
     "bursts",
     "min_gap_ms",
     *(
