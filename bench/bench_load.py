@@ -663,8 +663,8 @@ async def _measure(
             )
     if reanchored_at:
         print(
-            "    re-anchors (passthrough/transcode) by the bot's report: "
-            + ", ".join(reanchored_at),
+            f"    re-anchors (passthrough/transcode) by the bot's report (window from monotonic"
+            f" {r0['t']:.2f}): " + ", ".join(reanchored_at),
             file=sys.stderr,
         )
     samples = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
