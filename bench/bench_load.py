@@ -36,7 +36,13 @@ reports of the bot:
   first case only when the first four stay at zero. Beside them, how often this process was
   held up between the clock reads that put a receive stamp on its loop's clock, and the longest
   hold (`legato.sandbox.voice_media.ArrivalClock`: such a datagram takes the last good offset;
-  taken from the held reads, its arrival would have moved earlier by the hold). This process
+  taken from the held reads, its arrival would have moved earlier by the hold), and the CPU
+  the machine spent outside the case (every process but this one and those under it: the bot,
+  its workers, the hog), in % of one core: on a shared machine, someone else's build or test
+  run in the window starves the bot's loop as the hog does, and no figure of the case says so
+  otherwise (a `mypy` beside one run took a core for the last 8 s of its window, the bot's loop
+  waited for a CPU 60-90 % of each 0.25 s where it had waited 25-40 %, and every player
+  re-anchored). This process
   collects and freezes before each window's clock starts and collects between cases; the
   recordings hold their packets as columns (`legato.sandbox.recording.PacketLog`), which the
   collector does not scan (as objects, an earlier case's 360,000 packets made the collection at
@@ -190,6 +196,20 @@ def _window(packets: Sequence[ReceivedPacket]) -> dict[str, float]:
         bursts += sum(g < BURST_S for g in gaps)
     return {"frames": frames, "lost": lost, "max_gap": max_gap, "min_gap": min_gap,
             "bursts": bursts}  # fmt: skip
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of this process and every process under it (the bot, its workers, the
+    hog), and of the whole machine (busy time over every CPU)."""
+    me = psutil.Process()
+    ours = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ours += sum(child.cpu_times()[:2])
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system
+    busy += sum(getattr(t, f, 0.0) for f in ("irq", "softirq", "steal"))
+    return ours, busy
 
 
 def socket_drops(port: int) -> int | None:
@@ -584,6 +604,7 @@ async def _measure(
         t0 = time.monotonic()
         drops0 = socket_drops(media_port)
         held0, clock.longest_hold = clock.held, 0.0
+        ours0, busy0 = cpu_seconds()
         r0 = await bot.request()
         s0 = time.monotonic()
         await asyncio.sleep(seconds)  # the window itself: nothing to wait on
@@ -594,6 +615,7 @@ async def _measure(
         t1 = time.monotonic()
         drops1 = socket_drops(media_port)
         held1, longest_hold = clock.held, clock.longest_hold
+        ours1, busy1 = cpu_seconds()
     finally:
         gc.unfreeze()
     sandbox_long_gc = _during(pauses.long, t0, t1)
@@ -605,6 +627,7 @@ async def _measure(
         "listener_socket_drops": float(drops1 - drops0)
         if drops0 is not None and drops1 is not None
         else math.nan,
+        "outside_cpu_pct": ((busy1 - busy0) - (ours1 - ours0)) / wall * 100,
         "sandbox_clock_held": float(held1 - held0),
         "sandbox_clock_hold_max_ms": longest_hold * 1e3,
         "sandbox_collect_s": collect_s,
@@ -642,24 +665,24 @@ async def _measure(
     # When players re-anchored: per report of the bot (every `--rss-interval` s), how many of
     # each kind, and the share of that interval its loop thread waited runnable for a CPU.
     kind_of = {str(g.handle.id): g.kind for g in playing}
-    at = PLAYER_FIELDS.index("reanchors")
+    ri = PLAYER_FIELDS.index("reanchors")
     reanchored_at: list[str] = []
     in_window = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
     for ra, rb in itertools.pairwise([r0, *in_window, r1]):
         moved = {
-            gid: v[at] - ra["players"][gid][at]
+            gid: v[ri] - ra["players"][gid][ri]
             for gid, v in rb["players"].items()
-            if gid in ra["players"] and v[at] != ra["players"][gid][at]
+            if gid in ra["players"] and v[ri] != ra["players"][gid][ri]
         }
         if moved and rb["t"] > ra["t"]:
-            per_kind = [sum(n for g, n in moved.items() if kind_of.get(g) == k) for k in KINDS]
+            counts = [sum(n for g, n in moved.items() if kind_of.get(g) == k) for k in KINDS]
             waited = (
                 f"{(rb['loop'][1] - ra['loop'][1]) / (rb['t'] - ra['t']) * 100:.0f} %"
                 if ra["loop"] and rb["loop"]
                 else "?"
             )
             reanchored_at.append(
-                f"{rb['t'] - r0['t']:+.1f} s: {per_kind[0]}/{per_kind[1]} (loop waited {waited})"
+                f"{rb['t'] - r0['t']:+.1f} s: {counts[0]}/{counts[1]} (loop waited {waited})"
             )
     if reanchored_at:
         print(
@@ -839,10 +862,12 @@ def load_table(r: dict[str, float], title: str) -> str:
         " (a datagram the listener's socket dropped is lost to it, however the bot sent it)",
         ["listener socket drops", "sandbox loop lag max ms", "sandbox collection max ms",
          "collect before the window s", "bot loop lag max ms", "bot collection max ms",
-         "bot full collections", "arrival clock reads held up", "longest hold ms"],
+         "bot full collections", "arrival clock reads held up", "longest hold ms",
+         "outside the case, cpu %"],
         [[r["listener_socket_drops"], r["sandbox_lag_max_ms"], r["sandbox_gc_max_ms"],
           r["sandbox_collect_s"], r["bot_lag_max_ms"], r["bot_gc_max_ms"], r["bot_gc_gen2"],
-          int(r["sandbox_clock_held"]), r["sandbox_clock_hold_max_ms"]]],
+          int(r["sandbox_clock_held"]), r["sandbox_clock_hold_max_ms"],
+          r["outside_cpu_pct"]]],
     )  # fmt: skip
     text += bc.table(
         f"Per kind, heard by the listener (a burst: two packets < {BURST_S * 1e3:g} ms apart)",
@@ -1006,6 +1031,7 @@ CASE_KEYS = (
     "bot_gc_max_ms",
     "sandbox_clock_held",
     "sandbox_clock_hold_max_ms",
+    "outside_cpu_pct",
     "bursts",
     "min_gap_ms",
     *(
