@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -20,3 +22,12 @@ class LoopClock:
 
     def now(self) -> float:
         return self._loop.time()
+
+
+def loop_time(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """What reads ``loop``'s clock for a caller that reads it per frame: ``time.monotonic``
+    itself when ``loop.time`` is asyncio's own (which returns just that), else ``loop.time``.
+    The same values, without a Python call around each read."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time

@@ -58,7 +58,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Final, Protocol, runtime_checkable
 
-from legato.audio.clock import Clock
+from legato.audio.clock import Clock, loop_time
 from legato.audio.events import (
     EndReason,
     PlayerEvent,
@@ -264,11 +264,14 @@ class GuildPlayer:
         self._log = GuildLogger(_log, guild_id)
         self._link = sink if isinstance(sink, LinkCounters) else None
         self._gate = sink if isinstance(sink, SendGate) else None
+        #: Files the frame timer again from inside its own callback (``SlotTimers.call_again``);
+        #: ``None``: a new ``_call_at`` each frame.
+        self._call_again: Callable[[Any, float, Callable[[], None]], _Cancellable] | None = None
         if clock is None:
-            self._now: Callable[[], float] = self._loop.time
-            self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = slot_timers(
-                self._loop
-            ).call_at
+            slots = slot_timers(self._loop)
+            self._now: Callable[[], float] = loop_time(self._loop)
+            self._call_at: Callable[[float, Callable[[], None]], _Cancellable] = slots.call_at
+            self._call_again = slots.call_again
         elif isinstance(clock, TimerClock):
             self._now, self._call_at = clock.now, clock.call_at
         else:
@@ -308,6 +311,8 @@ class GuildPlayer:
         self._next: Entry | None = None
         self._timer: _Cancellable | None = None
         self._timer_when = math.nan
+        #: ``_on_timer`` bound once, not once per frame.
+        self._tick = self._on_timer
         self._speaking_task: asyncio.Task[None] | None = None
         #: Waits for the sink's gate while the track is held (see ``_hold``).
         self._hold_task: asyncio.Task[None] | None = None
@@ -845,10 +850,10 @@ class GuildPlayer:
             return
         self._cancel_timer()
         self._timer_when = deadline
-        self._timer = self._call_at(deadline, self._on_timer)
+        self._timer = self._call_at(deadline, self._tick)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        timer, self._timer = self._timer, None
         self._timer_when = math.nan
         cur = self._cur
         # Steady state (a started track with frames to spare, no speaking change under way):
@@ -862,13 +867,39 @@ class GuildPlayer:
             and (self._gate is None or self._gate.can_send)
         ):
             now = self._now()
-            deadline = self._pacer.send_due(now)
+            pacer = self._pacer
+            deadline = pacer.send_due(now)
             if deadline is not None:
-                self._sent_audio(cur)
-                if self._now() - now > _HELD_UP:  # preempted before the send: gap from it
-                    deadline = self._pacer.sent_at(self._now()) or deadline
+                # _sent_audio written out (one Python call less per frame).
+                frames = cur.frames
+                try:
+                    self._sink.send_frame(frames.popleft())
+                except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
+                    self._sink_failed()
+                cur.sent += 1
+                self._frames_sent += 1
+                self._in_underrun = False
+                late = pacer.last_lateness
+                if late > 0.0:
+                    i = int(late / _HIST_BIN)
+                    self._hist[i if i < _HIST_SIZE else _HIST_SIZE - 1] += 1
+                    if late > LATE_THRESHOLD:
+                        self._late += 1
+                    if late > self._max_late:
+                        self._max_late = late
+                else:
+                    self._hist[0] += 1
+                if len(frames) <= self._low:
+                    self._feeder.wake(cur)
+                after = self._now()
+                if after - now > _HELD_UP:  # preempted before the send: gap from it
+                    deadline = pacer.sent_at(after) or deadline
                 self._timer_when = deadline
-                self._timer = self._call_at(deadline, self._on_timer)
+                again = self._call_again
+                if again is not None and timer is not None:
+                    self._timer = again(timer, deadline, self._tick)
+                else:
+                    self._timer = self._call_at(deadline, self._tick)
                 return
         self._pump()
 
@@ -884,7 +915,8 @@ class GuildPlayer:
         self._in_underrun = False
         late = self._pacer.last_lateness
         if late > 0.0:
-            self._hist[min(int(late / _HIST_BIN), _HIST_SIZE - 1)] += 1
+            i = int(late / _HIST_BIN)
+            self._hist[i if i < _HIST_SIZE else _HIST_SIZE - 1] += 1
             if late > LATE_THRESHOLD:
                 self._late += 1
             if late > self._max_late:

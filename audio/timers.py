@@ -29,12 +29,17 @@ from legato.audio.pacer import EARLY
 SLOT: Final = 0.001
 
 
+def _ran() -> None:
+    """What a timer's callback becomes once it has run (``call_again`` may file it again)."""
+
+
 class SlotTimer:
     """A deadline handed to :meth:`SlotTimers.call_at`; ``cancel()`` drops it."""
 
     __slots__ = ("callback",)
 
     def __init__(self, callback: Callable[[], None]) -> None:
+        #: ``None`` once cancelled; ``_ran`` once run (and not cancelled since).
         self.callback: Callable[[], None] | None = callback
 
     def cancel(self) -> None:
@@ -75,6 +80,25 @@ class SlotTimers:
             bucket.append(timer)
         return timer
 
+    def call_again(self, timer: SlotTimer, when: float, callback: Callable[[], None]) -> SlotTimer:
+        """``call_at(when, callback)``, filing ``timer`` again when it has run and has not been
+        cancelled since, rather than making a new one (a callback re-arming itself from inside
+        itself: a player's frame timer, 50 times a second per stream). Returns the timer filed:
+        ``timer``, or a new one when ``timer`` is still pending or was cancelled."""
+        if timer.callback is not _ran:
+            return self.call_at(when, callback)
+        timer.callback = callback
+        slot = math.ceil((when - EARLY) / self._width) if when > 0.0 else 0
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            self._buckets[slot] = [timer]
+            heapq.heappush(self._order, slot)
+            if slot < self._armed:
+                self._arm(slot)
+        else:
+            bucket.append(timer)
+        return timer
+
     def pending(self) -> int:
         """Timers waiting (cancelled ones included until their slot runs)."""
         return sum(len(b) for b in self._buckets.values())
@@ -103,7 +127,7 @@ class SlotTimers:
                 callback = timer.callback
                 if callback is None:
                     continue
-                timer.callback = None
+                timer.callback = _ran
                 try:
                     callback()
                 except (SystemExit, KeyboardInterrupt):

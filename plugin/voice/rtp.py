@@ -80,6 +80,8 @@ _DISCOVERY_LENGTH: Final = 70
 _DISCOVERY_ADDRESS_SIZE: Final = 64
 
 _HEADER = struct.Struct(">BBHII")
+#: The second header byte with the marker bit set and payload type 120.
+_OPUS_MARKED: Final = 0x80 | OPUS_PAYLOAD_TYPE
 _DISCOVERY = struct.Struct(">HHI64sH")
 
 
@@ -325,8 +327,18 @@ class RtpSequencer:
 
     def next_header(self, *, marker: bool = False) -> bytes:
         """Return the 12-byte header for the next packet and advance."""
-        sequence, timestamp = self.next()
-        return pack_rtp_header(sequence, timestamp, self.ssrc, marker=marker)
+        # ``next()`` and ``pack_rtp_header`` written out: this runs per frame for every stream.
+        sequence, timestamp = self.sequence, self.timestamp
+        self.sequence = (sequence + 1) % SEQ_MODULO
+        self.timestamp = (timestamp + self.samples_per_frame) % TS_MODULO
+        self.frames_sent += 1
+        return _HEADER.pack(
+            0x80,
+            _OPUS_MARKED if marker else OPUS_PAYLOAD_TYPE,
+            sequence,
+            timestamp,
+            self.ssrc & 0xFFFFFFFF,
+        )
 
     def skip(self, frames: int) -> None:
         """Advance the timestamp by ``frames`` frames that were not sent.

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from legato.audio.pacer import EARLY
-from legato.audio.timers import SLOT, SlotTimers, slot_timers
+from legato.audio.timers import SLOT, SlotTimer, SlotTimers, slot_timers
 
 
 async def test_each_callback_runs_within_its_deadlines_allowance() -> None:
@@ -125,3 +125,51 @@ def test_slot_wider_than_the_pacers_allowance_is_refused() -> None:
             SlotTimers(loop, slot=SLOT * 10)
     finally:
         loop.close()
+
+
+async def test_call_again_refiles_a_timer_that_ran_and_never_one_still_due() -> None:
+    """A callback re-arming its own timer gets the same timer back; a pending or cancelled timer
+    is left alone (a new one is filed), so nothing runs twice or comes back from a cancel."""
+    loop = asyncio.get_running_loop()
+    timers = SlotTimers(loop)
+    ran: list[str] = []
+    done = loop.create_future()
+    timer: SlotTimer | None = None
+
+    def first() -> None:
+        ran.append("first")
+        assert timer is not None
+        again = timers.call_again(timer, loop.time() + 0.002, second)
+        assert again is timer  # it ran: filed again, no new object
+        ran.append("refiled")
+
+    def second() -> None:
+        ran.append("second")
+        done.set_result(None)
+
+    timer = timers.call_at(loop.time() + 0.002, first)
+    pending = timers.call_at(loop.time() + 0.004, lambda: ran.append("pending"))
+    other = timers.call_again(pending, loop.time() + 0.004, lambda: ran.append("other"))
+    assert other is not pending  # still due: a second filing would run it twice
+    cancelled = timers.call_at(loop.time() + 0.004, lambda: ran.append("cancelled"))
+    cancelled.cancel()
+    revived = timers.call_again(cancelled, loop.time() + 0.004, lambda: ran.append("revived"))
+    assert revived is not cancelled
+    await asyncio.wait_for(done, 5)
+    await asyncio.sleep(0.01)
+    assert sorted(ran) == ["first", "other", "pending", "refiled", "revived", "second"]
+    assert timers.pending() == 0
+
+
+async def test_a_timer_cancelled_after_it_ran_is_not_refiled() -> None:
+    loop = asyncio.get_running_loop()
+    timers = SlotTimers(loop)
+    done = loop.create_future()
+    timer = timers.call_at(loop.time(), lambda: done.set_result(None))
+    await asyncio.wait_for(done, 5)
+    timer.cancel()
+    ran: list[int] = []
+    again = timers.call_again(timer, loop.time(), lambda: ran.append(1))
+    assert again is not timer
+    await asyncio.sleep(0.01)
+    assert ran == [1]

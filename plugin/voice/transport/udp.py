@@ -186,13 +186,13 @@ class UdpTransport:
         encryptor = self._encryptor
         sequencer = self._sequencer
         sock = self._sock
-        if encryptor is None or sequencer is None or sock is None or self._server is None:
+        server = self._server
+        if encryptor is None or sequencer is None or sock is None or server is None:
             self._stats.send_errors += 1
             return
-        header = sequencer.next_header()
-        packet = encryptor.encrypt(header, opus)
+        packet = encryptor.encrypt(sequencer.next_header(), opus)
         try:
-            sock.sendto(packet, self._server)
+            sock.sendto(packet, server)
         except OSError:  # BlockingIOError included: drop rather than queue stale audio
             self._stats.send_errors += 1
             return
@@ -200,10 +200,12 @@ class UdpTransport:
         stats.frames_sent += 1
         stats.bytes_sent += len(packet)
         self._payload_octets += len(opus)
-        self._frames_since_report += 1
-        if self._frames_since_report >= SENDER_REPORT_FRAMES:
+        since = self._frames_since_report + 1
+        if since >= SENDER_REPORT_FRAMES:
             self._frames_since_report = 0
-            self._send_report(sock, self._server, sequencer.timestamp)
+            self._send_report(sock, server, sequencer.timestamp)
+        else:
+            self._frames_since_report = since
 
     async def wait_loss_reports(self, count: int) -> None:
         """Return once ``count`` reception reports about our SSRC have arrived in all.
