@@ -3,10 +3,8 @@ to the loop in batches.
 
 A job's ``call_soon_threadsafe`` writes to the loop's self-pipe, and the worker thread then
 takes the GIL back from the loop, which waits for it. With hundreds of players refilling, that
-is thousands of wake-ups a second; an :class:`Inbox` appends a result and only the first one
-since the loop last drained wakes it. A busy loop drains many at once. No lock is shared with
-the loop: the threads putting results run under ``SCHED_BATCH`` (decode workers' readers), and
-one preempted while holding such a lock would stall the loop until it ran again.
+is thousands of wake-ups a second; an :class:`Inbox` appends a result under a lock and only the
+first one since the loop last drained wakes it. A busy loop drains many at once.
 
 Every frame reader (:mod:`legato.audio.source`, :mod:`legato.audio.workers`) settles its
 loop futures through the loop's one inbox (:func:`inbox`).
@@ -18,8 +16,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import threading
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -39,9 +37,9 @@ class Inbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        # Appended by any thread, popped by the loop's: deque's append and popleft are atomic.
-        self._items: deque[tuple[Deliver, Any, Any, BaseException | None]] = deque()
-        self._woken = False  # a drain is scheduled and has not started taking items yet
+        self._lock = threading.Lock()
+        self._items: list[tuple[Deliver, Any, Any, BaseException | None]] = []
+        self._woken = False
         self._wakes = 0
 
     @property
@@ -50,16 +48,12 @@ class Inbox:
         return self._wakes
 
     def put(self, deliver: Deliver, target: Any, value: Any, exc: BaseException | None) -> None:
-        """Call ``deliver(target, value, exc)`` on the loop (from any thread).
-
-        The item is in before ``_woken`` is read: a drain that cleared it takes the item, and
-        one that has not yet cleared it has not begun taking items. Two threads may both see
-        it clear and wake the loop twice; the second drain finds little or nothing.
-        """
-        self._items.append((deliver, target, value, exc))
-        if self._woken:
-            return
-        self._woken = True
+        """Call ``deliver(target, value, exc)`` on the loop (from any thread)."""
+        with self._lock:
+            self._items.append((deliver, target, value, exc))
+            if self._woken:
+                return
+            self._woken = True
         try:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: no one awaits these results any more
@@ -80,13 +74,11 @@ class Inbox:
         return result
 
     def _drain(self) -> None:
-        self._woken = False  # before taking: what is put from here on wakes the loop again
-        items = self._items
+        with self._lock:
+            items, self._items = self._items, []
+            self._woken = False
         self._wakes += 1
-        # What is in now; anything put later was put after ``_woken`` was cleared, so its
-        # putter (or an earlier one) scheduled another drain.
-        for _ in range(len(items)):
-            deliver, target, value, exc = items.popleft()
+        for deliver, target, value, exc in items:
             try:
                 deliver(target, value, exc)
             except Exception:  # noqa: BLE001 - one broken delivery must not lose the others

@@ -275,9 +275,7 @@ class _Worker:
         self.requests = 0  # requests sent
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()  # serialises _die; the request path takes no lock
-        # Who pops a request's entry (atomic under the GIL) completes its future: the reader,
-        # the sweep, a caller giving up, or whoever fails it when the worker dies.
+        self._lock = threading.Lock()  # guards _pending and _dead
         self._pending: dict[int, _Waiting] = {}
         self._dead: Exception | None = None
         self._reader = threading.Thread(
@@ -298,7 +296,8 @@ class _Worker:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        with self._lock:
+            return len(self._pending)
 
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
         """Send a request and block for its result (raising the worker's error)."""
@@ -311,7 +310,8 @@ class _Worker:
                 user_message=STOPPED,
             ) from exc
         finally:
-            self._pending.pop(rid, None)
+            with self._lock:
+                self._pending.pop(rid, None)
 
     def submit(
         self,
@@ -342,47 +342,35 @@ class _Worker:
         then: Callable[[Any], Any] | None,
         wait: float | None,
     ) -> tuple[int, concurrent.futures.Future[Any]]:
-        """Register a request and send it now (``wait`` None) or queue it for the writer.
-
-        No lock is taken: on the event loop, a lock the reader thread holds (a ``SCHED_BATCH``
-        thread, which loses its CPU easily) stalled the loop (profiled at 100 guilds: 16 % of
-        the loop thread's samples in the staging and hand-off). Each step is one dict operation,
-        atomic under the GIL; a loop's staged list is touched by that loop's thread alone. A
-        worker dying meanwhile is caught by checking ``_dead`` again once the entry is in
-        (``_die`` sets it before it swaps the entries out): whichever of the two pops the entry
-        fails its future.
-        """
+        """Register a request and send it now (``wait`` None) or queue it for the writer."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if self._dead is not None:
-            fut.set_exception(self._failure())
-            return 0, fut
         due = math.inf if wait is None else time.monotonic() + wait
-        rid = next(self._ids)
-        pending = self._pending
-        pending[rid] = (fut, then, due)
-        if self._dead is not None:
-            if pending.pop(rid, None) is not None:
+        loop = _running_loop() if wait is not None else None
+        flush = False
+        with self._lock:
+            if self._dead is not None:
                 fut.set_exception(self._failure())
-            return 0, fut
-        request = (rid, op, sid, args)
+                return 0, fut
+            rid = next(self._ids)
+            self._pending[rid] = (fut, then, due)
+            if loop is not None:
+                staged = self._staged.get(loop)
+                if staged is None:
+                    staged = self._staged[loop] = []
+                    flush = True
+                staged.append((rid, op, sid, args))
         if wait is None:
-            self._send(request)
-            return rid, fut
-        loop = _running_loop()
-        if loop is None:
-            self._outbox.put(request)
-            return rid, fut
-        staged = self._staged.get(loop)
-        if staged is None:
-            self._staged[loop] = [request]
+            self._send((rid, op, sid, args))
+        elif loop is None:
+            self._outbox.put((rid, op, sid, args))
+        elif flush:
             loop.call_soon(self._flush, loop)
-        else:
-            staged.append(request)
         return rid, fut
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand what ``loop`` staged since its last flush to the writer thread, in one put."""
-        staged = self._staged.pop(loop, None)
+        with self._lock:
+            staged = self._staged.pop(loop, None)
         if staged:
             self._outbox.put(staged)
 
@@ -418,13 +406,10 @@ class _Worker:
                 sweep_at = now + _SWEEP_EVERY
 
     def _expire(self, now: float) -> None:
-        pending = self._pending
-        late = [rid for rid, (_fut, _then, due) in pending.copy().items() if due <= now]
-        for rid in late:
-            waiting = pending.pop(rid, None)
-            if waiting is None:
-                continue  # answered meanwhile
-            fut = waiting[0]
+        with self._lock:
+            late = [rid for rid, (_fut, _then, due) in self._pending.items() if due <= now]
+            overdue = [self._pending.pop(rid)[0] for rid in late]
+        for fut in overdue:
             if not fut.done():
                 fut.set_exception(
                     DecodeError(
@@ -467,9 +452,9 @@ class _Worker:
                 )
                 return
             replies = message if isinstance(message, list) else [message]
-            pending = self._pending
-            for rid, ok, payload in replies:
-                waiting = pending.pop(rid, None)
+            with self._lock:
+                found = [(self._pending.pop(r, None), ok, value) for r, ok, value in replies]
+            for waiting, ok, payload in found:
                 if waiting is None:
                     continue  # its caller gave up waiting
                 fut, then, _due = waiting
@@ -483,22 +468,19 @@ class _Worker:
     def _die(self, error: Exception) -> None:
         with self._lock:
             if self._dead is None:
-                self._dead = error  # first: a request registered from here on fails itself
+                self._dead = error
                 if not isinstance(error, ShutDown):
                     _log.warning("%s; its tracks fail", error)
-            pending, self._pending = self._pending, {}
+            pending, self._pending = [fut for fut, _then, _due in self._pending.values()], {}
         self._outbox.put(None)  # the writer ends
-        while True:
-            try:
-                _rid, (fut, _then, _due) = pending.popitem()
-            except KeyError:
-                break
+        for fut in pending:
             if not fut.done():
                 fut.set_exception(self._failure())
 
     def stop(self) -> None:
         """End the process (asked first, killed if it lingers) and fail what is pending."""
-        alive = self._dead is None
+        with self._lock:
+            alive = self._dead is None
         # Shut down first: the reader, seeing the worker exit, then takes it for the stop it is
         # rather than warning of a worker that died.
         self._die(ShutDown(_SHUT_DOWN))
