@@ -10,7 +10,10 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -481,3 +484,55 @@ async def test_close_ends_every_worker_and_refuses_later_calls(
         await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
     source.close()
     pool.close()  # twice is fine
+
+
+def test_a_worker_killed_while_loops_submit_reads_fails_every_read_and_none_hangs(
+    pool: DecodePool, media_url: Callable[[str], str]
+) -> None:
+    """Two event loops keep reads in flight to one worker, submitting without a pause, and the
+    worker is killed among them: every read submitted, before, during or after its death,
+    completes (with frames, or with the worker's ``DecodeError``); none is left waiting."""
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    sources = [pool.open(info, opus=OpusSettings(), timeout=TIMEOUT) for _ in range(4)]
+    [pid] = pool.pids
+    killed = threading.Event()
+
+    def on_a_loop(mine: list[WorkerSource]) -> tuple[int, int]:
+        async def main() -> tuple[int, int]:
+            outstanding: deque[Any] = deque()
+            read = failed = after = 0
+            messages: set[str] = set()
+            async with asyncio.timeout(20):  # a read left waiting hangs here
+                while after < 2000:
+                    for source in mine:
+                        outstanding.append(source.read_chunk(1))
+                        if killed.is_set():
+                            after += 1
+                    await asyncio.sleep(0)  # the loop's turn ends: what it queued goes on
+                    while len(outstanding) > 64 or (after >= 2000 and outstanding):
+                        try:
+                            await outstanding.popleft()
+                            read += 1
+                        except DecodeError as exc:
+                            messages.add(exc.user_message)
+                            failed += 1
+            assert messages <= {STOPPED}
+            return read, failed
+
+        return asyncio.run(main())
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave as finely as they can
+    try:
+        with ThreadPoolExecutor(2) as loops:
+            runs = [loops.submit(on_a_loop, sources[:2]), loops.submit(on_a_loop, sources[2:])]
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            killed.set()
+            results = [run.result(60) for run in runs]
+    finally:
+        sys.setswitchinterval(before)
+        for source in sources:
+            source.close()
+    assert all(read > 0 and failed >= 2000 for read, failed in results)
+    assert pool.pending == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -929,3 +930,27 @@ async def test_results_from_many_worker_threads_each_reach_their_future_in_batch
         else:
             assert r == k * 2
     assert 1 <= box.wakes - wakes < len(futures)
+
+
+async def test_results_put_while_the_loop_drains_are_never_left_undelivered() -> None:
+    """Threads put results while the loop is draining earlier ones, interleaved as finely as
+    the interpreter allows: every result arrives (a put that saw a drain under way and woke
+    nothing still has its drain)."""
+    loop = asyncio.get_running_loop()
+    box = inbox(loop)
+    futures = [loop.create_future() for _ in range(20_000)]
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+
+        def worker(part: int) -> None:
+            for k in range(part, len(futures), 3):
+                box.put(settle_future, futures[k], k, None)
+
+        with ThreadPoolExecutor(3) as pool:
+            async with asyncio.timeout(30):  # an undelivered result hangs here
+                await asyncio.gather(*(loop.run_in_executor(pool, worker, p) for p in range(3)))
+                results = await asyncio.gather(*futures)
+    finally:
+        sys.setswitchinterval(before)
+    assert results == list(range(len(futures)))
