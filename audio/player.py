@@ -870,27 +870,7 @@ class GuildPlayer:
             pacer = self._pacer
             deadline = pacer.send_due(now)
             if deadline is not None:
-                # _sent_audio written out (one Python call less per frame).
-                frames = cur.frames
-                try:
-                    self._sink.send_frame(frames.popleft())
-                except Exception:  # noqa: BLE001 - counted and logged; see _sink_failed
-                    self._sink_failed()
-                cur.sent += 1
-                self._frames_sent += 1
-                self._in_underrun = False
-                late = pacer.last_lateness
-                if late > 0.0:
-                    i = int(late / _HIST_BIN)
-                    self._hist[i if i < _HIST_SIZE else _HIST_SIZE - 1] += 1
-                    if late > LATE_THRESHOLD:
-                        self._late += 1
-                    if late > self._max_late:
-                        self._max_late = late
-                else:
-                    self._hist[0] += 1
-                if len(frames) <= self._low:
-                    self._feeder.wake(cur)
+                self._sent_audio(cur)
                 after = self._now()
                 if after - now > _HELD_UP:  # preempted before the send: gap from it
                     deadline = pacer.sent_at(after) or deadline

@@ -69,15 +69,7 @@ class SlotTimers:
         """Run ``callback`` (on the loop) at ``when``'s slot: at most ``EARLY`` before ``when``,
         less than one slot after it. ``when`` in the past (or ``-inf``) runs as soon as it can."""
         timer = SlotTimer(callback)
-        slot = math.ceil((when - EARLY) / self._width) if when > 0.0 else 0
-        bucket = self._buckets.get(slot)
-        if bucket is None:
-            self._buckets[slot] = [timer]
-            heapq.heappush(self._order, slot)
-            if slot < self._armed:
-                self._arm(slot)
-        else:
-            bucket.append(timer)
+        self._file(timer, when)
         return timer
 
     def call_again(self, timer: SlotTimer, when: float, callback: Callable[[], None]) -> SlotTimer:
@@ -88,6 +80,10 @@ class SlotTimers:
         if timer.callback is not _ran:
             return self.call_at(when, callback)
         timer.callback = callback
+        self._file(timer, when)
+        return timer
+
+    def _file(self, timer: SlotTimer, when: float) -> None:
         slot = math.ceil((when - EARLY) / self._width) if when > 0.0 else 0
         bucket = self._buckets.get(slot)
         if bucket is None:
@@ -97,7 +93,6 @@ class SlotTimers:
                 self._arm(slot)
         else:
             bucket.append(timer)
-        return timer
 
     def pending(self) -> int:
         """Timers waiting (cancelled ones included until their slot runs)."""
