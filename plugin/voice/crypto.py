@@ -86,7 +86,6 @@ COUNTER_SIZE: Final = 4
 NONCE24_SIZE: Final = 24
 _COUNTER_MODULO: Final = 1 << 32
 _xchacha_encrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt
-_U32 = struct.Struct(">I")
 #: The ``*_rtpsize`` nonces: the counter, then zeros to 12 (GCM) or 24 (XChaCha20) bytes.
 _NONCE12 = struct.Struct(">I8x")
 _NONCE24 = struct.Struct(">I20x")
@@ -199,28 +198,24 @@ class PacketEncryptor:
             payload = bytes(payload)
         return self._encrypt(header, payload)
 
-    def _next_counter(self) -> bytes:
-        counter = _U32.pack(self.counter)
+    def _next_counter(self) -> int:
+        """The nonce counter for this packet; the next packet's is one more."""
+        counter = self.counter
         # Wraps like discord.py's checked_add: 2**32 packets is 2.7 years at 50 packets/s.
-        self.counter = (self.counter + 1) % _COUNTER_MODULO
+        self.counter = (counter + 1) % _COUNTER_MODULO
         return counter
 
-    # The two modes Discord offers today run once per frame for every stream: the nonce is
-    # packed whole (counter and zero padding in one call) and the counter is advanced inline.
+    # The two modes Discord offers today run once per frame for every stream: their nonce is
+    # packed whole (counter and zero padding in one call).
 
     def _gcm(self, header: bytes, payload: bytes) -> bytes:
         seal = self._aes_encrypt
         assert seal is not None  # built in __init__ for this mode
-        counter = self.counter
-        # Wraps like discord.py's checked_add: 2**32 packets is 2.7 years at 50 packets/s.
-        self.counter = (counter + 1) % _COUNTER_MODULO
-        nonce = _NONCE12.pack(counter)
+        nonce = _NONCE12.pack(self._next_counter())
         return header + seal(nonce, payload, header) + nonce[:COUNTER_SIZE]
 
     def _xchacha(self, header: bytes, payload: bytes) -> bytes:
-        counter = self.counter
-        self.counter = (counter + 1) % _COUNTER_MODULO
-        nonce = _NONCE24.pack(counter)
+        nonce = _NONCE24.pack(self._next_counter())
         sealed = _xchacha_encrypt(payload, header, nonce, self._key)
         return header + sealed + nonce[:COUNTER_SIZE]
 
@@ -230,9 +225,8 @@ class PacketEncryptor:
 
     def _lite(self, header: bytes, payload: bytes) -> bytes:
         clear, plain = self._legacy_split(header, payload)
-        counter = self._next_counter()
-        nonce = counter + bytes(NONCE24_SIZE - COUNTER_SIZE)
-        return clear + self._box.encrypt(plain, nonce).ciphertext + counter
+        nonce = _NONCE24.pack(self._next_counter())
+        return clear + self._box.encrypt(plain, nonce).ciphertext + nonce[:COUNTER_SIZE]
 
     def _suffix(self, header: bytes, payload: bytes) -> bytes:
         clear, plain = self._legacy_split(header, payload)

@@ -320,14 +320,13 @@ class RtpSequencer:
     def next(self) -> tuple[int, int]:
         """Return ``(sequence, timestamp)`` for the next packet and advance."""
         out = (self.sequence, self.timestamp)
-        self.sequence = (self.sequence + 1) % SEQ_MODULO
-        self.timestamp = (self.timestamp + self.samples_per_frame) % TS_MODULO
-        self.frames_sent += 1
+        self.next_header()
         return out
 
     def next_header(self, *, marker: bool = False) -> bytes:
         """Return the 12-byte header for the next packet and advance."""
-        # ``next()`` and ``pack_rtp_header`` written out: this runs per frame for every stream.
+        # ``pack_rtp_header`` written out (and the advance here, not through ``next()``): this
+        # runs per frame for every stream.
         sequence, timestamp = self.sequence, self.timestamp
         self.sequence = (sequence + 1) % SEQ_MODULO
         self.timestamp = (timestamp + self.samples_per_frame) % TS_MODULO
