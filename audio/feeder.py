@@ -48,17 +48,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from legato.audio.handoff import Completion, completion
-from legato.audio.source import (
-    FRAME_MS,
-    Chunk,
-    FrameReader,
-    ShutDown,
-    StreamLost,
-    ThreadedReader,
-)
+from legato.audio.pacer import FRAME_INTERVAL
+from legato.audio.source import Chunk, FrameReader, ShutDown, StreamLost, ThreadedReader
 from legato.audio.track import Track
 from legato.errors import AudioError, DecodeError, LegatoError
 
@@ -69,8 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["Entry", "Feeder", "TrackClosed"]
 
 _log = logging.getLogger(__name__)
-
-FRAME_S: Final = FRAME_MS / 1000
 
 
 class TrackClosed(AudioError):
@@ -329,14 +321,14 @@ class Feeder:
         extra = len(entry.frames) - self._cap
         if extra <= 0 or any(op.kind == "seek" for op in entry.ops):
             return None
-        return _Op("trim", entry.read_position - extra * FRAME_S, None)
+        return _Op("trim", entry.read_position - extra * FRAME_INTERVAL, None)
 
     def _trimmed(self, entry: Entry, op: _Op, position: float) -> None:
         """A trim's seek succeeded and the reader reads from ``position`` on: drop the frames
         buffered from there on (the reader gives them again)."""
         frames = entry.frames
-        first = entry.read_position - len(frames) * FRAME_S  # where the unsent frames start
-        keep = round((position - first) / FRAME_S)
+        first = entry.read_position - len(frames) * FRAME_INTERVAL  # where the unsent frames start
+        keep = round((position - first) / FRAME_INTERVAL)
         if keep < 0 and op.value < entry.read_position:
             # The seek took longer than the kept frames lasted: frames from after ``position``
             # were sent meanwhile. Put the reader back where the buffer ends (dropping nothing);

@@ -113,13 +113,19 @@ class ArrivalClock:
         self.longest_hold = 0.0
         best = (math.inf, 0.0)
         for _ in range(_FIRST_TRIES):
-            before = monotonic()
-            real = realtime()
-            after = monotonic()
-            best = min(best, (after - before, real - (before + after) / 2))
-            if best[0] <= tolerance:
+            _now, hold, offset = self._bracket()
+            best = min(best, (hold, offset))
+            if hold <= tolerance:
                 break
         self._offset = best[1]
+
+    def _bracket(self) -> tuple[float, float, float]:
+        """A realtime read between two monotonic ones: the first monotonic read, the time
+        between the two (how long this process was held up), and the offset they give."""
+        before = self._monotonic()
+        real = self._realtime()
+        after = self._monotonic()
+        return before, after - before, real - (before + after) / 2
 
     @property
     def offset(self) -> float:
@@ -129,12 +135,9 @@ class ArrivalClock:
     def arrival(self, stamped: float | None) -> float:
         """``stamped`` (realtime, or None: not stamped) on the monotonic clock, never later than
         now (the datagram has been read by now, so it arrived by then)."""
-        now = self._monotonic()
-        real = self._realtime()
-        after = self._monotonic()
-        hold = after - now
+        now, hold, offset = self._bracket()
         if hold <= self._tolerance:
-            self._offset = real - (now + after) / 2
+            self._offset = offset
         else:
             self.held += 1
             self.longest_hold = max(self.longest_hold, hold)
