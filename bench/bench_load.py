@@ -108,6 +108,7 @@ from bench.load_bot import (  # noqa: E402  the child's
     REPORT_COMMAND,
     GcPauses,
     LoopLag,
+    tree_cpu_seconds,
 )
 from tests.e2e.queue_storm import (  # noqa: E402  the storm and its ledger, shared with the test
     StormResult,
@@ -201,11 +202,7 @@ def _window(packets: Sequence[ReceivedPacket]) -> dict[str, float]:
 def cpu_seconds() -> tuple[float, float]:
     """CPU seconds so far of this process and every process under it (the bot, its workers, the
     hog), and of the whole machine (busy time over every CPU)."""
-    me = psutil.Process()
-    ours = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            ours += sum(child.cpu_times()[:2])
+    ours = tree_cpu_seconds(psutil.Process())
     t = psutil.cpu_times()
     busy = t.user + t.nice + t.system
     busy += sum(getattr(t, f, 0.0) for f in ("irq", "softirq", "steal"))

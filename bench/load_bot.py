@@ -169,6 +169,18 @@ def loop_schedstat() -> tuple[float, float] | None:
     return int(ran) / 1e9, int(waited) / 1e9
 
 
+def tree_cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds so far of ``proc`` and every process under it (a process that
+    ends meanwhile is left out)."""
+    times = proc.cpu_times()
+    seconds: float = times.user + times.system
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = child.cpu_times()
+            seconds += times.user + times.system
+    return seconds
+
+
 def report(
     bot: LegatoBot,
     proc: psutil.Process,
@@ -188,13 +200,8 @@ def report(
         ``total`` (counters summed over the sessions, lateness as the largest of them),
         ``gc`` (`GcPauses.snapshot`) and ``lag`` (`LoopLag.snapshot`), None when not measured.
     """
-    cpu = proc.cpu_times()
-    cpu_s = cpu.user + cpu.system
     # Its decode worker processes (children of the forkserver, a child of this one) count too.
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = child.cpu_times()
-            cpu_s += times.user + times.system
+    cpu_s = tree_cpu_seconds(proc)
     cog: Any = bot.get_cog("Music")
     sessions = dict(cog.sessions) if cog is not None else {}
     # One stats snapshot per player (the property computes percentiles each time it is read).
