@@ -55,8 +55,13 @@ class PacketDecryptor:
         self._aes = AESGCM(self._key) if mode == AEAD_AES256_GCM_RTPSIZE else None
         self._box = nacl.secret.SecretBox(self._key)
 
-    def decrypt(self, packet: bytes) -> tuple[RtpPacket, bytes]:
+    def decrypt(self, packet: bytes, parsed: RtpPacket | None = None) -> tuple[RtpPacket, bytes]:
         """Authenticate and decrypt one packet.
+
+        Args:
+            packet: the datagram.
+            parsed: ``parse_rtp(packet)``, when the caller has it already (the media plane,
+                which read the SSRC from it): the packet is parsed once.
 
         Returns:
             ``(rtp, media)``: ``rtp`` is the packet as if it had been sent in clear (its
@@ -69,18 +74,22 @@ class PacketDecryptor:
             DecryptionFailed: the tag does not verify.
         """
         data = bytes(packet)
+        outer = parse_rtp(data) if parsed is None else parsed
         if self.mode in RTPSIZE_MODES:
-            outer = parse_rtp(data)
-            header = outer.header_bytes
             body = outer.payload
             if len(body) < TAG_SIZE + COUNTER_SIZE:
                 raise MalformedPacket(f"{len(body)} bytes cannot hold a tag and a nonce")
-            counter = body[-COUNTER_SIZE:]
-            sealed = body[:-COUNTER_SIZE]
-            plain = self._open_aead(header, sealed, counter)
-            rtp = parse_rtp(header + plain)
+            plain = self._open_aead(outer.header_bytes, body[:-COUNTER_SIZE], body[-COUNTER_SIZE:])
+            # The header, CSRCs and extension preamble are sent in clear: the packet in clear
+            # is the same header with the plaintext after it.
+            rtp = RtpPacket(
+                outer.header,
+                outer.header_bytes,
+                plain,
+                outer.extension_profile,
+                outer.extension_length,
+            )
         else:
-            parse_rtp(data)  # validates version, CSRCs, and that it is not RTCP
             clear = clear_size(data)
             plain = self._open_legacy(data, clear)
             rtp = parse_rtp(data[:clear] + plain)

@@ -46,6 +46,8 @@ class Waiters:
 
     def notify(self) -> None:
         """Wake every waiter whose predicate now holds."""
+        if not self._waiting:
+            return  # the common case: every packet of a load notifies, nobody waits
         for predicate, fut in list(self._waiting):
             if fut.done():
                 continue
@@ -110,11 +112,15 @@ class PacketLog(Sequence[ReceivedPacket]):
 
     def append(self, packet: ReceivedPacket) -> None:
         """Add one packet at the end."""
-        self._arrival.append(packet.arrival)
-        self._ssrc.append(packet.ssrc)
-        self._sequence.append(packet.sequence)
-        self._timestamp.append(packet.timestamp)
-        self._opus.append(packet.opus)
+        self.add(packet.arrival, packet.ssrc, packet.sequence, packet.timestamp, packet.opus)
+
+    def add(self, arrival: float, ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
+        """Add one packet at the end, from its fields (no :class:`ReceivedPacket` is made)."""
+        self._arrival.append(arrival)
+        self._ssrc.append(ssrc)
+        self._sequence.append(sequence)
+        self._timestamp.append(timestamp)
+        self._opus.append(opus)
 
     def __len__(self) -> int:
         return len(self._opus)
@@ -308,7 +314,7 @@ class Recording:
         self, *, arrival: float, ssrc: int, sequence: int, timestamp: int, opus: bytes
     ) -> None:
         """Record one decrypted packet."""
-        self.packets.append(ReceivedPacket(arrival, ssrc, sequence, timestamp, opus))
+        self.packets.add(arrival, ssrc, sequence, timestamp, opus)
         self._stream(ssrc).add(arrival, sequence, timestamp, opus)
         self._waiters.notify()
 

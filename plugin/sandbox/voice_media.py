@@ -350,16 +350,16 @@ class MediaPlane:
                 parse_rtcp(data)
                 stats.rtcp_packets += 1
                 return
-            header = parse_rtp(data).header
+            parsed = parse_rtp(data)
         except MalformedPacket:
             stats.malformed_packets += 1
             return
-        session = self._table.by_ssrc.get(header.ssrc)
+        session = self._table.by_ssrc.get(parsed.header.ssrc)
         if session is None or session.decryptor is None:
             stats.unknown_ssrc_packets += 1
             return
         try:
-            rtp, opus = session.decryptor.decrypt(data)
+            rtp, opus = session.decryptor.decrypt(data, parsed)
         except DecryptionFailed:
             stats.undecryptable_packets += 1
             return

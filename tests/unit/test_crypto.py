@@ -27,7 +27,7 @@ from legato.voice.crypto import (
     choose_mode,
     overhead,
 )
-from legato.voice.rtp import MalformedPacket, RtpHeader, pack_rtp_header
+from legato.voice.rtp import MalformedPacket, RtpHeader, pack_rtp_header, parse_rtp
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -190,6 +190,35 @@ def test_extension_roundtrip(mode: str) -> None:
     else:
         assert packet[:16] == header[:16]
         assert packet[16:20] != header[16:20]
+
+
+@pytest.mark.parametrize("mode", SUPPORTED_MODES)
+@given(
+    payload=st.binary(max_size=64),
+    pad=st.integers(0, 8),
+    extension=st.booleans(),
+    csrcs=st.lists(st.integers(0, 0xFFFFFFFF), max_size=3),
+)
+def test_decrypt_with_the_callers_parse_is_decrypt(
+    mode: str, payload: bytes, pad: int, extension: bool, csrcs: list[int]
+) -> None:
+    """The media plane hands ``decrypt`` the parse it read the SSRC from: same packet, same
+    media, same errors as when ``decrypt`` parses it itself (padding, extension, CSRCs)."""
+    header = RtpHeader(7, 960, 9, extension=extension, padding=pad > 0, csrcs=tuple(csrcs)).pack()
+    body = payload
+    if extension:
+        header += struct.pack(">HH", 0xBEDE, 1)
+        body = bytes([0x10, 0x7F, 0, 0]) + body
+    if pad:
+        body += bytes(pad - 1) + bytes([pad])
+    packet = PacketEncryptor(mode, KEY).encrypt(header, body)
+    decryptor = PacketDecryptor(mode, KEY)
+    assert decryptor.decrypt(packet, parse_rtp(packet)) == decryptor.decrypt(packet)
+    assert decryptor.decrypt(packet, parse_rtp(packet))[1] == payload
+    broken = bytearray(packet)
+    broken[-6] ^= 1  # inside the sealed part: the tag fails either way
+    with pytest.raises(DecryptionFailed):
+        decryptor.decrypt(bytes(broken), parse_rtp(bytes(broken)))
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
