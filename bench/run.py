@@ -152,6 +152,14 @@ ISSUE_GOALS: list[tuple[str, str, str, float]] = [
 ISSUE_REPORTED = [
     ("load.mixed.reanchors_before", "100 guilds mixed: re-anchors during start-up, all players"),
     ("load.mixed.loop_wait_pct", "100 guilds mixed: % of the window the loop waited for a CPU"),
+    (
+        "load.mixed.codec_floor_pct_per_stream",
+        "100 guilds mixed: the codec's own CPU for this mix, this run (% of a core per stream)",
+    ),
+    (
+        "load.mixed.cpu_over_codec_floor",
+        "100 guilds mixed: bot cpu per stream / the codec's own for this mix",
+    ),
     ("load.hog100.transcode_underruns", "100 guilds beside it: transcode underruns"),
     ("load.hog100.transcode_reanchored", "100 guilds beside it: transcode players re-anchored"),
     ("load.hog100.min_gap_ms", "100 guilds beside it: smallest gap heard, ms"),
@@ -162,6 +170,26 @@ ISSUE_REPORTED = [
     ),
 ]
 _OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def derive(figures: dict[str, float]) -> None:
+    """Add the figures made of other sections' rows of the same run.
+
+    The codec's own CPU for the 100-guild mix: what ``bench_audio`` measured for one stream,
+    read back to back in one thread (an MP3 transcode at Legato's defaults, an Opus
+    passthrough), weighted by the mix (`bench_load.LOAD_CASES`). The same work costs more or
+    less from one machine (and one hour) to the next; the bot's CPU over it is the part that
+    is Legato's own: sends, hand-offs, threads, scheduling.
+    """
+    mp3, passthrough = figures.get("ours.mp3.defaults.cpu"), figures.get("ours.passthrough.cpu")
+    if mp3 is None or passthrough is None:
+        return
+    share = importlib.import_module("bench_load").LOAD_CASES["mixed"][1]
+    floor = (1 - share) * mp3 + share * passthrough
+    figures["load.mixed.codec_floor_pct_per_stream"] = floor
+    bot = figures.get("load.mixed.cpu_pct_per_stream")
+    if bot is not None and floor > 0:
+        figures["load.mixed.cpu_over_codec_floor"] = bot / floor
 
 
 def goals_over_runs(runs: list[dict[str, float]]) -> str:
@@ -383,6 +411,7 @@ def main() -> None:
             report.append(text)
             print(text, flush=True)
             print(f"\n({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        derive(FIGURES)
         runs.append(dict(FIGURES))
     tail = summary() if args.runs == 1 else ""
     tail += goals_over_runs(runs)
