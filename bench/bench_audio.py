@@ -6,7 +6,7 @@ frames as the player does, in batches of 10. CPU is ``time.process_time`` (all t
 process) over a window after a warm-up, divided by the seconds of audio produced: "% of one core
 per stream". The transcode cases run with Legato's default encoder (128 kbit/s, complexity 10,
 no FEC) and with the peer's (discord.py's ``opus.Encoder``: 131072 bit/s, in-band FEC, 15 %
-expected loss, complexity 10).
+expected loss, and libopus's default complexity, 9: discord.py sets none).
 
 A second table reads the passthrough and MP3 cases over HTTP from a server on loopback, through
 the URL guard's reader (``legato.audio.fetch``: every byte FFmpeg reads comes through Python),
@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import opuslib
+import opuslib.api.ctl
+import opuslib.api.encoder
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -40,8 +44,20 @@ from tests.media import write_tone  # noqa: E402
 MEDIA_DIR = Path.home() / ".cache" / "legato-bench"
 SECONDS = 60.0
 
-#: discord.py 2.7.1's ``opus.Encoder`` as ``VoiceClient.play`` builds it.
-PEER_SETTINGS = OpusSettings(bitrate=131_072, complexity=10, fec=True, expected_loss=15)
+
+def _libopus_default_complexity() -> int:
+    """The complexity a new libopus encoder starts with (9 in libopus 1.3.1 to 1.6)."""
+    encoder = opuslib.Encoder(48_000, 2, "audio")
+    return int(
+        opuslib.api.encoder.encoder_ctl(encoder.encoder_state, opuslib.api.ctl.get_complexity)
+    )
+
+
+#: discord.py 2.7.1's ``opus.Encoder`` as ``VoiceClient.play`` builds it: 128 x 1024 bit/s, FEC
+#: at 15 % expected loss, and libopus's own complexity (it sets none).
+PEER_SETTINGS = OpusSettings(
+    bitrate=131_072, complexity=_libopus_default_complexity(), fec=True, expected_loss=15
+)
 DEFAULT_SETTINGS = OpusSettings()
 
 
