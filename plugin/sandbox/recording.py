@@ -110,10 +110,6 @@ class PacketLog(Sequence[ReceivedPacket]):
         self._timestamp = array("I")
         self._opus: list[bytes] = []
 
-    def append(self, packet: ReceivedPacket) -> None:
-        """Add one packet at the end."""
-        self.add(packet.arrival, packet.ssrc, packet.sequence, packet.timestamp, packet.opus)
-
     def add(self, arrival: float, ssrc: int, sequence: int, timestamp: int, opus: bytes) -> None:
         """Add one packet at the end, from its fields (no :class:`ReceivedPacket` is made)."""
         self._arrival.append(arrival)
