@@ -1,5 +1,5 @@
-"""Results of work done off the loop (executor threads, decode workers' reader threads), handed
-to the loop in batches.
+"""Results of work done off the loop (executor threads, and decode workers' replies read by
+another loop or thread), handed to the loop in batches.
 
 A job's ``call_soon_threadsafe`` writes to the loop's self-pipe, and the worker thread then
 takes the GIL back from the loop, which waits for it. With hundreds of players refilling, that
@@ -58,6 +58,14 @@ class Inbox:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: no one awaits these results any more
             _log.debug("result of an executor job dropped: its event loop is closed")
+
+    def settle(self, pending: Pending[Any], value: Any, exc: BaseException | None) -> None:
+        """Deliver ``value`` (or ``exc``) to ``pending``, one of this inbox's loop: at once when
+        called on that loop, through the inbox from any other thread."""
+        if asyncio._get_running_loop() is self._loop:
+            pending._settle(value, exc)
+        else:
+            self.put(_deliver, pending, value, exc)
 
     def future(self, job: concurrent.futures.Future[T]) -> Pending[T]:
         """What ``job`` gives, delivered to the loop through this inbox; on the loop only."""

@@ -4,29 +4,35 @@ In the bot's own threads, transcoding's Python glue (PyAV's demux and resample c
 encoder's) holds the GIL against the event loop, which then waits for it after every socket
 call. A :class:`DecodePool` runs :func:`legato.audio.decode.open_source` in ``processes`` worker
 processes instead, each serving many sources: every worker has a few threads, so one slow open
-or read (the network) does not hold up its other sources. Requests and replies carry ids; the
-parent has one reader thread per worker completing the callers' futures, and one writer thread
-sending the requests queued from the event loop (``WorkerSource.read_chunk``: the players'
-refills). What one turn of a loop queued for a worker goes to its writer in one hand-off, and on
-as one message; a worker sends the replies that are ready together as one message too. The
-reader and writer threads and the worker processes run under ``SCHED_BATCH``: their wake-ups do
-not preempt the event loop (at 100 guilds, the bot's involuntary context switches fell from
-about 750 to 110 a second, and the loop's wait for a CPU by a quarter).
+or read (the network) does not hold up its other sources. The worker processes run under
+``SCHED_BATCH``: their wake-ups do not preempt the event loop (at 100 guilds, the bot's
+involuntary context switches fell from about 750 to 110 a second, and the loop's wait for a CPU
+by a quarter).
+
+Requests and replies carry ids and cross one non-blocking pipe per worker, which the event loop
+itself writes and reads (``add_reader``): no thread of the bot's process stands between them.
+What a loop queued for a worker within a few milliseconds (``WorkerSource.read_chunk``: the
+players' refills) goes to it as one message, and a worker sends the replies that are ready
+together as one message too; the loop completes each reply's awaitable as it reads it. (A reader
+and a writer thread per worker did this before, handing every reply to the loop through its
+inbox: about 0.2 ms of the bot's CPU per read in thread switches, and two more threads that
+could be preempted holding the GIL the loop waits for.) A blocking call from another thread
+(``DecodePool.open``, run in an executor) waits for a loop to read its reply, or reads the pipe
+itself while no loop is running to.
 
 :meth:`DecodePool.open` returns a :class:`WorkerSource`, a
 :class:`~legato.audio.source.FrameReader` whose calls are requests to the worker holding the
-real source: queued from the loop for the writer thread, answered through the reader thread and
-the loop's :class:`~legato.audio.handoff.Inbox`, so no thread waits out the round trip. Each
-reply carries the source's ``passthrough``, ``position`` and ``duration``, which the proxy
-keeps. Errors come back as an :class:`ErrorRecord` (an :class:`ErrorKind` and the detail) and
-are raised again as the same Legato error class with the same ``user_message`` (a
-``StreamLost`` stays one, so the player reopens the track): the player handles them as it
-handles a thread's.
+real source. Each reply carries the source's ``passthrough``, ``position`` and ``duration``,
+which the proxy keeps. Errors come back as an :class:`ErrorRecord` (an :class:`ErrorKind` and
+the detail) and are raised again as the same Legato error class with the same
+``user_message`` (a ``StreamLost`` stays one, so the player reopens the track): the player
+handles them as it handles a thread's.
 
 A worker that dies (killed, out of memory) fails its sources' pending and later calls with a
-``DecodeError``; the next open starts a replacement. After :meth:`DecodePool.close`, calls
-raise :class:`~legato.audio.source.ShutDown` (a ``RuntimeError``, as a shut-down executor's),
-which the player takes for closing.
+``DecodeError``; the next open starts a replacement. A request with no reply by its deadline
+(a hung worker) fails the same way. After :meth:`DecodePool.close`, calls raise
+:class:`~legato.audio.source.ShutDown` (a ``RuntimeError``, as a shut-down executor's), which
+the player takes for closing.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
+import pickle
+import select
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -68,8 +76,20 @@ _WORKER_THREADS: Final = 8
 #: takes the worker for hung (PyAV gives up on a stalled read after ``timeout`` itself).
 _REPLY_MARGIN: Final = 10.0
 
-#: Seconds between the writer thread's checks for queued requests past their reply deadline.
+#: Seconds between a reading loop's checks for requests past their reply deadline.
 _SWEEP_EVERY: Final = 1.0
+
+#: Seconds a blocked caller off the loops waits in one go before it looks again at whether a
+#: loop reads its reply or it must read the pipe itself.
+_LOOK_EVERY: Final = 0.25
+
+#: Seconds over which a loop's requests to a worker are gathered into one message (against
+#: the 300 ms and more that a player reads ahead; at 100 guilds, one message per loop turn
+#: made a third more messages, each a wake-up of the worker).
+_GATHER: Final = 0.004
+
+#: Bytes read from a worker's pipe at a time (a reply batch is a few KiB).
+_READ_SIZE: Final = 1 << 18
 
 #: Seconds a closing pool waits for a worker to exit before it kills it.
 _EXIT_WAIT: Final = 2.0
@@ -144,11 +164,6 @@ _Request = tuple[int, str, int, tuple[Any, ...]]
 
 #: A reply: id, True and the result, or False and an ``ErrorRecord``.
 _Reply = tuple[int, bool, Any]
-
-#: A request's future, what to apply to its result before it is set, and the
-#: ``time.monotonic()`` by which a queued request's reply is due (``inf``: the caller waits
-#: with its own timeout).
-_Waiting = tuple[concurrent.futures.Future[Any], Callable[[Any], Any] | None, float]
 
 _SHUT_DOWN: Final = "cannot schedule new futures after shutdown"  # as an executor says it
 
@@ -260,9 +275,79 @@ def _meta(source: FrameSource) -> _Meta:
 # ---- the parent side
 
 
+def _framed(message: Any) -> bytes:
+    """``message`` pickled and framed as ``multiprocessing.Connection.send`` frames it (what
+    the worker's ``recv`` reads)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    size = len(data)
+    if size > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, size) + data
+    return struct.pack("!i", size) + data
+
+
+def _unframe(buffer: bytearray) -> list[bytearray]:
+    """Take the whole messages at the start of ``buffer`` (``Connection`` framing) out of it,
+    leaving a partial one; the messages' pickled bytes, in order."""
+    out: list[bytearray] = []
+    pos, end = 0, len(buffer)
+    while end - pos >= 4:
+        (size,) = struct.unpack_from("!i", buffer, pos)
+        head = 4
+        if size == -1:
+            if end - pos < 12:
+                break
+            (size,) = struct.unpack_from("!Q", buffer, pos + 4)
+            head = 12
+        if end - pos - head < size:
+            break
+        out.append(buffer[pos + head : pos + head + size])
+        pos += head + size
+    if pos:
+        del buffer[:pos]
+    return out
+
+
+class _Call:
+    """A request waiting for its reply: where the result goes, what to apply to it first, and
+    the ``time.monotonic()`` by which it is due (``inf``: the caller waits with its own
+    timeout)."""
+
+    __slots__ = ("box", "due", "fut", "pending", "then")
+
+    def __init__(
+        self,
+        then: Callable[[Any], Any] | None,
+        due: float,
+        *,
+        fut: concurrent.futures.Future[Any] | None = None,
+        pending: tuple[Pending[Any], Inbox] | None = None,
+    ) -> None:
+        self.then = then
+        self.due = due
+        self.fut = fut  # a caller off the loops, blocked in ``call``
+        self.pending = pending  # a loop's awaitable, and that loop's inbox
+
+    def finish(self, value: Any, exc: BaseException | None) -> None:
+        if self.fut is not None:
+            if exc is None:
+                self.fut.set_result(value)
+            else:
+                self.fut.set_exception(exc)
+        elif self.pending is not None:
+            pending, box = self.pending
+            box.settle(pending, value, exc)
+
+
 class _Worker:
-    """One worker process: its pipe, a send lock, a reader thread completing futures, and a
-    writer thread sending what :meth:`submit` queued."""
+    """One worker process and its pipe, which the event loops that send requests read.
+
+    The parent has no thread of its own per worker. The pipe is non-blocking: a loop that
+    sends a request watches it (``add_reader``) and completes the replies it reads, its own
+    at once and another loop's through that loop's inbox; what a loop queued within
+    ``_GATHER`` s goes out in one write. A blocking :meth:`call` from another thread waits for a
+    loop to read its reply, or reads the pipe itself when no loop is running to. One reader at
+    a time (``_read_lock``) keeps the replies in order.
+    """
 
     def __init__(self, context: Any) -> None:
         parent, child = context.Pipe(duplex=True)
@@ -270,25 +355,27 @@ class _Worker:
         self.process.start()
         child.close()
         self.conn: multiprocessing.connection.Connection = parent
+        self._fd = parent.fileno()
+        os.set_blocking(self._fd, False)
         self.sources = 0  # open sources, for choosing the least loaded worker
         self.messages = 0  # messages sent (a batch of requests is one)
         self.requests = 0  # requests sent
         self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()  # guards _pending and _dead
-        self._pending: dict[int, _Waiting] = {}
+        self._lock = threading.Lock()  # guards the state below but the buffers
+        self._pending: dict[int, _Call] = {}
         self._dead: Exception | None = None
-        self._reader = threading.Thread(
-            target=self._read, name=f"decode-reader-{self.process.pid}", daemon=True
-        )
-        self._reader.start()
-        self._outbox: queue.SimpleQueue[_Request | list[_Request] | None] = queue.SimpleQueue()
         # Requests submitted on a loop, sent on by one callback of that loop (``_flush``).
         self._staged: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
-        self._writer = threading.Thread(
-            target=self._write, name=f"decode-writer-{self.process.pid}", daemon=True
-        )
-        self._writer.start()
+        # Loops reading the pipe, each with its timer failing overdue requests.
+        self._loops: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle | None] = {}
+        self._leaving = 0  # loops told to stop reading that have not yet
+        self._close_when_free = False
+        self._closed = False
+        self._read_lock = threading.Lock()  # one reader of the pipe at a time
+        self._inbuf = bytearray()
+        self._write_lock = threading.Lock()  # the bytes not yet written, and the writes
+        self._out = bytearray()
+        self._out_loop: asyncio.AbstractEventLoop | None = None  # waiting to write ``_out``
 
     @property
     def alive(self) -> bool:
@@ -299,11 +386,22 @@ class _Worker:
         with self._lock:
             return len(self._pending)
 
+    # -- requests
+
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
-        """Send a request and block for its result (raising the worker's error)."""
-        rid, fut = self._request(op, sid, args, None, None)
+        """Send a request and block for its result (raising the worker's error); not on a loop
+        that reads this worker."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            dead = self._dead
+            rid = 0 if dead is not None else next(self._ids)
+            if rid:
+                self._pending[rid] = _Call(None, math.inf, fut=fut)
+        if dead is not None:
+            raise self._failure()
+        self._send((rid, op, sid, args))
         try:
-            return fut.result(wait)
+            return self._wait_for(fut, wait)
         except TimeoutError as exc:
             raise DecodeError(
                 f"decode worker {self.process.pid} gave no answer to {op} in {wait:.0f}s",
@@ -313,124 +411,188 @@ class _Worker:
             with self._lock:
                 self._pending.pop(rid, None)
 
-    def submit(
+    def request(
         self,
         op: str,
         sid: int,
         args: tuple[Any, ...],
         wait: float,
-        then: Callable[[Any], Any] | None = None,
-    ) -> concurrent.futures.Future[Any]:
-        """Queue a request for the writer thread and return at once (on the event loop too: what
-        one turn of the loop queued goes to the writer thread in one hand-off, at the next turn);
-        the future gets its result (``then(result)`` when given, applied in the reader thread)
-        or the worker's error, or a ``DecodeError`` if no reply came within ``wait`` seconds
-        (a hung worker), as :meth:`call` raises one.
-
-        The loop does not write to the pipe itself: the write wakes the worker, and on a busy
-        machine the kernel may run the worker in the writer's place until its time slice ends,
-        which is a frame sent late when the writer is the loop (profiled at 100 guilds: a
-        quarter of the loop's time went in such writes).
-        """
-        return self._request(op, sid, args, then, wait)[1]
-
-    def _request(
-        self,
-        op: str,
-        sid: int,
-        args: tuple[Any, ...],
-        then: Callable[[Any], Any] | None,
-        wait: float | None,
-    ) -> tuple[int, concurrent.futures.Future[Any]]:
-        """Register a request and send it now (``wait`` None) or queue it for the writer."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        due = math.inf if wait is None else time.monotonic() + wait
-        loop = _running_loop() if wait is not None else None
-        flush = False
+        then: Callable[[Any], T],
+    ) -> Pending[T]:
+        """Queue a request on the running loop and return at once: what the loop queued within
+        ``_GATHER`` s goes to the worker in one message. The awaitable gets
+        ``then(result)``, or the worker's error, or a ``DecodeError`` if no reply came within
+        ``wait`` seconds (a hung worker), as :meth:`call` raises one."""
+        loop = asyncio.get_running_loop()
+        box = inbox(loop)
+        pending: Pending[T] = Pending(loop)
         with self._lock:
             if self._dead is not None:
-                fut.set_exception(self._failure())
-                return 0, fut
+                return Pending.failed(self._failure())
             rid = next(self._ids)
-            self._pending[rid] = (fut, then, due)
-            if loop is not None:
-                staged = self._staged.get(loop)
-                if staged is None:
-                    staged = self._staged[loop] = []
-                    flush = True
-                staged.append((rid, op, sid, args))
-        if wait is None:
-            self._send((rid, op, sid, args))
-        elif loop is None:
-            self._outbox.put((rid, op, sid, args))
-        elif flush:
-            loop.call_soon(self._flush, loop)
-        return rid, fut
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Hand what ``loop`` staged since its last flush to the writer thread, in one put."""
-        with self._lock:
-            staged = self._staged.pop(loop, None)
-        if staged:
-            self._outbox.put(staged)
-
-    def _write(self) -> None:
-        """The writer thread: send the queued requests (as one message when several wait) and
-        about once a second fail those whose reply is overdue."""
-        _batch_scheduled()
-        sweep_at = time.monotonic() + _SWEEP_EVERY
-        while True:
-            requests: list[_Request] = []
-            stop = False
-            try:
-                item = self._outbox.get(timeout=_SWEEP_EVERY)
-                while True:
-                    if item is None:
-                        stop = True  # the worker is gone or stopping
-                    elif isinstance(item, list):
-                        requests += item
-                    else:
-                        requests.append(item)
-                    if self._outbox.empty():
-                        break
-                    item = self._outbox.get()
-            except queue.Empty:
-                pass
-            if requests:
-                self._send(requests if len(requests) > 1 else requests[0])
-            if stop:
-                return
-            now = time.monotonic()
-            if now >= sweep_at:
-                self._expire(now)
-                sweep_at = now + _SWEEP_EVERY
-
-    def _expire(self, now: float) -> None:
-        with self._lock:
-            late = [rid for rid, (_fut, _then, due) in self._pending.items() if due <= now]
-            overdue = [self._pending.pop(rid)[0] for rid in late]
-        for fut in overdue:
-            if not fut.done():
-                fut.set_exception(
-                    DecodeError(
-                        f"decode worker {self.process.pid} gave no answer in time",
-                        user_message=STOPPED,
-                    )
-                )
+            self._pending[rid] = _Call(then, time.monotonic() + wait, pending=(pending, box))
+            staged = self._staged.get(loop)
+            flush = staged is None
+            if staged is None:
+                staged = self._staged[loop] = []
+            staged.append((rid, op, sid, args))
+            watch = loop not in self._loops
+            if watch:
+                self._loops[loop] = None
+        if watch:
+            loop.add_reader(self._fd, self._pump)
+            self._sweep(loop)
+        if flush:
+            # On a grid shared by every worker and loop: the requests of the turns in between
+            # go as one message, and the workers wake together.
+            loop.call_at(math.ceil(loop.time() / _GATHER) * _GATHER, self._flush, loop)
+        return pending
 
     def tell(self, op: str, sid: int) -> None:
         """Send a request that wants no reply (dropped if the worker is gone)."""
         if self._dead is None:
             self._send((0, op, sid, ()))
 
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Send what ``loop`` staged since its last flush, as one message."""
+        with self._lock:
+            staged = self._staged.pop(loop, None)
+        if staged:
+            self._send(staged if len(staged) > 1 else staged[0])
+
+    def _wait_for(self, fut: concurrent.futures.Future[Any], wait: float) -> Any:
+        """``fut``'s result within ``wait`` seconds (else ``TimeoutError``): read by a running
+        loop that watches the pipe, or by this thread when none does."""
+        end = time.monotonic() + wait
+        here = asyncio._get_running_loop()
+        while not fut.done():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            step = min(left, _LOOK_EVERY)
+            with self._lock:
+                read_elsewhere = any(loop is not here and loop.is_running() for loop in self._loops)
+            if read_elsewhere:
+                with contextlib.suppress(TimeoutError):
+                    return fut.result(step)
+                continue
+            with self._write_lock:
+                writing = [self._fd] if self._out else []
+            try:
+                readable, writable, _ = select.select([self._fd], writing, [], step)
+            except (OSError, ValueError):  # the pipe closed: the worker is gone, fut failed
+                break
+            if writable:
+                with self._write_lock:
+                    self._write_out()
+            if readable:
+                self._pump()
+        return fut.result()
+
+    # -- the pipe
+
     def _send(self, request: _Request | list[_Request]) -> None:
+        """Write ``request`` now, or as much as the pipe takes and the rest when it can."""
+        data = _framed(request)
+        with self._write_lock:
+            self._out += data
+            self.messages += 1
+            self.requests += len(request) if isinstance(request, list) else 1
+            self._write_out()
+            if not self._out or self._out_loop is not None:
+                return
+            loop = asyncio._get_running_loop()
+            if loop is not None:  # off a loop, the caller's wait (or the next send) writes it
+                self._out_loop = loop
+                loop.add_writer(self._fd, self._on_writable)
+
+    def _write_out(self) -> None:
+        """Write what the pipe takes of ``_out`` (with ``_write_lock`` held)."""
+        while self._out:
+            try:
+                written = os.write(self._fd, self._out)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # a closed pipe: the worker is gone
+                self._out.clear()
+                self._die(
+                    DecodeError(f"sending to decode worker failed: {exc}", user_message=STOPPED)
+                )
+                return
+            del self._out[:written]
+
+    def _on_writable(self) -> None:
+        with self._write_lock:
+            self._write_out()
+            loop = self._out_loop
+            if not self._out and loop is not None:
+                loop.remove_writer(self._fd)
+                self._out_loop = None
+
+    def _pump(self) -> None:
+        """Read the replies waiting in the pipe and complete them (a loop's reader callback,
+        or a waiting caller's read); nothing when another reader is at it."""
+        if not self._read_lock.acquire(blocking=False):
+            return
         try:
-            with self._send_lock:
-                self.conn.send(request)
-                self.messages += 1
-                self.requests += len(request) if isinstance(request, list) else 1
-        except (OSError, ValueError) as exc:  # a closed pipe: the worker is gone
-            self._die(DecodeError(f"sending to decode worker failed: {exc}", user_message=STOPPED))
+            ended: BaseException | None = None
+            try:
+                data = os.read(self._fd, _READ_SIZE)
+                if not data:
+                    ended = EOFError()
+            except BlockingIOError:
+                data = b""
+            except OSError as exc:
+                data, ended = b"", exc
+            if data:
+                self._inbuf += data
+                for message in _unframe(self._inbuf):
+                    self._complete(pickle.loads(message))
+        finally:
+            self._read_lock.release()
+        if ended is not None:
+            self._die(
+                DecodeError(
+                    f"decode worker {self.process.pid} exited ({type(ended).__name__})",
+                    user_message=STOPPED,
+                )
+            )
+
+    def _complete(self, message: _Reply | list[_Reply]) -> None:
+        replies = message if isinstance(message, list) else [message]
+        with self._lock:
+            found = [(self._pending.pop(r, None), ok, value) for r, ok, value in replies]
+        for call, ok, payload in found:
+            if call is None:
+                continue  # its caller gave up waiting
+            try:
+                if not ok:
+                    call.finish(None, ErrorRecord(*payload).error())
+                else:
+                    call.finish(payload if call.then is None else call.then(payload), None)
+            except Exception:  # noqa: BLE001 - one broken delivery must not lose the others
+                _log.exception("completing a decode worker's reply failed")
+
+    # -- deadlines, death and stopping
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the requests past their reply deadline, then again in ``_SWEEP_EVERY`` s (each
+        loop that reads the pipe, while it does)."""
+        with self._lock:
+            if loop not in self._loops:
+                return
+            self._loops[loop] = loop.call_later(_SWEEP_EVERY, self._sweep, loop)
+            now = time.monotonic()
+            late = [rid for rid, call in self._pending.items() if call.due <= now]
+            overdue = [self._pending.pop(rid) for rid in late]
+        for call in overdue:
+            call.finish(
+                None,
+                DecodeError(
+                    f"decode worker {self.process.pid} gave no answer in time",
+                    user_message=STOPPED,
+                ),
+            )
 
     def _failure(self) -> Exception:
         dead = self._dead
@@ -438,50 +600,63 @@ class _Worker:
             return ShutDown(str(dead))
         return DecodeError(str(dead), user_message=STOPPED)
 
-    def _read(self) -> None:
-        _batch_scheduled()
-        while True:
-            try:
-                message: _Reply | list[_Reply] = self.conn.recv()
-            except (EOFError, OSError) as exc:
-                self._die(
-                    DecodeError(
-                        f"decode worker {self.process.pid} exited ({type(exc).__name__})",
-                        user_message=STOPPED,
-                    )
-                )
-                return
-            replies = message if isinstance(message, list) else [message]
-            with self._lock:
-                found = [(self._pending.pop(r, None), ok, value) for r, ok, value in replies]
-            for waiting, ok, payload in found:
-                if waiting is None:
-                    continue  # its caller gave up waiting
-                fut, then, _due = waiting
-                if not ok:
-                    fut.set_exception(ErrorRecord(*payload).error())
-                elif then is None:
-                    fut.set_result(payload)
-                else:
-                    fut.set_result(then(payload))
-
     def _die(self, error: Exception) -> None:
+        """The worker is gone (or stopping): fail what is pending and stop reading the pipe."""
         with self._lock:
             if self._dead is None:
                 self._dead = error
                 if not isinstance(error, ShutDown):
                     _log.warning("%s; its tracks fail", error)
-            pending, self._pending = [fut for fut, _then, _due in self._pending.values()], {}
-        self._outbox.put(None)  # the writer ends
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(self._failure())
+            pending, self._pending = list(self._pending.values()), {}
+            self._staged.clear()
+        for call in pending:
+            call.finish(None, self._failure())
+        self._release(close=False)
+
+    def _release(self, *, close: bool) -> None:
+        """Have every loop stop reading the pipe, each on its own thread (at once when it is
+        this one or not running); with ``close``, close the pipe once none reads it."""
+        here = asyncio._get_running_loop()
+        with self._lock:
+            loops = list(self._loops.items())
+            self._loops.clear()
+            self._leaving += len(loops)
+            self._close_when_free = self._close_when_free or close
+        for loop, sweep in loops:
+            if loop is here or not loop.is_running():
+                self._leave(loop, sweep)
+                continue
+            try:
+                loop.call_soon_threadsafe(self._leave, loop, sweep)
+            except RuntimeError:  # closed meanwhile: its selector is gone with it
+                self._leave(loop, sweep)
+        self._close_if_free()
+
+    def _leave(self, loop: asyncio.AbstractEventLoop, sweep: asyncio.TimerHandle | None) -> None:
+        if sweep is not None:
+            sweep.cancel()
+        if not loop.is_closed():
+            loop.remove_reader(self._fd)
+            with self._write_lock:
+                if self._out_loop is loop:
+                    loop.remove_writer(self._fd)
+                    self._out_loop = None
+        with self._lock:
+            self._leaving -= 1
+        self._close_if_free()
+
+    def _close_if_free(self) -> None:
+        with self._lock:
+            if not self._close_when_free or self._leaving or self._closed:
+                return
+            self._closed = True
+        self.conn.close()
 
     def stop(self) -> None:
         """End the process (asked first, killed if it lingers) and fail what is pending."""
         with self._lock:
             alive = self._dead is None
-        # Shut down first: the reader, seeing the worker exit, then takes it for the stop it is
+        # Shut down first: a reader seeing the worker exit then takes it for the stop it is
         # rather than warning of a worker that died.
         self._die(ShutDown(_SHUT_DOWN))
         if alive:
@@ -490,9 +665,7 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(_EXIT_WAIT)
-        self._reader.join(_EXIT_WAIT)
-        self._writer.join(_EXIT_WAIT)
-        self.conn.close()
+        self._release(close=True)
 
 
 class DecodePool:
@@ -600,8 +773,8 @@ class DecodePool:
 class WorkerSource(FrameReader):
     """A source living in a :class:`DecodePool` worker, read through the one read path.
 
-    Every call is queued on the loop for the pool's writer thread and its reply comes back
-    through the loop's inbox: no thread of this process waits while the worker works.
+    Every call is a request the loop sends and whose reply it reads: no thread of this process
+    waits while the worker works.
     """
 
     def __init__(
@@ -613,7 +786,6 @@ class WorkerSource(FrameReader):
         self._wait = wait
         self._passthrough, self._position, self._duration = meta
         self._closed = False
-        self._inbox: Inbox | None = None
 
     @property
     def passthrough(self) -> bool:
@@ -677,7 +849,4 @@ class WorkerSource(FrameReader):
         self._passthrough, self._position, self._duration = meta
 
     def _request(self, op: str, arg: Any, then: Callable[[Any], T]) -> Pending[T]:
-        box = self._inbox
-        if box is None:
-            box = self._inbox = inbox(asyncio.get_running_loop())
-        return box.future(self._worker.submit(op, self._sid, (arg,), self._wait, then))
+        return self._worker.request(op, self._sid, (arg,), self._wait, then)

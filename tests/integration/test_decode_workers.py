@@ -146,8 +146,8 @@ async def test_a_worker_read_gives_what_a_thread_read_gives(
 async def test_reads_queued_in_one_loop_turn_go_as_one_message(
     pool: DecodePool, media_url: Callable[[str], str]
 ) -> None:
-    """Reads only queue on the loop; what one turn of it queued reaches the worker as one
-    message, and the worker answers each request of it."""
+    """Reads only queue on the loop; what it queued before its next flush (here, in one turn)
+    reaches the worker as one message, and the worker answers each request of it."""
     info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
     sources = [
         await asyncio.to_thread(pool.open, info, opus=OpusSettings(), timeout=TIMEOUT)
@@ -159,7 +159,7 @@ async def test_reads_queued_in_one_loop_turn_go_as_one_message(
         reads = []
         for source in sources:  # in one turn of the loop, busy between the reads
             reads.append(source.read_chunk(3))
-            # The loop kept busy on purpose: the writer thread could send what queued so far.
+            # The loop kept busy on purpose: nothing may go out before its turn ends.
             time.sleep(0.02)  # noqa: ASYNC251
         results = [(await r).frames for r in reads]
         sent_messages, sent_requests = pool.sent
@@ -169,6 +169,54 @@ async def test_reads_queued_in_one_loop_turn_go_as_one_message(
     assert all(len(r) == 3 for r in results)
     assert all(r == results[0] for r in results)  # each from its own source's start
     assert (sent_messages - messages, sent_requests - requests) == (1, len(sources))
+
+
+async def test_a_reply_larger_than_one_read_of_the_pipe_arrives_whole(
+    pool: DecodePool, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """The loop reads a worker's pipe as bytes arrive: 40 s of Opus in one reply (about 700
+    KiB, several reads, the worker writing while the loop reads) comes out frame for frame as
+    the same stream read in this process."""
+    path = write_tone(tmp_path / "long.webm", container="webm", codec="libopus", seconds=40.0)
+    info = StreamInfo(url=media_server.add_file("workers/long.webm", path))
+    source = await asyncio.to_thread(pool.open, info, timeout=TIMEOUT)
+    try:
+        chunk = await source.read_chunk(5000)
+    finally:
+        source.close()
+    local = await asyncio.to_thread(_in_thread, info)
+    assert sum(map(len, chunk.frames)) > 512 * 1024
+    assert chunk.frames == local
+
+
+async def test_the_bots_process_runs_no_thread_per_worker(
+    media_url: Callable[[str], str],
+) -> None:
+    """Requests and replies cross on the loop: a pool of two, opening and reading, adds no
+    thread to this process (the opens wait in the caller's own executor thread)."""
+    info = StreamInfo(url=media_url("mp3-44k-stereo.mp3"))
+    pool = DecodePool(2)
+    with ThreadPoolExecutor(1, thread_name_prefix="test-opener") as opener:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(opener, lambda: None)  # its one thread, started
+        before = set(threading.enumerate())
+        try:
+            await loop.run_in_executor(opener, pool.start)
+            sources = [
+                await loop.run_in_executor(
+                    opener, lambda: pool.open(info, opus=OpusSettings(), timeout=TIMEOUT)
+                )
+                for _ in range(4)
+            ]
+            assert len({s.worker_pid for s in sources}) == 2
+            chunks = await asyncio.gather(*(s.read_chunk(10) for s in sources))
+            during = set(threading.enumerate())
+            for s in sources:
+                s.close()
+        finally:
+            await loop.run_in_executor(opener, pool.close)
+    assert all(len(c.frames) == 10 for c in chunks)
+    assert during - before == set()
 
 
 def test_two_loops_reading_from_one_worker_each_get_their_own_replies(
