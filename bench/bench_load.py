@@ -27,6 +27,8 @@ reports of the bot:
 - the bot's event loop thread (Linux schedstat): the share of the window it ran on a CPU, and
   the share it waited runnable for one (the other processes, its own decode workers among them,
   had both CPUs). Every wait is a frame sent late by as much;
+- the decode workers: messages a second the bot sent them in the window, and the requests
+  (reads, mostly) they carried: each message is a wake-up of a worker;
 - memory: the bot process's RSS at each report in the window; growth is the mean of the last
   third of the samples minus the mean of the first third;
 - the instrument itself: datagrams the kernel dropped at the sandbox's media socket in the
@@ -47,6 +49,16 @@ reports of the bot:
   recordings hold their packets as columns (`legato.sandbox.recording.PacketLog`), which the
   collector does not scan (as objects, an earlier case's 360,000 packets made the collection at
   the next window's start take 0.76 s, and the listener lost what arrived meanwhile).
+- machine pauses: on a virtual machine the host may stop the guest's CPUs for ~100 ms, and then
+  every player re-anchors at once, which is the host's doing, not the bot's. `pause_probe.py`
+  runs beside each case, from before the first /play to the window's end (``SCHED_FIFO`` when
+  allowed, a 10 ms sleep at a time, each wake-up over 30 ms late listed, on the monotonic clock
+  of the bot's reports): the window's late wake-ups, the longest, and the players whose
+  re-anchor the bot counted in a report period that holds a pause of 50 ms or more, looking
+  one report interval back from the period's end (`pause_probe.machine_pause_figures`). They
+  are still counted in stalled and re-anchored (#14's goals count every re-anchor); this says
+  how many of them a pause of the machine explains. When the probe could not run through the
+  window, the three are NaN ("not measured"), never 0.
 
 Beside a CPU-bound process (``--hog``, `HOG_CODE` at normal priority from before the first
 /play to the end of the window) the machine is shared as a busy host shares it: at 50 guilds no
@@ -109,6 +121,16 @@ from bench.load_bot import (  # noqa: E402  the child's
     GcPauses,
     LoopLag,
     tree_cpu_seconds,
+)
+from bench.pause_probe import (  # noqa: E402
+    ATTRIBUTED_MS,
+    BENCH_EVERY_MS,
+    BENCH_LIMIT_MS,
+    PauseProbe,
+    longest_pause_for,
+    machine_pause_figures,
+    parse_pauses,
+    pause_probe,
 )
 from tests.e2e.queue_storm import (  # noqa: E402  the storm and its ledger, shared with the test
     StormResult,
@@ -506,6 +528,11 @@ async def _load(
                             sb, config_path, log, rss_interval, out, dump_stalls=dump_stalls
                         )
                     )
+                    # From before the first /play (its start-up is not in the window) to the
+                    # window's end; it ends itself after the longest the case may take.
+                    machine = await stack.enter_async_context(
+                        pause_probe(4 * GUARD + guilds + settle + seconds)
+                    )
                     with cpu_hog(hog):
                         t_setup = time.monotonic()
                         gate = asyncio.Semaphore(SETUP_PARALLEL)
@@ -556,6 +583,7 @@ async def _load(
                             probes,
                             sb.voice_server.udp_port,
                             sb.voice_server.arrival_clock,
+                            machine,
                         )
                         figures["setup_s"] = setup_s
                         figures["setup_failed"] = float(len(failed))
@@ -585,8 +613,13 @@ async def _measure(
     probes: tuple[GcPauses, LoopLag],
     media_port: int,
     clock: ArrivalClock,
+    machine: PauseProbe,
 ) -> dict[str, float]:
-    """The window: the bot's reports at both ends, the recordings' packets in between."""
+    """The window: the bot's reports at both ends, the recordings' packets in between.
+
+    ``machine`` (the pause probe) is stopped at the window's end, so that every pause in the
+    window has been read.
+    """
     pauses, lag = probes
     sandbox = psutil.Process()
     # Collect before the clock starts, and take what is left out of the collector's reach for
@@ -615,6 +648,8 @@ async def _measure(
         ours1, busy1 = cpu_seconds()
     finally:
         gc.unfreeze()
+    await machine.stop()  # before reading its lines: a pause at the window's end is in them
+    machine_late = [(at, ms) for at, ms in parse_pauses(machine.lines or []) if t0 <= at <= t1]
     sandbox_long_gc = _during(pauses.long, t0, t1)
     sandbox_long_lag = _during(lag.long, t0, t1)
     bot_gc = [r0["gc"], r1["gc"]] if r0.get("gc") and r1.get("gc") else None
@@ -650,6 +685,7 @@ async def _measure(
         ("sandbox loop lag", sandbox_long_lag),
         ("bot gc", bot_long_gc),
         ("bot loop lag", bot_lag),
+        ("machine pause (ms late, at its end)", machine_late),
     ):
         for e in events[:10]:
             print(
@@ -664,6 +700,7 @@ async def _measure(
     kind_of = {str(g.handle.id): g.kind for g in playing}
     ri = PLAYER_FIELDS.index("reanchors")
     reanchored_at: list[str] = []
+    periods: list[tuple[float, float, dict[str, int]]] = []
     in_window = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
     for ra, rb in itertools.pairwise([r0, *in_window, r1]):
         moved = {
@@ -672,6 +709,8 @@ async def _measure(
             if gid in ra["players"] and v[ri] != ra["players"][gid][ri]
         }
         if moved and rb["t"] > ra["t"]:
+            periods.append((ra["t"], rb["t"], {g: n for g, n in moved.items() if g in kind_of}))
+            paused = longest_pause_for(machine_late, (t0, t1), (ra["t"], rb["t"]), bot.interval)
             counts = [sum(n for g, n in moved.items() if kind_of.get(g) == k) for k in KINDS]
             waited = (
                 f"{(rb['loop'][1] - ra['loop'][1]) / (rb['t'] - ra['t']) * 100:.0f} %"
@@ -679,7 +718,9 @@ async def _measure(
                 else "?"
             )
             reanchored_at.append(
-                f"{rb['t'] - r0['t']:+.1f} s: {counts[0]}/{counts[1]} (loop waited {waited})"
+                f"{rb['t'] - r0['t']:+.1f} s: {counts[0]}/{counts[1]} (loop waited {waited}"
+                + (f"; machine paused {paused:.0f} ms" if paused else "")
+                + ")"
             )
     if reanchored_at:
         print(
@@ -687,6 +728,21 @@ async def _measure(
             f" {r0['t']:.2f}): " + ", ".join(reanchored_at),
             file=sys.stderr,
         )
+    machine_figures = machine_pause_figures(machine.lines, (t0, t1), periods, bot.interval)
+    print(
+        "  machine pauses: "
+        + (
+            f"{machine_figures['machine_pauses']:.0f} in the window (pause_probe under"
+            f" {machine.policy}: a {BENCH_EVERY_MS:g} ms sleep woken > {BENCH_LIMIT_MS:g} ms"
+            f" late), longest {machine_figures['machine_pause_max_ms']:.0f} ms; players"
+            f" re-anchored in a report period with a pause >= {ATTRIBUTED_MS:g} ms:"
+            f" {machine_figures['reanchored_in_pause']:.0f}"
+            if machine.lines is not None
+            else f"not measured (pause_probe: {machine.problem})"
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
     samples = [r for r in bot.reports if r0["t"] <= r["t"] <= r1["t"]]
     cpu = r1["cpu"] - r0["cpu"]
     bot_wall = r1["t"] - r0["t"]
@@ -697,6 +753,19 @@ async def _measure(
         else (math.nan, math.nan)
     )
     expected = wall / FRAME_S
+    # What the bot sent its decode workers (a message carries the requests one loop turn made).
+    pool_messages, pool_requests = (
+        ((r1["pool_sent"][0] - r0["pool_sent"][0]) / bot_wall,
+         (r1["pool_sent"][1] - r0["pool_sent"][1]) / bot_wall)
+        if r0.get("pool_sent") and r1.get("pool_sent")
+        else (math.nan, math.nan)
+    )  # fmt: skip
+    print(
+        f"  decode workers: {pool_messages:.0f} messages a second carrying {pool_requests:.0f}"
+        " requests",
+        file=sys.stderr,
+        flush=True,
+    )
 
     stalls = {
         "any": 0,
@@ -810,6 +879,8 @@ async def _measure(
         "cpu_pct_total": cpu / bot_wall * 100,
         "loop_cpu_pct": loop_ran * 100,
         "loop_wait_pct": loop_waited * 100,
+        "pool_messages_per_s": pool_messages,
+        "pool_requests_per_s": pool_requests,
         "sandbox_cpu_pct": sandbox_cpu / wall * 100,
         "rss_first_mb": sum(first) / len(first),
         "rss_last_mb": sum(last) / len(last),
@@ -821,7 +892,7 @@ async def _measure(
     per_kind = {f"{kind}_{key}": v for kind, fig in kinds.items() for key, v in fig.items()}
     per_kind |= {f"{kind}_min_gap_ms": fig["min_gap"] * 1e3 for kind, fig in kinds.items()}
     rss_series = {f"rss_{t:.1f}s_mb": v for t, v in zip(rss_at, rss, strict=True)}
-    return figures | per_kind | probe_figures | rss_series
+    return figures | per_kind | probe_figures | machine_figures | rss_series
 
 
 def load_table(r: dict[str, float], title: str) -> str:
@@ -830,12 +901,14 @@ def load_table(r: dict[str, float], title: str) -> str:
         title,
         ["guilds", "failed to start", "passthrough", "window s", "stalled",
          "of which: underrun / re-anchor / < 95 % delivered / a gap > 100 ms heard",
+         f"re-anchored in a machine pause >= {ATTRIBUTED_MS:g} ms (in the re-anchor count too)",
          "underruns", "reconnects",
          "frames sent (bot)", "frames received", "frames lost", "delivered %"],
         [[int(r["guilds"]), int(r["setup_failed"]), int(r["passthrough"]), r["seconds"],
           int(r["stalled"]),
           f"{r['stalled_underrun']:.0f} / {r['stalled_reanchor']:.0f} / {r['stalled_short']:.0f}"
           f" / {r['stalled_gap']:.0f}",
+          _measured(r["reanchored_in_pause"], whole=True),
           int(r["underruns"]), int(r["reconnects"]),
           int(r["frames_sent"]), int(r["frames"]),
           int(r["frames_lost"]), 100 * r["frames"] / r["frames_expected"]]],
@@ -860,11 +933,13 @@ def load_table(r: dict[str, float], title: str) -> str:
         ["listener socket drops", "sandbox loop lag max ms", "sandbox collection max ms",
          "collect before the window s", "bot loop lag max ms", "bot collection max ms",
          "bot full collections", "arrival clock reads held up", "longest hold ms",
-         "outside the case, cpu %"],
+         "outside the case, cpu %",
+         f"machine pauses (probe woken > {BENCH_LIMIT_MS:g} ms late)", "longest machine pause ms"],
         [[r["listener_socket_drops"], r["sandbox_lag_max_ms"], r["sandbox_gc_max_ms"],
           r["sandbox_collect_s"], r["bot_lag_max_ms"], r["bot_gc_max_ms"], r["bot_gc_gen2"],
           int(r["sandbox_clock_held"]), r["sandbox_clock_hold_max_ms"],
-          r["outside_cpu_pct"]]],
+          r["outside_cpu_pct"], _measured(r["machine_pauses"], whole=True),
+          _measured(r["machine_pause_max_ms"])]],
     )  # fmt: skip
     text += bc.table(
         f"Per kind, heard by the listener (a burst: two packets < {BURST_S * 1e3:g} ms apart)",
@@ -882,6 +957,13 @@ def load_table(r: dict[str, float], title: str) -> str:
         [[*(v for _, v in series), r["rss_growth_mb"]]],
     )
     return text
+
+
+def _measured(value: float, *, whole: bool = False) -> object:
+    """A table cell: "not measured" for NaN, else the figure (a whole number when ``whole``)."""
+    if math.isnan(value):
+        return "not measured"
+    return int(value) if whole else value
 
 
 _INDEX_PROBE = """
@@ -1019,6 +1101,8 @@ CASE_KEYS = (
     "cpu_pct_per_stream",
     "loop_cpu_pct",
     "loop_wait_pct",
+    "pool_messages_per_s",
+    "pool_requests_per_s",
     "sandbox_cpu_pct",
     "rss_growth_mb",
     "setup_s",
@@ -1029,6 +1113,9 @@ CASE_KEYS = (
     "sandbox_clock_held",
     "sandbox_clock_hold_max_ms",
     "outside_cpu_pct",
+    "machine_pauses",
+    "machine_pause_max_ms",
+    "reanchored_in_pause",
     "bursts",
     "min_gap_ms",
     *(

@@ -198,7 +198,9 @@ def report(
         (answer to a ``report`` line),
         ``players`` (guild id -> the :data:`PLAYER_FIELDS` values of its session's player) and
         ``total`` (counters summed over the sessions, lateness as the largest of them),
-        ``gc`` (`GcPauses.snapshot`) and ``lag`` (`LoopLag.snapshot`), None when not measured.
+        ``gc`` (`GcPauses.snapshot`) and ``lag`` (`LoopLag.snapshot`), None when not measured,
+        and ``pool_sent``: the messages and requests sent to the decode workers so far (None
+        without workers).
     """
     # Its decode worker processes (children of the forkserver, a child of this one) count too.
     cpu_s = tree_cpu_seconds(proc)
@@ -222,6 +224,7 @@ def report(
         "total": total,
         "gc": pauses.snapshot() if pauses is not None else None,
         "lag": lag.snapshot() if lag is not None else None,
+        "pool_sent": list(pool.sent) if (pool := getattr(cog, "decode_pool", None)) else None,
     }
 
 

@@ -150,6 +150,22 @@ ISSUE_GOALS: list[tuple[str, str, str, float]] = [
 ]
 #: Reported beside the goals (no target): how overload degrades.
 ISSUE_REPORTED = [
+    # The machine's own pauses (bench/pause_probe.py), and the re-anchors they explain.
+    *(
+        row
+        for case in ("mixed", "hog50", "hog100")
+        for row in (
+            (
+                f"load.{case}.reanchored_in_pause",
+                f"{case}: of the players re-anchored, those in a report period with a machine"
+                " pause >= 50 ms (nan: not measured)",
+            ),
+            (
+                f"load.{case}.machine_pause_max_ms",
+                f"{case}: the machine's longest pause in the window, ms",
+            ),
+        )
+    ),
     ("load.mixed.reanchors_before", "100 guilds mixed: re-anchors during start-up, all players"),
     ("load.mixed.loop_wait_pct", "100 guilds mixed: % of the window the loop waited for a CPU"),
     (
@@ -334,6 +350,8 @@ def summary() -> str:
         ("load.mixed.underruns", "0"),
         ("load.mixed.reanchors", "reported"),
         ("load.mixed.stalled_reanchor", "0 (players re-anchored in the window)"),
+        ("load.mixed.reanchored_in_pause", "reported (of those, in a machine pause >= 50 ms)"),
+        ("load.mixed.machine_pause_max_ms", "reported (ms, the machine's longest pause)"),
         ("load.mixed.reanchors_before", "reported (100 /play at once, before the window)"),
         ("load.mixed.reanchors_before_max", "<= 1 (one player's re-anchors in that start-up)"),
         ("load.mixed.stalled_gap", "0 (streams with a gap > 100 ms heard, in stalled too)"),

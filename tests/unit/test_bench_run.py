@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_load import LOAD_CASES
-from bench.run import derive
+from bench.bench_load import CASE_KEYS, LOAD_CASES
+from bench.run import ISSUE_GOALS, ISSUE_REPORTED, derive
 
 
 def test_the_codec_floor_is_the_mix_of_the_single_stream_rows() -> None:
@@ -26,3 +26,21 @@ def test_nothing_is_derived_from_a_section_that_did_not_run() -> None:
     figures = {"load.mixed.cpu_pct_per_stream": 1.3}
     derive(figures)
     assert figures == {"load.mixed.cpu_pct_per_stream": 1.3}
+
+
+def test_every_load_figure_beside_the_goals_is_one_a_case_collects_or_derive_makes() -> None:
+    inputs = {
+        "ours.mp3.defaults.cpu": 1.2,
+        "ours.passthrough.cpu": 0.02,
+        "load.mixed.cpu_pct_per_stream": 1.3,
+    }
+    figures = dict(inputs)
+    derive(figures)
+    derived = set(figures) - set(inputs)
+    named = [goal[0] for goal in ISSUE_GOALS] + [key for key, _ in ISSUE_REPORTED]
+    for key in (k for k in named if k.startswith("load.")):
+        _, case, figure = key.split(".", 2)
+        assert case in LOAD_CASES, key
+        assert figure in CASE_KEYS or key in derived, key
+    assert "load.mixed.reanchored_in_pause" in named
+    assert "load.mixed.machine_pause_max_ms" in named
