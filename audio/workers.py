@@ -312,7 +312,7 @@ class _Call:
     the ``time.monotonic()`` by which it is due (``inf``: the caller waits with its own
     timeout)."""
 
-    __slots__ = ("box", "due", "fut", "pending", "then")
+    __slots__ = ("due", "fut", "pending", "then")
 
     def __init__(
         self,
@@ -389,8 +389,8 @@ class _Worker:
     # -- requests
 
     def call(self, op: str, sid: int, args: tuple[Any, ...], wait: float) -> Any:
-        """Send a request and block for its result (raising the worker's error); not on a loop
-        that reads this worker."""
+        """Send a request and block for its result (raising the worker's error). Called on a
+        loop that reads this worker, it reads the pipe itself while it blocks."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             dead = self._dead

@@ -762,7 +762,9 @@ async def _measure(
     )  # fmt: skip
     print(
         f"  decode workers: {pool_messages:.0f} messages a second carrying {pool_requests:.0f}"
-        " requests",
+        " requests"
+        if not math.isnan(pool_messages)
+        else "  decode workers: none (everything in the bot's threads)",
         file=sys.stderr,
         flush=True,
     )
