@@ -131,6 +131,7 @@ from bench.pause_probe import (  # noqa: E402
     machine_pause_figures,
     parse_pauses,
     pause_probe,
+    wait_or_kill,
 )
 from tests.e2e.queue_storm import (  # noqa: E402  the storm and its ledger, shared with the test
     StormResult,
@@ -340,12 +341,7 @@ class BotProcess:
             return None
         if proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.close()
-        try:
-            async with asyncio.timeout(timeout):
-                code = await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            code = await proc.wait()
+        code, _killed = await wait_or_kill(proc, timeout)
         if self._reader is not None:
             await self._reader
         return code

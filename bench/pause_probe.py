@@ -171,6 +171,17 @@ def machine_pause_figures(
     }
 
 
+async def wait_or_kill(proc: asyncio.subprocess.Process, timeout: float) -> tuple[int, bool]:  # noqa: ASYNC109 - a guard
+    """Wait up to ``timeout`` s for a child process to exit, then kill it (the probe here, the
+    bot in ``bench_load``). Returns its exit code and whether it had to be killed."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await proc.wait(), False
+    except TimeoutError:
+        proc.kill()
+        return await proc.wait(), True
+
+
 class PauseProbe:
     """This module as a child process beside a bench, its output read as it comes.
 
@@ -248,12 +259,8 @@ class PauseProbe:
         if running:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(timeout):
-                code = await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            code = await proc.wait()
+        code, killed = await wait_or_kill(proc, timeout)
+        if killed:
             self.problem = f"still running {timeout:g} s after SIGTERM"
         if self._reader is not None:
             await self._reader
