@@ -129,8 +129,8 @@ from bench.pause_probe import (  # noqa: E402
     PauseProbe,
     longest_pause_for,
     machine_pause_figures,
-    parse_pauses,
     pause_probe,
+    pauses_in,
     wait_or_kill,
 )
 from tests.e2e.queue_storm import (  # noqa: E402  the storm and its ledger, shared with the test
@@ -645,7 +645,7 @@ async def _measure(
     finally:
         gc.unfreeze()
     await machine.stop()  # before reading its lines: a pause at the window's end is in them
-    machine_late = [(at, ms) for at, ms in parse_pauses(machine.lines or []) if t0 <= at <= t1]
+    machine_late = pauses_in(machine.lines or [], (t0, t1))
     sandbox_long_gc = _during(pauses.long, t0, t1)
     sandbox_long_lag = _during(lag.long, t0, t1)
     bot_gc = [r0["gc"], r1["gc"]] if r0.get("gc") and r1.get("gc") else None

@@ -111,6 +111,12 @@ def parse_pauses(lines: Iterable[str]) -> list[tuple[float, float]]:
     return pauses
 
 
+def pauses_in(lines: Iterable[str], window: tuple[float, float]) -> list[tuple[float, float]]:
+    """`parse_pauses` of ``lines``, those whose wake-up lies in ``window`` (start, end)."""
+    t0, t1 = window
+    return [(at, ms) for at, ms in parse_pauses(lines) if t0 <= at <= t1]
+
+
 def longest_pause_for(
     pauses: Iterable[tuple[float, float]],
     window: tuple[float, float],
@@ -155,8 +161,7 @@ def machine_pause_figures(
         return dict.fromkeys(
             ("machine_pauses", "machine_pause_max_ms", "reanchored_in_pause"), math.nan
         )
-    t0, t1 = window
-    pauses = [(at, ms) for at, ms in parse_pauses(lines) if t0 <= at <= t1]
+    pauses = pauses_in(lines, window)
     explained = {
         player
         for start, end, moved in periods

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.pause_probe import parse_pauses
+
 PROBE = Path(__file__).resolve().parents[2] / "bench" / "pause_probe.py"
 
 
@@ -29,8 +31,7 @@ def test_a_stopped_probe_reports_the_pause_when_it_happened() -> None:
         time.sleep(deadline - time.monotonic())
     os.kill(probe.pid, signal.SIGCONT)
     out, _ = probe.communicate(timeout=10)
-    lines = [line.split() for line in out.splitlines() if not line.startswith("#")]
-    late = [(float(t), float(ms)) for t, ms in lines]
+    late = parse_pauses(out.splitlines())
     assert any(ms >= 150 for _t, ms in late), out
     woke, _ms = max(late, key=lambda e: e[1])
     assert stopped < woke < stopped + 1.0
